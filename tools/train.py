@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Train a student with task losses and feature distillation from cached teacher features.
+
+    python tools/train.py --config configs/experiments/yolov8_sam_coco128.yaml train.epochs=3 data.batch_size=8
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+
+from vfmkd.core.config import load_experiment  # noqa: E402
+from vfmkd.core.trainer import Trainer  # noqa: E402
+from vfmkd.utils.cli import entry, experiment_parser  # noqa: E402
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = experiment_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (logs stay)")
+    args = parser.parse_args(argv)
+    cfg = load_experiment(args.config, args.overrides)
+    trainer = Trainer(cfg, progress=not args.no_progress)
+    metrics = trainer.fit()
+    best = metrics["best_val"] or {}
+    trainer.log.info(
+        "done in %.0fs: best epoch %s, val mAP50=%.4f mAP50-95=%.4f; run directory %s",
+        metrics["train_seconds"], metrics["best_epoch"], best.get("mAP50", 0.0), best.get("mAP50-95", 0.0), trainer.run_dir,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    entry(main)

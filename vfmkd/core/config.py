@@ -1,0 +1,238 @@
+"""Experiment configuration: YAML files, component references, dotted overrides, validation.
+
+An experiment YAML names its components by ``type`` and may point at a component file with
+``config: configs/backbones/yolov8n.yaml``; the file's keys are defaults that the experiment and
+the command line override. Merging and ``a.b=c`` overrides use OmegaConf (no global Hydra: sam2
+initialises its own). Every fixed section is a dataclass schema, so an unknown key or a wrong type
+is an error that names the key and the closest valid one; component keys are checked later
+against the component's constructor (see :mod:`vfmkd.core.registry`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from vfmkd.core.errors import ConfigError, did_you_mean
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPONENT_REF_KEY = "config"
+
+
+@dataclass
+class ModelConfig:
+    # Mappings, not defaults: a default entry would be merged into (not replaced by) the user's.
+    backbone: Dict[str, Any] = field(default_factory=dict)  # {type, config?, ...kwargs}
+    neck: Dict[str, Any] = field(default_factory=lambda: {"type": "yolov8_pafpn"})
+    heads: Dict[str, Any] = field(default_factory=dict)  # name -> {type, config?, ...kwargs}
+
+
+@dataclass
+class DistillationConfig:
+    # name -> {type (defaults to the name), weight, ...loss kwargs}
+    losses: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "coco128"
+    root: str = "datasets/coco128"
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    img_size: int = 640
+    batch_size: int = 16
+    num_workers: int = 2
+    limit: Optional[int] = None  # first N images of each split (quick runs)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    lr: float = 0.01
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.0005
+    momentum: float = 0.937
+    warmup_iters: int = 100
+    grad_clip: float = 10.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_interval: int = 10
+    eval_interval: int = 1  # epochs between validations; best.pt follows val mAP50-95
+
+
+@dataclass
+class EvalConfig:
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 300
+    batch_size: int = 16
+
+
+@dataclass
+class ExperimentConfig:
+    experiment_name: str = "experiment"
+    work_dir: str = "work_dirs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # name -> {type (defaults to the name), enabled, offline, feature_path, config, ...teacher kwargs}
+    teachers: Dict[str, Any] = field(default_factory=dict)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _schema_keys(schema: Any, dotted: str) -> List[str]:
+    """Valid keys at a dotted location of a dataclass schema (for suggestions)."""
+    node = schema
+    for part in [p for p in dotted.split(".") if p]:
+        sub = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
+        if part not in sub:
+            return []
+        default = sub[part].default_factory() if callable(sub[part].default_factory) else sub[part].default  # type: ignore[misc]
+        node = default if is_dataclass(default) else None
+        if node is None:
+            return []
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def _explain(exc: OmegaConfBaseException, schema: Any, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        parent, _, leaf = str(key).rpartition(".")
+        valid = _schema_keys(schema, parent)
+        hint = did_you_mean(leaf, valid)
+        where = f" in section '{parent}'" if parent else ""
+        return ConfigError(
+            f"{source}: unknown config key '{key}'{where}.{hint} Valid keys here: {', '.join(valid)}."
+        )
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: wrong type for '{key}': {msg}.")
+    return ConfigError(f"{source}: {exc}")
+
+
+def read_yaml(path: str | Path) -> Dict[str, Any]:
+    """``yaml.safe_load`` a mapping, with errors that name the file."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative paths resolve against the working directory, then the repository root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = REPO_ROOT / p
+    return in_repo if in_repo.exists() else p
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """Dotted ``a.b=c`` overrides (values parsed as YAML scalars)."""
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
+
+
+def merge_with_schema(schema_cls: Any, *layers: Any, source: str) -> DictConfig:
+    """Merge plain/DictConfig layers onto a dataclass schema, turning OmegaConf errors into ConfigError."""
+    base = OmegaConf.structured(schema_cls)
+    try:
+        return OmegaConf.merge(base, *layers)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, schema_cls, source) from exc
+
+
+def resolve_component(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """Merge a component entry over the file its ``config`` key points to (entry keys win)."""
+    entry = dict(entry)
+    ref = entry.get(COMPONENT_REF_KEY)
+    if not ref:
+        return entry
+    base = read_yaml(ref)
+    nested = {k: v for k, v in entry.items()}
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(nested)))
+    assert isinstance(merged, dict)
+    if "type" in base and "type" in entry and base["type"] != entry["type"]:
+        raise ConfigError(f"{where}: type '{entry['type']}' but {ref} describes a '{base['type']}'")
+    return merged
+
+
+def component_kwargs(entry: Dict[str, Any], reserved: Sequence[str] = ()) -> Dict[str, Any]:
+    """Constructor kwargs of a resolved component entry: everything but type/config/reserved keys."""
+    skip = {"type", COMPONENT_REF_KEY, *reserved}
+    return {k: copy.deepcopy(v) for k, v in entry.items() if k not in skip}
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Load an experiment YAML, apply overrides, resolve component references, validate sections.
+
+    Returns a plain nested dict (the resolved config that is saved into the run directory).
+    Component kwargs are validated against their constructors when the components are built.
+    """
+    raw = read_yaml(path)
+    cfg = merge_with_schema(ExperimentConfig, raw, parse_overrides(overrides), source=str(path))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    model = resolved["model"]
+    if not model["backbone"].get("type"):
+        raise ConfigError(f"{path}: model.backbone needs a 'type' (e.g. yolov8) and usually a 'config' file")
+    if not model["heads"]:
+        raise ConfigError(f"{path}: model.heads is empty; add e.g. detection: {{type: yolo_head, num_classes: 80}}")
+    model["backbone"] = resolve_component(model["backbone"], "model.backbone")
+    model["neck"] = resolve_component(model["neck"], "model.neck")
+    model["heads"] = {k: resolve_component(v, f"model.heads.{k}") for k, v in model["heads"].items()}
+    teachers = {}
+    for name, entry in resolved["teachers"].items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"teachers.{name} must be a mapping, got {entry!r}")
+        entry = resolve_component(entry, f"teachers.{name}")
+        entry.setdefault("type", name)
+        teachers[name] = entry
+    resolved["teachers"] = teachers
+    for name, entry in resolved["distillation"]["losses"].items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"distillation.losses.{name} must be a mapping, got {entry!r}")
+        entry.setdefault("type", name)
+    _check_ranges(resolved)
+    return resolved
+
+
+def _check_ranges(cfg: Dict[str, Any]) -> None:
+    data, train = cfg["data"], cfg["train"]
+    checks = [
+        (data["img_size"] % 32 == 0 and data["img_size"] > 0, "data.img_size must be a positive multiple of 32"),
+        (data["batch_size"] >= 1, "data.batch_size must be >= 1"),
+        (data["num_workers"] >= 0, "data.num_workers must be >= 0"),
+        (data["limit"] is None or data["limit"] >= 1, "data.limit must be >= 1 (or null for all images)"),
+        (train["epochs"] >= 1, "train.epochs must be >= 1"),
+        (train["lr"] > 0, "train.lr must be > 0"),
+        (train["optimizer"] in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got '{train['optimizer']}'"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def save_config(cfg: Dict[str, Any], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)

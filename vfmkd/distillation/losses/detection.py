@@ -1,0 +1,35 @@
+"""YOLOv8 detection task loss: ultralytics' v8DetectionLoss on the student's detection head."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Dict, Tuple
+
+import torch
+from ultralytics.utils.loss import v8DetectionLoss
+
+from vfmkd.core.registry import LOSSES
+from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
+
+
+@LOSSES.register("detection")
+class DetectionLoss:
+    """box (CIoU) + cls (BCE) + DFL, each with ultralytics' gain, averaged per image.
+
+    ``__call__(head_output, batch)`` takes the head's training dict and a collated batch
+    (``cls`` (N, 1), ``bboxes`` (N, 4) normalised xywh, ``batch_idx`` (N,)) and returns the scalar
+    loss and its detached components ``box``/``cls``/``dfl``.
+    """
+
+    kind = "task"
+
+    def __init__(self, head: YOLOv8DetectHead, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5) -> None:
+        self.head_name = "detection"
+        # v8DetectionLoss reads hyper-parameters from `model.args` and the Detect module from
+        # `model.model[-1]`; a namespace gives it exactly that view of our head.
+        view = SimpleNamespace(args=SimpleNamespace(box=box, cls=cls, dfl=dfl), model=[head.detect], parameters=head.parameters)
+        self._loss = v8DetectionLoss(view)
+
+    def __call__(self, head_output: Dict[str, torch.Tensor], batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        total, items = self._loss(head_output, batch)  # total: (3,) summed over the batch
+        batch_size = head_output["boxes"].shape[0]
+        return total.sum() / batch_size, {k.replace("_loss", ""): v for k, v in items.items()}

@@ -1,0 +1,72 @@
+"""YOLOv8 CSP-Darknet trunk built from ultralytics' own modules (Conv, C2f, SPPF)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, NamedTuple, Tuple
+
+import torch
+from torch import nn
+from ultralytics.nn.modules import C2f, SPPF, Conv
+from ultralytics.utils.ops import make_divisible
+
+from vfmkd.core.errors import ConfigError, did_you_mean
+from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.registry import BACKBONES
+from vfmkd.models.backbones.base import BaseBackbone
+
+
+class YoloScale(NamedTuple):
+    depth: float  # multiplies C2f repeats
+    width: float  # multiplies channels
+    max_channels: int
+
+
+# The scales of ultralytics' yolov8.yaml.
+YOLOV8_SCALES: Dict[str, YoloScale] = {
+    "n": YoloScale(0.33, 0.25, 1024),
+    "s": YoloScale(0.33, 0.50, 1024),
+    "m": YoloScale(0.67, 0.75, 768),
+    "l": YoloScale(1.00, 1.00, 512),
+    "x": YoloScale(1.00, 1.25, 512),
+}
+
+
+def yolo_channels(channels: int, scale: YoloScale) -> int:
+    return int(make_divisible(min(channels, scale.max_channels) * scale.width, 8))
+
+
+def yolo_repeats(repeats: int, scale: YoloScale) -> int:
+    return max(round(repeats * scale.depth), 1)
+
+
+def resolve_scale(scale: str) -> YoloScale:
+    if scale not in YOLOV8_SCALES:
+        raise ConfigError(f"unknown YOLOv8 scale '{scale}'.{did_you_mean(scale, YOLOV8_SCALES)} Choose from n/s/m/l/x.")
+    return YOLOV8_SCALES[scale]
+
+
+@BACKBONES.register("yolov8")
+class YOLOv8Backbone(BaseBackbone):
+    """YOLOv8 backbone. ``forward((B, 3, H, W))`` -> ``{"P3": (B, C3, H/8, W/8), "P4": (B, C4, H/16, W/16),
+    "P5": (B, C5, H/32, W/32)}``; e.g. scale n gives C3/C4/C5 = 64/128/256.
+    """
+
+    def __init__(self, scale: str = "n", in_channels: int = 3) -> None:
+        super().__init__()
+        s = resolve_scale(scale)
+        self.scale = scale
+        c1, c2, c3, c4, c5 = (yolo_channels(c, s) for c in (64, 128, 256, 512, 1024))
+        self.stem = nn.Sequential(Conv(in_channels, c1, 3, 2), Conv(c1, c2, 3, 2), C2f(c2, c2, yolo_repeats(3, s), True))
+        self.stage3 = nn.Sequential(Conv(c2, c3, 3, 2), C2f(c3, c3, yolo_repeats(6, s), True))
+        self.stage4 = nn.Sequential(Conv(c3, c4, 3, 2), C2f(c4, c4, yolo_repeats(6, s), True))
+        self.stage5 = nn.Sequential(Conv(c4, c5, 3, 2), C2f(c5, c5, yolo_repeats(3, s), True), SPPF(c5, c5, 5))
+        self._specs = (FeatureSpec("P3", c3, 8), FeatureSpec("P4", c4, 16), FeatureSpec("P5", c5, 32))
+
+    def feature_specs(self) -> Tuple[FeatureSpec, ...]:
+        return self._specs
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        p3 = self.stage3(self.stem(x))
+        p4 = self.stage4(p3)
+        p5 = self.stage5(p4)
+        return OrderedDict(P3=p3, P4=p4, P5=p5)

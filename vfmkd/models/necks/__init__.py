@@ -1,0 +1,4 @@
+"""Necks fuse backbone levels. Importing this package registers the built-in ones."""
+from vfmkd.models.necks.yolov8_pafpn import YOLOv8PAFPN
+
+__all__ = ["YOLOv8PAFPN"]

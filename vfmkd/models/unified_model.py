@@ -1,0 +1,62 @@
+"""Student = backbone -> neck -> task heads, each built from config through its registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping
+
+import torch
+from torch import nn
+
+from vfmkd.core.config import component_kwargs
+from vfmkd.core.registry import BACKBONES, HEADS, NECKS
+from vfmkd.models.backbones.base import BaseBackbone
+
+# Importing the packages registers the built-in components.
+import vfmkd.models.backbones  # noqa: F401,E402
+import vfmkd.models.heads  # noqa: F401,E402
+import vfmkd.models.necks  # noqa: F401,E402
+
+
+@dataclass
+class StudentOutput:
+    """``backbone``/``neck``: level name -> (B, C, H/stride, W/stride); ``heads``: head name -> raw output."""
+
+    backbone: Dict[str, torch.Tensor]
+    neck: Dict[str, torch.Tensor]
+    heads: Dict[str, Any]
+
+
+class UnifiedModel(nn.Module):
+    """The student network. Distillation reads ``backbone`` features; task losses read ``heads``."""
+
+    def __init__(self, backbone: BaseBackbone, neck: nn.Module, heads: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.heads = nn.ModuleDict(dict(heads))
+
+    @classmethod
+    def from_config(cls, model_cfg: Mapping[str, Any]) -> "UnifiedModel":
+        """Build from the resolved ``model`` section of an experiment."""
+        bb = model_cfg["backbone"]
+        backbone = BACKBONES.build(bb["type"], where="model.backbone", **component_kwargs(bb))
+        nk = model_cfg["neck"]
+        neck = NECKS.build(nk["type"], where="model.neck", in_specs=backbone.feature_specs(), **component_kwargs(nk))
+        neck_specs = neck.feature_specs()
+        # The head is sized from what the neck declares; check the declaration is honest once.
+        _check_declared(neck_specs, [s.channels for s in backbone.feature_specs()], "neck")
+        heads = {
+            name: HEADS.build(h["type"], where=f"model.heads.{name}", in_specs=neck_specs, **component_kwargs(h))
+            for name, h in model_cfg["heads"].items()
+        }
+        return cls(backbone, neck, heads)
+
+    def forward(self, x: torch.Tensor) -> StudentOutput:
+        feats = self.backbone(x)
+        fused = self.neck(feats)
+        return StudentOutput(feats, fused, {name: head(fused) for name, head in self.heads.items()})
+
+
+def _check_declared(specs, in_channels, what: str) -> None:
+    if len(specs) != len(in_channels):
+        raise ValueError(f"{what} declares {len(specs)} levels for {len(in_channels)} inputs")
