@@ -1,0 +1,43 @@
+"""One contract test over every registered backbone (timm's test_models.py pattern)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vfmkd.models  # noqa: F401  (registers the built-in components)
+from vfmkd.core.registry import BACKBONES
+from vfmkd.models.backbones.base import BaseBackbone
+from vfmkd.models.backbones.yolov8 import YOLOV8_SCALES
+
+# Each registered backbone with the keyword sets to check; a new backbone must add itself here.
+VARIANTS = {"yolov8": [{"scale": s} for s in YOLOV8_SCALES]}
+
+
+def test_every_registered_backbone_is_covered():
+    assert set(BACKBONES.names()) <= set(VARIANTS), f"add variants for {set(BACKBONES.names()) - set(VARIANTS)}"
+
+
+@pytest.mark.parametrize(
+    "name, kwargs", [(n, kw) for n in sorted(VARIANTS) for kw in VARIANTS[n]], ids=lambda v: str(v)
+)
+def test_declared_dims_and_strides_match_outputs(name, kwargs):
+    model = BACKBONES.build(name, **kwargs).eval()
+    assert isinstance(model, BaseBackbone)
+    h, w = 96, 128  # non-square on purpose
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, h, w))
+    dims, strides = model.get_feature_dims(), model.get_feature_strides()
+    assert list(out) == [s.name for s in model.feature_specs()] == list(dims) == list(strides)
+    for level, feat in out.items():
+        assert feat.shape == (2, dims[level], h // strides[level], w // strides[level]), level
+
+
+def test_yolov8_matches_ultralytics_parameter_count():
+    # ultralytics reports 3,157,200 parameters for yolov8n.yaml with 80 classes.
+    from vfmkd.models.unified_model import UnifiedModel
+
+    model = UnifiedModel.from_config(
+        {"backbone": {"type": "yolov8", "scale": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+         "heads": {"detection": {"type": "yolo_head", "num_classes": 80}}}
+    )
+    assert sum(p.numel() for p in model.parameters()) == 3_157_200
