@@ -59,6 +59,8 @@ class BaseTeacher(nn.Module, ABC):
     """
 
     family: str = "teacher"
+    #: the map a loss distils when it names no ``teacher_feature``
+    primary_feature: str = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,6 +94,13 @@ class BaseTeacher(nn.Module, ABC):
     def fingerprint(self) -> TeacherFingerprint:
         """Identity of the features this teacher produces."""
 
+    @classmethod
+    @abstractmethod
+    def config_fingerprint(cls, **kwargs) -> TeacherFingerprint:
+        """The fingerprint a teacher built with these constructor kwargs would have, without
+        building it (offline runs check their caches this way). ``weights`` starts with
+        ``unknown`` when the checkpoint is not on this machine."""
+
     @property
     def device(self) -> torch.device:
         for t in self.buffers():
@@ -99,11 +108,6 @@ class BaseTeacher(nn.Module, ABC):
         for t in self.parameters():
             return t.device
         return torch.device("cpu")
-
-    @property
-    def primary_feature(self) -> str:
-        """The feature distilled when a loss names no ``teacher_feature``."""
-        return self.feature_specs()[-1].name
 
     @torch.no_grad()
     def extract_features(self, images: Sequence[np.ndarray]) -> Tuple[Dict[str, torch.Tensor], TeacherBatch]:

@@ -1,0 +1,335 @@
+"""SAM (segment-anything v1) as a frozen teacher, built on the real ``segment_anything`` package.
+
+The model, SAM's resize (``ResizeLongestSide``) and its predictor all come from the library; this
+module only loads weights safely, optionally re-sizes the absolute position embedding for a
+smaller input, and exposes two feature maps from one encoder pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import logging
+import re
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
+from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.registry import TEACHERS
+from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
+from vfmkd.teachers.weights import default_checkpoint_path, weights_for
+from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
+
+logger = logging.getLogger("vfmkd")
+
+# (embed dim, number of ViT blocks) of each official image encoder; used to recognise a checkpoint.
+SAM_VARIANTS: Dict[str, Tuple[int, int]] = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PATCH = 16  # SAM's ViT patch size: every feature map has stride 16
+_PRETRAIN_SIZE = 1024  # the official checkpoints' input size (64x64 pos_embed)
+_PATCH_KEY = "image_encoder.patch_embed.proj.weight"
+_BLOCK_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
+
+_RANDOM_BANNER = """
+################################################################################
+##  SAM TEACHER IS RANDOMLY INITIALISED (teacher.init=random): NO PRETRAINED WEIGHTS.
+##  Its features are MEANINGLESS for real distillation: a student trained on them
+##  learns nothing useful. Use this only for smoke tests and offline demos.
+##  For real runs: python tools/download_weights.py --model sam_{variant}
+##  and set teacher.init=pretrained.
+################################################################################"""
+
+
+def detect_sam_variant(state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> str:
+    """Name the SAM variant (vit_b|vit_l|vit_h) a state_dict belongs to, from tensor shapes only."""
+    if _PATCH_KEY not in state_dict:
+        sample = ", ".join(list(state_dict)[:5])
+        raise CheckpointError(
+            f"{source} is not a SAM (segment-anything v1) state_dict: it has no '{_PATCH_KEY}' "
+            f"(first keys: {sample}). Use an official SAM checkpoint "
+            "(python tools/download_weights.py --list)."
+        )
+    dim = int(state_dict[_PATCH_KEY].shape[0])
+    depth = len({int(m.group(1)) for k in state_dict if (m := _BLOCK_RE.match(k))})
+    for name, shape in SAM_VARIANTS.items():
+        if shape == (dim, depth):
+            return name
+    raise CheckpointError(
+        f"{source} has a SAM-like image encoder of unknown size (embed dim {dim}, {depth} blocks); "
+        f"known: {', '.join(f'{n}={d}x{b}' for n, (d, b) in SAM_VARIANTS.items())}."
+    )
+
+
+@TEACHERS.register("sam")
+class SamTeacher(BaseTeacher):
+    """Frozen SAM image encoder.
+
+    Features for a ``(B, 3, S, S)`` batch (``S = input_size``):
+    ``trunk`` ``(B, embed_dim, S/16, S/16)`` (ViT output before the neck) and ``image_embeddings``
+    ``(B, 256, S/16, S/16)`` (after the neck; what SAM's mask decoder consumes; the primary one).
+    Features are returned in float32 whatever the compute dtype.
+    """
+
+    family = "sam"
+    primary_feature = "image_embeddings"
+
+    def __init__(
+        self,
+        model_type: str = "vit_b",
+        checkpoint: Optional[str] = None,
+        input_size: int = 1024,
+        init: str = "pretrained",
+        dtype: str = "float32",
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        _check_choice("model_type", model_type, SAM_VARIANTS)
+        _check_choice("init", init, ("pretrained", "random"))
+        _check_choice("dtype", dtype, _DTYPES)
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % _PATCH:
+            lo = max(_PATCH, int(input_size) // _PATCH * _PATCH) if isinstance(input_size, int) else _PATCH
+            raise ConfigError(
+                f"teacher.input_size must be a positive multiple of {_PATCH} (SAM's patch size), got "
+                f"{input_size!r}; e.g. {lo} or {lo + _PATCH}."
+            )
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise ConfigError(f"teacher.device={device!r} is not a torch device ({err}).") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"teacher.device={device!r} but CUDA is not available here; set teacher.device=cpu.")
+
+        self.model_type = model_type
+        self.init = init
+        self._input_size = input_size
+        # Low precision only pays off (and is only well supported) on CUDA; CPU always computes in
+        # float32, and the fingerprint records what was actually computed.
+        self.dtype = dtype if dev.type == "cuda" else "float32"
+        if dtype != self.dtype:
+            logger.info("SAM teacher: dtype=%s requested on %s; computing in float32.", dtype, dev.type)
+        logger.info("Using SAM teacher model: %s", model_type)
+
+        state_dict = None
+        if init == "pretrained":
+            # Load and validate the file before building the model: a wrong path fails in milliseconds.
+            official = weights_for("sam", model_type)
+            path = Path(checkpoint) if checkpoint else default_checkpoint_path(official.name)
+            if not path.exists():
+                raise CheckpointError(
+                    f"SAM {model_type} checkpoint not found: {path} (absolute: {path.resolve()}). Download it "
+                    f"with `{official.download_command}`, or set teacher.checkpoint=/path/to/{official.filename}. "
+                    "For a smoke test without weights set teacher.init=random explicitly "
+                    "(features are then meaningless)."
+                )
+            state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=official.download_command))
+            found = detect_sam_variant(state_dict, source=f"checkpoint {path}")
+            if found != model_type:
+                raise CheckpointError(
+                    f"checkpoint {path} is a SAM {found} image encoder but model_type is {model_type}; "
+                    f"set teacher.model_type={found} (or use the {model_type} checkpoint)."
+                )
+            self._weights_id = sha256_of_file(path)
+        else:
+            if checkpoint:
+                logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
+            self._weights_id = "random-init"
+            logger.warning(_RANDOM_BANNER.format(variant=model_type))
+
+        self.sam = sam_model_registry[model_type]()  # built at 1024, the size of the official weights
+        if state_dict is not None:
+            try:
+                self.sam.load_state_dict(state_dict, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"checkpoint {path} does not fit SAM {model_type}: {err}") from None
+            logger.info("Loaded SAM checkpoint from: %s", path)
+        if input_size != _PRETRAIN_SIZE:
+            self._resize_input(input_size)
+
+        self._transform = ResizeLongestSide(input_size)  # SAM's own resize
+        # CPU copies of SAM's normalisation buffers: preprocessing runs on CPU in data workers.
+        self._mean = self.sam.pixel_mean.detach().cpu().clone()  # (3, 1, 1)
+        self._std = self.sam.pixel_std.detach().cpu().clone()
+        self._predictor: Optional[SamPredictor] = None
+        self._predictor_key: Optional[str] = None
+        self.to(dev)
+        self.freeze()
+
+    # ------------------------------------------------------------------ geometry
+    def _resize_input(self, size: int) -> None:
+        """Adapt the 1024-trained model to ``size``: bicubic pos_embed (1, g, g, C), g = size/16,
+        and the sizes SAM's prompt encoder and predictor read. The relative position tables of the
+        global-attention blocks are interpolated by segment-anything itself at run time."""
+        enc, grid = self.sam.image_encoder, size // _PATCH
+        if enc.pos_embed is not None:
+            pe = enc.pos_embed.detach().permute(0, 3, 1, 2)  # (1, C, 64, 64)
+            pe = F.interpolate(pe, size=(grid, grid), mode="bicubic", align_corners=False)
+            enc.pos_embed = nn.Parameter(pe.permute(0, 2, 3, 1).contiguous(), requires_grad=False)
+        enc.img_size = size  # read by Sam.preprocess/postprocess_masks and SamPredictor
+        pe_enc = self.sam.prompt_encoder
+        pe_enc.input_image_size = (size, size)
+        pe_enc.image_embedding_size = (grid, grid)
+        pe_enc.mask_input_size = (4 * grid, 4 * grid)
+
+    @property
+    def input_size(self) -> int:
+        return self._input_size
+
+    def feature_specs(self) -> Tuple[FeatureSpec, ...]:
+        embed_dim = SAM_VARIANTS[self.model_type][0]
+        return (FeatureSpec("trunk", embed_dim, _PATCH), FeatureSpec("image_embeddings", 256, _PATCH))
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self, images: Sequence[np.ndarray]) -> TeacherBatch:
+        """RGB uint8 ``(H_i, W_i, 3)`` images -> pixels ``(B, 3, S, S)`` float32 on CPU,
+        affine ``(B, 4)`` float32 = (new_w/w, new_h/h, 0, 0), valid_hw ``(B, 2)`` int64 = (new_h, new_w)."""
+        if len(images) == 0:
+            raise ValueError("SamTeacher.preprocess got no images.")
+        s = self._input_size
+        pixels = torch.zeros(len(images), 3, s, s)
+        affine = torch.zeros(len(images), 4)
+        valid = torch.zeros(len(images), 2, dtype=torch.long)
+        for i, img in enumerate(images):
+            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {desc}.")
+            h, w = img.shape[:2]
+            resized = self._transform.apply_image(img)  # (new_h, new_w, 3) uint8, long side = s
+            nh, nw = resized.shape[:2]
+            x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
+            pixels[i, :, :nh, :nw] = (x - self._mean) / self._std  # zero padding bottom/right, as SAM
+            affine[i] = torch.tensor([nw / w, nh / h, 0.0, 0.0])
+            valid[i] = torch.tensor([nh, nw])
+        return TeacherBatch(pixels=pixels, affine=affine, valid_hw=valid)
+
+    # ------------------------------------------------------------------ features
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != "float32":
+            return torch.autocast(device_type="cuda", dtype=_DTYPES[self.dtype])
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``(B, 3, S, S)`` -> {"trunk": (B, embed_dim, S/16, S/16), "image_embeddings": (B, 256, S/16, S/16)};
+        the same maths as ``ImageEncoderViT.forward`` with the trunk kept on the way."""
+        s = self._input_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ValueError(f"SamTeacher expects pixels (B, 3, {s}, {s}), got {tuple(pixels.shape)}.")
+        enc = self.sam.image_encoder
+        with self._autocast():
+            x = enc.patch_embed(pixels.to(self.device))  # (B, S/16, S/16, C): SAM blocks are channels-last
+            if enc.pos_embed is not None:
+                x = x + enc.pos_embed
+            for blk in enc.blocks:
+                x = blk(x)
+            trunk = x.permute(0, 3, 1, 2)
+            emb = enc.neck(trunk)
+        return {"trunk": trunk.float().contiguous(), "image_embeddings": emb.float()}
+
+    def fingerprint(self) -> TeacherFingerprint:
+        return _fingerprint(self.model_type, self._weights_id, self._input_size, self.dtype, self._mean, self._std)
+
+    @classmethod
+    def config_fingerprint(
+        cls,
+        model_type: str = "vit_b",
+        checkpoint: Optional[str] = None,
+        input_size: int = 1024,
+        init: str = "pretrained",
+        dtype: str = "float32",
+        device: str = "cpu",
+    ) -> TeacherFingerprint:
+        if init == "random":
+            weights = "random-init"
+        else:
+            path = Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for("sam", model_type).name)
+            weights = sha256_of_file(path) if path.is_file() else f"unknown (checkpoint {path} is not on this machine)"
+        computed = dtype if torch.device(device).type == "cuda" else "float32"
+        defaults = inspect.signature(Sam.__init__).parameters  # SAM's own normalisation constants
+        mean = torch.tensor(defaults["pixel_mean"].default)
+        std = torch.tensor(defaults["pixel_std"].default)
+        return _fingerprint(model_type, weights, input_size, computed, mean, std)
+
+    # ------------------------------------------------------------------ prompting
+    @torch.no_grad()
+    def predict_masks(
+        self,
+        image: np.ndarray,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment ``image`` (RGB uint8 (H, W, 3)) with SAM's own predictor on this teacher's model.
+
+        ``boxes``: (4,) or (K, 4) XYXY in original pixels; ``points``: (P, 2) XY with
+        ``point_labels`` (P,) 1=foreground/0=background (default all 1); points apply to every box.
+        Returns ``masks`` bool (N, H, W), ``scores`` float32 (N,), ``low_res_logits`` float32
+        (N, S/4, S/4) with N = K * C, box-major, and C = 3 if ``multimask_output`` else 1 (K = 1 without boxes).
+        """
+        if boxes is None and points is None:
+            raise ValueError("predict_masks needs boxes and/or points.")
+        pred = self._predictor_for(image)
+        dev, size = self.device, pred.original_size
+        coords = labels = box_t = None
+        if points is not None:
+            pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+            lbl = np.ones(len(pts)) if point_labels is None else np.asarray(point_labels).reshape(-1)
+            if len(lbl) != len(pts):
+                raise ValueError(f"{len(pts)} points but {len(lbl)} point_labels.")
+            coords = torch.as_tensor(pred.transform.apply_coords(pts, size), dtype=torch.float, device=dev)[None]
+            labels = torch.as_tensor(lbl, dtype=torch.int, device=dev)[None]
+        if boxes is not None:
+            b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            box_t = torch.as_tensor(pred.transform.apply_boxes(b, size), dtype=torch.float, device=dev)
+            if coords is not None:  # the prompt encoder pairs points and boxes row by row
+                coords, labels = coords.expand(len(b), -1, -1), labels.expand(len(b), -1)
+        with self._autocast():
+            masks, scores, low_res = pred.predict_torch(coords, labels, box_t, multimask_output=multimask_output)
+        h, w = size
+        return (
+            masks.reshape(-1, h, w).cpu().numpy(),
+            scores.float().reshape(-1).cpu().numpy(),
+            low_res.float().reshape(-1, *low_res.shape[-2:]).cpu().numpy(),
+        )
+
+    def _predictor_for(self, image: np.ndarray) -> SamPredictor:
+        """A SamPredictor with ``image`` set; the embedding is reused while the same image is prompted."""
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError("predict_masks expects an RGB uint8 array (H, W, 3).")
+        if self._predictor is None:
+            self._predictor = SamPredictor(self.sam)
+        key = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() + str(image.shape)
+        if key != self._predictor_key or not self._predictor.is_image_set:
+            with self._autocast():
+                self._predictor.set_image(image, image_format="RGB")
+            self._predictor_key = key
+        return self._predictor
+
+
+def _fingerprint(model_type: str, weights: str, input_size: int, dtype: str, mean: torch.Tensor, std: torch.Tensor) -> TeacherFingerprint:
+    fmt = lambda t: "/".join(f"{v:.3f}" for v in t.flatten().tolist())  # noqa: E731
+    return TeacherFingerprint(
+        family="sam",
+        variant=model_type,
+        weights=weights,
+        input_size=input_size,
+        dtype=dtype,
+        preprocessing=f"sam:resize-longest-side,pad-bottom-right,mean={fmt(mean)},std={fmt(std)}",
+    )
+
+
+def _check_choice(key: str, value: object, choices) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"teacher.{key}={value!r} is not valid.{did_you_mean(str(value), choices)} "
+            f"Choose one of: {', '.join(choices)}."
+        )

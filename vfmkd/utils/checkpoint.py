@@ -1,0 +1,150 @@
+"""The one safe checkpoint loader of vfmkd, plus file hashing and state-dict unwrapping.
+
+Every checkpoint goes through :func:`load_checkpoint`, which only ever calls
+``torch.load(..., weights_only=True)``: a checkpoint can never execute code on load, and there is
+deliberately no unsafe fallback. Failures become :class:`CheckpointError` messages naming the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import threading
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from vfmkd.core.errors import CheckpointError
+
+PathLike = Union[str, os.PathLike]
+
+_CHUNK = 1 << 20  # 1 MiB: hashing streams, multi-GB checkpoints never sit in memory
+_SHA_CACHE: Dict[Tuple[str, int, int], str] = {}
+_SHA_LOCK = threading.Lock()
+
+# Keys under which training frameworks commonly nest the weights (SAM2 uses {"model": ...}).
+_WRAPPER_KEYS = ("model", "state_dict")
+
+
+def _human_size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"  # unreachable
+
+
+def sha256_of_file(path: PathLike) -> str:
+    """Hex sha256 of a file, streamed; memoised on (absolute path, size, mtime) so a changed
+    file is re-hashed while repeated calls on a multi-GB checkpoint cost nothing."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    with _SHA_LOCK:
+        if key in _SHA_CACHE:
+            return _SHA_CACHE[key]
+    digest = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _SHA_LOCK:
+        _SHA_CACHE[key] = value
+    return value
+
+
+def _refused_message(path: Path, err: Exception) -> str:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    what = f" (it references {found.group(1)})" if found else ""
+    return (
+        f"checkpoint {path} was refused: it contains pickled Python objects{what}, not only tensors. "
+        "vfmkd loads checkpoints with torch.load(weights_only=True) and never loads such files unsafely, "
+        "because unpickling can run arbitrary code. If you trust the file's source, re-save its plain "
+        "state_dict once and point the config at the new file:\n"
+        f"  python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
+        "sd = c.get('model', c.get('state_dict', c)) if isinstance(c, dict) else c.state_dict(); "
+        f"torch.save({{k: v for k, v in sd.items() if torch.is_tensor(v)}}, '{path.with_suffix('')}"
+        ".state_dict.pth')\""
+    )
+
+
+def load_checkpoint(path: PathLike, *, download_hint: Optional[str] = None) -> Dict[str, Any]:
+    """Load a checkpoint on CPU with ``weights_only=True``; returns the top-level dict.
+
+    ``download_hint`` is the command that fetches the file (e.g.
+    ``python tools/download_weights.py --model sam_vit_b``); it is named when the file is missing
+    or corrupt. Raises :class:`CheckpointError` for a missing, truncated/corrupt or pickle-carrying
+    file, or one whose top level is not a dict.
+    """
+    p = Path(path)
+    if not p.exists():
+        fix = f"download it with `{download_hint}`" if download_hint else "check the path"
+        raise CheckpointError(f"checkpoint not found: {p} (absolute: {p.resolve()}); {fix}.")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint path {p} is not a file.")
+    size = p.stat().st_size
+    redownload = f" with `{download_hint}`" if download_hint else ""
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(_refused_message(p, err)) from None
+        raise CheckpointError(_corrupt_message(p, size, err, redownload)) from None
+    except (PermissionError, IsADirectoryError) as err:
+        raise CheckpointError(f"cannot read checkpoint {p}: {err}") from None
+    except Exception as err:  # zip/EOF/key errors of a damaged file all mean the same to the user
+        raise CheckpointError(_corrupt_message(p, size, err, redownload)) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint {p} holds a {type(obj).__name__}, not a dict of tensors; save a state_dict "
+            "(torch.save(model.state_dict(), path))."
+        )
+    return dict(obj)
+
+
+def _corrupt_message(p: Path, size: int, err: Exception, redownload: str) -> str:
+    reason = str(err).split("\n")[0][:200] or type(err).__name__
+    return (
+        f"checkpoint {p} is truncated or corrupt ({_human_size(size)}, {size} bytes on disk; torch says: "
+        f"{type(err).__name__}: {reason}). An interrupted download or copy is the usual cause: delete it "
+        f"and re-download{redownload}."
+    )
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()
+    )
+
+
+def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
+    """Return the ``{name: tensor}`` state_dict inside a loaded checkpoint.
+
+    Accepts a plain state_dict or the common wrappers ``{"model": sd}`` / ``{"state_dict": sd}``
+    (extra keys such as optimiser state or epoch are ignored). A ``module.`` prefix on every key
+    (left by DataParallel/DDP) is stripped.
+    """
+    if _is_state_dict(obj):
+        sd = dict(obj)
+    else:
+        inner = None
+        if isinstance(obj, Mapping):
+            for key in _WRAPPER_KEYS:
+                if key in obj and _is_state_dict(obj[key]):
+                    inner = obj[key]
+                    break
+        if inner is None:
+            keys = list(obj)[:8] if isinstance(obj, Mapping) else []
+            raise CheckpointError(
+                "checkpoint is not a state_dict: expected {name: tensor} or a wrapper "
+                f"{{'model': state_dict}} / {{'state_dict': state_dict}}, got a {type(obj).__name__}"
+                + (f" with keys {keys}" if keys else "")
+                + "."
+            )
+        sd = dict(inner)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
