@@ -183,6 +183,15 @@ def component_kwargs(entry: Dict[str, Any], reserved: Sequence[str] = ()) -> Dic
     return {k: copy.deepcopy(v) for k, v in entry.items() if k not in skip}
 
 
+# Keys of a teacher entry that say how vfmkd uses the teacher, not how to build it.
+TEACHER_USAGE_KEYS = ("enabled", "offline", "feature_path")
+
+
+def teacher_kwargs(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """Constructor kwargs of a resolved teacher entry."""
+    return component_kwargs(entry, reserved=TEACHER_USAGE_KEYS)
+
+
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Load an experiment YAML, apply overrides, resolve component references, validate sections.
 

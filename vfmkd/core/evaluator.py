@@ -70,6 +70,7 @@ def evaluate_detection(
                     "pred_cls": det[:, 5].numpy(),
                     "target_cls": gt_cls.numpy(),
                     "target_img": np.unique(gt_cls.numpy()),
+                    "im_name": batch["image_ids"][i],
                 }
             )
             n_images += 1

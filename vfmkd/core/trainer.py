@@ -22,7 +22,8 @@ from vfmkd.datasets import DetectionDataset, collate_detection
 from vfmkd.distillation.distiller import Distiller, NonFiniteLossError
 from vfmkd.distillation.offline import OfflineTeacher, open_offline_teacher
 from vfmkd.models.unified_model import UnifiedModel
-from vfmkd.utils.logging import get_logger, setup_logging
+from vfmkd.utils.logging import setup_logging
+from vfmkd.utils.plots import plot_training_curves
 
 
 def select_device(name: str) -> torch.device:
@@ -240,6 +241,7 @@ class Trainer:
             self.log.info("epoch %d/%d  %s%s", epoch, train_cfg["epochs"], summary, val_text)
             self._write_metrics(time.time() - start)
         self.writer.close()
+        plot_training_curves(self.history, self.run_dir / "training_curves.png")
         return self._write_metrics(time.time() - start)
 
     def _write_metrics(self, seconds: float) -> Dict[str, Any]:

@@ -1,0 +1,196 @@
+"""Teacher-feature cache built by tools/prepare_teacher_features.py with a random-init SAM on real
+coco128 images: layout, resume after a real SIGKILL, fingerprint refusal, --verify, dataset reads."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vfmkd.core.errors import CacheMismatchError, ConfigError
+from vfmkd.datasets import DetectionDataset, FeatureCacheReader, collate_detection
+from vfmkd.teachers.base import TeacherFingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import prepare_teacher_features as ptf  # noqa: E402
+
+COCO = REPO / "datasets" / "coco128"
+SPLIT, LIMIT, BATCH, SIZE = "train2017", 6, 2, 128
+TEACHER = ["teacher.init=random", f"teacher.input_size={SIZE}"]
+THREADS = min(2, os.cpu_count() or 1)  # as conftest: bit-identical results need the same thread count
+
+
+def tool_args(output: Path, *extra: str) -> list[str]:
+    return ["--teacher", "sam", "--dataset", "coco128", "--splits", SPLIT, "--limit", str(LIMIT),
+            "--batch-size", str(BATCH), "--output", str(output), "--no-progress", "--features", "all", *extra, *TEACHER]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "sam"
+    torch.set_num_threads(THREADS)  # module fixtures run before conftest's autouse _threads
+    assert ptf.main(tool_args(out)) == 0
+    return out
+
+
+def test_layout_dtype_chunks_attrs(cache_dir):
+    ids = [p.stem for p in sorted((COCO / "images" / SPLIT).glob("*.jpg"))[:LIMIT]]
+    with h5py.File(cache_dir / f"{SPLIT}.h5", "r") as f:
+        assert list(f["image_ids"].asstr()[:]) == ids
+        assert f["done"][:].all() and f["done"].dtype == bool
+        for name, c in (("trunk", 768), ("image_embeddings", 256)):
+            ds = f["features"][name]
+            assert ds.shape == (LIMIT, c, SIZE // 16, SIZE // 16) and ds.dtype == np.float16
+            assert ds.chunks == (1, c, SIZE // 16, SIZE // 16) and ds.compression is None
+            assert np.isfinite(ds[:]).all() and np.abs(ds[:].astype(np.float32)).sum() > 0
+        for i, image_id in enumerate(ids):
+            w, h = Image.open(COCO / "images" / SPLIT / f"{image_id}.jpg").size
+            assert f["orig_hw"][i].tolist() == [h, w]
+            sx, sy, ox, oy = f["affine"][i]
+            vh, vw = f["valid_hw"][i]
+            assert (ox, oy) == (0, 0) and max(vh, vw) == SIZE  # SAM: longest side to S, pad bottom/right
+            assert sx * w == pytest.approx(vw) and sy * h == pytest.approx(vh)
+        a = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
+        fp = json.loads(a["fingerprint"])
+        assert fp["family"] == "sam" and fp["variant"] == "vit_b" and fp["weights"] == "random-init"
+        assert fp["input_size"] == SIZE and a["input_size"] == SIZE
+        assert json.loads(a["teacher_config"])["init"] == "random" and json.loads(a["teacher_config"])["type"] == "sam"
+        assert [s["name"] for s in json.loads(a["feature_specs"])] == ["trunk", "image_embeddings"]
+        assert (a["dataset"], a["split"], a["batch_size"], a["format_version"]) == ("coco128", SPLIT, BATCH, 1)
+        assert "vfmkd_version" in a
+    reader = FeatureCacheReader(cache_dir / f"{SPLIT}.h5")
+    assert reader.fingerprint == TeacherFingerprint(**fp) and reader.input_size == SIZE
+    assert reader.index_of(ids[3]) == 3 and reader.missing_ids(ids + ["nope"]) == ["nope"]
+
+
+def test_default_caches_only_the_primary_feature(tmp_path):
+    out = tmp_path / "sam"
+    args = ["--teacher", "sam", "--splits", SPLIT, "--limit", "2", "--output", str(out), "--no-progress", *TEACHER]
+    assert ptf.main(args) == 0
+    reader = FeatureCacheReader(out / f"{SPLIT}.h5")
+    assert [s.name for s in reader.feature_specs] == ["image_embeddings"]
+
+
+def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
+    """A real SIGKILL while batch 2 is computed; the rerun finishes the file bit for bit."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tools')!r}]
+        import torch
+        torch.set_num_threads({THREADS})
+        from vfmkd.teachers.sam import SamTeacher
+        import prepare_teacher_features as ptf
+        original, calls = SamTeacher.extract_features, []
+        def dying(self, images):
+            calls.append(1)
+            if len(calls) == 2:  # batch 1 is written and flushed by now
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, images)
+        SamTeacher.extract_features = dying
+        sys.exit(ptf.main(sys.argv[1:]))
+    """))
+    out = tmp_path / "resumed"
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}  # ultralytics' import sets it to 1 otherwise
+    proc = subprocess.run([sys.executable, str(driver), *tool_args(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    with h5py.File(out / f"{SPLIT}.h5", "r") as f:
+        assert f["done"][:].tolist() == [True] * BATCH + [False] * (LIMIT - BATCH)
+    with pytest.raises(CacheMismatchError, match=f"{LIMIT - BATCH} of {LIMIT} images .* Finish the cache with"):
+        DetectionDataset(str(COCO), SPLIT, img_size=128, limit=LIMIT, teacher_caches={"sam": str(out)})
+
+    calls = []
+    original = ptf.FeatureCacheWriter.write
+    ptf.FeatureCacheWriter.write = lambda self, start, *a: (calls.append(start), original(self, start, *a))[1]
+    try:
+        assert ptf.main(tool_args(out)) == 0
+    finally:
+        ptf.FeatureCacheWriter.write = original
+    assert calls == list(range(BATCH, LIMIT, BATCH))  # only the unfinished batches were recomputed
+
+    with h5py.File(out / f"{SPLIT}.h5", "r") as got, h5py.File(cache_dir / f"{SPLIT}.h5", "r") as want:
+        names = []
+        want.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert len(names) == 7
+        for n in names:
+            assert got[n].dtype == want[n].dtype and np.array_equal(got[n][:], want[n][:]), n
+        assert dict(got.attrs) == dict(want.attrs)
+
+
+def test_other_input_size_is_refused_with_the_difference(cache_dir):
+    before = (cache_dir / f"{SPLIT}.h5").read_bytes()
+    with pytest.raises(CacheMismatchError) as err:
+        ptf.main(tool_args(cache_dir)[:-1] + [f"teacher.input_size={SIZE + 32}"])
+    msg = str(err.value)
+    assert f"input_size: {SIZE} != {SIZE + 32}" in msg and "--output" in msg and "delete" in msg
+    assert (cache_dir / f"{SPLIT}.h5").read_bytes() == before
+    with pytest.raises(CacheMismatchError, match="another image list"):
+        ptf.main(tool_args(cache_dir, "--limit", str(LIMIT + 1)))
+
+
+def test_reader_check_matches_names_difference_and_command(cache_dir):
+    reader = FeatureCacheReader(cache_dir / f"{SPLIT}.h5")
+    reader.check_matches(reader.fingerprint)
+    other = TeacherFingerprint(**{**reader.fingerprint.as_dict(), "input_size": 1024, "weights": "abc"})
+    with pytest.raises(CacheMismatchError) as err:
+        reader.check_matches(other)
+    msg = str(err.value)
+    assert f"input_size: {SIZE} != 1024" in msg and "weights: 'random-init' != 'abc'" in msg
+    assert "python tools/prepare_teacher_features.py --teacher sam --dataset coco128" in msg
+    reader.check_matches(other, ignore=("input_size", "weights"))
+
+
+def test_verify_reports_cosine(cache_dir, capsys):
+    assert ptf.main(tool_args(cache_dir, "--verify", "2")) == 0
+    out = capsys.readouterr().out
+    assert "0 images written, 6 already cached" in out
+    cosines = [float(c) for c in re.findall(r"mean cosine ([0-9.]+)", out)]
+    assert len(cosines) == 2 and min(cosines) >= 0.999
+    assert "max abs err" in out and "rel L2 err" in out
+
+
+def test_bad_overrides_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean 'input_size'"):
+        ptf.main(tool_args(tmp_path / "x", "teacher.inputsize=128"))
+    with pytest.raises(ConfigError, match="teacher.input_size=512"):
+        ptf.main(tool_args(tmp_path / "x", "data.limit=3"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_dataset_reads_teacher_features_in_workers(cache_dir):
+    ds = DetectionDataset(str(COCO), SPLIT, img_size=128, limit=4, teacher_caches={"sam": str(cache_dir)})
+    sample = ds[1]["teacher/sam"]
+    with h5py.File(cache_dir / f"{SPLIT}.h5", "r") as f:
+        want = torch.from_numpy(f["features/image_embeddings"][1])
+        want_affine = torch.from_numpy(f["affine"][1])
+    assert sample["features"]["image_embeddings"].dtype == torch.float16
+    assert torch.equal(sample["features"]["image_embeddings"], want) and torch.equal(sample["affine"], want_affine)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_detection)
+    batches = list(loader)  # forked workers open their own HDF5 handles
+    t = batches[0]["teachers"]["sam"]
+    assert t["features"]["trunk"].shape == (2, 768, 8, 8) and t["features"]["image_embeddings"].dtype == torch.float16
+    assert t["affine"].shape == (2, 4) and t["valid_hw"].shape == (2, 2) and t["input_size"] == SIZE
+    assert torch.equal(batches[0]["teachers"]["sam"]["features"]["image_embeddings"][1], want)
+
+
+def test_dataset_refuses_a_cache_that_lacks_images(cache_dir, tmp_path):
+    with pytest.raises(CacheMismatchError) as err:
+        DetectionDataset(str(COCO), SPLIT, img_size=128, limit=LIMIT + 2, teacher_caches={"sam": str(cache_dir)})
+    msg = str(err.value)
+    assert f"2 of {LIMIT + 2} images" in msg
+    assert f"python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --splits {SPLIT} --output {cache_dir}" in msg
+    assert f"--limit {LIMIT + 2}" in msg and f"delete {cache_dir / (SPLIT + '.h5')}" in msg
+    assert "teacher.input_size=128" in msg and "teacher.init=random" in msg
+    with pytest.raises(CacheMismatchError, match="no feature cache at .*Fill it with"):
+        DetectionDataset(str(COCO), SPLIT, img_size=128, limit=2, teacher_caches={"sam": str(tmp_path / "none")})
