@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The main job on the shipped coco128, CPU-sized: cache SAM ViT-B features -> train a YOLOv8n
 # student with feature distillation -> evaluate mAP on val2017. About 5 minutes on 2 cores.
-# Knobs (environment): EPOCHS (3), TEACHER_INPUT (512), IMG_SIZE (320), BATCH (16).
+# Knobs (environment): EPOCHS (3), TEACHER_INPUT (384), IMG_SIZE (320), BATCH (16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# glibc returns SAM's large activation buffers to the OS after every block; keeping them mapped
+# cuts the teacher pass's system time ~4x on CPU (results are unchanged).
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-17179869184} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-17179869184}
 EPOCHS=${EPOCHS:-3}
-TEACHER_INPUT=${TEACHER_INPUT:-512}
+TEACHER_INPUT=${TEACHER_INPUT:-384}
 IMG_SIZE=${IMG_SIZE:-320}
 BATCH=${BATCH:-16}
 CKPT=weights/sam_vit_b_01ec64.pth

@@ -119,13 +119,13 @@ class Distiller(nn.Module):
             value = terms[log_name]
             if not torch.isfinite(value):
                 raise NonFiniteLossError(
-                    f"{log_name} is {float(value)}; training stopped before the optimizer step so the weights "
+                    f"{log_name} is {float(value.detach())}; training stopped before the optimizer step so the weights "
                     f"stay finite. Lower train.lr or the loss weight, or check the inputs of this batch "
                     f"(images {list(batch.get('image_ids', []))[:8]})."
                 )
             total = total + self.weights[name] * value
-            logs[log_name] = float(value)
-        logs["loss"] = float(total)
+            logs[log_name] = float(value.detach())
+        logs["loss"] = float(total.detach())
         return total, logs
 
 
