@@ -99,16 +99,17 @@ class Trainer:
     def __init__(self, cfg: Dict[str, Any], run_dir: Optional[Path] = None, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
+        data = cfg["data"]
+        # Checks that need no run directory come first, so a mistake leaves no empty run behind.
+        self.device = select_device(cfg["train"]["device"])
+        self.num_classes = detection_classes(cfg)
+        self.teachers = self._open_teachers(data)
         self.run_dir = run_dir or create_run_dir(resolve_path(cfg["work_dir"]), cfg["experiment_name"])
         self.log = setup_logging(self.run_dir / "train.log")
         write_run_config(self.run_dir, cfg)
         self.log.info("run directory: %s", self.run_dir)
         seed_everything(cfg["train"]["seed"])
-        self.device = select_device(cfg["train"]["device"])
-        data = cfg["data"]
-        self.num_classes = detection_classes(cfg)
         self.names = class_names(data, self.num_classes)
-        self.teachers = self._open_teachers(data)
         self.model = UnifiedModel.from_config(cfg["model"]).to(self.device)
         self.distiller = Distiller(
             self.model,

@@ -1,0 +1,30 @@
+"""GPU paths (run with `pytest -m gpu` on a CUDA machine; skipped elsewhere)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vfmkd.teachers import SamTeacher
+
+pytestmark = pytest.mark.gpu
+
+
+def _images(coco128, n=2):
+    paths = sorted((coco128 / "images" / "val2017").glob("*.jpg"))[:n]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def test_sam_bf16_teacher_agrees_with_fp32(coco128):
+    torch.manual_seed(0)
+    fp32 = SamTeacher(init="random", input_size=512, device="cuda")
+    bf16 = SamTeacher(init="random", input_size=512, device="cuda", dtype="bfloat16")
+    bf16.load_state_dict(fp32.state_dict())
+    images = _images(coco128)
+    a, _ = fp32.extract_features(images)
+    b, _ = bf16.extract_features(images)
+    cos = F.cosine_similarity(a["image_embeddings"], b["image_embeddings"], dim=1).mean()
+    assert bf16.fingerprint().dtype == "bfloat16"
+    assert cos > 0.99, float(cos)
