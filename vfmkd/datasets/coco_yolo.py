@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageFile
@@ -20,10 +19,10 @@ from torch.utils.data import Dataset
 from vfmkd.core.config import resolve_path
 from vfmkd.core.errors import CacheMismatchError, DatasetError
 from vfmkd.datasets.feature_cache import FeatureCacheReader, cache_file, dataset_cli_args, rebuild_command
+from vfmkd.datasets.transforms import GeometricAugment, student_view, transform_boxes
 
 LOGGER = logging.getLogger("vfmkd")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-PAD_VALUE = 114
 
 
 def list_images(root: str | Path, split: str, limit: Optional[int] = None) -> List[Path]:
@@ -79,22 +78,6 @@ def load_rgb(path: str | Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def letterbox(img: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[float, float, float, float]]:
-    """YOLO letterbox of an (H, W, 3) image to (size, size, 3), as ultralytics' ``LetterBox``
-    (scale-up allowed, centred padding of 114). Returns the canvas and the affine (sx, sy, ox, oy):
-    original pixel (x, y) -> canvas pixel (x * sx + ox, y * sy + oy)."""
-    h, w = img.shape[:2]
-    r = min(size / h, size / w)
-    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
-    if (new_w, new_h) != (w, h):
-        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    return img, (new_w / w, new_h / h, float(left), float(top))
-
-
 def parse_labels(path: Path, num_classes: int) -> np.ndarray:
     """(n, 5) float32 rows ``class cx cy w h`` of a YOLO label file; a missing file means no objects."""
     if not path.is_file():
@@ -141,9 +124,13 @@ class DetectionDataset(Dataset):
         limit: Optional[int] = None,
         num_classes: int = 80,
         teacher_caches: Optional[Mapping[str, str]] = None,
+        augment: Optional[GeometricAugment] = None,
+        seed: int = 0,
     ) -> None:
         self.root, self.split, self.img_size, self.num_classes = resolve_path(root), split, int(img_size), num_classes
         self.limit = limit
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.seed, self.epoch = seed, 0
         listed = list_images(self.root, split, limit)
         self.paths, self.orig_sizes, self.skipped = check_images(listed, split)
         if not self.paths:
@@ -186,40 +173,47 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation draws depend on (seed, epoch, index): reproducible with any worker count.
+        Call before each epoch (DataLoader workers must not be persistent to see it)."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         img = load_rgb(self.paths[index])
         h, w = img.shape[:2]
-        canvas, (sx, sy, ox, oy) = letterbox(img, self.img_size)
-        labels = self.labels[index]
-        s = float(self.img_size)
-        # normalised original xywh -> normalised letterboxed xywh (same affine as the pixels)
-        boxes = np.stack(
-            (
-                (labels[:, 1] * w * sx + ox) / s,
-                (labels[:, 2] * h * sy + oy) / s,
-                labels[:, 3] * w * sx / s,
-                labels[:, 4] * h * sy / s,
-            ),
-            axis=1,
-        ).astype(np.float32)
+        rng = np.random.default_rng((self.seed, self.epoch, index)) if self.augment else None
+        view = student_view(img, self.img_size, self.augment, rng)
+        boxes = transform_boxes(self.labels[index], w, h, view, self.img_size, drop_small=self.augment is not None)
+        # A rotated view has no per-axis affine; the axis-aligned part is kept for shape only and
+        # such samples are never matched to cached grids (`offline_ok` is False).
+        affine = view.affine or (float(view.matrix[0, 0]), float(view.matrix[1, 1]), float(view.matrix[0, 2]), float(view.matrix[1, 2]))
         sample: Dict[str, Any] = {
-            "image": torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))).float().div_(255.0),
-            "cls": torch.from_numpy(labels[:, 0].copy()),
-            "bboxes": torch.from_numpy(boxes.reshape(-1, 4)),
-            "affine": torch.tensor([sx, sy, ox, oy], dtype=torch.float32),
+            "image": torch.from_numpy(np.ascontiguousarray(view.canvas.transpose(2, 0, 1))).float().div_(255.0),
+            "cls": torch.from_numpy(boxes[:, 0].copy()),
+            "bboxes": torch.from_numpy(boxes[:, 1:5].copy()),
+            "affine": torch.tensor(affine, dtype=torch.float32),
             "orig_hw": torch.tensor([h, w], dtype=torch.int64),
             "image_id": self.image_ids[index],
+            "flipped": view.flipped,
+            "rotated": view.rotated,
+            "content_box": torch.tensor(view.content_box, dtype=torch.int64),
         }
         for name, reader in self.caches.items():
-            sample[f"teacher/{name}"] = reader.read(self.image_ids[index])
+            has_flip = bool(getattr(reader, "has_flip", False))
+            entry = dict(reader.read(self.image_ids[index], flipped=True) if view.flipped and has_flip
+                         else reader.read(self.image_ids[index]))
+            entry["offline_ok"] = not view.rotated and (not view.flipped or has_flip)
+            sample[f"teacher/{name}"] = entry
         return sample
 
 
 def collate_detection(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Batch samples: ``images`` (B, 3, S, S); ``cls`` (N, 1); ``bboxes`` (N, 4) normalised xywh;
     ``batch_idx`` (N,) float (ultralytics' ``v8DetectionLoss`` batch format); ``affine`` (B, 4);
-    ``orig_hw`` (B, 2); ``image_ids``; ``teachers[name]`` = {features {name: (B, C, h, w) fp16},
-    affine (B, 4), valid_hw (B, 2), input_size}."""
+    ``orig_hw`` (B, 2); ``image_ids``; ``flipped``/``rotated`` (B,) bool; ``content_box`` (B, 4)
+    canvas pixels with image content; ``teachers[name]`` = {features {name: (B, C, h, w) fp16},
+    affine (B, 4), valid_hw (B, 2), input_size, offline_ok (B,) bool: the cached map can be
+    carried onto this view}."""
     cls = [s["cls"] for s in samples]
     batch: Dict[str, Any] = {
         "images": torch.stack([s["image"] for s in samples]),
@@ -229,6 +223,9 @@ def collate_detection(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "affine": torch.stack([s["affine"] for s in samples]),
         "orig_hw": torch.stack([s["orig_hw"] for s in samples]),
         "image_ids": [s["image_id"] for s in samples],
+        "flipped": torch.tensor([s["flipped"] for s in samples]),
+        "rotated": torch.tensor([s["rotated"] for s in samples]),
+        "content_box": torch.stack([s["content_box"] for s in samples]),
         "teachers": {},
     }
     names = [k[len("teacher/"):] for k in samples[0] if k.startswith("teacher/")]
@@ -239,5 +236,6 @@ def collate_detection(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "affine": torch.stack([e["affine"] for e in entries]),
             "valid_hw": torch.stack([e["valid_hw"] for e in entries]),
             "input_size": int(entries[0]["input_size"]),
+            "offline_ok": torch.tensor([bool(e["offline_ok"]) for e in entries]),
         }
     return batch

@@ -1,5 +1,28 @@
 """Loss families, one file each; importing registers them in LOSSES."""
+from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
 from vfmkd.distillation.losses.detection import DetectionLoss
-from vfmkd.distillation.losses.feature import FeatureDistillLoss, FeatureMSELoss
+from vfmkd.distillation.losses.feature import (
+    FeatureCosineLoss,
+    FeatureDistillLoss,
+    FeatureMSELoss,
+    FeatureSmoothL1Loss,
+)
+from vfmkd.distillation.losses.kd import (
+    ClsDistillLoss,
+    KLDivergenceLoss,
+    MaskDistillLoss,
+    OutputDistillLoss,
+)
 
-__all__ = ["DetectionLoss", "FeatureDistillLoss", "FeatureMSELoss"]
+__all__ = [
+    "ClsDistillLoss",
+    "DetectionLoss",
+    "FeatureAffinityLoss",
+    "FeatureCosineLoss",
+    "FeatureDistillLoss",
+    "FeatureMSELoss",
+    "FeatureSmoothL1Loss",
+    "KLDivergenceLoss",
+    "MaskDistillLoss",
+    "OutputDistillLoss",
+]

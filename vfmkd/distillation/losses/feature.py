@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import LOSSES
 from vfmkd.distillation.adapters import ChannelAdapter
 
@@ -43,14 +44,21 @@ class FeatureDistillLoss(nn.Module, ABC):
         """(B, C, H, W) x2 -> (B, 1, H, W) per-location distance."""
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        adapted = self.adapter(student).float()
+        adapted = self.adapter(student.float())
         teacher = teacher.float()
         denom = mask.sum().clamp_min(1.0)
         loss = (self.distance(adapted, teacher) * mask).sum() / denom
-        with torch.no_grad():
-            cos = F.cosine_similarity(adapted, teacher, dim=1, eps=1e-6).unsqueeze(1)
-            cosine = (cos * mask).sum() / denom
-        return loss, cosine
+        return loss, masked_cosine(adapted, teacher, mask)
+
+
+def masked_cosine(adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of (B, C, H, W) vectors over a (B, 1, H, W) mask (no gradient).
+
+    Shared so that losses with their own ``forward`` (affinity) report the same number as the rest.
+    """
+    with torch.no_grad():
+        cos = F.cosine_similarity(adapted, teacher, dim=1, eps=1e-6).unsqueeze(1)
+        return (cos * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 @LOSSES.register("feature_mse")
@@ -59,3 +67,45 @@ class FeatureMSELoss(FeatureDistillLoss):
 
     def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return (student - teacher).pow(2).mean(dim=1, keepdim=True)
+
+
+@LOSSES.register("feature_smooth_l1")
+class FeatureSmoothL1Loss(FeatureDistillLoss):
+    """torch's smooth L1 per element, mean over channels, averaged over valid locations.
+
+    Shapes as :class:`FeatureDistillLoss`. With ``d = student - teacher`` per element:
+    ``l(d) = 0.5 * d**2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 * beta``; ``beta = 0`` is plain L1.
+    Less dominated by a few large teacher activations (ViT outlier channels) than MSE.
+    """
+
+    # The base signature is repeated (not **kwargs) because the registry validates config keys
+    # against this exact signature; **kwargs would switch that check off.
+    def __init__(
+        self,
+        teacher: str,
+        student_channels: int,
+        teacher_channels: int,
+        student_level: Optional[str] = None,
+        teacher_feature: Optional[str] = None,
+        adapter_hidden: Optional[int] = None,
+        beta: float = 1.0,
+    ) -> None:
+        super().__init__(teacher, student_channels, teacher_channels, student_level, teacher_feature, adapter_hidden)
+        if beta < 0:
+            raise ConfigError(f"feature_smooth_l1: beta must be >= 0 (0 means L1), got {beta}")
+        self.beta = float(beta)
+
+    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.smooth_l1_loss(student, teacher, reduction="none", beta=self.beta).mean(dim=1, keepdim=True)
+
+
+@LOSSES.register("feature_cosine")
+class FeatureCosineLoss(FeatureDistillLoss):
+    """``1 - cos(student_vec, teacher_vec)`` per location, averaged over valid locations.
+
+    Shapes as :class:`FeatureDistillLoss`. Matches direction only, so it is indifferent to the
+    teacher's feature scale (useful when teachers with very different norms are mixed).
+    """
+
+    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return 1.0 - F.cosine_similarity(student, teacher, dim=1, eps=1e-6).unsqueeze(1)

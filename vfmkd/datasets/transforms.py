@@ -1,0 +1,127 @@
+"""Student views: the YOLO letterbox plus the geometric part of the YOLO augmentation recipe.
+
+A view is one 2x3 matrix from original pixels to the student canvas. Without rotation the matrix
+is axis-aligned and is also recorded as the per-axis affine ``(sx, sy, ox, oy)`` that the
+distiller composes with a teacher's affine (``sx < 0`` when mirrored); with rotation there is no
+axis-aligned map to a cached teacher grid, so such samples can only be distilled from a live
+teacher pass (the mixer routes them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class GeometricAugment:
+    """YOLO's geometric recipe: horizontal flip probability, scale gain in [1 - scale, 1 + scale],
+    translation up to ``translate`` x canvas size, rotation up to ``degrees``."""
+
+    fliplr: float = 0.0
+    scale: float = 0.0
+    translate: float = 0.0
+    degrees: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.fliplr, self.scale, self.translate, self.degrees))
+
+
+@dataclass
+class StudentView:
+    """``canvas`` (S, S, 3) uint8; ``matrix`` (2, 3) original -> canvas pixels; ``affine`` (4,) the same
+    map as (sx, sy, ox, oy) or None when rotated; ``content_box`` (x1, y1, x2, y2) integer canvas
+    pixels that hold image content (what a live teacher is shown)."""
+
+    canvas: np.ndarray
+    matrix: np.ndarray
+    affine: Optional[Tuple[float, float, float, float]]
+    flipped: bool
+    content_box: Tuple[int, int, int, int]
+
+    @property
+    def rotated(self) -> bool:
+        return self.affine is None
+
+
+def letterbox(img: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[float, float, float, float]]:
+    """YOLO letterbox of an (H, W, 3) image to (size, size, 3), as ultralytics' ``LetterBox``
+    (scale-up allowed, centred padding of 114). Returns the canvas and the affine (sx, sy, ox, oy):
+    original pixel (x, y) -> canvas pixel (x * sx + ox, y * sy + oy)."""
+    h, w = img.shape[:2]
+    r = min(size / h, size / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    if (new_w, new_h) != (w, h):
+        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return img, (new_w / w, new_h / h, float(left), float(top))
+
+
+def _content_box(matrix: np.ndarray, w: int, h: int, size: int) -> Tuple[int, int, int, int]:
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=np.float64) @ matrix.T
+    x1, y1 = np.floor(corners.min(0)).clip(0, size)
+    x2, y2 = np.ceil(corners.max(0)).clip(0, size)
+    return int(x1), int(y1), int(x2), int(y2)
+
+
+def student_view(img: np.ndarray, size: int, aug: Optional[GeometricAugment] = None,
+                 rng: Optional[np.random.Generator] = None) -> StudentView:
+    """Letterbox ``img`` to ``size`` and apply a random draw of ``aug`` (none when ``aug`` is None)."""
+    h, w = img.shape[:2]
+    if aug is None or not aug.enabled:
+        canvas, affine = letterbox(img, size)
+        sx, sy, ox, oy = affine
+        matrix = np.array([[sx, 0.0, ox], [0.0, sy, oy]])
+        return StudentView(canvas, matrix, affine, False, _content_box(matrix, w, h, size))
+    rng = rng or np.random.default_rng()
+    r = min(size / h, size / w)
+    base = np.array([[r, 0.0, (size - w * r) / 2], [0.0, r, (size - h * r) / 2], [0.0, 0.0, 1.0]])
+    gain = rng.uniform(1 - aug.scale, 1 + aug.scale) if aug.scale else 1.0
+    angle = rng.uniform(-aug.degrees, aug.degrees) if aug.degrees else 0.0
+    shift = rng.uniform(-aug.translate, aug.translate, size=2) * size if aug.translate else np.zeros(2)
+    flipped = bool(aug.fliplr and rng.random() < aug.fliplr)
+    c = size / 2
+    around_centre = cv2.getRotationMatrix2D((c, c), angle, gain)  # rotation + scale about the canvas centre
+    around_centre = np.vstack([around_centre, [0.0, 0.0, 1.0]])
+    move = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]], [0.0, 0.0, 1.0]])
+    mirror = np.array([[-1.0, 0.0, size], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) if flipped else np.eye(3)
+    matrix = (mirror @ move @ around_centre @ base)[:2]
+    canvas = cv2.warpAffine(img, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
+    axis_aligned = abs(matrix[0, 1]) < 1e-9 and abs(matrix[1, 0]) < 1e-9
+    affine = (float(matrix[0, 0]), float(matrix[1, 1]), float(matrix[0, 2]), float(matrix[1, 2])) if axis_aligned else None
+    return StudentView(canvas, matrix, affine, flipped, _content_box(matrix, w, h, size))
+
+
+def transform_boxes(labels: np.ndarray, w: int, h: int, view: StudentView, size: int,
+                    min_side: float = 2.0, min_area_ratio: float = 0.1, drop_small: bool = True) -> np.ndarray:
+    """YOLO rows ``class cx cy w h`` (normalised to the original image) -> the same rows normalised
+    to the student canvas. Corners go through the view's matrix; boxes are clipped to the canvas
+    and, with ``drop_small``, dropped when cropping or scaling leaves less than ``min_side`` pixels
+    or ``min_area_ratio`` of their area (ultralytics' box-candidate rule)."""
+    if len(labels) == 0:
+        return labels.reshape(0, 5).astype(np.float32)
+    cx, cy, bw, bh = labels[:, 1] * w, labels[:, 2] * h, labels[:, 3] * w, labels[:, 4] * h
+    xs = np.stack([cx - bw / 2, cx + bw / 2, cx - bw / 2, cx + bw / 2], 1)
+    ys = np.stack([cy - bh / 2, cy - bh / 2, cy + bh / 2, cy + bh / 2], 1)
+    m = view.matrix
+    tx = xs * m[0, 0] + ys * m[0, 1] + m[0, 2]
+    ty = xs * m[1, 0] + ys * m[1, 1] + m[1, 2]
+    x1, x2 = tx.min(1), tx.max(1)
+    y1, y2 = ty.min(1), ty.max(1)
+    area_before = (x2 - x1) * (y2 - y1)
+    x1, x2, y1, y2 = (np.clip(v, 0, size) for v in (x1, x2, y1, y2))
+    nw, nh = x2 - x1, y2 - y1
+    keep = (nw > min_side) & (nh > min_side) & (nw * nh > min_area_ratio * np.maximum(area_before, 1e-9))
+    if not drop_small:
+        keep = np.ones(len(labels), dtype=bool)
+    rows = np.stack([labels[:, 0], (x1 + x2) / 2 / size, (y1 + y2) / 2 / size, nw / size, nh / size], 1)
+    return rows[keep].astype(np.float32)
+
