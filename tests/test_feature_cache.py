@@ -63,7 +63,7 @@ def test_layout_dtype_chunks_attrs(cache_dir):
             assert sx * w == pytest.approx(vw) and sy * h == pytest.approx(vh)
         a = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
         fp = json.loads(a["fingerprint"])
-        assert fp["family"] == "sam" and fp["variant"] == "vit_b" and fp["weights"] == "random-init"
+        assert fp["family"] == "sam" and fp["variant"] == "vit_b" and fp["weights"] == "random-init:seed0"
         assert fp["input_size"] == SIZE and a["input_size"] == SIZE
         assert json.loads(a["teacher_config"])["init"] == "random" and json.loads(a["teacher_config"])["type"] == "sam"
         assert [s["name"] for s in json.loads(a["feature_specs"])] == ["trunk", "image_embeddings"]
@@ -122,7 +122,7 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
     with h5py.File(out / f"{SPLIT}.h5", "r") as got, h5py.File(cache_dir / f"{SPLIT}.h5", "r") as want:
         names = []
         want.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-        assert len(names) == 7
+        assert len(names) == 13
         for n in names:
             assert got[n].dtype == want[n].dtype and np.array_equal(got[n][:], want[n][:]), n
         assert dict(got.attrs) == dict(want.attrs)
@@ -146,7 +146,7 @@ def test_reader_check_matches_names_difference_and_command(cache_dir):
     with pytest.raises(CacheMismatchError) as err:
         reader.check_matches(other)
     msg = str(err.value)
-    assert f"input_size: {SIZE} != 1024" in msg and "weights: 'random-init' != 'abc'" in msg
+    assert f"input_size: {SIZE} != 1024" in msg and "weights: 'random-init:seed0' != 'abc'" in msg
     assert "python tools/prepare_teacher_features.py --teacher sam --dataset coco128" in msg
     reader.check_matches(other, ignore=("input_size", "weights"))
 

@@ -200,7 +200,7 @@ def test_random_init_is_loud_and_fingerprinted(caplog):
         teacher = SamTeacher(init="random", input_size=256)
     banner = [r for r in caplog.records if r.levelno == logging.WARNING and "RANDOMLY INITIALISED" in r.getMessage()]
     assert banner and "MEANINGLESS" in banner[0].getMessage() and banner[0].getMessage().count("\n") >= 4
-    assert teacher.fingerprint().weights == "random-init"
+    assert teacher.fingerprint().weights == "random-init:seed0"
     assert SamTeacher.config_fingerprint(init="random", input_size=256) == teacher.fingerprint()
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Run a frozen teacher once over a dataset split and cache its features (fp16 HDF5) for training.
+"""Run a frozen teacher once over a dataset split and cache its features (HDF5) for training.
 
     python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --splits train2017 val2017 \\
-        --output teacher_features/sam/ teacher.model_type=vit_b teacher.input_size=1024
+        --output teacher_features/sam/ teacher.model_type=vit_b teacher.input_size=1024 [--storage int8] [--with-flip]
 
 Resumable: batches are fixed ranges [k*B, (k+1)*B) of the sorted image list; a rerun recomputes only
-the batches that hold an unfinished image, so the final file equals an uninterrupted run's.
+the batches that hold an unfinished image, so the final file equals an uninterrupted run's. When every
+image is done, the per-channel mean/std of every feature (over valid cells) are stored with the cache;
+a rerun of a finished cache adds them to files written before statistics existed.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from vfmkd.core.config import parse_overrides, read_yaml, resolve_component, res
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
 from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb  # noqa: E402
+from vfmkd.datasets.cache_codec import STORAGES, mirror_affine  # noqa: E402
 from vfmkd.datasets.feature_cache import FeatureCacheReader, FeatureCacheWriter, cache_file  # noqa: E402
 from vfmkd.utils.cli import entry  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
@@ -57,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none",
                    help="HDF5 filter (+shuffle) for features: gzip saves ~30-40%% but reads ~5x slower and a kill "
                         "mid-write can corrupt the file; 'none' preallocates and is crash-safe")
+    p.add_argument("--storage", choices=STORAGES, default="float16",
+                   help="feature values: float16 (2 B/value), or int8 with float32 scales per spatial cell and per "
+                        "channel (1 B/value + 4 B/cell + 4 B/channel: SAM 256x64x64 1.02 MiB instead of 2 MiB; cosine "
+                        "to fp16 > 0.9999, ~1%% of a channel's std after standardisation); the reader returns float16 "
+                        "either way")
+    p.add_argument("--with-flip", action="store_true",
+                   help="also run the teacher on the horizontally mirrored image (ViT features are not flip-equivariant) "
+                        "and store that pass for flip augmentation: twice the compute and the bytes")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     p.add_argument("overrides", nargs="*", metavar="teacher.key=value",
                    help="teacher kwargs over the YAML, e.g. teacher.model_type=vit_l teacher.input_size=512 teacher.init=random")
@@ -102,6 +113,21 @@ def selected_specs(teacher: Any, names: Optional[Sequence[str]]) -> Tuple[Any, .
     return tuple(s for s in specs if s.name in names)
 
 
+def mirrored(images: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Horizontally mirrored copies (pixel x' = W - x)."""
+    return [np.ascontiguousarray(im[:, ::-1]) for im in images]
+
+
+def run_teacher(teacher: Any, images: Sequence[np.ndarray], with_flip: bool) -> Tuple[Dict[str, torch.Tensor], Any, Optional[tuple]]:
+    """(features, TeacherBatch) of the images and, with the flip pass, (features, affine for ORIGINAL
+    pixels, valid_hw) of the teacher on their mirrored copies."""
+    feats, geo = teacher.extract_features(images)
+    if not with_flip:
+        return feats, geo, None
+    flip_feats, flip_geo = teacher.extract_features(mirrored(images))
+    return feats, geo, (flip_feats, mirror_affine(flip_geo.affine, [im.shape[1] for im in images]), flip_geo.valid_hw)
+
+
 def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], root: Path, split: str, output: Path) -> Tuple[Path, List[Path]]:
     """Compute the missing batches of one split; returns the cache file and the cached image paths."""
     paths, _, skipped = check_images(list_images(root, split, args.limit), split)
@@ -115,7 +141,7 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
         out_file, [p.stem for p in paths], teacher.fingerprint(), specs, teacher.input_size,
         teacher_config=entry, dataset=args.dataset, split=split, batch_size=args.batch_size, teacher=args.teacher,
         data_root=args.data_root or "", compression=None if args.compression == "none" else args.compression,
-        extra_attrs={"compute": compute},
+        storage=args.storage, with_flip=args.with_flip, extra_attrs={"compute": compute},
     )
     with writer:
         b = writer.batch_size
@@ -129,26 +155,45 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
         pending = [k for k in range(math.ceil(len(paths) / b)) if missing.intersection(range(k * b, (k + 1) * b))]
         written = 0
         for k in tqdm(pending, desc=f"{split} batches", unit="batch", disable=args.no_progress):
-            batch_paths = paths[k * b:(k + 1) * b]
-            images = [load_rgb(p) for p in batch_paths]
-            feats, geo = teacher.extract_features(images)
-            writer.write(k * b, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in images]))
+            images = [load_rgb(p) for p in paths[k * b:(k + 1) * b]]
+            feats, geo, flip = run_teacher(teacher, images, args.with_flip)
+            # positional on purpose: tests wrap write() as (self, start, *args)
+            writer.write(k * b, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in images]), flip)
             written += len(images)
-    feat_bytes = sum(s.channels * (teacher.input_size // s.stride) ** 2 * 2 for s in specs)
-    meta_bytes = 4 * 2 + 4 * 4 + 4 * 2 + 1  # orig_hw, affine, valid_hw, done
+        stats = writer.finalize()
+        feat_bytes, other_bytes = writer.bytes_per_image()
+    for name, (mean, std) in (stats or {}).items():
+        LOG.info("%s stats: %s per-channel mean in [%.3g, %.3g], std in [%.3g, %.3g] (stored as stats/%s/{mean,std})",
+                 split, name, mean.min(), mean.max(), std.min(), std.max(), name)
     size = out_file.stat().st_size
     side = {s.name: teacher.input_size // s.stride for s in specs}
-    held = " + ".join(f"{s.name} {s.channels}x{side[s.name]}x{side[s.name]} fp16" for s in specs)
+    held = " + ".join(f"{s.name} {s.channels}x{side[s.name]}x{side[s.name]}" for s in specs)
+    storage = "int8 + float32 cell and channel scales" if args.storage == "int8" else "float16"
     print(
         f"{split}: {written} images written, {len(paths) - written} already cached, {len(skipped)} skipped "
-        f"(undecodable); {feat_bytes + meta_bytes} bytes per cached image ({held} + {meta_bytes} B geometry); "
-        f"file {size / 2**20:.1f} MiB = {size / len(paths):.0f} B/image -> {out_file}"
+        f"(undecodable); storage {args.storage}{', with flip pass' if args.with_flip else ''}: "
+        f"{feat_bytes + other_bytes} bytes per cached image ({feat_bytes / 2**20:.4f} MiB features: {held} {storage}"
+        f"{' x2 passes' if args.with_flip else ''}; {other_bytes} B geometry + statistics); "
+        f"file {size / 2**20:.1f} MiB = {size / len(paths):.0f} B/image"
+        f"{'' if stats else ' (statistics pending: cache unfinished)'} -> {out_file}"
     )
     return out_file, paths
 
 
+def compare(label: str, live: torch.Tensor, cached: torch.Tensor) -> bool:
+    """Print cosine / max abs / relative L2 error of cached vs live (n, C, h, w); True if cosine passes."""
+    a, c = live.float(), cached.float()
+    cos = F.cosine_similarity(a, c, dim=1, eps=1e-12).mean().item()  # per location, over channels
+    err = (a - c).abs().max().item()
+    rel = ((a - c).norm() / a.norm().clamp_min(1e-12)).item()
+    print(f"  {label}: mean cosine {cos:.6f}  max abs err {err:.3g}  rel L2 err {rel:.3g}"
+          f"{'' if cos >= MIN_COSINE else f'  < {MIN_COSINE}: cache does not match this teacher'}")
+    return cos >= MIN_COSINE
+
+
 def verify(teacher: Any, out_file: Path, paths: Sequence[Path], n: int, seed: int, batch_size: int) -> bool:
-    """Recompute ``n`` random cached images and print cosine / max abs / relative L2 error per feature."""
+    """Recompute ``n`` random cached images (and their mirrored copies for a flip pass) and print
+    cosine / max abs / relative L2 error per feature and pass."""
     reader = FeatureCacheReader(out_file)
     done = [i for i in reader.image_ids if not reader.missing_ids([i])]
     pick = sorted(np.random.default_rng(seed).choice(len(done), size=min(n, len(done)), replace=False).tolist())
@@ -157,26 +202,27 @@ def verify(teacher: Any, out_file: Path, paths: Sequence[Path], n: int, seed: in
         print(f"verify {out_file.name}: no cached images to verify")
         return False
     path_of = {p.stem: p for p in paths}
-    live: Dict[str, List[torch.Tensor]] = {}
-    live_affine = []
+    passes = [False, True] if reader.has_flip else [False]
+    live: Dict[bool, Dict[str, List[torch.Tensor]]] = {f: {} for f in passes}
+    live_affine: Dict[bool, List[torch.Tensor]] = {f: [] for f in passes}
     for s in range(0, len(ids), batch_size):
-        feats, geo = teacher.extract_features([load_rgb(path_of[i]) for i in ids[s:s + batch_size]])
-        for name, t in feats.items():
-            live.setdefault(name, []).append(t.float().cpu())
-        live_affine.append(geo.affine.float().cpu())
-    cached = [reader.read(i) for i in ids]
+        feats, geo, flip = run_teacher(teacher, [load_rgb(path_of[i]) for i in ids[s:s + batch_size]], reader.has_flip)
+        for flipped, (fs, affine) in zip(passes, [(feats, geo.affine)] + ([flip[:2]] if flip else [])):
+            for name, t in fs.items():
+                live[flipped].setdefault(name, []).append(t.float().cpu())
+            live_affine[flipped].append(affine.float().cpu())
+    ok = True
+    print(f"verify {out_file.name} (storage {reader.storage}): {len(ids)} images ({', '.join(ids)})")
+    for flipped in passes:
+        cached = [reader.read(i, flipped=flipped) for i in ids]
+        tag = " (flip pass)" if flipped else ""
+        same = torch.allclose(torch.cat(live_affine[flipped]), torch.stack([c["affine"] for c in cached]))
+        ok &= same
+        print(f"  affine{tag} {'matches' if same else 'DIFFERS'}")
+        for spec in reader.feature_specs:
+            ok &= compare(spec.name + tag, torch.cat(live[flipped][spec.name]),
+                          torch.stack([x["features"][spec.name] for x in cached]))
     reader.close()
-    ok = torch.allclose(torch.cat(live_affine), torch.stack([c["affine"] for c in cached]))
-    print(f"verify {out_file.name}: {len(ids)} images ({', '.join(ids)}); affine {'matches' if ok else 'DIFFERS'}")
-    for spec in reader.feature_specs:
-        a = torch.cat(live[spec.name])  # (n, C, h, w) live float32
-        c = torch.stack([x["features"][spec.name] for x in cached]).float()
-        cos = F.cosine_similarity(a, c, dim=1, eps=1e-12).mean().item()  # per location, over channels
-        err = (a - c).abs().max().item()
-        rel = ((a - c).norm() / a.norm().clamp_min(1e-12)).item()
-        ok &= cos >= MIN_COSINE
-        print(f"  {spec.name}: mean cosine {cos:.6f}  max abs err {err:.3g}  rel L2 err {rel:.3g}"
-              f"{'' if cos >= MIN_COSINE else f'  < {MIN_COSINE}: cache does not match this teacher'}")
     return ok
 
 

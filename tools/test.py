@@ -15,7 +15,7 @@ from vfmkd.core.config import load_experiment, resolve_path  # noqa: E402
 from vfmkd.core.errors import CheckpointError  # noqa: E402
 from vfmkd.core.evaluator import evaluate_detection  # noqa: E402
 from vfmkd.core.run_dir import create_run_dir, write_json, write_run_config  # noqa: E402
-from vfmkd.core.trainer import build_loader, class_names, detection_classes, select_device  # noqa: E402
+from vfmkd.core.train_setup import build_loader, class_names, detection_classes, select_device  # noqa: E402
 from vfmkd.datasets import DetectionDataset  # noqa: E402
 from vfmkd.models.unified_model import UnifiedModel  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402

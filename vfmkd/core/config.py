@@ -34,8 +34,25 @@ class ModelConfig:
 
 @dataclass
 class DistillationConfig:
-    # name -> {type (defaults to the name), weight, ...loss kwargs}
+    # name -> {type (defaults to the name), weight, log_as, ...loss kwargs}
     losses: Dict[str, Any] = field(default_factory=dict)
+    offline_ratio: float = 1.0  # per batch: cached features with this probability, else a live teacher pass
+    distill_interval: int = 1  # distil every k-th step (the teacher pass and feature losses are skipped between)
+    missing_cache: str = "error"  # error | online: images absent from a cache go to the live teacher
+    standardize: bool = True  # per-channel (x - mean) / std of teacher maps, stats measured at cache time
+    alpha: float = 1.0  # x task losses
+    beta: float = 1.0  # x output (logit) distillation losses
+    gamma: float = 1.0  # x feature distillation losses
+
+
+@dataclass
+class AugmentConfig:
+    # The geometric part of the YOLO recipe (0 = off). Offline batches follow flips through a
+    # cached flipped pass and scale/translate through RoIAlign; rotation needs the live teacher.
+    fliplr: float = 0.0
+    scale: float = 0.0
+    translate: float = 0.0
+    degrees: float = 0.0
 
 
 @dataclass
@@ -48,6 +65,7 @@ class DataConfig:
     batch_size: int = 16
     num_workers: int = 2
     limit: Optional[int] = None  # first N images of each split (quick runs)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -63,6 +81,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_interval: int = 10
     eval_interval: int = 1  # epochs between validations; best.pt follows val mAP50-95
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    amp: bool = False  # bfloat16 autocast for the student forward
 
 
 @dataclass
@@ -143,12 +163,13 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    """Dotted ``a.b=c`` overrides (values parsed as YAML scalars)."""
+    """Dotted ``a.b=c`` overrides (values parsed as YAML scalars). Hydra's ``+a.b=c`` (add a key) is
+    accepted too: mapping sections such as ``teachers`` and ``distillation.losses`` take new keys."""
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist([o[1:] if o.startswith("+") else o for o in overrides])
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
 
@@ -227,7 +248,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str
 
 
 def _check_ranges(cfg: Dict[str, Any]) -> None:
-    data, train = cfg["data"], cfg["train"]
+    data, train, dist, aug = cfg["data"], cfg["train"], cfg["distillation"], cfg["data"]["augment"]
     checks = [
         (data["img_size"] % 32 == 0 and data["img_size"] > 0, "data.img_size must be a positive multiple of 32"),
         (data["batch_size"] >= 1, "data.batch_size must be >= 1"),
@@ -236,6 +257,12 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (train["epochs"] >= 1, "train.epochs must be >= 1"),
         (train["lr"] > 0, "train.lr must be > 0"),
         (train["optimizer"] in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got '{train['optimizer']}'"),
+        (train["accumulate"] >= 1, "train.accumulate must be >= 1"),
+        (0.0 <= dist["offline_ratio"] <= 1.0, f"distillation.offline_ratio must be within [0, 1], got {dist['offline_ratio']}"),
+        (dist["distill_interval"] >= 1, "distillation.distill_interval must be >= 1"),
+        (dist["missing_cache"] in ("error", "online"), f"distillation.missing_cache must be error or online, got '{dist['missing_cache']}'"),
+        (0.0 <= aug["fliplr"] <= 1.0 and 0.0 <= aug["scale"] < 1.0 and 0.0 <= aug["translate"] <= 0.5 and 0.0 <= aug["degrees"] <= 180,
+         "data.augment: fliplr in [0, 1], scale in [0, 1), translate in [0, 0.5], degrees in [0, 180]"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
 
 from vfmkd.core.config import resolve_path, teacher_kwargs
 from vfmkd.core.errors import CacheMismatchError, ConfigError
@@ -23,6 +25,8 @@ class OfflineTeacher:
     feature_specs: Tuple[FeatureSpec, ...]
     primary_feature: str
     input_size: int
+    has_flip: bool  # a second, mirrored teacher pass is cached (--with-flip)
+    stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # feature -> per-channel (mean, std) measured at cache time
 
     def split_file(self, split: str) -> Path:
         return self.feature_dir / f"{split}.h5"
@@ -56,4 +60,8 @@ def open_offline_teacher(name: str, entry: Mapping[str, Any], dataset: str, spli
     specs = tuple(reader.feature_specs)
     names = [s.name for s in specs]
     primary = teacher_cls.primary_feature if teacher_cls.primary_feature in names else names[-1]
-    return OfflineTeacher(name, feature_dir, specs, primary, reader.input_size)
+    stats = {s.name: reader.stats(s.name) for s in specs}
+    return OfflineTeacher(
+        name, feature_dir, specs, primary, reader.input_size, bool(reader.has_flip),
+        {k: v for k, v in stats.items() if v is not None},
+    )

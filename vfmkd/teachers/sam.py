@@ -90,6 +90,7 @@ class SamTeacher(BaseTeacher):
         init: str = "pretrained",
         dtype: str = "float32",
         device: str = "cpu",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         _check_choice("model_type", model_type, SAM_VARIANTS)
@@ -141,10 +142,14 @@ class SamTeacher(BaseTeacher):
         else:
             if checkpoint:
                 logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
-            self._weights_id = "random-init"
+            self._weights_id = f"random-init:seed{seed}"
             logger.warning(_RANDOM_BANNER.format(variant=model_type))
 
-        self.sam = sam_model_registry[model_type]()  # built at 1024, the size of the official weights
+        # Built at 1024, the size of the official weights. Random weights come from `seed` alone, so
+        # the cache tool and a later live pass of the same config hold the same random teacher.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.sam = sam_model_registry[model_type]()
         if state_dict is not None:
             try:
                 self.sam.load_state_dict(state_dict, strict=True)
@@ -246,9 +251,10 @@ class SamTeacher(BaseTeacher):
         init: str = "pretrained",
         dtype: str = "float32",
         device: str = "cpu",
+        seed: int = 0,
     ) -> TeacherFingerprint:
         if init == "random":
-            weights = "random-init"
+            weights = f"random-init:seed{seed}"
         else:
             path = Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for("sam", model_type).name)
             weights = sha256_of_file(path) if path.is_file() else f"unknown (checkpoint {path} is not on this machine)"

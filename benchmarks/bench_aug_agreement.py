@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Agreement of cached teacher maps carried through each augmentation with the live teacher on the
+augmented image (mean cosine per location, valid locations only).
+
+    python benchmarks/bench_aug_agreement.py                 # SAM ViT-B @ 512, student canvas 512, 32 images
+    python benchmarks/bench_aug_agreement.py --quick         # @ 256, 12 images, < 60 s on 2 cores
+    python benchmarks/bench_aug_agreement.py --checkpoint weights/sam_vit_b_01ec64.pth   # real SAM
+
+For every coco128 image and augmentation kind, the offline path (the cached full-image map, or its
+cached flipped pass, carried onto the student's stride-16 grid by RoIAlign) and the online path
+(the live teacher run on the augmented student canvas, mapped the same way) are compared per
+location. "mirrored grid" is the naive alternative the cache refuses (mirror the cached map of the
+original instead of a flipped teacher pass), measured on the teacher's own grid. Without a
+checkpoint the teacher is SAM with random weights (seed 0): the numbers then describe geometry and
+resampling, not SAM's learned features; rerun with --checkpoint for the real figures.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import _common  # noqa: F401  (sys.path)
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _common import build_cache, machine, quiet
+from vfmkd.datasets import DetectionDataset, GeometricAugment, collate_detection
+from vfmkd.distillation.geometry import resample_to_student
+from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.teachers import SamTeacher
+
+KINDS = {
+    "letterbox only": GeometricAugment(),
+    "scale 0.5": GeometricAugment(scale=0.5),
+    "translate 0.2 (crop)": GeometricAugment(translate=0.2),
+    "scale 0.5 + translate 0.1": GeometricAugment(scale=0.5, translate=0.1),
+    "flip (cached flipped pass)": GeometricAugment(fliplr=1.0),
+    "flip + scale + translate": GeometricAugment(fliplr=1.0, scale=0.5, translate=0.1),
+}
+STRIDE = 16
+
+
+def cosine_on_student_grid(off, on, batch, size):
+    h = w = size // STRIDE
+    maps = []
+    for t in (off, on):
+        m, mask = resample_to_student(t["features"]["image_embeddings"].float(), t["affine"], t["valid_hw"],
+                                      (t["input_size"], t["input_size"]), t["student_affine"], (h, w), STRIDE)
+        maps.append((m, mask))
+    (a, ma), (b, mb) = maps
+    cos = F.cosine_similarity(a, b, dim=1, eps=1e-6)
+    valid = (ma * mb)[:, 0].bool()
+    return cos[valid]
+
+
+def mirrored_grid_cosine(teacher, batch_images):
+    """cos(F(mirror(x)), mirror(F(x))) on the teacher grid over the valid region."""
+    vals = []
+    for img in batch_images:
+        fa, tb = teacher.extract_features([img])
+        fb, _ = teacher.extract_features([np.ascontiguousarray(img[:, ::-1])])
+        vh, vw = (int(np.ceil(v / STRIDE)) for v in tb.valid_hw[0].tolist())
+        a = fa["image_embeddings"][..., :vh, :vw].flip(-1)
+        b = fb["image_embeddings"][..., :vh, :vw]
+        vals.append(F.cosine_similarity(a, b, dim=1).flatten())
+    return torch.cat(vals)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher-size", type=int, default=512)
+    p.add_argument("--img-size", type=int, default=512, help="student canvas (the live teacher sees this resolution)")
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--checkpoint", help="official SAM ViT-B checkpoint; default: random init (seed 0)")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    if a.quick:
+        a.teacher_size, a.img_size, a.images = 256, 256, 12
+    torch.set_num_threads(2)
+    quiet()
+    work = Path(tempfile.mkdtemp(prefix="vfmkd_agree_"))
+    if a.checkpoint:
+        import prepare_teacher_features as ptf
+        assert ptf.main(["--teacher", "sam", "--limit", str(a.images), "--with-flip", "--output", str(work / "sam"),
+                         "--no-progress", f"teacher.input_size={a.teacher_size}", f"teacher.checkpoint={a.checkpoint}"]) == 0
+        teacher = SamTeacher(input_size=a.teacher_size, checkpoint=a.checkpoint)
+    else:
+        build_cache(work / "sam", a.teacher_size, a.images, with_flip=True)
+        teacher = SamTeacher(init="random", input_size=a.teacher_size, seed=0)
+    quiet()
+    online = OnlineTeacher("sam", teacher, torch.device("cpu"))
+    root = str(_common.REPO / "datasets" / "coco128")
+    print(f"machine: {machine()}")
+    print(f"SAM ViT-B @ {a.teacher_size} ({'checkpoint' if a.checkpoint else 'random init'}), student canvas "
+          f"{a.img_size}, stride-{STRIDE} grid, {a.images} coco128 train images")
+    print(f"| augmentation | offline path | mean cosine | 5th percentile |")
+    print(f"|---|---|---|---|")
+    for kind, aug in KINDS.items():
+        ds = DetectionDataset(root, "train2017", a.img_size, a.images, teacher_caches={"sam": str(work / "sam")},
+                              augment=aug, seed=0)
+        vals = []
+        for i in range(0, len(ds), 4):
+            batch = collate_detection([ds[j] for j in range(i, min(i + 4, len(ds)))])
+            cached = dict(batch["teachers"]["sam"], student_affine=batch["affine"])
+            vals.append(cosine_on_student_grid(cached, online.targets(batch), batch, a.img_size))
+        v = torch.cat(vals)
+        print(f"| {kind} | allowed | {v.mean():.4f} | {v.quantile(0.05):.4f} |")
+    ds = DetectionDataset(root, "train2017", a.img_size, a.images)
+    from vfmkd.datasets import load_rgb
+    v = mirrored_grid_cosine(teacher, [load_rgb(p) for p in ds.paths])
+    print(f"| flip by mirroring the cached grid | refused | {v.mean():.4f} | {v.quantile(0.05):.4f} |")
+    print("| rotation | refused (live teacher) | - | - |")
+
+
+if __name__ == "__main__":
+    main()

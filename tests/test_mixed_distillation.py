@@ -1,0 +1,108 @@
+"""Online / mixed / multi-teacher distillation and the memory levers, on real coco128 images."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vfmkd.core.config import load_experiment
+from vfmkd.core.errors import ConfigError
+from vfmkd.core.trainer import Trainer
+from vfmkd.distillation.mixer import TeacherMixer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import prepare_teacher_features as ptf  # noqa: E402
+
+EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
+SIZE, LIMIT = 128, 8
+
+
+@pytest.fixture(scope="module")
+def flip_cache(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("features") / "sam_flip"
+    args = ["--teacher", "sam", "--splits", "train2017", "--limit", str(LIMIT), "--batch-size", "4", "--with-flip",
+            "--output", str(out), "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]
+    assert ptf.main(args) == 0
+    return out
+
+
+def base(features: Path, work_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"teachers.sam.feature_path={features}", "teachers.sam.init=random", f"teachers.sam.input_size={SIZE}",
+        f"data.limit={LIMIT}", "data.img_size=160", "data.batch_size=2", "data.num_workers=0", "train.epochs=1",
+        "train.lr=0.003", "train.warmup_iters=2", f"work_dir={work_dir}", "eval.batch_size=8", *extra,
+    ]
+
+
+def test_mixer_is_reproducible_and_respects_the_pure_modes():
+    def run(ratio, seed):
+        m = TeacherMixer(ratio, seed, {"sam": True})
+        return [m.decide(step, "sam", {"x": 1}).mode for step in range(200)]
+
+    assert run(0.8, 1) == run(0.8, 1) and run(0.8, 1) != run(0.8, 2)
+    assert 0.7 < run(0.8, 1).count("offline") / 200 < 0.9
+    assert set(run(1.0, 0)) == {"offline"} and set(run(0.0, 0)) == {"online"}
+    with pytest.raises(ConfigError, match="within \\[0, 1\\]"):
+        TeacherMixer(1.2, 0, {"sam": True})
+
+
+def test_pure_offline_does_not_load_the_teacher(flip_cache, tmp_path):
+    trainer = Trainer(load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.fliplr=0.5")), progress=False)
+    assert trainer.sources["sam"].online is None  # flips are served by the cached flipped pass
+    trainer.fit()
+    assert trainer.mixer.summary()["sam"] == {"offline": LIMIT // 2}
+
+
+def test_mixed_run_with_augmentation_counts_and_routes_batches(flip_cache, tmp_path):
+    cfg = load_experiment(EXPERIMENT, base(
+        flip_cache, tmp_path, "distillation.offline_ratio=0.5", "data.augment.fliplr=0.5",
+        "data.augment.scale=0.3", "data.augment.translate=0.1", "train.epochs=2"))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.sources["sam"].online is not None
+    metrics = trainer.fit()
+    counts = trainer.mixer.summary()["sam"]
+    assert counts["offline"] + counts["online"] == 2 * LIMIT // 2
+    assert counts["offline"] > 0 and counts["online"] > 0
+    for epoch in metrics["epochs"]:
+        assert np.isfinite(epoch["train"]["loss_feat_distill_sam"])
+    assert "teacher sam batches so far" in (trainer.run_dir / "train.log").read_text()
+
+
+def test_rotation_forces_the_live_teacher_and_says_why(flip_cache, tmp_path):
+    cfg = load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.degrees=20"))
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    counts = trainer.mixer.summary()["sam"]
+    assert counts.get("offline", 0) == 0
+    assert any("rotated view" in k for k in counts)
+
+
+def test_two_teachers_each_with_its_own_level_mode_and_standardisation(flip_cache, tmp_path):
+    cfg = load_experiment(EXPERIMENT, base(
+        flip_cache, tmp_path, "distillation.distill_interval=2", "train.accumulate=2", "train.amp=true",
+        "+teachers.sam_big.type=sam", "teachers.sam_big.offline=false", "teachers.sam_big.init=random",
+        "teachers.sam_big.input_size=192",
+        "distillation.losses.feature_mse.student_level=P4",
+        "+distillation.losses.big_cosine.type=feature_cosine", "distillation.losses.big_cosine.teacher=sam_big",
+        "distillation.losses.big_cosine.student_level=P5", "distillation.losses.big_cosine.weight=0.5"))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.sources["sam_big"].online is not None and trainer.sources["sam"].online is None
+    assert set(trainer.distiller._stats) == {("sam", "image_embeddings"), ("sam_big", "image_embeddings")}
+    metrics = trainer.fit()
+    logs = metrics["epochs"][0]["train"]
+    assert {"cos_sam", "cos_sam_big", "loss_feat_distill_sam", "loss_feat_distill_sam_big"} <= set(logs)
+    summary = trainer.mixer.summary()
+    # distill_interval=2: a teacher pass on every other of the 4 steps
+    assert summary["sam"] == {"offline": 2} and summary["sam_big"]["online"] == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_two_losses_logging_the_same_name_are_refused(flip_cache, tmp_path):
+    cfg = load_experiment(EXPERIMENT, base(
+        flip_cache, tmp_path, "+distillation.losses.again.type=feature_cosine", "distillation.losses.again.teacher=sam"))
+    with pytest.raises(ConfigError, match="both log as 'loss_feat_distill_sam'.*log_as"):
+        Trainer(cfg, progress=False)
