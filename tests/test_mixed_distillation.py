@@ -106,3 +106,17 @@ def test_two_losses_logging_the_same_name_are_refused(flip_cache, tmp_path):
         flip_cache, tmp_path, "+distillation.losses.again.type=feature_cosine", "distillation.losses.again.teacher=sam"))
     with pytest.raises(ConfigError, match="both log as 'loss_feat_distill_sam'.*log_as"):
         Trainer(cfg, progress=False)
+
+
+def test_images_missing_from_the_cache_go_online_when_configured(tmp_path):
+    partial = tmp_path / "partial"
+    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "--limit", "4", "--batch-size", "4", "--output",
+                     str(partial), "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
+    with pytest.raises(Exception, match="4 of 8 images"):
+        Trainer(load_experiment(EXPERIMENT, base(partial, tmp_path)), progress=False)
+    trainer = Trainer(load_experiment(EXPERIMENT, base(partial, tmp_path, "distillation.missing_cache=online")),
+                      progress=False)
+    assert trainer.sources["sam"].online is not None
+    trainer.fit()
+    counts = trainer.mixer.summary()["sam"]
+    assert counts["online"] >= 2 and counts.get("online: images missing from the cache", 0) >= 2

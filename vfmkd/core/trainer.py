@@ -21,7 +21,7 @@ from vfmkd.datasets import DetectionDataset, GeometricAugment
 from vfmkd.distillation.distiller import Distiller, NonFiniteLossError
 from vfmkd.distillation.mixer import TeacherMixer, why_not_offline
 from vfmkd.distillation.online import measure_channel_stats
-from vfmkd.distillation.sources import TeacherSource, build_teacher_sources
+from vfmkd.distillation.sources import TeacherSource, load_live_models, open_teacher_sources
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.utils.logging import setup_logging
 from vfmkd.utils.plots import plot_training_curves
@@ -45,9 +45,8 @@ class Trainer:
         self.num_classes = detection_classes(cfg)
         augment = GeometricAugment(**data["augment"])
         self.augment = augment if augment.enabled else None
-        self.sources: Dict[str, TeacherSource] = build_teacher_sources(
-            cfg["teachers"], data["dataset"], data["train_split"], dist["offline_ratio"], self.augment,
-            dist["missing_cache"], self.device,
+        self.sources: Dict[str, TeacherSource] = open_teacher_sources(
+            cfg["teachers"], data["dataset"], data["train_split"], dist["missing_cache"]
         )
         self.run_dir = run_dir or create_run_dir(resolve_path(cfg["work_dir"]), cfg["experiment_name"])
         self.log = setup_logging(self.run_dir / "train.log")
@@ -55,6 +54,14 @@ class Trainer:
         self.log.info("run directory: %s", self.run_dir)
         seed_everything(train["seed"])
         self.names = class_names(data, self.num_classes)
+        caches = {n: str(s.cache.split_file(data["train_split"])) for n, s in self.sources.items() if s.cache}
+        root = str(resolve_path(data["root"]))
+        self.train_set = DetectionDataset(
+            root, data["train_split"], data["img_size"], data["limit"], self.num_classes, teacher_caches=caches,
+            augment=self.augment, seed=train["seed"], allow_missing_features=dist["missing_cache"] == "online",
+        )
+        self.val_set = DetectionDataset(root, data["val_split"], data["img_size"], data["limit"], self.num_classes)
+        load_live_models(self.sources, dist["offline_ratio"], self.augment, self.train_set.missing, self.device)
         self.model = UnifiedModel.from_config(cfg["model"]).to(self.device)
         self.distiller = Distiller(
             self.model, dist["losses"], {n: s.specs for n, s in self.sources.items()},
@@ -64,13 +71,6 @@ class Trainer:
         unused = set(self.sources) - set(self.distiller.teachers_used())
         if unused:
             self.log.warning("enabled teacher(s) %s have no loss in distillation.losses and are ignored", sorted(unused))
-        caches = {n: str(s.cache.split_file(data["train_split"])) for n, s in self.sources.items() if s.cache}
-        root = str(resolve_path(data["root"]))
-        self.train_set = DetectionDataset(
-            root, data["train_split"], data["img_size"], data["limit"], self.num_classes, teacher_caches=caches,
-            augment=self.augment, seed=train["seed"],
-        )
-        self.val_set = DetectionDataset(root, data["val_split"], data["img_size"], data["limit"], self.num_classes)
         seed = train["seed"]
         self.train_loader = build_loader(self.train_set, data["batch_size"], data["num_workers"], True, seed)
         self.val_loader = build_loader(self.val_set, cfg["eval"]["batch_size"], data["num_workers"], False, seed)

@@ -126,6 +126,7 @@ class DetectionDataset(Dataset):
         teacher_caches: Optional[Mapping[str, str]] = None,
         augment: Optional[GeometricAugment] = None,
         seed: int = 0,
+        allow_missing_features: bool = False,
     ) -> None:
         self.root, self.split, self.img_size, self.num_classes = resolve_path(root), split, int(img_size), num_classes
         self.limit = limit
@@ -138,6 +139,10 @@ class DetectionDataset(Dataset):
         self.image_ids = [p.stem for p in self.paths]
         label_dir = self.root / "object_detection" / "labels" / split
         self.labels = [parse_labels(label_dir / f"{i}.txt", num_classes) for i in self.image_ids]
+        # allow_missing_features: images absent from a cache are served as offline_ok=False (the
+        # trainer then asks the live teacher) instead of stopping the run.
+        self.allow_missing = allow_missing_features
+        self.missing: Dict[str, set] = {}
         self.caches: Dict[str, FeatureCacheReader] = {
             name: self._open_cache(name, path) for name, path in (teacher_caches or {}).items()
         }
@@ -155,6 +160,11 @@ class DetectionDataset(Dataset):
             cmd = reader.rebuild_command(data_root, limit=self.limit)
             head = (f"teacher '{name}': {len(missing)} of {len(self.image_ids)} images of {self.split} are missing from "
                     f"{file} (e.g. {', '.join(missing[:3])}).")
+            if self.allow_missing:
+                LOGGER.warning("%s They go to the live teacher (distillation.missing_cache=online). Complete the cache "
+                               "with:\n  %s", head, cmd)
+                self.missing[name] = set(missing)
+                return reader
             if reader.image_ids == self.image_ids:  # same list, unfinished: the tool resumes it
                 raise CacheMismatchError(f"{head} Finish the cache with:\n  {cmd}")
             raise CacheMismatchError(
@@ -162,6 +172,8 @@ class DetectionDataset(Dataset):
                 f"delete {file} (or pick another --output) and run:\n  {cmd}"
             )
         for image_id, hw in zip(self.image_ids, self.orig_sizes):
+            if image_id in self.missing.get(name, ()):
+                continue
             cached = tuple(int(v) for v in reader.orig_hw[reader.index_of(image_id)])
             if cached != tuple(hw):
                 raise CacheMismatchError(
@@ -199,12 +211,27 @@ class DetectionDataset(Dataset):
             "content_box": torch.tensor(view.content_box, dtype=torch.int64),
         }
         for name, reader in self.caches.items():
-            has_flip = bool(getattr(reader, "has_flip", False))
-            entry = dict(reader.read(self.image_ids[index], flipped=True) if view.flipped and has_flip
-                         else reader.read(self.image_ids[index]))
-            entry["offline_ok"] = not view.rotated and (not view.flipped or has_flip)
+            image_id = self.image_ids[index]
+            if image_id in self.missing.get(name, ()):
+                sample[f"teacher/{name}"] = _placeholder(reader)
+                continue
+            entry = dict(reader.read(image_id, flipped=True) if view.flipped and reader.has_flip else reader.read(image_id))
+            entry["offline_ok"] = not view.rotated and (not view.flipped or reader.has_flip)
             sample[f"teacher/{name}"] = entry
         return sample
+
+
+def _placeholder(reader: FeatureCacheReader) -> Dict[str, Any]:
+    """Zero maps of the cached shapes for an image the cache lacks; never distilled (offline_ok=False)."""
+    size = reader.input_size
+    return {
+        "features": {s.name: torch.zeros(s.channels, size // s.stride, size // s.stride, dtype=torch.float16)
+                     for s in reader.feature_specs},
+        "affine": torch.tensor([1.0, 1.0, 0.0, 0.0]),
+        "valid_hw": torch.tensor([float(size), float(size)]),
+        "input_size": size,
+        "offline_ok": False,
+    }
 
 
 def collate_detection(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

@@ -16,6 +16,10 @@ from vfmkd.utils.logging import get_logger
 
 
 
+class CacheMissingError(CacheMismatchError):
+    """No cache file exists for the split (the message names the command that writes it)."""
+
+
 @dataclass(frozen=True)
 class OfflineTeacher:
     """A cached teacher: where its split files are and what maps they hold."""
@@ -41,7 +45,7 @@ def open_offline_teacher(name: str, entry: Mapping[str, Any], dataset: str, spli
     path = feature_dir / f"{split}.h5"
     if not path.is_file():
         command = rebuild_command(entry["type"], dataset, split, str(entry["feature_path"]), teacher_config=entry)
-        raise CacheMismatchError(f"{where}: no cached features at {path}. Write them first:\n  {command}")
+        raise CacheMissingError(f"{where}: no cached features at {path}. Write them first:\n  {command}")
     teacher_cls = TEACHERS.get(entry["type"])
     kwargs = teacher_kwargs(entry)
     TEACHERS.check_kwargs(entry["type"], kwargs, where)
