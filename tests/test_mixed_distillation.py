@@ -60,7 +60,9 @@ def test_pure_offline_does_not_load_the_teacher(flip_cache, tmp_path):
 def test_mixed_run_with_augmentation_counts_and_routes_batches(flip_cache, tmp_path):
     cfg = load_experiment(EXPERIMENT, base(
         flip_cache, tmp_path, "distillation.offline_ratio=0.5", "data.augment.fliplr=0.5",
-        "data.augment.scale=0.3", "data.augment.translate=0.1", "train.epochs=2"))
+        "data.augment.scale=0.3", "data.augment.translate=0.1", "train.epochs=2",
+        # routing by the draw alone here; the geometric gates have their own test below
+        "distillation.offline_crops=true", "distillation.offline_max_shift=1.0"))
     trainer = Trainer(cfg, progress=False)
     assert trainer.sources["sam"].online is not None
     metrics = trainer.fit()
@@ -79,6 +81,14 @@ def test_rotation_forces_the_live_teacher_and_says_why(flip_cache, tmp_path):
     counts = trainer.mixer.summary()["sam"]
     assert counts.get("offline", 0) == 0
     assert any("rotated view" in k for k in counts)
+
+
+def test_crops_and_large_shifts_go_to_the_live_teacher(flip_cache, tmp_path):
+    cfg = load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.translate=0.4", "data.augment.scale=0.5"))
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    reasons = [k for k in trainer.mixer.summary()["sam"] if k.startswith("online: ")]
+    assert any("crops the image" in r or "view moved" in r for r in reasons), reasons
 
 
 def test_two_teachers_each_with_its_own_level_mode_and_standardisation(flip_cache, tmp_path):

@@ -39,6 +39,11 @@ class DistillationConfig:
     offline_ratio: float = 1.0  # per batch: cached features with this probability, else a live teacher pass
     distill_interval: int = 1  # distil every k-th step (the teacher pass and feature losses are skipped between)
     missing_cache: str = "error"  # error | online: images absent from a cache go to the live teacher
+    # A cached map stands in for a live pass only if a live teacher would see every visible point of
+    # the view within this fraction of its canvas from where the cached pass saw it (ViT maps are
+    # not scale- or shift-equivariant; benchmarks/bench_aug_agreement.py measures the agreement).
+    offline_max_shift: float = 0.05
+    offline_crops: bool = False  # crops lose context the cached full-image map saw: live unless allowed
     standardize: bool = True  # per-channel (x - mean) / std of teacher maps, stats measured at cache time
     alpha: float = 1.0  # x task losses
     beta: float = 1.0  # x output (logit) distillation losses
@@ -260,6 +265,7 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (train["accumulate"] >= 1, "train.accumulate must be >= 1"),
         (0.0 <= dist["offline_ratio"] <= 1.0, f"distillation.offline_ratio must be within [0, 1], got {dist['offline_ratio']}"),
         (dist["distill_interval"] >= 1, "distillation.distill_interval must be >= 1"),
+        (dist["offline_max_shift"] >= 0.0, "distillation.offline_max_shift must be >= 0 (0.05 = 5 % of the teacher canvas)"),
         (dist["missing_cache"] in ("error", "online"), f"distillation.missing_cache must be error or online, got '{dist['missing_cache']}'"),
         (0.0 <= aug["fliplr"] <= 1.0 and 0.0 <= aug["scale"] < 1.0 and 0.0 <= aug["translate"] <= 0.5 and 0.0 <= aug["degrees"] <= 180,
          "data.augment: fliplr in [0, 1], scale in [0, 1), translate in [0, 0.5], degrees in [0, 180]"),

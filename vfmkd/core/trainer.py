@@ -59,6 +59,7 @@ class Trainer:
         self.train_set = DetectionDataset(
             root, data["train_split"], data["img_size"], data["limit"], self.num_classes, teacher_caches=caches,
             augment=self.augment, seed=train["seed"], allow_missing_features=dist["missing_cache"] == "online",
+            offline_max_shift=dist["offline_max_shift"], offline_crops=dist["offline_crops"],
         )
         self.val_set = DetectionDataset(root, data["val_split"], data["img_size"], data["limit"], self.num_classes)
         load_live_models(self.sources, dist["offline_ratio"], self.augment, self.train_set.missing, self.device)

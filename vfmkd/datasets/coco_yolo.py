@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from vfmkd.core.config import resolve_path
 from vfmkd.core.errors import CacheMismatchError, DatasetError
 from vfmkd.datasets.feature_cache import FeatureCacheReader, cache_file, dataset_cli_args, rebuild_command
-from vfmkd.datasets.transforms import GeometricAugment, student_view, transform_boxes
+from vfmkd.datasets.transforms import GeometricAugment, StudentView, student_view, transform_boxes
 
 LOGGER = logging.getLogger("vfmkd")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -127,6 +127,8 @@ class DetectionDataset(Dataset):
         augment: Optional[GeometricAugment] = None,
         seed: int = 0,
         allow_missing_features: bool = False,
+        offline_max_shift: float = 0.05,
+        offline_crops: bool = False,
     ) -> None:
         self.root, self.split, self.img_size, self.num_classes = resolve_path(root), split, int(img_size), num_classes
         self.limit = limit
@@ -142,6 +144,8 @@ class DetectionDataset(Dataset):
         # allow_missing_features: images absent from a cache are served as offline_ok=False (the
         # trainer then asks the live teacher) instead of stopping the run.
         self.allow_missing = allow_missing_features
+        self.max_shift = float(offline_max_shift)
+        self.offline_crops = bool(offline_crops)
         self.missing: Dict[str, set] = {}
         self.caches: Dict[str, FeatureCacheReader] = {
             name: self._open_cache(name, path) for name, path in (teacher_caches or {}).items()
@@ -182,6 +186,23 @@ class DetectionDataset(Dataset):
                 )
         return reader
 
+    def _offline_block(self, view: StudentView, entry: Mapping[str, Any], reader: FeatureCacheReader) -> str:
+        """'' when the cached map can stand in for a live pass on this view, else why not. ViT maps
+        are neither flip- nor scale- nor shift-equivariant and see global context: flips need the
+        cached flipped pass, crops go live unless ``offline_crops``, and views that a live teacher
+        would see displaced by more than ``offline_max_shift`` of its canvas go live
+        (benchmarks/bench_aug_agreement.py measures the agreement)."""
+        if view.rotated:
+            return "rotated view (no axis-aligned map to the cached grid)"
+        if view.flipped and not reader.has_flip:
+            return "flipped view and the cache has no flipped pass (--with-flip)"
+        if view.cropped and not self.offline_crops:
+            return "view crops the image (the cached map saw context this view lacks; offline_crops=false)"
+        shift = live_view_shift(view, entry["affine"], int(entry["input_size"]))
+        if shift > self.max_shift:
+            return f"view moved {shift:.0%} of the teacher canvas vs the cached pass (offline_max_shift {self.max_shift})"
+        return ""
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -216,9 +237,27 @@ class DetectionDataset(Dataset):
                 sample[f"teacher/{name}"] = _placeholder(reader)
                 continue
             entry = dict(reader.read(image_id, flipped=True) if view.flipped and reader.has_flip else reader.read(image_id))
-            entry["offline_ok"] = not view.rotated and (not view.flipped or reader.has_flip)
+            entry["offline_block"] = self._offline_block(view, entry, reader)
+            entry["offline_ok"] = not entry["offline_block"]
             sample[f"teacher/{name}"] = entry
         return sample
+
+
+def live_view_shift(view: StudentView, cached_affine: torch.Tensor, input_size: int) -> float:
+    """Largest displacement, as a fraction of the teacher canvas, between where the cached pass saw
+    a visible image point and where a live pass on this view would see it (the live pass resizes
+    the view's content box, long side, to ``input_size``). 0 for a plain letterbox; grows with zoom
+    and with crops that move the image in the teacher's frame."""
+    x1, y1, x2, y2 = view.content_box
+    live = input_size / max(x2 - x1, y2 - y1, 1)
+    worst = 0.0
+    for axis, (lo, hi) in enumerate(((x1, x2), (y1, y2))):
+        s, o = view.matrix[axis, axis], view.matrix[axis, 2]
+        t, to = float(cached_affine[axis]), float(cached_affine[axis + 2])
+        for edge in (lo, hi):  # displacement is linear in x: its extremes are at the visible edges
+            x = (edge - o) / s  # original coordinate of this edge of the visible region
+            worst = max(worst, abs(live * (s * x + o - lo) - (t * x + to)))
+    return worst / input_size
 
 
 def _placeholder(reader: FeatureCacheReader) -> Dict[str, Any]:
@@ -231,6 +270,7 @@ def _placeholder(reader: FeatureCacheReader) -> Dict[str, Any]:
         "valid_hw": torch.tensor([float(size), float(size)]),
         "input_size": size,
         "offline_ok": False,
+        "offline_block": "images missing from the cache",
     }
 
 
@@ -264,5 +304,6 @@ def collate_detection(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "valid_hw": torch.stack([e["valid_hw"] for e in entries]),
             "input_size": int(entries[0]["input_size"]),
             "offline_ok": torch.tensor([bool(e["offline_ok"]) for e in entries]),
+            "offline_block": [e["offline_block"] for e in entries],
         }
     return batch

@@ -43,6 +43,7 @@ class StudentView:
     affine: Optional[Tuple[float, float, float, float]]
     flipped: bool
     content_box: Tuple[int, int, int, int]
+    cropped: bool = False  # part of the image falls outside the canvas
 
     @property
     def rotated(self) -> bool:
@@ -65,11 +66,20 @@ def letterbox(img: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[float, floa
     return img, (new_w / w, new_h / h, float(left), float(top))
 
 
+def _corners(matrix: np.ndarray, w: int, h: int) -> np.ndarray:
+    return np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=np.float64) @ matrix.T
+
+
 def _content_box(matrix: np.ndarray, w: int, h: int, size: int) -> Tuple[int, int, int, int]:
-    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=np.float64) @ matrix.T
+    corners = _corners(matrix, w, h)
     x1, y1 = np.floor(corners.min(0)).clip(0, size)
     x2, y2 = np.ceil(corners.max(0)).clip(0, size)
     return int(x1), int(y1), int(x2), int(y2)
+
+
+def _is_cropped(matrix: np.ndarray, w: int, h: int, size: int) -> bool:
+    corners = _corners(matrix, w, h)
+    return bool((corners < -0.5).any() or (corners > size + 0.5).any())
 
 
 def student_view(img: np.ndarray, size: int, aug: Optional[GeometricAugment] = None,
@@ -94,10 +104,14 @@ def student_view(img: np.ndarray, size: int, aug: Optional[GeometricAugment] = N
     move = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]], [0.0, 0.0, 1.0]])
     mirror = np.array([[-1.0, 0.0, size], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) if flipped else np.eye(3)
     matrix = (mirror @ move @ around_centre @ base)[:2]
-    canvas = cv2.warpAffine(img, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
+    # `matrix` maps continuous coordinates (pixel i spans [i, i + 1)); OpenCV indexes pixel centres
+    # at integers, so shift by half a pixel on both sides or a mirror lands one pixel off.
+    cv_matrix = matrix.copy()
+    cv_matrix[:, 2] += 0.5 * (matrix[:, 0] + matrix[:, 1]) - 0.5
+    canvas = cv2.warpAffine(img, cv_matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
     axis_aligned = abs(matrix[0, 1]) < 1e-9 and abs(matrix[1, 0]) < 1e-9
     affine = (float(matrix[0, 0]), float(matrix[1, 1]), float(matrix[0, 2]), float(matrix[1, 2])) if axis_aligned else None
-    return StudentView(canvas, matrix, affine, flipped, _content_box(matrix, w, h, size))
+    return StudentView(canvas, matrix, affine, flipped, _content_box(matrix, w, h, size), _is_cropped(matrix, w, h, size))
 
 
 def transform_boxes(labels: np.ndarray, w: int, h: int, view: StudentView, size: int,

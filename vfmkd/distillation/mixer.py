@@ -60,12 +60,6 @@ class TeacherMixer:
 
 
 def why_not_offline(cached: Mapping[str, Any], batch: Mapping[str, Any]) -> str:
-    """'' when every view of the batch can be carried onto the cached grids, else the reason."""
-    ok = cached["offline_ok"]
-    if bool(ok.all()):
-        return ""
-    if bool(batch["rotated"].any()):
-        return "rotated view (no axis-aligned map to the cached grid)"
-    if bool((batch["flipped"] & ~ok).any()):
-        return "flipped view and the cache has no flipped pass (--with-flip)"
-    return "images missing from the cache"
+    """'' when every view of the batch can be carried onto the cached grids, else the first reason
+    the dataset gave (rotation, flip without a flipped pass, view moved beyond offline_max_shift, missing image)."""
+    return next((reason for reason in cached["offline_block"] if reason), "")

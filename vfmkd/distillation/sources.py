@@ -41,6 +41,8 @@ class TeacherSource:
             return True, "rotation augmentation has no offline path"
         if augment is not None and augment.fliplr > 0 and not self.cache.has_flip:
             return True, "flip augmentation and the cache has no flipped pass"
+        if augment is not None and (augment.scale > 0 or augment.translate > 0):
+            return True, "scale/translate views beyond distillation.offline_max_shift go live"
         if images_missing:
             return True, "images missing from the cache (distillation.missing_cache=online)"
         return False, ""
