@@ -28,7 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import vfmkd.teachers  # noqa: E402,F401  (registers the teachers)
-from vfmkd.core.config import parse_overrides, read_yaml, resolve_component, resolve_path, teacher_kwargs  # noqa: E402
+from vfmkd.core.config import import_custom_modules, parse_overrides, read_yaml, resolve_component, resolve_path, teacher_kwargs  # noqa: E402
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
 from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb  # noqa: E402
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-flip", action="store_true",
                    help="also run the teacher on the horizontally mirrored image (ViT features are not flip-equivariant) "
                         "and store that pass for flip augmentation: twice the compute and the bytes")
+    p.add_argument("--custom-imports", type=lambda v: [m for m in v.split(",") if m], default=[], metavar="MOD[,MOD]",
+                   help="modules to import first, e.g. my_pkg.my_teacher: your own @TEACHERS.register(...) teachers")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     p.add_argument("overrides", nargs="*", metavar="teacher.key=value",
                    help="teacher kwargs over the YAML, e.g. teacher.model_type=vit_l teacher.input_size=512 teacher.init=random")
@@ -231,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.verify < 0:
         raise ConfigError("--batch-size and --limit must be >= 1, --verify >= 0")
     setup_logging()
+    import_custom_modules(args.custom_imports)
     entry_cfg, kwargs = resolve_teacher(args)
     root = Path(args.data_root) if args.data_root else resolve_path(Path("datasets") / args.dataset)
     output = Path(args.output or f"teacher_features/{args.teacher}/")

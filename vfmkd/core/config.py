@@ -10,6 +10,7 @@ against the component's constructor (see :mod:`vfmkd.core.registry`).
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -102,6 +103,9 @@ class EvalConfig:
 class ExperimentConfig:
     experiment_name: str = "experiment"
     work_dir: str = "work_dirs"
+    # Modules imported before anything is built, so their @BACKBONES/@TEACHERS/... registrations
+    # exist: your own components, outside the vfmkd package (e.g. my_pkg.my_backbone).
+    custom_imports: List[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     # name -> {type (defaults to the name), enabled, offline, feature_path, config, ...teacher kwargs}
     teachers: Dict[str, Any] = field(default_factory=dict)
@@ -228,6 +232,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str
     cfg = merge_with_schema(ExperimentConfig, raw, parse_overrides(overrides), source=str(path))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
+    import_custom_modules(resolved["custom_imports"])
     model = resolved["model"]
     if not model["backbone"].get("type"):
         raise ConfigError(f"{path}: model.backbone needs a 'type' (e.g. yolov8) and usually a 'config' file")
@@ -250,6 +255,18 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str
         entry.setdefault("type", name)
     _check_ranges(resolved)
     return resolved
+
+
+def import_custom_modules(modules: Sequence[str]) -> None:
+    """Import user modules that register their own components (``custom_imports``)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"custom_imports: cannot import '{name}' ({exc}). Put its package on PYTHONPATH or install it "
+                f"(pip install -e path/to/your/package)."
+            ) from exc
 
 
 def _check_ranges(cfg: Dict[str, Any]) -> None:

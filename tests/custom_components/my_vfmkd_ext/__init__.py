@@ -1,0 +1,1 @@
+"""A user's own package, outside vfmkd, used by tests/test_custom_imports.py."""
