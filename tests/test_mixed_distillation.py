@@ -130,3 +130,15 @@ def test_images_missing_from_the_cache_go_online_when_configured(tmp_path):
     trainer.fit()
     counts = trainer.mixer.summary()["sam"]
     assert counts["online"] >= 2 and counts.get("online: images missing from the cache", 0) >= 2
+
+
+def test_training_reads_an_int8_cache_and_dequantises_on_the_device(tmp_path):
+    out = tmp_path / "int8"
+    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "--limit", str(LIMIT), "--storage", "int8",
+                     "--output", str(out), "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
+    trainer = Trainer(load_experiment(EXPERIMENT, base(out, tmp_path)), progress=False)
+    batch = next(iter(trainer.train_loader))
+    packed = batch["teachers"]["sam"]["features"]["image_embeddings"]
+    assert isinstance(packed, dict) and packed["values"].dtype == torch.int8
+    logs = trainer.train_one_epoch(1)
+    assert np.isfinite(logs["loss_feat_distill_sam"]) and logs["cos_sam"] > -1

@@ -236,7 +236,8 @@ class DetectionDataset(Dataset):
             if image_id in self.missing.get(name, ()):
                 sample[f"teacher/{name}"] = _placeholder(reader)
                 continue
-            entry = dict(reader.read(image_id, flipped=True) if view.flipped and reader.has_flip else reader.read(image_id))
+            # int8 caches stay int8 until the training step dequantises the whole batch on its device.
+            entry = dict(reader.read(image_id, flipped=view.flipped and reader.has_flip, dequantize=False))
             entry["offline_block"] = self._offline_block(view, entry, reader)
             entry["offline_ok"] = not entry["offline_block"]
             sample[f"teacher/{name}"] = entry
@@ -263,15 +264,28 @@ def live_view_shift(view: StudentView, cached_affine: torch.Tensor, input_size: 
 def _placeholder(reader: FeatureCacheReader) -> Dict[str, Any]:
     """Zero maps of the cached shapes for an image the cache lacks; never distilled (offline_ok=False)."""
     size = reader.input_size
+
+    def zeros(c: int, h: int, w: int) -> Any:
+        if reader.storage == "int8":
+            return {"values": torch.zeros(c, h, w, dtype=torch.int8), "scale": torch.zeros(h, w),
+                    "channel_scale": torch.zeros(c)}
+        return torch.zeros(c, h, w, dtype=torch.float16)
+
     return {
-        "features": {s.name: torch.zeros(s.channels, size // s.stride, size // s.stride, dtype=torch.float16)
-                     for s in reader.feature_specs},
+        "features": {s.name: zeros(s.channels, size // s.stride, size // s.stride) for s in reader.feature_specs},
         "affine": torch.tensor([1.0, 1.0, 0.0, 0.0]),
         "valid_hw": torch.tensor([float(size), float(size)]),
         "input_size": size,
         "offline_ok": False,
         "offline_block": "images missing from the cache",
     }
+
+
+def _stack(items: Sequence[Any]) -> Any:
+    """Stack tensors, or dicts of tensors (int8 features with their scales) key by key."""
+    if isinstance(items[0], dict):
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return torch.stack(items)
 
 
 def collate_detection(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -299,7 +313,7 @@ def collate_detection(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     for name in names:
         entries = [s[f"teacher/{name}"] for s in samples]
         batch["teachers"][name] = {
-            "features": {f: torch.stack([e["features"][f] for e in entries]) for f in entries[0]["features"]},
+            "features": {f: _stack([e["features"][f] for e in entries]) for f in entries[0]["features"]},
             "affine": torch.stack([e["affine"] for e in entries]),
             "valid_hw": torch.stack([e["valid_hw"] for e in entries]),
             "input_size": int(entries[0]["input_size"]),

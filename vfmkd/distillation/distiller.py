@@ -11,6 +11,7 @@ from vfmkd.core.config import component_kwargs
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES
+from vfmkd.datasets.cache_codec import dequantize
 from vfmkd.distillation.geometry import resample_to_student
 from vfmkd.distillation.losses import DetectionLoss, FeatureDistillLoss
 from vfmkd.distillation.weighting import combine
@@ -125,7 +126,10 @@ class Distiller(nn.Module):
         self._stats[(teacher, feature)] = (mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-6).view(1, -1, 1, 1))
 
     def _teacher_map(self, teacher: str, feature: str, target: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-        fmap = target["features"][feature].to(device, non_blocking=True).float()
+        fmap = target["features"][feature]
+        if isinstance(fmap, dict):  # int8 cache: dequantised here, on the training device
+            fmap = dequantize(*(fmap[k].to(device, non_blocking=True) for k in ("values", "scale", "channel_scale")))
+        fmap = fmap.to(device, non_blocking=True).float()
         stats = self._stats.get((teacher, feature))
         if stats is not None:
             mean, std = stats
