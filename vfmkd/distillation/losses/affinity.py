@@ -6,14 +6,14 @@ transfers the teacher's spatial/semantic grouping and is indifferent to the teac
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import LOSSES
-from vfmkd.distillation.losses.feature import FeatureDistillLoss, masked_cosine
+from vfmkd.distillation.losses.feature import FeatureDistillLoss
 
 
 def pool_factor(fa_subscale: float) -> int:
@@ -75,17 +75,10 @@ class FeatureAffinityLoss(FeatureDistillLoss):
         self.fa_subscale = fa_subscale
         self.pool = pool_factor(fa_subscale)
 
-    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        # An affinity difference belongs to a pair of locations, not one; forward() does the work.
-        raise NotImplementedError("feature_affinity compares location pairs; call the module, not distance()")
-
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x, self.pool, self.pool) if self.pool > 1 else x
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        adapted = self.adapter(student.float())
-        teacher = teacher.float()
-        mask = mask.float()
+    def compare(self, adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h, w = adapted.shape[-2:]
         if h < self.pool or w < self.pool:
             raise ValueError(
@@ -95,5 +88,4 @@ class FeatureAffinityLoss(FeatureDistillLoss):
         valid = (self._pool(mask) > 0.5).float().flatten(1)  # (B, N)
         pair = valid[:, :, None] * valid[:, None, :]  # (B, N, N): both ends valid
         diff = (affinity(self._pool(adapted)) - affinity(self._pool(teacher))).abs()
-        loss = (diff * pair).sum() / pair.sum().clamp_min(1.0)
-        return loss, masked_cosine(adapted, teacher, mask)
+        return (diff * pair).sum() / pair.sum().clamp_min(1.0)

@@ -14,12 +14,12 @@ from vfmkd.distillation.adapters import ChannelAdapter
 
 
 class FeatureDistillLoss(nn.Module, ABC):
-    """Adapter + a per-location distance, averaged over valid locations.
+    """Channel adapter + a comparison of the adapted student map with the teacher map.
 
     ``forward(student (B, C_s, H, W), teacher (B, C_t, H, W), mask (B, 1, H, W))`` returns
     ``(loss, cosine)``: the loss and the mean cosine similarity between adapted student and teacher
     vectors over valid locations (what users judge distillation by). Subclasses define
-    :meth:`distance` as a (B, 1, H, W) map.
+    :meth:`compare`; per-location losses subclass :class:`PerLocationLoss` and define a distance.
     """
 
     kind = "feature"
@@ -40,15 +40,25 @@ class FeatureDistillLoss(nn.Module, ABC):
         self.adapter = ChannelAdapter(student_channels, teacher_channels, adapter_hidden)
 
     @abstractmethod
-    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) x2 -> (B, 1, H, W) per-location distance."""
+    def compare(self, adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) adapted student, (B, C, H, W) teacher, (B, 1, H, W) mask -> scalar loss."""
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         adapted = self.adapter(student.float())
         teacher = teacher.float()
-        denom = mask.sum().clamp_min(1.0)
-        loss = (self.distance(adapted, teacher) * mask).sum() / denom
-        return loss, masked_cosine(adapted, teacher, mask)
+        mask = mask.float()
+        return self.compare(adapted, teacher, mask), masked_cosine(adapted, teacher, mask)
+
+
+class PerLocationLoss(FeatureDistillLoss):
+    """A per-location distance averaged over valid locations; subclasses define :meth:`distance`."""
+
+    @abstractmethod
+    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) x2 -> (B, 1, H, W) per-location distance."""
+
+    def compare(self, adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (self.distance(adapted, teacher) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def masked_cosine(adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,7 +72,7 @@ def masked_cosine(adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 
 
 @LOSSES.register("feature_mse")
-class FeatureMSELoss(FeatureDistillLoss):
+class FeatureMSELoss(PerLocationLoss):
     """Mean squared error per channel, averaged over valid locations."""
 
     def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -70,7 +80,7 @@ class FeatureMSELoss(FeatureDistillLoss):
 
 
 @LOSSES.register("feature_smooth_l1")
-class FeatureSmoothL1Loss(FeatureDistillLoss):
+class FeatureSmoothL1Loss(PerLocationLoss):
     """torch's smooth L1 per element, mean over channels, averaged over valid locations.
 
     Shapes as :class:`FeatureDistillLoss`. With ``d = student - teacher`` per element:
@@ -100,7 +110,7 @@ class FeatureSmoothL1Loss(FeatureDistillLoss):
 
 
 @LOSSES.register("feature_cosine")
-class FeatureCosineLoss(FeatureDistillLoss):
+class FeatureCosineLoss(PerLocationLoss):
     """``1 - cos(student_vec, teacher_vec)`` per location, averaged over valid locations.
 
     Shapes as :class:`FeatureDistillLoss`. Matches direction only, so it is indifferent to the
