@@ -24,5 +24,14 @@ PY
 then
   pip_pypi install --quiet --disable-pip-version-check -r requirements.txt
 fi
+# Meta's sam2 (the SAM2 teacher) is an sdist whose build imports torch: build it against the torch
+# installed above (--no-build-isolation; an isolated build would download a second torch), with its
+# dependencies already pinned in requirements.txt (--no-deps) and without the optional CUDA extension.
+# PyPI's sam2 is a third-party upload of Meta's code, so the sdist's sha256 is pinned too.
+if ! "$PY" -c "import importlib.metadata as md, sys; sys.exit(md.version('sam2') != '1.1.0')" 2>/dev/null; then
+  echo "sam2==1.1.0 --hash=sha256:7e0ea252d43c10d853e3acfce0b5770ac683c30481bd6de311300e9d44f45b74" |
+    SAM2_BUILD_CUDA=0 pip_pypi install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+      --require-hashes -r /dev/stdin
+fi
 pip_pypi install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-"$PY" -c "import torch, torchvision.ops, segment_anything, ultralytics, h5py, omegaconf; print('vfmkd setup ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+"$PY" -c "import torch, torchvision.ops, segment_anything, sam2, ultralytics, h5py, omegaconf; print('vfmkd setup ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"

@@ -120,8 +120,9 @@ def test_sha256_is_streamed_and_memoised(tmp_path):
 
 # ----------------------------------------------------------------------------- weights table
 def test_official_weights_table():
-    assert set(OFFICIAL_WEIGHTS) == {"sam_vit_b", "sam_vit_l", "sam_vit_h"}
-    for w in OFFICIAL_WEIGHTS.values():
+    sam = {k: w for k, w in OFFICIAL_WEIGHTS.items() if w.family == "sam"}
+    assert set(sam) == {"sam_vit_b", "sam_vit_l", "sam_vit_h"}
+    for w in sam.values():
         assert w.url == f"https://dl.fbaipublicfiles.com/segment_anything/{w.filename}"
         assert len(w.sha256) == 64 and int(w.sha256, 16) >= 0 and w.size_bytes > 0
     assert weights_for("sam", "vit_l").filename == "sam_vit_l_0b3195.pth"
@@ -143,7 +144,7 @@ def test_help_and_list(dl, capsys):
     assert dl.main(["--list"]) == 0
     out = capsys.readouterr().out
     for w in OFFICIAL_WEIGHTS.values():
-        assert w.name in out and w.filename in out and w.sha256 in out
+        assert w.name in out and w.filename in out and (w.sha256 or "not pinned") in out
     assert dl.main([]) == 2
 
 

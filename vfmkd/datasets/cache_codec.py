@@ -137,7 +137,9 @@ def valid_cells(valid_hw: np.ndarray, stride: int, h: int, w: int) -> Tuple[np.n
     v = np.asarray(valid_hw, np.float64).reshape(-1, 2)
     rows = np.clip(np.ceil(v[:, 0] / stride - 0.5), 0, h).astype(np.int64)
     cols = np.clip(np.ceil(v[:, 1] / stride - 0.5), 0, w).astype(np.int64)
-    return rows, cols
+    # The top-left cell always overlaps the image: a summary map (1x1, e.g. a CLS token) of a wide
+    # padded image has its one centre outside the image but still describes it.
+    return np.maximum(rows, v[:, 0] > 0), np.maximum(cols, v[:, 1] > 0)
 
 
 def image_moments(x: torch.Tensor | np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

@@ -161,6 +161,11 @@ class Distiller(nn.Module):
                 tuple(student.shape[-2:]),
                 stride,
             )
+            if _is_summary(target["features"][module.teacher_feature]):
+                # A 1x1 summary (e.g. DINO's CLS token) is matched by the student level pooled
+                # over the image region, not cell by cell.
+                student = (student * mask).sum((2, 3), keepdim=True) / mask.sum((2, 3), keepdim=True).clamp_min(1.0)
+                teacher_map, mask = teacher_map.mean((2, 3), keepdim=True), torch.ones_like(mask[..., :1, :1])
             value, cosine = module(student, teacher_map, mask)
             terms[name] = value
             logs[self.log_names[name].replace("loss_feat_distill_", "cos_", 1)] = float(cosine)
@@ -175,6 +180,12 @@ class Distiller(nn.Module):
         total = combine(terms, self.kinds, self.weights, self.alpha, self.beta, self.gamma)
         logs["loss"] = float(total.detach())
         return total, logs
+
+
+def _is_summary(fmap: Any) -> bool:
+    """A (B, C, 1, 1) map (or its int8 form) summarises the whole image."""
+    values = fmap["values"] if isinstance(fmap, dict) else fmap
+    return tuple(values.shape[-2:]) == (1, 1)
 
 
 def _closest_stride_level(backbone_specs: Mapping[str, FeatureSpec], stride: int) -> str:

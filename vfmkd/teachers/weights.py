@@ -58,6 +58,81 @@ OFFICIAL_WEIGHTS: Dict[str, OfficialWeights] = {
 }
 
 
+# DINO (v1) and DINOv2 backbones: Meta's official "backbone only" .pth files (torch.hub's URLs).
+# DINOv2 sha256 and sizes: finegrain-ai/refiners (src/refiners/conversion/convert_dinov2.py pins all
+# eight originals), each cross-checked with at least one independent public manifest that pins the
+# same file (hash, and byte size where given). DINO v1: only ViT-B/16 is pinned by two independent
+# manifests (sha256 + size); the other three are not pinned (None) and the downloader says so.
+_DINO_BASE_URL = "https://dl.fbaipublicfiles.com/dino/"
+_DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+
+
+def _dino(variant: str, stem: str, sha256: Optional[str], size_bytes: Optional[int]) -> OfficialWeights:
+    return OfficialWeights(name=f"dino_{variant}", family="dino", variant=variant,
+                           url=f"{_DINO_BASE_URL}{stem}/{stem}.pth", filename=f"{stem}.pth",
+                           sha256=sha256, size_bytes=size_bytes)
+
+
+def _dinov2(variant: str, sha256: str, size_bytes: int) -> OfficialWeights:
+    arch = variant.split("_")[0]  # vits14_reg4 lives in the dinov2_vits14/ folder
+    filename = f"dinov2_{variant}_pretrain.pth"
+    return OfficialWeights(name=f"dinov2_{variant}", family="dinov2", variant=variant,
+                           url=f"{_DINOV2_BASE_URL}dinov2_{arch}/{filename}", filename=filename,
+                           sha256=sha256, size_bytes=size_bytes)
+
+
+OFFICIAL_WEIGHTS.update({
+    w.name: w
+    for w in (
+        _dino("vits16", "dino_deitsmall16_pretrain", None, None),
+        _dino("vitb16", "dino_vitbase16_pretrain",
+              "bf34ad0f424b9029b593e8dc3ed553bf26e88bcba0d32bf3e62a6209cb64c85e", 343_242_485),
+        _dino("vits8", "dino_deitsmall8_pretrain", None, None),
+        _dino("vitb8", "dino_vitbase8_pretrain", None, None),
+        _dinov2("vits14", "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9", 88_283_115),
+        _dinov2("vitb14", "0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73", 346_378_731),
+        _dinov2("vitl14", "d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428", 1_217_586_395),
+        _dinov2("vitg14", "baf8467e50af277596bbbafa06887c177ee899ab46033649c383577d7e9309d3", 4_546_108_579),
+        _dinov2("vits14_reg4", "f433177089a681826f849f194ece3bb48f4d63fb38d32fc837e3dc7a4e5641fb", 88_291_785),
+        _dinov2("vitb14_reg4", "73182a088cf94833c94b1666d1c99e02fe87e2007bff57b564fb6206e25dba71", 346_393_545),
+        _dinov2("vitl14_reg4", "36e4deffbaef061a2576705b0c36f93621e2ae20bf6274694821b0b492551b51", 1_217_607_321),
+        _dinov2("vitg14_reg4", "746ecb8c6301c645c5c855be91687d274587d6e48fdaec4a729753160b34a283", 4_546_140_349),
+    )
+})
+
+
+# SAM2 (072824) and SAM2.1 (092824) checkpoints, {"model": state_dict}; name = variant = file stem.
+# sha256 and sizes: the Git LFS pointers (oid sha256 + size) of the same files on Hugging Face, each
+# seen in at least two independent uploads, Meta's own where found: SAM2.1 tiny camenduru/sam2-1-hiera
+# + Promethe-us/sam2 + lniki/track-anything-annotate; small facebook/sam2.1-hiera-small + camenduru;
+# base_plus camenduru + Promethe-us; large camenduru + tictag-io-demo + wondervictor/Mask-Adapter.
+# SAM2 tiny/small/base_plus facebook/sam2-hiera-* + merve/fffiloni copies; large merve (HF staff) +
+# fffiloni + sahirp. Every size also equals a public manifest that byte-counts the dl.fbaipublicfiles.com
+# downloads (sam2.1: 156008466 / 184416285 / 323606802 / 898083611 bytes).
+_SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/"
+
+
+def _sam2(variant: str, sha256: Optional[str], size_bytes: Optional[int]) -> OfficialWeights:
+    release = "092824" if variant.startswith("sam2.1_") else "072824"
+    return OfficialWeights(name=variant, family="sam2", variant=variant, url=f"{_SAM2_BASE_URL}{release}/{variant}.pt",
+                           filename=f"{variant}.pt", sha256=sha256, size_bytes=size_bytes)
+
+
+OFFICIAL_WEIGHTS.update({
+    w.name: w
+    for w in (
+        _sam2("sam2.1_hiera_tiny", "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69", 156_008_466),
+        _sam2("sam2.1_hiera_small", "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38", 184_416_285),
+        _sam2("sam2.1_hiera_base_plus", "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5", 323_606_802),
+        _sam2("sam2.1_hiera_large", "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318", 898_083_611),
+        _sam2("sam2_hiera_tiny", "65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125", 155_906_050),
+        _sam2("sam2_hiera_small", "95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3", 184_309_650),
+        _sam2("sam2_hiera_base_plus", "d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071", 323_493_298),
+        _sam2("sam2_hiera_large", "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b", 897_952_466),
+    )
+})
+
+
 def weights_for(family: str, variant: str) -> OfficialWeights:
     """The official checkpoint of ``family``/``variant`` (e.g. ``"sam", "vit_b"``)."""
     for w in OFFICIAL_WEIGHTS.values():

@@ -1,0 +1,423 @@
+"""DINO (v1) and DINOv2 ViTs as frozen teachers, built with timm from Meta's official checkpoints.
+
+Two registered teachers share one implementation:
+
+* ``dino``: DINO v1, ``variant`` ``vits16`` | ``vitb16`` | ``vits8`` | ``vitb8`` (default input 224);
+* ``dinov2``: DINOv2, ``variant`` ``vits14`` | ``vitb14`` | ``vitl14`` | ``vitg14``, each also with
+  four registers (``vits14_reg4`` …) (default input 518).
+
+The network is timm's VisionTransformer (``vit_small_patch16_224``, ``vit_small_patch14_dinov2``,
+``vit_small_patch14_reg4_dinov2``, …, see :data:`DINO_VARIANTS` / :data:`DINOV2_VARIANTS`). The official
+``.pth`` files (``dino_deitsmall16_pretrain.pth``, ``dinov2_vits14_pretrain.pth``,
+``dinov2_vits14_reg4_pretrain.pth``, …) are loaded with :func:`vfmkd.utils.checkpoint.load_checkpoint`
+(``weights_only=True``) and converted to timm's layout by timm's own
+``timm.models.vision_transformer.checkpoint_filter_fn``: for DINOv2 it drops ``mask_token``, folds the
+class token's position embedding into ``cls_token`` and renames ``register_tokens`` for the register
+models, renames the SwiGLU ``w12``/``w3`` of ViT-g; for every file it resamples ``pos_embed``
+(bicubic, antialiased) from the checkpoint's grid to ``input_size / patch``. DINO v1 files already use
+timm's key names. The variant of a file is recognised from its tensor shapes before anything is
+loaded into the model.
+
+Preprocessing (owned by the teacher, the same valid-region geometry as SAM): the long side is resized
+to ``input_size`` (bicubic, PIL; new side = ``int(side * input_size / long_side + 0.5)``, SAM's rule),
+the image is normalised with the ImageNet mean/std and zero-padded (after normalisation, i.e. with the
+mean colour) at the bottom/right into a square ``input_size`` canvas. ``affine`` = (new_w / w,
+new_h / h, 0, 0) and ``valid_hw`` = (new_h, new_w), anchored top-left.
+
+Features for a ``(B, 3, S, S)`` batch (``S = input_size``, ``p`` the patch size, after the final
+LayerNorm):
+
+* ``patch_tokens`` ``(B, C, S/p, S/p)``: the patch tokens as a spatial map (class and register tokens
+  dropped); the primary feature;
+* ``cls_token`` ``(B, C, 1, 1)``: the class token as a 1x1 map whose ``FeatureSpec.stride`` is ``S``
+  (one cell covering the whole canvas), so the same cache, statistics and loss machinery carry it: a
+  loss resamples it onto the student grid as a constant map over the image region. Convention: the
+  cell's centre is the canvas centre ``(S/2, S/2)``, so code that counts a cell as valid when its
+  centre lies in the image (the cache's statistics) sees it only for images whose short side is more
+  than half the long side (aspect ratio < 2:1).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
+from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.registry import TEACHERS
+from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
+from vfmkd.teachers.weights import default_checkpoint_path, weights_for
+from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
+
+logger = logging.getLogger("vfmkd")
+
+
+@dataclass(frozen=True)
+class DinoVariant:
+    """One official backbone: the timm model that runs it and the shapes that identify its checkpoint."""
+
+    timm_name: str
+    patch: int
+    embed_dim: int
+    depth: int
+    registers: int = 0
+
+    @property
+    def label(self) -> str:  # e.g. "ViT-S/14 with 4 registers"
+        size = {384: "S", 768: "B", 1024: "L", 1536: "g"}.get(self.embed_dim, f"{self.embed_dim}d")
+        return f"ViT-{size}/{self.patch}" + (f" with {self.registers} registers" if self.registers else "")
+
+
+DINO_VARIANTS: Dict[str, DinoVariant] = {
+    "vits16": DinoVariant("vit_small_patch16_224", 16, 384, 12),
+    "vitb16": DinoVariant("vit_base_patch16_224", 16, 768, 12),
+    "vits8": DinoVariant("vit_small_patch8_224", 8, 384, 12),
+    "vitb8": DinoVariant("vit_base_patch8_224", 8, 768, 12),
+}
+DINOV2_VARIANTS: Dict[str, DinoVariant] = {
+    "vits14": DinoVariant("vit_small_patch14_dinov2", 14, 384, 12),
+    "vitb14": DinoVariant("vit_base_patch14_dinov2", 14, 768, 12),
+    "vitl14": DinoVariant("vit_large_patch14_dinov2", 14, 1024, 24),
+    "vitg14": DinoVariant("vit_giant_patch14_dinov2", 14, 1536, 40),
+    "vits14_reg4": DinoVariant("vit_small_patch14_reg4_dinov2", 14, 384, 12, 4),
+    "vitb14_reg4": DinoVariant("vit_base_patch14_reg4_dinov2", 14, 768, 12, 4),
+    "vitl14_reg4": DinoVariant("vit_large_patch14_reg4_dinov2", 14, 1024, 24, 4),
+    "vitg14_reg4": DinoVariant("vit_giant_patch14_reg4_dinov2", 14, 1536, 40, 4),
+}
+FAMILIES: Dict[str, Dict[str, DinoVariant]] = {"dino": DINO_VARIANTS, "dinov2": DINOV2_VARIANTS}
+_FAMILY_NAMES = {"dino": "DINO", "dinov2": "DINOv2"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MEAN = tuple(float(v) for v in IMAGENET_DEFAULT_MEAN)
+_STD = tuple(float(v) for v in IMAGENET_DEFAULT_STD)
+_PATCH_KEY = "patch_embed.proj.weight"
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+_RANDOM_BANNER = """
+################################################################################
+##  {family} TEACHER IS RANDOMLY INITIALISED (teacher.init=random): NO PRETRAINED WEIGHTS.
+##  Its features are MEANINGLESS for real distillation: a student trained on them
+##  learns nothing useful. Use this only for smoke tests and offline demos.
+##  For real runs: {download}
+##  and set teacher.init=pretrained.
+################################################################################"""
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Tuple[str, int, int, int, int]:
+    """(family, embed dim, depth, patch size, registers) of a DINO/DINOv2 ViT state_dict, from its keys
+    and tensor shapes only. Accepts Meta's official layout and timm's. DINOv2 is recognised by its
+    ``mask_token`` or LayerScale (``ls1.gamma``) tensors, which DINO v1 does not have."""
+    if _PATCH_KEY not in state_dict or "cls_token" not in state_dict:
+        sample = ", ".join(list(state_dict)[:5])
+        raise CheckpointError(
+            f"{source} is not a DINO/DINOv2 ViT state_dict: it has no '{_PATCH_KEY}' / 'cls_token' (first keys: "
+            f"{sample}). Use an official backbone checkpoint (python tools/download_weights.py --list)."
+        )
+    if any(re.match(r"^blocks\.\d+\.\d+\.", k) for k in state_dict):
+        raise CheckpointError(
+            f"{source} stores its blocks in chunks (blocks.<chunk>.<block>.*, a DINOv2 training checkpoint); "
+            "use the released backbone file (python tools/download_weights.py --list) or re-save the "
+            "backbone with plain blocks.<i>.* keys."
+        )
+    weight = state_dict[_PATCH_KEY]
+    dim, patch = int(weight.shape[0]), int(weight.shape[-1]) if weight.ndim == 4 else -1
+    depth = len({int(m.group(1)) for k in state_dict if (m := _BLOCK_RE.match(k))})
+    reg = state_dict.get("register_tokens", state_dict.get("reg_token"))
+    registers = int(reg.shape[1]) if reg is not None else 0
+    is_v2 = "mask_token" in state_dict or any(k.endswith(".ls1.gamma") for k in state_dict)
+    return ("dinov2" if is_v2 else "dino"), dim, depth, patch, registers
+
+
+def detect_dino_variant(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Tuple[str, str]:
+    """(family, variant) of a DINO v1 / DINOv2 backbone state_dict, e.g. ``("dinov2", "vits14_reg4")``."""
+    family, dim, depth, patch, registers = describe_state_dict(state_dict, source)
+    shape = DinoVariant("", patch, dim, depth, registers)
+    for name, v in FAMILIES[family].items():
+        if (v.patch, v.embed_dim, v.depth, v.registers) == (patch, dim, depth, registers):
+            return family, name
+    known = ", ".join(f"{n} ({v.label}, depth {v.depth})" for n, v in FAMILIES[family].items())
+    raise CheckpointError(
+        f"{source} is a {_FAMILY_NAMES[family]}-like ViT of unknown size ({shape.label}, embed dim {dim}, "
+        f"depth {depth}); known {_FAMILY_NAMES[family]} variants: {known}."
+    )
+
+
+class _DinoFamilyTeacher(BaseTeacher):
+    """The shared implementation of :class:`DinoTeacher` and :class:`Dinov2Teacher` (see the module doc)."""
+
+    family = ""
+    primary_feature = "patch_tokens"
+    default_input_size = 224
+
+    def _build(self, variant: str, checkpoint: Optional[str], input_size: int, init: str, dtype: str,
+               device: str, seed: int) -> None:
+        spec = _check_config(type(self), variant, input_size, init, dtype)
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise ConfigError(f"teacher.device={device!r} is not a torch device ({err}).") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"teacher.device={device!r} but CUDA is not available here; set teacher.device=cpu.")
+        family_name = _FAMILY_NAMES[self.family]
+        self.variant, self.spec, self.init = variant, spec, init
+        self._input_size = input_size
+        # As SAM: low precision only on CUDA (autocast); the fingerprint records what is computed.
+        self.dtype = dtype if dev.type == "cuda" else "float32"
+        if dtype != self.dtype:
+            logger.info("%s teacher: dtype=%s requested on %s; computing in float32.", family_name, dtype, dev.type)
+        logger.info("Using %s teacher model: %s (%s, timm %s)", family_name, variant, spec.label, spec.timm_name)
+
+        official = weights_for(self.family, variant)
+        state_dict = path = None
+        if init == "pretrained":
+            # Load and check the file before building the model: a wrong file fails before any work.
+            path = Path(checkpoint) if checkpoint else default_checkpoint_path(official.name)
+            if not path.exists():
+                raise CheckpointError(
+                    f"{family_name} {variant} checkpoint not found: {path} (absolute: {path.resolve()}). Download it "
+                    f"with `{official.download_command}`, or set teacher.checkpoint=/path/to/{official.filename}. "
+                    "For a smoke test without weights set teacher.init=random explicitly "
+                    "(features are then meaningless)."
+                )
+            state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=official.download_command))
+            _check_variant(self.family, variant, state_dict, path)
+            self._weights_id = sha256_of_file(path)
+        else:
+            if checkpoint:
+                logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
+            self._weights_id = f"random-init:seed{seed}"
+            logger.warning(_RANDOM_BANNER.format(family=family_name, download=official.download_command))
+
+        # Built directly at input_size; random weights come from `seed` alone, so the cache tool and a
+        # later live pass of the same config hold the same random teacher.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=input_size)
+        if state_dict is not None:
+            # timm's converter for this family: DINOv2 -> timm keys, pos_embed resampled to the grid.
+            converted = checkpoint_filter_fn(state_dict, self.model)
+            try:
+                self.model.load_state_dict(converted, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"checkpoint {path} does not fit {family_name} {variant}: {err}") from None
+            logger.info("Loaded %s checkpoint from: %s", family_name, path)
+        # CPU normalisation constants: preprocessing runs on CPU in data workers.
+        self._mean = torch.tensor(_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(_STD).view(3, 1, 1)
+        self.to(dev)
+        self.freeze()
+
+    @property
+    def input_size(self) -> int:
+        return self._input_size
+
+    def feature_specs(self) -> Tuple[FeatureSpec, ...]:
+        c = self.spec.embed_dim
+        return (FeatureSpec("patch_tokens", c, self.spec.patch), FeatureSpec("cls_token", c, self._input_size))
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self, images: Sequence[np.ndarray]) -> TeacherBatch:
+        """RGB uint8 ``(H_i, W_i, 3)`` images -> pixels ``(B, 3, S, S)`` float32 on CPU (long side resized
+        to S bicubically, ImageNet-normalised, zero-padded bottom/right), affine ``(B, 4)`` float32 =
+        (new_w/w, new_h/h, 0, 0), valid_hw ``(B, 2)`` int64 = (new_h, new_w)."""
+        if len(images) == 0:
+            raise ValueError(f"{type(self).__name__}.preprocess got no images.")
+        s = self._input_size
+        pixels = torch.zeros(len(images), 3, s, s)
+        affine = torch.zeros(len(images), 4)
+        valid = torch.zeros(len(images), 2, dtype=torch.long)
+        for i, img in enumerate(images):
+            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {desc}.")
+            h, w = img.shape[:2]
+            nh, nw = resized_shape(h, w, s)
+            resized = np.array(Image.fromarray(np.ascontiguousarray(img)).resize((nw, nh), Image.BICUBIC))
+            x = torch.from_numpy(resized).permute(2, 0, 1).float() / 255.0
+            pixels[i, :, :nh, :nw] = (x - self._mean) / self._std
+            affine[i] = torch.tensor([nw / w, nh / h, 0.0, 0.0])
+            valid[i] = torch.tensor([nh, nw])
+        return TeacherBatch(pixels=pixels, affine=affine, valid_hw=valid)
+
+    # ------------------------------------------------------------------ features
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != "float32":
+            return torch.autocast(device_type="cuda", dtype=_DTYPES[self.dtype])
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``(B, 3, S, S)`` -> {"patch_tokens": (B, C, S/p, S/p), "cls_token": (B, C, 1, 1)}, float32:
+        timm's ``forward_features`` (tokens after the final LayerNorm), split into class and patch tokens."""
+        s = self._input_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ValueError(f"{type(self).__name__} expects pixels (B, 3, {s}, {s}), got {tuple(pixels.shape)}.")
+        grid = s // self.spec.patch
+        with self._autocast():
+            tokens = self.model.forward_features(pixels.to(self.device))  # (B, prefix + grid^2, C)
+        tokens = tokens.float()
+        b, c = tokens.shape[0], tokens.shape[-1]
+        patches = tokens[:, self.model.num_prefix_tokens:]  # class token and registers come first
+        return {
+            "patch_tokens": patches.reshape(b, grid, grid, c).permute(0, 3, 1, 2).contiguous(),
+            "cls_token": tokens[:, 0].reshape(b, c, 1, 1).contiguous(),
+        }
+
+    def fingerprint(self) -> TeacherFingerprint:
+        return _fingerprint(self.family, self.variant, self._weights_id, self._input_size, self.dtype)
+
+    @classmethod
+    def _config_fingerprint(cls, variant: str, checkpoint: Optional[str], input_size: int, init: str,
+                            dtype: str, device: str, seed: int) -> TeacherFingerprint:
+        _check_config(cls, variant, input_size, init, dtype)
+        if init == "random":
+            weights = f"random-init:seed{seed}"
+        else:
+            path = Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for(cls.family, variant).name)
+            weights = sha256_of_file(path) if path.is_file() else f"unknown (checkpoint {path} is not on this machine)"
+        computed = dtype if torch.device(device).type == "cuda" else "float32"
+        return _fingerprint(cls.family, variant, weights, input_size, computed)
+
+
+@TEACHERS.register("dino")
+class DinoTeacher(_DinoFamilyTeacher):
+    """Frozen DINO (v1) ViT: ``variant`` vits16 | vitb16 | vits8 | vitb8; official
+    ``dino_*_pretrain.pth`` files. Features: ``patch_tokens`` (B, C, S/p, S/p) (primary) and
+    ``cls_token`` (B, C, 1, 1) with stride S; see the module docstring."""
+
+    family = "dino"
+    default_input_size = 224
+
+    def __init__(
+        self,
+        variant: str = "vits16",
+        checkpoint: Optional[str] = None,
+        input_size: int = 224,
+        init: str = "pretrained",
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self._build(variant, checkpoint, input_size, init, dtype, device, seed)
+
+    @classmethod
+    def config_fingerprint(
+        cls,
+        variant: str = "vits16",
+        checkpoint: Optional[str] = None,
+        input_size: int = 224,
+        init: str = "pretrained",
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> TeacherFingerprint:
+        return cls._config_fingerprint(variant, checkpoint, input_size, init, dtype, device, seed)
+
+
+@TEACHERS.register("dinov2")
+class Dinov2Teacher(_DinoFamilyTeacher):
+    """Frozen DINOv2 ViT: ``variant`` vits14 | vitb14 | vitl14 | vitg14, each also ``*_reg4`` (four
+    register tokens); official ``dinov2_*_pretrain.pth`` files. Features: ``patch_tokens``
+    (B, C, S/14, S/14) (primary; registers dropped) and ``cls_token`` (B, C, 1, 1) with stride S."""
+
+    family = "dinov2"
+    default_input_size = 518
+
+    def __init__(
+        self,
+        variant: str = "vits14",
+        checkpoint: Optional[str] = None,
+        input_size: int = 518,
+        init: str = "pretrained",
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self._build(variant, checkpoint, input_size, init, dtype, device, seed)
+
+    @classmethod
+    def config_fingerprint(
+        cls,
+        variant: str = "vits14",
+        checkpoint: Optional[str] = None,
+        input_size: int = 518,
+        init: str = "pretrained",
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> TeacherFingerprint:
+        return cls._config_fingerprint(variant, checkpoint, input_size, init, dtype, device, seed)
+
+
+# ---------------------------------------------------------------------- helpers
+def resized_shape(h: int, w: int, size: int) -> Tuple[int, int]:
+    """(new_h, new_w) with the long side at ``size`` (SAM's ResizeLongestSide rule, at least 1 pixel)."""
+    scale = size / max(h, w)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def preprocessing_id(family: str) -> str:
+    fmt = lambda t: "/".join(f"{v:.3f}" for v in t)  # noqa: E731
+    return f"{family}:resize-longest-side-bicubic,pad-bottom-right,mean={fmt(_MEAN)},std={fmt(_STD)}"
+
+
+def _fingerprint(family: str, variant: str, weights: str, input_size: int, dtype: str) -> TeacherFingerprint:
+    return TeacherFingerprint(family=family, variant=variant, weights=weights, input_size=input_size,
+                              dtype=dtype, preprocessing=preprocessing_id(family))
+
+
+def _check_config(cls: type, variant: str, input_size: object, init: str, dtype: str) -> DinoVariant:
+    variants = FAMILIES[cls.family]
+    _check_choice("variant", variant, variants)
+    _check_choice("init", init, ("pretrained", "random"))
+    _check_choice("dtype", dtype, _DTYPES)
+    p = variants[variant].patch
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % p:
+        if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size > 0:
+            lo = input_size // p * p
+            near = f"{lo} or {lo + p}" if lo else f"{p}"
+        else:
+            near = f"{cls.default_input_size}"
+        raise ConfigError(
+            f"teacher.input_size must be a positive multiple of {p} ({_FAMILY_NAMES[cls.family]} {variant}'s patch "
+            f"size), got {input_size!r}; nearest valid: {near}."
+        )
+    return variants[variant]
+
+
+def _check_variant(family: str, variant: str, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint of another variant (or family) before it is loaded, naming what it is."""
+    found_family, found = detect_dino_variant(state_dict, source=f"checkpoint {path}")
+    if (found_family, found) == (family, variant):
+        return
+    what = f"a {_FAMILY_NAMES[found_family]} {FAMILIES[found_family][found].label} backbone ({found})"
+    want = f"{_FAMILY_NAMES[family]} {FAMILIES[family][variant].label} ({variant})"
+    if found_family != family:
+        raise CheckpointError(
+            f"checkpoint {path} is {what} but this is the {family} teacher, set to {want}; use the "
+            f"{found_family} teacher (type: {found_family}, teacher.variant={found}) or a {family} checkpoint "
+            f"(`{weights_for(family, variant).download_command}`)."
+        )
+    raise CheckpointError(
+        f"checkpoint {path} is {what} but teacher.variant is {variant} ({want}); set teacher.variant={found} "
+        f"(or use the {variant} checkpoint: `{weights_for(family, variant).download_command}`)."
+    )
+
+
+def _check_choice(key: str, value: object, choices) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"teacher.{key}={value!r} is not valid.{did_you_mean(str(value), choices)} "
+            f"Choose one of: {', '.join(choices)}."
+        )
