@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 
 from vfmkd.core.config import resolve_path
 from vfmkd.core.errors import CacheMismatchError, DatasetError
+import vfmkd.teachers  # noqa: F401  (registers the built-in teachers: their preprocessing geometry is used)
+from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets.feature_cache import FeatureCacheReader, cache_file, dataset_cli_args, rebuild_command
 from vfmkd.datasets.transforms import GeometricAugment, StudentView, student_view, transform_boxes
 
@@ -150,6 +152,8 @@ class DetectionDataset(Dataset):
         self.caches: Dict[str, FeatureCacheReader] = {
             name: self._open_cache(name, path) for name, path in (teacher_caches or {}).items()
         }
+        # The teacher classes know their preprocessing geometry (how a live pass would see a view).
+        self.teacher_classes = {name: TEACHERS.get(r.teacher_config.get("type") or name) for name, r in self.caches.items()}
 
     def _open_cache(self, name: str, path: str) -> FeatureCacheReader:
         """Open a teacher cache and check it covers every image of this dataset, at their sizes."""
@@ -186,7 +190,7 @@ class DetectionDataset(Dataset):
                 )
         return reader
 
-    def _offline_block(self, view: StudentView, entry: Mapping[str, Any], reader: FeatureCacheReader) -> str:
+    def _offline_block(self, name: str, view: StudentView, entry: Mapping[str, Any], reader: FeatureCacheReader) -> str:
         """'' when the cached map can stand in for a live pass on this view, else why not. ViT maps
         are neither flip- nor scale- nor shift-equivariant and see global context: flips need the
         cached flipped pass, crops go live unless ``offline_crops``, and views that a live teacher
@@ -198,7 +202,7 @@ class DetectionDataset(Dataset):
             return "flipped view and the cache has no flipped pass (--with-flip)"
         if view.cropped and not self.offline_crops:
             return "view crops the image (the cached map saw context this view lacks; offline_crops=false)"
-        shift = live_view_shift(view, entry["affine"], int(entry["input_size"]))
+        shift = live_view_shift(view, entry["affine"], int(entry["input_size"]), self.teacher_classes[name])
         if shift > self.max_shift:
             return f"view moved {shift:.0%} of the teacher canvas vs the cached pass (offline_max_shift {self.max_shift})"
         return ""
@@ -238,26 +242,26 @@ class DetectionDataset(Dataset):
                 continue
             # int8 caches stay int8 until the training step dequantises the whole batch on its device.
             entry = dict(reader.read(image_id, flipped=view.flipped and reader.has_flip, dequantize=False))
-            entry["offline_block"] = self._offline_block(view, entry, reader)
+            entry["offline_block"] = self._offline_block(name, view, entry, reader)
             entry["offline_ok"] = not entry["offline_block"]
             sample[f"teacher/{name}"] = entry
         return sample
 
 
-def live_view_shift(view: StudentView, cached_affine: torch.Tensor, input_size: int) -> float:
+def live_view_shift(view: StudentView, cached_affine: torch.Tensor, input_size: int, teacher_cls: Any) -> float:
     """Largest displacement, as a fraction of the teacher canvas, between where the cached pass saw
-    a visible image point and where a live pass on this view would see it (the live pass resizes
-    the view's content box, long side, to ``input_size``). 0 for a plain letterbox; grows with zoom
-    and with crops that move the image in the teacher's frame."""
+    a visible image point and where a live pass on this view would see it (the live pass feeds the
+    view's content box to the teacher's own preprocessing, ``teacher_cls.input_affine``). 0 for a
+    plain letterbox; grows with zoom and with crops that move the image in the teacher's frame."""
     x1, y1, x2, y2 = view.content_box
-    live = input_size / max(x2 - x1, y2 - y1, 1)
+    live = teacher_cls.input_affine(max(y2 - y1, 1), max(x2 - x1, 1), input_size)
     worst = 0.0
     for axis, (lo, hi) in enumerate(((x1, x2), (y1, y2))):
         s, o = view.matrix[axis, axis], view.matrix[axis, 2]
         t, to = float(cached_affine[axis]), float(cached_affine[axis + 2])
         for edge in (lo, hi):  # displacement is linear in x: its extremes are at the visible edges
             x = (edge - o) / s  # original coordinate of this edge of the visible region
-            worst = max(worst, abs(live * (s * x + o - lo) - (t * x + to)))
+            worst = max(worst, abs(live[axis] * (s * x + o - lo) + live[axis + 2] - (t * x + to)))
     return worst / input_size
 
 

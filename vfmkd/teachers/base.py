@@ -86,6 +86,15 @@ class BaseTeacher(nn.Module, ABC):
     def preprocess(self, images: Sequence[np.ndarray]) -> TeacherBatch:
         """Resize, pad and normalise original RGB uint8 images into one batch."""
 
+    @classmethod
+    def input_affine(cls, height: int, width: int, input_size: int) -> Tuple[float, float, float, float]:
+        """(sx, sy, ox, oy) that :meth:`preprocess` applies to a ``height`` x ``width`` image. The
+        default is the common recipe (long side to ``input_size``, padding bottom-right); override
+        it when ``preprocess`` differs (SAM2 stretches to a square). Offline runs use it to predict
+        how a live pass would see an augmented view without loading the model."""
+        scale = input_size / max(height, width)
+        return (round(width * scale) / width, round(height * scale) / height, 0.0, 0.0)
+
     @abstractmethod
     def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Run the frozen model on a preprocessed batch."""

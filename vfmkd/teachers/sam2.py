@@ -271,6 +271,11 @@ class Sam2Teacher(BaseTeacher):
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return tuple(FeatureSpec(n, c, s) for n, c, s in _FEATURES)
 
+    @classmethod
+    def input_affine(cls, height: int, width: int, input_size: int) -> Tuple[float, float, float, float]:
+        """SAM2 stretches every image to a square: (S/w, S/h, 0, 0)."""
+        return (input_size / width, input_size / height, 0.0, 0.0)
+
     def preprocess(self, images: Sequence[np.ndarray]) -> TeacherBatch:
         """RGB uint8 ``(H_i, W_i, 3)`` images -> pixels ``(B, 3, S, S)`` float32 on CPU (SAM2Transforms:
         ToTensor, Resize((S, S)) bilinear antialiased, Normalize), affine ``(B, 4)`` = (S/w, S/h, 0, 0),
