@@ -10,7 +10,13 @@ from vfmkd.models.backbones.base import BaseBackbone
 from vfmkd.models.backbones.yolov8 import YOLOV8_SCALES
 
 # Each registered backbone with the keyword sets to check; a new backbone must add itself here.
-VARIANTS = {"yolov8": [{"scale": s} for s in YOLOV8_SCALES]}
+VARIANTS = {
+    "yolov8": [{"scale": s} for s in YOLOV8_SCALES],
+    "vit": [{"variant": "tiny", "img_size": 224}, {"variant": "small", "out_channels": 64, "strides": [4, 8, 16, 32]}],
+    "repvit": [{"model_name": "repvit_m0_9"}, {"model_name": "repvit_m1_1", "strides": [4, 8, 16, 32]}],
+    "regnet": [{"model_name": "regnetx_002"}, {"model_name": "regnety_002", "strides": [4, 8, 16, 32]}],
+    "mamba": [{"variant": "tiny"}, {"variant": "tiny", "scan": "bi", "strides": [4, 8, 16]}, {"variant": "small"}],
+}
 
 
 def test_every_registered_backbone_is_covered():
