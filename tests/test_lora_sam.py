@@ -163,7 +163,7 @@ def test_mismatched_lora_files_are_named_before_building(make, kwargs, expected,
     def boom(*args, **kwargs):
         raise AssertionError("the base model must not be loaded or built for a mismatched LoRA file")
 
-    monkeypatch.setattr("vfmkd.teachers.sam.load_checkpoint", boom)  # SamTeacher's (base) loading
+    monkeypatch.setattr("vfmkd.teachers.loading.load_checkpoint", boom)  # the base SAM checkpoint loading
     with pytest.raises(CheckpointError) as err:
         LoraSamTeacher(checkpoint=str(tmp_path / "base.pth"), lora_checkpoint=str(lora), lora_rank=RANK, **kwargs)
     msg = str(err.value)

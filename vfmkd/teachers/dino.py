@@ -55,9 +55,9 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
+from vfmkd.teachers.loading import checkpoint_path, computed_dtype, config_weights_id, load_teacher_weights, seeded
 from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
-from vfmkd.teachers.weights import default_checkpoint_path, weights_for
-from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
+from vfmkd.teachers.weights import weights_for
 
 logger = logging.getLogger("vfmkd")
 
@@ -102,14 +102,7 @@ _STD = tuple(float(v) for v in IMAGENET_DEFAULT_STD)
 _PATCH_KEY = "patch_embed.proj.weight"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
-_RANDOM_BANNER = """
-################################################################################
-##  {family} TEACHER IS RANDOMLY INITIALISED (teacher.init=random): NO PRETRAINED WEIGHTS.
-##  Its features are MEANINGLESS for real distillation: a student trained on them
-##  learns nothing useful. Use this only for smoke tests and offline demos.
-##  For real runs: {download}
-##  and set teacher.init=pretrained.
-################################################################################"""
+
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Tuple[str, int, int, int, int]:
@@ -171,36 +164,20 @@ class _DinoFamilyTeacher(BaseTeacher):
         self.variant, self.spec, self.init = variant, spec, init
         self._input_size = input_size
         # As SAM: low precision only on CUDA (autocast); the fingerprint records what is computed.
-        self.dtype = dtype if dev.type == "cuda" else "float32"
+        self.dtype = computed_dtype(dtype, dev)
         if dtype != self.dtype:
             logger.info("%s teacher: dtype=%s requested on %s; computing in float32.", family_name, dtype, dev.type)
         logger.info("Using %s teacher model: %s (%s, timm %s)", family_name, variant, spec.label, spec.timm_name)
 
-        official = weights_for(self.family, variant)
-        state_dict = path = None
-        if init == "pretrained":
-            # Load and check the file before building the model: a wrong file fails before any work.
-            path = Path(checkpoint) if checkpoint else default_checkpoint_path(official.name)
-            if not path.exists():
-                raise CheckpointError(
-                    f"{family_name} {variant} checkpoint not found: {path} (absolute: {path.resolve()}). Download it "
-                    f"with `{official.download_command}`, or set teacher.checkpoint=/path/to/{official.filename}. "
-                    "For a smoke test without weights set teacher.init=random explicitly "
-                    "(features are then meaningless)."
-                )
-            state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=official.download_command))
-            _check_variant(self.family, variant, state_dict, path)
-            self._weights_id = sha256_of_file(path)
-        else:
-            if checkpoint:
-                logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
-            self._weights_id = f"random-init:seed{seed}"
-            logger.warning(_RANDOM_BANNER.format(family=family_name, download=official.download_command))
+        path = checkpoint_path(self.family, variant, checkpoint)
+        state_dict, self._weights_id = load_teacher_weights(
+            family_name, self.family, variant, checkpoint, init, seed,
+            lambda sd, p: _check_variant(self.family, variant, sd, p),
+        )
 
         # Built directly at input_size; random weights come from `seed` alone, so the cache tool and a
         # later live pass of the same config hold the same random teacher.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             self.model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=input_size)
         if state_dict is not None:
             # timm's converter for this family: DINOv2 -> timm keys, pos_embed resampled to the grid.
@@ -279,12 +256,8 @@ class _DinoFamilyTeacher(BaseTeacher):
     def _config_fingerprint(cls, variant: str, checkpoint: Optional[str], input_size: int, init: str,
                             dtype: str, device: str, seed: int) -> TeacherFingerprint:
         _check_config(cls, variant, input_size, init, dtype)
-        if init == "random":
-            weights = f"random-init:seed{seed}"
-        else:
-            path = Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for(cls.family, variant).name)
-            weights = sha256_of_file(path) if path.is_file() else f"unknown (checkpoint {path} is not on this machine)"
-        computed = dtype if torch.device(device).type == "cuda" else "float32"
+        weights = config_weights_id(cls.family, variant, checkpoint, init, seed)
+        computed = computed_dtype(dtype, device)
         return _fingerprint(cls.family, variant, weights, input_size, computed)
 
 

@@ -26,8 +26,7 @@ from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
 from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
-from vfmkd.teachers.weights import default_checkpoint_path, weights_for
-from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
+from vfmkd.teachers.loading import checkpoint_path, computed_dtype, config_weights_id, load_teacher_weights, seeded
 
 logger = logging.getLogger("vfmkd")
 
@@ -38,16 +37,6 @@ _PATCH = 16  # SAM's ViT patch size: every feature map has stride 16
 _PRETRAIN_SIZE = 1024  # the official checkpoints' input size (64x64 pos_embed)
 _PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 _BLOCK_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
-
-_RANDOM_BANNER = """
-################################################################################
-##  SAM TEACHER IS RANDOMLY INITIALISED (teacher.init=random): NO PRETRAINED WEIGHTS.
-##  Its features are MEANINGLESS for real distillation: a student trained on them
-##  learns nothing useful. Use this only for smoke tests and offline demos.
-##  For real runs: python tools/download_weights.py --model sam_{variant}
-##  and set teacher.init=pretrained.
-################################################################################"""
-
 
 def detect_sam_variant(state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     """Name the SAM variant (vit_b|vit_l|vit_h) a state_dict belongs to, from tensor shapes only."""
@@ -114,41 +103,25 @@ class SamTeacher(BaseTeacher):
         self._input_size = input_size
         # Low precision only pays off (and is only well supported) on CUDA; CPU always computes in
         # float32, and the fingerprint records what was actually computed.
-        self.dtype = dtype if dev.type == "cuda" else "float32"
+        self.dtype = computed_dtype(dtype, dev)
         if dtype != self.dtype:
             logger.info("SAM teacher: dtype=%s requested on %s; computing in float32.", dtype, dev.type)
         logger.info("Using SAM teacher model: %s", model_type)
 
-        state_dict = None
-        if init == "pretrained":
-            # Load and validate the file before building the model: a wrong path fails in milliseconds.
-            official = weights_for("sam", model_type)
-            path = Path(checkpoint) if checkpoint else default_checkpoint_path(official.name)
-            if not path.exists():
-                raise CheckpointError(
-                    f"SAM {model_type} checkpoint not found: {path} (absolute: {path.resolve()}). Download it "
-                    f"with `{official.download_command}`, or set teacher.checkpoint=/path/to/{official.filename}. "
-                    "For a smoke test without weights set teacher.init=random explicitly "
-                    "(features are then meaningless)."
-                )
-            state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=official.download_command))
+        def check(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
             found = detect_sam_variant(state_dict, source=f"checkpoint {path}")
             if found != model_type:
                 raise CheckpointError(
                     f"checkpoint {path} is a SAM {found} image encoder but model_type is {model_type}; "
                     f"set teacher.model_type={found} (or use the {model_type} checkpoint)."
                 )
-            self._weights_id = sha256_of_file(path)
-        else:
-            if checkpoint:
-                logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
-            self._weights_id = f"random-init:seed{seed}"
-            logger.warning(_RANDOM_BANNER.format(variant=model_type))
+
+        path = checkpoint_path("sam", model_type, checkpoint)
+        state_dict, self._weights_id = load_teacher_weights("SAM", "sam", model_type, checkpoint, init, seed, check)
 
         # Built at 1024, the size of the official weights. Random weights come from `seed` alone, so
         # the cache tool and a later live pass of the same config hold the same random teacher.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             self.sam = sam_model_registry[model_type]()
         if state_dict is not None:
             try:
@@ -253,12 +226,8 @@ class SamTeacher(BaseTeacher):
         device: str = "cpu",
         seed: int = 0,
     ) -> TeacherFingerprint:
-        if init == "random":
-            weights = f"random-init:seed{seed}"
-        else:
-            path = Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for("sam", model_type).name)
-            weights = sha256_of_file(path) if path.is_file() else f"unknown (checkpoint {path} is not on this machine)"
-        computed = dtype if torch.device(device).type == "cuda" else "float32"
+        weights = config_weights_id("sam", model_type, checkpoint, init, seed)
+        computed = computed_dtype(dtype, device)
         defaults = inspect.signature(Sam.__init__).parameters  # SAM's own normalisation constants
         mean = torch.tensor(defaults["pixel_mean"].default)
         std = torch.tensor(defaults["pixel_std"].default)

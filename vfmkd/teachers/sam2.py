@@ -57,9 +57,9 @@ import torchvision.transforms.functional as TF
 from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
+from vfmkd.teachers.loading import checkpoint_path, computed_dtype, config_weights_id, load_teacher_weights, seeded
 from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
-from vfmkd.teachers.weights import default_checkpoint_path, weights_for
-from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
+from vfmkd.teachers.weights import weights_for
 
 logger = logging.getLogger("vfmkd")
 
@@ -95,14 +95,7 @@ _INSTALL_HINT = (
     "(its dependencies hydra-core and iopath are pinned in requirements.txt)"
 )
 
-_RANDOM_BANNER = """
-################################################################################
-##  SAM2 TEACHER IS RANDOMLY INITIALISED (teacher.init=random): NO PRETRAINED WEIGHTS.
-##  Its features are MEANINGLESS for real distillation: a student trained on them
-##  learns nothing useful. Use this only for smoke tests and offline demos.
-##  For real runs: python tools/download_weights.py --model {variant}
-##  and set teacher.init=pretrained.
-################################################################################"""
+
 
 
 def _version_and_size(model_type: str) -> Tuple[str, str]:
@@ -209,42 +202,26 @@ class Sam2Teacher(BaseTeacher):
         self.model_type = model_type
         self.init = init
         self._input_size = input_size
-        self.dtype = dtype if dev.type == "cuda" else "float32"  # CPU always computes in float32
+        self.dtype = computed_dtype(dtype, dev)
         if dtype != self.dtype:
             logger.info("SAM2 teacher: dtype=%s requested on %s; computing in float32.", dtype, dev.type)
         logger.info("Using SAM2 teacher model: %s", model_type)
         config, _ = SAM2_VARIANTS[model_type]
 
-        state_dict = None
-        if init == "pretrained":
-            # Load and validate the file before building the model: a wrong path fails in milliseconds.
-            official = weights_for("sam2", model_type)
-            path = Path(checkpoint) if checkpoint else default_checkpoint_path(official.name)
-            if not path.exists():
-                raise CheckpointError(
-                    f"SAM2 {model_type} checkpoint not found: {path} (absolute: {path.resolve()}). Download it "
-                    f"with `{official.download_command}`, or set teacher.checkpoint=/path/to/{official.filename}. "
-                    "For a smoke test without weights set teacher.init=random explicitly "
-                    "(features are then meaningless)."
-                )
-            state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=official.download_command))
+        def check(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
             found = detect_sam2_variant(state_dict, source=f"checkpoint {path}")
             if found != model_type:
                 raise CheckpointError(
                     f"checkpoint {path} is a {_describe(found)} model but model_type is {model_type} "
                     f"({_describe(model_type)}); set teacher.model_type={found} (or use the {model_type} "
-                    f"checkpoint: `{official.download_command}`)."
+                    f"checkpoint: `{weights_for('sam2', model_type).download_command}`)."
                 )
-            self._weights_id = sha256_of_file(path)
-        else:
-            if checkpoint:
-                logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
-            self._weights_id = f"random-init:seed{seed}"
-            logger.warning(_RANDOM_BANNER.format(variant=model_type))
+
+        path = checkpoint_path("sam2", model_type, checkpoint)
+        state_dict, self._weights_id = load_teacher_weights("SAM2", "sam2", model_type, checkpoint, init, seed, check)
 
         # Random weights come from `seed` alone, so the cache tool and a later live pass agree.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             self.sam2 = build_sam2_model(config, input_size)
         if state_dict is not None:
             try:
@@ -331,12 +308,8 @@ class Sam2Teacher(BaseTeacher):
         device: str = "cpu",
         seed: int = 0,
     ) -> TeacherFingerprint:
-        if init == "random":
-            weights = f"random-init:seed{seed}"
-        else:
-            path = Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for("sam2", model_type).name)
-            weights = sha256_of_file(path) if path.is_file() else f"unknown (checkpoint {path} is not on this machine)"
-        computed = dtype if torch.device(device).type == "cuda" else "float32"
+        weights = config_weights_id("sam2", model_type, checkpoint, init, seed)
+        computed = computed_dtype(dtype, device)
         return _fingerprint(model_type, weights, input_size, computed)
 
     # ------------------------------------------------------------------ prompting

@@ -1,0 +1,86 @@
+"""What every teacher does with its weights: find the official file, load it safely, check that it
+is the configured variant, or take the explicit random-init path loudly. One place, so SAM, SAM2,
+DINO and any new teacher give the same messages and the same fingerprints."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from vfmkd.core.errors import CheckpointError
+from vfmkd.teachers.weights import default_checkpoint_path, weights_for
+from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
+
+logger = logging.getLogger("vfmkd")
+
+RANDOM_BANNER = """
+################################################################################
+##  {label} TEACHER IS RANDOMLY INITIALISED (teacher.init=random): NO PRETRAINED WEIGHTS.
+##  Its features are MEANINGLESS for real distillation: a student trained on them
+##  learns nothing useful. Use this only for smoke tests and offline demos.
+##  For real runs: {download}
+##  and set teacher.init=pretrained.
+################################################################################"""
+
+
+def checkpoint_path(family: str, variant: str, checkpoint: Optional[str]) -> Path:
+    """The configured file, or ``weights/<official filename>`` of this variant."""
+    return Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for(family, variant).name)
+
+
+def load_teacher_weights(
+    label: str,
+    family: str,
+    variant: str,
+    checkpoint: Optional[str],
+    init: str,
+    seed: int,
+    check: Callable[[Dict[str, torch.Tensor], Path], None],
+) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+    """``(state_dict, weights id)``: the checked official state dict and its sha256, or ``(None,
+    "random-init:seed<N>")`` when the user asked for random weights (logged with a banner).
+    ``check(state_dict, path)`` raises CheckpointError when the file is another variant; it runs
+    before any model is built, so a wrong file fails in milliseconds."""
+    official = weights_for(family, variant)
+    if init == "random":
+        if checkpoint:
+            logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
+        logger.warning(RANDOM_BANNER.format(label=label, download=official.download_command))
+        return None, f"random-init:seed{seed}"
+    path = checkpoint_path(family, variant, checkpoint)
+    if not path.exists():
+        raise CheckpointError(
+            f"{label} {variant} checkpoint not found: {path} (absolute: {path.resolve()}). Download it "
+            f"with `{official.download_command}`, or set teacher.checkpoint=/path/to/{official.filename}. "
+            "For a smoke test without weights set teacher.init=random explicitly "
+            "(features are then meaningless)."
+        )
+    state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=official.download_command))
+    check(state_dict, path)
+    return state_dict, sha256_of_file(path)
+
+
+def config_weights_id(family: str, variant: str, checkpoint: Optional[str], init: str, seed: int) -> str:
+    """The weights id :func:`load_teacher_weights` would give, without loading (``unknown (...)``
+    when the checkpoint is not on this machine)."""
+    if init == "random":
+        return f"random-init:seed{seed}"
+    path = checkpoint_path(family, variant, checkpoint)
+    return sha256_of_file(path) if path.is_file() else f"unknown (checkpoint {path} is not on this machine)"
+
+
+def computed_dtype(dtype: str, device: str | torch.device) -> str:
+    """Low precision only runs on CUDA (autocast); elsewhere the teacher computes in float32."""
+    return dtype if torch.device(device).type == "cuda" else "float32"
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Build random weights from ``seed`` alone (the global RNG is left untouched), so the cache tool
+    and a later live pass of the same config hold the same random teacher."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
