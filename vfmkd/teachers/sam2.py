@@ -157,7 +157,9 @@ def build_sam2_model(config: str, image_size: int) -> torch.nn.Module:
         try:
             return build_sam2(config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides)
         except MissingConfigException:
-            pass  # the global Hydra searches another application's configs, not sam2's
+            # The global Hydra searches another application's configs, not sam2's: fall through
+            # and build inside sam2's own Hydra context below.
+            pass
     from hydra import initialize_config_module
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
