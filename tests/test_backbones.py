@@ -5,16 +5,17 @@ import pytest
 import torch
 
 import vfmkd.models  # noqa: F401  (registers the built-in components)
+from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import BACKBONES
 from vfmkd.models.backbones.base import BaseBackbone
-from vfmkd.models.backbones.yolov8 import YOLOV8_SCALES
+from vfmkd.models.backbones.yolov8 import YOLOV8_VARIANTS
 
 # Each registered backbone with the keyword sets to check; a new backbone must add itself here.
 VARIANTS = {
-    "yolov8": [{"scale": s} for s in YOLOV8_SCALES],
+    "yolov8": [{"variant": v} for v in YOLOV8_VARIANTS],
     "vit": [{"variant": "tiny", "img_size": 224}, {"variant": "small", "out_channels": 64, "strides": [4, 8, 16, 32]}],
-    "repvit": [{"model_name": "repvit_m0_9"}, {"model_name": "repvit_m1_1", "strides": [4, 8, 16, 32]}],
-    "regnet": [{"model_name": "regnetx_002"}, {"model_name": "regnety_002", "strides": [4, 8, 16, 32]}],
+    "repvit": [{"variant": "repvit_m0_9"}, {"variant": "repvit_m1_1", "strides": [4, 8, 16, 32]}],
+    "regnet": [{"variant": "regnetx_002"}, {"variant": "regnety_002", "strides": [4, 8, 16, 32]}],
     "mamba": [{"variant": "tiny"}, {"variant": "tiny", "scan": "bi", "strides": [4, 8, 16]}, {"variant": "small"}],
 }
 
@@ -43,7 +44,37 @@ def test_yolov8_matches_ultralytics_parameter_count():
     from vfmkd.models.unified_model import UnifiedModel
 
     model = UnifiedModel.from_config(
-        {"backbone": {"type": "yolov8", "scale": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+        {"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
          "heads": {"detection": {"type": "yolo_head", "num_classes": 80}}}
     )
     assert sum(p.numel() for p in model.parameters()) == 3_157_200
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_backbone_sizes_itself_with_variant(name):
+    """One key for a model size: every backbone takes ``variant`` and keeps the value it was given."""
+    kwargs = VARIANTS[name][0]
+    assert "variant" in kwargs
+    assert BACKBONES.build(name, **kwargs).variant == kwargs["variant"]
+
+
+@pytest.mark.parametrize(
+    "name, bad, expected",
+    [
+        ("yolov8", "nano", r"unknown yolov8 variant 'nano'.*Choose from n, s, m, l, x"),
+        ("repvit", "repvit_m09", r"unknown repvit variant 'repvit_m09'.*Did you mean 'repvit_m0_9'\?.*repvit_m2_3"),
+        ("regnet", "regnetx_02", r"unknown regnet variant 'regnetx_02'.*Did you mean 'regnetx_002'\?.*regnety_016"),
+        ("vit", "tiniy", r"unknown vit variant 'tiniy'.*Did you mean 'tiny'\?"),
+        ("mamba", "smal", r"unknown mamba variant 'smal'.*Did you mean 'small'\?"),
+    ],
+)
+def test_unknown_variant_names_the_choices(name, bad, expected):
+    with pytest.raises(ConfigError, match=expected):
+        BACKBONES.build(name, variant=bad)
+
+
+@pytest.mark.parametrize("name, old, value", [("yolov8", "scale", "n"), ("repvit", "model_name", "repvit_m0_9"),
+                                              ("regnet", "model_name", "regnetx_002")])
+def test_old_size_keys_say_they_were_renamed(name, old, value):
+    with pytest.raises(ConfigError, match=rf"key '{old}' was renamed to 'variant'.*write variant: {value}\."):
+        BACKBONES.build(name, **{old: value})

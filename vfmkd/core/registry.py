@@ -1,18 +1,36 @@
 """One registry per component kind; a component is built from config in one hop.
 
-``BACKBONES.build("yolov8", scale="n")`` checks the keyword arguments against the constructor's
-signature (unknown keys get a "did you mean" hint, simple annotations are type-checked) and then
-calls the constructor with plain keyword arguments. No scopes, no string routing beyond the name.
+``BACKBONES.build("yolov8", variant="n")`` checks the keyword arguments against the constructor's
+signature (unknown keys get a "did you mean" hint, keys listed in :data:`RENAMED_KEYS` name their
+new spelling, simple annotations are type-checked) and then calls the constructor with plain
+keyword arguments. No scopes, no string routing beyond the name.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import typing
 from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
+
+# Config keys that were renamed, old -> new, for every registry kind. A model size is `variant`
+# everywhere (students and teachers). The hint is only given where the old key is not a parameter
+# of the constructor and the new one is, so a component that really takes `scale` is unaffected.
+RENAMED_KEYS: Dict[str, str] = {"model_type": "variant", "scale": "variant", "model_name": "variant"}
+RENAME_REASONS: Dict[str, str] = {"variant": "one name for a model size across students and teachers"}
+
+
+def _yaml_scalar(value: Any) -> str:
+    """``value`` as it would be written after ``key:`` in a YAML file (strings unquoted)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -71,11 +89,25 @@ class Registry:
         return self._entries[name]
 
     def check_kwargs(self, name: str, kwargs: Mapping[str, Any], where: str = "") -> None:
-        """Raise ConfigError for keys the constructor does not take or values of the wrong type."""
+        """Raise ConfigError for keys the constructor does not take or values of the wrong type.
+
+        A key of :data:`RENAMED_KEYS` that the constructor does not name while it names the new key
+        gets a hint with the line to write instead (checked before anything else, also for
+        constructors that take ``**kwargs``).
+        """
         target = self.get(name)
         fn = target.__init__ if inspect.isclass(target) else target
         sig = inspect.signature(fn)
         params = {k: p for k, p in sig.parameters.items() if k != "self"}
+        named = {k for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        for key, value in kwargs.items():
+            new = RENAMED_KEYS.get(key)
+            if new is not None and key not in named and new in named:
+                why = f" ({RENAME_REASONS[new]})" if new in RENAME_REASONS else ""
+                raise ConfigError(
+                    f"{where or f'{self.kind} {name!r}'}: key '{key}' was renamed to '{new}'{why}: "
+                    f"write {new}: {_yaml_scalar(value)}."
+                )
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return
         try:

@@ -15,46 +15,50 @@ from vfmkd.core.registry import BACKBONES
 from vfmkd.models.backbones.base import BaseBackbone
 
 
-class YoloScale(NamedTuple):
+class YoloMultipliers(NamedTuple):
+    """How one YOLOv8 variant sizes the base network (one row of ultralytics' ``scales``)."""
+
     depth: float  # multiplies C2f repeats
     width: float  # multiplies channels
     max_channels: int
 
 
-# The scales of ultralytics' yolov8.yaml.
-YOLOV8_SCALES: Dict[str, YoloScale] = {
-    "n": YoloScale(0.33, 0.25, 1024),
-    "s": YoloScale(0.33, 0.50, 1024),
-    "m": YoloScale(0.67, 0.75, 768),
-    "l": YoloScale(1.00, 1.00, 512),
-    "x": YoloScale(1.00, 1.25, 512),
+# The variants of ultralytics' yolov8.yaml (its ``scales`` table): variant -> multipliers.
+YOLOV8_VARIANTS: Dict[str, YoloMultipliers] = {
+    "n": YoloMultipliers(0.33, 0.25, 1024),
+    "s": YoloMultipliers(0.33, 0.50, 1024),
+    "m": YoloMultipliers(0.67, 0.75, 768),
+    "l": YoloMultipliers(1.00, 1.00, 512),
+    "x": YoloMultipliers(1.00, 1.25, 512),
 }
 
 
-def yolo_channels(channels: int, scale: YoloScale) -> int:
-    return int(make_divisible(min(channels, scale.max_channels) * scale.width, 8))
+def yolo_channels(channels: int, m: YoloMultipliers) -> int:
+    return int(make_divisible(min(channels, m.max_channels) * m.width, 8))
 
 
-def yolo_repeats(repeats: int, scale: YoloScale) -> int:
-    return max(round(repeats * scale.depth), 1)
+def yolo_repeats(repeats: int, m: YoloMultipliers) -> int:
+    return max(round(repeats * m.depth), 1)
 
 
-def resolve_scale(scale: str) -> YoloScale:
-    if scale not in YOLOV8_SCALES:
-        raise ConfigError(f"unknown YOLOv8 scale '{scale}'.{did_you_mean(scale, YOLOV8_SCALES)} Choose from n/s/m/l/x.")
-    return YOLOV8_SCALES[scale]
+def resolve_variant(variant: str) -> YoloMultipliers:
+    if variant not in YOLOV8_VARIANTS:
+        raise ConfigError(f"unknown yolov8 variant '{variant}'.{did_you_mean(variant, YOLOV8_VARIANTS)} "
+                          f"Choose from {', '.join(YOLOV8_VARIANTS)}.")
+    return YOLOV8_VARIANTS[variant]
 
 
 @BACKBONES.register("yolov8")
 class YOLOv8Backbone(BaseBackbone):
     """YOLOv8 backbone. ``forward((B, 3, H, W))`` -> ``{"P3": (B, C3, H/8, W/8), "P4": (B, C4, H/16, W/16),
-    "P5": (B, C5, H/32, W/32)}``; e.g. scale n gives C3/C4/C5 = 64/128/256.
+    "P5": (B, C5, H/32, W/32)}``; ``variant`` is one of n/s/m/l/x (ultralytics' scales), e.g. n gives
+    C3/C4/C5 = 64/128/256.
     """
 
-    def __init__(self, scale: str = "n", in_channels: int = 3) -> None:
+    def __init__(self, variant: str = "n", in_channels: int = 3) -> None:
         super().__init__()
-        s = resolve_scale(scale)
-        self.scale = scale
+        s = resolve_variant(variant)
+        self.variant = variant
         c1, c2, c3, c4, c5 = (yolo_channels(c, s) for c in (64, 128, 256, 512, 1024))
         self.stem = nn.Sequential(Conv(in_channels, c1, 3, 2), Conv(c1, c2, 3, 2), C2f(c2, c2, yolo_repeats(3, s), True))
         self.stage3 = nn.Sequential(Conv(c2, c3, 3, 2), C2f(c3, c3, yolo_repeats(6, s), True))
