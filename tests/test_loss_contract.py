@@ -1,0 +1,303 @@
+"""The contract every registered loss meets (timm's ``list_models()`` pattern, for LOSSES).
+
+Every name in ``LOSSES`` has at least one case in ``CASES``: its config entry as a user writes it
+under ``distillation.losses.<x>`` in YAML (``weight``/``log_as`` included) and the value of its
+formula, worked out in plain Python on a tiny hand-made input. For each registered loss:
+
+- it builds from that entry the way the distiller builds it (``component_kwargs`` minus the
+  distiller's reserved keys, plus the injected channel/level kwargs, or the head for task losses);
+- its value equals the formula on the hand case;
+- backward reaches what training updates (the channel adapter and the student map for feature
+  losses, the student logits for output-KD losses, the head and its inputs for the task loss) and
+  not what is masked out or is a teacher target.
+
+A loss registered without a case fails ``test_every_registered_loss_has_a_case``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+import torch
+
+import vfmkd.distillation.losses  # noqa: F401  (importing registers every loss)
+from vfmkd.core.config import component_kwargs
+from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.registry import LOSSES
+from vfmkd.distillation.distiller import RESERVED_LOSS_KEYS
+from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
+
+# Losses registered by the package itself; a test module registering a throwaway loss of its own
+# must not make this suite's outcome depend on test order.
+REGISTERED = [n for n in LOSSES.names() if LOSSES.get(n).__module__.startswith("vfmkd.")]
+
+
+@dataclass(frozen=True)
+class Case:
+    entry: Dict[str, Any]  # distillation.losses.<x> as written in YAML
+    expected: Optional[float] = None  # the formula on the hand inputs (None: task loss, checked otherwise)
+    inputs: Dict[str, Any] = field(default_factory=dict)  # output-KD: student/teacher logits + forward kwargs
+    no_grad_at: Optional[Tuple[Any, ...]] = None  # index into the student input that must get zero gradient
+    label: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.entry["type"]
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-{self.label}" if self.label else self.kind
+
+
+# ----------------------------------------------------------------------------- feature hand case
+# One image, 2 student channels, 2 teacher channels, a 2x2 map, the bottom-right cell invalid
+# (and wildly off, so counting it would show). The 1x1-conv adapter is set to a = W s + b.
+W = [[1.0, 1.0], [0.0, 2.0]]
+B = [0.5, -1.0]
+STUDENT = [[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [-1.0, 2.0]]]  # (C, H, W)
+TEACHER = [[[1.0, 3.0], [2.0, 0.0]], [[0.0, 1.0], [-2.0, 5.0]]]
+MASK = [[1.0, 1.0], [1.0, 0.0]]
+CELLS = [(y, x) for y in range(2) for x in range(2)]
+VALID = [(y, x) for (y, x) in CELLS if MASK[y][x]]
+INVALID = [(y, x) for (y, x) in CELLS if not MASK[y][x]]
+
+
+def adapted_at(y: int, x: int) -> List[float]:
+    s = [STUDENT[c][y][x] for c in range(2)]
+    return [sum(W[o][i] * s[i] for i in range(2)) + B[o] for o in range(2)]
+
+
+def teacher_at(y: int, x: int) -> List[float]:
+    return [TEACHER[c][y][x] for c in range(2)]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def cos(u: List[float], v: List[float]) -> float:
+    return sum(a * b for a, b in zip(u, v)) / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
+
+
+def smooth_l1(d: float, beta: float) -> float:
+    return 0.5 * d * d / beta if abs(d) < beta else abs(d) - 0.5 * beta
+
+
+# a: (0,0) (1.5, -1)  (0,1) (3.5, 1)  (1,0) (2.5, -3)       t: (1, 0)  (3, 1)  (2, -2)
+# d = a - t:  (0.5, -1)   (0.5, 0)   (0.5, -1)
+MSE_BY_HAND = ((0.25 + 1) / 2 + (0.25 + 0) / 2 + (0.25 + 1) / 2) / 3  # = 0.458333...
+# beta 0.8: |d| 0.5 < beta -> 0.5 * 0.25 / 0.8 = 0.15625; |d| 1 >= beta -> 1 - 0.4 = 0.6; d 0 -> 0
+SMOOTH_L1_BY_HAND = ((0.15625 + 0.6) / 2 + (0.15625 + 0) / 2 + (0.15625 + 0.6) / 2) / 3  # = 0.278125
+COSINE_BY_HAND = mean(1 - cos(adapted_at(*p), teacher_at(*p)) for p in VALID)
+# FA at factor 1: mean over valid pairs (i, j) of |cos(a_i, a_j) - cos(t_i, t_j)| (9 pairs, 3 diagonal zeros).
+AFFINITY_BY_HAND = mean(
+    abs(cos(adapted_at(*p), adapted_at(*q)) - cos(teacher_at(*p), teacher_at(*q))) for p in VALID for q in VALID
+)
+REPORTED_COSINE_BY_HAND = mean(cos(adapted_at(*p), teacher_at(*p)) for p in VALID)
+
+
+# ----------------------------------------------------------------------------- output-KD hand cases
+def softmax(row: List[float], temp: float) -> List[float]:
+    e = [math.exp(v / temp) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kl(p: List[float], q: List[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def bernoulli_kl(t_logit: float, s_logit: float, temp: float) -> float:
+    p, q = sigmoid(t_logit / temp), sigmoid(s_logit / temp)
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+KD_S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [0.5, 0.5, -2.0]]  # (N=3, K=3)
+KD_T = [[2.0, 1.0, 0.0], [1.0, 1.0, 1.0], [-1.0, 2.0, 0.0]]
+KD_W = [2.0, 0.0, 1.0]
+KD_ROW = [kl(softmax(t, 2.0), softmax(s, 2.0)) for s, t in zip(KD_S, KD_T)]
+
+CLS_S = [[[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]]]  # (B=1, K=2, A=3), ultralytics' scores layout
+CLS_T = [[[1.0, -2.0, 0.0], [3.0, 0.5, 1.0]]]
+CLS_MASK = [[1.0, 1.0, 0.0]]  # (B, A): the third anchor is not distilled
+CLS_ANCHORS = [a for a in range(3) if CLS_MASK[0][a]]
+
+MASK_S = [[[[0.5, -1.0], [2.0, 0.0]]]]  # (B=1, M=1, 2, 2)
+MASK_T = [[[[1.0, 1.0], [-2.0, 3.0]]]]
+
+CASES: List[Case] = [
+    Case({"type": "feature_mse", "teacher": "sam", "weight": 2.0, "log_as": "loss_sam_mse"}, MSE_BY_HAND),
+    Case({"type": "feature_smooth_l1", "teacher": "sam", "beta": 0.8, "weight": 1.0}, SMOOTH_L1_BY_HAND),
+    Case({"type": "feature_cosine", "teacher": "sam", "weight": 0.5, "log_as": "loss_sam_cos"}, COSINE_BY_HAND),
+    Case({"type": "feature_affinity", "teacher": "sam", "fa_subscale": 1, "weight": 0.1}, AFFINITY_BY_HAND),
+    Case(
+        {"type": "kl_divergence", "temperature": 2.0, "weight": 0.5, "log_as": "loss_kd"},
+        2.0 ** 2 * mean(KD_ROW),
+        {"student": KD_S, "teacher": KD_T},
+        label="batchmean",
+    ),
+    Case(
+        {"type": "kl_divergence", "temperature": 2.0},
+        2.0 ** 2 * sum(w * v for w, v in zip(KD_W, KD_ROW)) / sum(KD_W),
+        {"student": KD_S, "teacher": KD_T, "weight": KD_W},
+        no_grad_at=(1,),  # the zero-weight row
+        label="row-weights",
+    ),
+    Case(
+        {"type": "cls_distill", "temperature": 2.0, "mode": "sigmoid", "teacher": "sam", "weight": 1.0},
+        2.0 ** 2 * mean(sum(bernoulli_kl(CLS_T[0][k][a], CLS_S[0][k][a], 2.0) for k in range(2)) for a in CLS_ANCHORS),
+        {"student": CLS_S, "teacher": CLS_T, "mask": CLS_MASK},
+        no_grad_at=(0, slice(None), 2),
+        label="sigmoid",
+    ),
+    Case(
+        {"type": "cls_distill", "temperature": 2.0, "mode": "softmax"},
+        2.0 ** 2 * mean(
+            kl(softmax([CLS_T[0][k][a] for k in range(2)], 2.0), softmax([CLS_S[0][k][a] for k in range(2)], 2.0))
+            for a in CLS_ANCHORS
+        ),
+        {"student": CLS_S, "teacher": CLS_T, "mask": CLS_MASK},
+        no_grad_at=(0, slice(None), 2),
+        label="softmax",
+    ),
+    Case(
+        {"type": "mask_distill", "temperature": 1.5, "teacher": "sam", "weight": 0.3},
+        1.5 ** 2 * mean(bernoulli_kl(MASK_T[0][0][y][x], MASK_S[0][0][y][x], 1.5) for (y, x) in VALID),
+        {"student": MASK_S, "teacher": MASK_T, "mask": [[MASK]]},
+        no_grad_at=(0, 0, 1, 1),
+    ),
+    Case({"type": "detection", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5}),
+]
+
+CASES_BY_LOSS: Dict[str, List[Case]] = {}
+for _case in CASES:
+    CASES_BY_LOSS.setdefault(_case.kind, []).append(_case)
+
+HEAD_SPECS = [FeatureSpec("P3", 8, 8), FeatureSpec("P4", 16, 16), FeatureSpec("P5", 32, 32)]
+
+
+def group_of(name: str) -> str:
+    return getattr(LOSSES.get(name), "kind", "feature")  # the distiller's default, too
+
+
+def build_like_the_distiller(entry: Dict[str, Any], head: Optional[YOLOv8DetectHead] = None):
+    """What the engine does with one ``distillation.losses`` entry: the config keys minus the
+    reserved ``weight``/``log_as``, plus the head (task losses) or the resolved teacher map, student
+    level and channel sizes (feature losses). Mirrors ``vfmkd.engine.builders.build_loss_terms``."""
+    kind = entry["type"]
+    kwargs = component_kwargs(entry, reserved=RESERVED_LOSS_KEYS)
+    if group_of(kind) == "task":
+        kwargs.pop("head", "detection")
+        kwargs["head"] = head if head is not None else YOLOv8DetectHead(HEAD_SPECS, num_classes=3)
+    elif group_of(kind) == "feature":
+        kwargs.update(teacher_feature="image_embeddings", student_level="P4", student_channels=2, teacher_channels=2)
+    return LOSSES.build(kind, where=f"distillation.losses.{kind}", **kwargs)
+
+
+def cases_for(name: str) -> List[Case]:
+    if name not in CASES_BY_LOSS:
+        pytest.fail(f"loss '{name}' is registered but has no case in tests/test_loss_contract.py CASES")
+    return CASES_BY_LOSS[name]
+
+
+def nonzero(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and bool(torch.isfinite(t).all()) and bool((t != 0).any())
+
+
+# ----------------------------------------------------------------------------- coverage
+def test_every_registered_loss_has_a_case():
+    missing = sorted(set(REGISTERED) - set(CASES_BY_LOSS))
+    assert not missing, f"registered losses without a contract case (add them to CASES): {missing}"
+
+
+def test_every_case_names_a_registered_loss():
+    stale = sorted(set(CASES_BY_LOSS) - set(LOSSES.names()))
+    assert not stale, f"CASES has entries for losses that are no longer registered: {stale}"
+
+
+# ----------------------------------------------------------------------------- the contract
+@pytest.mark.parametrize("name", REGISTERED)
+def test_builds_from_its_yaml_entry(name):
+    for case in cases_for(name):
+        module = build_like_the_distiller(case.entry)
+        assert module.kind in ("task", "output", "feature"), f"{name}: kind {module.kind!r} has no weighting group"
+        if module.kind == "feature":
+            assert (module.teacher, module.student_level, module.teacher_feature) == ("sam", "P4", "image_embeddings")
+
+
+def _feature_case(module, case: Case) -> None:
+    with torch.no_grad():
+        module.adapter.proj.weight.copy_(torch.tensor(W).view(2, 2, 1, 1))
+        module.adapter.proj.bias.copy_(torch.tensor(B))
+    student = torch.tensor([STUDENT], requires_grad=True)
+    value, cosine = module(student, torch.tensor([TEACHER]), torch.tensor([[MASK]]))
+    assert float(value.detach()) == pytest.approx(case.expected, rel=1e-5, abs=1e-7), f"{case.id}: formula"
+    assert float(cosine) == pytest.approx(REPORTED_COSINE_BY_HAND, rel=1e-5), f"{case.id}: reported cosine"
+    value.backward()
+    for pname, p in module.adapter.named_parameters():
+        assert nonzero(p.grad), f"{case.id}: no gradient reaches adapter.{pname}"
+    for y, x in VALID:
+        assert nonzero(student.grad[0, :, y, x]), f"{case.id}: no gradient at valid cell {(y, x)}"
+    for y, x in INVALID:
+        assert torch.equal(student.grad[0, :, y, x], torch.zeros(2)), f"{case.id}: gradient at masked cell {(y, x)}"
+
+
+def _output_case(module, case: Case) -> None:
+    inputs = dict(case.inputs)
+    student = torch.tensor(inputs.pop("student"), requires_grad=True)
+    teacher = torch.tensor(inputs.pop("teacher"), requires_grad=True)
+    value = module(student, teacher, **{k: torch.tensor(v) for k, v in inputs.items()})
+    assert value.dim() == 0
+    assert float(value.detach()) == pytest.approx(case.expected, rel=1e-5, abs=1e-7), f"{case.id}: formula"
+    value.backward()
+    assert teacher.grad is None, f"{case.id}: gradient reaches the teacher logits (a target)"
+    reached = student.grad.clone()
+    if case.no_grad_at is not None:
+        assert torch.equal(reached[case.no_grad_at], torch.zeros_like(reached[case.no_grad_at])), f"{case.id}: masked"
+        reached[case.no_grad_at] = 1.0
+    assert bool((reached != 0).all()), f"{case.id}: some distilled student logits get no gradient"
+
+
+def _task_case(case: Case) -> None:
+    torch.manual_seed(0)
+    head = YOLOv8DetectHead(HEAD_SPECS, num_classes=3).train()
+    module = build_like_the_distiller(case.entry, head=head)
+    # Two 64x64 images: P3 8x8, P4 4x4, P5 2x2; three boxes (normalised xywh), one image has two.
+    feats = {s.name: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride, requires_grad=True) for s in HEAD_SPECS}
+    batch = {
+        "cls": torch.tensor([[0.0], [2.0], [1.0]]),
+        "bboxes": torch.tensor([[0.3, 0.3, 0.25, 0.25], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]),
+        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+    }
+    value, items = module(head(feats), batch)
+    assert value.dim() == 0 and bool(torch.isfinite(value)) and float(value.detach()) > 0, f"{case.id}: {value}"
+    assert set(items) == {"box", "cls", "dfl"}
+    # Documented: box + cls + dfl (each with its gain), averaged per image.
+    assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
+    value.backward()
+    for level, f in feats.items():
+        assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
+    trained = {n: p for n, p in head.named_parameters() if p.requires_grad}  # the DFL projection is fixed
+    assert all(p.grad is not None for p in trained.values()), f"{case.id}: head parameters without gradient"
+    for branch in ("box", "cls"):  # ultralytics' cv2 regresses boxes, cv3 scores classes, per level
+        last = {"box": "cv2", "cls": "cv3"}[branch]
+        assert all(nonzero(head.detect.get_submodule(f"{last}.{i}.2").weight.grad) for i in range(3)), branch
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_value_and_backward(name):
+    for case in cases_for(name):
+        if group_of(name) == "task":
+            _task_case(case)
+            continue
+        module = build_like_the_distiller(case.entry)
+        if module.kind == "feature":
+            _feature_case(module, case)
+        else:
+            _output_case(module, case)
