@@ -1,5 +1,7 @@
-"""Every registered distillation loss against a hand-written computation of its formula, plus
-registry building (misspelt keys get a did-you-mean ConfigError) and the alpha/beta/gamma weighting."""
+"""What the loss contract (tests/test_loss_contract.py: every registered loss built from its YAML entry,
+its value against a hand-computed case, backward) does not cover: special parameter values
+(smooth L1 at beta 0, FA pooling), invariances, logit layouts and mask shapes, exact KD gradients,
+misspelt keys (did-you-mean ConfigError), invalid values and the alpha/beta/gamma weighting."""
 from __future__ import annotations
 
 import math
@@ -42,28 +44,19 @@ def _manual_cos(a, t):
 
 
 # ----------------------------------------------------------------------------- feature losses
-@pytest.mark.parametrize("beta", [0.5, 1.0, 0.0])
-def test_feature_smooth_l1(beta):
+def test_feature_smooth_l1_beta_zero_is_masked_l1():
     s, t, mask = _feature_inputs()
-    loss = FeatureSmoothL1Loss(**FEAT, beta=beta)
-    value, cos = loss(s, t, mask)
+    loss = FeatureSmoothL1Loss(**FEAT, beta=0.0)
+    value, _ = loss(s, t, mask)
     d = (loss.adapter(s) - t).abs()
-    if beta > 0:
-        elem = torch.where(d < beta, 0.5 * d ** 2 / beta, d - 0.5 * beta)
-    else:
-        elem = d  # beta = 0 is plain L1
-    torch.testing.assert_close(value, _masked_location_mean(elem.mean(1), mask))
-    torch.testing.assert_close(cos, _masked_location_mean(_manual_cos(loss.adapter(s), t), mask))
+    torch.testing.assert_close(value, _masked_location_mean(d.mean(1), mask))
 
 
-def test_feature_cosine():
+def test_feature_cosine_is_scale_invariant_in_the_teacher():
     s, t, mask = _feature_inputs()
     loss = FeatureCosineLoss(**FEAT)
     value, cos = loss(s, t, mask)
-    manual = _manual_cos(loss.adapter(s), t)
-    torch.testing.assert_close(value, _masked_location_mean(1 - manual, mask))
-    torch.testing.assert_close(value, 1 - cos)  # reported cosine is the same quantity here
-    # Scale-invariant in the teacher.
+    torch.testing.assert_close(value, 1 - cos)  # the loss is one minus the reported cosine
     torch.testing.assert_close(loss(s, 7.0 * t, mask)[0], value)
 
 
@@ -102,8 +95,6 @@ def test_feature_affinity_against_loops():
     same = FeatureAffinityLoss(**FEAT, fa_subscale=2)
     same.load_state_dict(loss.state_dict())
     torch.testing.assert_close(same(s, t, mask)[0], value)
-    value.backward()
-    assert loss.adapter.proj.weight.grad is not None and torch.isfinite(loss.adapter.proj.weight.grad).all()
 
 
 def test_feature_affinity_matches_dsrl_for_one_full_image():
@@ -141,27 +132,20 @@ def _manual_binary_kl(s, t, temp):
     return p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
 
 
-def test_kl_divergence_value_gradient_and_weight():
+def test_kl_divergence_gradient_is_t_times_probability_gap():
     torch.manual_seed(2)
     s = torch.randn(6, 10, requires_grad=True)
-    t = torch.randn(6, 10, requires_grad=True)
+    t = torch.randn(6, 10)
     temp = 3.0
-    value = KLDivergenceLoss(temperature=temp)(s, t)
-    torch.testing.assert_close(value, _manual_softmax_kl(s, t, temp, 1).mean() * temp ** 2)
-    value.backward()
+    KLDivergenceLoss(temperature=temp)(s, t).backward()
     # d/ds of T^2 * KL(p_t || softmax(s/T)) / N is T * (p_s - p_t) / N: the T^2 factor is there.
     expected = temp * (torch.softmax(s / temp, 1) - torch.softmax(t / temp, 1)) / s.shape[0]
     torch.testing.assert_close(s.grad, expected.detach())
-    assert t.grad is None  # the teacher is a target
-    w = torch.tensor([1.0, 0.0, 2.0, 0.5, 0.0, 1.0])
-    weighted = KLDivergenceLoss(temperature=temp)(s, t, w)
-    kl = _manual_softmax_kl(s, t, temp, 1)
-    torch.testing.assert_close(weighted, (w * kl).sum() / w.sum() * temp ** 2)
-    assert float(KLDivergenceLoss()(t.detach(), t.detach())) == pytest.approx(0.0, abs=1e-6)
+    assert float(KLDivergenceLoss()(t, t)) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_cls_distill(mode):
+def test_cls_distill_layouts_and_bool_mask(mode):
     torch.manual_seed(3)
     s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11) * 3  # (B, K, A) as ultralytics' scores
     anchors = torch.rand(2, 11) > 0.4
@@ -172,14 +156,14 @@ def test_cls_distill(mode):
     else:
         per_anchor = _manual_softmax_kl(s, t, temp, 1)
     torch.testing.assert_close(loss(s, t), per_anchor.mean() * temp ** 2)
-    torch.testing.assert_close(loss(s, t, anchors), per_anchor[anchors].mean() * temp ** 2)
+    torch.testing.assert_close(loss(s, t, anchors), per_anchor[anchors].mean() * temp ** 2)  # bool mask
     # (N, K) rows give the same value as the (B, K, A) layout.
     rows = lambda x: x.permute(0, 2, 1).reshape(-1, 5)
     torch.testing.assert_close(loss(rows(s), rows(t), anchors.reshape(-1)), loss(s, t, anchors))
     torch.testing.assert_close(loss(s.permute(0, 2, 1), t.permute(0, 2, 1), anchors, class_dim=-1), loss(s, t, anchors))
 
 
-def test_mask_distill_with_mask_and_extreme_logits():
+def test_mask_distill_mask_shapes_and_extreme_logits():
     torch.manual_seed(4)
     s, t = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8) * 4
     valid = torch.zeros(2, 1, 6, 8)
