@@ -12,7 +12,7 @@ import torch
 from PIL import ImageFile
 
 from vfmkd.core.errors import DatasetError
-from vfmkd.datasets import DetectionDataset, collate_detection, load_rgb
+from vfmkd.datasets import DetectionDataset, collate_samples, load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO / "datasets" / "coco128"
@@ -39,27 +39,27 @@ def test_letterbox_affine_maps_labelled_box():
     h, w = ds.orig_sizes[i]
     r = min(320 / h, 320 / w)
     new_w, new_h = round(w * r), round(h * r)
-    sx, sy, ox, oy = sample["affine"].tolist()
+    sx, sy, ox, oy = sample.view.affine
     assert (sx, sy) == pytest.approx((new_w / w, new_h / h))
     assert (ox, oy) == (round((320 - new_w) / 2 - 0.1), round((320 - new_h) / 2 - 0.1))
-    assert sample["image"].shape == (3, 320, 320) and sample["image"].dtype == torch.float32
-    assert sample["orig_hw"].tolist() == [h, w] and sample["image_id"] == ds.paths[i].stem
+    assert sample.image.shape == (3, 320, 320) and sample.image.dtype == torch.float32
+    assert sample.view.orig_hw == (h, w) and sample.image_id == ds.paths[i].stem
 
     # Same pixels as ultralytics' own LetterBox (the student's reference preprocessing).
     from ultralytics.data.augment import LetterBox
 
     orig = load_rgb(ds.paths[i])
     ref = LetterBox(new_shape=(320, 320), auto=False, scaleup=True, center=True)(image=orig)
-    assert np.array_equal((sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), ref)
+    assert np.array_equal((sample.image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), ref)
 
     # A labelled box: original pixel corners mapped by the affine equal the dataset's letterboxed box,
     # and the canvas shows the same content there as the original image (mean colour).
     cls, cx, cy, bw, bh = ds.labels[i][int(np.argmax(ds.labels[i][:, 3] * ds.labels[i][:, 4]))]
     x0, y0, x1, y1 = (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h
     lx0, ly0, lx1, ly1 = x0 * sx + ox, y0 * sy + oy, x1 * sx + ox, y1 * sy + oy
-    k = int(np.argmax(sample["bboxes"][:, 2] * sample["bboxes"][:, 3]))
-    assert sample["cls"][k].item() == cls
-    bx, by, bbw, bbh = (sample["bboxes"][k] * 320).tolist()
+    k = int(np.argmax(sample.boxes.boxes[:, 2] * sample.boxes.boxes[:, 3]))
+    assert sample.boxes.cls[k].item() == cls
+    bx, by, bbw, bbh = (sample.boxes.boxes[k] * 320).tolist()
     assert (bx - bbw / 2, by - bbh / 2, bx + bbw / 2, by + bbh / 2) == pytest.approx((lx0, ly0, lx1, ly1), abs=1e-3)
     crop_orig = orig[int(y0):int(y1), int(x0):int(x1)].reshape(-1, 3).mean(0)
     crop_lb = ref[int(ly0):int(ly1), int(lx0):int(lx1)].reshape(-1, 3).mean(0)
@@ -109,8 +109,8 @@ def test_missing_label_file_means_no_objects(tmp_path):
     root = make_root(tmp_path, 2)
     for f in (root / "object_detection" / "labels" / SPLIT).glob("*.txt"):
         f.unlink()
-    batch = collate_detection([s for s in DetectionDataset(str(root), SPLIT, img_size=64)])
-    assert batch["cls"].shape == (0, 1) and batch["bboxes"].shape == (0, 4) and batch["batch_idx"].shape == (0,)
+    batch = collate_samples([s for s in DetectionDataset(str(root), SPLIT, img_size=64)])
+    assert batch.boxes.cls.shape == (0, 1) and batch.boxes.bboxes.shape == (0, 4) and batch.boxes.batch_idx.shape == (0,)
 
 
 def test_collate_is_the_batch_format_of_v8_detection_loss():
@@ -118,20 +118,21 @@ def test_collate_is_the_batch_format_of_v8_detection_loss():
     from ultralytics.utils.loss import v8DetectionLoss
 
     ds = DetectionDataset(str(COCO), SPLIT, img_size=128, limit=4)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_detection)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_samples)
     batch = next(iter(loader))
     n = sum(len(lb) for lb in ds.labels)
-    assert batch["images"].shape == (4, 3, 128, 128)
-    assert batch["cls"].shape == (n, 1) and batch["bboxes"].shape == (n, 4) and batch["batch_idx"].shape == (n,)
-    assert batch["batch_idx"].tolist() == [float(i) for i, lb in enumerate(ds.labels) for _ in range(len(lb))]
-    assert batch["affine"].shape == (4, 4) and batch["orig_hw"].shape == (4, 2)
-    assert batch["image_ids"] == ds.image_ids and batch["teachers"] == {}
-    assert 0 <= batch["bboxes"].min() and batch["bboxes"].max() <= 1
+    boxes = batch.boxes
+    assert batch.images.shape == (4, 3, 128, 128)
+    assert boxes.cls.shape == (n, 1) and boxes.bboxes.shape == (n, 4) and boxes.batch_idx.shape == (n,)
+    assert boxes.batch_idx.tolist() == [float(i) for i, lb in enumerate(ds.labels) for _ in range(len(lb))]
+    assert batch.views.affine.shape == (4, 4) and batch.views.orig_hw.shape == (4, 2)
+    assert batch.image_ids == ds.image_ids
+    assert 0 <= boxes.bboxes.min() and boxes.bboxes.max() <= 1
 
     detect = Detect(nc=80, ch=(16, 32, 64))
     detect.stride = torch.tensor([8.0, 16.0, 32.0])
     model = torch.nn.Module()
     model.model, model.args = torch.nn.ModuleList([detect]), SimpleNamespace(box=7.5, cls=0.5, dfl=1.5)
     preds = detect.train()([torch.randn(4, c, 128 // s, 128 // s) for c, s in ((16, 8), (32, 16), (64, 32))])
-    loss, items = v8DetectionLoss(model)(preds, batch)
+    loss, items = v8DetectionLoss(model)(preds, boxes.as_loss_input())
     assert loss.shape == (3,) and torch.isfinite(loss).all() and items["box_loss"] > 0

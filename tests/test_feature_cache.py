@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 from vfmkd.core.errors import CacheMismatchError, ConfigError
-from vfmkd.datasets import DetectionDataset, FeatureCacheReader, collate_detection
+from vfmkd.datasets import DetectionDataset, FeatureCacheReader
+from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
+from vfmkd.engine.builders import open_cache
 from vfmkd.teachers.base import TeacherFingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +110,7 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
     with h5py.File(out / f"{SPLIT}.h5", "r") as f:
         assert f["done"][:].tolist() == [True] * BATCH + [False] * (LIMIT - BATCH)
     with pytest.raises(CacheMismatchError, match=f"{LIMIT - BATCH} of {LIMIT} images .* Finish the cache with"):
-        DetectionDataset(str(COCO), SPLIT, img_size=128, limit=LIMIT, teacher_caches={"sam": str(out)})
+        cached_dataset(out, LIMIT)
 
     calls = []
     original = ptf.FeatureCacheWriter.write
@@ -168,29 +170,38 @@ def test_bad_overrides_fail_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def cached_dataset(cache_dir: Path, limit: int) -> CachedTargetsDataset:
+    """coco128 samples with the SAM cache of ``cache_dir`` attached, as the engine builds them."""
+    ds = DetectionDataset(str(COCO), SPLIT, img_size=128, limit=limit)
+    entry = {"type": "sam", "feature_path": str(cache_dir), "init": "random", "input_size": SIZE}
+    cache = open_cache("sam", entry, {"dataset": "coco128"}, SPLIT)
+    return CachedTargetsDataset(ds, {"sam": cache}, {"sam": cache.missing_images(ds.image_ids, ds.orig_sizes, False, limit=limit)})
+
+
 def test_dataset_reads_teacher_features_in_workers(cache_dir):
-    ds = DetectionDataset(str(COCO), SPLIT, img_size=128, limit=4, teacher_caches={"sam": str(cache_dir)})
-    sample = ds[1]["teacher/sam"]
+    ds = cached_dataset(cache_dir, 4)
+    sample, cached = ds[1]
+    entry = cached["sam"]
     with h5py.File(cache_dir / f"{SPLIT}.h5", "r") as f:
         want = torch.from_numpy(f["features/image_embeddings"][1])
         want_affine = torch.from_numpy(f["affine"][1])
-    assert sample["features"]["image_embeddings"].dtype == torch.float16
-    assert torch.equal(sample["features"]["image_embeddings"], want) and torch.equal(sample["affine"], want_affine)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_detection)
+    assert entry.features["image_embeddings"].dtype == torch.float16
+    assert torch.equal(entry.features["image_embeddings"], want) and torch.equal(entry.affine, want_affine)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_distill)
     batches = list(loader)  # forked workers open their own HDF5 handles
-    t = batches[0]["teachers"]["sam"]
-    assert t["features"]["trunk"].shape == (2, 768, 8, 8) and t["features"]["image_embeddings"].dtype == torch.float16
-    assert t["affine"].shape == (2, 4) and t["valid_hw"].shape == (2, 2) and t["input_size"] == SIZE
-    assert torch.equal(batches[0]["teachers"]["sam"]["features"]["image_embeddings"][1], want)
+    t = batches[0].cached["sam"]
+    assert t.features["trunk"].shape == (2, 768, 8, 8) and t.features["image_embeddings"].dtype == torch.float16
+    assert t.affine.shape == (2, 4) and t.valid_hw.shape == (2, 2) and t.input_size == SIZE
+    assert torch.equal(batches[0].cached["sam"].features["image_embeddings"][1], want)
 
 
 def test_dataset_refuses_a_cache_that_lacks_images(cache_dir, tmp_path):
     with pytest.raises(CacheMismatchError) as err:
-        DetectionDataset(str(COCO), SPLIT, img_size=128, limit=LIMIT + 2, teacher_caches={"sam": str(cache_dir)})
+        cached_dataset(cache_dir, LIMIT + 2)
     msg = str(err.value)
     assert f"2 of {LIMIT + 2} images" in msg
     assert f"python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --splits {SPLIT} --output {cache_dir}" in msg
     assert f"--limit {LIMIT + 2}" in msg and f"delete {cache_dir / (SPLIT + '.h5')}" in msg
     assert "teacher.input_size=128" in msg and "teacher.init=random" in msg
-    with pytest.raises(CacheMismatchError, match="no feature cache at .*Fill it with"):
-        DetectionDataset(str(COCO), SPLIT, img_size=128, limit=2, teacher_caches={"sam": str(tmp_path / "none")})
+    with pytest.raises(CacheMismatchError, match="no cached features at .*Write them first"):
+        cached_dataset(tmp_path / "none", 2)

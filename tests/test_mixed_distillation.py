@@ -10,8 +10,9 @@ import torch
 
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import ConfigError
-from vfmkd.core.trainer import Trainer
-from vfmkd.distillation.mixer import TeacherMixer
+from vfmkd.engine.trainer import Trainer
+from vfmkd.distillation.routing import offline_draw
+from vfmkd.distillation.targets import QuantizedMap
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -38,23 +39,25 @@ def base(features: Path, work_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_mixer_is_reproducible_and_respects_the_pure_modes():
+def test_offline_draw_is_reproducible_and_respects_the_pure_modes():
     def run(ratio, seed):
-        m = TeacherMixer(ratio, seed, {"sam": True})
-        return [m.decide(step, "sam", {"x": 1}).mode for step in range(200)]
+        return ["offline" if offline_draw(seed, step, 0) < ratio else "online" for step in range(200)]
 
     assert run(0.8, 1) == run(0.8, 1) and run(0.8, 1) != run(0.8, 2)
     assert 0.7 < run(0.8, 1).count("offline") / 200 < 0.9
     assert set(run(1.0, 0)) == {"offline"} and set(run(0.0, 0)) == {"online"}
+
+
+def test_offline_ratio_outside_unit_interval_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="within \\[0, 1\\]"):
-        TeacherMixer(1.2, 0, {"sam": True})
+        load_experiment(EXPERIMENT, ["distillation.offline_ratio=1.2", f"work_dir={tmp_path}"])
 
 
 def test_pure_offline_does_not_load_the_teacher(flip_cache, tmp_path):
     trainer = Trainer(load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.fliplr=0.5")), progress=False)
-    assert trainer.sources["sam"].online is None  # flips are served by the cached flipped pass
+    assert trainer.router.sources["sam"].live is None  # flips are served by the cached flipped pass
     trainer.fit()
-    assert trainer.mixer.summary()["sam"] == {"offline": LIMIT // 2}
+    assert trainer.router.summary()["sam"] == {"offline": LIMIT // 2}
 
 
 def test_mixed_run_with_augmentation_counts_and_routes_batches(flip_cache, tmp_path):
@@ -64,9 +67,9 @@ def test_mixed_run_with_augmentation_counts_and_routes_batches(flip_cache, tmp_p
         # routing by the draw alone here; the geometric gates have their own test below
         "distillation.offline_crops=true", "distillation.offline_max_shift=1.0"))
     trainer = Trainer(cfg, progress=False)
-    assert trainer.sources["sam"].online is not None
+    assert trainer.router.sources["sam"].live is not None
     metrics = trainer.fit()
-    counts = trainer.mixer.summary()["sam"]
+    counts = trainer.router.summary()["sam"]
     assert counts["offline"] + counts["online"] == 2 * LIMIT // 2
     assert counts["offline"] > 0 and counts["online"] > 0
     for epoch in metrics["epochs"]:
@@ -78,7 +81,7 @@ def test_rotation_forces_the_live_teacher_and_says_why(flip_cache, tmp_path):
     cfg = load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.degrees=20"))
     trainer = Trainer(cfg, progress=False)
     trainer.fit()
-    counts = trainer.mixer.summary()["sam"]
+    counts = trainer.router.summary()["sam"]
     assert counts.get("offline", 0) == 0
     assert any("rotated view" in k for k in counts)
 
@@ -87,7 +90,7 @@ def test_crops_and_large_shifts_go_to_the_live_teacher(flip_cache, tmp_path):
     cfg = load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.translate=0.4", "data.augment.scale=0.5"))
     trainer = Trainer(cfg, progress=False)
     trainer.fit()
-    reasons = [k for k in trainer.mixer.summary()["sam"] if k.startswith("online: ")]
+    reasons = [k for k in trainer.router.summary()["sam"] if k.startswith("online: ")]
     assert any("crops the image" in r or "view moved" in r for r in reasons), reasons
 
 
@@ -100,12 +103,12 @@ def test_two_teachers_each_with_its_own_level_mode_and_standardisation(flip_cach
         "+distillation.losses.big_cosine.type=feature_cosine", "distillation.losses.big_cosine.teacher=sam_big",
         "distillation.losses.big_cosine.student_level=P5", "distillation.losses.big_cosine.weight=0.5"))
     trainer = Trainer(cfg, progress=False)
-    assert trainer.sources["sam_big"].online is not None and trainer.sources["sam"].online is None
+    assert trainer.router.sources["sam_big"].live is not None and trainer.router.sources["sam"].live is None
     assert set(trainer.distiller._stats) == {("sam", "image_embeddings"), ("sam_big", "image_embeddings")}
     metrics = trainer.fit()
     logs = metrics["epochs"][0]["train"]
     assert {"cos_sam", "cos_sam_big", "loss_feat_distill_sam", "loss_feat_distill_sam_big"} <= set(logs)
-    summary = trainer.mixer.summary()
+    summary = trainer.router.summary()
     # distill_interval=2: a teacher pass on every other of the 4 steps
     assert summary["sam"] == {"offline": 2} and summary["sam_big"]["online"] == 2
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -126,9 +129,9 @@ def test_images_missing_from_the_cache_go_online_when_configured(tmp_path):
         Trainer(load_experiment(EXPERIMENT, base(partial, tmp_path)), progress=False)
     trainer = Trainer(load_experiment(EXPERIMENT, base(partial, tmp_path, "distillation.missing_cache=online")),
                       progress=False)
-    assert trainer.sources["sam"].online is not None
+    assert trainer.router.sources["sam"].live is not None
     trainer.fit()
-    counts = trainer.mixer.summary()["sam"]
+    counts = trainer.router.summary()["sam"]
     assert counts["online"] >= 2 and counts.get("online: images missing from the cache", 0) >= 2
 
 
@@ -137,8 +140,8 @@ def test_training_reads_an_int8_cache_and_dequantises_on_the_device(tmp_path):
     assert ptf.main(["--teacher", "sam", "--splits", "train2017", "--limit", str(LIMIT), "--storage", "int8",
                      "--output", str(out), "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
     trainer = Trainer(load_experiment(EXPERIMENT, base(out, tmp_path)), progress=False)
-    batch = next(iter(trainer.train_loader))
-    packed = batch["teachers"]["sam"]["features"]["image_embeddings"]
-    assert isinstance(packed, dict) and packed["values"].dtype == torch.int8
+    item = next(iter(trainer.train_loader))
+    packed = item.cached["sam"].features["image_embeddings"]
+    assert isinstance(packed, QuantizedMap) and packed.values.dtype == torch.int8
     logs = trainer.train_one_epoch(1)
     assert np.isfinite(logs["loss_feat_distill_sam"]) and logs["cos_sam"] > -1

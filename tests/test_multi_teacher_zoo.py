@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vfmkd.core.config import load_experiment
-from vfmkd.core.trainer import Trainer
+from vfmkd.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -30,7 +30,7 @@ def test_sam2_and_dinov2_distil_into_one_student(tmp_path):
         "data.num_workers=0", "train.epochs=1", f"work_dir={tmp_path}",
     ])
     trainer = Trainer(cfg, progress=False)
-    assert all(src.online is None for src in trainer.sources.values())  # both cached, no model loaded
+    assert all(src.live is None for src in trainer.router.sources.values())  # both cached, no model loaded
     levels = {n: m.student_level for n, m in trainer.distiller.feature_losses.items()}
     assert levels == {"sam2_p3": "P3", "sam2_p4": "P4", "dinov2_p5": "P5", "dinov2_cls": "P5"}
     metrics = trainer.fit()

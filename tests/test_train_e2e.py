@@ -14,7 +14,7 @@ import torch
 
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import CacheMismatchError
-from vfmkd.core.trainer import Trainer
+from vfmkd.engine.trainer import Trainer
 from vfmkd.distillation.distiller import NonFiniteLossError
 from vfmkd.utils.checkpoint import load_checkpoint
 

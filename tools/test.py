@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Evaluate a trained student on the validation split (precision, recall, mAP50, mAP50-95).
+"""Evaluate a trained student on the validation split: precision, recall, mAP50, mAP50-95 and the
+held-out student-teacher cosine/MSE per distilled teacher and level.
 
-    python tools/test.py --config configs/experiments/yolov8_sam_coco128.yaml --checkpoint work_dirs/.../best.pt
+    python tools/test.py --config work_dirs/<run>/config.yaml --checkpoint work_dirs/<run>/checkpoints/best.pt
 """
 from __future__ import annotations
 
@@ -12,13 +13,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 from vfmkd.core.config import load_experiment, resolve_path  # noqa: E402
-from vfmkd.core.errors import CheckpointError  # noqa: E402
-from vfmkd.core.evaluator import evaluate_detection  # noqa: E402
-from vfmkd.core.run_dir import create_run_dir, write_json, write_run_config  # noqa: E402
-from vfmkd.core.train_setup import build_loader, class_names, detection_classes, select_device  # noqa: E402
-from vfmkd.datasets import DetectionDataset  # noqa: E402
-from vfmkd.models.unified_model import UnifiedModel  # noqa: E402
-from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
+from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config  # noqa: E402
+from vfmkd.engine.tester import test_checkpoint  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
 
@@ -42,33 +38,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dir = create_run_dir(resolve_path(cfg["work_dir"]), cfg["experiment_name"] + "_test")
         write_run_config(run_dir, cfg)
     log = setup_logging(run_dir / "test.log")
-    state = load_checkpoint(checkpoint)
-    if "model" not in state:
-        raise CheckpointError(f"{checkpoint} is not a vfmkd training checkpoint (no 'model' entry); pass checkpoints/best.pt of a run")
-    device = select_device(cfg["train"]["device"])
-    model = UnifiedModel.from_config(cfg["model"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{checkpoint} does not fit the model of {args.config} (was it trained with another backbone, scale or "
-            f"num_classes? pass the run's own config.yaml): {str(exc).splitlines()[0]}"
-        ) from exc
-    model.to(device)
-    data = cfg["data"]
-    split = args.split or data["val_split"]
-    num_classes = detection_classes(cfg)
-    dataset = DetectionDataset(str(resolve_path(data["root"])), split, data["img_size"], data["limit"], num_classes)
-    loader = build_loader(dataset, cfg["eval"]["batch_size"], data["num_workers"], False, cfg["train"]["seed"])
-    metrics = evaluate_detection(
-        model, loader, class_names(data, num_classes), device,
-        conf=cfg["eval"]["conf"], iou=cfg["eval"]["iou"], max_det=cfg["eval"]["max_det"], progress=not args.no_progress,
-    )
-    metrics.update(checkpoint=str(checkpoint), split=split, epoch=state.get("epoch"))
+    split = args.split or cfg["data"]["val_split"]
+    metrics = test_checkpoint(cfg, checkpoint, split, args.config, progress=not args.no_progress)
     out = run_dir / f"test_metrics_{split}.json"
     write_json(out, metrics)
     log.info("%s: mAP50=%.4f mAP50-95=%.4f P=%.4f R=%.4f on %d images -> %s",
              split, metrics["mAP50"], metrics["mAP50-95"], metrics["precision"], metrics["recall"], metrics["images"], out)
+    for key, value in (metrics.get("fidelity") or {}).items():
+        log.info("%s: held-out %s cosine=%.4f mse=%.4f over %d cells", split, key, value["cos"], value["mse"], value["cells"])
     return 0
 
 

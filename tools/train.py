@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 from vfmkd.core.config import load_experiment  # noqa: E402
-from vfmkd.core.trainer import Trainer  # noqa: E402
+from vfmkd.engine.trainer import Trainer  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser  # noqa: E402
 
 

@@ -75,8 +75,20 @@ class DataConfig:
 
 
 @dataclass
+class StageConfig:
+    # One stage of train.stages: its epochs, the distillation.losses entries it trains (null: all),
+    # weight overrides for them and its base LR (null: train.lr).
+    name: str = ""
+    epochs: int = 1
+    losses: Optional[List[str]] = None
+    weights: Dict[str, float] = field(default_factory=dict)
+    lr: Optional[float] = None
+
+
+@dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: Optional[int] = None  # 100 without stages; with stages, the sum of their epochs
+    stages: List[StageConfig] = field(default_factory=list)
     lr: float = 0.01
     optimizer: str = "adamw"  # adamw | sgd
     weight_decay: float = 0.0005
@@ -97,6 +109,7 @@ class EvalConfig:
     iou: float = 0.7
     max_det: int = 300
     batch_size: int = 16
+    fidelity: bool = True  # held-out student-teacher cosine/MSE per teacher and level next to mAP
 
 
 @dataclass
@@ -253,8 +266,26 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str
         if not isinstance(entry, dict):
             raise ConfigError(f"distillation.losses.{name} must be a mapping, got {entry!r}")
         entry.setdefault("type", name)
+    _resolve_epochs(resolved["train"], str(path))
     _check_ranges(resolved)
     return resolved
+
+
+DEFAULT_EPOCHS = 100
+
+
+def _resolve_epochs(train: Dict[str, Any], source: str) -> None:
+    """``train.epochs`` is the sum of the stages' epochs when stages are given (a contradicting
+    value is an error), else its value (100 when unset)."""
+    if not train["stages"]:
+        train["epochs"] = DEFAULT_EPOCHS if train["epochs"] is None else train["epochs"]
+        return
+    total = sum(int(s["epochs"]) for s in train["stages"])
+    if train["epochs"] is not None and train["epochs"] != total:
+        raise ConfigError(
+            f"{source}: train.epochs={train['epochs']} but train.stages add up to {total} epochs; drop train.epochs "
+            f"(it follows the stages) or change the stages' epochs (e.g. train.stages.0.epochs=N).")
+    train["epochs"] = total
 
 
 def import_custom_modules(modules: Sequence[str]) -> None:

@@ -38,7 +38,7 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.datasets import cache_codec as codec
 from vfmkd.datasets.cache_codec import FLIP_GROUPS as _FLIP
 from vfmkd.datasets.cache_codec import FORMAT_VERSIONS, alloc_dataset, bytes_per_image, layout_flags, stored_layout
-from vfmkd.teachers.base import TeacherFingerprint
+from vfmkd.core.fingerprint import TeacherFingerprint
 
 FORMAT_VERSION = 1  # float16 files (readable by every vfmkd reader); int8 files: codec.FORMAT_VERSIONS
 TOOL = "python tools/prepare_teacher_features.py"

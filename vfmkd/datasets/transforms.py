@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from vfmkd.datasets.records import ViewGeometry
+
 PAD_VALUE = 114
 
 
@@ -48,6 +50,15 @@ class StudentView:
     @property
     def rotated(self) -> bool:
         return self.affine is None
+
+    def geometry(self, orig_hw: Tuple[int, int]) -> ViewGeometry:
+        """The view without its pixels (what travels with a sample)."""
+        m = self.matrix
+        # A rotated view has no per-axis affine: its axis-aligned part is kept for shapes only.
+        affine = self.affine or (float(m[0, 0]), float(m[1, 1]), float(m[0, 2]), float(m[1, 2]))
+        return ViewGeometry(matrix=np.asarray(m, np.float64), affine=affine, content_box=self.content_box,
+                            orig_hw=(int(orig_hw[0]), int(orig_hw[1])), flipped=self.flipped,
+                            rotated=self.rotated, cropped=self.cropped)
 
 
 def letterbox(img: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[float, float, float, float]]:

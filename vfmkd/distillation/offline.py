@@ -1,19 +1,17 @@
-"""Offline teachers: features come from the HDF5 cache written by tools/prepare_teacher_features.py."""
+"""Cached teachers: features written once by tools/prepare_teacher_features.py, read back per image."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from vfmkd.core.config import resolve_path, teacher_kwargs
-from vfmkd.core.errors import CacheMismatchError, ConfigError
+from vfmkd.core.errors import CacheMismatchError
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.core.registry import TEACHERS
-from vfmkd.datasets.feature_cache import FeatureCacheReader, rebuild_command
+from vfmkd.core.fingerprint import TeacherFingerprint
+from vfmkd.datasets.feature_cache import FeatureCacheReader
 from vfmkd.utils.logging import get_logger
-
 
 
 class CacheMissingError(CacheMismatchError):
@@ -22,50 +20,77 @@ class CacheMissingError(CacheMismatchError):
 
 @dataclass(frozen=True)
 class OfflineTeacher:
-    """A cached teacher: where its split files are and what maps they hold."""
+    """One teacher's cache of one split, opened and fingerprint-checked once.
+
+    ``reader`` serves per-image entries (also in DataLoader workers: it opens its HDF5 handle per
+    process); ``stats`` holds the per-channel (mean, std) of each map measured at cache time.
+    """
 
     name: str
-    feature_dir: Path
+    reader: FeatureCacheReader
     feature_specs: Tuple[FeatureSpec, ...]
     primary_feature: str
     input_size: int
     has_flip: bool  # a second, mirrored teacher pass is cached (--with-flip)
-    stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # feature -> per-channel (mean, std) measured at cache time
+    stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
-    def split_file(self, split: str) -> Path:
-        return self.feature_dir / f"{split}.h5"
+    @property
+    def path(self) -> Path:
+        return self.reader.path
+
+    def missing_images(self, image_ids: Sequence[str], orig_sizes: Sequence[Tuple[int, int]], allow_missing: bool,
+                       data_root: Optional[str] = None, limit: Optional[int] = None) -> FrozenSet[str]:
+        """The ids of ``image_ids`` the cache lacks (only allowed with ``allow_missing``); raises when
+        the cache was built for other images or an image changed size since."""
+        reader, where = self.reader, f"teacher '{self.name}'"
+        missing = reader.missing_ids(image_ids)
+        if missing:
+            cmd = reader.rebuild_command(data_root, limit=limit)
+            head = (f"{where}: {len(missing)} of {len(image_ids)} images of {reader.attrs.get('split', '?')} are "
+                    f"missing from {reader.path} (e.g. {', '.join(missing[:3])}).")
+            if allow_missing:
+                get_logger().warning("%s They go to the live teacher (distillation.missing_cache=online). Complete the "
+                                     "cache with:\n  %s", head, cmd)
+            elif reader.image_ids == list(image_ids):  # same list, unfinished: the tool resumes it
+                raise CacheMismatchError(f"{head} Finish the cache with:\n  {cmd}")
+            else:
+                raise CacheMismatchError(
+                    f"{head} It was built for another image list ({len(reader.image_ids)} images, e.g. another --limit): "
+                    f"delete {reader.path} (or pick another --output) and run:\n  {cmd}")
+        absent = set(missing)
+        for image_id, hw in zip(image_ids, orig_sizes):
+            if image_id in absent:
+                continue
+            cached = tuple(int(v) for v in reader.orig_hw[reader.index_of(image_id)])
+            if cached != tuple(hw):
+                raise CacheMismatchError(
+                    f"{where}: image {image_id} is {hw[0]}x{hw[1]} but {reader.path} cached it at {cached[0]}x{cached[1]}; "
+                    f"the image changed. Delete {reader.path} and rebuild:\n  {reader.rebuild_command(data_root, limit=limit)}")
+        return frozenset(absent)
 
 
-def open_offline_teacher(name: str, entry: Mapping[str, Any], dataset: str, split: str) -> OfflineTeacher:
-    """Check that the cache of ``split`` exists and was written by the configured teacher."""
+def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, primary_feature: str,
+                         rebuild: str, teacher_config: Mapping[str, Any]) -> OfflineTeacher:
+    """Open ``path`` (a ``<split>.h5``) and check it was written by the teacher whose config
+    fingerprint is ``expected``; ``rebuild`` is the command that writes it (named when it is absent)."""
     where = f"teachers.{name}"
-    if not entry.get("feature_path"):
-        raise ConfigError(f"{where}: offline: true needs feature_path (the --output of prepare_teacher_features.py)")
-    feature_dir = resolve_path(entry["feature_path"])
-    path = feature_dir / f"{split}.h5"
     if not path.is_file():
-        command = rebuild_command(entry["type"], dataset, split, str(entry["feature_path"]), teacher_config=entry)
-        raise CacheMissingError(f"{where}: no cached features at {path}. Write them first:\n  {command}")
-    teacher_cls = TEACHERS.get(entry["type"])
-    kwargs = teacher_kwargs(entry)
-    TEACHERS.check_kwargs(entry["type"], kwargs, where)
-    expected = teacher_cls.config_fingerprint(**kwargs)
+        raise CacheMissingError(f"{where}: no cached features at {path}. Write them first:\n  {rebuild}")
     reader = FeatureCacheReader(path)
-    ignore = ()
+    ignore: Tuple[str, ...] = ()
     if expected.weights.startswith("unknown"):
         # The checkpoint is not on this machine (a cache copied from elsewhere): the weights
         # cannot be compared, everything else still is.
         get_logger().warning("%s: %s; trusting the cache's weights (%s)", where, expected.weights, reader.fingerprint.weights)
         ignore = ("weights",)
     try:
-        reader.check_matches(expected, ignore=ignore, teacher_config=entry)
+        reader.check_matches(expected, ignore=ignore, teacher_config=dict(teacher_config))
     except CacheMismatchError as exc:
         raise CacheMismatchError(f"{where}: {exc}") from exc
     specs = tuple(reader.feature_specs)
     names = [s.name for s in specs]
-    primary = teacher_cls.primary_feature if teacher_cls.primary_feature in names else names[-1]
     stats = {s.name: reader.stats(s.name) for s in specs}
     return OfflineTeacher(
-        name, feature_dir, specs, primary, reader.input_size, bool(reader.has_flip),
-        {k: v for k, v in stats.items() if v is not None},
+        name, reader, specs, primary_feature if primary_feature in names else names[-1], reader.input_size,
+        bool(reader.has_flip), {k: v for k, v in stats.items() if v is not None},
     )

@@ -1,15 +1,25 @@
 """The contract every frozen teacher fulfils."""
 from __future__ import annotations
 
+import inspect
+import logging
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.teachers.loading import config_weights_id
+from vfmkd.teachers.settings import TeacherSettings, check_choice
+
+logger = logging.getLogger("vfmkd")
+
+_SETTINGS_FIELDS = tuple(f.name for f in fields(TeacherSettings) if f.name != "extra")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,37 @@ class TeacherBatch:
     valid_hw: torch.Tensor
 
 
+def resized_hw(height: int, width: int, size: int) -> Tuple[int, int]:
+    """(new_h, new_w) with the long side at ``size``: segment-anything's ``ResizeLongestSide`` rule
+    (``int(side * size / long_side + 0.5)``, i.e. halves round UP, not Python's ``round``), at least
+    one pixel. SAM's and DINO's preprocessing and :meth:`BaseTeacher.input_affine` all use it, so the
+    geometry an offline run predicts is the one a live pass produces."""
+    scale = size * 1.0 / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor) -> List[Tuple[int, int, int, int]]:
+    """Check a ``(B, 3, H, W)`` canvas batch and its ``(B, 4)`` integer ``x1, y1, x2, y2`` content
+    boxes; returns the boxes clamped into the canvas and at least one pixel wide and high (so the
+    affine always describes the crop that is actually preprocessed)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"preprocess_crops expects images (B, 3, H, W), got {tuple(images.shape)}.")
+    if boxes.shape != (images.shape[0], 4) or boxes.is_floating_point():
+        raise ValueError(f"preprocess_crops expects integer boxes ({images.shape[0]}, 4) as x1, y1, x2, y2, "
+                         f"got {boxes.dtype} {tuple(boxes.shape)}.")
+    h, w = images.shape[-2:]
+    out = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        x1, y1 = min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)
+        out.append((x1, y1, min(max(x2, x1 + 1), w), min(max(y2, y1 + 1), h)))
+    return out
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """Canvas pixels as float32 in [0, 1] (uint8 canvases are accepted too)."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
 class BaseTeacher(nn.Module, ABC):
     """A frozen foundation model that owns its preprocessing.
 
@@ -56,11 +97,23 @@ class BaseTeacher(nn.Module, ABC):
     returns ``(features, batch)`` where ``features[name]`` is ``(B, C, S / stride, S / stride)`` as
     declared by :meth:`feature_specs` and ``batch`` is the :class:`TeacherBatch` geometry.
     The module is always in eval mode, has no trainable parameters and runs without autograd.
+
+    Families built on :class:`TeacherSettings` (all of vfmkd's) call :meth:`settings_from` with their
+    constructor kwargs, then :meth:`_adopt`, and set ``self._weights_id``; :meth:`fingerprint` and
+    :meth:`config_fingerprint` are then derived, never written per family. A teacher of your own
+    may instead override both fingerprint methods.
     """
 
     family: str = "teacher"
     #: the map a loss distils when it names no ``teacher_feature``
     primary_feature: str = ""
+    #: ``teacher.variant`` values of the family (names -> family data); empty = any string
+    variants: Mapping[str, Any] = {}
+    #: the resize/pad/normalisation recipe, recorded in the fingerprint
+    preprocessing: str = ""
+
+    settings: TeacherSettings
+    _weights_id: str
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,6 +126,88 @@ class BaseTeacher(nn.Module, ABC):
     def train(self, mode: bool = True) -> "BaseTeacher":  # a teacher never leaves eval mode
         return super().train(False)
 
+    # ------------------------------------------------------------------ settings
+    @classmethod
+    def settings_from(cls, **kwargs: Any) -> TeacherSettings:
+        """Bind constructor kwargs to ``cls.__init__``'s signature (its defaults filled in) and
+        validate them: the shared rules in :class:`TeacherSettings`, then :meth:`_check_settings`."""
+        sig = inspect.signature(cls.__init__)
+        params = [p for name, p in sig.parameters.items() if name != "self"]
+        names = [p.name for p in params]
+        for key in kwargs:
+            if key not in names:
+                raise ConfigError(f"unknown key 'teacher.{key}' for the {cls.family} teacher.{did_you_mean(key, names)} "
+                                  f"Valid keys: {', '.join(names)}.")
+        bound = sig.replace(parameters=params).bind(**kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        # The variant is checked first: it is the key users mistype most, and the others depend on it.
+        if cls.variants:
+            check_choice("variant", values.get("variant"), cls.variants)
+        common = {k: values.pop(k) for k in _SETTINGS_FIELDS if k in values}
+        settings = TeacherSettings(**common, extra=values)
+        cls._check_settings(settings)
+        return settings
+
+    @classmethod
+    def _check_settings(cls, settings: TeacherSettings) -> None:
+        """The family's own rules on top of the shared ones; the default checks ``input_size``
+        against :meth:`_input_multiple`. Raise ConfigError naming ``teacher.<key>`` and the fix."""
+        multiple, why = cls._input_multiple(settings)
+        size = settings.input_size
+        if size % multiple:
+            lo = size // multiple * multiple
+            near = f"{lo} or {lo + multiple}" if lo else f"{multiple}"
+            raise ConfigError(f"teacher.input_size must be a positive multiple of {multiple} ({why}), got {size!r}; "
+                              f"nearest valid: {near}.")
+
+    @classmethod
+    def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:
+        """(multiple every ``input_size`` must be, why); e.g. ``(16, "SAM's patch size")``."""
+        return 1, "any size"
+
+    def _adopt(self, settings: TeacherSettings, label: str) -> torch.device:
+        """Record the validated settings on the instance; returns the device to build on."""
+        dev = settings.torch_device()
+        self.settings = settings
+        self.variant = settings.variant
+        self.init = settings.init
+        self.dtype = settings.computed_dtype  # what actually runs (the fingerprint records it)
+        if settings.dtype != self.dtype:
+            logger.info("%s teacher: dtype=%s requested on %s; computing in float32.", label, settings.dtype, dev.type)
+        return dev
+
+    def autocast(self) -> ContextManager[None]:
+        """The teacher's compute dtype on its device (bf16/fp16 autocast on CUDA, else a no-op)."""
+        return self.settings.autocast(self.device)
+
+    # ------------------------------------------------------------------ fingerprints
+    @classmethod
+    def _fingerprint(cls, settings: TeacherSettings, weights_id: str) -> TeacherFingerprint:
+        """The fingerprint of a teacher with these settings and weights; families with more to say
+        than ``family``/``variant``/``preprocessing`` (LoRA-SAM) override this hook."""
+        return TeacherFingerprint(family=cls.family, variant=settings.variant, weights=weights_id,
+                                  input_size=settings.input_size, dtype=settings.computed_dtype,
+                                  preprocessing=cls.preprocessing)
+
+    @classmethod
+    def _config_weights_id(cls, settings: TeacherSettings) -> str:
+        """The weights id a build would record, from the files on this machine (no model built)."""
+        return config_weights_id(cls.family, settings.variant, settings.checkpoint, settings.init, settings.seed)
+
+    def fingerprint(self) -> TeacherFingerprint:
+        """Identity of the features this teacher produces."""
+        return type(self)._fingerprint(self.settings, self._weights_id)
+
+    @classmethod
+    def config_fingerprint(cls, **kwargs: Any) -> TeacherFingerprint:
+        """The fingerprint a teacher built with these constructor kwargs would have, without
+        building it (offline runs check their caches this way). ``weights`` starts with
+        ``unknown`` when the checkpoint is not on this machine."""
+        settings = cls.settings_from(**kwargs)
+        return cls._fingerprint(settings, cls._config_weights_id(settings))
+
+    # ------------------------------------------------------------------ geometry
     @property
     @abstractmethod
     def input_size(self) -> int:
@@ -89,26 +224,54 @@ class BaseTeacher(nn.Module, ABC):
     @classmethod
     def input_affine(cls, height: int, width: int, input_size: int) -> Tuple[float, float, float, float]:
         """(sx, sy, ox, oy) that :meth:`preprocess` applies to a ``height`` x ``width`` image. The
-        default is the common recipe (long side to ``input_size``, padding bottom-right); override
-        it when ``preprocess`` differs (SAM2 stretches to a square). Offline runs use it to predict
-        how a live pass would see an augmented view without loading the model."""
-        scale = input_size / max(height, width)
-        return (round(width * scale) / width, round(height * scale) / height, 0.0, 0.0)
+        default is the common recipe (long side to ``input_size`` by :func:`resized_hw`, padding
+        bottom-right); override it when ``preprocess`` differs (SAM2 stretches to a square). Offline
+        runs use it to predict how a live pass would see an augmented view without loading the model."""
+        nh, nw = resized_hw(height, width, input_size)
+        return (nw / width, nh / height, 0.0, 0.0)
 
+    @torch.no_grad()
+    def preprocess_crops(self, images: torch.Tensor, boxes: torch.Tensor) -> TeacherBatch:
+        """Live preprocessing of training canvases. ``images`` ``(B, 3, H, W)`` float in [0, 1] on any
+        device, ``boxes`` ``(B, 4)`` int64 ``x1, y1, x2, y2`` canvas pixels of each image's content.
+        Each crop ``images[i, :, y1:y2, x1:x2]`` is preprocessed as :meth:`preprocess` would
+        preprocess it; ``affine`` maps CROP pixels ``(x - x1, y - y1)`` to teacher pixels
+        (= :meth:`input_affine` of the crop size). Everything comes back on ``images.device``.
+
+        This default round-trips through :meth:`preprocess` (uint8 on the CPU), so any teacher works;
+        vfmkd's teachers override it with the same recipe in torch ops on the device."""
+        dev = images.device
+        pixels = (unit_float(images).clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        crops = [np.ascontiguousarray(pixels[i, y1:y2, x1:x2]) for i, (x1, y1, x2, y2) in enumerate(crop_boxes(images, boxes))]
+        batch = self.preprocess(crops)
+        return TeacherBatch(pixels=batch.pixels.to(dev), affine=batch.affine.to(dev), valid_hw=batch.valid_hw.to(dev))
+
+    def _resize_crops(self, images: torch.Tensor, boxes: torch.Tensor, out_hw: Callable[[int, int], Tuple[int, int]],
+                      mode: str, mean: torch.Tensor, std: torch.Tensor, value_scale: float = 1.0) -> TeacherBatch:
+        """The device path of :meth:`preprocess_crops` for resize-normalise-pad recipes: each crop is
+        resized to ``out_hw(h, w)`` by ``F.interpolate(mode, antialias=True)``, clamped to [0, 1] (as a
+        uint8 image would be), scaled by ``value_scale`` (255 for SAM's 0-255 constants), normalised
+        with ``mean``/``std`` ``(3, 1, 1)`` and placed top-left on a zero ``(S, S)`` canvas."""
+        s, dev = self.input_size, images.device
+        mean, std = mean.to(dev), std.to(dev)
+        out = torch.zeros(images.shape[0], 3, s, s, device=dev)
+        affine = torch.zeros(images.shape[0], 4)
+        valid = torch.zeros(images.shape[0], 2, dtype=torch.long)
+        x = unit_float(images)
+        for i, (x1, y1, x2, y2) in enumerate(crop_boxes(images, boxes)):
+            h, w = y2 - y1, x2 - x1
+            nh, nw = out_hw(h, w)
+            crop = x[i : i + 1, :, y1:y2, x1:x2]
+            resized = F.interpolate(crop, size=(nh, nw), mode=mode, align_corners=False, antialias=True)[0]
+            out[i, :, :nh, :nw] = (resized.clamp_(0, 1) * value_scale - mean) / std
+            affine[i] = torch.tensor([nw / w, nh / h, 0.0, 0.0])
+            valid[i] = torch.tensor([nh, nw])
+        return TeacherBatch(pixels=out, affine=affine.to(dev), valid_hw=valid.to(dev))
+
+    # ------------------------------------------------------------------ features
     @abstractmethod
     def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Run the frozen model on a preprocessed batch."""
-
-    @abstractmethod
-    def fingerprint(self) -> TeacherFingerprint:
-        """Identity of the features this teacher produces."""
-
-    @classmethod
-    @abstractmethod
-    def config_fingerprint(cls, **kwargs) -> TeacherFingerprint:
-        """The fingerprint a teacher built with these constructor kwargs would have, without
-        building it (offline runs check their caches this way). ``weights`` starts with
-        ``unknown`` when the checkpoint is not on this machine."""
 
     @property
     def device(self) -> torch.device:

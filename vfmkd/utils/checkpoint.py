@@ -148,3 +148,41 @@ def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _non_finite(state: Any, prefix: str = "") -> Optional[str]:
+    """The first key path holding a NaN/inf floating tensor, or None."""
+    if isinstance(state, torch.Tensor):
+        return prefix or "<tensor>" if state.is_floating_point() and not torch.isfinite(state).all() else None
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{prefix}.{k}" if prefix else str(k))
+        if found:
+            return found
+    return None
+
+
+def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` atomically: to a temp file in the same folder, fsynced, then renamed, so a
+    kill mid-save leaves the previous file intact. A NaN/inf tensor is refused (CheckpointError),
+    never written."""
+    path = Path(path)
+    bad = _non_finite(state)
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {bad} holds NaN/inf values")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

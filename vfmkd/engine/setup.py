@@ -1,7 +1,7 @@
-"""Small building blocks of a training run: device, seeding, loaders, optimizer, schedule."""
+"""Small building blocks of a run: device, seeding, loaders, optimizer."""
 from __future__ import annotations
 
-import math
+import os
 import random
 from pathlib import Path
 from typing import Any, Dict, List
@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader
 
 from vfmkd.core.config import read_yaml, resolve_path
 from vfmkd.core.errors import ConfigError
-from vfmkd.datasets import collate_detection
+from vfmkd.datasets import collate_samples
+from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
+from vfmkd.utils.logging import get_logger
 
 
 def select_device(name: str) -> torch.device:
@@ -43,7 +45,18 @@ def detection_classes(cfg: Dict[str, Any]) -> int:
     return int(head.get("num_classes", 80))
 
 
+def worker_count(requested: int) -> int:
+    """``data.num_workers``, clamped to the CPU cores this process may use (more workers than cores
+    only thrash), with a warning that says so."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cores:
+        get_logger().warning("data.num_workers=%d but this machine has %d CPU core(s): using %d workers", requested, cores, cores)
+        return cores
+    return requested
+
+
 def build_loader(dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of :class:`Batch` (a plain dataset) or :class:`DistillBatch` (cached targets attached)."""
     generator = torch.Generator().manual_seed(seed)
     # Augmenting datasets read their epoch at fork time: workers must be re-created every epoch.
     persistent = num_workers > 0 and getattr(dataset, "augment", None) is None
@@ -52,7 +65,7 @@ def build_loader(dataset, batch_size: int, num_workers: int, shuffle: bool, seed
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
-        collate_fn=collate_detection,
+        collate_fn=collate_distill if isinstance(dataset, CachedTargetsDataset) else collate_samples,
         generator=generator,
         persistent_workers=persistent,
     )
@@ -66,15 +79,3 @@ def make_optimizer(params: List[torch.nn.Parameter], train_cfg: Dict[str, Any]) 
     if train_cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"], nesterov=True)
     return torch.optim.AdamW(groups, lr=train_cfg["lr"], betas=(train_cfg["momentum"], 0.999))
-
-
-def lr_lambda(total_steps: int, warmup: int):
-    """Linear warm-up, then cosine decay to 1 % of the base rate."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor

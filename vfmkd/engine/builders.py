@@ -1,0 +1,181 @@
+"""Builders: the only code that reads config dicts. Each unpacks one section into plain keyword
+arguments of a component (detectron2's style: the components never see cfg)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+import vfmkd.teachers  # noqa: F401  (registers the built-in teachers)
+from vfmkd.core.config import component_kwargs, resolve_path, teacher_kwargs
+from vfmkd.core.errors import ConfigError
+from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.registry import LOSSES, TEACHERS
+from vfmkd.datasets import DetectionDataset, GeometricAugment
+from vfmkd.datasets.feature_cache import dataset_cli_args, rebuild_command
+from vfmkd.distillation.distiller import FEATURE_LOG_PREFIX, RESERVED_LOSS_KEYS, Distiller, LossTerm
+from vfmkd.distillation.offline import CacheMissingError, OfflineTeacher, open_offline_teacher
+from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.routing import TeacherRouter, TeacherSource
+from vfmkd.models.unified_model import UnifiedModel
+from vfmkd.utils.logging import get_logger
+
+
+def build_augment(data_cfg: Mapping[str, Any]) -> Optional[GeometricAugment]:
+    augment = GeometricAugment(**data_cfg["augment"])
+    return augment if augment.enabled else None
+
+
+def build_dataset(data_cfg: Mapping[str, Any], split: str, num_classes: int,
+                  augment: Optional[GeometricAugment] = None, seed: int = 0) -> DetectionDataset:
+    return DetectionDataset(str(resolve_path(data_cfg["root"])), split, data_cfg["img_size"], data_cfg["limit"],
+                            num_classes, augment=augment, seed=seed)
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> UnifiedModel:
+    return UnifiedModel.from_config(model_cfg)
+
+
+def enabled_teachers(teachers_cfg: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    return {name: dict(entry) for name, entry in teachers_cfg.items() if entry.get("enabled", True)}
+
+
+class LiveTeachers:
+    """Builds each teacher's live model at most once per run (training and validation share it)."""
+
+    def __init__(self, teachers_cfg: Mapping[str, Mapping[str, Any]], device: torch.device) -> None:
+        self.entries, self.device = enabled_teachers(teachers_cfg), device
+        self._built: Dict[str, OnlineTeacher] = {}
+
+    def loader(self, name: str, cached_input_size: Optional[int]) -> Callable[[], OnlineTeacher]:
+        def load() -> OnlineTeacher:
+            if name not in self._built:
+                entry = self.entries[name]
+                teacher = TEACHERS.build(entry["type"], where=f"teachers.{name}", **teacher_kwargs(entry))
+                self._built[name] = OnlineTeacher(name, teacher, self.device)
+            live = self._built[name]
+            if cached_input_size is not None and live.teacher.input_size != cached_input_size:
+                raise ConfigError(f"teachers.{name}: live input_size {live.teacher.input_size} != cached {cached_input_size}")
+            return live
+        return load
+
+
+def open_cache(name: str, entry: Mapping[str, Any], data_cfg: Mapping[str, Any], split: str) -> OfflineTeacher:
+    """The teacher's cache of ``split``, checked against the teacher's config fingerprint."""
+    if not entry.get("feature_path"):
+        raise ConfigError(f"teachers.{name}: offline: true needs feature_path (the --output of prepare_teacher_features.py)")
+    kwargs = teacher_kwargs(dict(entry))
+    TEACHERS.check_kwargs(entry["type"], kwargs, f"teachers.{name}")
+    teacher_cls = TEACHERS.get(entry["type"])
+    path = resolve_path(entry["feature_path"]) / f"{split}.h5"
+    rebuild = rebuild_command(entry["type"], data_cfg["dataset"], split, str(entry["feature_path"]), teacher_config=entry)
+    return open_offline_teacher(name, path, teacher_cls.config_fingerprint(**kwargs), teacher_cls.primary_feature,
+                                rebuild, entry)
+
+
+def build_router(cfg: Mapping[str, Any], dataset: DetectionDataset, live: LiveTeachers,
+                 augment: Optional[GeometricAugment] = None, validation: bool = False) -> TeacherRouter:
+    """The router of one split. Training follows ``distillation`` (offline_ratio, missing_cache, the
+    view gates); ``validation`` reads whatever cache of the split exists and sends the rest live."""
+    dist, data = cfg["distillation"], cfg["data"]
+    ratio = 1.0 if validation else float(dist["offline_ratio"])
+    allow_missing = validation or dist["missing_cache"] == "online"
+    dataset_name, data_root = dataset_cli_args(dataset.root)
+    sources: Dict[str, TeacherSource] = {}
+    for name, entry in enabled_teachers(cfg["teachers"]).items():
+        offline = bool(entry.get("offline", True))
+        cache, missing, why_no_cache = None, frozenset(), ""
+        if offline and ratio > 0.0:
+            try:
+                cache = open_cache(name, entry, data, dataset.split)
+            except CacheMissingError as exc:
+                if not allow_missing:
+                    raise
+                why_no_cache = "validation split not cached" if validation else "distillation.missing_cache=online"
+                if not validation:
+                    get_logger().warning("%s\nAll its batches go to the live teacher (distillation.missing_cache=online).", exc)
+        elif offline:
+            why_no_cache = "offline_ratio=0: a pure live run"
+        if cache is not None:
+            missing = cache.missing_images(dataset.image_ids, dataset.orig_sizes, allow_missing, data_root, dataset.limit)
+        type_cls = TEACHERS.get(entry["type"])
+        sources[name] = TeacherSource(
+            name=name, offline=offline, cache=cache, input_affine=type_cls.input_affine,
+            load_live=live.loader(name, cache.input_size if cache else None), missing=missing, why_no_cache=why_no_cache)
+    return TeacherRouter(sources, ratio, cfg["train"]["seed"], None if validation else augment,
+                         dist["offline_max_shift"], dist["offline_crops"])
+
+
+def teacher_specs(router: TeacherRouter) -> Tuple[Dict[str, Tuple[FeatureSpec, ...]], Dict[str, str]]:
+    """What each teacher provides (its cache's maps, else its live model's) and its primary map."""
+    specs: Dict[str, Tuple[FeatureSpec, ...]] = {}
+    primary: Dict[str, str] = {}
+    for name, src in router.sources.items():
+        if src.cache is not None:
+            specs[name], primary[name] = src.cache.feature_specs, src.cache.primary_feature
+        elif src.live is not None:
+            teacher = src.live.teacher
+            specs[name] = tuple(teacher.feature_specs())
+            primary[name] = teacher.primary_feature or specs[name][-1].name
+    return specs, primary
+
+
+def _closest_stride_level(levels: Mapping[str, FeatureSpec], stride: int) -> str:
+    return min(levels.values(), key=lambda s: abs(math.log2(s.stride) - math.log2(stride))).name
+
+
+def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: UnifiedModel,
+                     specs: Mapping[str, Sequence[FeatureSpec]], primary: Mapping[str, str]) -> List[LossTerm]:
+    """One :class:`LossTerm` per ``distillation.losses`` entry; feature losses get their channel
+    sizes, teacher map and student level resolved here (a loss never reads config)."""
+    levels = {s.name: s for s in model.backbone.feature_specs()}
+    terms = []
+    for name, entry in losses_cfg.items():
+        where = f"distillation.losses.{name}"
+        kind_name = entry["type"]
+        kwargs = component_kwargs(dict(entry), reserved=RESERVED_LOSS_KEYS)
+        kind = getattr(LOSSES.get(kind_name), "kind", "feature")
+        head = ""
+        if kind == "task":
+            head = kwargs.pop("head", "detection")
+            if head not in model.heads:
+                raise ConfigError(f"{where}: the model has no head '{head}' (heads: {list(model.heads)})")
+            module = LOSSES.build(kind_name, where=where, head=model.heads[head], **kwargs)
+            default_log = "loss_det" if head == "detection" else f"loss_{head}"
+        elif kind == "feature":
+            teacher = kwargs.get("teacher")
+            if teacher not in specs:
+                raise ConfigError(
+                    f"{where}: teacher '{teacher}' is not an enabled teacher of this experiment (enabled: {sorted(specs)}); "
+                    f"set 'teacher:' to one of them or enable it under teachers.")
+            t_specs = {s.name: s for s in specs[teacher]}
+            t_name = kwargs.get("teacher_feature") or primary[teacher]
+            if t_name not in t_specs:
+                raise ConfigError(f"{where}: teacher '{teacher}' provides {sorted(t_specs)}, not '{t_name}'")
+            level = kwargs.get("student_level") or _closest_stride_level(levels, t_specs[t_name].stride)
+            if level not in levels:
+                raise ConfigError(f"{where}: the student backbone has levels {sorted(levels)}, not '{level}'")
+            kwargs.update(teacher_feature=t_name, student_level=level, student_channels=levels[level].channels,
+                          teacher_channels=t_specs[t_name].channels)
+            module = LOSSES.build(kind_name, where=where, **kwargs)
+            default_log = f"{FEATURE_LOG_PREFIX}{teacher}"
+        else:
+            raise ConfigError(
+                f"{where}: '{kind_name}' distils a teacher's output logits (class scores or mask logits), and none of "
+                f"the teachers of this run provides logits for the student's heads; use a feature loss "
+                f"(feature_mse, feature_smooth_l1, feature_cosine, feature_affinity).")
+        terms.append(LossTerm(name, kind, float(entry.get("weight", 1.0)), str(entry.get("log_as") or default_log),
+                              module, head))
+    return terms
+
+
+def build_distiller(dist_cfg: Mapping[str, Any], model: UnifiedModel, router: TeacherRouter) -> Distiller:
+    specs, primary = teacher_specs(router)
+    terms = build_loss_terms(dist_cfg["losses"], model, specs, primary)
+    return Distiller(terms, alpha=dist_cfg["alpha"], beta=dist_cfg["beta"], gamma=dist_cfg["gamma"])
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
