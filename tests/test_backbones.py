@@ -21,7 +21,9 @@ VARIANTS = {
 
 
 def test_every_registered_backbone_is_covered():
-    assert set(BACKBONES.names()) <= set(VARIANTS), f"add variants for {set(BACKBONES.names()) - set(VARIANTS)}"
+    # vfmkd's own backbones; a user's backbone registered by another test (custom_imports) doesn't count.
+    builtin = {n for n in BACKBONES.names() if BACKBONES.get(n).__module__.startswith("vfmkd.")}
+    assert builtin == set(VARIANTS), f"add variants for {builtin - set(VARIANTS)}"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,121 @@
+"""One contract test over every registered neck and head, fed by real backbones (the pattern of
+tests/test_backbones.py): a neck's outputs are exactly what its ``feature_specs()`` declares, and a
+head produces its documented output in train and eval mode. A neck or head registered in vfmkd
+without a case here fails ``test_every_registered_neck_and_head_is_covered``."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Tuple
+
+import pytest
+import torch
+from ultralytics.utils.tal import make_anchors
+
+import vfmkd.models  # noqa: F401  (registers the built-in components)
+from vfmkd.core.registry import BACKBONES, HEADS, NECKS, Registry
+
+B, H, W = 2, 96, 128  # non-square on purpose
+
+# A backbone entry: (registry name, kwargs). The chains cover equal and unequal level widths and a
+# pyramid that does not start at stride 8.
+YOLOV8N = ("yolov8", {"variant": "n"})
+VIT_TINY = ("vit", {"variant": "tiny", "out_channels": 64})
+REGNET_S4 = ("regnet", {"variant": "regnetx_002", "strides": [4, 8, 16]})
+
+# Each registered neck: (backbone, neck kwargs) pairs; in_specs come from the backbone.
+NECK_CASES: Dict[str, List[Tuple[Tuple[str, dict], dict]]] = {
+    "yolov8_pafpn": [(YOLOV8N, {"depth": 1}), (("yolov8", {"variant": "m"}), {"depth": 2}), (VIT_TINY, {}),
+                     (REGNET_S4, {"depth": 1})],
+}
+
+
+def check_yolo_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out, eval_out) -> None:
+    """yolo_head's documented output. Train: ultralytics' raw dict with ``boxes`` (B, 4*reg_max, A),
+    ``scores`` (B, num_classes, A) and ``feats`` (the input levels); eval: a tuple whose first item
+    is (B, 4 + num_classes, A), xywh boxes in input pixels then class probabilities. A is the number
+    of cells over all levels."""
+    nc, reg_max = kwargs.get("num_classes", 80), kwargs.get("reg_max", 16)
+    levels = list(feats.values())
+    anchors = sum(f.shape[-2] * f.shape[-1] for f in levels)
+    assert set(train_out) == {"boxes", "scores", "feats"}
+    assert train_out["boxes"].shape == (B, 4 * reg_max, anchors)
+    assert train_out["scores"].shape == (B, nc, anchors)
+    assert [f.shape for f in train_out["feats"]] == [f.shape for f in levels]
+
+    assert isinstance(eval_out, tuple)
+    pred = eval_out[0]
+    assert pred.shape == (B, 4 + nc, anchors)
+    assert torch.isfinite(pred).all()
+    probs = pred[:, 4:]
+    assert ((probs >= 0) & (probs <= 1)).all()
+    # Decoded in input pixels: each box centre lies within (reg_max - 1) / 2 strides of its cell
+    # centre and each side within 2 (reg_max - 1) strides (DFL distances are in [0, reg_max - 1]).
+    points, stride = make_anchors(levels, head.detect.stride, 0.5)  # (A, 2) cell units, (A, 1)
+    centre_px, stride = (points * stride).T, stride.T  # (2, A), (1, A)
+    xy, wh = pred[:, :2], pred[:, 2:4]
+    assert ((xy - centre_px).abs() <= (reg_max - 1) / 2 * stride + 1e-3).all()
+    assert ((wh >= -1e-3) & (wh <= 2 * (reg_max - 1) * stride + 1e-3)).all()
+
+
+# Each registered head: (its output check, [(backbone, neck kwargs, head kwargs)]); the head is built
+# from the yolov8_pafpn neck's declared specs.
+HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], dict, dict]]]] = {
+    "yolo_head": (check_yolo_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80}),
+                                    (REGNET_S4, {"depth": 1}, {"num_classes": 3, "reg_max": 8})]),
+}
+
+
+def builtin(registry: Registry) -> set:
+    """The names registered by vfmkd itself (a user's components registered by other tests don't count)."""
+    return {n for n in registry.names() if getattr(registry.get(n), "__module__", "").startswith("vfmkd.")}
+
+
+def test_every_registered_neck_and_head_is_covered():
+    assert builtin(NECKS) <= set(NECK_CASES), f"add a neck case for {builtin(NECKS) - set(NECK_CASES)}"
+    assert builtin(HEADS) <= set(HEAD_CASES), f"add a head case for {builtin(HEADS) - set(HEAD_CASES)}"
+
+
+def case_id(value) -> str:
+    return str(value).replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    "name, backbone, kwargs", [(n, bb, kw) for n in sorted(NECK_CASES) for bb, kw in NECK_CASES[n]], ids=case_id
+)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_neck_outputs_match_its_declared_specs(name, backbone, kwargs, mode):
+    torch.manual_seed(0)
+    bb = BACKBONES.build(backbone[0], **backbone[1]).eval()
+    neck = NECKS.build(name, in_specs=bb.feature_specs(), **kwargs).train(mode == "train")
+    with torch.no_grad():
+        out = neck(bb(torch.rand(B, 3, H, W)))
+    specs = neck.feature_specs()
+    assert list(out) == [s.name for s in specs]
+    for spec, feat in zip(specs, out.values()):
+        assert feat.shape == (B, spec.channels, H // spec.stride, W // spec.stride), spec
+        assert torch.isfinite(feat).all(), spec
+
+
+@pytest.mark.parametrize(
+    "name, backbone, neck_kwargs, kwargs",
+    [(n, *case) for n in sorted(HEAD_CASES) for case in HEAD_CASES[n][1]], ids=case_id,
+)
+def test_head_produces_its_documented_output_in_train_and_eval(name, backbone, neck_kwargs, kwargs):
+    torch.manual_seed(0)
+    bb = BACKBONES.build(backbone[0], **backbone[1]).eval()
+    neck = NECKS.build("yolov8_pafpn", in_specs=bb.feature_specs(), **neck_kwargs).eval()
+    with torch.no_grad():
+        feats = neck(bb(torch.rand(B, 3, H, W)))
+    head = HEADS.build(name, in_specs=neck.feature_specs(), **kwargs)
+
+    head.train()
+    train_out = head(feats)
+    loss = sum(t.float().sum() for t in (train_out.values() if isinstance(train_out, dict) else train_out)
+               if torch.is_tensor(t))
+    loss.backward()
+    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: no gradient in train mode for {missing}"
+
+    head.eval()
+    with torch.no_grad():
+        eval_out = head(feats)
+    HEAD_CASES[name][0](head, kwargs, feats, train_out, eval_out)
