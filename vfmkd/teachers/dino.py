@@ -38,7 +38,6 @@ LayerNorm):
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -52,11 +51,11 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
+from vfmkd.core.errors import CheckpointError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.loading import checkpoint_path, computed_dtype, config_weights_id, load_teacher_weights, seeded
-from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
+from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, resized_hw
+from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 from vfmkd.teachers.weights import weights_for
 
 logger = logging.getLogger("vfmkd")
@@ -96,13 +95,10 @@ DINOV2_VARIANTS: Dict[str, DinoVariant] = {
 }
 FAMILIES: Dict[str, Dict[str, DinoVariant]] = {"dino": DINO_VARIANTS, "dinov2": DINOV2_VARIANTS}
 _FAMILY_NAMES = {"dino": "DINO", "dinov2": "DINOv2"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MEAN = tuple(float(v) for v in IMAGENET_DEFAULT_MEAN)
 _STD = tuple(float(v) for v in IMAGENET_DEFAULT_STD)
 _PATCH_KEY = "patch_embed.proj.weight"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Tuple[str, int, int, int, int]:
@@ -144,30 +140,26 @@ def detect_dino_variant(state_dict: Mapping[str, torch.Tensor], source: str = "c
     )
 
 
+def preprocessing_id(family: str) -> str:
+    """The fingerprint's name for the recipe of :meth:`_DinoFamilyTeacher.preprocess`."""
+    fmt = lambda t: "/".join(f"{v:.3f}" for v in t)  # noqa: E731
+    return f"{family}:resize-longest-side-bicubic,pad-bottom-right,mean={fmt(_MEAN)},std={fmt(_STD)}"
+
+
 class _DinoFamilyTeacher(BaseTeacher):
     """The shared implementation of :class:`DinoTeacher` and :class:`Dinov2Teacher` (see the module doc)."""
 
     family = ""
     primary_feature = "patch_tokens"
-    default_input_size = 224
 
-    def _build(self, variant: str, checkpoint: Optional[str], input_size: int, init: str, dtype: str,
-               device: str, seed: int) -> None:
-        spec = _check_config(type(self), variant, input_size, init, dtype)
-        try:
-            dev = torch.device(device)
-        except RuntimeError as err:
-            raise ConfigError(f"teacher.device={device!r} is not a torch device ({err}).") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"teacher.device={device!r} but CUDA is not available here; set teacher.device=cpu.")
+    def _build(self, settings: TeacherSettings) -> None:
+        """Build the timm model from validated settings (shared by both registered constructors)."""
+        variant, checkpoint, input_size, init, seed = (settings.variant, settings.checkpoint, settings.input_size,
+                                                       settings.init, settings.seed)
         family_name = _FAMILY_NAMES[self.family]
-        self.variant, self.spec, self.init = variant, spec, init
-        self._input_size = input_size
-        # As SAM: low precision only on CUDA (autocast); the fingerprint records what is computed.
-        self.dtype = computed_dtype(dtype, dev)
-        if dtype != self.dtype:
-            logger.info("%s teacher: dtype=%s requested on %s; computing in float32.", family_name, dtype, dev.type)
-        logger.info("Using %s teacher model: %s (%s, timm %s)", family_name, variant, spec.label, spec.timm_name)
+        dev = self._adopt(settings, family_name)
+        self.spec = self.variants[variant]
+        logger.info("Using %s teacher model: %s (%s, timm %s)", family_name, variant, self.spec.label, self.spec.timm_name)
 
         path = checkpoint_path(self.family, variant, checkpoint)
         state_dict, self._weights_id = load_teacher_weights(
@@ -178,7 +170,7 @@ class _DinoFamilyTeacher(BaseTeacher):
         # Built directly at input_size; random weights come from `seed` alone, so the cache tool and a
         # later live pass of the same config hold the same random teacher.
         with seeded(seed):
-            self.model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=input_size)
+            self.model = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0, img_size=input_size)
         if state_dict is not None:
             # timm's converter for this family: DINOv2 -> timm keys, pos_embed resampled to the grid.
             converted = checkpoint_filter_fn(state_dict, self.model)
@@ -195,11 +187,15 @@ class _DinoFamilyTeacher(BaseTeacher):
 
     @property
     def input_size(self) -> int:
-        return self._input_size
+        return self.settings.input_size
+
+    @classmethod
+    def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:
+        return cls.variants[settings.variant].patch, f"{_FAMILY_NAMES[cls.family]} {settings.variant}'s patch size"
 
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         c = self.spec.embed_dim
-        return (FeatureSpec("patch_tokens", c, self.spec.patch), FeatureSpec("cls_token", c, self._input_size))
+        return (FeatureSpec("patch_tokens", c, self.spec.patch), FeatureSpec("cls_token", c, self.input_size))
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, images: Sequence[np.ndarray]) -> TeacherBatch:
@@ -208,7 +204,7 @@ class _DinoFamilyTeacher(BaseTeacher):
         (new_w/w, new_h/h, 0, 0), valid_hw ``(B, 2)`` int64 = (new_h, new_w)."""
         if len(images) == 0:
             raise ValueError(f"{type(self).__name__}.preprocess got no images.")
-        s = self._input_size
+        s = self.input_size
         pixels = torch.zeros(len(images), 3, s, s)
         affine = torch.zeros(len(images), 4)
         valid = torch.zeros(len(images), 2, dtype=torch.long)
@@ -217,7 +213,7 @@ class _DinoFamilyTeacher(BaseTeacher):
                 desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
                 raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {desc}.")
             h, w = img.shape[:2]
-            nh, nw = resized_shape(h, w, s)
+            nh, nw = resized_hw(h, w, s)
             resized = np.array(Image.fromarray(np.ascontiguousarray(img)).resize((nw, nh), Image.BICUBIC))
             x = torch.from_numpy(resized).permute(2, 0, 1).float() / 255.0
             pixels[i, :, :nh, :nw] = (x - self._mean) / self._std
@@ -225,21 +221,25 @@ class _DinoFamilyTeacher(BaseTeacher):
             valid[i] = torch.tensor([nh, nw])
         return TeacherBatch(pixels=pixels, affine=affine, valid_hw=valid)
 
-    # ------------------------------------------------------------------ features
-    def _autocast(self):
-        if self.device.type == "cuda" and self.dtype != "float32":
-            return torch.autocast(device_type="cuda", dtype=_DTYPES[self.dtype])
-        return contextlib.nullcontext()
+    @torch.no_grad()
+    def preprocess_crops(self, images: torch.Tensor, boxes: torch.Tensor) -> TeacherBatch:
+        """:meth:`preprocess` on the device: canvases ``(B, 3, H, W)`` in [0, 1] and content boxes
+        ``(B, 4)`` -> pixels ``(B, 3, S, S)``, affine ``(B, 4)`` (crop pixels -> teacher pixels),
+        valid_hw ``(B, 2)``, all on ``images.device``. The long side goes to S with torch's antialiased
+        bicubic (PIL's bicubic filter also widens with the downscale factor), clamped to [0, 1] as PIL's
+        uint8 output is; then ImageNet normalisation and zero padding bottom/right."""
+        return self._resize_crops(images, boxes, lambda h, w: resized_hw(h, w, self.input_size), "bicubic",
+                                  self._mean, self._std)
 
     @torch.no_grad()
     def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``(B, 3, S, S)`` -> {"patch_tokens": (B, C, S/p, S/p), "cls_token": (B, C, 1, 1)}, float32:
         timm's ``forward_features`` (tokens after the final LayerNorm), split into class and patch tokens."""
-        s = self._input_size
+        s = self.input_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ValueError(f"{type(self).__name__} expects pixels (B, 3, {s}, {s}), got {tuple(pixels.shape)}.")
         grid = s // self.spec.patch
-        with self._autocast():
+        with self.autocast():
             tokens = self.model.forward_features(pixels.to(self.device))  # (B, prefix + grid^2, C)
         tokens = tokens.float()
         b, c = tokens.shape[0], tokens.shape[-1]
@@ -249,17 +249,6 @@ class _DinoFamilyTeacher(BaseTeacher):
             "cls_token": tokens[:, 0].reshape(b, c, 1, 1).contiguous(),
         }
 
-    def fingerprint(self) -> TeacherFingerprint:
-        return _fingerprint(self.family, self.variant, self._weights_id, self._input_size, self.dtype)
-
-    @classmethod
-    def _config_fingerprint(cls, variant: str, checkpoint: Optional[str], input_size: int, init: str,
-                            dtype: str, device: str, seed: int) -> TeacherFingerprint:
-        _check_config(cls, variant, input_size, init, dtype)
-        weights = config_weights_id(cls.family, variant, checkpoint, init, seed)
-        computed = computed_dtype(dtype, device)
-        return _fingerprint(cls.family, variant, weights, input_size, computed)
-
 
 @TEACHERS.register("dino")
 class DinoTeacher(_DinoFamilyTeacher):
@@ -268,7 +257,8 @@ class DinoTeacher(_DinoFamilyTeacher):
     ``cls_token`` (B, C, 1, 1) with stride S; see the module docstring."""
 
     family = "dino"
-    default_input_size = 224
+    variants = DINO_VARIANTS
+    preprocessing = preprocessing_id("dino")
 
     def __init__(
         self,
@@ -281,20 +271,8 @@ class DinoTeacher(_DinoFamilyTeacher):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self._build(variant, checkpoint, input_size, init, dtype, device, seed)
-
-    @classmethod
-    def config_fingerprint(
-        cls,
-        variant: str = "vits16",
-        checkpoint: Optional[str] = None,
-        input_size: int = 224,
-        init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
-        seed: int = 0,
-    ) -> TeacherFingerprint:
-        return cls._config_fingerprint(variant, checkpoint, input_size, init, dtype, device, seed)
+        self._build(self.settings_from(variant=variant, checkpoint=checkpoint, input_size=input_size, init=init,
+                                       dtype=dtype, device=device, seed=seed))
 
 
 @TEACHERS.register("dinov2")
@@ -304,7 +282,8 @@ class Dinov2Teacher(_DinoFamilyTeacher):
     (B, C, S/14, S/14) (primary; registers dropped) and ``cls_token`` (B, C, 1, 1) with stride S."""
 
     family = "dinov2"
-    default_input_size = 518
+    variants = DINOV2_VARIANTS
+    preprocessing = preprocessing_id("dinov2")
 
     def __init__(
         self,
@@ -317,58 +296,11 @@ class Dinov2Teacher(_DinoFamilyTeacher):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self._build(variant, checkpoint, input_size, init, dtype, device, seed)
-
-    @classmethod
-    def config_fingerprint(
-        cls,
-        variant: str = "vits14",
-        checkpoint: Optional[str] = None,
-        input_size: int = 518,
-        init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
-        seed: int = 0,
-    ) -> TeacherFingerprint:
-        return cls._config_fingerprint(variant, checkpoint, input_size, init, dtype, device, seed)
+        self._build(self.settings_from(variant=variant, checkpoint=checkpoint, input_size=input_size, init=init,
+                                       dtype=dtype, device=device, seed=seed))
 
 
 # ---------------------------------------------------------------------- helpers
-def resized_shape(h: int, w: int, size: int) -> Tuple[int, int]:
-    """(new_h, new_w) with the long side at ``size`` (SAM's ResizeLongestSide rule, at least 1 pixel)."""
-    scale = size / max(h, w)
-    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-
-
-def preprocessing_id(family: str) -> str:
-    fmt = lambda t: "/".join(f"{v:.3f}" for v in t)  # noqa: E731
-    return f"{family}:resize-longest-side-bicubic,pad-bottom-right,mean={fmt(_MEAN)},std={fmt(_STD)}"
-
-
-def _fingerprint(family: str, variant: str, weights: str, input_size: int, dtype: str) -> TeacherFingerprint:
-    return TeacherFingerprint(family=family, variant=variant, weights=weights, input_size=input_size,
-                              dtype=dtype, preprocessing=preprocessing_id(family))
-
-
-def _check_config(cls: type, variant: str, input_size: object, init: str, dtype: str) -> DinoVariant:
-    variants = FAMILIES[cls.family]
-    _check_choice("variant", variant, variants)
-    _check_choice("init", init, ("pretrained", "random"))
-    _check_choice("dtype", dtype, _DTYPES)
-    p = variants[variant].patch
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % p:
-        if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size > 0:
-            lo = input_size // p * p
-            near = f"{lo} or {lo + p}" if lo else f"{p}"
-        else:
-            near = f"{cls.default_input_size}"
-        raise ConfigError(
-            f"teacher.input_size must be a positive multiple of {p} ({_FAMILY_NAMES[cls.family]} {variant}'s patch "
-            f"size), got {input_size!r}; nearest valid: {near}."
-        )
-    return variants[variant]
-
-
 def _check_variant(family: str, variant: str, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
     """Refuse a checkpoint of another variant (or family) before it is loaded, naming what it is."""
     found_family, found = detect_dino_variant(state_dict, source=f"checkpoint {path}")
@@ -386,11 +318,3 @@ def _check_variant(family: str, variant: str, state_dict: Mapping[str, torch.Ten
         f"checkpoint {path} is {what} but teacher.variant is {variant} ({want}); set teacher.variant={found} "
         f"(or use the {variant} checkpoint: `{weights_for(family, variant).download_command}`)."
     )
-
-
-def _check_choice(key: str, value: object, choices) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"teacher.{key}={value!r} is not valid.{did_you_mean(str(value), choices)} "
-            f"Choose one of: {', '.join(choices)}."
-        )

@@ -29,7 +29,7 @@ Every mismatch with the base model (number of blocks, dims, rank vs ``teacher.lo
 ``lora_B``, foreign keys, a full SAM checkpoint given as the LoRA file) is a :class:`CheckpointError`
 that says what differs, raised before the base model is built.
 
-Fingerprint: family ``lora_sam``, variant ``<model_type>+lora_r<rank>_a<alpha>`` (e.g.
+Fingerprint: family ``lora_sam``, variant ``<variant>+lora_r<rank>_a<alpha>`` (e.g.
 ``vit_b+lora_r8_a8``), weights ``<base sha256>+<LoRA file sha256>`` (``random-init:seedN+...`` with
 ``init=random``; ``...+no-lora`` when no LoRA file is given, only allowed with ``init=random``).
 """
@@ -46,7 +46,9 @@ import torch
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.teachers.base import TeacherFingerprint
-from vfmkd.teachers.sam import SAM_VARIANTS, SamTeacher, _check_choice
+from vfmkd.teachers.loading import config_weights_id
+from vfmkd.teachers.sam import SAM_VARIANTS, SamTeacher
+from vfmkd.teachers.settings import TeacherSettings
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
 
 logger = logging.getLogger("vfmkd")
@@ -74,11 +76,11 @@ def _ranges(blocks: List[int]) -> str:
 
 
 def check_lora_state_dict(
-    state_dict: Mapping[str, torch.Tensor], model_type: str, rank: int, source: str = "LoRA checkpoint"
+    state_dict: Mapping[str, torch.Tensor], variant: str, rank: int, source: str = "LoRA checkpoint"
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Validate a LoRA file against SAM ``model_type`` and ``rank``; returns ``[(A, B)]`` per block
+    """Validate a LoRA file against SAM ``variant`` and ``rank``; returns ``[(A, B)]`` per block
     (float32). Raises :class:`CheckpointError` naming what does not match."""
-    dim, depth = SAM_VARIANTS[model_type]
+    dim, depth = SAM_VARIANTS[variant]
     pairs: Dict[int, Dict[str, torch.Tensor]] = {}
     foreign: List[str] = []
     for key, value in state_dict.items():
@@ -130,19 +132,19 @@ def check_lora_state_dict(
                         f"blocks {_ranges(extra)} do not exist" if extra else "") if s
         )
         problems.append(
-            f"it has adapters for {len(blocks)} blocks ({_ranges(blocks)}) but SAM {model_type} has {depth} "
+            f"it has adapters for {len(blocks)} blocks ({_ranges(blocks)}) but SAM {variant} has {depth} "
             f"image-encoder blocks (0-{depth - 1}): {detail}"
         )
     if in_dims != [dim]:
         problems.append(
-            f"its lora_A matrices take {'/'.join(map(str, in_dims))} input features but {model_type}'s qkv "
+            f"its lora_A matrices take {'/'.join(map(str, in_dims))} input features but {variant}'s qkv "
             f"layers take {dim} (embed dim)"
         )
     if problems:
         guess = [n for n, (d, b) in SAM_VARIANTS.items() if in_dims == [d] and len(blocks) == b and blocks == list(range(b))]
-        hint = (f" It was trained on a SAM {guess[0]}: set teacher.model_type={guess[0]} with the {guess[0]} base "
-                "checkpoint." if guess else f" A LoRA for {model_type} has {depth} blocks with lora_A ({rank}, {dim}).")
-        raise CheckpointError(f"{source} does not match the base SAM {model_type}: {'; '.join(problems)}.{hint}")
+        hint = (f" It was trained on a SAM {guess[0]}: set teacher.variant={guess[0]} with the {guess[0]} base "
+                "checkpoint." if guess else f" A LoRA for {variant} has {depth} blocks with lora_A ({rank}, {dim}).")
+        raise CheckpointError(f"{source} does not match the base SAM {variant}: {'; '.join(problems)}.{hint}")
 
     ranks = {}
     for i, d in sorted(pairs.items()):
@@ -177,7 +179,7 @@ class LoraSamTeacher(SamTeacher):
 
     def __init__(
         self,
-        model_type: str = "vit_b",
+        variant: str = "vit_b",
         checkpoint: Optional[str] = None,
         lora_checkpoint: Optional[str] = None,
         lora_rank: int = 8,
@@ -188,9 +190,9 @@ class LoraSamTeacher(SamTeacher):
         device: str = "cpu",
         seed: int = 0,
     ) -> None:
-        _check_choice("model_type", model_type, SAM_VARIANTS)
-        _check_choice("init", init, ("pretrained", "random"))
-        _check_lora_hparams(lora_rank, lora_alpha)
+        settings = self.settings_from(variant=variant, checkpoint=checkpoint, lora_checkpoint=lora_checkpoint,
+                                      lora_rank=lora_rank, lora_alpha=lora_alpha, input_size=input_size, init=init,
+                                      dtype=dtype, device=device, seed=seed)
         # The LoRA file is read and checked against the base model's shapes before anything is built.
         lora: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
         if lora_checkpoint:
@@ -201,7 +203,7 @@ class LoraSamTeacher(SamTeacher):
                     f"the file with the LoRA matrices ({_KEY_FORMAT}; format: vfmkd/teachers/lora_sam.py)."
                 )
             sd = unwrap_state_dict(load_checkpoint(path))
-            lora = check_lora_state_dict(sd, model_type, lora_rank, source=f"LoRA checkpoint {path}")
+            lora = check_lora_state_dict(sd, variant, lora_rank, source=f"LoRA checkpoint {path}")
             lora_id = sha256_of_file(path)
         elif init == "pretrained":
             raise ConfigError(
@@ -213,17 +215,23 @@ class LoraSamTeacher(SamTeacher):
             logger.warning("lora_sam: no teacher.lora_checkpoint with init=random: the LoRA is empty (B = 0), "
                            "the teacher is the random base SAM.")
 
-        super().__init__(model_type=model_type, checkpoint=checkpoint, input_size=input_size, init=init,
+        super().__init__(variant=variant, checkpoint=checkpoint, input_size=input_size, init=init,
                          dtype=dtype, device=device, seed=seed)
+        self.settings = settings  # the full record, with the LoRA keys
         self.lora_checkpoint = lora_checkpoint
         self.lora_rank = lora_rank
         self.lora_alpha = float(lora_alpha)
-        self._lora_id = lora_id
+        self._weights_id = _combined_weights_id(self._weights_id, lora_id)
         if lora is not None:
             self._merge(lora, self.lora_alpha / lora_rank)
             logger.info("Merged LoRA (rank %d, alpha %g) from %s into %d qkv layers.",
                         lora_rank, lora_alpha, lora_checkpoint, len(lora))
         self.freeze()
+
+    @classmethod
+    def _check_settings(cls, settings: TeacherSettings) -> None:
+        super()._check_settings(settings)
+        _check_lora_hparams(settings.extra["lora_rank"], settings.extra["lora_alpha"])
 
     @torch.no_grad()
     def _merge(self, lora: List[Tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
@@ -233,38 +241,30 @@ class LoraSamTeacher(SamTeacher):
             delta = (b.double() @ a.double()) * scaling
             w.add_(delta.to(device=w.device, dtype=w.dtype))
 
-    def fingerprint(self) -> TeacherFingerprint:
-        return _with_lora(super().fingerprint(), self.lora_rank, self.lora_alpha, self._lora_id)
+    @classmethod
+    def _fingerprint(cls, settings: TeacherSettings, weights_id: str) -> TeacherFingerprint:
+        """SAM's fingerprint with the LoRA hyper-parameters in the variant; ``weights_id`` covers both files."""
+        base = SamTeacher._fingerprint(settings, weights_id)
+        rank, alpha = settings.extra["lora_rank"], float(settings.extra["lora_alpha"])
+        return dataclasses.replace(base, family="lora_sam", variant=f"{base.variant}+lora_r{rank}_a{alpha:g}")
 
     @classmethod
-    def config_fingerprint(
-        cls,
-        model_type: str = "vit_b",
-        checkpoint: Optional[str] = None,
-        lora_checkpoint: Optional[str] = None,
-        lora_rank: int = 8,
-        lora_alpha: float = 8.0,
-        input_size: int = 1024,
-        init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
-        seed: int = 0,
-    ) -> TeacherFingerprint:
-        base = SamTeacher.config_fingerprint(model_type=model_type, checkpoint=checkpoint, input_size=input_size,
-                                             init=init, dtype=dtype, device=device, seed=seed)
+    def _config_weights_id(cls, settings: TeacherSettings) -> str:
+        base = config_weights_id("sam", settings.variant, settings.checkpoint, settings.init, settings.seed)
+        lora_checkpoint = settings.extra["lora_checkpoint"]
         if not lora_checkpoint:
             lora_id = _NO_LORA
         elif Path(lora_checkpoint).is_file():
             lora_id = sha256_of_file(lora_checkpoint)
         else:
             lora_id = f"unknown (LoRA checkpoint {lora_checkpoint} is not on this machine)"
-        return _with_lora(base, lora_rank, float(lora_alpha), lora_id)
+        return _combined_weights_id(base, lora_id)
 
 
-def _with_lora(base: TeacherFingerprint, rank: int, alpha: float, lora_id: str) -> TeacherFingerprint:
-    unknown = [w for w in (base.weights, lora_id) if w.startswith("unknown")]
-    weights = f"unknown ({'; '.join(unknown)})" if unknown else f"{base.weights}+{lora_id}"
-    return dataclasses.replace(base, family="lora_sam", variant=f"{base.variant}+lora_r{rank}_a{alpha:g}", weights=weights)
+def _combined_weights_id(base: str, lora_id: str) -> str:
+    """``<base id>+<LoRA id>``; ``unknown (...)`` naming what is missing when either file is."""
+    unknown = [w for w in (base, lora_id) if w.startswith("unknown")]
+    return f"unknown ({'; '.join(unknown)})" if unknown else f"{base}+{lora_id}"
 
 
 def _check_lora_hparams(rank: object, alpha: object) -> None:

@@ -6,7 +6,6 @@ smaller input, and exposes two feature maps from one encoder pass.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import logging
@@ -22,21 +21,26 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
+from vfmkd.core.errors import CheckpointError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
-from vfmkd.teachers.loading import checkpoint_path, computed_dtype, config_weights_id, load_teacher_weights, seeded
+from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, resized_hw
+from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 
 logger = logging.getLogger("vfmkd")
 
 # (embed dim, number of ViT blocks) of each official image encoder; used to recognise a checkpoint.
 SAM_VARIANTS: Dict[str, Tuple[int, int]] = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PATCH = 16  # SAM's ViT patch size: every feature map has stride 16
 _PRETRAIN_SIZE = 1024  # the official checkpoints' input size (64x64 pos_embed)
 _PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 _BLOCK_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
+# SAM's own normalisation constants (0-255 pixels), read from the library so the fingerprint of a
+# config (no model built) is the one of a built model.
+_SAM_DEFAULTS = inspect.signature(Sam.__init__).parameters
+SAM_MEAN = tuple(float(v) for v in _SAM_DEFAULTS["pixel_mean"].default)
+SAM_STD = tuple(float(v) for v in _SAM_DEFAULTS["pixel_std"].default)
+_fmt = lambda t: "/".join(f"{v:.3f}" for v in t)  # noqa: E731
 
 def detect_sam_variant(state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     """Name the SAM variant (vit_b|vit_l|vit_h) a state_dict belongs to, from tensor shapes only."""
@@ -71,9 +75,12 @@ class SamTeacher(BaseTeacher):
     family = "sam"
     primary_feature = "image_embeddings"
 
+    variants = SAM_VARIANTS
+    preprocessing = f"sam:resize-longest-side,pad-bottom-right,mean={_fmt(SAM_MEAN)},std={_fmt(SAM_STD)}"
+
     def __init__(
         self,
-        model_type: str = "vit_b",
+        variant: str = "vit_b",
         checkpoint: Optional[str] = None,
         input_size: int = 1024,
         init: str = "pretrained",
@@ -82,57 +89,38 @@ class SamTeacher(BaseTeacher):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_choice("model_type", model_type, SAM_VARIANTS)
-        _check_choice("init", init, ("pretrained", "random"))
-        _check_choice("dtype", dtype, _DTYPES)
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % _PATCH:
-            lo = max(_PATCH, int(input_size) // _PATCH * _PATCH) if isinstance(input_size, int) else _PATCH
-            raise ConfigError(
-                f"teacher.input_size must be a positive multiple of {_PATCH} (SAM's patch size), got "
-                f"{input_size!r}; e.g. {lo} or {lo + _PATCH}."
-            )
-        try:
-            dev = torch.device(device)
-        except RuntimeError as err:
-            raise ConfigError(f"teacher.device={device!r} is not a torch device ({err}).") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"teacher.device={device!r} but CUDA is not available here; set teacher.device=cpu.")
-
-        self.model_type = model_type
-        self.init = init
-        self._input_size = input_size
-        # Low precision only pays off (and is only well supported) on CUDA; CPU always computes in
-        # float32, and the fingerprint records what was actually computed.
-        self.dtype = computed_dtype(dtype, dev)
-        if dtype != self.dtype:
-            logger.info("SAM teacher: dtype=%s requested on %s; computing in float32.", dtype, dev.type)
-        logger.info("Using SAM teacher model: %s", model_type)
+        # Bound to SamTeacher's own signature: a subclass (LoRA-SAM) validates its extra keys itself
+        # and replaces self.settings with its full record.
+        settings = SamTeacher.settings_from(variant=variant, checkpoint=checkpoint, input_size=input_size,
+                                            init=init, dtype=dtype, device=device, seed=seed)
+        dev = self._adopt(settings, "SAM")
+        logger.info("Using SAM teacher model: %s", variant)
 
         def check(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
             found = detect_sam_variant(state_dict, source=f"checkpoint {path}")
-            if found != model_type:
+            if found != variant:
                 raise CheckpointError(
-                    f"checkpoint {path} is a SAM {found} image encoder but model_type is {model_type}; "
-                    f"set teacher.model_type={found} (or use the {model_type} checkpoint)."
+                    f"checkpoint {path} is a SAM {found} image encoder but teacher.variant is {variant}; "
+                    f"set teacher.variant={found} (or use the {variant} checkpoint)."
                 )
 
-        path = checkpoint_path("sam", model_type, checkpoint)
-        state_dict, self._weights_id = load_teacher_weights("SAM", "sam", model_type, checkpoint, init, seed, check)
+        path = checkpoint_path("sam", variant, checkpoint)
+        state_dict, self._weights_id = load_teacher_weights("SAM", "sam", variant, checkpoint, init, seed, check)
 
         # Built at 1024, the size of the official weights. Random weights come from `seed` alone, so
         # the cache tool and a later live pass of the same config hold the same random teacher.
         with seeded(seed):
-            self.sam = sam_model_registry[model_type]()
+            self.sam = sam_model_registry[variant]()
         if state_dict is not None:
             try:
                 self.sam.load_state_dict(state_dict, strict=True)
             except RuntimeError as err:
-                raise CheckpointError(f"checkpoint {path} does not fit SAM {model_type}: {err}") from None
+                raise CheckpointError(f"checkpoint {path} does not fit SAM {variant}: {err}") from None
             logger.info("Loaded SAM checkpoint from: %s", path)
         if input_size != _PRETRAIN_SIZE:
             self._resize_input(input_size)
 
-        self._transform = ResizeLongestSide(input_size)  # SAM's own resize
+        self._transform = ResizeLongestSide(input_size)  # SAM's own resize (the numpy path)
         # CPU copies of SAM's normalisation buffers: preprocessing runs on CPU in data workers.
         self._mean = self.sam.pixel_mean.detach().cpu().clone()  # (3, 1, 1)
         self._std = self.sam.pixel_std.detach().cpu().clone()
@@ -159,10 +147,14 @@ class SamTeacher(BaseTeacher):
 
     @property
     def input_size(self) -> int:
-        return self._input_size
+        return self.settings.input_size
+
+    @classmethod
+    def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:
+        return _PATCH, "SAM's patch size"
 
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
-        embed_dim = SAM_VARIANTS[self.model_type][0]
+        embed_dim = SAM_VARIANTS[self.variant][0]
         return (FeatureSpec("trunk", embed_dim, _PATCH), FeatureSpec("image_embeddings", 256, _PATCH))
 
     # ------------------------------------------------------------------ preprocessing
@@ -171,7 +163,7 @@ class SamTeacher(BaseTeacher):
         affine ``(B, 4)`` float32 = (new_w/w, new_h/h, 0, 0), valid_hw ``(B, 2)`` int64 = (new_h, new_w)."""
         if len(images) == 0:
             raise ValueError("SamTeacher.preprocess got no images.")
-        s = self._input_size
+        s = self.input_size
         pixels = torch.zeros(len(images), 3, s, s)
         affine = torch.zeros(len(images), 4)
         valid = torch.zeros(len(images), 2, dtype=torch.long)
@@ -188,21 +180,25 @@ class SamTeacher(BaseTeacher):
             valid[i] = torch.tensor([nh, nw])
         return TeacherBatch(pixels=pixels, affine=affine, valid_hw=valid)
 
-    # ------------------------------------------------------------------ features
-    def _autocast(self):
-        if self.device.type == "cuda" and self.dtype != "float32":
-            return torch.autocast(device_type="cuda", dtype=_DTYPES[self.dtype])
-        return contextlib.nullcontext()
+    @torch.no_grad()
+    def preprocess_crops(self, images: torch.Tensor, boxes: torch.Tensor) -> TeacherBatch:
+        """:meth:`preprocess` on the device: canvases ``(B, 3, H, W)`` in [0, 1] and content boxes
+        ``(B, 4)`` -> pixels ``(B, 3, S, S)``, affine ``(B, 4)`` (crop pixels -> teacher pixels),
+        valid_hw ``(B, 2)``, all on ``images.device``. The resize is segment-anything's own torch
+        recipe (``ResizeLongestSide.apply_image_torch``: bilinear, antialiased, to the same size as
+        the PIL path), then SAM's normalisation and zero padding bottom/right."""
+        return self._resize_crops(images, boxes, lambda h, w: resized_hw(h, w, self.input_size), "bilinear",
+                                  self._mean, self._std, value_scale=255.0)
 
     @torch.no_grad()
     def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``(B, 3, S, S)`` -> {"trunk": (B, embed_dim, S/16, S/16), "image_embeddings": (B, 256, S/16, S/16)};
         the same maths as ``ImageEncoderViT.forward`` with the trunk kept on the way."""
-        s = self._input_size
+        s = self.input_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ValueError(f"SamTeacher expects pixels (B, 3, {s}, {s}), got {tuple(pixels.shape)}.")
         enc = self.sam.image_encoder
-        with self._autocast():
+        with self.autocast():
             x = enc.patch_embed(pixels.to(self.device))  # (B, S/16, S/16, C): SAM blocks are channels-last
             if enc.pos_embed is not None:
                 x = x + enc.pos_embed
@@ -211,27 +207,6 @@ class SamTeacher(BaseTeacher):
             trunk = x.permute(0, 3, 1, 2)
             emb = enc.neck(trunk)
         return {"trunk": trunk.float().contiguous(), "image_embeddings": emb.float()}
-
-    def fingerprint(self) -> TeacherFingerprint:
-        return _fingerprint(self.model_type, self._weights_id, self._input_size, self.dtype, self._mean, self._std)
-
-    @classmethod
-    def config_fingerprint(
-        cls,
-        model_type: str = "vit_b",
-        checkpoint: Optional[str] = None,
-        input_size: int = 1024,
-        init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
-        seed: int = 0,
-    ) -> TeacherFingerprint:
-        weights = config_weights_id("sam", model_type, checkpoint, init, seed)
-        computed = computed_dtype(dtype, device)
-        defaults = inspect.signature(Sam.__init__).parameters  # SAM's own normalisation constants
-        mean = torch.tensor(defaults["pixel_mean"].default)
-        std = torch.tensor(defaults["pixel_std"].default)
-        return _fingerprint(model_type, weights, input_size, computed, mean, std)
 
     # ------------------------------------------------------------------ prompting
     @torch.no_grad()
@@ -267,7 +242,7 @@ class SamTeacher(BaseTeacher):
             box_t = torch.as_tensor(pred.transform.apply_boxes(b, size), dtype=torch.float, device=dev)
             if coords is not None:  # the prompt encoder pairs points and boxes row by row
                 coords, labels = coords.expand(len(b), -1, -1), labels.expand(len(b), -1)
-        with self._autocast():
+        with self.autocast():
             masks, scores, low_res = pred.predict_torch(coords, labels, box_t, multimask_output=multimask_output)
         h, w = size
         return (
@@ -284,27 +259,8 @@ class SamTeacher(BaseTeacher):
             self._predictor = SamPredictor(self.sam)
         key = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() + str(image.shape)
         if key != self._predictor_key or not self._predictor.is_image_set:
-            with self._autocast():
+            with self.autocast():
                 self._predictor.set_image(image, image_format="RGB")
             self._predictor_key = key
         return self._predictor
 
-
-def _fingerprint(model_type: str, weights: str, input_size: int, dtype: str, mean: torch.Tensor, std: torch.Tensor) -> TeacherFingerprint:
-    fmt = lambda t: "/".join(f"{v:.3f}" for v in t.flatten().tolist())  # noqa: E731
-    return TeacherFingerprint(
-        family="sam",
-        variant=model_type,
-        weights=weights,
-        input_size=input_size,
-        dtype=dtype,
-        preprocessing=f"sam:resize-longest-side,pad-bottom-right,mean={fmt(mean)},std={fmt(std)}",
-    )
-
-
-def _check_choice(key: str, value: object, choices) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"teacher.{key}={value!r} is not valid.{did_you_mean(str(value), choices)} "
-            f"Choose one of: {', '.join(choices)}."
-        )

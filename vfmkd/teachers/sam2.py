@@ -43,27 +43,26 @@ application started with ``@hydra.main``) or was cleared, the model is composed 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
+from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.loading import checkpoint_path, computed_dtype, config_weights_id, load_teacher_weights, seeded
-from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
+from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings
+from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 from vfmkd.teachers.weights import weights_for
 
 logger = logging.getLogger("vfmkd")
 
-#: model_type -> (the sam2 package's Hydra config, the official checkpoint's file name)
+#: variant -> (the sam2 package's Hydra config, the official checkpoint's file name)
 SAM2_VARIANTS: Dict[str, Tuple[str, str]] = {
     "sam2.1_hiera_tiny": ("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
     "sam2.1_hiera_small": ("configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
@@ -81,7 +80,6 @@ HIERA_SIZES: Dict[str, Tuple[int, int]] = {
 # SAM2's normalisation (SAM2Transforms.mean/std, on [0, 1] pixels)
 SAM2_MEAN = (0.485, 0.456, 0.406)
 SAM2_STD = (0.229, 0.224, 0.225)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE_MULTIPLE = 32
 _PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
 _SAM1_PATCH_KEY = "image_encoder.patch_embed.proj.weight"
@@ -89,6 +87,7 @@ _BLOCK_RE = re.compile(r"^image_encoder\.trunk\.blocks\.(\d+)\.")
 # keys only SAM2.1 has (no_obj_embed_spatial: true, proj_tpos_enc_in_obj_ptrs: true in its configs)
 _SAM21_KEYS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight")
 _FEATURES = (("fpn_s4", 256, 4), ("fpn_s8", 256, 8), ("fpn_s16", 256, 16), ("hires_s4", 32, 4), ("hires_s8", 64, 8))
+_fmt = lambda t: "/".join(f"{v:.3f}" for v in t)  # noqa: E731
 _INSTALL_HINT = (
     "install it the way scripts/setup.sh does: "
     "SAM2_BUILD_CUDA=0 pip install --no-build-isolation --no-deps sam2==1.1.0 "
@@ -98,14 +97,14 @@ _INSTALL_HINT = (
 
 
 
-def _version_and_size(model_type: str) -> Tuple[str, str]:
+def _version_and_size(variant: str) -> Tuple[str, str]:
     """``sam2.1_hiera_base_plus`` -> (``sam2.1``, ``base_plus``)."""
-    version, size = model_type.split("_hiera_")
+    version, size = variant.split("_hiera_")
     return version, size
 
 
 def detect_sam2_variant(state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> str:
-    """The ``model_type`` (e.g. ``sam2.1_hiera_tiny``) a SAM2 state_dict belongs to, from its keys and
+    """The ``variant`` (e.g. ``sam2.1_hiera_tiny``) a SAM2 state_dict belongs to, from its keys and
     tensor shapes only: Hiera embed dim and block count give the size, SAM2.1-only keys the version."""
     if _PATCH_KEY not in state_dict:
         if _SAM1_PATCH_KEY in state_dict:
@@ -130,8 +129,8 @@ def detect_sam2_variant(state_dict: Dict[str, torch.Tensor], source: str = "chec
     )
 
 
-def _describe(model_type: str) -> str:
-    version, size = _version_and_size(model_type)
+def _describe(variant: str) -> str:
+    version, size = _version_and_size(variant)
     dim, depth = HIERA_SIZES[size]
     return f"{version.upper()} Hiera-{size} (embed dim {dim}, {depth} blocks)"
 
@@ -179,9 +178,12 @@ class Sam2Teacher(BaseTeacher):
     family = "sam2"
     primary_feature = "fpn_s16"
 
+    variants = SAM2_VARIANTS
+    preprocessing = f"sam2:resize-square-no-aspect,bilinear-antialias,mean={_fmt(SAM2_MEAN)},std={_fmt(SAM2_STD)}"
+
     def __init__(
         self,
-        model_type: str = "sam2.1_hiera_tiny",
+        variant: str = "sam2.1_hiera_tiny",
         checkpoint: Optional[str] = None,
         input_size: int = 1024,
         init: str = "pretrained",
@@ -190,37 +192,23 @@ class Sam2Teacher(BaseTeacher):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_choice("model_type", model_type, SAM2_VARIANTS)
-        _check_choice("init", init, ("pretrained", "random"))
-        _check_choice("dtype", dtype, _DTYPES)
-        _check_input_size(input_size)
-        try:
-            dev = torch.device(device)
-        except RuntimeError as err:
-            raise ConfigError(f"teacher.device={device!r} is not a torch device ({err}).") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"teacher.device={device!r} but CUDA is not available here; set teacher.device=cpu.")
-
-        self.model_type = model_type
-        self.init = init
-        self._input_size = input_size
-        self.dtype = computed_dtype(dtype, dev)
-        if dtype != self.dtype:
-            logger.info("SAM2 teacher: dtype=%s requested on %s; computing in float32.", dtype, dev.type)
-        logger.info("Using SAM2 teacher model: %s", model_type)
-        config, _ = SAM2_VARIANTS[model_type]
+        settings = self.settings_from(variant=variant, checkpoint=checkpoint, input_size=input_size, init=init,
+                                      dtype=dtype, device=device, seed=seed)
+        dev = self._adopt(settings, "SAM2")
+        logger.info("Using SAM2 teacher model: %s", variant)
+        config, _ = SAM2_VARIANTS[variant]
 
         def check(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
             found = detect_sam2_variant(state_dict, source=f"checkpoint {path}")
-            if found != model_type:
+            if found != variant:
                 raise CheckpointError(
-                    f"checkpoint {path} is a {_describe(found)} model but model_type is {model_type} "
-                    f"({_describe(model_type)}); set teacher.model_type={found} (or use the {model_type} "
-                    f"checkpoint: `{weights_for('sam2', model_type).download_command}`)."
+                    f"checkpoint {path} is a {_describe(found)} model but teacher.variant is {variant} "
+                    f"({_describe(variant)}); set teacher.variant={found} (or use the {variant} "
+                    f"checkpoint: `{weights_for('sam2', variant).download_command}`)."
                 )
 
-        path = checkpoint_path("sam2", model_type, checkpoint)
-        state_dict, self._weights_id = load_teacher_weights("SAM2", "sam2", model_type, checkpoint, init, seed, check)
+        path = checkpoint_path("sam2", variant, checkpoint)
+        state_dict, self._weights_id = load_teacher_weights("SAM2", "sam2", variant, checkpoint, init, seed, check)
 
         # Random weights come from `seed` alone, so the cache tool and a later live pass agree.
         with seeded(seed):
@@ -229,7 +217,7 @@ class Sam2Teacher(BaseTeacher):
             try:
                 self.sam2.load_state_dict(state_dict, strict=True)
             except RuntimeError as err:
-                raise CheckpointError(f"checkpoint {path} does not fit SAM2 {model_type}: {err}") from None
+                raise CheckpointError(f"checkpoint {path} does not fit SAM2 {variant}: {err}") from None
             logger.info("Loaded SAM2 checkpoint from: %s", path)
         enc = self.sam2.image_encoder
         if len(enc.neck.backbone_channel_list) - enc.scalp != 3 or not self.sam2.use_high_res_features_in_sam:
@@ -245,7 +233,12 @@ class Sam2Teacher(BaseTeacher):
     # ------------------------------------------------------------------ geometry
     @property
     def input_size(self) -> int:
-        return self._input_size
+        return self.settings.input_size
+
+    @classmethod
+    def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:
+        return _SIZE_MULTIPLE, ("SAM2's Hiera encoder: stride-4 patches, three 2x poolings, 8x8 windows at stride 4; "
+                                "common: 256, 512, 768, 1024 = the official training size")
 
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return tuple(FeatureSpec(n, c, s) for n, c, s in _FEATURES)
@@ -261,7 +254,7 @@ class Sam2Teacher(BaseTeacher):
         valid_hw ``(B, 2)`` = (S, S): the whole canvas is image."""
         if len(images) == 0:
             raise ValueError("Sam2Teacher.preprocess got no images.")
-        s = self._input_size
+        s = self.input_size
         pixels = torch.empty(len(images), 3, s, s)
         affine = torch.zeros(len(images), 4)
         for i, img in enumerate(images):
@@ -276,43 +269,28 @@ class Sam2Teacher(BaseTeacher):
         valid = torch.full((len(images), 2), s, dtype=torch.long)
         return TeacherBatch(pixels=pixels, affine=affine, valid_hw=valid)
 
-    # ------------------------------------------------------------------ features
-    def _autocast(self):
-        if self.device.type == "cuda" and self.dtype != "float32":
-            return torch.autocast(device_type="cuda", dtype=_DTYPES[self.dtype])
-        return contextlib.nullcontext()
+    @torch.no_grad()
+    def preprocess_crops(self, images: torch.Tensor, boxes: torch.Tensor) -> TeacherBatch:
+        """:meth:`preprocess` on the device: canvases ``(B, 3, H, W)`` in [0, 1] and content boxes
+        ``(B, 4)`` -> pixels ``(B, 3, S, S)`` (each crop stretched to S x S, bilinear antialiased: the op
+        torchvision's ``Resize`` runs on a tensor), affine ``(B, 4)`` = (S/w, S/h, 0, 0) of the crop,
+        valid_hw ``(B, 2)`` = (S, S), all on ``images.device``."""
+        s = self.input_size
+        return self._resize_crops(images, boxes, lambda h, w: (s, s), "bilinear", self._mean, self._std)
 
     @torch.no_grad()
     def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``(B, 3, S, S)`` -> the five maps of :meth:`feature_specs`, float32, from one encoder pass."""
-        s = self._input_size
+        s = self.input_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ValueError(f"Sam2Teacher expects pixels (B, 3, {s}, {s}), got {tuple(pixels.shape)}.")
         dec = self.sam2.sam_mask_decoder
-        with self._autocast():
+        with self.autocast():
             out = self.sam2.image_encoder(pixels.to(self.device))
             s4, s8, s16 = out["backbone_fpn"]  # raw neck levels: forward_image would overwrite s4/s8
             hires_s4, hires_s8 = dec.conv_s0(s4), dec.conv_s1(s8)
         maps = {"fpn_s4": s4, "fpn_s8": s8, "fpn_s16": s16, "hires_s4": hires_s4, "hires_s8": hires_s8}
         return {k: v.float().contiguous() for k, v in maps.items()}
-
-    def fingerprint(self) -> TeacherFingerprint:
-        return _fingerprint(self.model_type, self._weights_id, self._input_size, self.dtype)
-
-    @classmethod
-    def config_fingerprint(
-        cls,
-        model_type: str = "sam2.1_hiera_tiny",
-        checkpoint: Optional[str] = None,
-        input_size: int = 1024,
-        init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
-        seed: int = 0,
-    ) -> TeacherFingerprint:
-        weights = config_weights_id("sam2", model_type, checkpoint, init, seed)
-        computed = computed_dtype(dtype, device)
-        return _fingerprint(model_type, weights, input_size, computed)
 
     # ------------------------------------------------------------------ prompting
     @torch.no_grad()
@@ -347,7 +325,7 @@ class Sam2Teacher(BaseTeacher):
             if k > 1:  # the predictor pairs points and boxes row by row
                 coords = np.broadcast_to(coords, (k, *coords.shape)).copy()
                 labels = np.broadcast_to(labels, (k, *labels.shape)).copy()
-        with self._autocast():
+        with self.autocast():
             masks, scores, low_res = pred.predict(
                 point_coords=coords, point_labels=labels, box=box, multimask_output=multimask_output
             )
@@ -364,10 +342,10 @@ class Sam2Teacher(BaseTeacher):
             raise ValueError("predict_masks expects an RGB uint8 array (H, W, 3).")
         if self._predictor is None:
             _, predictor_cls = _import_sam2()
-            self._predictor = make_predictor(predictor_cls, self.sam2, self._input_size)
+            self._predictor = make_predictor(predictor_cls, self.sam2, self.input_size)
         key = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() + str(image.shape)
         if key != self._predictor_key or not self._predictor._is_image_set:
-            with self._autocast():
+            with self.autocast():
                 self._predictor.set_image(image)
             self._predictor_key = key
         return self._predictor
@@ -379,39 +357,3 @@ def make_predictor(predictor_cls, model: torch.nn.Module, input_size: int):
     pred = predictor_cls(model)
     pred._bb_feat_sizes = [(input_size // 4,) * 2, (input_size // 8,) * 2, (input_size // 16,) * 2]
     return pred
-
-
-def _fingerprint(model_type: str, weights: str, input_size: int, dtype: str) -> TeacherFingerprint:
-    fmt = lambda t: "/".join(f"{v:.3f}" for v in t)  # noqa: E731
-    return TeacherFingerprint(
-        family="sam2",
-        variant=model_type,
-        weights=weights,
-        input_size=input_size,
-        dtype=dtype,
-        preprocessing=f"sam2:resize-square-no-aspect,bilinear-antialias,mean={fmt(SAM2_MEAN)},std={fmt(SAM2_STD)}",
-    )
-
-
-def valid_input_sizes(near: int, count: int = 2) -> List[int]:
-    """Multiples of 32 around ``near`` (for error messages)."""
-    lo = max(_SIZE_MULTIPLE, int(near) // _SIZE_MULTIPLE * _SIZE_MULTIPLE)
-    return [lo + i * _SIZE_MULTIPLE for i in range(count)]
-
-
-def _check_input_size(input_size: object) -> None:
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % _SIZE_MULTIPLE:
-        near = valid_input_sizes(input_size if isinstance(input_size, int) and not isinstance(input_size, bool) else 0)
-        raise ConfigError(
-            f"teacher.input_size must be a positive multiple of {_SIZE_MULTIPLE} for SAM2's Hiera encoder "
-            f"(stride-4 patches, three 2x poolings, 8x8 windows at stride 4), got {input_size!r}; "
-            f"e.g. {near[0]} or {near[1]} (common: 256, 512, 768, 1024 = the official training size)."
-        )
-
-
-def _check_choice(key: str, value: object, choices) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"teacher.{key}={value!r} is not valid.{did_you_mean(str(value), choices)} "
-            f"Choose one of: {', '.join(choices)}."
-        )
