@@ -81,7 +81,7 @@ def idle_note(start) -> str:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-type", default="vit_b", help="SAM variant")
+    p.add_argument("--variant", default="vit_b", help="SAM variant (teacher.variant)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512], help="teacher input sizes")
     p.add_argument("--full", action="store_true", help="also 1024 (SAM's native size)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -124,7 +124,7 @@ def main() -> int:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}, malloc {malloc}")
-    print(f"SAM {args.model_type} (teacher.init=random), batch {args.batch_size}, {args.images} images of "
+    print(f"SAM {args.variant} (teacher.init=random), batch {args.batch_size}, {args.images} images of "
           f"coco128/{args.split}, {args.repeats} repeats, variants alternated\n")
 
     cuda = args.device.startswith("cuda")
@@ -144,7 +144,7 @@ def main() -> int:
                 return ptf.build_parser().parse_args([
                     "--teacher", "sam", "--dataset", "coco128", "--splits", args.split, "--limit", str(args.images),
                     "--batch-size", str(args.batch_size), "--output", str(out), "--no-progress",
-                    f"teacher.model_type={args.model_type}", f"teacher.input_size={size}", "teacher.init=random",
+                    f"teacher.variant={args.variant}", f"teacher.input_size={size}", "teacher.init=random",
                     f"teacher.device={args.device}",
                 ])
 
@@ -226,7 +226,7 @@ def main() -> int:
 
             theory = sum(s.channels * (size // s.stride) ** 2 * 2 for s in specs)
             per_img_file = last_file["size"] / n
-            print(f"\nSAM {args.model_type} @ {size} (teacher build {build_s:.1f} s, not in the timings)")
+            print(f"\nSAM {args.variant} @ {size} (teacher build {build_s:.1f} s, not in the timings)")
             print(f"  bare forward_features : {ips_bare:7.3f} images/s  (median {statistics.median(t_bare):.2f} s / {n} images)")
             print(f"  cache tool pipeline   : {ips_pipe:7.3f} images/s  (median {statistics.median(t_pipe):.2f} s / {n} images)")
             print(f"  ratio pipeline/bare   : {ips_pipe / ips_bare:.3f}  (per-repeat {', '.join(f'{x:.3f}' for x in ratios)}; "
@@ -259,16 +259,16 @@ def layout_table(args: argparse.Namespace) -> None:
     from vfmkd.datasets.feature_cache import FeatureCacheWriter
     from vfmkd.teachers.sam import SAM_VARIANTS, SamTeacher
 
-    dim = SAM_VARIANTS[args.model_type][0]
+    dim = SAM_VARIANTS[args.variant][0]
     all_specs = (FeatureSpec("trunk", dim, 16), FeatureSpec("image_embeddings", 256, 16))  # SamTeacher.feature_specs()
     n = args.layout_images
     ids = [f"{i:012d}" for i in range(n)]
-    print(f"\nBytes per cached image, SAM {args.model_type}, fp16 storage (real FeatureCacheWriter files of {n} images):")
+    print(f"\nBytes per cached image, SAM {args.variant}, fp16 storage (real FeatureCacheWriter files of {n} images):")
     print("| input | --features | maps | C*h*w*2 per image (B) | file / images (B) | MiB / image |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="vfmkd_layout_") as tmp:
         for size in args.layout_sizes:
-            fp = SamTeacher.config_fingerprint(model_type=args.model_type, init="random", input_size=size)
+            fp = SamTeacher.config_fingerprint(variant=args.variant, init="random", input_size=size)
             for label, specs in (("default (image_embeddings)", all_specs[1:]), ("all", all_specs)):
                 path = Path(tmp) / f"{size}_{len(specs)}.h5"
                 FeatureCacheWriter(path, ids, fp, specs, size, teacher_config={"type": "sam"}, dataset="coco128",

@@ -2,7 +2,7 @@
 """Run a frozen teacher once over a dataset split and cache its features (HDF5) for training.
 
     python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --splits train2017 val2017 \\
-        --output teacher_features/sam/ teacher.model_type=vit_b teacher.input_size=1024 [--storage int8] [--with-flip]
+        --output teacher_features/sam/ teacher.variant=vit_b teacher.input_size=1024 [--storage int8] [--with-flip]
 
 Resumable: batches are fixed ranges [k*B, (k+1)*B) of the sorted image list; a rerun recomputes only
 the batches that hold an unfinished image, so the final file equals an uninterrupted run's. When every
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modules to import first, e.g. my_pkg.my_teacher: your own @TEACHERS.register(...) teachers")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     p.add_argument("overrides", nargs="*", metavar="teacher.key=value",
-                   help="teacher kwargs over the YAML, e.g. teacher.model_type=vit_l teacher.input_size=512 teacher.init=random")
+                   help="teacher kwargs over the YAML, e.g. teacher.variant=vit_l teacher.input_size=512 teacher.init=random")
     return p
 
 
