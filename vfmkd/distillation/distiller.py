@@ -103,6 +103,16 @@ class Distiller(nn.Module):
         """Standardise ``teacher``'s ``feature`` maps as (x - mean) / std per channel from now on."""
         self._stats[(teacher, feature)] = (mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-6).view(1, -1, 1, 1))
 
+    def teacher_stats(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The standardisation in force, as ``{"<teacher>/<feature>": {"mean", "std"}}`` (C,) for a
+        checkpoint; :meth:`load_teacher_stats` restores it."""
+        return {f"{t}/{f}": {"mean": m.flatten().cpu(), "std": s.flatten().cpu()} for (t, f), (m, s) in self._stats.items()}
+
+    def load_teacher_stats(self, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for key, value in stats.items():
+            teacher, feature = key.split("/", 1)
+            self.set_teacher_stats(teacher, feature, value["mean"], value["std"])
+
     def feature_terms(self, active_only: bool = True) -> Dict[str, FeatureDistillLoss]:
         return {n: m for n, m in self.feature_losses.items() if not active_only or n in self.active}  # type: ignore[misc]
 

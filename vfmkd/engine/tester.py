@@ -46,6 +46,7 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
         router.load_live_models()
         distiller = build_distiller(cfg["distillation"], model, router).to(device)
         _load(distiller, state["distiller"], "distillation adapters", checkpoint, config_name)
+        distiller.load_teacher_stats(state.get("teacher_stats", {}))  # the standardisation the run trained with
         if not distiller.teachers_used(active_only=False):
             distiller = router = None
         else:

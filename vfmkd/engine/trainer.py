@@ -171,6 +171,7 @@ class Trainer:
         return save_checkpoint(self.run_dir / "checkpoints" / name, {
             "model": self.model.state_dict(),
             "distiller": self.distiller.state_dict(),
+            "teacher_stats": self.distiller.teacher_stats(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": epoch,
             "config": self.cfg,

@@ -15,7 +15,8 @@ from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 class DetectionLoss:
     """box (CIoU) + cls (BCE) + DFL, each with ultralytics' gain, averaged per image.
 
-    ``__call__(head_output, batch)`` takes the head's training dict and a collated batch
+    ``__call__(head_output, batch)`` takes the training dict of the head the loss entry names
+    (``head:``, default ``detection``; the engine routes it) and the batch's boxes
     (``cls`` (N, 1), ``bboxes`` (N, 4) normalised xywh, ``batch_idx`` (N,)) and returns the scalar
     loss and its detached components ``box``/``cls``/``dfl``.
     """
@@ -23,7 +24,6 @@ class DetectionLoss:
     kind = "task"
 
     def __init__(self, head: YOLOv8DetectHead, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5) -> None:
-        self.head_name = "detection"
         # v8DetectionLoss reads hyper-parameters from `model.args` and the Detect module from
         # `model.model[-1]`; a namespace gives it exactly that view of our head.
         view = SimpleNamespace(args=SimpleNamespace(box=box, cls=cls, dfl=dfl), model=[head.detect], parameters=head.parameters)

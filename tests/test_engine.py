@@ -1,0 +1,184 @@
+"""The engine on real coco128: staged training, held-out fidelity, the offline/online policy table,
+and the bugs found by reading (each test failed before its fix)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vfmkd.core.config import load_experiment
+from vfmkd.core.errors import ConfigError
+from vfmkd.datasets import DetectionDataset, collate_samples
+from vfmkd.distillation.distiller import Distiller, cosine_log_name
+from vfmkd.distillation.online import measure_channel_stats
+from vfmkd.distillation.targets import TeacherTargets
+from vfmkd.engine.builders import build_loss_terms, build_model
+from vfmkd.engine.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import prepare_teacher_features as ptf  # noqa: E402
+import test as test_tool  # noqa: E402
+
+EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
+COCO = REPO / "datasets" / "coco128"
+SIZE, LIMIT = 128, 8
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    """SAM (random init) cache of train2017 and val2017, first 8 images each."""
+    out = tmp_path_factory.mktemp("features") / "sam"
+    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "val2017", "--limit", str(LIMIT), "--batch-size", "4",
+                     "--output", str(out), "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
+    return out
+
+
+def overrides(features: Path, work_dir: Path, *extra: str) -> list:
+    return [f"teachers.sam.feature_path={features}", "teachers.sam.init=random", f"teachers.sam.input_size={SIZE}",
+            f"data.limit={LIMIT}", "data.img_size=128", "data.batch_size=4", "data.num_workers=0", "train.lr=0.003",
+            "train.warmup_iters=2", f"work_dir={work_dir}", "eval.batch_size=8", *extra]
+
+
+STAGES = "train.stages=[{name: distill, epochs: 2, losses: [feature_mse], lr: 0.01}, {name: finetune, epochs: 1}]"
+
+
+def test_staged_training_switches_losses_logs_the_switch_and_picks_best_in_the_last_stage(features, tmp_path):
+    cfg = load_experiment(EXPERIMENT, overrides(features, tmp_path, STAGES, "train.epochs=null"))
+    assert cfg["train"]["epochs"] == 3
+    trainer = Trainer(cfg, progress=False)
+    metrics = trainer.fit()
+    epochs = metrics["epochs"]
+    assert [e["stage"] for e in epochs] == ["distill", "distill", "finetune"]
+    assert "loss_det" not in epochs[0]["train"] and "loss_feat_distill_sam" in epochs[0]["train"]
+    assert "loss_det" in epochs[2]["train"]
+    assert [s["name"] for s in metrics["stages"]] == ["distill", "finetune"]
+    assert metrics["stages"][0]["epochs"] == [1, 2] and metrics["stages"][0]["lr"] == 0.01
+    assert metrics["best_epoch"] == 3  # best.pt only within the last stage
+    log = (trainer.run_dir / "train.log").read_text()
+    assert "stage distill: epochs 1-2, losses feature_mse" in log and "stage finetune: epochs 3-3, losses all" in log
+    saved = json.loads((trainer.run_dir / "metrics.json").read_text())
+    assert saved["stages"] == metrics["stages"]
+
+
+def test_stage_mistakes_are_refused(features, tmp_path):
+    with pytest.raises(ConfigError, match="train.epochs=5 but train.stages add up to 3"):
+        load_experiment(EXPERIMENT, overrides(features, tmp_path, STAGES, "train.epochs=5"))
+    cfg = load_experiment(EXPERIMENT, overrides(
+        features, tmp_path, "train.stages=[{epochs: 1, losses: [feature_mes]}]", "train.epochs=null"))
+    with pytest.raises(ConfigError, match="feature_mes.*not entries of distillation.losses"):
+        Trainer(cfg, progress=False)
+
+
+def test_held_out_fidelity_from_the_val_cache_and_from_the_live_teacher(features, tmp_path):
+    trainer = Trainer(load_experiment(EXPERIMENT, overrides(features, tmp_path, "train.epochs=1")), progress=False)
+    metrics = trainer.fit()
+    val = metrics["epochs"][-1]["val"]
+    fid = val["fidelity"]["sam/image_embeddings@P4"]
+    assert -1.0 <= fid["cos"] <= 1.0 and fid["mse"] > 0 and fid["cells"] > 0 and fid["loss"] == "feature_mse"
+    assert val["fidelity_sources"] == {"sam": {"offline": 1}}  # the cached val split, no live pass
+    assert metrics["final_fidelity"] == val["fidelity"]
+    assert trainer.val_router.sources["sam"].live is None
+
+    run = trainer.run_dir
+    assert test_tool.main(["--config", str(run / "config.yaml"), "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                           "--no-progress"]) == 0
+    result = json.loads((run / "test_metrics_val2017.json").read_text())
+    assert result["fidelity"]["sam/image_embeddings@P4"]["cos"] == pytest.approx(fid["cos"], abs=1e-5)
+
+    # Without a val cache the live teacher provides the held-out targets: close to the cached number
+    # (the live pass sees the letterboxed canvas, the cache the original image).
+    val_only = tmp_path / "train_only"
+    val_only.mkdir()
+    (val_only / "train2017.h5").symlink_to(features / "train2017.h5")
+    assert test_tool.main(["--config", str(run / "config.yaml"), "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                           "--no-progress", f"teachers.sam.feature_path={val_only}"]) == 0
+    live = json.loads((run / "test_metrics_val2017.json").read_text())
+    assert live["fidelity_sources"] == {"sam": {"online": 1, "online: no cache for this split": 1}}
+    assert live["fidelity"]["sam/image_embeddings@P4"]["cos"] == pytest.approx(fid["cos"], abs=1e-2)
+    assert live["fidelity"]["sam/image_embeddings@P4"]["mse"] == pytest.approx(fid["mse"], rel=0.05)
+
+
+def test_pure_live_run_needs_no_cache(tmp_path):
+    cfg = load_experiment(EXPERIMENT, overrides(tmp_path / "no_cache_here", tmp_path, "train.epochs=1",
+                                                "distillation.offline_ratio=0.0", "eval.fidelity=false"))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.router.sources["sam"].cache is None and trainer.router.sources["sam"].live is not None
+    trainer.fit()
+    assert trainer.router.summary()["sam"] == {"online": 2, "online: no cache for this split": 2}
+
+
+def test_grad_clip_covers_the_distillation_adapters(features, tmp_path):
+    # SGD without weight decay: a step moves every trained tensor by at most lr * (1 + momentum) * |clipped grad|.
+    cfg = load_experiment(EXPERIMENT, overrides(features, tmp_path, "train.epochs=1", "train.optimizer=sgd",
+                                                "train.weight_decay=0.0", "train.grad_clip=1e-6", "train.lr=1.0",
+                                                "train.warmup_iters=1", "eval.fidelity=false"))
+    trainer = Trainer(cfg, progress=False)
+    adapter = trainer.distiller.feature_losses["feature_mse"].adapter.proj.weight
+    before = adapter.detach().clone()
+    item = next(iter(trainer.train_loader))
+    trainer.train_step(item, 1)
+    torch.nn.utils.clip_grad_norm_(trainer.params, cfg["train"]["grad_clip"])
+    trainer.optimizer.step()
+    assert (adapter.detach() - before).abs().max() <= 2.0 * 1e-6
+
+
+def test_log_as_without_the_prefix_keeps_loss_and_cosine_apart(features, tmp_path):
+    assert cosine_log_name("loss_feat_distill_sam") == "cos_sam" and cosine_log_name("sam_p4") == "cos_sam_p4"
+    cfg = load_experiment(EXPERIMENT, overrides(features, tmp_path, "train.epochs=1", "eval.fidelity=false",
+                                                "+distillation.losses.feature_mse.log_as=sam_p4"))
+    trainer = Trainer(cfg, progress=False)
+    logs = trainer.train_one_epoch(1)
+    assert logs["sam_p4"] > 0.05 and -1.0 <= logs["cos_sam_p4"] <= 1.0
+    assert logs["sam_p4"] != logs["cos_sam_p4"]
+
+
+def test_a_task_loss_reads_the_head_its_entry_names():
+    model = build_model({"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+                         "heads": {"boxes": {"type": "yolo_head", "num_classes": 80}}})
+    terms = build_loss_terms({"det": {"type": "detection", "head": "boxes", "weight": 2.0}}, model, {}, {})
+    distiller = Distiller(terms)
+    ds = DetectionDataset(str(COCO), "train2017", img_size=128, limit=2)
+    batch = collate_samples([ds[0], ds[1]])
+    result = distiller(model(batch.images), batch, {})
+    assert torch.isfinite(result.total) and result.logs["loss_boxes"] > 0
+    with pytest.raises(ConfigError, match="no head 'detection'"):
+        build_loss_terms({"det": {"type": "detection"}}, model, {}, {})
+
+
+class _SummaryTeacher:
+    """Stand-in live teacher giving a 1x1 summary map of a wide image (valid region 40 x 128 of 128)."""
+
+    def targets(self, batch):
+        b = len(batch)
+        return TeacherTargets(features={"cls_token": torch.full((b, 3, 1, 1), 2.0)}, affine=torch.ones(b, 4),
+                              valid_hw=torch.tensor([[40.0, 128.0]] * b), input_size=128)
+
+
+def test_channel_stats_of_a_live_summary_map_follow_the_cache_cell_rule():
+    # The summary cell's centre (64) lies below the 40-pixel valid height, yet it describes the image:
+    # the cache counts it (valid_cells); the live measurement must too (it used to count nothing).
+    ds = DetectionDataset(str(COCO), "train2017", img_size=64, limit=2)
+    stats = measure_channel_stats(_SummaryTeacher(), [collate_samples([ds[0], ds[1]])])
+    mean, std = stats["cls_token"]
+    assert torch.allclose(mean, torch.full((3,), 2.0)) and torch.all(std <= 1e-5)
+
+
+def test_layers_point_one_way():
+    import re
+
+    rank = {"core": 0, "utils": 0, "models": 1, "teachers": 1, "datasets": 1, "distillation": 2, "engine": 3}
+    bad = []
+    for f in sorted((REPO / "vfmkd").rglob("*.py")):
+        layer = f.relative_to(REPO / "vfmkd").parts[0]
+        if layer not in rank:
+            continue
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            m = re.match(r"\s*(?:from|import)\s+vfmkd\.(\w+)", line)
+            if m and m.group(1) in rank and (rank[m.group(1)] > rank[layer] or (layer, m.group(1)) == ("datasets", "teachers")):
+                bad.append(f"{f.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
