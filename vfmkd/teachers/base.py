@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, ContextManager, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
@@ -14,36 +14,13 @@ from torch import nn
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.fingerprint import TeacherFingerprint  # re-exported: teachers build it, caches store it
 from vfmkd.teachers.loading import config_weights_id
 from vfmkd.teachers.settings import TeacherSettings, check_choice
 
 logger = logging.getLogger("vfmkd")
 
 _SETTINGS_FIELDS = tuple(f.name for f in fields(TeacherSettings) if f.name != "extra")
-
-
-@dataclass(frozen=True)
-class TeacherFingerprint:
-    """Everything that changes a teacher's features; a cache is only reused when it matches.
-
-    ``weights`` is the checkpoint's sha256, or ``random-init`` when the user asked for random
-    weights. ``preprocessing`` names the resize/pad/normalisation recipe.
-    """
-
-    family: str
-    variant: str
-    weights: str
-    input_size: int
-    dtype: str
-    preprocessing: str
-
-    def as_dict(self) -> Dict[str, object]:
-        return asdict(self)
-
-    def differences(self, other: "TeacherFingerprint", ignore: Sequence[str] = ()) -> List[str]:
-        """Human-readable 'field: mine != theirs' lines for every differing field."""
-        mine, theirs = self.as_dict(), other.as_dict()
-        return [f"{k}: {theirs[k]!r} != {mine[k]!r}" for k in mine if k not in ignore and mine[k] != theirs[k]]
 
 
 @dataclass
