@@ -126,7 +126,6 @@ def test_dino_vits16_official_checkpoint_matches_timm(dino_vits16, images):
     torch.testing.assert_close(feats["cls_token"], ref_cls, atol=1e-5, rtol=0)
     assert [(s.name, s.channels, s.stride) for s in teacher.feature_specs()] == [("patch_tokens", 384, 16), ("cls_token", 384, 224)]
     assert teacher.primary_feature == "patch_tokens"
-    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     fp = teacher.fingerprint()
     assert (fp.family, fp.variant, fp.input_size, fp.dtype) == ("dino", "vits16", 224, "float32")
     assert fp.weights == sha256_of_file(path) and fp.preprocessing.startswith("dino:resize-longest-side")
@@ -256,8 +255,6 @@ def test_random_init_is_loud_seeded_and_fingerprinted(caplog):
         (DinoTeacher, {"input_size": 100, "variant": "vits8"}, "multiple of 8 .*nearest valid: 96 or 104"),
         (Dinov2Teacher, {"variant": "vits14reg4"}, "Did you mean 'vits14_reg4'"),
         (DinoTeacher, {"variant": "vits14"}, "Did you mean 'vits16'"),
-        (DinoTeacher, {"init": "rand"}, "Did you mean 'random'"),
-        (Dinov2Teacher, {"dtype": "fp16"}, "float32, bfloat16, float16"),
     ],
 )
 def test_bad_config_values(cls, kwargs, hint):

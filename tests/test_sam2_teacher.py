@@ -53,13 +53,13 @@ def sam2_tiny(tmp_path_factory):
     return path, model
 
 
-def _meta_checkpoint(model_type: str, path: Path, monkeypatch) -> Path:
-    """A checkpoint with the real keys and shapes of ``model_type`` (built on the meta device; stride-0
+def _meta_checkpoint(variant: str, path: Path, monkeypatch) -> Path:
+    """A checkpoint with the real keys and shapes of ``variant`` (built on the meta device; stride-0
     tensors keep the file tiny)."""
     linspace = torch.linspace  # Hiera reads its drop-path schedule with .item(): keep that one on the CPU
     monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **{"device": "cpu", **k}))
     with torch.device("meta"):
-        model = build_sam2(SAM2_VARIANTS[model_type][0], ckpt_path=None, device="meta")
+        model = build_sam2(SAM2_VARIANTS[variant][0], ckpt_path=None, device="meta")
     monkeypatch.undo()
     sd = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
     torch.save({"model": sd}, path)
@@ -99,7 +99,6 @@ def test_small_input_size_geometry_masks_and_fingerprint(sam2_tiny, images, tmp_
     with caplog.at_level(logging.INFO, logger="vfmkd"):
         teacher = TEACHERS.build("sam2", input_size=256)
     assert "Loaded SAM2 checkpoint from: weights/sam2.1_hiera_tiny.pt" in caplog.text
-    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert type(teacher).config_fingerprint(input_size=256) == teacher.fingerprint()
     assert teacher.sam2.image_size == 256 and teacher.sam2.sam_prompt_encoder.image_embedding_size == (16, 16)
 
@@ -152,12 +151,12 @@ def test_checkpoint_of_another_size_or_version_is_detected_before_loading(tmp_pa
 
     monkeypatch.setattr("vfmkd.teachers.sam2.build_sam2_model", boom)
     with pytest.raises(CheckpointError) as err:
-        Sam2Teacher(model_type=TINY, checkpoint=str(large))
+        Sam2Teacher(variant=TINY, checkpoint=str(large))
     msg = str(err.value)
-    assert "is a SAM2.1 Hiera-large (embed dim 144, 48 blocks) model but model_type is sam2.1_hiera_tiny" in msg
-    assert "set teacher.model_type=sam2.1_hiera_large" in msg
-    with pytest.raises(CheckpointError, match=r"is a SAM2 Hiera-tiny .* set teacher.model_type=sam2_hiera_tiny"):
-        Sam2Teacher(model_type=TINY, checkpoint=str(v20))
+    assert "is a SAM2.1 Hiera-large (embed dim 144, 48 blocks) model but teacher.variant is sam2.1_hiera_tiny" in msg
+    assert "set teacher.variant=sam2.1_hiera_large" in msg
+    with pytest.raises(CheckpointError, match=r"is a SAM2 Hiera-tiny .* set teacher.variant=sam2_hiera_tiny"):
+        Sam2Teacher(variant=TINY, checkpoint=str(v20))
 
     sam1 = tmp_path / "sam_vit_b.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}, sam1)
@@ -171,7 +170,7 @@ def test_missing_checkpoint_names_the_download_command(tmp_path, monkeypatch):
     assert DOWNLOAD_CMD in str(err.value) and "teacher.init=random" in str(err.value)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"weights/sam2\.1_hiera_large\.pt"):
-        Sam2Teacher(model_type="sam2.1_hiera_large")
+        Sam2Teacher(variant="sam2.1_hiera_large")
 
 
 def test_random_init_is_loud_and_fingerprinted(caplog):
@@ -189,11 +188,9 @@ def test_random_init_is_loud_and_fingerprinted(caplog):
 @pytest.mark.parametrize(
     "kwargs, hint",
     [
-        ({"model_type": "sam2.1_hiera_tiniy"}, "Did you mean 'sam2.1_hiera_tiny'"),
-        ({"init": "rand"}, "Did you mean 'random'"),
-        ({"dtype": "fp16"}, "float32, bfloat16, float16"),
-        ({"input_size": 240}, r"multiple of 32 .*e\.g\. 224 or 256"),
-        ({"input_size": 0}, "multiple of 32"),
+        ({"variant": "sam2.1_hiera_tiniy"}, "Did you mean 'sam2.1_hiera_tiny'"),
+        ({"input_size": 240}, r"multiple of 32 \(SAM2's Hiera encoder.*\), got 240; nearest valid: 224 or 256"),
+        ({"input_size": 20}, "multiple of 32 .*nearest valid: 32"),
     ],
 )
 def test_bad_config_values(kwargs, hint):
@@ -202,10 +199,10 @@ def test_bad_config_values(kwargs, hint):
 
 
 def test_official_weights_entries():
-    for model_type in SAM2_VARIANTS:
-        w = weights_for("sam2", model_type)
-        assert w.name == model_type and w.filename == SAM2_VARIANTS[model_type][1]
-        release = "092824" if model_type.startswith("sam2.1") else "072824"
+    for variant in SAM2_VARIANTS:
+        w = weights_for("sam2", variant)
+        assert w.name == variant and w.filename == SAM2_VARIANTS[variant][1]
+        release = "092824" if variant.startswith("sam2.1") else "072824"
         assert w.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/{release}/{w.filename}"
         assert w.sha256 is None or (len(w.sha256) == 64 and int(w.sha256, 16) >= 0)
     assert OFFICIAL_WEIGHTS[TINY].size_bytes == 156_008_466
@@ -215,7 +212,7 @@ def test_cache_tool_writes_sam2_features(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
     from vfmkd.datasets import FeatureCacheReader
-    from vfmkd.distillation.offline import open_offline_teacher
+    from vfmkd.engine.builders import open_cache
 
     out = tmp_path / "sam2"
     args = ["--teacher", "sam2", "--dataset", "coco128", "--splits", "val2017", "--limit", "2", "--batch-size", "2",
@@ -233,7 +230,7 @@ def test_cache_tool_writes_sam2_features(tmp_path, monkeypatch):
     reader.close()
     # training accepts the cache for the same config (fingerprint from the config alone)
     entry = {"type": "sam2", "init": "random", "input_size": 256, "feature_path": str(out)}
-    assert open_offline_teacher("sam2", entry, "coco128", "val2017").primary_feature == "fpn_s16"
+    assert open_cache("sam2", entry, {"dataset": "coco128"}, "val2017").primary_feature == "fpn_s16"
 
 
 def test_builds_under_another_apps_hydra_and_leaves_it_alone(tmp_path):
