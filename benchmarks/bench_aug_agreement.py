@@ -10,11 +10,15 @@ For every coco128 image and augmentation kind, the offline path (the cached full
 cached flipped pass, carried onto the student's stride-16 grid by RoIAlign) and the online path
 (the live teacher run on the augmented student canvas, mapped the same way) are compared per
 location. "mirrored grid" is the naive alternative the cache refuses (mirror the cached map of the
-original instead of a flipped teacher pass), measured on the teacher's own grid. Views that a live
-teacher would see displaced by more than ``--tolerance`` of its canvas from the cached pass are
-routed live by the mixer; the table reports the agreement over the views it allows offline. Without a
-checkpoint the teacher is SAM with random weights (seed 0): the numbers then describe geometry and
-resampling, not SAM's learned features; rerun with --checkpoint for the real figures.
+original instead of a flipped teacher pass), measured on the teacher's own grid. Samples come from
+``DetectionDataset`` wrapped in ``CachedTargetsDataset`` (``collate_distill``: the cached
+``TeacherTargets``, the flipped pass for mirrored views); the live path is ``OnlineTeacher.targets``.
+Which views may read the cache is decided by a ``TeacherRouter`` (``offline_ratio=1``, the
+augmentation's ``ViewGates``: rotations live, flips only from a cached flipped pass, crops live unless
+``--crops``, views a live teacher would see displaced (``live_view_shift``) by more than
+``--tolerance`` of its canvas live); the table reports the agreement over the views it routes offline.
+Without a checkpoint the teacher is SAM with random weights (seed 0): the numbers then describe
+geometry and resampling, not SAM's learned features; rerun with --checkpoint for the real figures.
 """
 from __future__ import annotations
 
@@ -28,9 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from _common import build_cache, machine, quiet
-from vfmkd.datasets import DetectionDataset, GeometricAugment, collate_detection
+from vfmkd.datasets import Batch, DetectionDataset, GeometricAugment, load_rgb
+from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.distillation.geometry import resample_to_student
 from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.routing import TeacherRouter, TeacherSource
+from vfmkd.distillation.targets import TeacherTargets
+from vfmkd.engine.builders import open_cache
 from vfmkd.teachers import SamTeacher
 
 KINDS = {
@@ -44,12 +52,15 @@ KINDS = {
 STRIDE = 16
 
 
-def cosine_on_student_grid(off, on, batch, size):
+def cosine_on_student_grid(off: TeacherTargets, on: TeacherTargets, batch: Batch, size: int) -> torch.Tensor:
+    """Per-location cosine of two teachers' targets carried onto the student grid, as
+    ``Distiller.aligned`` carries them (cached targets: the batch's view affines)."""
     h = w = size // STRIDE
     maps = []
     for t in (off, on):
-        m, mask = resample_to_student(t["features"]["image_embeddings"].float(), t["affine"], t["valid_hw"],
-                                      (t["input_size"], t["input_size"]), t["student_affine"], (h, w), STRIDE)
+        student_affine = t.student_affine if t.student_affine is not None else batch.views.affine
+        m, mask = resample_to_student(t.feature("image_embeddings", torch.device("cpu")), t.affine, t.valid_hw,
+                                      (t.input_size, t.input_size), student_affine, (h, w), STRIDE)
         maps.append((m, mask))
     (a, ma), (b, mb) = maps
     cos = F.cosine_similarity(a, b, dim=1, eps=1e-6)
@@ -97,32 +108,42 @@ def main() -> None:
     quiet()
     online = OnlineTeacher("sam", teacher, torch.device("cpu"))
     root = str(_common.REPO / "datasets" / "coco128")
+    # The cache as the engine opens it (fingerprint-checked against this teacher's config).
+    entry = {"type": "sam", "feature_path": str(work / "sam"), "input_size": a.teacher_size,
+             **({"checkpoint": a.checkpoint} if a.checkpoint else {"init": "random", "seed": 0})}
+    cache = open_cache("sam", entry, {"dataset": "coco128"}, "train2017")
+    assert cache.has_flip, "the cache needs its flipped pass (--with-flip)"
     print(f"machine: {machine()}")
     print(f"SAM ViT-B @ {a.teacher_size} ({'checkpoint' if a.checkpoint else 'random init'}), student canvas "
           f"{a.img_size}, stride-{STRIDE} grid, {a.images} coco128 train images")
-    print(f"(views allowed offline, as the mixer decides: not rotated, flips from the flipped pass, "
+    print(f"(views allowed offline, as the TeacherRouter decides: not rotated, flips from the flipped pass, "
           f"{'crops allowed' if a.crops else 'no crops'}, live view displaced <= {a.tolerance:.0%} of the teacher canvas)")
     print("| augmentation | views allowed offline | mean cosine, allowed views | 5th pct, allowed | mean cosine, all views |")
     print("|---|---|---|---|---|")
     for kind, aug in KINDS.items():
         allowed, every, n_ok, n = [], [], 0, 0
+        # offline_ratio=1: only the view gates of this augmentation (and the cache) can send a view live.
+        source = TeacherSource(name="sam", offline=True, cache=cache, input_affine=SamTeacher.input_affine,
+                               load_live=lambda: online, live=online)
+        router = TeacherRouter({"sam": source}, offline_ratio=1.0, seed=0, augment=aug,
+                               offline_max_shift=a.tolerance, offline_crops=a.crops)
         for draw in range(a.draws):
-            ds = DetectionDataset(root, "train2017", a.img_size, a.images, teacher_caches={"sam": str(work / "sam")},
-                                  augment=aug, seed=draw, offline_max_shift=a.tolerance, offline_crops=a.crops)
+            plain = DetectionDataset(root, "train2017", a.img_size, a.images, augment=aug, seed=draw)
+            ds = CachedTargetsDataset(plain, {"sam": cache})
             for i in range(len(ds)):
-                batch = collate_detection([ds[i]])
-                cached = dict(batch["teachers"]["sam"], student_affine=batch["affine"])
+                item = collate_distill([ds[i]])  # one view per batch: the router decides per batch
+                batch, cached = item.batch, item.cached.get("sam")
+                assert cached is not None, f"image {batch.image_ids[0]} is missing from the cache"
                 v = cosine_on_student_grid(cached, online.targets(batch), batch, a.img_size)
                 every.append(v)
                 n += 1
-                if bool(cached["offline_ok"][0]):
+                if router.route(n, "sam", batch, cached).mode == "offline":
                     allowed.append(v)
                     n_ok += 1
         ok = torch.cat(allowed) if allowed else torch.zeros(0)
         fmt = (lambda t, q=None: "-" if t.numel() == 0 else f"{(t.mean() if q is None else t.quantile(q)):.4f}")
         print(f"| {kind} | {n_ok}/{n} | {fmt(ok)} | {fmt(ok, 0.05)} | {fmt(torch.cat(every))} |")
     ds = DetectionDataset(root, "train2017", a.img_size, a.images)
-    from vfmkd.datasets import load_rgb
     v = mirrored_grid_cosine(teacher, [load_rgb(p) for p in ds.paths])
     print(f"| flip by mirroring the cached grid (not offered) | 0 | - | - | {v.mean():.4f} |")
     print("| rotation | 0 (always live) | - | - | - |")

@@ -4,9 +4,10 @@
     python benchmarks/bench_levers.py            # SAM ViT-B live @ 1024 vs levers, YOLOv8n @ 640, batch 4
     python benchmarks/bench_levers.py --quick    # SAM @ 512, YOLOv8n @ 320, batch 2 (< 2 min on 2 cores)
 
-Each lever runs in its own subprocess (peak memory is per process): a real ``Trainer`` from
-configs/experiments/yolov8_sam_coco128.yaml with the SAM teacher live on every batch
-(``offline_ratio=0``), warm-up steps, then timed steps. Reported: median seconds per training step
+Each lever runs in its own subprocess (peak memory is per process): a real
+``vfmkd.engine.trainer.Trainer`` from configs/experiments/yolov8_sam_coco128.yaml with the SAM teacher
+live on every batch (``teachers.sam.offline=false``: the ``TeacherRouter`` sends each batch to the live
+model), one warm-up epoch, then a timed ``train_one_epoch``. Reported: median seconds per training step
 (distill_interval=k is amortised over k steps), peak process memory (max RSS; on CUDA also
 ``torch.cuda.max_memory_allocated``), and the teacher pass alone (peak memory above the loaded
 model) for the input-size claim. Random-init SAM (no weights here): the compute is the real model's.
@@ -47,7 +48,7 @@ def child(args) -> None:
 
     from _common import quiet
     from vfmkd.core.config import load_experiment
-    from vfmkd.core.trainer import Trainer
+    from vfmkd.engine.trainer import Trainer
 
     torch.set_num_threads(2)
     quiet()
@@ -75,7 +76,7 @@ def child(args) -> None:
     cfg = load_experiment(_common.REPO / "configs/experiments/yolov8_sam_coco128.yaml", [
         "teachers.sam.offline=false", "teachers.sam.init=random", f"teachers.sam.input_size={size}",
         f"data.limit={args.images}", f"data.img_size={args.img_size}", f"data.batch_size={batch}", "data.num_workers=0",
-        f"work_dir={tempfile.mkdtemp()}", *overrides,
+        f"work_dir={tempfile.mkdtemp()}", "eval.fidelity=false", *overrides,
     ])
     trainer = Trainer(cfg, progress=False)
     quiet()

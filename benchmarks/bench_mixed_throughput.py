@@ -4,11 +4,12 @@
     python benchmarks/bench_mixed_throughput.py            # SAM ViT-B @ 512, YOLOv8n @ 320, 32 images
     python benchmarks/bench_mixed_throughput.py --quick    # SAM @ 256, 16 images, < 60 s on 2 cores
 
-One process builds three real ``Trainer``s from configs/experiments/yolov8_sam_coco128.yaml that
-differ only in ``distillation.offline_ratio`` (1.0, 0.0, r), then times whole training epochs
-(data loading, teacher passes, student step; no evaluation) in rotating order over repeats.
+One process builds three real ``vfmkd.engine.trainer.Trainer``s from
+configs/experiments/yolov8_sam_coco128.yaml that differ only in ``distillation.offline_ratio``
+(1.0, 0.0, r), then times whole training epochs (``Trainer.train_one_epoch``: data loading through
+``CachedTargetsDataset``, teacher passes, student step; no evaluation) in rotating order over repeats.
 The mixed run is compared with the ideal ``1 / (r/T_offline + (1-r)/T_online)`` where ``r`` is
-the offline fraction the mixer actually drew. Goal: mixed / ideal >= 0.9. The teacher is a
+the offline fraction the ``TeacherRouter`` actually drew (``router.summary()``). Goal: mixed / ideal >= 0.9. The teacher is a
 random-init SAM (no weights here): the compute is the real model's.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from _common import build_cache, machine, median, quiet
 from vfmkd.core.config import load_experiment
-from vfmkd.core.trainer import Trainer
+from vfmkd.engine.trainer import Trainer
 
 EXPERIMENT = _common.REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 
@@ -50,6 +51,7 @@ def main() -> None:
             f"teachers.sam.feature_path={cache}", "teachers.sam.init=random", f"teachers.sam.input_size={a.teacher_size}",
             f"data.limit={a.images}", f"data.img_size={a.img_size}", f"data.batch_size={a.batch}", "data.num_workers=0",
             f"distillation.offline_ratio={ratio}", f"work_dir={work / 'runs'}", "train.epochs=100",
+            "eval.fidelity=false",  # no evaluation here: no validation router
         ])
         trainers[label] = Trainer(cfg, progress=False)
         quiet()
@@ -64,7 +66,7 @@ def main() -> None:
             times[label].append(time.perf_counter() - start)
     n = len(trainers["offline"].train_set)
     thr = {k: n / median(v) for k, v in times.items()}
-    counts = trainers["mixed"].mixer.summary()["sam"]
+    counts = trainers["mixed"].router.summary()["sam"]  # routes (offline/online) and online reasons
     drawn = counts.get("offline", 0) / max(1, counts.get("offline", 0) + counts.get("online", 0))
     ideal = 1.0 / (drawn / thr["offline"] + (1 - drawn) / thr["online"])
     nominal = 1.0 / (a.ratio / thr["offline"] + (1 - a.ratio) / thr["online"])
@@ -73,7 +75,7 @@ def main() -> None:
           f"{a.repeats} timed epochs per mode")
     for k in ("offline", "online", "mixed"):
         print(f"  {k:8s} {thr[k]:7.2f} images/s   (median epoch {median(times[k]):.2f} s)")
-    print(f"  mixed drew offline for {drawn:.2f} of batches (nominal {a.ratio}); mixer counts {counts}")
+    print(f"  mixed drew offline for {drawn:.2f} of batches (nominal {a.ratio}); router counts {counts}")
     print(f"  ideal at drawn r: {ideal:.2f} images/s -> mixed / ideal = {thr['mixed'] / ideal:.3f} (goal >= 0.9)")
     print(f"  ideal at nominal r: {nominal:.2f} images/s -> mixed / ideal = {thr['mixed'] / nominal:.3f}")
     print(f"  online / offline = {thr['online'] / thr['offline']:.3f}")

@@ -8,17 +8,22 @@ Both variants run in ONE process on the same batches of real coco128 images, alt
 step (who goes first flips every repeat), after warm-up steps; medians over all timed steps:
 
 * student-only: YOLOv8n forward + ultralytics v8DetectionLoss + backward + grad clip + AdamW step
-  (+ LR scheduler step): the body of ``Trainer.train_one_epoch`` for one batch, on a real ``Trainer``
-  built from configs/experiments/yolov8_sam_coco128.yaml with the feature loss and the teacher removed.
+  (+ LR scheduler step): the body of ``Trainer.train_one_epoch`` for one batch (``Trainer.train_step``:
+  ``batch.to(device)``, ``router.targets``, forward under ``_autocast()``, ``distiller(...).total.backward()``;
+  then ``clip_grad_norm_(trainer.params)``, optimizer and scheduler steps), on a real
+  ``vfmkd.engine.trainer.Trainer`` built from configs/experiments/yolov8_sam_coco128.yaml with the
+  feature loss and the teacher removed.
 * offline-distill: the same Trainer step with the experiment's feature loss (teacher maps standardised
   with the cache's per-channel stats, 1x1 adapter on P4, resampled onto the student grid, masked MSE)
-  against the cached SAM ``image_embeddings`` already in the batch (``Trainer.teacher_targets``).
+  against the cached SAM ``image_embeddings`` already in the ``DistillBatch`` (``TeacherRouter.targets``
+  routes every batch offline: no augmentation, ``offline_ratio=1``; checked after timing).
 
 Each variant is its own ``Trainer`` (model + optimizer), built from the same seed. The cache is written first
 by the real tool (``tools/prepare_teacher_features.py``, ``teacher.init=random``: meaningless features,
-real shapes) and read through ``DetectionDataset`` + ``collate_detection`` like training does; the
+real shapes) and read through ``CachedTargetsDataset`` + ``collate_distill`` like training does; the
 model step is timed with the batches already in memory. Separately, the per-batch cost of the HDF5
-read in the data path (``dataset[i]`` + collate, with vs without the cache, num_workers=0) is timed.
+read in the data path (``dataset[i]`` + collate: ``CachedTargetsDataset`` + ``collate_distill`` vs the
+plain ``DetectionDataset`` + ``collate_samples``, num_workers=0) is timed.
 
 Goal: t_student_only / t_offline_distill >= 0.95.
 """
@@ -82,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--img-sizes", type=int, nargs="+", default=[640, 320], help="student input sizes")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=4, help="distinct batches (images = batches * batch size)")
-    p.add_argument("--repeats", type=int, default=3, help="passes over the batches per variant")
+    p.add_argument("--repeats", type=int, default=6, help="passes over the batches per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--teacher-input", type=int, default=512, help="SAM input size of the cache (512 or 1024)")
     p.add_argument("--cache-dir", default=None,
@@ -112,8 +117,10 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
     from vfmkd.core.config import load_experiment
-    from vfmkd.core.trainer import Trainer
-    from vfmkd.datasets import collate_detection
+    from vfmkd.datasets import collate_samples
+    from vfmkd.distillation.cached import collate_distill
+    from vfmkd.distillation.targets import TeacherTargets, from_cache_entry
+    from vfmkd.engine.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -150,6 +157,7 @@ def main() -> int:
             f"teachers.sam.feature_path={cache}", "teachers.sam.init=random", f"teachers.sam.input_size={args.teacher_input}",
             f"data.img_size={img}", f"data.batch_size={args.batch_size}", f"data.limit={n_images}", "data.num_workers=0",
             f"train.device={args.device}", f"work_dir={run_root}",
+            "eval.fidelity=false",  # no evaluation here: no validation router, no live SAM in memory
         ]
         trainers = {}
         for name in ("student-only", "offline-distill"):
@@ -162,27 +170,27 @@ def main() -> int:
             trainers[name] = Trainer(cfg, run_dir=run_dir, progress=False)  # same seed: same init
             trainers[name].model.train(), trainers[name].distiller.train()
         logging.getLogger("vfmkd").setLevel(logging.WARNING)
-        distill_set = trainers["offline-distill"].train_set  # reads the HDF5 cache
+        distill_set = trainers["offline-distill"].train_loader.dataset  # CachedTargetsDataset: reads the HDF5 cache
         plain_set = trainers["student-only"].train_set  # the same images, no cache
+        assert distill_set.caches, "the offline-distill Trainer opened no cache"
         batches = list(DataLoader(distill_set, batch_size=args.batch_size, shuffle=False, num_workers=0,
-                                  collate_fn=collate_detection))
+                                  collate_fn=collate_distill))  # DistillBatch: Batch + cached TeacherTargets
         grad_clip = trainers["student-only"].cfg["train"]["grad_clip"]
+        for tr in trainers.values():
+            assert tr.cfg["train"]["accumulate"] == 1 and tr.cfg["distillation"]["distill_interval"] == 1
 
-        def step(name: str, batch) -> float:
-            """Trainer.train_one_epoch's body for one batch (accumulate=1), data already loaded."""
+        def step(name: str, item) -> float:
+            """Trainer.train_one_epoch's body for one batch (accumulate=1), data already loaded:
+            Trainer.train_step (batch.to(device), router.targets -- offline: the cached targets of the
+            DistillBatch --, forward under autocast, distiller(...).total.backward()), then the grad clip
+            over trainer.params (model + adapters), optimizer and scheduler steps."""
             tr = trainers[name]
             t0, c0 = time.perf_counter(), time.process_time()
-            batch = tr._to_device(batch)
-            targets = tr.teacher_targets(batch)  # offline: the cached maps already in the batch
-            with tr._autocast():
-                out = tr.model(batch["images"])
-            loss, _ = tr.distiller(out, batch, targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tr.model.parameters(), grad_clip)
+            tr.train_step(item, 1)
+            torch.nn.utils.clip_grad_norm_(tr.params, grad_clip)
             tr.optimizer.step()
             tr.optimizer.zero_grad(set_to_none=True)
             tr.scheduler.step()
-            tr.step += 1
             if tr.device.type == "cuda":
                 torch.cuda.synchronize()
             cpu_times[name].append(time.process_time() - c0)
@@ -210,9 +218,12 @@ def main() -> int:
         t_s = statistics.median(times["student-only"])
         t_d = statistics.median(times["offline-distill"])
         cpu_ratio = statistics.median(cpu_times["student-only"]) / statistics.median(cpu_times["offline-distill"])
+        routes = trainers["offline-distill"].router.summary()["sam"]
+        assert set(routes) == {"offline"}, f"offline-distill batches were not all read from the cache: {routes}"
 
         # The data path: dataset[i] + collate with vs without the HDF5 read (main process).
-        reader = distill_set.caches["sam"]
+        reader = distill_set.caches["sam"].reader  # the OfflineTeacher's FeatureCacheReader
+        image_ids = distill_set.dataset.image_ids
         load = {"with cache": [], "without cache": [], "reader.read only": []}
         idx = [list(range(k * args.batch_size, (k + 1) * args.batch_size)) for k in range(args.batches)]
         for r in range(args.read_repeats + 1):
@@ -221,12 +232,11 @@ def main() -> int:
                 for name in (list(load) if r % 2 == 0 else list(load)[::-1]):
                     t0 = time.perf_counter()
                     if name == "with cache":
-                        collate_detection([distill_set[i] for i in b])
+                        collate_distill([distill_set[i] for i in b])
                     elif name == "without cache":
-                        collate_detection([plain_set[i] for i in b])
-                    else:
-                        e = [reader.read(distill_set.image_ids[i]) for i in b]
-                        torch.stack([x["features"]["image_embeddings"] for x in e])
+                        collate_samples([plain_set[i] for i in b])
+                    else:  # what CachedTargetsDataset reads per image, collated as collate_distill does
+                        TeacherTargets.collate([from_cache_entry(reader.read(image_ids[i], dequantize=False)) for i in b])
                     got[name] = time.perf_counter() - t0
                 if r:  # the first pass warms the page cache and the HDF5 handle
                     for name, v in got.items():
