@@ -13,9 +13,8 @@ from PIL import Image
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers import BaseTeacher, SamTeacher
+from vfmkd.teachers import BaseTeacher, SamTeacher, TeacherSettings
 from vfmkd.teachers.base import resized_hw
-from vfmkd.teachers.settings import TeacherSettings
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = sorted((REPO / "datasets/coco128/images/val2017").glob("*.jpg"))[0]
@@ -84,19 +83,17 @@ def test_preprocess_geometry_is_input_affine(name, teachers):
         assert (vh, vw) == (round(h * sy), round(w * sx)) and vh <= s and vw <= s
 
 
-def test_input_affine_rounds_halves_up_like_sam():
+def test_input_affine_rounds_halves_up_like_sam(teachers):
     """5 x 128 at 64: the short side is 2.5 px; segment-anything's ResizeLongestSide makes it 3 rows
-    (int(x + 0.5)); Python's round() would say 2 and mispredict the live geometry."""
+    (int(x + 0.5)); Python's round() (the old BaseTeacher.input_affine) said 2 and so mispredicted
+    the geometry of a live pass."""
     assert resized_hw(5, 128, 64) == (3, 64) and resized_hw(45, 128, 64) == (23, 64)
-    teacher = SamTeacher.__new__(SamTeacher)  # only the numpy preprocessing is needed: no model
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    teacher._transform = ResizeLongestSide(64)
-    teacher._mean, teacher._std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
-    teacher.settings = TeacherSettings(variant="vit_b", input_size=64, init="random")
+    sam = teachers["sam"]
+    assert sam.input_size == 64
     for h, w in [(5, 128), (45, 128), (128, 45)]:
-        batch = teacher.preprocess([np.zeros((h, w, 3), dtype=np.uint8)])
+        batch = sam.preprocess([np.zeros((h, w, 3), dtype=np.uint8)])
         assert torch.equal(batch.affine[0], torch.tensor(BaseTeacher.input_affine(h, w, 64), dtype=torch.float32))
+    assert BaseTeacher.input_affine(5, 128, 64) == (0.5, 3 / 5, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("name", NAMES)

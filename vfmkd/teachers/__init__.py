@@ -1,4 +1,5 @@
 from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherFingerprint
+from vfmkd.teachers.settings import TeacherSettings
 from vfmkd.teachers.sam import SamTeacher
 from vfmkd.teachers.sam2 import Sam2Teacher  # imports Meta's sam2 (and its global Hydra) lazily, at build
 from vfmkd.teachers.lora_sam import LoraSamTeacher
