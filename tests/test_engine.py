@@ -182,3 +182,17 @@ def test_layers_point_one_way():
             if m and m.group(1) in rank and (rank[m.group(1)] > rank[layer] or (layer, m.group(1)) == ("datasets", "teachers")):
                 bad.append(f"{f.relative_to(REPO)}:{n}: {line.strip()}")
     assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
+
+
+def test_a_partial_val_cache_gives_fidelity_on_its_images_without_live_passes(features, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train2017.h5").symlink_to(features / "train2017.h5")
+    assert ptf.main(["--teacher", "sam", "--splits", "val2017", "--limit", "4", "--output", str(partial), "--no-progress",
+                     "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
+    cfg = load_experiment(EXPERIMENT, overrides(partial, tmp_path, "train.epochs=1", "eval.batch_size=4"))
+    trainer = Trainer(cfg, progress=False)
+    val = trainer.fit()["epochs"][-1]["val"]
+    assert val["images"] == LIMIT  # mAP over the whole split
+    assert val["fidelity_sources"] == {"sam": {"offline": 1, "skipped: images missing from the cache": 1}}
+    assert trainer.val_router.sources["sam"].live is None and val["fidelity"]["sam/image_embeddings@P4"]["cells"] > 0

@@ -108,17 +108,22 @@ class TeacherRouter:
     """Routes every distilled teacher of every batch to its cache or its live model.
 
     ``targets(step, batch, cached)`` returns the :class:`TeacherTargets` of each teacher in
-    ``teachers`` for the batch and counts every route with its reason (``summary()``).
+    ``teachers`` for the batch and counts every route with its reason (``summary()``). With
+    ``skip_missing`` (validation) a batch holding images its teacher's cache lacks gets no targets
+    from that teacher instead of a live pass.
     """
 
     def __init__(self, sources: Mapping[str, TeacherSource], offline_ratio: float, seed: int,
                  augment: Optional[GeometricAugment] = None, offline_max_shift: float = 0.05,
-                 offline_crops: bool = False) -> None:
+                 offline_crops: bool = False, skip_missing: bool = False) -> None:
         if not 0.0 <= float(offline_ratio) <= 1.0:
             raise ConfigError(f"distillation.offline_ratio must be within [0, 1], got {offline_ratio}")
         self.sources = dict(sources)
         self.offline_ratio, self.seed = float(offline_ratio), int(seed)
         self.max_shift = float(offline_max_shift)
+        # Validation reads a partial cache as it is: batches with uncached images are skipped for
+        # that teacher (counted) instead of paying for live passes.
+        self.skip_missing = bool(skip_missing)
         self.gates = {n: ViewGates.of(augment, bool(s.cache and s.cache.has_flip), offline_crops) for n, s in self.sources.items()}
         self._index = {name: i for i, name in enumerate(sorted(self.sources))}
         self.counts: Dict[str, Counter] = {name: Counter() for name in self.sources}
@@ -132,7 +137,7 @@ class TeacherRouter:
             return f"no cache ({src.why_no_cache})"
         if self.offline_ratio < 1.0:
             return f"offline_ratio={self.offline_ratio}"
-        if src.missing:
+        if src.missing and not self.skip_missing:
             return "images missing from the cache (distillation.missing_cache=online)"
         return self.gates[name].why_live()
 
@@ -185,6 +190,9 @@ class TeacherRouter:
         """Per teacher (default: all): the cached targets of this batch or a live pass on it."""
         out: Dict[str, TeacherTargets] = {}
         for name in teachers if teachers is not None else list(self.sources):
+            if self.skip_missing and self.sources[name].cache is not None and name not in cached:
+                self.counts[name]["skipped: images missing from the cache"] += 1
+                continue
             route = self.route(step, name, batch, cached.get(name))
             if route.mode == "offline":
                 out[name] = cached[name]

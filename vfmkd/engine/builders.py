@@ -3,7 +3,6 @@ arguments of a component (detectron2's style: the components never see cfg)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -78,7 +77,8 @@ def open_cache(name: str, entry: Mapping[str, Any], data_cfg: Mapping[str, Any],
 def build_router(cfg: Mapping[str, Any], dataset: DetectionDataset, live: LiveTeachers,
                  augment: Optional[GeometricAugment] = None, validation: bool = False) -> TeacherRouter:
     """The router of one split. Training follows ``distillation`` (offline_ratio, missing_cache, the
-    view gates); ``validation`` reads whatever cache of the split exists and sends the rest live."""
+    view gates). ``validation`` reads the split's cache where one exists (batches with images it
+    lacks are skipped for that teacher) and asks the live teacher only when the split has no cache."""
     dist, data = cfg["distillation"], cfg["data"]
     ratio = 1.0 if validation else float(dist["offline_ratio"])
     allow_missing = validation or dist["missing_cache"] == "online"
@@ -105,7 +105,7 @@ def build_router(cfg: Mapping[str, Any], dataset: DetectionDataset, live: LiveTe
             name=name, offline=offline, cache=cache, input_affine=type_cls.input_affine,
             load_live=live.loader(name, cache.input_size if cache else None), missing=missing, why_no_cache=why_no_cache)
     return TeacherRouter(sources, ratio, cfg["train"]["seed"], None if validation else augment,
-                         dist["offline_max_shift"], dist["offline_crops"])
+                         dist["offline_max_shift"], dist["offline_crops"], skip_missing=validation)
 
 
 def teacher_specs(router: TeacherRouter) -> Tuple[Dict[str, Tuple[FeatureSpec, ...]], Dict[str, str]]:
@@ -176,6 +176,3 @@ def build_distiller(dist_cfg: Mapping[str, Any], model: UnifiedModel, router: Te
     terms = build_loss_terms(dist_cfg["losses"], model, specs, primary)
     return Distiller(terms, alpha=dist_cfg["alpha"], beta=dist_cfg["beta"], gamma=dist_cfg["gamma"])
 
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"

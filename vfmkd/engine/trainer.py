@@ -43,6 +43,7 @@ class Trainer:
         self.progress = progress
         data, dist, train = cfg["data"], cfg["distillation"], cfg["train"]
         # Checks that need no run directory come first, so a mistake leaves no empty run behind.
+        seed_everything(train["seed"])  # first: the student's initial weights follow train.seed
         self.device = select_device(train["device"])
         self.num_classes = detection_classes(cfg)
         self.stages = build_stages(train)
@@ -57,7 +58,6 @@ class Trainer:
         self.log = setup_logging(self.run_dir / "train.log")
         write_run_config(self.run_dir, cfg)
         self.log.info("run directory: %s", self.run_dir)
-        seed_everything(seed)
         self.router.load_live_models()
         self.model = self.model.to(self.device)
         self.distiller = build_distiller(dist, self.model, self.router).to(self.device)
