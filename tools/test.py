@@ -2,6 +2,7 @@
 """Evaluate a trained student on the validation split: precision, recall, mAP50, mAP50-95 and the
 held-out student-teacher cosine/MSE per distilled teacher and level.
 
+    python tools/test.py work_dirs/<run>/config.yaml work_dirs/<run>/checkpoints/best.pt
     python tools/test.py --config work_dirs/<run>/config.yaml --checkpoint work_dirs/<run>/checkpoints/best.pt
 """
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from vfmkd.core.config import load_experiment, resolve_path  # noqa: E402
+from vfmkd.core.config import resolve_path  # noqa: E402
 from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config  # noqa: E402
 from vfmkd.engine.tester import test_checkpoint  # noqa: E402
-from vfmkd.utils.cli import entry, experiment_parser  # noqa: E402
+from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
 
 
@@ -26,12 +27,11 @@ def run_dir_of(checkpoint: Path) -> Optional[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = experiment_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoints/best.pt or last.pt written by tools/train.py")
+    parser = experiment_parser(__doc__.strip().splitlines()[0], checkpoint=True)
     parser.add_argument("--split", default=None, help="dataset split to evaluate (default: data.val_split)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
-    args = parser.parse_args(argv)
-    cfg = load_experiment(args.config, args.overrides)
+    args = parse_experiment_args(parser, argv)
+    cfg = load_experiment_args(args)
     checkpoint = resolve_path(args.checkpoint)
     run_dir = run_dir_of(checkpoint)
     if run_dir is None:

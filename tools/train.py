@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a student with task losses and feature distillation from cached teacher features.
 
-    python tools/train.py --config configs/experiments/yolov8_sam_coco128.yaml train.epochs=3 data.batch_size=8
+    python tools/train.py configs/experiments/yolov8_sam_coco128.yaml train.epochs=3 data.batch_size=8
+    python tools/train.py --config configs/experiments/yolov8_sam2_coco.yaml --backbone yolov8 --teacher sam2 --dataset coco128
 """
 from __future__ import annotations
 
@@ -11,16 +12,15 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from vfmkd.core.config import load_experiment  # noqa: E402
 from vfmkd.engine.trainer import Trainer  # noqa: E402
-from vfmkd.utils.cli import entry, experiment_parser  # noqa: E402
+from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = experiment_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (logs stay)")
-    args = parser.parse_args(argv)
-    cfg = load_experiment(args.config, args.overrides)
+    args = parse_experiment_args(parser, argv)
+    cfg = load_experiment_args(args)
     trainer = Trainer(cfg, progress=not args.no_progress)
     metrics = trainer.fit()
     best = metrics["best_val"] or {}

@@ -205,13 +205,39 @@ def merge_with_schema(schema_cls: Any, *layers: Any, source: str) -> DictConfig:
         raise _explain(exc, schema_cls, source) from exc
 
 
+# Other spellings of a teacher key: the design document writes a teacher's checkpoint file as
+# ``model_path``. The code knows only the canonical name; an alias is renamed when an entry is
+# resolved (resolve_component), for the experiment YAML, the command line and component files alike.
+TEACHER_KEY_ALIASES = {"model_path": "checkpoint"}
+
+
+def _canonical_keys(entry: Dict[str, Any], where: str, source: str) -> Dict[str, Any]:
+    """``entry`` with its aliases renamed to their canonical keys. Giving both spellings with
+    different values is an error (``null`` counts as not given: it means "the default file")."""
+    if not (where == "teacher" or where.startswith("teachers.")):
+        return entry
+    out = dict(entry)
+    for alias, canonical in TEACHER_KEY_ALIASES.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if out.get(canonical) is not None and value is not None and out[canonical] != value:
+            raise ConfigError(
+                f"{source}: {where} sets both {canonical}={out[canonical]!r} and its alias {alias}={value!r}; "
+                f"'{alias}' is another name for '{canonical}': keep one of them.")
+        if value is not None or canonical not in out:
+            out[canonical] = value
+    return out
+
+
 def resolve_component(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
-    """Merge a component entry over the file its ``config`` key points to (entry keys win)."""
-    entry = dict(entry)
+    """Merge a component entry over the file its ``config`` key points to (entry keys win).
+    Teacher key aliases (``model_path``) become their canonical key in each layer first."""
+    entry = _canonical_keys(dict(entry), where, where)
     ref = entry.get(COMPONENT_REF_KEY)
     if not ref:
         return entry
-    base = read_yaml(ref)
+    base = _canonical_keys(read_yaml(ref), where, str(ref))
     nested = {k: v for k, v in entry.items()}
     merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(nested)))
     assert isinstance(merged, dict)
@@ -241,8 +267,13 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str
     Returns a plain nested dict (the resolved config that is saved into the run directory).
     Component kwargs are validated against their constructors when the components are built.
     """
-    raw = read_yaml(path)
-    cfg = merge_with_schema(ExperimentConfig, raw, parse_overrides(overrides), source=str(path))
+    return experiment_from_dict(read_yaml(path), overrides, str(path))
+
+
+def experiment_from_dict(raw: Dict[str, Any], overrides: Sequence[str] = (), path: str = "<config>") -> Dict[str, Any]:
+    """:func:`load_experiment` on an already read YAML mapping (the command-line shortcuts
+    ``--backbone/--teacher/--dataset`` edit it first, see :mod:`vfmkd.utils.cli`)."""
+    cfg = merge_with_schema(ExperimentConfig, raw, parse_overrides(overrides), source=path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     import_custom_modules(resolved["custom_imports"])

@@ -1,26 +1,184 @@
-"""Shared command-line plumbing of the tools: ``--config`` plus dotted ``key=value`` overrides."""
+"""Shared command-line plumbing of the tools: the experiment (``CONFIG`` or ``--config``), dotted
+``key=value`` overrides and the shortcut flags ``--backbone/--teacher/--dataset``.
+
+The shortcut flags are sugar for config changes, resolved in one place (:func:`apply_shortcuts`)
+on the experiment YAML before the overrides and before validation:
+
+* ``--backbone NAME`` replaces ``model.backbone`` with ``{type: <the file's type>, config:
+  configs/backbones/NAME.yaml}``: an explicit override of the file's backbone, inline keys included.
+* ``--teacher NAME`` (repeatable, or comma-separated) keeps only those teachers enabled. A name
+  that is not among the config's teachers, a teacher the file disables, or a loss that needs a
+  teacher the flag leaves out is an error that says what to change.
+* ``--dataset NAME`` sets ``data.dataset`` and, where the file sets no ``data.root``,
+  ``data.root: datasets/NAME``. A file whose ``data.dataset`` names another dataset is an error.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, DatasetError
+from vfmkd.core.config import REPO_ROOT, experiment_from_dict, read_yaml, resolve_path
+from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, DatasetError, did_you_mean
 from vfmkd.utils.logging import get_logger, setup_logging
 
 USER_ERRORS = (ConfigError, CheckpointError, CacheMismatchError, DatasetError, FileNotFoundError)
+
+BACKBONE_DIR = "configs/backbones"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 OVERRIDES_HELP = (
     "dotted overrides of the config, Hydra style, e.g. train.epochs=3 data.batch_size=8 data.limit=16 "
     "work_dir=/tmp/runs teachers.sam.input_size=512; an unknown key is an error that names the closest valid key"
 )
 
+SHORTCUTS_EPILOG = """\
+shortcut flags (sugar for config changes, applied to the YAML before the key=value overrides,
+which win over them):
+  --backbone NAME  model.backbone = {type: <its type>, config: configs/backbones/NAME.yaml}; replaces
+                   the file's backbone entry (an explicit override). Names: the files in configs/backbones/.
+  --teacher NAME   only these teachers distil (repeat, or NAME,NAME); the others get enabled: false.
+                   Error: a name not under the config's teachers, a teacher the file disables, or a
+                   loss whose teacher the flag leaves out.
+  --dataset NAME   data.dataset = NAME, and data.root = datasets/NAME where the file sets no root.
+                   Error: the file's data.dataset names another dataset (drop the flag or edit the file).
+"""
 
-def experiment_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiments/yolov8_sam_coco128.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+def experiment_parser(description: str, checkpoint: bool = False) -> argparse.ArgumentParser:
+    """The parser of a tool that runs an experiment: ``CONFIG [CHECKPOINT] [key=value ...]``
+    (positional, mmdet style) or ``--config CONFIG [--checkpoint CKPT]``, plus the shortcut flags.
+    Parse with :func:`parse_experiment_args`."""
+    usage_pos = "CONFIG CHECKPOINT" if checkpoint else "CONFIG"
+    forms = (f"forms:\n  %(prog)s {usage_pos} [options] [key=value ...]\n"
+             f"  %(prog)s --config CONFIG{' --checkpoint CHECKPOINT' if checkpoint else ''} [options] [key=value ...]\n\n")
+    parser = argparse.ArgumentParser(description=description, epilog=forms + SHORTCUTS_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="experiment YAML, e.g. configs/experiments/yolov8_sam_coco128.yaml "
+                                         "(or give it as the first positional argument)")
+    if checkpoint:
+        parser.add_argument("--checkpoint", help="a checkpoints/best.pt or last.pt written by tools/train.py "
+                                                 "(or give it as the positional argument after CONFIG)")
+    parser.add_argument("--backbone", metavar="NAME", help="student backbone: configs/backbones/NAME.yaml, e.g. yolov8s")
+    parser.add_argument("--teacher", metavar="NAME", action="append", default=[],
+                        help="distil only from these teachers of the config (repeatable or comma-separated), e.g. sam2")
+    parser.add_argument("--dataset", metavar="NAME", help="dataset under datasets/NAME, e.g. coco128")
+    parser.add_argument("args", nargs="*", metavar=f"{usage_pos} key=value",
+                        help=f"{usage_pos} (unless given with --config{'/--checkpoint' if checkpoint else ''}), then "
+                             + OVERRIDES_HELP)
     return parser
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse, then sort the positionals into ``config``, ``checkpoint`` (tools that take one) and
+    ``overrides``. A positional that is neither an expected ``.yaml``/``.pt`` file nor ``key=value``
+    is an error."""
+    args = parser.parse_intermixed_args(argv)
+    wants_checkpoint = hasattr(args, "checkpoint")
+    overrides: List[str] = []
+    for token in args.args:
+        if "=" in token:
+            overrides.append(token)
+        elif args.config is None and token.endswith(CONFIG_SUFFIXES):
+            args.config = token
+        elif wants_checkpoint and args.checkpoint is None and token.endswith(CHECKPOINT_SUFFIXES):
+            args.checkpoint = token
+        else:
+            expected = "CONFIG.yaml CHECKPOINT.pt" if wants_checkpoint else "CONFIG.yaml"
+            raise ConfigError(
+                f"unexpected argument '{token}': expected {expected} (positional or --config"
+                f"{'/--checkpoint' if wants_checkpoint else ''}) followed by key=value overrides, "
+                f"e.g. train.epochs=3; see --help")
+    if args.config is None:
+        raise ConfigError(f"no experiment config: give it first, e.g. `{parser.prog} "
+                          "configs/experiments/yolov8_sam_coco128.yaml`, or with --config")
+    if wants_checkpoint and args.checkpoint is None:
+        raise ConfigError(f"no checkpoint: `{parser.prog} CONFIG work_dirs/<run>/checkpoints/best.pt` "
+                          "(or --checkpoint)")
+    args.overrides = overrides
+    args.teacher = [n for value in args.teacher for n in value.split(",") if n]
+    return args
+
+
+def load_experiment_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The validated experiment of parsed tool arguments: YAML, shortcut flags, then overrides."""
+    raw = apply_shortcuts(read_yaml(args.config), str(args.config), backbone=args.backbone,
+                          teachers=args.teacher, dataset=args.dataset)
+    return experiment_from_dict(raw, args.overrides, str(args.config))
+
+
+def apply_shortcuts(raw: Dict[str, Any], source: str, backbone: Optional[str] = None,
+                    teachers: Sequence[str] = (), dataset: Optional[str] = None) -> Dict[str, Any]:
+    """The experiment mapping ``raw`` with ``--backbone/--teacher/--dataset`` applied (the rules
+    are in the module docstring); ``raw`` itself is left unchanged."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    if backbone:
+        out["model"] = {**out.get("model", {}), "backbone": _backbone_entry(backbone)}
+    if teachers:
+        out["teachers"] = _select_teachers(out.get("teachers") or {}, out.get("distillation") or {}, teachers, source)
+    if dataset:
+        out["data"] = _dataset_section(out.get("data") or {}, dataset, source)
+    return out
+
+
+def _backbone_entry(name: str) -> Dict[str, Any]:
+    path = Path(BACKBONE_DIR) / f"{name}.yaml"
+    if not resolve_path(path).is_file():
+        known = sorted(p.stem for p in (REPO_ROOT / BACKBONE_DIR).glob("*.yaml"))
+        raise ConfigError(
+            f"--backbone {name}: there is no {path}.{did_you_mean(name, known)} Known backbones "
+            f"({BACKBONE_DIR}/*.yaml): {', '.join(known)}. Add your own file there, or set model.backbone in the config.")
+    kind = read_yaml(path).get("type")
+    if not kind:
+        raise ConfigError(f"--backbone {name}: {path} has no 'type' key (e.g. type: yolov8)")
+    return {"type": kind, "config": str(path)}
+
+
+def _select_teachers(entries: Dict[str, Any], distillation: Dict[str, Any], names: Sequence[str],
+                     source: str) -> Dict[str, Any]:
+    for name in names:
+        if name not in entries:
+            raise ConfigError(
+                f"--teacher {name}: {source} has no teacher '{name}'.{did_you_mean(name, entries)} Its teachers: "
+                f"{', '.join(entries) or 'none'}. Add a teachers.{name} entry to the config (e.g. "
+                f"{name}: {{config: configs/teachers/{name}.yaml, offline: true, feature_path: teacher_features/{name}/}}), "
+                f"or pick one of its teachers.")
+        entry = entries[name]
+        if isinstance(entry, dict) and entry.get("enabled", True) is False:
+            raise ConfigError(
+                f"--teacher {name}: {source} disables teachers.{name} (enabled: false); set enabled: true there "
+                f"(or teachers.{name}.enabled=true), or drop the flag.")
+    selected = {}
+    for name, entry in entries.items():
+        entry = dict(entry) if isinstance(entry, dict) else entry
+        if name not in names and isinstance(entry, dict):
+            entry["enabled"] = False
+        selected[name] = entry
+    for loss, spec in (distillation.get("losses") or {}).items():
+        needs = spec.get("teacher") if isinstance(spec, dict) else None
+        if needs and needs not in names:
+            raise ConfigError(
+                f"--teacher {','.join(names)} leaves teacher '{needs}' out, but distillation.losses.{loss} distils "
+                f"from it; add it (--teacher {','.join([*names, needs])}) or remove that loss from {source}.")
+    return selected
+
+
+def _dataset_section(data: Dict[str, Any], name: str, source: str) -> Dict[str, Any]:
+    if data.get("dataset") not in (None, name):
+        raise ConfigError(
+            f"--dataset {name} contradicts {source}, which sets data.dataset: {data['dataset']}; drop the flag, "
+            f"or change data.dataset (and data.root) in the config.")
+    out = {**data, "dataset": name}
+    if "root" not in data:
+        root = Path("datasets") / name
+        if not resolve_path(root).is_dir():
+            raise ConfigError(
+                f"--dataset {name}: {root}/ does not exist. coco128 is built in; fetch others with "
+                f"`bash scripts/download_datasets.sh {name}`, or set data.root=DIR to where it lives.")
+        out["root"] = str(root)
+    return out
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
