@@ -153,7 +153,7 @@ def test_offline_download_fails_cleanly(dl, tmp_path, monkeypatch, capsys):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    assert dl.main(["--model", "sam_vit_b", "--dir", str(tmp_path / "weights")]) == 1
+    assert dl.main(["--model", "sam_vit_b", "--dir", str(tmp_path / "weights")]) == 2  # offline: exit 2, naming the next step
     err = capsys.readouterr().err
     w = OFFICIAL_WEIGHTS["sam_vit_b"]
     assert "could not reach" in err and w.url in err and "Temporary failure" in err
@@ -171,7 +171,7 @@ def test_download_verifies_sha256(dl, tmp_path, monkeypatch, capsys):
     dest = out_dir / base.filename
 
     monkeypatch.setitem(weights_mod.OFFICIAL_WEIGHTS, "sam_vit_b", dataclasses.replace(base, sha256="0" * 64))
-    assert dl.main(["--model", "sam_vit_b", "--dir", str(out_dir)]) == 1
+    assert dl.main(["--model", "sam_vit_b", "--dir", str(out_dir)]) == 2
     err = capsys.readouterr().err
     assert "sha256 mismatch" in err and good in err
     assert not dest.exists() and not list(out_dir.glob("*.part"))

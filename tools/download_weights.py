@@ -6,7 +6,10 @@
     python tools/download_weights.py --all --dir /data/weights
 
 A file is streamed to ``<file>.part``, its sha256 checked against the pinned value, and only then
-renamed into place, so an interrupted download never leaves a file that looks complete.
+renamed into place, so an interrupted download never leaves a file that looks complete. Offline,
+each file's URL, sha256 and destination are printed (fetch it elsewhere, copy it there) and the
+tool exits 2. This module is the one implementation: ``tools/download_sam_weights.py`` and
+``tools/download_models.py`` are entry points over :func:`download_all`.
 """
 from __future__ import annotations
 
@@ -33,8 +36,16 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 30
 
 
+EXIT_FAILED = 2  # a file could not be fetched or verified; the message names the next step
+
+
 class DownloadError(Exception):
-    """A download failed in a way the user can fix; the message says how."""
+    """A download failed in a way the user can fix; the message says how. ``unreachable``: the
+    server could not be reached at all (offline), so other files from it need not be tried."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def _sha256(path: Path) -> str:
@@ -46,10 +57,18 @@ def _sha256(path: Path) -> str:
 
 
 def _offline_hint(w: OfficialWeights, dest: Path) -> str:
+    check = f"its sha256 must be {w.sha256}" if w.sha256 else "its sha256 is not pinned"
     return (
         f"on a machine with internet run `python tools/download_weights.py --model {w.name} "
-        f"--dir {dest.parent}`, or download {w.url} and copy it to {dest}"
+        f"--dir {dest.parent}`, or download {w.url} ({check}) and copy it to {dest}"
     )
+
+
+def manual_instructions(w: OfficialWeights, dest: Path) -> str:
+    """What to do by hand when this machine cannot download ``w``: the URL, sha256 and destination."""
+    return (f"{w.name}: fetch {w.url}\n    sha256 {w.sha256 or 'not pinned'}"
+            f"{f', {w.size_bytes} bytes' if w.size_bytes else ''}\n    copy it to {dest}\n"
+            f"    check: sha256sum {dest}")
 
 
 def _verify(w: OfficialWeights, path: Path) -> Optional[bool]:
@@ -87,7 +106,7 @@ def _fetch(w: OfficialWeights, dest: Path, part: Path) -> None:
         response = urllib.request.urlopen(w.url, timeout=_TIMEOUT_S)
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
-        raise DownloadError(f"could not reach {w.url} ({reason}); {_offline_hint(w, dest)}.") from None
+        raise DownloadError(f"could not reach {w.url} ({reason}); {_offline_hint(w, dest)}.", unreachable=True) from None
     with response:
         total = response.headers.get("Content-Length") if response.headers else None
         total = int(total) if total else w.size_bytes
@@ -129,21 +148,26 @@ def _list(ws: Sequence[OfficialWeights], weights_dir: Path) -> None:
         print(f"{'':<12} {w.url}")
 
 
+def add_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir", default="weights", type=Path,
+        help="folder to store the files in (default: weights/, where the teachers look by default).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     names = list(weights_mod.OFFICIAL_WEIGHTS)
     parser = argparse.ArgumentParser(
         prog="download_weights.py",
-        description="Download official teacher checkpoints and verify their sha256.",
+        description="Download official teacher checkpoints and verify their sha256 (exit 2 when one "
+                    "cannot be fetched: offline, the URL, sha256 and destination of each are printed).",
     )
     parser.add_argument(
         "--model", action="extend", nargs="+", choices=names, default=[], metavar="NAME",
         help=f"checkpoint(s) to download; repeat or list several. Choices: {', '.join(names)}.",
     )
     parser.add_argument("--all", action="store_true", help="download every official checkpoint.")
-    parser.add_argument(
-        "--dir", default="weights", type=Path,
-        help="folder to store the files in (default: weights/, where the teachers look by default).",
-    )
+    add_dir_argument(parser)
     parser.add_argument(
         "--list", action="store_true",
         help="list the known checkpoints (file, size, sha256, URL, present in --dir or not) and exit.",
@@ -151,29 +175,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def list_weights(ws: Sequence[OfficialWeights], weights_dir: Path) -> int:
+    _list(ws, weights_dir)
+    return 0
+
+
+def download_all(ws: Sequence[OfficialWeights], weights_dir: Path) -> int:
+    """Download each of ``ws`` into ``weights_dir``; 0 when all are there and verified, else 2.
+    Once the server is unreachable (offline) the rest are not tried: for every file still missing
+    the URL, sha256 and destination are printed, with the next step."""
+    failed: List[OfficialWeights] = []
+    offline = False
+    for w in ws:
+        if offline and not (weights_dir / w.filename).exists():
+            failed.append(w)
+            continue
+        try:
+            download(w, weights_dir)
+        except DownloadError as err:
+            print(f"error: {w.name}: {err}", file=sys.stderr)
+            failed.append(w)
+            offline = offline or err.unreachable
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; {w.name} was not saved.", file=sys.stderr)
+            return 130
+    if not failed:
+        return 0
+    print(f"\n{len(failed)} of {len(ws)} checkpoint(s) are not in {weights_dir}"
+          f"{' (this machine cannot reach the download server)' if offline else ''}. Next step: fetch them on a "
+          f"machine with internet (or run this command again there) and copy them over:", file=sys.stderr)
+    for w in failed:
+        print("  " + manual_instructions(w, weights_dir / w.filename), file=sys.stderr)
+    print("Or run without weights on the explicit random-init path: teacher.init=random "
+          "(features are meaningless; for smoke tests).", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     table = weights_mod.OFFICIAL_WEIGHTS
     if args.list:
-        _list(list(table.values()), args.dir)
-        return 0
+        return list_weights(list(table.values()), args.dir)
     names = list(table) if args.all else list(dict.fromkeys(args.model))
     if not names:
         parser.print_usage(sys.stderr)
         print("error: name at least one --model, or use --all / --list.", file=sys.stderr)
         return 2
-    failed = 0
-    for name in names:
-        try:
-            download(table[name], args.dir)
-        except DownloadError as err:
-            print(f"error: {name}: {err}", file=sys.stderr)
-            failed += 1
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; {name} was not saved.", file=sys.stderr)
-            return 130
-    return 1 if failed else 0
+    return download_all([table[n] for n in names], args.dir)
 
 
 if __name__ == "__main__":
