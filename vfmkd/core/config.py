@@ -224,7 +224,8 @@ def _canonical_keys(entry: Dict[str, Any], where: str, source: str) -> Dict[str,
         if out.get(canonical) is not None and value is not None and out[canonical] != value:
             raise ConfigError(
                 f"{source}: {where} sets both {canonical}={out[canonical]!r} and its alias {alias}={value!r}; "
-                f"'{alias}' is another name for '{canonical}': keep one of them.")
+                f"'{alias}' is another name for '{canonical}': keep one of them (to override the file's value on the "
+                f"command line, use the spelling the file uses).")
         if value is not None or canonical not in out:
             out[canonical] = value
     return out
