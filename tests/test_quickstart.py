@@ -18,6 +18,7 @@ from vfmkd.utils.cli import apply_shortcuts, experiment_parser, parse_experiment
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import prepare_teacher_features as ptf  # noqa: E402
+import test as test_tool  # noqa: E402
 import train as train_tool  # noqa: E402
 
 DESIGN = REPO / "configs" / "experiments" / "yolov8_sam2_coco.yaml"
@@ -69,6 +70,10 @@ def test_design_quickstart_trains_one_mixed_epoch(tmp_path, caplog):
     sam2 = saved["teachers"]["sam2"]
     assert sam2["checkpoint"] == "weights/sam2.1_hiera_base_plus.pt" and "model_path" not in sam2
     assert saved["model"]["backbone"]["variant"] == "n"  # configs/backbones/yolov8.yaml: the default scale
+    # step 5, the positional form: tools/test.py CONFIG CHECKPOINT [overrides]
+    assert test_tool.main([str(run / "config.yaml"), str(run / "checkpoints" / "best.pt"), "data.limit=4",
+                           "--no-progress"]) == 0
+    assert json.loads((run / "test_metrics_val2017.json").read_text())["images"] == 4
 
 
 # ----------------------------------------------------------------------------- model_path alias
