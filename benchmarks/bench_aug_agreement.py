@@ -111,7 +111,7 @@ def main() -> None:
     # The cache as the engine opens it (fingerprint-checked against this teacher's config).
     entry = {"type": "sam", "feature_path": str(work / "sam"), "input_size": a.teacher_size,
              **({"checkpoint": a.checkpoint} if a.checkpoint else {"init": "random", "seed": 0})}
-    cache = open_cache("sam", entry, {"dataset": "coco128"}, "train2017")
+    cache = open_cache("sam", entry, "coco128", "train2017")
     assert cache.has_flip, "the cache needs its flipped pass (--with-flip)"
     print(f"machine: {machine()}")
     print(f"SAM ViT-B @ {a.teacher_size} ({'checkpoint' if a.checkpoint else 'random init'}), student canvas "

@@ -174,7 +174,7 @@ def cached_dataset(cache_dir: Path, limit: int) -> CachedTargetsDataset:
     """coco128 samples with the SAM cache of ``cache_dir`` attached, as the engine builds them."""
     ds = DetectionDataset(str(COCO), SPLIT, img_size=128, limit=limit)
     entry = {"type": "sam", "feature_path": str(cache_dir), "init": "random", "input_size": SIZE}
-    cache = open_cache("sam", entry, {"dataset": "coco128"}, SPLIT)
+    cache = open_cache("sam", entry, "coco128", SPLIT)
     return CachedTargetsDataset(ds, {"sam": cache}, {"sam": cache.missing_images(ds.image_ids, ds.orig_sizes, False, limit=limit)})
 
 

@@ -230,7 +230,7 @@ def test_cache_tool_writes_sam2_features(tmp_path, monkeypatch):
     reader.close()
     # training accepts the cache for the same config (fingerprint from the config alone)
     entry = {"type": "sam2", "init": "random", "input_size": 256, "feature_path": str(out)}
-    assert open_cache("sam2", entry, {"dataset": "coco128"}, "val2017").primary_feature == "fpn_s16"
+    assert open_cache("sam2", entry, "coco128", "val2017").primary_feature == "fpn_s16"
 
 
 def test_builds_under_another_apps_hydra_and_leaves_it_alone(tmp_path):

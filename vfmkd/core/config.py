@@ -355,6 +355,15 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
             raise ConfigError(msg)
 
 
+def experiment_record(cfg: Dict[str, Any]) -> ExperimentConfig:
+    """A resolved config (:func:`load_experiment`) as typed sections: ``record.train.lr``,
+    ``record.data.augment.fliplr``, ... Component entries (``model``, ``teachers``,
+    ``distillation.losses``) stay mappings: the builders unpack them into constructor arguments."""
+    record = OmegaConf.to_object(merge_with_schema(ExperimentConfig, cfg, source="resolved config"))
+    assert isinstance(record, ExperimentConfig)
+    return record
+
+
 def save_config(cfg: Dict[str, Any], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)

@@ -3,12 +3,12 @@ arguments of a component (detectron2's style: the components never see cfg)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 import vfmkd.teachers  # noqa: F401  (registers the built-in teachers)
-from vfmkd.core.config import component_kwargs, resolve_path, teacher_kwargs
+from vfmkd.core.config import DataConfig, DistillationConfig, ExperimentConfig, ModelConfig, component_kwargs, resolve_path, teacher_kwargs
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES, TEACHERS
@@ -22,19 +22,23 @@ from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.utils.logging import get_logger
 
 
-def build_augment(data_cfg: Mapping[str, Any]) -> Optional[GeometricAugment]:
-    augment = GeometricAugment(**data_cfg["augment"])
+def build_augment(data: DataConfig) -> Optional[GeometricAugment]:
+    a = data.augment
+    augment = GeometricAugment(fliplr=a.fliplr, scale=a.scale, translate=a.translate, degrees=a.degrees)
     return augment if augment.enabled else None
 
 
-def build_dataset(data_cfg: Mapping[str, Any], split: str, num_classes: int,
+def build_dataset(data: DataConfig, split: str, num_classes: int,
                   augment: Optional[GeometricAugment] = None, seed: int = 0) -> DetectionDataset:
-    return DetectionDataset(str(resolve_path(data_cfg["root"])), split, data_cfg["img_size"], data_cfg["limit"],
-                            num_classes, augment=augment, seed=seed)
+    return DetectionDataset(str(resolve_path(data.root)), split, data.img_size, data.limit, num_classes,
+                            augment=augment, seed=seed)
 
 
-def build_model(model_cfg: Mapping[str, Any]) -> UnifiedModel:
-    return UnifiedModel.from_config(model_cfg)
+def build_model(model: Union[ModelConfig, Mapping[str, Any]]) -> UnifiedModel:
+    """The student from the ``model`` section (its backbone, neck and head entries)."""
+    if isinstance(model, ModelConfig):
+        model = {"backbone": model.backbone, "neck": model.neck, "heads": model.heads}
+    return UnifiedModel.from_config(model)
 
 
 def enabled_teachers(teachers_cfg: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -61,7 +65,7 @@ class LiveTeachers:
         return load
 
 
-def open_cache(name: str, entry: Mapping[str, Any], data_cfg: Mapping[str, Any], split: str) -> OfflineTeacher:
+def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str) -> OfflineTeacher:
     """The teacher's cache of ``split``, checked against the teacher's config fingerprint."""
     if not entry.get("feature_path"):
         raise ConfigError(f"teachers.{name}: offline: true needs feature_path (the --output of prepare_teacher_features.py)")
@@ -69,27 +73,27 @@ def open_cache(name: str, entry: Mapping[str, Any], data_cfg: Mapping[str, Any],
     TEACHERS.check_kwargs(entry["type"], kwargs, f"teachers.{name}")
     teacher_cls = TEACHERS.get(entry["type"])
     path = resolve_path(entry["feature_path"]) / f"{split}.h5"
-    rebuild = rebuild_command(entry["type"], data_cfg["dataset"], split, str(entry["feature_path"]), teacher_config=entry)
+    rebuild = rebuild_command(entry["type"], dataset, split, str(entry["feature_path"]), teacher_config=entry)
     return open_offline_teacher(name, path, teacher_cls.config_fingerprint(**kwargs), teacher_cls.primary_feature,
                                 rebuild, entry)
 
 
-def build_router(cfg: Mapping[str, Any], dataset: DetectionDataset, live: LiveTeachers,
+def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTeachers,
                  augment: Optional[GeometricAugment] = None, validation: bool = False) -> TeacherRouter:
     """The router of one split. Training follows ``distillation`` (offline_ratio, missing_cache, the
     view gates). ``validation`` reads the split's cache where one exists (batches with images it
     lacks are skipped for that teacher) and asks the live teacher only when the split has no cache."""
-    dist, data = cfg["distillation"], cfg["data"]
-    ratio = 1.0 if validation else float(dist["offline_ratio"])
-    allow_missing = validation or dist["missing_cache"] == "online"
+    dist = cfg.distillation
+    ratio = 1.0 if validation else float(dist.offline_ratio)
+    allow_missing = validation or dist.missing_cache == "online"
     dataset_name, data_root = dataset_cli_args(dataset.root)
     sources: Dict[str, TeacherSource] = {}
-    for name, entry in enabled_teachers(cfg["teachers"]).items():
+    for name, entry in enabled_teachers(cfg.teachers).items():
         offline = bool(entry.get("offline", True))
         cache, missing, why_no_cache = None, frozenset(), ""
         if offline and ratio > 0.0:
             try:
-                cache = open_cache(name, entry, data, dataset.split)
+                cache = open_cache(name, entry, cfg.data.dataset, dataset.split)
             except CacheMissingError as exc:
                 if not allow_missing:
                     raise
@@ -104,8 +108,8 @@ def build_router(cfg: Mapping[str, Any], dataset: DetectionDataset, live: LiveTe
         sources[name] = TeacherSource(
             name=name, offline=offline, cache=cache, input_affine=type_cls.input_affine,
             load_live=live.loader(name, cache.input_size if cache else None), missing=missing, why_no_cache=why_no_cache)
-    return TeacherRouter(sources, ratio, cfg["train"]["seed"], None if validation else augment,
-                         dist["offline_max_shift"], dist["offline_crops"], skip_missing=validation)
+    return TeacherRouter(sources, ratio, cfg.train.seed, None if validation else augment,
+                         dist.offline_max_shift, dist.offline_crops, skip_missing=validation)
 
 
 def teacher_specs(router: TeacherRouter) -> Tuple[Dict[str, Tuple[FeatureSpec, ...]], Dict[str, str]]:
@@ -171,8 +175,8 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
     return terms
 
 
-def build_distiller(dist_cfg: Mapping[str, Any], model: UnifiedModel, router: TeacherRouter) -> Distiller:
+def build_distiller(dist: DistillationConfig, model: UnifiedModel, router: TeacherRouter) -> Distiller:
     specs, primary = teacher_specs(router)
-    terms = build_loss_terms(dist_cfg["losses"], model, specs, primary)
-    return Distiller(terms, alpha=dist_cfg["alpha"], beta=dist_cfg["beta"], gamma=dist_cfg["gamma"])
+    terms = build_loss_terms(dist.losses, model, specs, primary)
+    return Distiller(terms, alpha=dist.alpha, beta=dist.beta, gamma=dist.gamma)
 

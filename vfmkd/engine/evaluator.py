@@ -91,8 +91,8 @@ class FidelityMeter:
 
 
 @torch.no_grad()
-def evaluate(model: UnifiedModel, loader, names: Mapping[int, str], device: torch.device, eval_cfg: Mapping[str, Any],
-             progress: bool = True, distiller: Optional[Distiller] = None,
+def evaluate(model: UnifiedModel, loader, names: Mapping[int, str], device: torch.device, conf: float = 0.001,
+             iou: float = 0.7, max_det: int = 300, progress: bool = True, distiller: Optional[Distiller] = None,
              router: Optional[TeacherRouter] = None) -> Dict[str, Any]:
     """mAP of the detection head over ``loader`` and, with ``distiller`` and ``router`` (whose
     batches carry cached val targets or go to the live teacher), ``fidelity`` per teacher and level."""
@@ -100,7 +100,7 @@ def evaluate(model: UnifiedModel, loader, names: Mapping[int, str], device: torc
     model.eval()
     if distiller is not None:
         distiller.eval()
-    scorer = DetectionScorer(names, eval_cfg["conf"], eval_cfg["iou"], eval_cfg["max_det"])
+    scorer = DetectionScorer(names, conf, iou, max_det)
     fidelity = FidelityMeter(distiller) if distiller is not None and router is not None else None
     teachers = list(distiller.teachers_used(active_only=False)) if distiller is not None else []
     if router is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 import torch
@@ -31,15 +31,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def class_names(data_cfg: Dict[str, Any], num_classes: int) -> Dict[int, str]:
+def class_names(root: str, num_classes: int) -> Dict[int, str]:
     """Names from the dataset's ``object_detection/config.yaml``, else numbers."""
-    path = resolve_path(Path(data_cfg["root"]) / "object_detection" / "config.yaml")
+    path = resolve_path(Path(root) / "object_detection" / "config.yaml")
     names = read_yaml(path).get("names", {}) if path.is_file() else {}
     return {i: str(names.get(i, i)) for i in range(num_classes)}
 
 
-def detection_classes(cfg: Dict[str, Any]) -> int:
-    head = cfg["model"]["heads"].get("detection")
+def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:
+    """``num_classes`` of the ``detection`` head entry (80 when unset)."""
+    head = heads.get("detection")
     if head is None:
         raise ConfigError("model.heads needs a 'detection' head for coco128 training and evaluation")
     return int(head.get("num_classes", 80))
@@ -71,11 +72,12 @@ def build_loader(dataset, batch_size: int, num_workers: int, shuffle: bool, seed
     )
 
 
-def make_optimizer(params: List[torch.nn.Parameter], train_cfg: Dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(params: List[torch.nn.Parameter], optimizer: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
     # No weight decay on biases and norm scales (1-d tensors), as YOLO and ViT recipes do.
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": train_cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    if train_cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=train_cfg["lr"], momentum=train_cfg["momentum"], nesterov=True)
-    return torch.optim.AdamW(groups, lr=train_cfg["lr"], betas=(train_cfg["momentum"], 0.999))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from vfmkd.core.config import TrainConfig
 from vfmkd.core.errors import ConfigError
 
 
@@ -34,21 +35,19 @@ class Stage:
                 "losses": list(self.losses) if self.losses is not None else "all", "weights": dict(self.weights)}
 
 
-def build_stages(train_cfg: Mapping[str, Any]) -> List[Stage]:
+def build_stages(train: TrainConfig) -> List[Stage]:
     """Stages from ``train.stages`` (or one stage of ``train.epochs``)."""
-    entries = train_cfg.get("stages") or []
-    if not entries:
-        return [Stage("train", int(train_cfg["epochs"]), 1, float(train_cfg["lr"]))]
+    if not train.stages:
+        return [Stage("train", int(train.epochs or 0), 1, float(train.lr))]
     stages, first = [], 1
-    for i, entry in enumerate(entries):
-        if entry["epochs"] < 1:
-            raise ConfigError(f"train.stages[{i}].epochs must be >= 1, got {entry['epochs']}")
-        losses = entry.get("losses")
+    for i, entry in enumerate(train.stages):
+        if entry.epochs < 1:
+            raise ConfigError(f"train.stages.{i}.epochs must be >= 1, got {entry.epochs}")
         stages.append(Stage(
-            name=entry.get("name") or f"stage{i + 1}", epochs=int(entry["epochs"]), first_epoch=first,
-            lr=float(entry.get("lr") or train_cfg["lr"]), losses=tuple(losses) if losses is not None else None,
-            weights={k: float(v) for k, v in (entry.get("weights") or {}).items()}))
-        first += int(entry["epochs"])
+            name=entry.name or f"stage{i + 1}", epochs=int(entry.epochs), first_epoch=first,
+            lr=float(entry.lr or train.lr), losses=tuple(entry.losses) if entry.losses is not None else None,
+            weights={k: float(v) for k, v in entry.weights.items()}))
+        first += int(entry.epochs)
     return stages
 
 

@@ -6,6 +6,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
+from vfmkd.core.config import experiment_record
 from vfmkd.core.errors import CheckpointError
 from vfmkd.distillation.cached import CachedTargetsDataset
 from vfmkd.engine.builders import LiveTeachers, build_dataset, build_distiller, build_model, build_router
@@ -29,22 +30,23 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     """mAP of the checkpoint's student on ``split`` and, when the run distilled features (and
     ``eval.fidelity``), the held-out cosine/MSE per teacher and level against the split's cache
     or, where none exists, the live teacher."""
+    exp = experiment_record(cfg)
     state = load_checkpoint(checkpoint)
     if "model" not in state:
         raise CheckpointError(f"{checkpoint} is not a vfmkd training checkpoint (no 'model' entry); pass checkpoints/best.pt of a run")
-    device = select_device(cfg["train"]["device"])
-    model = build_model(cfg["model"])
+    device = select_device(exp.train.device)
+    model = build_model(exp.model)
     _load(model, state["model"], "model", checkpoint, config_name)
     model.to(device)
-    data = cfg["data"]
-    num_classes = detection_classes(cfg)
-    dataset = build_dataset(data, split, num_classes)
+    num_classes = detection_classes(exp.model.heads)
+    dataset = build_dataset(exp.data, split, num_classes)
     distiller = router = None
     loader_set: Any = dataset
-    if cfg["eval"]["fidelity"] and "distiller" in state and cfg["distillation"]["losses"]:
-        router = build_router(cfg, dataset, LiveTeachers(cfg["teachers"], device), validation=True)
+    wants_fidelity = exp.eval.fidelity and bool(exp.distillation.losses)
+    if wants_fidelity and "distiller" in state:
+        router = build_router(exp, dataset, LiveTeachers(exp.teachers, device), validation=True)
         router.load_live_models()
-        distiller = build_distiller(cfg["distillation"], model, router).to(device)
+        distiller = build_distiller(exp.distillation, model, router).to(device)
         _load(distiller, state["distiller"], "distillation adapters", checkpoint, config_name)
         distiller.load_teacher_stats(state.get("teacher_stats", {}))  # the standardisation the run trained with
         if not distiller.teachers_used(active_only=False):
@@ -52,10 +54,10 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
         else:
             caches = {n: s.cache for n, s in router.sources.items() if s.cache is not None}
             loader_set = CachedTargetsDataset(dataset, caches, {n: s.missing for n, s in router.sources.items()})
-    elif cfg["eval"]["fidelity"] and cfg["distillation"]["losses"]:
+    elif wants_fidelity:
         get_logger().warning("%s holds no distillation adapters: no fidelity numbers", checkpoint)
-    loader = build_loader(loader_set, cfg["eval"]["batch_size"], worker_count(data["num_workers"]), False, cfg["train"]["seed"])
-    metrics = evaluate(model, loader, class_names(data, num_classes), device, cfg["eval"], progress=progress,
-                       distiller=distiller, router=router)
+    loader = build_loader(loader_set, exp.eval.batch_size, worker_count(exp.data.num_workers), False, exp.train.seed)
+    metrics = evaluate(model, loader, class_names(exp.data.root, num_classes), device, exp.eval.conf, exp.eval.iou,
+                       exp.eval.max_det, progress=progress, distiller=distiller, router=router)
     metrics.update(checkpoint=str(checkpoint), split=split, epoch=state.get("epoch"))
     return metrics

@@ -10,7 +10,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from vfmkd.core.config import resolve_path
+from vfmkd.core.config import experiment_record, resolve_path
 from vfmkd.distillation.cached import CachedTargetsDataset, DistillBatch
 from vfmkd.distillation.distiller import NonFiniteLossError
 from vfmkd.distillation.online import measure_channel_stats
@@ -39,54 +39,57 @@ class Trainer:
     """
 
     def __init__(self, cfg: Dict[str, Any], run_dir: Optional[Path] = None, progress: bool = True) -> None:
-        self.cfg = cfg
+        self.cfg = cfg  # the resolved config as loaded: saved into the run directory and checkpoints
+        exp = experiment_record(cfg)
+        self.exp = exp
+        self.train_cfg, self.dist_cfg, self.eval_cfg = exp.train, exp.distillation, exp.eval
         self.progress = progress
-        data, dist, train = cfg["data"], cfg["distillation"], cfg["train"]
+        data, train = exp.data, exp.train
+        seed_everything(train.seed)  # first: the student's initial weights follow train.seed
         # Checks that need no run directory come first, so a mistake leaves no empty run behind.
-        seed_everything(train["seed"])  # first: the student's initial weights follow train.seed
-        self.device = select_device(train["device"])
-        self.num_classes = detection_classes(cfg)
+        self.device = select_device(train.device)
+        self.num_classes = detection_classes(exp.model.heads)
         self.stages = build_stages(train)
         self.augment = build_augment(data)
-        seed = train["seed"]
-        self.train_set = build_dataset(data, data["train_split"], self.num_classes, self.augment, seed)
-        self.val_set = build_dataset(data, data["val_split"], self.num_classes)
-        self.live = LiveTeachers(cfg["teachers"], self.device)
-        self.router = build_router(cfg, self.train_set, self.live, self.augment)
-        self.model = build_model(cfg["model"])
-        self.run_dir = run_dir or create_run_dir(resolve_path(cfg["work_dir"]), cfg["experiment_name"])
+        self.train_set = build_dataset(data, data.train_split, self.num_classes, self.augment, train.seed)
+        self.val_set = build_dataset(data, data.val_split, self.num_classes)
+        self.live = LiveTeachers(exp.teachers, self.device)
+        self.router = build_router(exp, self.train_set, self.live, self.augment)
+        self.model = build_model(exp.model)
+        self.run_dir = run_dir or create_run_dir(resolve_path(exp.work_dir), exp.experiment_name)
         self.log = setup_logging(self.run_dir / "train.log")
         write_run_config(self.run_dir, cfg)
         self.log.info("run directory: %s", self.run_dir)
         self.router.load_live_models()
         self.model = self.model.to(self.device)
-        self.distiller = build_distiller(dist, self.model, self.router).to(self.device)
+        self.distiller = build_distiller(exp.distillation, self.model, self.router).to(self.device)
         for stage in self.stages:  # a typo in a stage fails now, not epochs later
             self.distiller.set_stage(stage.losses, stage.weights)
-        unused = set(self.router.sources) - set(self.distiller.teachers_used(active_only=False))
+        distilled = list(self.distiller.teachers_used(active_only=False))
+        unused = set(self.router.sources) - set(distilled)
         if unused:
             self.log.warning("enabled teacher(s) %s have no loss in distillation.losses and are ignored", sorted(unused))
-        self.names = class_names(data, self.num_classes)
-        workers = worker_count(data["num_workers"])
+        self.names = class_names(data.root, self.num_classes)
+        workers = worker_count(data.num_workers)
         caches = {n: s.cache for n, s in self.router.sources.items() if s.cache is not None}
         missing = {n: s.missing for n, s in self.router.sources.items()}
         self.train_loader = build_loader(CachedTargetsDataset(self.train_set, caches, missing),
-                                         data["batch_size"], workers, True, seed)
+                                         data.batch_size, workers, True, train.seed)
         self.val_router = None
         val_set: Any = self.val_set
-        if cfg["eval"]["fidelity"] and self.distiller.teachers_used(active_only=False):
-            self.val_router = build_router(cfg, self.val_set, self.live, validation=True)
-            self.val_router.load_live_models(list(self.distiller.teachers_used(active_only=False)))
+        if self.eval_cfg.fidelity and distilled:
+            self.val_router = build_router(exp, self.val_set, self.live, validation=True)
+            self.val_router.load_live_models(distilled)
             val_caches = {n: s.cache for n, s in self.val_router.sources.items() if s.cache is not None}
             val_set = CachedTargetsDataset(self.val_set, val_caches, {n: s.missing for n, s in self.val_router.sources.items()})
-        self.val_loader = build_loader(val_set, cfg["eval"]["batch_size"], workers, False, seed)
-        if dist["standardize"]:
+        self.val_loader = build_loader(val_set, self.eval_cfg.batch_size, workers, False, train.seed)
+        if self.dist_cfg.standardize:
             self._set_standardisation()
         self.params = [p for p in list(self.model.parameters()) + list(self.distiller.parameters()) if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, train)
-        steps_per_epoch = -(-len(self.train_loader) // train["accumulate"])  # ceil: a partial group still steps
+        self.optimizer = make_optimizer(self.params, train.optimizer, train.lr, train.momentum, train.weight_decay)
+        steps_per_epoch = -(-len(self.train_loader) // train.accumulate)  # ceil: a partial group still steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, staged_lr_lambda(self.stages, steps_per_epoch, train["warmup_iters"], train["lr"]))
+            self.optimizer, staged_lr_lambda(self.stages, steps_per_epoch, train.warmup_iters, train.lr))
         self.writer = SummaryWriter(log_dir=str(self.run_dir))
         self.history: List[Dict[str, Any]] = []
         self.best_fitness = -1.0
@@ -96,21 +99,20 @@ class Trainer:
                  for n, s in self.router.sources.items()}
         self.log.info(
             "student %s (%.2fM params) on %s; %d train / %d val images; teachers: %s; offline_ratio=%s; stages: %s",
-            cfg["model"]["backbone"]["type"], n_params / 1e6, self.device, len(self.train_set), len(self.val_set),
-            ", ".join(f"{n} ({m})" for n, m in modes.items()) or "none", dist["offline_ratio"],
+            exp.model.backbone["type"], n_params / 1e6, self.device, len(self.train_set), len(self.val_set),
+            ", ".join(f"{n} ({m})" for n, m in modes.items()) or "none", self.dist_cfg.offline_ratio,
             "; ".join(f"{s.name} epochs {s.first_epoch}-{s.last_epoch}" for s in self.stages),
         )
 
     def _set_standardisation(self) -> None:
         """Per-channel stats from each cache; online-only teachers measure theirs on a few images."""
-        seed = self.cfg["train"]["seed"]
         for name, src in self.router.sources.items():
             stats = dict(src.cache.stats) if src.cache is not None else {}
             used = self.distiller.features_used(name)
             missing = [f for f in used if f not in stats]
             if missing and src.live is not None:
-                plain = build_dataset(self.cfg["data"], self.train_set.split, self.num_classes)
-                stats.update(measure_channel_stats(src.live, build_loader(plain, 8, 0, False, seed)))
+                plain = build_dataset(self.exp.data, self.train_set.split, self.num_classes)
+                stats.update(measure_channel_stats(src.live, build_loader(plain, 8, 0, False, self.train_cfg.seed)))
                 self.log.info("teacher %s: per-channel stats of %s measured on up to 32 training images", name, missing)
             for feature in used:
                 if feature in stats:
@@ -119,7 +121,7 @@ class Trainer:
                     self.log.warning("teacher %s: no per-channel stats for %s (older cache): not standardised", name, feature)
 
     def _autocast(self):
-        if not self.cfg["train"]["amp"]:
+        if not self.train_cfg.amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
@@ -131,7 +133,7 @@ class Trainer:
         with self._autocast():
             out = self.model(batch.images)
         result = self.distiller(out, batch, targets)
-        (result.total / self.cfg["train"]["accumulate"]).backward()
+        (result.total / self.train_cfg.accumulate).backward()
         self.step += 1
         return result.logs
 
@@ -139,17 +141,17 @@ class Trainer:
         self.model.train()
         self.distiller.train()
         self.train_loader.dataset.set_epoch(epoch)
-        train_cfg, interval = self.cfg["train"], self.cfg["distillation"]["distill_interval"]
-        accumulate = train_cfg["accumulate"]
+        train_cfg, interval = self.train_cfg, self.dist_cfg.distill_interval
+        accumulate = train_cfg.accumulate
         sums: Dict[str, float] = {}
         counts: Dict[str, int] = {}
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{train_cfg['epochs']}", disable=not self.progress)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         for i, item in enumerate(bar):
             logs = self.train_step(item, interval)
             if (i + 1) % accumulate == 0 or i + 1 == len(self.train_loader):
                 # Clip what the optimizer trains: the student and the distillation adapters.
-                torch.nn.utils.clip_grad_norm_(self.params, train_cfg["grad_clip"])
+                torch.nn.utils.clip_grad_norm_(self.params, train_cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
@@ -157,15 +159,17 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k == "loss" or k.startswith("cos_")})
-            if self.step % train_cfg["log_interval"] == 0:
+            if self.step % train_cfg.log_interval == 0:
                 for k, v in logs.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)
                 self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
         return {k: v / counts[k] for k, v in sums.items()}
 
     def evaluate(self) -> Dict[str, Any]:
-        return evaluate(self.model, self.val_loader, self.names, self.device, self.cfg["eval"], progress=self.progress,
-                        distiller=self.distiller if self.val_router else None, router=self.val_router)
+        e = self.eval_cfg
+        return evaluate(self.model, self.val_loader, self.names, self.device, e.conf, e.iou, e.max_det,
+                        progress=self.progress, distiller=self.distiller if self.val_router else None,
+                        router=self.val_router)
 
     def save(self, name: str, epoch: int, metrics: Dict[str, Any]) -> Path:
         return save_checkpoint(self.run_dir / "checkpoints" / name, {
@@ -179,10 +183,10 @@ class Trainer:
         })
 
     def fit(self) -> Dict[str, Any]:
-        train_cfg = self.cfg["train"]
+        train_cfg = self.train_cfg
         start = time.time()
         current = None
-        for epoch in range(1, train_cfg["epochs"] + 1):
+        for epoch in range(1, (train_cfg.epochs or 0) + 1):
             stage = stage_of(self.stages, epoch)
             if stage is not current:
                 self.distiller.set_stage(stage.losses, stage.weights)
@@ -199,7 +203,7 @@ class Trainer:
                 raise
             record: Dict[str, Any] = {"epoch": epoch, "stage": stage.name, "train": epoch_logs,
                                       "teacher_batches": self.router.summary()}
-            if epoch % train_cfg["eval_interval"] == 0 or epoch == stage.last_epoch:
+            if epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch:
                 val = self.evaluate()
                 record["val"] = val
                 for k in ("mAP50", "mAP50-95", "precision", "recall"):
@@ -225,7 +229,7 @@ class Trainer:
         val_text = f"  val mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}" if val else ""
         if val and val.get("fidelity"):
             val_text += "  held-out " + "  ".join(f"cos[{k}]={v['cos']:.4f}" for k, v in val["fidelity"].items())
-        self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.cfg["train"]["epochs"], record["stage"], summary, val_text)
+        self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.train_cfg.epochs, record["stage"], summary, val_text)
         for name, counts in self.router.summary().items():
             self.log.info("teacher %s batches so far: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
@@ -233,7 +237,7 @@ class Trainer:
         best = next((r for r in reversed(self.history) if r.get("best")), None)
         last_val = next((r["val"] for r in reversed(self.history) if "val" in r), None)
         metrics = {
-            "experiment": self.cfg["experiment_name"],
+            "experiment": self.exp.experiment_name,
             "stages": [s.describe() for s in self.stages],
             "epochs": self.history,
             "best_epoch": best["epoch"] if best else None,
