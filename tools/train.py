@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a student with task losses and feature distillation from cached teacher features.
+"""Train a student with task losses and feature distillation from cached and live teachers.
 
     python tools/train.py configs/experiments/yolov8_sam_coco128.yaml train.epochs=3 data.batch_size=8
     python tools/train.py --config configs/experiments/yolov8_sam2_coco.yaml --backbone yolov8 --teacher sam2 --dataset coco128
@@ -28,6 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "done in %.0fs: best epoch %s, val mAP50=%.4f mAP50-95=%.4f; run directory %s",
         metrics["train_seconds"], metrics["best_epoch"], best.get("mAP50", 0.0), best.get("mAP50-95", 0.0), trainer.run_dir,
     )
+    for key, value in (metrics.get("final_fidelity") or {}).items():
+        trainer.log.info("held-out %s: cosine %.4f, mse %.4f", key, value["cos"], value["mse"])
     return 0
 
 
