@@ -19,9 +19,13 @@ from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, pars
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = experiment_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (logs stay)")
+    parser.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
+                        help="continue a killed run exactly where its checkpoints/last.pt left it (model, adapters, "
+                             "optimizer, scheduler, epoch and step, every RNG, the run directory); the config "
+                             "defaults to the run's config.yaml; a changed model/teachers/losses/data/seed is refused")
     args = parse_experiment_args(parser, argv)
     cfg = load_experiment_args(args)
-    trainer = Trainer(cfg, progress=not args.no_progress)
+    trainer = Trainer(cfg, progress=not args.no_progress, resume=Path(args.resume) if args.resume else None)
     metrics = trainer.fit()
     best = metrics["best_val"] or {}
     trainer.log.info(

@@ -101,6 +101,8 @@ class TrainConfig:
     eval_interval: int = 1  # epochs between validations; best.pt follows val mAP50-95
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     amp: bool = False  # bfloat16 autocast for the student forward
+    save_interval_steps: int = 0  # also write checkpoints/last.pt every N optimizer steps (0: at epoch ends only)
+    max_nonfinite_steps: int = 1  # NaN/inf steps in a row (each refused before the optimizer) that stop the run
 
 
 @dataclass
@@ -343,6 +345,8 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (train["lr"] > 0, "train.lr must be > 0"),
         (train["optimizer"] in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got '{train['optimizer']}'"),
         (train["accumulate"] >= 1, "train.accumulate must be >= 1"),
+        (train["save_interval_steps"] >= 0, "train.save_interval_steps must be >= 0 (0 = checkpoints at epoch ends only)"),
+        (train["max_nonfinite_steps"] >= 1, "train.max_nonfinite_steps must be >= 1"),
         (0.0 <= dist["offline_ratio"] <= 1.0, f"distillation.offline_ratio must be within [0, 1], got {dist['offline_ratio']}"),
         (dist["distill_interval"] >= 1, "distillation.distill_interval must be >= 1"),
         (dist["offline_max_shift"] >= 0.0, "distillation.offline_max_shift must be >= 0 (0.05 = 5 % of the teacher canvas)"),

@@ -21,6 +21,10 @@ class DatasetError(ValueError):
     """A dataset file (image or label) cannot be used as it is."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A loss (or the weighted total) became NaN/inf; the message names the term and the fix."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or "" when nothing is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)

@@ -8,12 +8,14 @@ the letterbox is recorded as the same per-axis affine the teachers use (see
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
 from vfmkd.core.config import resolve_path
@@ -23,6 +25,38 @@ from vfmkd.datasets.transforms import GeometricAugment, student_view, transform_
 
 LOGGER = logging.getLogger("vfmkd")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+EXIF_ORIENTATION = 0x0112  # 5..8 transpose the image: the upright (h, w) is the stored (w, h)
+
+
+def disable_runtime_installs() -> None:
+    """vfmkd never installs packages at run time: turn ultralytics' auto-install off, whether
+    ultralytics is imported before (its module flags) or after (``YOLO_AUTOINSTALL``) this call.
+    (ultralytics patches ``PIL.Image.open`` to pip-install pi-heif on an unidentified image.)"""
+    os.environ["YOLO_AUTOINSTALL"] = "False"
+    for name in ("ultralytics.utils", "ultralytics.utils.checks"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "AUTOINSTALL"):
+            module.AUTOINSTALL = False
+
+
+disable_runtime_installs()
+
+
+def pil_open() -> Callable[..., Any]:
+    """Pillow's own ``Image.open``, not ultralytics' patch (which, on an unidentified file, tries to
+    install pi-heif and then reports ``No module named 'pi_heif'`` instead of Pillow's reason)."""
+    opener = Image.open
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is not None and opener is getattr(patches, "image_open", None):
+        opener = getattr(patches, "_image_open", opener)
+    return opener
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block: Pillow decodes the pixels as stored
+        return 1
 
 
 def list_images(root: str | Path, split: str, limit: Optional[int] = None) -> List[Path]:
@@ -42,17 +76,20 @@ def list_images(root: str | Path, split: str, limit: Optional[int] = None) -> Li
 
 
 def probe_image(path: Path) -> Tuple[int, int]:
-    """Decode ``path`` cheaply and return its (h, w); raises if it cannot be decoded.
+    """Decode ``path`` cheaply and return its upright (h, w) (after the EXIF orientation, as
+    :func:`load_rgb` returns it); raises if it cannot be decoded.
 
     JPEGs are decoded at 1/8 scale (``Image.draft``): the DCT is skipped but the whole entropy
     stream is still read, so a truncated file fails (``LOAD_TRUNCATED_IMAGES`` stays False).
+    Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) applies and is never lifted.
     """
-    with Image.open(path) as im:
+    with pil_open()(path) as im:
         w, h = im.size
+        transposed = _orientation(im) in (5, 6, 7, 8)
         if im.format == "JPEG":
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
         im.load()
-    return h, w
+    return (w, h) if transposed else (h, w)
 
 
 def check_images(paths: Sequence[Path], split: str) -> Tuple[List[Path], List[Tuple[int, int]], List[Tuple[str, str]]]:
@@ -73,16 +110,23 @@ def check_images(paths: Sequence[Path], split: str) -> Tuple[List[Path], List[Tu
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Full decode to an RGB uint8 (H, W, 3) array; the one decoder for students and teachers."""
-    with Image.open(path) as im:
+    """Full decode to an RGB uint8 (H, W, 3) array, upright (EXIF orientation applied, as the
+    COCO/YOLO labels assume); the one decoder for students and teachers."""
+    with pil_open()(path) as im:
+        if _orientation(im) != 1:
+            im = ImageOps.exif_transpose(im)
         return np.asarray(im.convert("RGB"))
 
 
 def parse_labels(path: Path, num_classes: int) -> np.ndarray:
-    """(n, 5) float32 rows ``class cx cy w h`` of a YOLO label file; a missing file means no objects."""
+    """(n, 5) float32 rows ``class cx cy w h`` of a YOLO label file; a missing file means no objects.
+    A line repeating an earlier line's values exactly is dropped with a warning naming both lines
+    (a duplicated box would count twice in the loss and as a false negative in mAP)."""
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
-    rows = []
+    rows: List[List[float]] = []
+    seen: Dict[Tuple[float, ...], int] = {}
+    duplicates: List[str] = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -105,7 +149,14 @@ def parse_labels(path: Path, num_classes: int) -> np.ndarray:
         cx, cy, bw, bh = values[1:]
         if min(cx, cy, bw, bh) < 0 or max(cx, cy, bw, bh) > 1:
             raise DatasetError(f"{where}: box {cx} {cy} {bw} {bh} is not normalised to [0, 1] (YOLO cx cy w h)")
+        key = tuple(values)
+        if key in seen:
+            duplicates.append(f"{lineno} (= line {seen[key]})")
+            continue
+        seen[key] = lineno
         rows.append(values)
+    if duplicates:
+        LOGGER.warning(f"{path}: dropped {len(duplicates)} duplicate label line(s): line {', line '.join(duplicates)}")
     return np.asarray(rows, np.float32).reshape(-1, 5)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
-from vfmkd.core.errors import ConfigError
+from vfmkd.core.errors import ConfigError, NonFiniteLossError  # noqa: F401  (re-exported)
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.geometry import resample_to_student
 from vfmkd.distillation.losses import FeatureDistillLoss
@@ -19,10 +19,6 @@ from vfmkd.models.unified_model import StudentOutput
 # Keys of a loss entry that the engine uses itself instead of passing to the loss.
 RESERVED_LOSS_KEYS = ("weight", "log_as")
 FEATURE_LOG_PREFIX = "loss_feat_distill_"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN/inf; the message names the component and the step."""
 
 
 def cosine_log_name(log_name: str) -> str:
@@ -172,6 +168,11 @@ class Distiller(nn.Module):
             logs[term.log_name] = float(value.detach())
         kinds = {n: self.terms[n].kind for n in values}
         total = combine(values, kinds, self.weights, self.alpha, self.beta, self.gamma)
+        if not torch.isfinite(total):  # every term finite, their weighted sum not: a weight is too large
+            parts = ", ".join(f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {self.weights[n]:g}" for n in values)
+            raise NonFiniteLossError(
+                f"the weighted total loss is {float(total.detach())} although every term is finite ({parts}; "
+                f"alpha/beta/gamma {self.alpha:g}/{self.beta:g}/{self.gamma:g}); lower the loss weights.")
         logs["loss"] = float(total.detach())
         return LossResult(total, logs)
 

@@ -22,7 +22,9 @@ def create_run_dir(work_dir: str | Path, experiment: str) -> Path:
 
 
 def write_run_config(run_dir: Path, cfg: Dict[str, Any]) -> None:
-    save_config(cfg, run_dir / "config.yaml")
+    tmp = run_dir / ".config.yaml.tmp"
+    save_config(cfg, tmp)
+    tmp.replace(run_dir / "config.yaml")  # atomic, like every file a run writes
 
 
 def write_json(path: Path, data: Dict[str, Any]) -> None:

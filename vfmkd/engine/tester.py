@@ -17,6 +17,10 @@ from vfmkd.utils.logging import get_logger
 
 
 def _load(module: torch.nn.Module, state: Mapping[str, Any], what: str, checkpoint: Path, config: str) -> None:
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{checkpoint}: the {what} holds NaN/inf values ({', '.join(bad[:3])}); evaluate an earlier "
+                              f"checkpoint of the run")
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from vfmkd.core.config import experiment_record, resolve_path
 from vfmkd.distillation.cached import CachedTargetsDataset, DistillBatch
-from vfmkd.distillation.distiller import NonFiniteLossError
+from vfmkd.core.errors import CheckpointError, NonFiniteLossError
 from vfmkd.distillation.online import measure_channel_stats
 from vfmkd.engine.builders import (
     LiveTeachers, build_augment, build_dataset, build_distiller, build_model, build_router,
@@ -23,7 +24,8 @@ from vfmkd.engine.setup import (
     build_loader, class_names, detection_classes, make_optimizer, seed_everything, select_device, worker_count,
 )
 from vfmkd.engine.stages import build_stages, stage_of, staged_lr_lambda
-from vfmkd.utils.checkpoint import save_checkpoint
+from vfmkd.engine.resume import capture_rng, check_resume_config, restore_rng, resume_checkpoint
+from vfmkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from vfmkd.utils.logging import setup_logging
 from vfmkd.utils.plots import plot_training_curves
 
@@ -38,8 +40,17 @@ class Trainer:
     TensorBoard events.
     """
 
-    def __init__(self, cfg: Dict[str, Any], run_dir: Optional[Path] = None, progress: bool = True) -> None:
+    def __init__(self, cfg: Dict[str, Any], run_dir: Optional[Path] = None, progress: bool = True,
+                 resume: Optional[Path] = None) -> None:
         self.cfg = cfg  # the resolved config as loaded: saved into the run directory and checkpoints
+        resumed: Optional[Dict[str, Any]] = None
+        if resume is not None:  # checked before anything is built or written
+            checkpoint = resume_checkpoint(resume)
+            resumed = load_checkpoint(checkpoint)
+            if "resume" not in resumed:
+                raise CheckpointError(f"{checkpoint} holds no training state to resume (written by an older vfmkd?)")
+            check_resume_config(resumed["config"], cfg, checkpoint)
+            run_dir = checkpoint.parent.parent
         exp = experiment_record(cfg)
         self.exp = exp
         self.train_cfg, self.dist_cfg, self.eval_cfg = exp.train, exp.distillation, exp.eval
@@ -57,9 +68,9 @@ class Trainer:
         self.router = build_router(exp, self.train_set, self.live, self.augment)
         self.model = build_model(exp.model)
         self.run_dir = run_dir or create_run_dir(resolve_path(exp.work_dir), exp.experiment_name)
-        self.log = setup_logging(self.run_dir / "train.log")
+        self.log = setup_logging(self.run_dir / "train.log")  # appends when resuming
         write_run_config(self.run_dir, cfg)
-        self.log.info("run directory: %s", self.run_dir)
+        self.log.info("%s %s", "resuming in run directory" if resumed else "run directory:", self.run_dir)
         self.router.load_live_models()
         self.model = self.model.to(self.device)
         self.distiller = build_distiller(exp.distillation, self.model, self.router).to(self.device)
@@ -94,6 +105,13 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
         self.best_fitness = -1.0
         self.step = 0  # micro-batches seen
+        self.optimizer_steps = 0
+        self.nonfinite_in_a_row = 0
+        # Where fit() starts: epoch, batches of it already trained and their running log sums.
+        self.start_epoch, self.start_batch, self._partial = 1, 0, ({}, {})
+        self._epoch_generator = self.train_loader.generator.get_state()
+        if resumed is not None:
+            self._restore(resumed)
         n_params = sum(p.numel() for p in self.model.parameters())
         modes = {n: ("offline" if s.cache is not None else "online") + (", live model loaded" if s.live and s.cache else "")
                  for n, s in self.router.sources.items()}
@@ -137,24 +155,42 @@ class Trainer:
         self.step += 1
         return result.logs
 
-    def train_one_epoch(self, epoch: int) -> Dict[str, float]:
+    def train_one_epoch(self, epoch: int, skip: int = 0) -> Dict[str, float]:
+        """One epoch; ``skip`` batches of it were trained before a resume (the same order is
+        replayed from the saved shuffling state and those batches are passed over)."""
         self.model.train()
         self.distiller.train()
         self.train_loader.dataset.set_epoch(epoch)
         train_cfg, interval = self.train_cfg, self.dist_cfg.distill_interval
-        accumulate = train_cfg.accumulate
-        sums: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not self.progress)
+        accumulate, n_batches = train_cfg.accumulate, len(self.train_loader)
+        sums, counts = (dict(d) for d in self._partial) if skip else ({}, {})
+        if not skip:
+            self._epoch_generator = self.train_loader.generator.get_state()
+        self.train_loader.generator.set_state(self._epoch_generator)
+        batches = itertools.islice(iter(self.train_loader), skip, None)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not self.progress,
+                   initial=skip, total=n_batches)
         self.optimizer.zero_grad(set_to_none=True)
-        for i, item in enumerate(bar):
-            logs = self.train_step(item, interval)
-            if (i + 1) % accumulate == 0 or i + 1 == len(self.train_loader):
+        for i, item in enumerate(bar, start=skip):
+            try:
+                logs = self.train_step(item, interval)
+            except NonFiniteLossError as exc:
+                # Refused before the optimizer ran; K in a row (train.max_nonfinite_steps) stop the run.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_in_a_row += 1
+                if self.nonfinite_in_a_row >= train_cfg.max_nonfinite_steps:
+                    raise
+                self.log.warning("step %d refused (%d in a row): %s", self.step, self.nonfinite_in_a_row, exc)
+                self.step += 1
+                continue
+            self.nonfinite_in_a_row = 0
+            if (i + 1) % accumulate == 0 or i + 1 == n_batches:
                 # Clip what the optimizer trains: the student and the distillation adapters.
                 torch.nn.utils.clip_grad_norm_(self.params, train_cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
+                self.optimizer_steps += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
@@ -163,6 +199,10 @@ class Trainer:
                 for k, v in logs.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)
                 self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+            every = train_cfg.save_interval_steps
+            if every and (i + 1) % accumulate == 0 and self.optimizer_steps % every == 0 and i + 1 < n_batches:
+                self._partial = (sums, counts)
+                self.save("last.pt", epoch - 1, {"epoch": epoch, "batch": i + 1}, resume_at=(epoch, i + 1))
         return {k: v / counts[k] for k, v in sums.items()}
 
     def evaluate(self) -> Dict[str, Any]:
@@ -171,35 +211,73 @@ class Trainer:
                         progress=self.progress, distiller=self.distiller if self.val_router else None,
                         router=self.val_router)
 
-    def save(self, name: str, epoch: int, metrics: Dict[str, Any]) -> Path:
+    def save(self, name: str, epoch: int, metrics: Dict[str, Any],
+             resume_at: Optional[Tuple[int, int]] = None) -> Path:
+        """Write ``checkpoints/<name>`` atomically with everything :meth:`_restore` needs; ``epoch``
+        is the last completed epoch, ``resume_at`` (epoch, batch) where a resume continues (default:
+        the start of the next epoch)."""
+        resume_epoch, resume_batch = resume_at or (epoch + 1, 0)
+        generator = self._epoch_generator if resume_batch else self.train_loader.generator.get_state()
         return save_checkpoint(self.run_dir / "checkpoints" / name, {
             "model": self.model.state_dict(),
             "distiller": self.distiller.state_dict(),
             "teacher_stats": self.distiller.teacher_stats(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
             "config": self.cfg,
             "metrics": metrics,
+            "resume": {
+                "epoch": resume_epoch, "batch": resume_batch, "step": self.step, "optimizer_steps": self.optimizer_steps,
+                "partial_sums": dict(self._partial[0]) if resume_batch else {},
+                "partial_counts": dict(self._partial[1]) if resume_batch else {},
+                "history": self.history, "best_fitness": self.best_fitness,
+                "router_counts": self.router.summary(), "loader_generator": generator, "rng": capture_rng(),
+            },
         })
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        """Continue the run a checkpoint of :meth:`save` describes."""
+        self.model.load_state_dict(state["model"])
+        self.distiller.load_state_dict(state["distiller"])
+        self.distiller.load_teacher_stats(state.get("teacher_stats", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        r = state["resume"]
+        self.start_epoch, self.start_batch = int(r["epoch"]), int(r["batch"])
+        self.step, self.optimizer_steps = int(r["step"]), int(r["optimizer_steps"])
+        self._partial = (dict(r["partial_sums"]), dict(r["partial_counts"]))
+        self.history, self.best_fitness = list(r["history"]), float(r["best_fitness"])
+        for name, counts in r["router_counts"].items():
+            self.router.counts[name].update(counts)
+        self._epoch_generator = r["loader_generator"]
+        self.train_loader.generator.set_state(r["loader_generator"])
+        restore_rng(r["rng"])
+        self.log.info("resumed at epoch %d, batch %d (step %d)", self.start_epoch, self.start_batch, self.step)
 
     def fit(self) -> Dict[str, Any]:
         train_cfg = self.train_cfg
         start = time.time()
         current = None
-        for epoch in range(1, (train_cfg.epochs or 0) + 1):
+        for epoch in range(self.start_epoch, (train_cfg.epochs or 0) + 1):
             stage = stage_of(self.stages, epoch)
             if stage is not current:
                 self.distiller.set_stage(stage.losses, stage.weights)
-                self.best_fitness = -1.0  # best.pt is chosen within the last stage
+                if epoch == stage.first_epoch and not (epoch == self.start_epoch and self.start_batch):
+                    self.best_fitness = -1.0  # best.pt is chosen within the last stage
                 self.log.info("stage %s: epochs %d-%d, losses %s, lr %g", stage.name, stage.first_epoch,
                               stage.last_epoch, ", ".join(stage.losses) if stage.losses is not None else "all", stage.lr)
                 current = stage
             try:
-                epoch_logs = self.train_one_epoch(epoch)
+                epoch_logs = self.train_one_epoch(epoch, self.start_batch if epoch == self.start_epoch else 0)
             except NonFiniteLossError:
-                # The step was refused before the optimizer ran, so the weights are still finite.
-                path = self.save("last.pt", epoch, {"epoch": epoch, "interrupted": "non-finite loss"})
-                self.log.error("non-finite loss in epoch %d; weights saved to %s", epoch, path)
+                # Refused before the optimizer step; a checkpoint holding NaN/inf is never written.
+                try:
+                    path = self.save("last.pt", epoch - 1, {"epoch": epoch, "interrupted": "non-finite loss"})
+                    self.log.error("non-finite loss in epoch %d; weights saved to %s", epoch, path)
+                except CheckpointError as exc:
+                    self.log.error("non-finite loss in epoch %d; the weights are not finite either (%s): the last good "
+                                   "checkpoint is kept", epoch, exc)
                 raise
             record: Dict[str, Any] = {"epoch": epoch, "stage": stage.name, "train": epoch_logs,
                                       "teacher_batches": self.router.summary()}

@@ -175,6 +175,8 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
     bad = _non_finite(state)
     if bad:
         raise CheckpointError(f"refusing to write {path}: {bad} holds NaN/inf values")
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

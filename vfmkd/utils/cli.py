@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from vfmkd.core.config import REPO_ROOT, experiment_from_dict, read_yaml, resolve_path
-from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, DatasetError, did_you_mean
+from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, DatasetError, NonFiniteLossError, did_you_mean
 from vfmkd.utils.logging import get_logger, setup_logging
 
-USER_ERRORS = (ConfigError, CheckpointError, CacheMismatchError, DatasetError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, CacheMismatchError, DatasetError, FileNotFoundError, NonFiniteLossError)
 
 BACKBONE_DIR = "configs/backbones"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -91,6 +91,10 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv: Optional[Sequen
                 f"unexpected argument '{token}': expected {expected} (positional or --config"
                 f"{'/--checkpoint' if wants_checkpoint else ''}) followed by key=value overrides, "
                 f"e.g. train.epochs=3; see --help")
+    if args.config is None and getattr(args, "resume", None):
+        # --resume alone continues the run with its own resolved config.
+        run = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).resolve().parent.parent
+        args.config = str(run / "config.yaml")
     if args.config is None:
         raise ConfigError(f"no experiment config: give it first, e.g. `{parser.prog} "
                           "configs/experiments/yolov8_sam_coco128.yaml`, or with --config")

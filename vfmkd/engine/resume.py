@@ -1,0 +1,89 @@
+"""Exact resume: what a checkpoint must hold so a killed run continues as if it never stopped.
+
+Everything random in a run is either derived from (seed, epoch, index/step) — augmentation draws,
+the router's offline/online draws — or lives in a generator whose state is saved here: torch's,
+numpy's and Python's global RNGs and the DataLoader's shuffling generator at the start of the
+epoch in progress. States are stored as tensors and plain lists (``weights_only`` loadable).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from vfmkd.core.errors import CheckpointError, ConfigError
+from vfmkd.utils.logging import get_logger
+
+# Config sections a resumed run must share with the checkpoint (they define what was trained on
+# what); everything else (epochs, stages, eval, logging, workers) may change, with a warning.
+FROZEN_KEYS = ("model", "teachers", "distillation", "data.dataset", "data.root", "data.train_split",
+               "data.img_size", "data.batch_size", "data.limit", "data.augment", "train.seed", "train.accumulate",
+               "train.optimizer")
+
+
+def capture_rng() -> Dict[str, Any]:
+    """The global RNG states (torch, numpy, python) in a weights_only-loadable form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
+    }
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def resume_checkpoint(path: Path) -> Path:
+    """``path`` itself (a .pt) or ``<run>/checkpoints/last.pt`` of a run directory."""
+    path = Path(path)
+    ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise CheckpointError(f"--resume {path}: no checkpoint at {ckpt} (pass a run directory or its checkpoints/last.pt)")
+    return ckpt
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
+    """(refused, allowed): ``key: saved -> current`` lines for every differing leaf."""
+    a, b = _flatten(saved), _flatten(current)
+    refused, allowed = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+            frozen = any(key == f or key.startswith(f + ".") for f in FROZEN_KEYS)
+            (refused if frozen else allowed).append(line)
+    return refused, allowed
+
+
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: Path) -> None:
+    """Refuse a resume whose model, teachers, losses, data or seed differ from the checkpoint's;
+    warn about the rest (e.g. more epochs)."""
+    refused, allowed = config_changes(saved, current)
+    if refused:
+        raise ConfigError(
+            f"cannot resume {checkpoint} with a different setup (the weights and the data order would not "
+            f"continue the same run):\n  " + "\n  ".join(refused)
+            + "\nResume with the run's own config.yaml (the default of --resume), or start a new run.")
+    if allowed:
+        get_logger().warning("resuming %s with changed settings:\n  %s", checkpoint, "\n  ".join(allowed))
