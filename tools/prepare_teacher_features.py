@@ -228,8 +228,25 @@ def verify(teacher: Any, out_file: Path, paths: Sequence[Path], n: int, seed: in
     return ok
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line. ``--splits`` takes one or more names, so argparse would swallow the
+    ``key=value`` overrides that follow it (``--splits a b teacher.x=1``): a token with '=' is never a
+    split name, so those go back to the overrides, in command-line order."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(tokens)
+    moved = [t for t in args.splits if "=" in t]
+    if moved:
+        args.splits = [t for t in args.splits if "=" not in t]
+        if not args.splits:
+            raise ConfigError(f"--splits needs at least one split name before the overrides ({' '.join(moved)}), "
+                              "e.g. --splits train2017 val2017")
+        pool = set(moved) | set(args.overrides)
+        args.overrides = [t for t in tokens if t in pool]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.verify < 0:
         raise ConfigError("--batch-size and --limit must be >= 1, --verify >= 0")
     setup_logging()

@@ -27,6 +27,7 @@ import logging
 import os
 import shlex
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 

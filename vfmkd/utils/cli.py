@@ -15,6 +15,7 @@ on the experiment YAML before the overrides and before validation:
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -24,6 +25,10 @@ from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, 
 from vfmkd.utils.logging import get_logger, setup_logging
 
 USER_ERRORS = (ConfigError, CheckpointError, CacheMismatchError, DatasetError, FileNotFoundError, NonFiniteLossError)
+# an output that cannot be written (full disk, quota, file-size limit, read-only, no permission, a file in
+# the way): a user-fixable condition, reported in one line with exit 2 (errors marked ``user_error`` too)
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR})
 
 BACKBONE_DIR = "configs/backbones"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -192,6 +197,11 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
         return main(argv)
     except USER_ERRORS as exc:
         get_logger().error("%s", exc)
+        return 2
+    except OSError as exc:
+        if not (getattr(exc, "user_error", False) or exc.errno in DISK_ERRNOS):
+            raise
+        get_logger().error("%s", exc if getattr(exc, "user_error", False) else f"{exc} ({type(exc).__name__})")
         return 2
     except KeyboardInterrupt:
         get_logger().error("interrupted")
