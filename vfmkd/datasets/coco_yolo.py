@@ -8,7 +8,6 @@ the letterbox is recorded as the same per-axis affine the teachers use (see
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,20 +25,6 @@ from vfmkd.datasets.transforms import GeometricAugment, student_view, transform_
 LOGGER = logging.getLogger("vfmkd")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 EXIF_ORIENTATION = 0x0112  # 5..8 transpose the image: the upright (h, w) is the stored (w, h)
-
-
-def disable_runtime_installs() -> None:
-    """vfmkd never installs packages at run time: turn ultralytics' auto-install off, whether
-    ultralytics is imported before (its module flags) or after (``YOLO_AUTOINSTALL``) this call.
-    (ultralytics patches ``PIL.Image.open`` to pip-install pi-heif on an unidentified image.)"""
-    os.environ["YOLO_AUTOINSTALL"] = "False"
-    for name in ("ultralytics.utils", "ultralytics.utils.checks"):
-        module = sys.modules.get(name)
-        if module is not None and hasattr(module, "AUTOINSTALL"):
-            module.AUTOINSTALL = False
-
-
-disable_runtime_installs()
 
 
 def pil_open() -> Callable[..., Any]:

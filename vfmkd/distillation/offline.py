@@ -76,7 +76,7 @@ def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, pr
     where = f"teachers.{name}"
     if not path.is_file():
         raise CacheMissingError(f"{where}: no cached features at {path}. Write them first:\n  {rebuild}")
-    reader = FeatureCacheReader(path)
+    reader = FeatureCacheReader(path, rebuild=rebuild)
     ignore: Tuple[str, ...] = ()
     if expected.weights.startswith("unknown"):
         # The checkpoint is not on this machine (a cache copied from elsewhere): the weights
