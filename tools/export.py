@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Export a trained student to ONNX, TorchScript or (YOLOv8) an ultralytics checkpoint.
+
+What is exported: backbone -> neck -> task heads in eval mode, without the distillation adapters.
+The ultralytics checkpoint is what `ultralytics.YOLO(path)` loads (predict, val).
+
+    python tools/export.py work_dirs/<run>/checkpoints/best.pt --format onnx
+    python tools/export.py --checkpoint work_dirs/<run>/checkpoints/best.pt --format torchscript --dynamic
+    python tools/export.py work_dirs/<run>/checkpoints/best.pt --format ultralytics   # -> best.ultralytics.pt
+
+The config defaults to the run's config.yaml next to checkpoints/ (else the config stored in the
+checkpoint); --config and key=value overrides change it. The output defaults to the checkpoint's
+name with the format's suffix (best.onnx, best.torchscript, best.ultralytics.pt) and is written
+atomically. An ONNX export is checked with ONNX Runtime against PyTorch on a probe input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+
+from vfmkd.core.config import experiment_from_dict, experiment_record, read_yaml, resolve_path  # noqa: E402
+from vfmkd.core.errors import ConfigError  # noqa: E402
+from vfmkd.engine.export import ExportMismatchError, FORMATS, default_output, export_student, load_student  # noqa: E402
+from vfmkd.engine.setup import class_names, detection_classes  # noqa: E402
+from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
+from vfmkd.utils.cli import CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES, OVERRIDES_HELP, entry  # noqa: E402
+from vfmkd.utils.logging import get_logger  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     epilog="\n".join(__doc__.strip().splitlines()[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="checkpoints/best.pt or last.pt of a run (or give it positionally)")
+    parser.add_argument("--config", help="the run's config.yaml (default: <run>/config.yaml next to checkpoints/, "
+                                         "else the config stored in the checkpoint)")
+    parser.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)} (default: onnx)")
+    parser.add_argument("--output", help="output file (default: the checkpoint's path with the format's suffix)")
+    parser.add_argument("--imgsz", type=int, default=None, help="input size, a multiple of 32 (default: data.img_size)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="free batch size and input height/width (onnx, torchscript)")
+    parser.add_argument("args", nargs="*", metavar="CHECKPOINT [CONFIG] key=value",
+                        help="the checkpoint, optionally the config, then " + OVERRIDES_HELP)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = build_parser().parse_intermixed_args(argv)
+    overrides: List[str] = []
+    for token in args.args:
+        if "=" in token:
+            overrides.append(token)
+        elif args.checkpoint is None and token.endswith(CHECKPOINT_SUFFIXES):
+            args.checkpoint = token
+        elif args.config is None and token.endswith(CONFIG_SUFFIXES):
+            args.config = token
+        else:
+            raise ConfigError(f"unexpected argument '{token}': expected CHECKPOINT.pt [CONFIG.yaml] followed by "
+                              "key=value overrides; see --help")
+    if args.checkpoint is None:
+        raise ConfigError("no checkpoint: `tools/export.py work_dirs/<run>/checkpoints/best.pt --format onnx` "
+                          "(or --checkpoint)")
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format {args.format}: unknown format; choose from {', '.join(FORMATS)}")
+    if args.format == "ultralytics" and args.output and not args.output.endswith(".pt"):
+        raise ConfigError(f"--output {args.output}: ultralytics loads checkpoints named *.pt; end the name with .pt")
+    if args.dynamic and args.format == "ultralytics":
+        raise ConfigError("--dynamic applies to onnx and torchscript; an ultralytics checkpoint takes any size already")
+    args.overrides = overrides
+    return args
+
+
+def resolve_config(checkpoint: Path, config: Optional[str], overrides: Sequence[str]) -> tuple[Dict[str, Any], str]:
+    """The experiment config of the export and where it came from."""
+    if config is None:
+        run_config = checkpoint.resolve().parent.parent / "config.yaml"
+        if run_config.is_file():
+            config = str(run_config)
+    if config is not None:
+        return experiment_from_dict(read_yaml(config), overrides, config), config
+    stored = load_checkpoint(checkpoint).get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{checkpoint} is not inside a run directory and stores no config; pass --config "
+                          "<run>/config.yaml")
+    return experiment_from_dict(stored, overrides, f"{checkpoint} (stored config)"), f"the config stored in {checkpoint}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    log = get_logger()
+    checkpoint = resolve_path(args.checkpoint)
+    cfg, config_name = resolve_config(checkpoint, args.config, args.overrides)
+    model = load_student(checkpoint, cfg, config_name)
+    imgsz = args.imgsz or int(experiment_record(cfg).data.img_size)
+    output = resolve_path(args.output) if args.output else default_output(checkpoint, args.format)
+    names = None
+    if args.format == "ultralytics":
+        exp = experiment_record(cfg)
+        names = class_names(exp.data.root, detection_classes(exp.model.heads))
+    try:
+        diff = export_student(model, cfg, args.format, output, imgsz, dynamic=args.dynamic, names=names)
+    except ExportMismatchError as exc:
+        log.error("%s", exc)
+        return 1
+    params = sum(p.numel() for p in model.parameters())
+    log.info("exported %s (%s config) -> %s [%s, %d parameters, input (%s, 3, %d, %d)%s, %.1f MiB]",
+             checkpoint, config_name, output, args.format, params, "B" if args.dynamic else 1, imgsz, imgsz,
+             ", dynamic" if args.dynamic else "", output.stat().st_size / 2**20)
+    if diff:
+        log.info("ONNX Runtime vs PyTorch on a probe input: max |diff| %s",
+                 ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
+    if args.format == "ultralytics":
+        log.info("load it with: from ultralytics import YOLO; YOLO('%s').predict(image, imgsz=%d)", output, imgsz)
+    return 0
+
+
+if __name__ == "__main__":
+    entry(main)
