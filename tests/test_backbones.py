@@ -80,3 +80,12 @@ def test_unknown_variant_names_the_choices(name, bad, expected):
 def test_old_size_keys_say_they_were_renamed(name, old, value):
     with pytest.raises(ConfigError, match=rf"key '{old}' was renamed to 'variant'.*write variant: {value}\."):
         BACKBONES.build(name, **{old: value})
+
+
+def test_yolov8_sppf_is_activated_like_ultralytics_yolov8():
+    # ultralytics' SPPF module has no activation on cv1; its parser adds SiLU for YOLOv8 YAML rows.
+    from ultralytics.nn.tasks import DetectionModel
+
+    ours = BACKBONES.build("yolov8", variant="n").stage5[-1]
+    theirs = DetectionModel("yolov8n.yaml", verbose=False).model[9]
+    assert type(ours.cv1.act) is type(theirs.cv1.act) is torch.nn.SiLU

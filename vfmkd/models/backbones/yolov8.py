@@ -63,7 +63,11 @@ class YOLOv8Backbone(BaseBackbone):
         self.stem = nn.Sequential(Conv(in_channels, c1, 3, 2), Conv(c1, c2, 3, 2), C2f(c2, c2, yolo_repeats(3, s), True))
         self.stage3 = nn.Sequential(Conv(c2, c3, 3, 2), C2f(c3, c3, yolo_repeats(6, s), True))
         self.stage4 = nn.Sequential(Conv(c3, c4, 3, 2), C2f(c4, c4, yolo_repeats(6, s), True))
-        self.stage5 = nn.Sequential(Conv(c4, c5, 3, 2), C2f(c5, c5, yolo_repeats(3, s), True), SPPF(c5, c5, 5))
+        sppf = SPPF(c5, c5, 5)
+        # ultralytics' SPPF leaves cv1 unactivated (YOLO26); its YAML parser puts SiLU back for
+        # YOLOv8's rows, and so do we: otherwise this is not YOLOv8 (pretrained weights misbehave).
+        sppf.cv1.act = Conv.default_act
+        self.stage5 = nn.Sequential(Conv(c4, c5, 3, 2), C2f(c5, c5, yolo_repeats(3, s), True), sppf)
         self._specs = (FeatureSpec("P3", c3, 8), FeatureSpec("P4", c4, 16), FeatureSpec("P5", c5, 32))
 
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
