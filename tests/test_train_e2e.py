@@ -87,13 +87,22 @@ def test_cache_of_another_input_size_is_refused(features, tmp_path):
         Trainer(cfg, progress=False)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_weights(features, tmp_path):
+def test_nan_in_the_cache_is_caught_when_read_not_blamed_on_the_lr(features, tmp_path):
     poisoned = tmp_path / "poisoned"
     shutil.copytree(features, poisoned)
     with h5py.File(poisoned / "train2017.h5", "r+") as f:
         f["features/image_embeddings"][:] = np.nan
     cfg = load_experiment(EXPERIMENT, overrides(poisoned, tmp_path, "train.epochs=1"))
     trainer = Trainer(cfg, progress=False)
+    with pytest.raises(CacheMismatchError, match="(?s)non-finite value.*not a learning-rate problem.*prepare_teacher_features"):
+        trainer.fit()
+    assert not (trainer.run_dir / "checkpoints" / "last.pt").exists()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_weights(features, tmp_path):
+    cfg = load_experiment(EXPERIMENT, overrides(features, tmp_path, "train.epochs=1"))
+    trainer = Trainer(cfg, progress=False)
+    trainer.distiller.feature_losses["feature_mse"].compare = lambda *args: torch.tensor(float("nan"))
     with pytest.raises(NonFiniteLossError, match="loss_feat_distill_sam is nan"):
         trainer.fit()
     state = load_checkpoint(trainer.run_dir / "checkpoints" / "last.pt")
