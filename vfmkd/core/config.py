@@ -102,6 +102,7 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     amp: bool = False  # bfloat16 autocast for the student forward
     save_interval_steps: int = 0  # also write checkpoints/last.pt every N optimizer steps (0: at epoch ends only)
+    sync_bn: bool = False  # torchrun with several CUDA ranks: BatchNorm statistics over the global batch
     max_nonfinite_steps: int = 1  # NaN/inf steps in a row (each refused before the optimizer) that stop the run
 
 

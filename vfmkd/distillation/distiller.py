@@ -47,10 +47,12 @@ class LossTerm:
 
 @dataclass
 class LossResult:
-    """``total``: the scalar to backpropagate; ``logs``: every term, cosine and the total as floats."""
+    """``total``: the scalar to backpropagate; ``logs``: every term, cosine and the total as floats;
+    ``problem``: why the step must be refused (a NaN/inf term or total), '' when it is fine."""
 
     total: torch.Tensor
     logs: Dict[str, float]
+    problem: str = ""
 
 
 class Distiller(nn.Module):
@@ -144,8 +146,12 @@ class Distiller(nn.Module):
             teacher_map, mask = teacher_map.mean((2, 3), keepdim=True), torch.ones_like(mask[..., :1, :1])
         return student, teacher_map, mask
 
-    def forward(self, out: StudentOutput, batch: Batch, targets: Mapping[str, TeacherTargets]) -> LossResult:
+    def forward(self, out: StudentOutput, batch: Batch, targets: Mapping[str, TeacherTargets],
+                raise_non_finite: bool = True) -> LossResult:
+        """The weighted loss of this step. A NaN/inf term (or total) raises NonFiniteLossError, or,
+        with ``raise_non_finite=False`` (distributed steps decide together), is named in ``problem``."""
         logs: Dict[str, float] = {}
+        problem = ""
         values: Dict[str, torch.Tensor] = {}
         for name in sorted(self.active):
             term = self.terms[name]
@@ -159,22 +165,23 @@ class Distiller(nn.Module):
                 student, teacher_map, mask = self.aligned(term.module, out, batch, target)
                 value, cosine = term.module(student, teacher_map, mask)
                 logs[cosine_log_name(term.log_name)] = float(cosine)
-            if not torch.isfinite(value):
-                raise NonFiniteLossError(
-                    f"{term.log_name} is {float(value.detach())}; training stopped before the optimizer step so the "
+            if not problem and not torch.isfinite(value):
+                problem = (
+                    f"{term.log_name} is {float(value.detach())}; the step was refused before the optimizer so the "
                     f"weights stay finite. Lower train.lr or the loss weight, or check the inputs of this batch "
                     f"(images {batch.image_ids[:8]}).")
             values[name] = value
             logs[term.log_name] = float(value.detach())
         kinds = {n: self.terms[n].kind for n in values}
         total = combine(values, kinds, self.weights, self.alpha, self.beta, self.gamma)
-        if not torch.isfinite(total):  # every term finite, their weighted sum not: a weight is too large
+        if not problem and not torch.isfinite(total):  # every term finite, their weighted sum not: a weight is too large
             parts = ", ".join(f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {self.weights[n]:g}" for n in values)
-            raise NonFiniteLossError(
-                f"the weighted total loss is {float(total.detach())} although every term is finite ({parts}; "
-                f"alpha/beta/gamma {self.alpha:g}/{self.beta:g}/{self.gamma:g}); lower the loss weights.")
+            problem = (f"the weighted total loss is {float(total.detach())} although every term is finite ({parts}; "
+                       f"alpha/beta/gamma {self.alpha:g}/{self.beta:g}/{self.gamma:g}); lower the loss weights.")
+        if problem and raise_non_finite:
+            raise NonFiniteLossError(problem)
         logs["loss"] = float(total.detach())
-        return LossResult(total, logs)
+        return LossResult(total, logs, problem)
 
     @torch.no_grad()
     def agreement(self, out: StudentOutput, batch: Batch,

@@ -55,9 +55,11 @@ class Route:
     reason: str = ""
 
 
-def offline_draw(seed: int, step: int, teacher_index: int) -> float:
-    """The reproducible uniform draw in [0, 1) of a (step, teacher): offline when < offline_ratio."""
-    return float(np.random.default_rng((seed, step, teacher_index)).random())
+def offline_draw(seed: int, step: int, teacher_index: int, rank: int = 0) -> float:
+    """The reproducible uniform draw in [0, 1) of a (step, teacher) on a rank: offline when <
+    offline_ratio. Rank 0 draws what a single process draws; every other rank has its own stream."""
+    key = (seed, step, teacher_index) if rank == 0 else (seed, step, teacher_index, rank)
+    return float(np.random.default_rng(key).random())
 
 
 def live_view_shift(view: ViewGeometry, cached_affine: torch.Tensor, input_size: int, input_affine: InputAffine) -> float:
@@ -115,7 +117,7 @@ class TeacherRouter:
 
     def __init__(self, sources: Mapping[str, TeacherSource], offline_ratio: float, seed: int,
                  augment: Optional[GeometricAugment] = None, offline_max_shift: float = 0.05,
-                 offline_crops: bool = False, skip_missing: bool = False) -> None:
+                 offline_crops: bool = False, skip_missing: bool = False, rank: int = 0) -> None:
         if not 0.0 <= float(offline_ratio) <= 1.0:
             raise ConfigError(f"distillation.offline_ratio must be within [0, 1], got {offline_ratio}")
         self.sources = dict(sources)
@@ -124,6 +126,7 @@ class TeacherRouter:
         # Validation reads a partial cache as it is: batches with uncached images are skipped for
         # that teacher (counted) instead of paying for live passes.
         self.skip_missing = bool(skip_missing)
+        self.rank = int(rank)
         self.gates = {n: ViewGates.of(augment, bool(s.cache and s.cache.has_flip), offline_crops) for n, s in self.sources.items()}
         self._index = {name: i for i, name in enumerate(sorted(self.sources))}
         self.counts: Dict[str, Counter] = {name: Counter() for name in self.sources}
@@ -175,7 +178,7 @@ class TeacherRouter:
             decision = Route("online", "no cache for this split")
         elif cached is None:
             decision = Route("online", "images missing from the cache")
-        elif offline_draw(self.seed, step, self._index[name]) >= self.offline_ratio:
+        elif offline_draw(self.seed, step, self._index[name], self.rank) >= self.offline_ratio:
             decision = Route("online", "offline_ratio draw")
         else:
             reason = self._view_reason(name, batch, cached)

@@ -79,7 +79,7 @@ def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str) ->
 
 
 def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTeachers,
-                 augment: Optional[GeometricAugment] = None, validation: bool = False) -> TeacherRouter:
+                 augment: Optional[GeometricAugment] = None, validation: bool = False, rank: int = 0) -> TeacherRouter:
     """The router of one split. Training follows ``distillation`` (offline_ratio, missing_cache, the
     view gates). ``validation`` reads the split's cache where one exists (batches with images it
     lacks are skipped for that teacher) and asks the live teacher only when the split has no cache."""
@@ -109,7 +109,7 @@ def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTea
             name=name, offline=offline, cache=cache, input_affine=type_cls.input_affine,
             load_live=live.loader(name, cache.input_size if cache else None), missing=missing, why_no_cache=why_no_cache)
     return TeacherRouter(sources, ratio, cfg.train.seed, None if validation else augment,
-                         dist.offline_max_shift, dist.offline_crops, skip_missing=validation)
+                         dist.offline_max_shift, dist.offline_crops, skip_missing=validation, rank=rank)
 
 
 def teacher_specs(router: TeacherRouter) -> Tuple[Dict[str, Tuple[FeatureSpec, ...]], Dict[str, str]]:

@@ -56,7 +56,7 @@ def worker_count(requested: int) -> int:
     return requested
 
 
-def build_loader(dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int) -> DataLoader:
+def build_loader(dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int, sampler=None) -> DataLoader:
     """Batches of :class:`Batch` (a plain dataset) or :class:`DistillBatch` (cached targets attached)."""
     generator = torch.Generator().manual_seed(seed)
     # Augmenting datasets read their epoch at fork time: workers must be re-created every epoch.
@@ -64,7 +64,8 @@ def build_loader(dataset, batch_size: int, num_workers: int, shuffle: bool, seed
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_distill if isinstance(dataset, CachedTargetsDataset) else collate_samples,
         generator=generator,

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from vfmkd.core.config import experiment_record, resolve_path
 from vfmkd.distillation.cached import CachedTargetsDataset, DistillBatch
-from vfmkd.core.errors import CheckpointError, NonFiniteLossError
+from vfmkd.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from vfmkd.distillation.online import measure_channel_stats
 from vfmkd.engine.builders import (
     LiveTeachers, build_augment, build_dataset, build_distiller, build_model, build_router,
@@ -24,12 +27,28 @@ from vfmkd.engine.setup import (
     build_loader, class_names, detection_classes, make_optimizer, seed_everything, select_device, worker_count,
 )
 from vfmkd.engine.stages import build_stages, stage_of, staged_lr_lambda
+from vfmkd.engine.distributed import init_distributed
 from vfmkd.engine.resume import capture_rng, check_resume_config, restore_rng, resume_checkpoint
 from vfmkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from vfmkd.utils.logging import setup_logging
 from vfmkd.utils.plots import plot_training_curves
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "TrainStep"]
+
+
+class TrainStep(torch.nn.Module):
+    """The modules a training step trains, as one (what DDP wraps): ``forward(batch, targets,
+    autocast)`` runs the student on ``batch.images`` (B, 3, S, S) and returns the distiller's
+    :class:`LossResult` (a NaN/inf is reported in ``problem``, not raised: ranks decide together)."""
+
+    def __init__(self, model: torch.nn.Module, distiller: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.distiller = model, distiller
+
+    def forward(self, batch: Any, targets: Dict[str, Any], autocast: Any) -> Any:
+        with autocast:
+            out = self.model(batch.images)
+        return self.distiller(out, batch, targets, raise_non_finite=False)
 
 
 class Trainer:
@@ -56,24 +75,39 @@ class Trainer:
         self.train_cfg, self.dist_cfg, self.eval_cfg = exp.train, exp.distillation, exp.eval
         self.progress = progress
         data, train = exp.data, exp.train
-        seed_everything(train.seed)  # first: the student's initial weights follow train.seed
+        seed_everything(train.seed)  # first: the student's initial weights follow train.seed (same on every rank)
         # Checks that need no run directory come first, so a mistake leaves no empty run behind.
-        self.device = select_device(train.device)
+        self.ctx = init_distributed(train.device)
+        self.device = self.ctx.device
         self.num_classes = detection_classes(exp.model.heads)
         self.stages = build_stages(train)
         self.augment = build_augment(data)
         self.train_set = build_dataset(data, data.train_split, self.num_classes, self.augment, train.seed)
         self.val_set = build_dataset(data, data.val_split, self.num_classes)
         self.live = LiveTeachers(exp.teachers, self.device)
-        self.router = build_router(exp, self.train_set, self.live, self.augment)
+        self.router = build_router(exp, self.train_set, self.live, self.augment, rank=self.ctx.rank)
         self.model = build_model(exp.model)
-        self.run_dir = run_dir or create_run_dir(resolve_path(exp.work_dir), exp.experiment_name)
-        self.log = setup_logging(self.run_dir / "train.log")  # appends when resuming
-        write_run_config(self.run_dir, cfg)
+        if self.ctx.is_main:
+            run_dir = run_dir or create_run_dir(resolve_path(exp.work_dir), exp.experiment_name)
+        self.run_dir = Path(self.ctx.broadcast(str(run_dir)))
+        # Rank 0 alone writes the log file (appended when resuming); other ranks print warnings only.
+        self.log = setup_logging(self.run_dir / "train.log" if self.ctx.is_main else None,
+                                 logging.INFO if self.ctx.is_main else logging.WARNING)
+        if self.ctx.is_main:
+            write_run_config(self.run_dir, cfg)
         self.log.info("%s %s", "resuming in run directory" if resumed else "run directory:", self.run_dir)
         self.router.load_live_models()
         self.model = self.model.to(self.device)
+        if train.sync_bn and self.ctx.enabled:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.distiller = build_distiller(exp.distillation, self.model, self.router).to(self.device)
+        # Student and adapters train as one module; DDP averages their gradients across ranks. Stages
+        # and distill_interval leave some parameters unused in a step, hence find_unused_parameters.
+        self.step_module: torch.nn.Module = TrainStep(self.model, self.distiller)
+        if self.ctx.enabled:
+            self.step_module = DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         for stage in self.stages:  # a typo in a stage fails now, not epochs later
             self.distiller.set_stage(stage.losses, stage.weights)
         distilled = list(self.distiller.teachers_used(active_only=False))
@@ -84,8 +118,11 @@ class Trainer:
         workers = worker_count(data.num_workers)
         caches = {n: s.cache for n, s in self.router.sources.items() if s.cache is not None}
         missing = {n: s.missing for n, s in self.router.sources.items()}
-        self.train_loader = build_loader(CachedTargetsDataset(self.train_set, caches, missing),
-                                         data.batch_size, workers, True, train.seed)
+        train_data = CachedTargetsDataset(self.train_set, caches, missing)
+        # The epoch's order is a function of (seed, epoch), split across ranks: N ranks with batch B
+        # see, step by step, the same images as one process with batch N x B.
+        self.sampler = DistributedSampler(train_data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=train.seed)
+        self.train_loader = build_loader(train_data, data.batch_size, workers, True, train.seed, sampler=self.sampler)
         self.val_router = None
         val_set: Any = self.val_set
         if self.eval_cfg.fidelity and distilled:
@@ -101,7 +138,7 @@ class Trainer:
         steps_per_epoch = -(-len(self.train_loader) // train.accumulate)  # ceil: a partial group still steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, staged_lr_lambda(self.stages, steps_per_epoch, train.warmup_iters, train.lr))
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        self.writer = SummaryWriter(log_dir=str(self.run_dir)) if self.ctx.is_main else None
         self.history: List[Dict[str, Any]] = []
         self.best_fitness = -1.0
         self.step = 0  # micro-batches seen
@@ -148,9 +185,12 @@ class Trainer:
         batch = item.batch.to(self.device)
         teachers = list(self.distiller.teachers_used())
         targets = self.router.targets(self.step, batch, item.cached, teachers) if self.step % interval == 0 else {}
-        with self._autocast():
-            out = self.model(batch.images)
-        result = self.distiller(out, batch, targets)
+        result = self.step_module(batch, targets, self._autocast())
+        if self.ctx.any(bool(result.problem)):  # every rank refuses the step together
+            # DDP expects this step's gradient reduction: finish it with a zero loss, then drop it.
+            (torch.nan_to_num(result.total) * 0.0).backward()
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(result.problem or "another rank's loss is not finite; the step was refused on every rank")
         (result.total / self.train_cfg.accumulate).backward()
         self.step += 1
         return result.logs
@@ -164,6 +204,7 @@ class Trainer:
         train_cfg, interval = self.train_cfg, self.dist_cfg.distill_interval
         accumulate, n_batches = train_cfg.accumulate, len(self.train_loader)
         sums, counts = (dict(d) for d in self._partial) if skip else ({}, {})
+        self.sampler.set_epoch(epoch)  # each rank's share of the epoch's shuffle, from (seed, epoch)
         if not skip:
             self._epoch_generator = self.train_loader.generator.get_state()
         self.train_loader.generator.set_state(self._epoch_generator)
@@ -195,7 +236,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k == "loss" or k.startswith("cos_")})
-            if self.step % train_cfg.log_interval == 0:
+            if self.writer is not None and self.step % train_cfg.log_interval == 0:
                 for k, v in logs.items():
                     self.writer.add_scalar(f"train/{k}", v, self.step)
                 self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
@@ -203,7 +244,7 @@ class Trainer:
             if every and (i + 1) % accumulate == 0 and self.optimizer_steps % every == 0 and i + 1 < n_batches:
                 self._partial = (sums, counts)
                 self.save("last.pt", epoch - 1, {"epoch": epoch, "batch": i + 1}, resume_at=(epoch, i + 1))
-        return {k: v / counts[k] for k, v in sums.items()}
+        return self.ctx.sum_logs(sums, counts)
 
     def evaluate(self) -> Dict[str, Any]:
         e = self.eval_cfg
@@ -212,10 +253,12 @@ class Trainer:
                         router=self.val_router)
 
     def save(self, name: str, epoch: int, metrics: Dict[str, Any],
-             resume_at: Optional[Tuple[int, int]] = None) -> Path:
+             resume_at: Optional[Tuple[int, int]] = None) -> Optional[Path]:
         """Write ``checkpoints/<name>`` atomically with everything :meth:`_restore` needs; ``epoch``
         is the last completed epoch, ``resume_at`` (epoch, batch) where a resume continues (default:
         the start of the next epoch)."""
+        if not self.ctx.is_main:
+            return None
         resume_epoch, resume_batch = resume_at or (epoch + 1, 0)
         generator = self._epoch_generator if resume_batch else self.train_loader.generator.get_state()
         return save_checkpoint(self.run_dir / "checkpoints" / name, {
@@ -233,6 +276,7 @@ class Trainer:
                 "partial_counts": dict(self._partial[1]) if resume_batch else {},
                 "history": self.history, "best_fitness": self.best_fitness,
                 "router_counts": self.router.summary(), "loader_generator": generator, "rng": capture_rng(),
+                "world_size": self.ctx.world_size,
             },
         })
 
@@ -244,6 +288,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         r = state["resume"]
+        if int(r.get("world_size", 1)) != self.ctx.world_size:
+            raise ConfigError(f"the checkpoint was written by a run of {r.get('world_size', 1)} process(es), this one has "
+                              f"{self.ctx.world_size}: the data order would not continue; resume with the same world size")
         self.start_epoch, self.start_batch = int(r["epoch"]), int(r["batch"])
         self.step, self.optimizer_steps = int(r["step"]), int(r["optimizer_steps"])
         self._partial = (dict(r["partial_sums"]), dict(r["partial_counts"]))
@@ -281,9 +328,10 @@ class Trainer:
                 raise
             record: Dict[str, Any] = {"epoch": epoch, "stage": stage.name, "train": epoch_logs,
                                       "teacher_batches": self.router.summary()}
-            if epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch:
+            if self.ctx.is_main and (epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch):
                 val = self.evaluate()
                 record["val"] = val
+                assert self.writer is not None  # rank 0
                 for k in ("mAP50", "mAP50-95", "precision", "recall"):
                     self.writer.add_scalar(f"val/{k}", val[k], epoch)
                 for key, value in val.get("fidelity", {}).items():
@@ -297,8 +345,10 @@ class Trainer:
             self.history.append(record)
             self._log_epoch(record)
             self._write_metrics(time.time() - start)
-        self.writer.close()
-        plot_training_curves(self.history, self.run_dir / "training_curves.png")
+            self.ctx.barrier()  # the other ranks wait while rank 0 validates and writes
+        if self.writer is not None:
+            self.writer.close()
+            plot_training_curves(self.history, self.run_dir / "training_curves.png")
         return self._write_metrics(time.time() - start)
 
     def _log_epoch(self, record: Dict[str, Any]) -> None:
@@ -322,6 +372,8 @@ class Trainer:
             "best_val": best["val"] if best else None,
             "final_fidelity": last_val.get("fidelity") if last_val else None,
             "train_seconds": round(seconds, 1),
+            "world_size": self.ctx.world_size,
         }
-        write_json(self.run_dir / "metrics.json", metrics)
+        if self.ctx.is_main:
+            write_json(self.run_dir / "metrics.json", metrics)
         return metrics

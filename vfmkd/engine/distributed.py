@@ -1,0 +1,87 @@
+"""torch.distributed for training: one process per device, started by ``torchrun``.
+
+``torchrun --nproc_per_node N tools/train.py ...`` sets RANK / WORLD_SIZE / LOCAL_RANK (and the
+rendezvous) in each process's environment; :func:`init_distributed` joins the group (NCCL on CUDA,
+gloo on CPU). Without those variables a run is a single process and every helper is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+
+from vfmkd.core.errors import ConfigError
+from vfmkd.engine.setup import select_device
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """``rank`` of ``world_size`` processes; ``device`` is this process's device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs, TensorBoard, checkpoints, metrics and pictures."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def sum_logs(self, sums: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float]:
+        """Epoch means of per-step logs over every rank's steps (same keys on every rank)."""
+        keys = sorted(sums)
+        if self.enabled and keys:
+            t = torch.tensor([[sums[k], float(counts[k])] for k in keys], dtype=torch.float64, device=self._comm_device)
+            dist.all_reduce(t)
+            sums = {k: float(t[i, 0]) for i, k in enumerate(keys)}
+            counts = {k: int(t[i, 1]) for i, k in enumerate(keys)}
+        return {k: sums[k] / counts[k] for k in keys}
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (small picklable objects: a run directory path)."""
+        if not self.enabled:
+            return value
+        box: List[Any] = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_distributed(device_name: str) -> DistributedContext:
+    """Join the process group torchrun describes (or run alone); the device of this rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistributedContext(device=select_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device_name} but CUDA is not available here; use train.device=cpu or auto")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    return DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
