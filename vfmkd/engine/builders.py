@@ -56,7 +56,10 @@ class LiveTeachers:
         def load() -> OnlineTeacher:
             if name not in self._built:
                 entry = self.entries[name]
-                teacher = TEACHERS.build(entry["type"], where=f"teachers.{name}", **teacher_kwargs(entry))
+                kwargs = teacher_kwargs(entry)
+                if str(kwargs.get("device", "cpu")).startswith("cuda") and self.device.type == "cuda":
+                    kwargs["device"] = str(self.device)  # one replica per rank, on that rank's GPU
+                teacher = TEACHERS.build(entry["type"], where=f"teachers.{name}", **kwargs)
                 self._built[name] = OnlineTeacher(name, teacher, self.device)
             live = self._built[name]
             if cached_input_size is not None and live.teacher.input_size != cached_input_size:
