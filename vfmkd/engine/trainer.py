@@ -125,7 +125,7 @@ class Trainer:
         self.train_loader = build_loader(train_data, data.batch_size, workers, True, train.seed, sampler=self.sampler)
         self.val_router = None
         val_set: Any = self.val_set
-        if self.eval_cfg.fidelity and distilled:
+        if self.eval_cfg.fidelity and distilled and self.ctx.is_main:  # rank 0 alone validates
             self.val_router = build_router(exp, self.val_set, self.live, validation=True)
             self.val_router.load_live_models(distilled)
             val_caches = {n: s.cache for n, s in self.val_router.sources.items() if s.cache is not None}
