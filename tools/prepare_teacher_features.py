@@ -8,6 +8,11 @@ Resumable: batches are fixed ranges [k*B, (k+1)*B) of the sorted image list; a r
 the batches that hold an unfinished image, so the final file equals an uninterrupted run's. When every
 image is done, the per-channel mean/std of every feature (over valid cells) are stored with the cache;
 a rerun of a finished cache adds them to files written before statistics existed.
+
+Sharded: ``torchrun --nproc_per_node N tools/prepare_teacher_features.py ...`` (gloo on CPU, nccl with a
+cuda teacher, rank r on cuda:LOCAL_RANK): each rank caches a contiguous block of batches into
+``<split>.shard<r>of<N>.h5`` (resumable per shard), then rank 0 joins them into ``<split>.h5``
+(vfmkd/datasets/cache_shards.py): bit-identical to a single-process cache at equal torch thread counts.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -32,7 +38,8 @@ from vfmkd.core.config import import_custom_modules, parse_overrides, read_yaml,
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
 from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb  # noqa: E402
-from vfmkd.datasets.cache_codec import STORAGES, mirror_affine  # noqa: E402
+from vfmkd.datasets.cache_codec import STORAGES, bytes_per_image, mirror_affine  # noqa: E402
+from vfmkd.datasets.cache_shards import merge_shards, shard_file, shard_range  # noqa: E402
 from vfmkd.datasets.feature_cache import FeatureCacheReader, FeatureCacheWriter, cache_file  # noqa: E402
 from vfmkd.utils.cli import entry  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
@@ -130,8 +137,45 @@ def run_teacher(teacher: Any, images: Sequence[np.ndarray], with_flip: bool) -> 
     return feats, geo, (flip_feats, mirror_affine(flip_geo.affine, [im.shape[1] for im in images]), flip_geo.valid_hw)
 
 
-def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], root: Path, split: str, output: Path) -> Tuple[Path, List[Path]]:
-    """Compute the missing batches of one split; returns the cache file and the cached image paths."""
+def _writer(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], split: str, path: Path, paths: Sequence[Path],
+            compute: str) -> FeatureCacheWriter:
+    return FeatureCacheWriter(
+        path, [p.stem for p in paths], teacher.fingerprint(), selected_specs(teacher, args.features), teacher.input_size,
+        teacher_config=entry, dataset=args.dataset, split=split, batch_size=args.batch_size, teacher=args.teacher,
+        data_root=args.data_root or "", compression=None if args.compression == "none" else args.compression,
+        storage=args.storage, with_flip=args.with_flip, extra_attrs={"compute": compute},
+    )
+
+
+def fill_file(args: argparse.Namespace, teacher: Any, writer: FeatureCacheWriter, paths: Sequence[Path], split: str,
+              compute: str, finalize: bool = True) -> Tuple[int, Any]:
+    """Compute the missing batches of ``paths`` (a whole split, or one rank's shard) into ``writer``;
+    returns (images written, statistics or None)."""
+    out_file = writer.path
+    b = writer.batch_size
+    if b != args.batch_size:
+        LOG.warning("%s was started with --batch-size %d (asked %d): resuming with %d so batches match",
+                    out_file, b, args.batch_size, b)
+    if writer.attrs.get("compute", compute) != compute:  # other threads/device: last-bit fp16 differences
+        LOG.warning("%s was started on %s, resuming on %s: recomputed batches may differ from an uninterrupted "
+                    "run in the last fp16 bit", out_file, writer.attrs["compute"], compute)
+    missing = set(writer.missing().tolist())
+    pending = [k for k in range(math.ceil(len(paths) / b)) if missing.intersection(range(k * b, (k + 1) * b))]
+    written = 0
+    for k in tqdm(pending, desc=f"{split} batches", unit="batch", disable=args.no_progress):
+        images = [load_rgb(p) for p in paths[k * b:(k + 1) * b]]
+        feats, geo, flip = run_teacher(teacher, images, args.with_flip)
+        # positional on purpose: tests wrap write() as (self, start, *args)
+        writer.write(k * b, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in images]), flip)
+        written += len(images)
+    return written, writer.finalize() if finalize else None
+
+
+def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], root: Path, split: str, output: Path,
+               dist: Optional[Tuple[int, int]] = None) -> Tuple[Path, List[Path]]:
+    """Compute the missing batches of one split; returns the cache file and the cached image paths.
+    ``dist`` = (rank, world size) under torchrun: each rank caches its shard (cache_shards.py), then rank 0
+    joins them into the split's file."""
     paths, _, skipped = check_images(list_images(root, split, args.limit), split)
     if not paths:
         raise DatasetError(f"none of the images in {root / 'images' / split} can be decoded; nothing to cache")
@@ -139,31 +183,23 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
     LOG.info("%s: %d images -> %s", split, len(paths), out_file)
     specs = selected_specs(teacher, args.features)
     compute = f"{teacher.device} torch_threads={torch.get_num_threads()}"
-    writer = FeatureCacheWriter(
-        out_file, [p.stem for p in paths], teacher.fingerprint(), specs, teacher.input_size,
-        teacher_config=entry, dataset=args.dataset, split=split, batch_size=args.batch_size, teacher=args.teacher,
-        data_root=args.data_root or "", compression=None if args.compression == "none" else args.compression,
-        storage=args.storage, with_flip=args.with_flip, extra_attrs={"compute": compute},
-    )
-    with writer:
-        b = writer.batch_size
-        if b != args.batch_size:
-            LOG.warning("%s was started with --batch-size %d (asked %d): resuming with %d so batches match",
-                        out_file, b, args.batch_size, b)
-        if writer.attrs.get("compute", compute) != compute:  # other threads/device: last-bit fp16 differences
-            LOG.warning("%s was started on %s, resuming on %s: recomputed batches may differ from an uninterrupted "
-                        "run in the last fp16 bit", out_file, writer.attrs["compute"], compute)
-        missing = set(writer.missing().tolist())
-        pending = [k for k in range(math.ceil(len(paths) / b)) if missing.intersection(range(k * b, (k + 1) * b))]
-        written = 0
-        for k in tqdm(pending, desc=f"{split} batches", unit="batch", disable=args.no_progress):
-            images = [load_rgb(p) for p in paths[k * b:(k + 1) * b]]
-            feats, geo, flip = run_teacher(teacher, images, args.with_flip)
-            # positional on purpose: tests wrap write() as (self, start, *args)
-            writer.write(k * b, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in images]), flip)
-            written += len(images)
-        stats = writer.finalize()
-        feat_bytes, other_bytes = writer.bytes_per_image()
+    rank, world = dist or (0, 1)
+    shards_exist = any(shard_file(out_file, r, world).exists() for r in range(world))
+    if world > 1 and (shards_exist or not out_file.exists()):
+        written, stats = fill_shard(args, teacher, entry, split, out_file, paths, compute, rank, world)
+        if rank != 0:
+            return out_file, paths
+        cached = len(paths) - written
+    else:
+        if world > 1:  # a cache started by a single process: one file cannot take several writers
+            if rank != 0:
+                LOG.info("rank %d: %s exists (not sharded): rank 0 resumes it alone", rank, out_file)
+                return out_file, paths
+            LOG.warning("%s was started by a single process: rank 0 resumes it alone, the other ranks idle", out_file)
+        with _writer(args, teacher, entry, split, out_file, paths, compute) as writer:
+            written, stats = fill_file(args, teacher, writer, paths, split, compute)
+        cached = len(paths) - written
+    feat_bytes, other_bytes = bytes_per_image(specs, teacher.input_size, args.storage, args.with_flip)
     for name, (mean, std) in (stats or {}).items():
         LOG.info("%s stats: %s per-channel mean in [%.3g, %.3g], std in [%.3g, %.3g] (stored as stats/%s/{mean,std})",
                  split, name, mean.min(), mean.max(), std.min(), std.max(), name)
@@ -172,7 +208,7 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
     held = " + ".join(f"{s.name} {s.channels}x{side[s.name]}x{side[s.name]}" for s in specs)
     storage = "int8 + float32 cell and channel scales" if args.storage == "int8" else "float16"
     print(
-        f"{split}: {written} images written, {len(paths) - written} already cached, {len(skipped)} skipped "
+        f"{split}: {written} images written, {cached} already cached, {len(skipped)} skipped "
         f"(undecodable); storage {args.storage}{', with flip pass' if args.with_flip else ''}: "
         f"{feat_bytes + other_bytes} bytes per cached image ({feat_bytes / 2**20:.4f} MiB features: {held} {storage}"
         f"{' x2 passes' if args.with_flip else ''}; {other_bytes} B geometry + statistics); "
@@ -180,6 +216,34 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
         f"{'' if stats else ' (statistics pending: cache unfinished)'} -> {out_file}"
     )
     return out_file, paths
+
+
+def fill_shard(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], split: str, out_file: Path,
+               paths: Sequence[Path], compute: str, rank: int, world: int) -> Tuple[int, Any]:
+    """Rank ``rank`` caches its contiguous block of batches into its shard file; after a barrier rank 0
+    joins the shards into ``out_file``. Returns (images written by all ranks, statistics on rank 0)."""
+    import torch.distributed as tdist
+
+    start, stop = shard_range(len(paths), args.batch_size, rank, world)
+    written = 0
+    if stop > start:
+        shard = shard_file(out_file, rank, world)
+        LOG.info("rank %d/%d: images %d..%d -> %s", rank, world, start, stop - 1, shard)
+        with _writer(args, teacher, entry, split, shard, paths[start:stop], compute) as writer:
+            if writer.batch_size != args.batch_size:
+                raise ConfigError(f"{shard} was started with --batch-size {writer.batch_size}: shards follow the batch "
+                                  f"ranges, rerun with --batch-size {writer.batch_size}")
+            written, _ = fill_file(args, teacher, writer, paths[start:stop], split, compute, finalize=False)
+    counts = torch.tensor([written], dtype=torch.int64, device=teacher.device if tdist.get_backend() == "nccl" else "cpu")
+    tdist.all_reduce(counts)  # also the barrier: every shard is finished after this
+    if rank != 0:
+        return written, None
+    LOG.info("%s: joining %d shards into %s", split, world, out_file)
+    t0 = time.perf_counter()
+    stats = merge_shards(out_file, [p.stem for p in paths], args.batch_size, world,
+                         lambda path: _writer(args, teacher, entry, split, path, paths, compute))
+    LOG.info("%s: joined %d shards into %s in %.2f s", split, world, out_file, time.perf_counter() - t0)
+    return int(counts.item()), stats
 
 
 def compare(label: str, live: torch.Tensor, cached: torch.Tensor) -> bool:
@@ -254,16 +318,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     entry_cfg, kwargs = resolve_teacher(args)
     root = Path(args.data_root) if args.data_root else resolve_path(Path("datasets") / args.dataset)
     output = Path(args.output or f"teacher_features/{args.teacher}/")
+    dist = init_distributed(kwargs)
     torch.manual_seed(args.seed)  # random-init weights must be the same on every (resumed) run
     teacher = TEACHERS.build(entry_cfg["type"], where=f"teacher '{args.teacher}'", **kwargs)
     LOG.info("teacher %s: %s; fingerprint %s", args.teacher, json.dumps(entry_cfg, default=str), json.dumps(teacher.fingerprint().as_dict()))
     LOG.info("caching %s splits %s of %s into %s", args.teacher, " ".join(args.splits), root, output)
     ok = True
-    for split in args.splits:
-        out_file, paths = fill_split(args, teacher, entry_cfg, root, split, output)
-        if args.verify:
-            ok &= verify(teacher, out_file, paths, args.verify, args.seed, args.batch_size)
+    try:
+        for split in args.splits:
+            out_file, paths = fill_split(args, teacher, entry_cfg, root, split, output, dist)
+            if args.verify and (dist is None or dist[0] == 0):
+                ok &= verify(teacher, out_file, paths, args.verify, args.seed, args.batch_size)
+    finally:
+        if dist is not None:
+            import torch.distributed as tdist
+            tdist.destroy_process_group()
     return 0 if ok else 1
+
+
+def init_distributed(kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """(rank, world size) when started by torchrun with WORLD_SIZE > 1 (gloo on CPU, nccl when the teacher
+    runs on CUDA, each rank on cuda:LOCAL_RANK; ``kwargs['device']`` is set to it); None otherwise (a
+    single process, exactly as without torchrun)."""
+    import os
+    from datetime import timedelta
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ or world <= 1:
+        return None
+    import torch.distributed as tdist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = str(kwargs.get("device", "cpu")).startswith("cuda")
+    if cuda:
+        kwargs["device"] = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    # ranks wait for each other at the shard barrier; rank 0 alone resumes a single-process file or merges
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+    LOG.info("torchrun: rank %d of %d (local rank %d), %s", rank, world, local, "nccl" if cuda else "gloo")
+    return rank, world
 
 
 if __name__ == "__main__":
