@@ -81,6 +81,11 @@ def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(features, tmp
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = next((work / "yolov8_sam_coco128").iterdir())
     assert load_checkpoint(run / "checkpoints" / "last.pt")["resume"]["batch"] == 3  # killed in epoch 1
+    if workers == 0:
+        # A damaged last.pt (e.g. a truncating copy): the resume falls back to the checkpoint it
+        # replaced, one step earlier, and, being exact, still ends with the same weights.
+        last = run / "checkpoints" / "last.pt"
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
 
     assert train_tool.main(["--resume", str(run), "--no-progress"]) == 0
     got = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -92,7 +97,8 @@ def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(features, tmp
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert metrics["epochs"][-1]["teacher_batches"] == straight.router.summary()
     assert metrics["epochs"][0]["train"] == pytest.approx(straight.history[0]["train"])
-    assert "resumed at epoch 1, batch 3" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert ("resumed at epoch 1, batch 2" if workers == 0 else "resumed at epoch 1, batch 3") in log
 
 
 def test_resume_with_another_setup_is_refused_naming_the_differences(features, tmp_path):

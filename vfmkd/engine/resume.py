@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vfmkd.core.errors import CheckpointError, ConfigError
+from vfmkd.utils.checkpoint import load_checkpoint, previous_of
 from vfmkd.utils.logging import get_logger
 
 # Config sections a resumed run must share with the checkpoint (they define what was trained on
@@ -44,13 +45,23 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
-def resume_checkpoint(path: Path) -> Path:
-    """``path`` itself (a .pt) or ``<run>/checkpoints/last.pt`` of a run directory."""
+def resume_checkpoint(path: Path) -> Tuple[Path, Dict[str, Any]]:
+    """The checkpoint to resume and its state: ``path`` itself (a .pt) or ``<run>/checkpoints/last.pt``;
+    when that one cannot be loaded (truncated, damaged) the one it replaced (``last.prev.pt``), with
+    a warning."""
     path = Path(path)
     ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
-    if not ckpt.is_file():
+    previous = previous_of(ckpt)
+    if not ckpt.is_file() and not previous.is_file():
         raise CheckpointError(f"--resume {path}: no checkpoint at {ckpt} (pass a run directory or its checkpoints/last.pt)")
-    return ckpt
+    try:
+        return ckpt, load_checkpoint(ckpt)
+    except CheckpointError as exc:
+        if not previous.is_file():
+            raise
+        get_logger().warning("cannot resume from %s (%s); falling back to the previous checkpoint %s",
+                             ckpt, str(exc).splitlines()[0], previous)
+        return previous, load_checkpoint(previous)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

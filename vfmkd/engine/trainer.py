@@ -29,7 +29,7 @@ from vfmkd.engine.setup import (
 from vfmkd.engine.stages import build_stages, stage_of, staged_lr_lambda
 from vfmkd.engine.distributed import init_distributed
 from vfmkd.engine.resume import capture_rng, check_resume_config, restore_rng, resume_checkpoint
-from vfmkd.utils.checkpoint import load_checkpoint, save_checkpoint
+from vfmkd.utils.checkpoint import save_checkpoint
 from vfmkd.utils.logging import setup_logging
 from vfmkd.utils.plots import plot_training_curves
 
@@ -64,8 +64,7 @@ class Trainer:
         self.cfg = cfg  # the resolved config as loaded: saved into the run directory and checkpoints
         resumed: Optional[Dict[str, Any]] = None
         if resume is not None:  # checked before anything is built or written
-            checkpoint = resume_checkpoint(resume)
-            resumed = load_checkpoint(checkpoint)
+            checkpoint, resumed = resume_checkpoint(resume)
             if "resume" not in resumed:
                 raise CheckpointError(f"{checkpoint} holds no training state to resume (written by an older vfmkd?)")
             check_resume_config(resumed["config"], cfg, checkpoint)
@@ -261,7 +260,7 @@ class Trainer:
             return None
         resume_epoch, resume_batch = resume_at or (epoch + 1, 0)
         generator = self._epoch_generator if resume_batch else self.train_loader.generator.get_state()
-        return save_checkpoint(self.run_dir / "checkpoints" / name, {
+        return save_checkpoint(self.run_dir / "checkpoints" / name, keep_previous=name == "last.pt", state={
             "model": self.model.state_dict(),
             "distiller": self.distiller.state_dict(),
             "teacher_stats": self.distiller.teacher_stats(),

@@ -167,10 +167,17 @@ def _non_finite(state: Any, prefix: str = "") -> Optional[str]:
     return None
 
 
-def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
+def previous_of(path: PathLike) -> Path:
+    """Where :func:`save_checkpoint` keeps the file it replaced (``last.pt`` -> ``last.prev.pt``)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.prev{p.suffix}")
+
+
+def save_checkpoint(path: PathLike, state: Mapping[str, Any], keep_previous: bool = False) -> Path:
     """Write ``state`` atomically: to a temp file in the same folder, fsynced, then renamed, so a
     kill mid-save leaves the previous file intact. A NaN/inf tensor is refused (CheckpointError),
-    never written."""
+    never written. ``keep_previous`` moves the replaced file to :func:`previous_of` first (a
+    fallback should the new one ever be damaged later, e.g. a truncating copy)."""
     path = Path(path)
     bad = _non_finite(state)
     if bad:
@@ -183,6 +190,8 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
             torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_of(path))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
