@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
@@ -27,7 +27,7 @@ from vfmkd.core.errors import ConfigError  # noqa: E402
 from vfmkd.engine.export import ExportMismatchError, FORMATS, default_output, export_student, load_student  # noqa: E402
 from vfmkd.engine.setup import class_names, detection_classes  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
-from vfmkd.utils.cli import CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES, OVERRIDES_HELP, entry  # noqa: E402
+from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
 from vfmkd.utils.logging import get_logger  # noqa: E402
 
 
@@ -50,17 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = build_parser().parse_intermixed_args(argv)
-    overrides: List[str] = []
-    for token in args.args:
-        if "=" in token:
-            overrides.append(token)
-        elif args.checkpoint is None and token.endswith(CHECKPOINT_SUFFIXES):
-            args.checkpoint = token
-        elif args.config is None and token.endswith(CONFIG_SUFFIXES):
-            args.config = token
-        else:
-            raise ConfigError(f"unexpected argument '{token}': expected CHECKPOINT.pt [CONFIG.yaml] followed by "
-                              "key=value overrides; see --help")
+    overrides = sort_positionals(args, "CHECKPOINT.pt [CONFIG.yaml]")
     if args.checkpoint is None:
         raise ConfigError("no checkpoint: `tools/export.py work_dirs/<run>/checkpoints/best.pt --format onnx` "
                           "(or --checkpoint)")

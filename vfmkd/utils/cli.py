@@ -76,26 +76,32 @@ def experiment_parser(description: str, checkpoint: bool = False) -> argparse.Ar
     return parser
 
 
+def sort_positionals(args: argparse.Namespace, expected: str, how: str = "") -> List[str]:
+    """Move ``args.args`` into ``args.config`` / ``args.checkpoint`` (by suffix, where the parser
+    has that attribute and it is still unset) and return the ``key=value`` overrides; any other
+    token is an error naming what was expected."""
+    overrides: List[str] = []
+    for token in args.args:
+        if "=" in token:
+            overrides.append(token)
+        elif getattr(args, "config", "") is None and token.endswith(CONFIG_SUFFIXES):
+            args.config = token
+        elif getattr(args, "checkpoint", "") is None and token.endswith(CHECKPOINT_SUFFIXES):
+            args.checkpoint = token
+        else:
+            raise ConfigError(f"unexpected argument '{token}': expected {expected} {how} followed by key=value "
+                              f"overrides, e.g. train.epochs=3; see --help".replace("  ", " "))
+    return overrides
+
+
 def parse_experiment_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse, then sort the positionals into ``config``, ``checkpoint`` (tools that take one) and
     ``overrides``. A positional that is neither an expected ``.yaml``/``.pt`` file nor ``key=value``
     is an error."""
     args = parser.parse_intermixed_args(argv)
     wants_checkpoint = hasattr(args, "checkpoint")
-    overrides: List[str] = []
-    for token in args.args:
-        if "=" in token:
-            overrides.append(token)
-        elif args.config is None and token.endswith(CONFIG_SUFFIXES):
-            args.config = token
-        elif wants_checkpoint and args.checkpoint is None and token.endswith(CHECKPOINT_SUFFIXES):
-            args.checkpoint = token
-        else:
-            expected = "CONFIG.yaml CHECKPOINT.pt" if wants_checkpoint else "CONFIG.yaml"
-            raise ConfigError(
-                f"unexpected argument '{token}': expected {expected} (positional or --config"
-                f"{'/--checkpoint' if wants_checkpoint else ''}) followed by key=value overrides, "
-                f"e.g. train.epochs=3; see --help")
+    expected = "CONFIG.yaml CHECKPOINT.pt" if wants_checkpoint else "CONFIG.yaml"
+    overrides = sort_positionals(args, expected, f"(positional or --config{'/--checkpoint' if wants_checkpoint else ''})")
     if args.config is None and getattr(args, "resume", None):
         # --resume alone continues the run with its own resolved config.
         run = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).resolve().parent.parent
