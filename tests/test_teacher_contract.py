@@ -3,21 +3,29 @@ random-init config per teacher, the same checks for all. A teacher registered wi
 fails :func:`test_every_registered_teacher_has_a_case`."""
 from __future__ import annotations
 
+import inspect
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import TEACHERS
+from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.teachers import BaseTeacher, SamTeacher, TeacherSettings
 from vfmkd.teachers.base import resized_hw
+from vfmkd.utils.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = sorted((REPO / "datasets/coco128/images/val2017").glob("*.jpg"))[0]
+#: the vfmkd teacher's case: a tiny YOLOv8-n run checkpoint, written by the module fixture _vfmkd_run
+VFMKD_RUN = Path(tempfile.mkdtemp(prefix="vfmkd_contract_")) / "best.pt"
 
 #: registered name -> constructor kwargs of a small, fast, random-init build
 TEACHER_CASES = {
@@ -26,10 +34,31 @@ TEACHER_CASES = {
     "sam2": dict(variant="sam2.1_hiera_tiny", init="random", input_size=64),
     "dino": dict(variant="vits16", init="random", input_size=64),
     "dinov2": dict(variant="vits14", init="random", input_size=56),
+    "vfmkd": dict(variant="yolov8-n", checkpoint=str(VFMKD_RUN)),
 }
+#: teachers whose input is the student's letterbox canvas itself: the padding is part of the input
+#: (valid_hw = the whole canvas) and a live pass takes the whole canvas, not the content crop
+CANVAS_INPUT = {"vfmkd"}
 NAMES = sorted(TEACHER_CASES)
 # odd (height, width) pairs: portrait, landscape, halves that round up (5 * 64/128 = 2.5), tiny
 ODD_SIZES = [(45, 128), (128, 45), (37, 53), (101, 99), (5, 128), (1, 3)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vfmkd_run():
+    """A vfmkd run's checkpoint (Trainer.save's layout, the keys the teacher reads) at 64 px."""
+    model_cfg = {"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+                 "heads": {"detection": {"type": "yolo_head", "num_classes": 80}}}
+    torch.manual_seed(0)
+    model = UnifiedModel.from_config(model_cfg)
+    save_checkpoint(VFMKD_RUN, {"model": model.state_dict(), "epoch": 0, "metrics": {},
+                                "config": {"model": model_cfg, "data": {"dataset": "coco128", "img_size": 64}}})
+    yield
+    shutil.rmtree(VFMKD_RUN.parent, ignore_errors=True)
+
+
+def _takes(name: str, key: str) -> bool:
+    return key in inspect.signature(TEACHERS.get(name).__init__).parameters
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +109,10 @@ def test_preprocess_geometry_is_input_affine(name, teachers):
         assert torch.equal(batch.affine[i], expected), (h, w)
         vh, vw = batch.valid_hw[i].tolist()
         sx, sy, _, _ = type(teacher).input_affine(h, w, s)
-        assert (vh, vw) == (round(h * sy), round(w * sx)) and vh <= s and vw <= s
+        if name in CANVAS_INPUT:
+            assert (vh, vw) == (s, s)
+        else:
+            assert (vh, vw) == (round(h * sy), round(w * sx)) and vh <= s and vw <= s
 
 
 def test_input_affine_rounds_halves_up_like_sam(teachers):
@@ -101,6 +133,16 @@ def test_preprocess_crops_on_device_matches_the_numpy_path(name, teachers, canva
     teacher = teachers[name]
     images, boxes = canvases
     live = teacher.preprocess_crops(images, boxes)
+    if name in CANVAS_INPUT:  # the whole canvas, resized to S; OnlineTeacher's canvas -> teacher affine = the scale
+        s = teacher.input_size
+        ky, kx = s / images.shape[-2], s / images.shape[-1]
+        assert torch.allclose(live.pixels, F.interpolate(images, size=(s, s), mode="bilinear", antialias=True))
+        assert live.affine.dtype == torch.float32 and live.valid_hw.dtype == torch.int64
+        assert torch.allclose(live.affine, torch.tensor([[kx, ky, kx * x1, ky * y1] for x1, y1, _, _ in boxes.tolist()]))
+        assert torch.equal(live.valid_hw, torch.full((2, 2), s))
+        composed = live.affine[:, 2:] - live.affine[:, :2] * boxes[:, :2].float()
+        assert torch.allclose(composed, torch.zeros(2, 2), atol=1e-5)
+        return
     # the reference: the default implementation, i.e. uint8 crops through the numpy preprocess
     ref = BaseTeacher.preprocess_crops(teacher, images, boxes)
     assert live.pixels.shape == ref.pixels.shape == (2, 3, teacher.input_size, teacher.input_size)
@@ -129,7 +171,8 @@ def test_fingerprint_is_derived_from_the_config_and_stable(name, teachers):
     assert teacher.fingerprint() == cls.config_fingerprint(**kwargs)
     assert teacher.fingerprint().family == cls.family and teacher.fingerprint().preprocessing
     assert TEACHERS.build(name, **kwargs).fingerprint() == teacher.fingerprint()
-    assert cls.config_fingerprint(**{**kwargs, "seed": 1}) != teacher.fingerprint()
+    if _takes(name, "seed"):
+        assert cls.config_fingerprint(**{**kwargs, "seed": 1}) != teacher.fingerprint()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -144,13 +187,15 @@ def test_teachers_are_frozen_and_stay_in_eval_mode(name, teachers):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shared_config_errors(name):
-    """The shared keys fail the same way for every family, before any model is built."""
+    """The shared keys the family takes fail the same way for every family, before any model is built."""
     cls, kwargs = TEACHERS.get(name), TEACHER_CASES[name]
     for bad, hint in [({"init": "rand"}, "teacher.init='rand' is not valid. Did you mean 'random'"),
                       ({"dtype": "fp16"}, "Choose one of: float32, bfloat16, float16"),
                       ({"device": "gpu"}, "teacher.device='gpu' is not a torch device"),
                       ({"input_size": 0}, "teacher.input_size must be a positive integer"),
                       ({"variant": "nope"}, "teacher.variant='nope' is not valid")]:
+        if not _takes(name, next(iter(bad))):
+            continue
         with pytest.raises(ConfigError, match=hint):
             cls.config_fingerprint(**{**kwargs, **bad})
         with pytest.raises(ConfigError, match=hint):

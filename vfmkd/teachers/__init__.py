@@ -4,3 +4,4 @@ from vfmkd.teachers.sam import SamTeacher
 from vfmkd.teachers.sam2 import Sam2Teacher  # imports Meta's sam2 (and its global Hydra) lazily, at build
 from vfmkd.teachers.lora_sam import LoraSamTeacher
 from vfmkd.teachers.dino import DinoTeacher, Dinov2Teacher
+from vfmkd.teachers.vfmkd_model import VfmkdTeacher  # a trained vfmkd run as a (live-only) teacher
