@@ -1,9 +1,10 @@
-"""YOLO-format detection dataset (coco128 layout).
+"""YOLO-format detection dataset (coco128 layout), optionally with instance and semantic masks.
 
 Layout: ``root/images/<split>/*.jpg`` and ``root/object_detection/labels/<split>/<stem>.txt`` with
 one ``class cx cy w h`` line per box (normalised to 0..1). Images are letterboxed the YOLO way and
 the letterbox is recorded as the same per-axis affine the teachers use (see
-:class:`vfmkd.teachers.base.TeacherBatch`), so teacher and student cells can be matched.
+:class:`vfmkd.teachers.base.TeacherBatch`), so teacher and student cells can be matched. Instance
+polygons and semantic masks (:mod:`vfmkd.datasets.masks`) go through the same view as the boxes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ from torch.utils.data import Dataset
 
 from vfmkd.core.config import resolve_path
 from vfmkd.core.errors import DatasetError
+from vfmkd.datasets.masks import (
+    InstanceClassTable,
+    SemanticClassTable,
+    check_mask_size,
+    instance_label_dir,
+    instance_targets,
+    match_label_rows,
+    parse_polygons,
+    read_mask,
+    semantic_mask_dir,
+    semantic_targets,
+)
 from vfmkd.datasets.records import BoxTargets, Sample
 from vfmkd.datasets.transforms import GeometricAugment, student_view, transform_boxes
 
@@ -150,6 +163,14 @@ class DetectionDataset(Dataset):
 
     ``dataset[i]`` is a :class:`Sample`: the canvas, its :class:`ViewGeometry` and its
     :class:`BoxTargets`. Unreadable images are skipped, counted and named (``self.skipped``).
+
+    ``instances``: also the instance polygons (``root/instance_segmentation``) as
+    :class:`~vfmkd.datasets.records.InstanceTargets`; ``semantic``: the semantic masks
+    (``root/semantic_segmentation/masks``) as (S, S) contiguous class indices; ``binary_classes``:
+    semantic class names whose pixels form a binary mask (also read from the semantic masks).
+    Images without labels of a requested kind carry None for it and are listed in
+    ``self.unlabelled[kind]`` (kind: instances | semantic | binary); a requested kind that no image
+    of the split has is an error.
     """
 
     def __init__(
@@ -161,6 +182,9 @@ class DetectionDataset(Dataset):
         num_classes: int = 80,
         augment: Optional[GeometricAugment] = None,
         seed: int = 0,
+        instances: bool = False,
+        semantic: bool = False,
+        binary_classes: Sequence[str] = (),
     ) -> None:
         self.root, self.split, self.img_size, self.num_classes = resolve_path(root), split, int(img_size), num_classes
         self.limit = limit
@@ -173,6 +197,74 @@ class DetectionDataset(Dataset):
         self.image_ids = [p.stem for p in self.paths]
         label_dir = self.root / "object_detection" / "labels" / split
         self.labels = [parse_labels(label_dir / f"{i}.txt", num_classes) for i in self.image_ids]
+        if isinstance(binary_classes, str):
+            binary_classes = (binary_classes,)
+        self.binary_classes = tuple(str(n) for n in binary_classes)
+        self.kinds: Tuple[str, ...] = tuple(k for k, on in (("instances", instances), ("semantic", semantic),
+                                                            ("binary", bool(self.binary_classes))) if on)
+        self.unlabelled: Dict[str, List[str]] = {}
+        # per image: (detection class ids (n,), polygons, label rows (n,)) or None (no instance labels)
+        self.polygons: List[Optional[Tuple[np.ndarray, List[np.ndarray], np.ndarray]]] = []
+        self.mask_paths: List[Optional[Path]] = []
+        self.semantic_table: Optional[SemanticClassTable] = None
+        self.binary_index: Optional[np.ndarray] = None
+        if instances:
+            self._load_instances()
+        if semantic or self.binary_classes:
+            self._load_semantic()
+        if self.unlabelled:
+            counts = ", ".join(f"{kind} {len(ids)}" for kind, ids in self.unlabelled.items() if ids)
+            if counts:
+                LOGGER.info(f"{split}: images without labels (skipped by that kind's losses, of {len(self.paths)}): "
+                            f"{counts}")
+
+    def _no_labels(self, kind: str, folder: Path, pattern: str) -> DatasetError:
+        return DatasetError(
+            f"a {kind} segmentation head with no mask labels in the dataset: none of the {len(self.paths)} images of "
+            f"{self.root / 'images' / self.split} has a {kind} label; expected {folder}/<image id>{pattern}"
+        )
+
+    def _load_instances(self) -> None:
+        table = InstanceClassTable.load(self.root, self.num_classes)
+        folder = instance_label_dir(self.root, self.split)
+        missing: List[str] = []
+        for image_id, labels in zip(self.image_ids, self.labels):
+            path = folder / f"{image_id}.txt"
+            if not path.is_file():
+                self.polygons.append(None)
+                missing.append(image_id)
+                continue
+            cls, polys = parse_polygons(path, table)
+            self.polygons.append((cls, polys, match_label_rows(cls, polys, labels)))
+        if len(missing) == len(self.paths):
+            raise self._no_labels("instance", folder, ".txt (YOLO-seg polygons)")
+        self.unlabelled["instances"] = missing
+
+    def _load_semantic(self) -> None:
+        self.semantic_table = SemanticClassTable.load(self.root)
+        if self.binary_classes:
+            self.binary_index = self.semantic_table.indices_of(self.binary_classes)
+        folder = semantic_mask_dir(self.root, self.split)
+        opener = pil_open()
+        missing: List[str] = []
+        for image_id, image, hw in zip(self.image_ids, self.paths, self.orig_sizes):
+            path = folder / f"{image_id}.png"
+            if path.is_file():
+                check_mask_size(path, image, hw, opener)
+                self.mask_paths.append(path)
+            else:
+                self.mask_paths.append(None)
+                missing.append(image_id)
+        if len(missing) == len(self.paths):
+            raise self._no_labels("binary" if "semantic" not in self.kinds else "semantic", folder, ".png")
+        for kind in ("semantic", "binary"):
+            if kind in self.kinds:
+                self.unlabelled[kind] = list(missing)
+
+    @property
+    def semantic_num_classes(self) -> Optional[int]:
+        """Classes of a semantic head on this dataset (index 0 = unlabeled included); None without masks."""
+        return self.semantic_table.num_classes if self.semantic_table is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -187,10 +279,26 @@ class DetectionDataset(Dataset):
         h, w = img.shape[:2]
         rng = np.random.default_rng((self.seed, self.epoch, index)) if self.augment else None
         view = student_view(img, self.img_size, self.augment, rng)
-        boxes = transform_boxes(self.labels[index], w, h, view, self.img_size, drop_small=self.augment is not None)
+        drop = self.augment is not None
+        boxes, kept = transform_boxes(self.labels[index], w, h, view, self.img_size, drop_small=drop, return_kept=True)
+        instances = semantic = binary = None
+        if "instances" in self.kinds and self.polygons[index] is not None:
+            cls, polys, rows = self.polygons[index]  # type: ignore[misc]
+            instances = instance_targets(cls, polys, rows, w, h, view.matrix, self.img_size, drop_small=drop)
+        mask_path = self.mask_paths[index] if self.mask_paths else None
+        if mask_path is not None and self.semantic_table is not None:
+            raw = read_mask(mask_path, self.paths[index], (h, w), pil_open())
+            sem, binary = semantic_targets(self.semantic_table.encode(raw, mask_path), view.matrix, self.img_size,
+                                           self.binary_index)
+            semantic = sem if "semantic" in self.kinds else None
         return Sample(
             image=torch.from_numpy(np.ascontiguousarray(view.canvas.transpose(2, 0, 1))).float().div_(255.0),
             image_id=self.image_ids[index],
             view=view.geometry((h, w)),
-            boxes=BoxTargets(cls=torch.from_numpy(boxes[:, 0].copy()), boxes=torch.from_numpy(boxes[:, 1:5].copy())),
+            boxes=BoxTargets(cls=torch.from_numpy(boxes[:, 0].copy()), boxes=torch.from_numpy(boxes[:, 1:5].copy()),
+                             label_index=torch.from_numpy(kept)),
+            instances=instances,
+            semantic=semantic,
+            binary=binary,
+            kinds=self.kinds,
         )

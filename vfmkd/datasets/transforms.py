@@ -77,6 +77,26 @@ def letterbox(img: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[float, floa
     return img, (new_w / w, new_h / h, float(left), float(top))
 
 
+def opencv_matrix(matrix: np.ndarray) -> np.ndarray:
+    """The 2x3 ``matrix`` (continuous coordinates: pixel i spans [i, i + 1)) as OpenCV's warp
+    matrix, which indexes pixel centres at integers: shifted by half a pixel on both sides, or a
+    mirror lands one pixel off."""
+    matrix = np.asarray(matrix, np.float64)
+    cv_matrix = matrix.copy()
+    cv_matrix[:, 2] += 0.5 * (matrix[:, 0] + matrix[:, 1]) - 0.5
+    return cv_matrix
+
+
+def box_candidates(before: np.ndarray, after: np.ndarray, min_side: float = 2.0,
+                   min_area_ratio: float = 0.1) -> np.ndarray:
+    """ultralytics' box-candidate rule on (n, 4) x1, y1, x2, y2 canvas boxes before and after
+    clipping: kept when more than ``min_side`` pixels wide and high and more than
+    ``min_area_ratio`` of the area remains."""
+    area_before = (before[:, 2] - before[:, 0]) * (before[:, 3] - before[:, 1])
+    nw, nh = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
+    return (nw > min_side) & (nh > min_side) & (nw * nh > min_area_ratio * np.maximum(area_before, 1e-9))
+
+
 def _corners(matrix: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=np.float64) @ matrix.T
 
@@ -115,38 +135,39 @@ def student_view(img: np.ndarray, size: int, aug: Optional[GeometricAugment] = N
     move = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]], [0.0, 0.0, 1.0]])
     mirror = np.array([[-1.0, 0.0, size], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) if flipped else np.eye(3)
     matrix = (mirror @ move @ around_centre @ base)[:2]
-    # `matrix` maps continuous coordinates (pixel i spans [i, i + 1)); OpenCV indexes pixel centres
-    # at integers, so shift by half a pixel on both sides or a mirror lands one pixel off.
-    cv_matrix = matrix.copy()
-    cv_matrix[:, 2] += 0.5 * (matrix[:, 0] + matrix[:, 1]) - 0.5
-    canvas = cv2.warpAffine(img, cv_matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
+    canvas = cv2.warpAffine(img, opencv_matrix(matrix), (size, size), flags=cv2.INTER_LINEAR,
+                            borderValue=(PAD_VALUE,) * 3)
     axis_aligned = abs(matrix[0, 1]) < 1e-9 and abs(matrix[1, 0]) < 1e-9
     affine = (float(matrix[0, 0]), float(matrix[1, 1]), float(matrix[0, 2]), float(matrix[1, 2])) if axis_aligned else None
     return StudentView(canvas, matrix, affine, flipped, _content_box(matrix, w, h, size), _is_cropped(matrix, w, h, size))
 
 
 def transform_boxes(labels: np.ndarray, w: int, h: int, view: StudentView, size: int,
-                    min_side: float = 2.0, min_area_ratio: float = 0.1, drop_small: bool = True) -> np.ndarray:
+                    min_side: float = 2.0, min_area_ratio: float = 0.1, drop_small: bool = True,
+                    return_kept: bool = False):
     """YOLO rows ``class cx cy w h`` (normalised to the original image) -> the same rows normalised
     to the student canvas. Corners go through the view's matrix; boxes are clipped to the canvas
     and, with ``drop_small``, dropped when cropping or scaling leaves less than ``min_side`` pixels
-    or ``min_area_ratio`` of their area (ultralytics' box-candidate rule)."""
+    or ``min_area_ratio`` of their area (ultralytics' box-candidate rule).
+
+    Returns the (m, 5) float32 rows; with ``return_kept`` also the (m,) int64 indices of the input
+    rows that were kept (so each box keeps its label-file row)."""
     if len(labels) == 0:
-        return labels.reshape(0, 5).astype(np.float32)
+        rows = labels.reshape(0, 5).astype(np.float32)
+        return (rows, np.zeros(0, np.int64)) if return_kept else rows
     cx, cy, bw, bh = labels[:, 1] * w, labels[:, 2] * h, labels[:, 3] * w, labels[:, 4] * h
     xs = np.stack([cx - bw / 2, cx + bw / 2, cx - bw / 2, cx + bw / 2], 1)
     ys = np.stack([cy - bh / 2, cy - bh / 2, cy + bh / 2, cy + bh / 2], 1)
     m = view.matrix
     tx = xs * m[0, 0] + ys * m[0, 1] + m[0, 2]
     ty = xs * m[1, 0] + ys * m[1, 1] + m[1, 2]
-    x1, x2 = tx.min(1), tx.max(1)
-    y1, y2 = ty.min(1), ty.max(1)
-    area_before = (x2 - x1) * (y2 - y1)
-    x1, x2, y1, y2 = (np.clip(v, 0, size) for v in (x1, x2, y1, y2))
-    nw, nh = x2 - x1, y2 - y1
-    keep = (nw > min_side) & (nh > min_side) & (nw * nh > min_area_ratio * np.maximum(area_before, 1e-9))
-    if not drop_small:
+    before = np.stack([tx.min(1), ty.min(1), tx.max(1), ty.max(1)], 1)
+    after = np.clip(before, 0, size)
+    x1, y1, x2, y2 = after.T
+    if drop_small:
+        keep = box_candidates(before, after, min_side, min_area_ratio)
+    else:
         keep = np.ones(len(labels), dtype=bool)
-    rows = np.stack([labels[:, 0], (x1 + x2) / 2 / size, (y1 + y2) / 2 / size, nw / size, nh / size], 1)
-    return rows[keep].astype(np.float32)
-
+    rows = np.stack([labels[:, 0], (x1 + x2) / 2 / size, (y1 + y2) / 2 / size, (x2 - x1) / size, (y2 - y1) / size], 1)
+    rows = rows[keep].astype(np.float32)
+    return (rows, np.flatnonzero(keep).astype(np.int64)) if return_kept else rows
