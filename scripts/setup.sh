@@ -34,4 +34,4 @@ if ! "$PY" -c "import importlib.metadata as md, sys; sys.exit(md.version('sam2')
       --require-hashes -r /dev/stdin
 fi
 pip_pypi install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-"$PY" -c "import torch, torchvision.ops, segment_anything, sam2, ultralytics, h5py, omegaconf; print('vfmkd setup ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+"$PY" -c "import torch, torchvision.ops, segment_anything, sam2, ultralytics, h5py, omegaconf, torchmetrics, monai; print('vfmkd setup ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"

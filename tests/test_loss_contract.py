@@ -8,8 +8,13 @@ formula, worked out in plain Python on a tiny hand-made input. For each register
   distiller's reserved keys, plus the injected channel/level kwargs, or the head for task losses);
 - its value equals the formula on the hand case;
 - backward reaches what training updates (the channel adapter and the student map for feature
-  losses, the student logits for output-KD losses, the head and its inputs for the task loss) and
+  losses, the student logits for output-KD losses, the head and its inputs for the task losses) and
   not what is masked out or is a teacher target.
+
+Task losses are called as the distiller calls them: ``loss(head_output, batch)`` with the
+:class:`~vfmkd.datasets.records.Batch`. The semantic and binary ones have hand-computed cases on
+logits given directly (``inputs["logits"]``, ``inputs["target"]``); detection and instance
+segmentation (ultralytics' assigner decides the positives) are checked through a real head.
 
 A loss registered without a case fails ``test_every_registered_loss_has_a_case``.
 """
@@ -26,8 +31,12 @@ import vfmkd.distillation.losses  # noqa: F401  (importing registers every loss)
 from vfmkd.core.config import component_kwargs
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES
+from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
 from vfmkd.distillation.distiller import RESERVED_LOSS_KEYS
+from vfmkd.models.heads.binary_head import BinaryHead
+from vfmkd.models.heads.semantic_head import SemanticHead
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
+from vfmkd.models.heads.yolo_seg_head import YOLOv8SegmentHead
 
 # Losses registered by the package itself; a test module registering a throwaway loss of its own
 # must not make this suite's outcome depend on test order.
@@ -37,8 +46,9 @@ REGISTERED = [n for n in LOSSES.names() if LOSSES.get(n).__module__.startswith("
 @dataclass(frozen=True)
 class Case:
     entry: Dict[str, Any]  # distillation.losses.<x> as written in YAML
-    expected: Optional[float] = None  # the formula on the hand inputs (None: task loss, checked otherwise)
-    inputs: Dict[str, Any] = field(default_factory=dict)  # output-KD: student/teacher logits + forward kwargs
+    expected: Optional[float] = None  # the formula on the hand inputs (None: task loss checked through its head)
+    inputs: Dict[str, Any] = field(default_factory=dict)  # output-KD: student/teacher logits + forward kwargs;
+    # semantic/binary task: head logits and the (B, S, S) target
     no_grad_at: Optional[Tuple[Any, ...]] = None  # index into the student input that must get zero gradient
     label: str = ""
 
@@ -131,6 +141,37 @@ CLS_ANCHORS = [a for a in range(3) if CLS_MASK[0][a]]
 MASK_S = [[[[0.5, -1.0], [2.0, 0.0]]]]  # (B=1, M=1, 2, 2)
 MASK_T = [[[[1.0, 1.0], [-2.0, 3.0]]]]
 
+# ----------------------------------------------------------------------------- task hand cases
+def dice(p: List[float], g: List[float], smooth: float) -> float:
+    return 1 - (2 * sum(a * b for a, b in zip(p, g)) + smooth) / (sum(p) + sum(g) + smooth)
+
+
+# Semantic: one image, K = 3 classes (0 = unlabeled), S = 2, logits already at S (no resize).
+SEM_L = [[[[0.5, 0.0], [1.0, -1.0]], [[1.0, 2.0], [0.0, 0.5]], [[-1.0, 0.5], [2.0, 0.0]]]]  # (1, 3, 2, 2)
+SEM_T = [[[0, 1], [2, 1]]]  # (1, 2, 2): the top-left pixel is unlabeled
+SEM_PIX = [(y, x) for y in range(2) for x in range(2) if SEM_T[0][y][x] != 0]
+SEM_P = {(y, x): softmax([SEM_L[0][k][y][x] for k in range(3)], 1.0) for (y, x) in SEM_PIX}
+SEM_CE = mean(-math.log(SEM_P[p][SEM_T[0][p[0]][p[1]]]) for p in SEM_PIX)
+SEM_DICE = mean(
+    dice([SEM_P[p][k] for p in SEM_PIX], [float(SEM_T[0][p[0]][p[1]] == k) for p in SEM_PIX], 1.0) for k in (1, 2)
+)
+# Resized: a 1x1 logit map bilinearly upsampled to S = 2 is that constant at every pixel; class 2 is absent.
+SEM1_L = [[[[0.2]], [[1.0]], [[-0.5]]]]  # (1, 3, 1, 1)
+SEM1_T = [[[1, 0], [1, 1]]]
+SEM1_P = softmax([0.2, 1.0, -0.5], 1.0)
+SEM1_CE = -math.log(SEM1_P[1])
+SEM1_DICE = dice([SEM1_P[1]] * 3, [1.0] * 3, 1.0)  # only class 1 is present
+
+# Binary: one image, S = 2; 255 (bottom-left) is ignored.
+BIN_L = [[[[0.5, -1.0], [2.0, 0.0]]]]  # (1, 1, 2, 2)
+BIN_T = [[[1, 0], [255, 1]]]
+BIN_PIX = [(y, x) for y in range(2) for x in range(2) if BIN_T[0][y][x] != 255]
+BIN_BCE = mean(
+    -(BIN_T[0][y][x] * math.log(sigmoid(BIN_L[0][0][y][x])) + (1 - BIN_T[0][y][x]) * math.log(1 - sigmoid(BIN_L[0][0][y][x])))
+    for (y, x) in BIN_PIX
+)
+BIN_DICE = dice([sigmoid(BIN_L[0][0][y][x]) for (y, x) in BIN_PIX], [float(BIN_T[0][y][x]) for (y, x) in BIN_PIX], 1.0)
+
 CASES: List[Case] = [
     Case({"type": "feature_mse", "teacher": "sam", "weight": 2.0, "log_as": "loss_sam_mse"}, MSE_BY_HAND),
     Case({"type": "feature_smooth_l1", "teacher": "sam", "beta": 0.8, "weight": 1.0}, SMOOTH_L1_BY_HAND),
@@ -173,6 +214,26 @@ CASES: List[Case] = [
         no_grad_at=(0, 0, 1, 1),
     ),
     Case({"type": "detection", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5}),
+    Case({"type": "instance_segmentation", "head": "instance", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5}),
+    Case(
+        {"type": "semantic_segmentation", "head": "semantic", "ce": 1.0, "dice": 0.5, "weight": 1.0},
+        SEM_CE + 0.5 * SEM_DICE,
+        {"logits": SEM_L, "target": SEM_T, "parts": {"ce": SEM_CE, "dice": 0.5 * SEM_DICE}},
+        no_grad_at=(0, slice(None), 0, 0),  # the unlabeled pixel
+        label="at-S",
+    ),
+    Case(
+        {"type": "semantic_segmentation", "head": "semantic", "ce": 2.0, "dice": 1.0},
+        2.0 * SEM1_CE + SEM1_DICE,
+        {"logits": SEM1_L, "target": SEM1_T, "parts": {"ce": 2.0 * SEM1_CE, "dice": SEM1_DICE}},
+        label="upsampled",
+    ),
+    Case(
+        {"type": "binary_segmentation", "head": "binary", "bce": 1.0, "dice": 2.0, "weight": 0.5},
+        BIN_BCE + 2.0 * BIN_DICE,
+        {"logits": BIN_L, "target": BIN_T, "parts": {"bce": BIN_BCE, "dice": 2.0 * BIN_DICE}},
+        no_grad_at=(0, 0, 1, 0),  # the ignored (255) pixel
+    ),
 ]
 
 CASES_BY_LOSS: Dict[str, List[Case]] = {}
@@ -180,6 +241,24 @@ for _case in CASES:
     CASES_BY_LOSS.setdefault(_case.kind, []).append(_case)
 
 HEAD_SPECS = [FeatureSpec("P3", 8, 8), FeatureSpec("P4", 16, 16), FeatureSpec("P5", 32, 32)]
+
+# The head each task loss is built with (the distiller hands it the model head its entry names).
+TASK_HEADS = {
+    "detection": lambda: YOLOv8DetectHead(HEAD_SPECS, num_classes=3),
+    "instance_segmentation": lambda: YOLOv8SegmentHead(HEAD_SPECS, num_classes=3, num_masks=4, num_protos=8),
+    "semantic_segmentation": lambda: SemanticHead(HEAD_SPECS, num_classes=3, channels=8),
+    "binary_segmentation": lambda: BinaryHead(HEAD_SPECS, channels=8),
+}
+
+
+def make_batch(size: int, n: int, boxes: Optional[DetectionBatch] = None, **fields) -> Batch:
+    """A Batch of ``n`` blank ``size`` x ``size`` canvases (identity views) with the given targets."""
+    view = ViewGeometry(matrix=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], affine=(1.0, 1.0, 0.0, 0.0),
+                        content_box=(0, 0, size, size), orig_hw=(size, size))
+    if boxes is None:
+        boxes = DetectionBatch(torch.zeros(0, 1), torch.zeros(0, 4), torch.zeros(0))
+    return Batch(images=torch.zeros(n, 3, size, size), image_ids=[f"im{i}" for i in range(n)],
+                 views=BatchViews.stack([view] * n), boxes=boxes, **fields)
 
 
 def group_of(name: str) -> str:
@@ -194,7 +273,7 @@ def build_like_the_distiller(entry: Dict[str, Any], head: Optional[YOLOv8DetectH
     kwargs = component_kwargs(entry, reserved=RESERVED_LOSS_KEYS)
     if group_of(kind) == "task":
         kwargs.pop("head", "detection")
-        kwargs["head"] = head if head is not None else YOLOv8DetectHead(HEAD_SPECS, num_classes=3)
+        kwargs["head"] = head if head is not None else TASK_HEADS[kind]()
     elif group_of(kind) == "feature":
         kwargs.update(teacher_feature="image_embeddings", student_level="P4", student_channels=2, teacher_channels=2)
     return LOSSES.build(kind, where=f"distillation.losses.{kind}", **kwargs)
@@ -264,30 +343,76 @@ def _output_case(module, case: Case) -> None:
     assert bool((reached != 0).all()), f"{case.id}: some distilled student logits get no gradient"
 
 
-def _task_case(case: Case) -> None:
+# Two 64x64 images: P3 8x8, P4 4x4, P5 2x2; three boxes (normalised xywh), one image has two.
+TASK_BOXES = DetectionBatch(
+    cls=torch.tensor([[0.0], [2.0], [1.0]]),
+    bboxes=torch.tensor([[0.3, 0.3, 0.25, 0.25], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]),
+    batch_idx=torch.tensor([0.0, 0.0, 1.0]),
+)
+
+
+def instance_targets() -> InstanceBatch:
+    """The three boxes as instances: each mask fills its box on the 16x16 (S/4) grid."""
+    masks = torch.zeros(3, 16, 16)
+    for n, (cx, cy, w, h) in enumerate(TASK_BOXES.bboxes.tolist()):
+        x1, x2, y1, y2 = (int(round(v * 16)) for v in (cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2))
+        masks[n, y1:y2, x1:x2] = 1.0
+    return InstanceBatch(cls=TASK_BOXES.cls, bboxes=TASK_BOXES.bboxes, batch_idx=TASK_BOXES.batch_idx, masks=masks,
+                         label_index=torch.arange(3), labelled=torch.tensor([True, True]))
+
+
+def _head_task_case(case: Case) -> None:
+    """Detection / instance segmentation through a real head: the documented parts sum to the loss
+    and backward reaches the head's inputs and every branch."""
     torch.manual_seed(0)
-    head = YOLOv8DetectHead(HEAD_SPECS, num_classes=3).train()
+    head = TASK_HEADS[case.kind]().train()
     module = build_like_the_distiller(case.entry, head=head)
-    # Two 64x64 images: P3 8x8, P4 4x4, P5 2x2; three boxes (normalised xywh), one image has two.
     feats = {s.name: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride, requires_grad=True) for s in HEAD_SPECS}
-    batch = {
-        "cls": torch.tensor([[0.0], [2.0], [1.0]]),
-        "bboxes": torch.tensor([[0.3, 0.3, 0.25, 0.25], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]),
-        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
-    }
+    batch = make_batch(64, 2, boxes=TASK_BOXES, instances=instance_targets())
     value, items = module(head(feats), batch)
     assert value.dim() == 0 and bool(torch.isfinite(value)) and float(value.detach()) > 0, f"{case.id}: {value}"
-    assert set(items) == {"box", "cls", "dfl"}
-    # Documented: box + cls + dfl (each with its gain), averaged per image.
+    parts = {"detection": {"box", "cls", "dfl"}, "instance_segmentation": {"box", "seg", "cls", "dfl"}}[case.kind]
+    assert set(items) == parts
+    # Documented: the parts (each with its gain), averaged per image, sum to the loss.
     assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
+    assert all(float(v) > 0 for v in items.values()), f"{case.id}: {items}"
     value.backward()
     for level, f in feats.items():
         assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
     trained = {n: p for n, p in head.named_parameters() if p.requires_grad}  # the DFL projection is fixed
     assert all(p.grad is not None for p in trained.values()), f"{case.id}: head parameters without gradient"
-    for branch in ("box", "cls"):  # ultralytics' cv2 regresses boxes, cv3 scores classes, per level
-        last = {"box": "cv2", "cls": "cv3"}[branch]
-        assert all(nonzero(head.detect.get_submodule(f"{last}.{i}.2").weight.grad) for i in range(3)), branch
+    last = {"box": "cv2", "cls": "cv3", "mask coefficients": "cv4"}  # ultralytics' branches, per level
+    branches = ("box", "cls", "mask coefficients") if case.kind == "instance_segmentation" else ("box", "cls")
+    for branch in branches:
+        assert all(nonzero(head.detect.get_submodule(f"{last[branch]}.{i}.2").weight.grad) for i in range(3)), branch
+    if case.kind == "instance_segmentation":
+        assert nonzero(head.detect.proto.cv3.conv.weight.grad), "no gradient reaches the prototypes"
+
+
+def _pixel_task_case(case: Case) -> None:
+    """Semantic / binary: the hand formula on logits given directly."""
+    module = build_like_the_distiller(case.entry)
+    logits = torch.tensor(case.inputs["logits"], requires_grad=True)
+    target = torch.tensor(case.inputs["target"])
+    field_name = "semantic" if case.kind == "semantic_segmentation" else "binary"
+    target = target.long() if field_name == "semantic" else target.to(torch.uint8)
+    value, items = module(logits, make_batch(target.shape[-1], target.shape[0], **{field_name: target}))
+    assert value.dim() == 0
+    assert float(value.detach()) == pytest.approx(case.expected, rel=1e-5, abs=1e-7), f"{case.id}: formula"
+    assert {k: float(v) for k, v in items.items()} == pytest.approx(case.inputs["parts"], rel=1e-5), f"{case.id}: parts"
+    value.backward()
+    reached = logits.grad.clone()
+    if case.no_grad_at is not None:
+        assert torch.equal(reached[case.no_grad_at], torch.zeros_like(reached[case.no_grad_at])), f"{case.id}: ignored"
+        reached[case.no_grad_at] = 1.0
+    assert bool((reached != 0).all()), f"{case.id}: some labelled logits get no gradient"
+
+
+def _task_case(case: Case) -> None:
+    if case.expected is None:
+        _head_task_case(case)
+    else:
+        _pixel_task_case(case)
 
 
 @pytest.mark.parametrize("name", REGISTERED)

@@ -42,10 +42,16 @@ def check_yolo_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.T
     assert [f.shape for f in train_out["feats"]] == [f.shape for f in levels]
 
     assert isinstance(eval_out, tuple)
-    pred = eval_out[0]
-    assert pred.shape == (B, 4 + nc, anchors)
+    check_decoded(head, eval_out[0], levels, nc, reg_max)
+    assert head.task == "detection"
+
+
+def check_decoded(head, pred: torch.Tensor, levels: List[torch.Tensor], nc: int, reg_max: int, extra: int = 0) -> None:
+    """(B, 4 + nc + extra, A): xywh boxes in input pixels, class probabilities, ``extra`` more rows."""
+    anchors = sum(f.shape[-2] * f.shape[-1] for f in levels)
+    assert pred.shape == (B, 4 + nc + extra, anchors)
     assert torch.isfinite(pred).all()
-    probs = pred[:, 4:]
+    probs = pred[:, 4:4 + nc]
     assert ((probs >= 0) & (probs <= 1)).all()
     # Decoded in input pixels: each box centre lies within (reg_max - 1) / 2 strides of its cell
     # centre and each side within 2 (reg_max - 1) strides (DFL distances are in [0, reg_max - 1]).
@@ -56,11 +62,52 @@ def check_yolo_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.T
     assert ((wh >= -1e-3) & (wh <= 2 * (reg_max - 1) * stride + 1e-3)).all()
 
 
+def check_yolo_seg_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out, eval_out) -> None:
+    """yolo_seg_head's documented output. Train: ultralytics' raw dict, yolo_head's keys plus
+    ``mask_coefficient`` (B, num_masks, A) and ``proto`` (B, num_masks, 2H0, 2W0) (the first level
+    upsampled x2: S/4 on a P3-P5 neck); eval: ``((decoded (B, 4 + nc + num_masks, A), proto), raw)``."""
+    nc, reg_max, nm = kwargs.get("num_classes", 80), kwargs.get("reg_max", 16), kwargs.get("num_masks", 32)
+    levels = list(feats.values())
+    anchors = sum(f.shape[-2] * f.shape[-1] for f in levels)
+    proto_hw = (2 * levels[0].shape[-2], 2 * levels[0].shape[-1])
+    assert set(train_out) == {"boxes", "scores", "feats", "mask_coefficient", "proto"}
+    assert train_out["boxes"].shape == (B, 4 * reg_max, anchors)
+    assert train_out["scores"].shape == (B, nc, anchors)
+    assert train_out["mask_coefficient"].shape == (B, nm, anchors)
+    assert train_out["proto"].shape == (B, nm, *proto_hw)
+    assert head.proto_stride == H / proto_hw[0]
+    (decoded, proto), raw = eval_out
+    check_decoded(head, decoded, levels, nc, reg_max, extra=nm)
+    assert torch.equal(decoded[:, 4 + nc:], raw["mask_coefficient"])  # the coefficients ride along undecoded
+    assert proto.shape == (B, nm, *proto_hw) and torch.equal(proto, raw["proto"])
+    assert head.task == "instance"
+
+
+def check_pixel_head(channels: int, task: str):
+    """semantic_head / binary_head: (B, channels, H/output_stride, W/output_stride) logits in both modes."""
+    def check(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out, eval_out) -> None:
+        out_stride = kwargs.get("output_stride", 8)
+        n = kwargs["num_classes"] if channels == 0 else channels
+        for out in (train_out, eval_out):
+            assert out.shape == (B, n, H // out_stride, W // out_stride)
+            assert torch.isfinite(out).all()
+        assert head.task == task and head.output_stride == out_stride and head.num_classes == n
+    return check
+
+
 # Each registered head: (its output check, [(backbone, neck kwargs, head kwargs)]); the head is built
 # from the yolov8_pafpn neck's declared specs.
 HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], dict, dict]]]] = {
     "yolo_head": (check_yolo_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80}),
                                     (REGNET_S4, {"depth": 1}, {"num_classes": 3, "reg_max": 8})]),
+    "yolo_seg_head": (check_yolo_seg_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80}),
+                                            (REGNET_S4, {"depth": 1}, {"num_classes": 3, "reg_max": 8,
+                                                                       "num_masks": 8, "num_protos": 16})]),
+    "semantic_head": (check_pixel_head(0, "semantic"), [(YOLOV8N, {"depth": 1}, {"num_classes": 5}),
+                                                        (REGNET_S4, {"depth": 1}, {"num_classes": 3, "channels": 16,
+                                                                                   "output_stride": 4})]),
+    "binary_head": (check_pixel_head(1, "binary"), [(YOLOV8N, {"depth": 1}, {"output_stride": 4}),
+                                                    (REGNET_S4, {"depth": 1}, {"channels": 16})]),
 }
 
 

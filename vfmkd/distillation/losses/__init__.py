@@ -13,8 +13,14 @@ from vfmkd.distillation.losses.kd import (
     MaskDistillLoss,
     OutputDistillLoss,
 )
+from vfmkd.distillation.losses.segmentation import (
+    BinarySegmentationLoss,
+    InstanceSegmentationLoss,
+    SemanticSegmentationLoss,
+)
 
 __all__ = [
+    "BinarySegmentationLoss",
     "ClsDistillLoss",
     "DetectionLoss",
     "FeatureAffinityLoss",
@@ -22,7 +28,9 @@ __all__ = [
     "FeatureDistillLoss",
     "FeatureMSELoss",
     "FeatureSmoothL1Loss",
+    "InstanceSegmentationLoss",
     "KLDivergenceLoss",
     "MaskDistillLoss",
     "OutputDistillLoss",
+    "SemanticSegmentationLoss",
 ]

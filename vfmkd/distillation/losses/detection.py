@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 from ultralytics.utils.loss import v8DetectionLoss
 
 from vfmkd.core.registry import LOSSES
+from vfmkd.datasets.records import Batch
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 
 
@@ -16,9 +17,9 @@ class DetectionLoss:
     """box (CIoU) + cls (BCE) + DFL, each with ultralytics' gain, averaged per image.
 
     ``__call__(head_output, batch)`` takes the training dict of the head the loss entry names
-    (``head:``, default ``detection``; the engine routes it) and the batch's boxes
-    (``cls`` (N, 1), ``bboxes`` (N, 4) normalised xywh, ``batch_idx`` (N,)) and returns the scalar
-    loss and its detached components ``box``/``cls``/``dfl``.
+    (``head:``, default ``detection``; the engine routes it) and the :class:`Batch`, whose
+    ``boxes`` it reads (``cls`` (N, 1), ``bboxes`` (N, 4) normalised xywh, ``batch_idx`` (N,)), and
+    returns the scalar loss and its detached components ``box``/``cls``/``dfl``.
     """
 
     kind = "task"
@@ -29,7 +30,7 @@ class DetectionLoss:
         view = SimpleNamespace(args=SimpleNamespace(box=box, cls=cls, dfl=dfl), model=[head.detect], parameters=head.parameters)
         self._loss = v8DetectionLoss(view)
 
-    def __call__(self, head_output: Dict[str, torch.Tensor], batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        total, items = self._loss(head_output, batch)  # total: (3,) summed over the batch
+    def __call__(self, head_output: Dict[str, torch.Tensor], batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        total, items = self._loss(head_output, batch.boxes.as_loss_input())  # total: (3,) summed over the batch
         batch_size = head_output["boxes"].shape[0]
         return total.sum() / batch_size, {k.replace("_loss", ""): v for k, v in items.items()}

@@ -29,6 +29,8 @@ class YOLOv8DetectHead(nn.Module):
     and class probabilities.
     """
 
+    task = "detection"
+
     def __init__(self, in_specs: Sequence[FeatureSpec], num_classes: int = 80, reg_max: int = 16) -> None:
         super().__init__()
         if num_classes < 1:

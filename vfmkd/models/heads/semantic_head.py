@@ -1,0 +1,65 @@
+"""Semantic segmentation head: a light FPN-style fusion of the neck levels into class logits."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from ultralytics.nn.modules import Conv
+
+from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.registry import HEADS
+
+OUTPUT_STRIDES = (4, 8)
+
+
+class FPNFusion(nn.Module):
+    """Every input level through a 1x1 lateral conv to ``channels``, bilinearly resized to the grid
+    of stride ``output_stride`` (P3 stays, P4 x2, P5 x4; stride 4 adds one more x2), summed, then a
+    3x3 Conv-BN-SiLU. (B, channels, S/output_stride, S/output_stride)."""
+
+    def __init__(self, in_specs: Sequence[FeatureSpec], channels: int, output_stride: int) -> None:
+        super().__init__()
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.level_names = [s.name for s in in_specs]
+        self.strides = [s.stride for s in in_specs]
+        self.output_stride = output_stride
+        self.lateral = nn.ModuleList(nn.Conv2d(s.channels, channels, 1) for s in in_specs)
+        self.fuse = Conv(channels, channels, 3)
+
+    def forward(self, feats: Dict[str, torch.Tensor]) -> torch.Tensor:
+        first = feats[self.level_names[0]]
+        size = (first.shape[-2] * self.strides[0] // self.output_stride,
+                first.shape[-1] * self.strides[0] // self.output_stride)
+        out = None
+        for name, lateral in zip(self.level_names, self.lateral):
+            x = lateral(feats[name])
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            out = x if out is None else out + x
+        return self.fuse(out)
+
+
+@HEADS.register("semantic_head")
+class SemanticHead(nn.Module):
+    """Class logits (B, num_classes, S/output_stride, S/output_stride) from the neck levels
+    (:class:`FPNFusion` then a 1x1 classifier). ``num_classes`` counts index 0 (unlabeled, ignored
+    by the loss). Same output in train and eval mode; the loss and the scorer upsample it."""
+
+    task = "semantic"
+
+    def __init__(self, in_specs: Sequence[FeatureSpec], num_classes: int, channels: int = 64,
+                 output_stride: int = 8) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.output_stride = num_classes, output_stride
+        self.fusion = FPNFusion(in_specs, channels, output_stride)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.fusion(feats))
