@@ -12,6 +12,7 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.geometry import resample_to_student
 from vfmkd.distillation.losses import FeatureDistillLoss
 from vfmkd.distillation.losses.feature import masked_cosine
+from vfmkd.distillation.output_pairs import OutputPairing
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.distillation.weighting import combine
 from vfmkd.models.unified_model import StudentOutput
@@ -19,6 +20,11 @@ from vfmkd.models.unified_model import StudentOutput
 # Keys of a loss entry that the engine uses itself instead of passing to the loss.
 RESERVED_LOSS_KEYS = ("weight", "log_as")
 FEATURE_LOG_PREFIX = "loss_feat_distill_"
+#: Per-group sums of ``weight x term`` (the total is alpha x task + beta x kd + gamma x feat).
+GROUP_LOGS: Dict[str, str] = {"task": "loss_task", "output": "loss_kd", "feature": "loss_feat"}
+#: ``loss_distill_<teacher>``: one teacher's share of the total (its output + feature terms, each
+#: x its weight x beta or gamma); with a teacher named ``sam`` this is the design's ``loss_sam_distill``.
+TEACHER_LOG_PREFIX = "loss_distill_"
 
 
 def cosine_log_name(log_name: str) -> str:
@@ -30,8 +36,10 @@ def cosine_log_name(log_name: str) -> str:
 @dataclass
 class LossTerm:
     """One entry of ``distillation.losses``, built. ``kind``: task | output | feature (which group
-    weight scales it); ``head``: the model head a task loss reads; ``module``: the loss itself
-    (feature losses carry their channel adapter, teacher, teacher feature and student level)."""
+    weight scales it); ``head``: the model head a task or output loss reads; ``module``: the loss
+    itself (feature losses carry their channel adapter, teacher, teacher feature and student level;
+    output losses their teacher); ``pairing``: how an output term pairs the head's output with its
+    teacher's targets (:class:`~vfmkd.distillation.output_pairs.OutputPairing`)."""
 
     name: str
     kind: str
@@ -39,10 +47,11 @@ class LossTerm:
     log_name: str
     module: Any
     head: str = ""
+    pairing: Optional[OutputPairing] = None
 
     @property
     def teacher(self) -> str:
-        return getattr(self.module, "teacher", "") if self.kind == "feature" else ""
+        return (getattr(self.module, "teacher", "") or "") if self.kind in ("feature", "output") else ""
 
 
 @dataclass
@@ -64,6 +73,12 @@ class Distiller(nn.Module):
     (:meth:`set_teacher_stats`) a teacher's maps are standardised before its adapter and loss.
     Total = ``alpha`` x task + ``beta`` x output-KD + ``gamma`` x feature terms, each term scaled by
     its weight. :meth:`set_stage` restricts the active terms and overrides weights (staged training).
+
+    Output terms pair their head's output with their teacher's targets (``term.pairing``); a step
+    whose targets hold nothing to pair (no mask logits, no box with a teacher mask) skips the term.
+    Logs: every term under its ``log_name``, the group sums ``loss_task`` / ``loss_kd`` /
+    ``loss_feat`` (sum of weight x term; the total is alpha/beta/gamma times them) and, per
+    distilled teacher, ``loss_distill_<teacher>`` (its terms' share of the total).
     """
 
     def __init__(self, terms: Sequence[LossTerm], alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0) -> None:
@@ -73,7 +88,14 @@ class Distiller(nn.Module):
         # Feature losses own trainable adapters: registered here so they train, save and move.
         self.feature_losses = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "feature"})
         taken: Dict[str, str] = {}
+        reserved = set(GROUP_LOGS.values()) | {"loss"}
         for t in terms:
+            if t.log_name in reserved or t.log_name.startswith(TEACHER_LOG_PREFIX):
+                raise ConfigError(
+                    f"distillation.losses.{t.name}: log_as '{t.log_name}' is a name the distiller logs itself "
+                    f"({', '.join(sorted(reserved))}, {TEACHER_LOG_PREFIX}<teacher>); choose another")
+            if t.kind == "output" and t.pairing is None:
+                raise ConfigError(f"distillation.losses.{t.name}: an output term needs its pairing (built by build_loss_terms)")
             names = [t.log_name] + ([cosine_log_name(t.log_name)] if t.kind == "feature" else [])
             for log_name in names:
                 if log_name in taken:
@@ -114,8 +136,23 @@ class Distiller(nn.Module):
     def feature_terms(self, active_only: bool = True) -> Dict[str, FeatureDistillLoss]:
         return {n: m for n, m in self.feature_losses.items() if not active_only or n in self.active}  # type: ignore[misc]
 
+    def output_terms(self, active_only: bool = True) -> Dict[str, LossTerm]:
+        return {n: t for n, t in self.terms.items() if t.kind == "output" and (not active_only or n in self.active)}
+
     def teachers_used(self, active_only: bool = True) -> Tuple[str, ...]:
-        return tuple(sorted({m.teacher for m in self.feature_terms(active_only).values()}))
+        """Teachers some (active) feature or output term distils."""
+        return tuple(sorted({m.teacher for m in self.feature_terms(active_only).values()}
+                            | {t.teacher for t in self.output_terms(active_only).values()}))
+
+    def teachers_needing_masks(self, active_only: bool = False) -> Tuple[str, ...]:
+        """Teachers whose box-prompted mask logits some output term reads: their live passes must
+        be made with ``OnlineTeacher(masks=True)`` and their caches must hold masks
+        (:func:`~vfmkd.distillation.output_pairs.check_mask_sources`)."""
+        return tuple(sorted({t.teacher for t in self.output_terms(active_only).values() if t.pairing.needs_masks}))
+
+    def teachers_needing_heads(self, active_only: bool = False) -> Tuple[str, ...]:
+        """Teachers whose head outputs some output term reads (vfmkd teachers)."""
+        return tuple(sorted({t.teacher for t in self.output_terms(active_only).values() if not t.pairing.needs_masks}))
 
     def features_used(self, teacher: str) -> Tuple[str, ...]:
         return tuple(sorted({m.teacher_feature for m in self.feature_terms(False).values() if m.teacher == teacher}))
@@ -156,8 +193,17 @@ class Distiller(nn.Module):
         for name in sorted(self.active):
             term = self.terms[name]
             if term.kind == "task":
-                value, items = term.module(out.heads[term.head], batch.boxes.as_loss_input())
+                value, items = term.module(out.heads[term.head], batch)
                 logs.update({f"{term.log_name}_{k}": float(v) for k, v in items.items()})
+            elif term.kind == "output":
+                target = targets.get(term.teacher)
+                if target is None:  # not distilled this step (distill_interval)
+                    continue
+                pair = term.pairing.pair(out.heads[term.head], batch, target)
+                if pair is None:  # nothing of this teacher pairs with the head this step
+                    continue
+                args, kwargs = pair
+                value = term.module(*args, **kwargs)
             else:
                 target = targets.get(term.teacher)
                 if target is None:  # not distilled this step (distill_interval)
@@ -174,6 +220,7 @@ class Distiller(nn.Module):
             logs[term.log_name] = float(value.detach())
         kinds = {n: self.terms[n].kind for n in values}
         total = combine(values, kinds, self.weights, self.alpha, self.beta, self.gamma)
+        logs.update(self.group_logs(values))
         if not problem and not torch.isfinite(total):  # every term finite, their weighted sum not: a weight is too large
             parts = ", ".join(f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {self.weights[n]:g}" for n in values)
             problem = (f"the weighted total loss is {float(total.detach())} although every term is finite ({parts}; "
@@ -182,6 +229,20 @@ class Distiller(nn.Module):
             raise NonFiniteLossError(problem)
         logs["loss"] = float(total.detach())
         return LossResult(total, logs, problem)
+
+    def group_logs(self, values: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+        """``loss_task`` / ``loss_kd`` / ``loss_feat``: sum of weight x term of each group present
+        this step; ``loss_distill_<teacher>``: beta/gamma x weight x term summed over the teacher's terms."""
+        group = {"task": self.alpha, "output": self.beta, "feature": self.gamma}
+        logs: Dict[str, float] = {}
+        for name, value in values.items():
+            term, part = self.terms[name], self.weights[name] * float(value.detach())
+            key = GROUP_LOGS[term.kind]
+            logs[key] = logs.get(key, 0.0) + part
+            if term.teacher:
+                key = TEACHER_LOG_PREFIX + term.teacher
+                logs[key] = logs.get(key, 0.0) + group[term.kind] * part
+        return logs
 
     @torch.no_grad()
     def agreement(self, out: StudentOutput, batch: Batch,

@@ -11,7 +11,7 @@ import vfmkd.teachers  # noqa: F401  (registers the built-in teachers)
 from vfmkd.core.config import DataConfig, DistillationConfig, ExperimentConfig, ModelConfig, component_kwargs, resolve_path, teacher_kwargs
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.core.registry import LOSSES, TEACHERS
+from vfmkd.core.registry import HEADS, LOSSES, TEACHERS
 from vfmkd.datasets import DetectionDataset, GeometricAugment
 from vfmkd.datasets.feature_cache import dataset_cli_args, rebuild_command
 from vfmkd.distillation.distiller import FEATURE_LOG_PREFIX, RESERVED_LOSS_KEYS, Distiller, LossTerm
@@ -28,10 +28,23 @@ def build_augment(data: DataConfig) -> Optional[GeometricAugment]:
     return augment if augment.enabled else None
 
 
+def head_tasks(model: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, str]:
+    """Head name -> its task (detection | instance | semantic | binary), from the registry."""
+    heads = model.heads if isinstance(model, ModelConfig) else model.get("heads", {})
+    return {name: str(getattr(HEADS.get(entry["type"]), "task", "detection")) for name, entry in heads.items()}
+
+
 def build_dataset(data: DataConfig, split: str, num_classes: int,
-                  augment: Optional[GeometricAugment] = None, seed: int = 0) -> DetectionDataset:
+                  augment: Optional[GeometricAugment] = None, seed: int = 0,
+                  tasks: Sequence[str] = ()) -> DetectionDataset:
+    """The split with the labels the model's heads train on (``tasks``: head tasks)."""
+    binary = "binary" in tasks
+    if binary and not data.binary_classes:
+        raise ConfigError("a binary_head needs data.binary_classes: the semantic class names that are foreground "
+                          "(e.g. data.binary_classes=[person])")
     return DetectionDataset(str(resolve_path(data.root)), split, data.img_size, data.limit, num_classes,
-                            augment=augment, seed=seed)
+                            augment=augment, seed=seed, instances="instance" in tasks, semantic="semantic" in tasks,
+                            binary_classes=tuple(data.binary_classes) if binary else ())
 
 
 def build_model(model: Union[ModelConfig, Mapping[str, Any]]) -> UnifiedModel:
@@ -70,6 +83,9 @@ class LiveTeachers:
 
 def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str) -> OfflineTeacher:
     """The teacher's cache of ``split``, checked against the teacher's config fingerprint."""
+    if getattr(TEACHERS.get(entry["type"]), "live_only", False):
+        raise ConfigError(f"teachers.{name}: the {entry['type']} teacher is live only (it runs on the student's own canvas); "
+                          f"set teachers.{name}.offline=false")
     if not entry.get("feature_path"):
         raise ConfigError(f"teachers.{name}: offline: true needs feature_path (the --output of prepare_teacher_features.py)")
     kwargs = teacher_kwargs(dict(entry))
@@ -133,11 +149,89 @@ def _closest_stride_level(levels: Mapping[str, FeatureSpec], stride: int) -> str
     return min(levels.values(), key=lambda s: abs(math.log2(s.stride) - math.log2(stride))).name
 
 
+def teacher_outputs(teachers_cfg: Mapping[str, Mapping[str, Any]], router: TeacherRouter) -> Dict[str, Any]:
+    """What each enabled teacher offers output distillation (``TeacherOutputs``): mask logits when its
+    type ``can_segment`` (SAM family), its heads ``{name: (task, num_classes)}`` when it is a loaded
+    teacher with head outputs (a vfmkd teacher; live only, so loaded before the losses are built)."""
+    from vfmkd.distillation.output_pairs import TeacherOutputs
+
+    out: Dict[str, Any] = {}
+    for name, entry in enabled_teachers(teachers_cfg).items():
+        type_cls = TEACHERS.get(entry["type"])
+        src = router.sources.get(name)
+        live = src.live.teacher if src is not None and src.live is not None else None
+        heads = {h: (str(t), int(k) if k is not None else 1) for h, (t, k) in getattr(live, "head_tasks", {}).items()}
+        out[name] = TeacherOutputs(name, str(entry["type"]), bool(getattr(type_cls, "can_segment", False)), heads)
+    return out
+
+
+def output_class_channels(data_root: str, binary_classes: Sequence[str] = ()) -> Dict[str, List[int]]:
+    """Detection class id -> logit channel of a ``semantic`` head (its contiguous semantic index,
+    classes matched by name; -1 when the detection class has no semantic class) and of a ``binary``
+    head (0 for the classes named in ``data.binary_classes``, else -1), for output distillation of
+    box-prompted teacher masks. A table whose file is absent is left out."""
+    from pathlib import Path
+
+    from vfmkd.core.errors import DatasetError
+    from vfmkd.datasets.masks import DETECTION_CONFIG, SemanticClassTable, read_names
+
+    root = resolve_path(data_root)
+    det_file = Path(root) / DETECTION_CONFIG
+    if not det_file.is_file():
+        return {}
+    det = read_names(det_file, "names")
+    size = max(det) + 1
+    tables: Dict[str, List[int]] = {}
+    try:
+        semantic = SemanticClassTable.load(Path(root))
+    except DatasetError:  # a dataset without semantic labels: no semantic/binary table
+        return tables
+    position = {n: k for k, n in enumerate(semantic.names) if k > 0}
+    tables["semantic"] = [position.get(det.get(c, ""), -1) for c in range(size)]
+    wanted = set(binary_classes)
+    tables["binary"] = [0 if det.get(c) in wanted else -1 for c in range(size)]
+    return tables
+
+
+def _output_head(where: str, kind_name: str, head: Optional[str], teacher: Any, model: UnifiedModel) -> str:
+    """The student head an output term reads: ``head:``, else the only head whose task the teacher
+    serves for this loss."""
+    from vfmkd.distillation.output_pairs import HEAD_RULES, MASK_RULES, TEACHER_TASKS
+
+    tasks = {n: str(getattr(h, "task", "detection")) for n, h in model.heads.items()}
+    if head is not None:
+        if head not in model.heads:
+            raise ConfigError(f"{where}: the model has no head '{head}' (heads: {list(model.heads)})")
+        return head
+    served = set(MASK_RULES[kind_name]) if teacher.can_segment else set()
+    served |= {task for task in HEAD_RULES[kind_name]
+               if any(t in TEACHER_TASKS[task] for t, _ in teacher.heads.values())}
+    fits = [n for n, task in tasks.items() if task in served]
+    if not fits:  # the teacher serves none: the head the loss could read at all, so the resolver says why
+        fits = [n for n, task in tasks.items() if task in MASK_RULES[kind_name] + HEAD_RULES[kind_name]]
+        fits = fits if len(fits) == 1 else list(model.heads) if len(model.heads) == 1 else []
+    if len(fits) == 1:
+        return fits[0]
+    raise ConfigError(f"{where}: set 'head:' to the student head {kind_name} distils "
+                      f"({'candidates: ' + ', '.join(fits) if fits else 'heads: ' + ', '.join(f'{n} ({t})' for n, t in tasks.items())})")
+
+
 def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: UnifiedModel,
-                     specs: Mapping[str, Sequence[FeatureSpec]], primary: Mapping[str, str]) -> List[LossTerm]:
+                     specs: Mapping[str, Sequence[FeatureSpec]], primary: Mapping[str, str],
+                     teachers: Optional[Mapping[str, Any]] = None,
+                     class_channels: Optional[Mapping[str, Sequence[int]]] = None) -> List[LossTerm]:
     """One :class:`LossTerm` per ``distillation.losses`` entry; feature losses get their channel
-    sizes, teacher map and student level resolved here (a loss never reads config)."""
+    sizes, teacher map and student level resolved here (a loss never reads config).
+
+    Output losses (``kl_divergence``, ``cls_distill``, ``mask_distill``) name ``teacher:`` and
+    ``head:`` (default: the only head the teacher serves; ``teacher_head:`` picks a vfmkd teacher's
+    head) and get their pairing (:mod:`vfmkd.distillation.output_pairs`) from ``teachers``
+    (:func:`teacher_outputs`) and, for semantic/binary heads taught by masks, ``class_channels``
+    (:func:`output_class_channels`)."""
+    from vfmkd.distillation.output_pairs import OutputPairing, TeacherOutputs, resolve_output_term
+
     levels = {s.name: s for s in model.backbone.feature_specs()}
+    offers: Mapping[str, Any] = teachers if teachers is not None else {n: TeacherOutputs(n, "?") for n in specs}
     terms = []
     for name, entry in losses_cfg.items():
         where = f"distillation.losses.{name}"
@@ -145,6 +239,7 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
         kwargs = component_kwargs(dict(entry), reserved=RESERVED_LOSS_KEYS)
         kind = getattr(LOSSES.get(kind_name), "kind", "feature")
         head = ""
+        pairing = None
         if kind == "task":
             head = kwargs.pop("head", "detection")
             if head not in model.heads:
@@ -168,13 +263,38 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
                           teacher_channels=t_specs[t_name].channels)
             module = LOSSES.build(kind_name, where=where, **kwargs)
             default_log = f"{FEATURE_LOG_PREFIX}{teacher}"
+        elif kind_name in ("kl_divergence", "cls_distill", "mask_distill"):
+            teacher = kwargs.get("teacher")
+            if teacher not in offers:
+                raise ConfigError(
+                    f"{where}: {kind_name} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled teacher of "
+                    f"this experiment (enabled: {sorted(offers)}); set 'teacher:' to one of them.")
+            head = _output_head(where, kind_name, kwargs.pop("head", None), offers[teacher], model)
+            head_module = model.heads[head]
+            task = str(getattr(head_module, "task", "detection"))
+            rule = resolve_output_term(kind_name, where, head, task, int(getattr(head_module, "num_classes", 1)),
+                                       offers[teacher], offers, kwargs.pop("teacher_head", None))
+            channels = None
+            if rule.source == "masks" and task in ("semantic", "binary"):
+                channels = (class_channels or {}).get(task)
+                if channels is None:
+                    raise ConfigError(f"{where}: {kind_name} on the {task} head '{head}' from {teacher}'s box masks needs "
+                                      f"the dataset's class tables (object_detection and semantic_segmentation config.yaml)")
+                if task == "binary" and not any(c >= 0 for c in channels):
+                    raise ConfigError(f"{where}: none of data.binary_classes is a detection class, so {teacher} is never "
+                                      f"prompted for the binary foreground; name detection classes (e.g. [person])")
+                if task == "semantic":
+                    k = int(getattr(head_module, "num_classes", 0))
+                    channels = [c if c < k else -1 for c in channels]
+            module = LOSSES.build(kind_name, where=where, **kwargs)
+            pairing = OutputPairing(rule, head_module, channels, getattr(module, "mode", "sigmoid"))
+            default_log = module.log_name
         else:
             raise ConfigError(
-                f"{where}: '{kind_name}' distils a teacher's output logits (class scores or mask logits), and none of "
-                f"the teachers of this run provides logits for the student's heads; use a feature loss "
-                f"(feature_mse, feature_smooth_l1, feature_cosine, feature_affinity).")
+                f"{where}: '{kind_name}' is an output loss the distiller has no pairing for (the output losses it pairs: "
+                f"kl_divergence, cls_distill, mask_distill); use one of them or a feature loss.")
         terms.append(LossTerm(name, kind, float(entry.get("weight", 1.0)), str(entry.get("log_as") or default_log),
-                              module, head))
+                              module, head, pairing))
     return terms
 
 

@@ -4,6 +4,10 @@ All losses here have ``kind = "output"`` and return one scalar tensor. The teach
 target: they are detached, so no gradient reaches a teacher even if it is not frozen. Every loss is
 multiplied by ``T**2`` (Hinton et al. 2015): the gradient of a softened KL shrinks like ``1/T**2``,
 and the factor keeps its size comparable across temperatures and with the task loss.
+
+The losses take plain tensors; which student logits meet which teacher logits (instance masks per
+ground-truth box, class unions for semantic/binary heads, anchors for class scores) is decided by
+:mod:`vfmkd.distillation.output_pairs`, which the distiller runs before calling them.
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ class KLDivergenceLoss(OutputDistillLoss):
     Without ``weight`` that is torch's ``batchmean`` (sum over classes, mean over rows).
     """
 
-    log_name = "loss_kd"
+    log_name = "loss_kl_distill"
 
     def __init__(self, temperature: float = 4.0, teacher: Optional[str] = None) -> None:
         super().__init__(temperature, teacher)
