@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from vfmkd.core.config import resolve_path  # noqa: E402
+from vfmkd.core.config import experiment_record, resolve_path  # noqa: E402
+from vfmkd.engine.builders import head_tasks  # noqa: E402
 from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config  # noqa: E402
 from vfmkd.engine.tester import test_checkpoint  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
@@ -39,11 +40,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_run_config(run_dir, cfg)
     log = setup_logging(run_dir / "test.log")
     split = args.split or cfg["data"]["val_split"]
-    metrics = test_checkpoint(cfg, checkpoint, split, args.config, progress=not args.no_progress)
+    metrics = test_checkpoint(cfg, checkpoint, split, args.config, progress=not args.no_progress, out_dir=run_dir)
     out = run_dir / f"test_metrics_{split}.json"
     write_json(out, metrics)
-    log.info("%s: mAP50=%.4f mAP50-95=%.4f P=%.4f R=%.4f on %d images -> %s",
-             split, metrics["mAP50"], metrics["mAP50-95"], metrics["precision"], metrics["recall"], metrics["images"], out)
+    for head, task in head_tasks(experiment_record(cfg).model).items():
+        numbers = "  ".join(f"{k}={v:.4f}" for k, v in metrics[head].items() if isinstance(v, float))
+        log.info("%s: %s (%s) %s", split, head, task, numbers)
+    log.info("metrics -> %s, %s; pictures -> %s", out, run_dir / "test_results.txt", run_dir / "visualizations")
     for key, value in (metrics.get("fidelity") or {}).items():
         log.info("%s: held-out %s cosine=%.4f mse=%.4f over %d cells", split, key, value["cos"], value["mse"], value["cells"])
     return 0

@@ -72,6 +72,9 @@ class DataConfig:
     num_workers: int = 2
     limit: Optional[int] = None  # first N images of each split (quick runs)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Semantic class names (semantic_segmentation/config.yaml) whose pixels are the foreground of a
+    # binary_head (e.g. [person]); the binary masks are built from the semantic PNGs.
+    binary_classes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class TrainConfig:
     weight_decay: float = 0.0005
     momentum: float = 0.937
     warmup_iters: int = 100
+    warmup_epochs: int = 0  # > 0: the LR warm-up lasts this many epochs instead of warmup_iters steps
     grad_clip: float = 10.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -104,6 +108,9 @@ class TrainConfig:
     save_interval_steps: int = 0  # also write checkpoints/last.pt every N optimizer steps (0: at epoch ends only)
     sync_bn: bool = False  # torchrun with several CUDA ranks: BatchNorm statistics over the global batch
     max_nonfinite_steps: int = 1  # NaN/inf steps in a row (each refused before the optimizer) that stop the run
+    save_period: int = 0  # also keep checkpoints/checkpoint_epoch{E}.pt every N epochs (0: off)
+    vis_interval: int = 1  # epochs between visualizations/epoch_XXX.png (0: off)
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb (optional package)
 
 
 @dataclass
@@ -113,6 +120,7 @@ class EvalConfig:
     max_det: int = 300
     batch_size: int = 16
     fidelity: bool = True  # held-out student-teacher cosine/MSE per teacher and level next to mAP
+    vis_images: int = 4  # images drawn per visualization PNG
 
 
 @dataclass
@@ -348,6 +356,9 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (train["accumulate"] >= 1, "train.accumulate must be >= 1"),
         (train["save_interval_steps"] >= 0, "train.save_interval_steps must be >= 0 (0 = checkpoints at epoch ends only)"),
         (train["max_nonfinite_steps"] >= 1, "train.max_nonfinite_steps must be >= 1"),
+        (train["save_period"] >= 0, "train.save_period must be >= 0 (0 = no periodic checkpoint_epoch{E}.pt)"),
+        (train["warmup_epochs"] >= 0, "train.warmup_epochs must be >= 0 (0 = use train.warmup_iters)"),
+        (train["vis_interval"] >= 0, "train.vis_interval must be >= 0 (0 = no visualizations)"),
         (0.0 <= dist["offline_ratio"] <= 1.0, f"distillation.offline_ratio must be within [0, 1], got {dist['offline_ratio']}"),
         (dist["distill_interval"] >= 1, "distillation.distill_interval must be >= 1"),
         (dist["offline_max_shift"] >= 0.0, "distillation.offline_max_shift must be >= 0 (0.05 = 5 % of the teacher canvas)"),

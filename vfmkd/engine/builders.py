@@ -17,6 +17,7 @@ from vfmkd.datasets.feature_cache import dataset_cli_args, rebuild_command
 from vfmkd.distillation.distiller import FEATURE_LOG_PREFIX, RESERVED_LOSS_KEYS, Distiller, LossTerm
 from vfmkd.distillation.offline import CacheMissingError, OfflineTeacher, open_offline_teacher
 from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.output_pairs import check_mask_sources
 from vfmkd.distillation.routing import TeacherRouter, TeacherSource
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.utils.logging import get_logger
@@ -64,6 +65,14 @@ class LiveTeachers:
     def __init__(self, teachers_cfg: Mapping[str, Mapping[str, Any]], device: torch.device) -> None:
         self.entries, self.device = enabled_teachers(teachers_cfg), device
         self._built: Dict[str, OnlineTeacher] = {}
+        self._masks: set = set()
+
+    def with_masks(self, names: Sequence[str]) -> None:
+        """Live passes of ``names`` also prompt the teacher with the view's boxes for mask logits."""
+        self._masks.update(names)
+        for name in names:
+            if name in self._built:
+                self._built[name].masks = True
 
     def loader(self, name: str, cached_input_size: Optional[int]) -> Callable[[], OnlineTeacher]:
         def load() -> OnlineTeacher:
@@ -73,7 +82,7 @@ class LiveTeachers:
                 if str(kwargs.get("device", "cpu")).startswith("cuda") and self.device.type == "cuda":
                     kwargs["device"] = str(self.device)  # one replica per rank, on that rank's GPU
                 teacher = TEACHERS.build(entry["type"], where=f"teachers.{name}", **kwargs)
-                self._built[name] = OnlineTeacher(name, teacher, self.device)
+                self._built[name] = OnlineTeacher(name, teacher, self.device, masks=name in self._masks)
             live = self._built[name]
             if cached_input_size is not None and live.teacher.input_size != cached_input_size:
                 raise ConfigError(f"teachers.{name}: live input_size {live.teacher.input_size} != cached {cached_input_size}")
@@ -298,8 +307,23 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
     return terms
 
 
-def build_distiller(dist: DistillationConfig, model: UnifiedModel, router: TeacherRouter) -> Distiller:
+def build_distiller(cfg: ExperimentConfig, model: UnifiedModel, router: TeacherRouter,
+                    live: Optional[LiveTeachers] = None) -> Distiller:
+    """The losses of ``cfg.distillation`` for ``model``, built after ``router.load_live_models()``
+    (a vfmkd teacher's heads are read from its loaded model). Teachers whose box-prompted masks an
+    output term reads are switched to mask passes (``live``), and their caches must hold masks."""
+    dist = cfg.distillation
     specs, primary = teacher_specs(router)
-    terms = build_loss_terms(dist.losses, model, specs, primary)
-    return Distiller(terms, alpha=dist.alpha, beta=dist.beta, gamma=dist.gamma)
+    terms = build_loss_terms(dist.losses, model, specs, primary, teachers=teacher_outputs(cfg.teachers, router),
+                             class_channels=output_class_channels(cfg.data.root, cfg.data.binary_classes))
+    distiller = Distiller(terms, alpha=dist.alpha, beta=dist.beta, gamma=dist.gamma)
+    needing = distiller.teachers_needing_masks()
+    check_mask_sources(distiller, router)
+    if live is not None:
+        live.with_masks(needing)
+    for name in needing:
+        src = router.sources.get(name)
+        if src is not None and src.live is not None:
+            src.live.masks = True
+    return distiller
 

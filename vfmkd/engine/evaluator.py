@@ -3,7 +3,7 @@ the distilled features (student-teacher cosine and MSE per teacher and level).""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.cached import DistillBatch
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.routing import TeacherRouter
+from vfmkd.engine.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
 
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
@@ -90,17 +91,72 @@ class FidelityMeter:
         return out
 
 
+Scorer = Any  # DetectionScorer | InstanceScorer | SemanticScorer | BinaryScorer: update(out, batch), result()
+
+# The number that picks best.pt per head task (and names best_epoch{E}_{metric}{value}.pt).
+# (metric key, its short name in file names)
+PRIMARY_METRIC = {"instance": ("mask_mAP50-95", "maskmAP"), "semantic": ("mIoU", "mIoU"), "binary": ("dice", "Dice"),
+                  "detection": ("mAP50-95", "mAP")}
+TASK_PRIORITY = ("instance", "semantic", "binary", "detection")
+
+
+def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semantic_names: Optional[Mapping[int, str]],
+                  conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> Dict[str, Scorer]:
+    """One scorer per head (``tasks``: head name -> task)."""
+    scorers: Dict[str, Scorer] = {}
+    for head, task in tasks.items():
+        if task == "instance":
+            scorers[head] = InstanceScorer(box_names, conf, iou, max_det, head=head)
+        elif task == "semantic":
+            if semantic_names is None:
+                raise ValueError("a semantic head needs the semantic class names (dataset built with semantic=True)")
+            scorers[head] = SemanticScorer(semantic_names, head=head)
+        elif task == "binary":
+            scorers[head] = BinaryScorer(head=head)
+        else:
+            scorers[head] = DetectionScorer(box_names, conf, iou, max_det, head=head)
+    return scorers
+
+
+def primary_metric(result: Mapping[str, Any], tasks: Mapping[str, str]) -> Tuple[str, str, float, float, str]:
+    """(head, metric key, its value, fitness, file tag e.g. ``mIoU0.4123``) of the head whose task comes first in
+    :data:`TASK_PRIORITY` (a segmentation head outranks detection); fitness orders checkpoints
+    (ultralytics' 0.1 mAP50 + 0.9 mAP50-95 for detection, the metric itself otherwise; NaN -> -1)."""
+    head = min(tasks, key=lambda h: TASK_PRIORITY.index(tasks[h]))
+    task, scores = tasks[head], result[head]
+    metric, short = PRIMARY_METRIC[task]
+    value = float(scores[metric])
+    fitness = 0.1 * float(scores["mAP50"]) + 0.9 * value if task == "detection" else value
+    return head, metric, value, fitness if fitness == fitness else -1.0, f"{short}{value:.4f}"
+
+
+def scalar_metrics(result: Mapping[str, Any]) -> Dict[str, float]:
+    """The plain numbers of an :func:`evaluate` result, flattened for loggers: ``<head>/<metric>``,
+    top-level numbers, ``cos_<teacher/feature@level>`` (per-class tables are left to test_results.txt)."""
+    out: Dict[str, float] = {}
+    for key, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+        elif key == "fidelity":
+            out.update({f"cos_{k}": float(v["cos"]) for k, v in value.items()})
+        elif isinstance(value, Mapping):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: UnifiedModel, loader, names: Mapping[int, str], device: torch.device, conf: float = 0.001,
-             iou: float = 0.7, max_det: int = 300, progress: bool = True, distiller: Optional[Distiller] = None,
-             router: Optional[TeacherRouter] = None) -> Dict[str, Any]:
-    """mAP of the detection head over ``loader`` and, with ``distiller`` and ``router`` (whose
-    batches carry cached val targets or go to the live teacher), ``fidelity`` per teacher and level."""
+def evaluate(model: UnifiedModel, loader, scorers: Mapping[str, Scorer], device: torch.device, progress: bool = True,
+             distiller: Optional[Distiller] = None, router: Optional[TeacherRouter] = None,
+             on_batch: Optional[Callable[[int, StudentOutput, Batch, Mapping[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Every head's metrics over ``loader`` (``result[head]``; a detection head's are also at the
+    top level, as before segmentation heads existed) and, with ``distiller`` and ``router`` (whose
+    batches carry cached val targets or go to the live teacher), ``fidelity`` per teacher and level.
+    ``on_batch(step, out, batch, targets)`` sees each batch (visualisations)."""
     was_training = model.training
     model.eval()
     if distiller is not None:
         distiller.eval()
-    scorer = DetectionScorer(names, conf, iou, max_det)
     fidelity = FidelityMeter(distiller) if distiller is not None and router is not None else None
     teachers = list(distiller.teachers_used(active_only=False)) if distiller is not None else []
     if router is not None:
@@ -110,10 +166,19 @@ def evaluate(model: UnifiedModel, loader, names: Mapping[int, str], device: torc
         batch, cached = (item.batch, item.cached) if isinstance(item, DistillBatch) else (item, {})
         batch = batch.to(device)
         out = model(batch.images)
-        scorer.update(out, batch)
+        for scorer in scorers.values():
+            scorer.update(out, batch)
+        targets: Mapping[str, Any] = {}
         if fidelity is not None and router is not None:
-            fidelity.update(out, batch, router.targets(step, batch, cached, teachers))
-    result: Dict[str, Any] = dict(scorer.result())
+            targets = router.targets(step, batch, cached, teachers)
+            fidelity.update(out, batch, targets)
+        if on_batch is not None:
+            on_batch(step, out, batch, targets)
+    result: Dict[str, Any] = {}
+    for head, scorer in scorers.items():
+        result[head] = scorer.result()
+        if isinstance(scorer, DetectionScorer) and "mAP50" not in result:
+            result.update(result[head])
     if fidelity is not None:
         result["fidelity"] = fidelity.result()
         if router is not None:

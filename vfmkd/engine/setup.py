@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from vfmkd.core.config import read_yaml, resolve_path
 from vfmkd.core.errors import ConfigError
+from vfmkd.core.registry import HEADS
+import vfmkd.models.heads  # noqa: F401  (registers the built-in heads)
 from vfmkd.datasets import collate_samples
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.utils.logging import get_logger
@@ -39,11 +41,13 @@ def class_names(root: str, num_classes: int) -> Dict[int, str]:
 
 
 def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:
-    """``num_classes`` of the ``detection`` head entry (80 when unset)."""
-    head = heads.get("detection")
-    if head is None:
-        raise ConfigError("model.heads needs a 'detection' head for coco128 training and evaluation")
-    return int(head.get("num_classes", 80))
+    """Box class count: ``num_classes`` of the detection (or instance) heads, which must agree; 80 (COCO)
+    for a model without box heads (its box labels still prompt mask teachers)."""
+    counts = {name: int(h.get("num_classes", 80)) for name, h in heads.items()
+              if getattr(HEADS.get(h["type"]), "task", "") in ("detection", "instance")}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"model.heads: the box heads disagree on num_classes ({counts}); they read the same box labels")
+    return next(iter(counts.values()), 80)
 
 
 def worker_count(requested: int) -> int:

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from vfmkd.core.config import experiment_record
 from vfmkd.core.errors import CheckpointError
 from vfmkd.distillation.cached import CachedTargetsDataset
-from vfmkd.engine.builders import LiveTeachers, build_dataset, build_distiller, build_model, build_router
-from vfmkd.engine.evaluator import evaluate
+from vfmkd.engine.builders import LiveTeachers, build_dataset, build_distiller, build_model, build_router, head_tasks
+from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
+from vfmkd.engine.evaluator import build_scorers, evaluate
+from vfmkd.engine.visualize import write_test_results
 from vfmkd.engine.setup import build_loader, class_names, detection_classes, select_device, worker_count
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.logging import get_logger
@@ -30,10 +32,12 @@ def _load(module: torch.nn.Module, state: Mapping[str, Any], what: str, checkpoi
 
 
 def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_name: str,
-                    progress: bool = True) -> Dict[str, Any]:
-    """mAP of the checkpoint's student on ``split`` and, when the run distilled features (and
-    ``eval.fidelity``), the held-out cosine/MSE per teacher and level against the split's cache
-    or, where none exists, the live teacher."""
+                    progress: bool = True, out_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Every head's metrics (mAP, mask mAP, mIoU, Dice, ...) of the checkpoint's student on ``split``
+    and, when the run distilled features (and ``eval.fidelity``), the held-out cosine/MSE per teacher
+    and level against the split's cache or, where none exists, the live teacher. With ``out_dir``,
+    the first batch is drawn into ``out_dir/visualizations/test_sample_000.png`` (+ ``_pca``) and
+    every metric is written to ``out_dir/test_results.txt``."""
     exp = experiment_record(cfg)
     state = load_checkpoint(checkpoint)
     if "model" not in state:
@@ -43,14 +47,16 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     _load(model, state["model"], "model", checkpoint, config_name)
     model.to(device)
     num_classes = detection_classes(exp.model.heads)
-    dataset = build_dataset(exp.data, split, num_classes)
+    tasks = head_tasks(exp.model)
+    dataset = build_dataset(exp.data, split, num_classes, tasks=tasks.values())
     distiller = router = None
     loader_set: Any = dataset
     wants_fidelity = exp.eval.fidelity and bool(exp.distillation.losses)
     if wants_fidelity and "distiller" in state:
-        router = build_router(exp, dataset, LiveTeachers(exp.teachers, device), validation=True)
+        live = LiveTeachers(exp.teachers, device)
+        router = build_router(exp, dataset, live, validation=True)
         router.load_live_models()
-        distiller = build_distiller(exp.distillation, model, router).to(device)
+        distiller = build_distiller(exp, model, router, live).to(device)
         _load(distiller, state["distiller"], "distillation adapters", checkpoint, config_name)
         distiller.load_teacher_stats(state.get("teacher_stats", {}))  # the standardisation the run trained with
         if not distiller.teachers_used(active_only=False):
@@ -61,7 +67,13 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     elif wants_fidelity:
         get_logger().warning("%s holds no distillation adapters: no fidelity numbers", checkpoint)
     loader = build_loader(loader_set, exp.eval.batch_size, worker_count(exp.data.num_workers), False, exp.train.seed)
-    metrics = evaluate(model, loader, class_names(exp.data.root, num_classes), device, exp.eval.conf, exp.eval.iou,
-                       exp.eval.max_det, progress=progress, distiller=distiller, router=router)
+    names, semantic_names = class_names(exp.data.root, num_classes), semantic_class_names(dataset)
+    e = exp.eval
+    vis = EpochVisualizer(out_dir, "test_sample", 0, tasks, distiller, names, semantic_names, e.vis_images) if out_dir else None
+    metrics = evaluate(model, loader, build_scorers(tasks, names, semantic_names, e.conf, e.iou, e.max_det), device,
+                       progress=progress, distiller=distiller, router=router, on_batch=vis.on_batch if vis else None)
     metrics.update(checkpoint=str(checkpoint), split=split, epoch=state.get("epoch"))
+    if out_dir is not None:
+        header = {"checkpoint": str(checkpoint), "split": split, "epoch": state.get("epoch"), "config": config_name}
+        write_test_results(Path(out_dir) / "test_results.txt", {k: v for k, v in metrics.items() if k not in header}, header)
     return metrics

@@ -11,7 +11,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from vfmkd.core.config import experiment_record, resolve_path
@@ -19,9 +18,11 @@ from vfmkd.distillation.cached import CachedTargetsDataset, DistillBatch
 from vfmkd.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from vfmkd.distillation.online import measure_channel_stats
 from vfmkd.engine.builders import (
-    LiveTeachers, build_augment, build_dataset, build_distiller, build_model, build_router,
+    LiveTeachers, build_augment, build_dataset, build_distiller, build_model, build_router, head_tasks,
 )
-from vfmkd.engine.evaluator import evaluate
+from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
+from vfmkd.engine.evaluator import build_scorers, evaluate, primary_metric, scalar_metrics
+from vfmkd.engine.loggers import RunLoggers, check_loggers
 from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config
 from vfmkd.engine.setup import (
     build_loader, class_names, detection_classes, make_optimizer, seed_everything, select_device, worker_count,
@@ -29,7 +30,7 @@ from vfmkd.engine.setup import (
 from vfmkd.engine.stages import build_stages, stage_of, staged_lr_lambda
 from vfmkd.engine.distributed import init_distributed
 from vfmkd.engine.resume import capture_rng, check_resume_config, restore_rng, resume_checkpoint
-from vfmkd.utils.checkpoint import save_checkpoint
+from vfmkd.utils.checkpoint import publish_copy, save_checkpoint
 from vfmkd.utils.logging import setup_logging
 from vfmkd.utils.plots import plot_training_curves
 
@@ -80,9 +81,12 @@ class Trainer:
         self.device = self.ctx.device
         self.num_classes = detection_classes(exp.model.heads)
         self.stages = build_stages(train)
+        check_loggers(train.loggers)
+        self.tasks = head_tasks(exp.model)
         self.augment = build_augment(data)
-        self.train_set = build_dataset(data, data.train_split, self.num_classes, self.augment, train.seed)
-        self.val_set = build_dataset(data, data.val_split, self.num_classes)
+        self.train_set = build_dataset(data, data.train_split, self.num_classes, self.augment, train.seed,
+                                       tasks=self.tasks.values())
+        self.val_set = build_dataset(data, data.val_split, self.num_classes, tasks=self.tasks.values())
         self.live = LiveTeachers(exp.teachers, self.device)
         self.router = build_router(exp, self.train_set, self.live, self.augment, rank=self.ctx.rank)
         self.model = build_model(exp.model)
@@ -99,7 +103,7 @@ class Trainer:
         self.model = self.model.to(self.device)
         if train.sync_bn and self.ctx.enabled:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.distiller = build_distiller(exp.distillation, self.model, self.router).to(self.device)
+        self.distiller = build_distiller(exp, self.model, self.router, self.live).to(self.device)
         # Student and adapters train as one module; DDP averages their gradients across ranks. Stages
         # and distill_interval leave some parameters unused in a step, hence find_unused_parameters.
         self.step_module: torch.nn.Module = TrainStep(self.model, self.distiller)
@@ -135,9 +139,10 @@ class Trainer:
         self.params = [p for p in list(self.model.parameters()) + list(self.distiller.parameters()) if p.requires_grad]
         self.optimizer = make_optimizer(self.params, train.optimizer, train.lr, train.momentum, train.weight_decay)
         steps_per_epoch = -(-len(self.train_loader) // train.accumulate)  # ceil: a partial group still steps
+        warmup = train.warmup_epochs * steps_per_epoch if train.warmup_epochs else train.warmup_iters
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, staged_lr_lambda(self.stages, steps_per_epoch, train.warmup_iters, train.lr))
-        self.writer = SummaryWriter(log_dir=str(self.run_dir)) if self.ctx.is_main else None
+            self.optimizer, staged_lr_lambda(self.stages, steps_per_epoch, warmup, train.lr))
+        self.writer = RunLoggers(self.run_dir, train.loggers, config=cfg, name=self.run_dir.name) if self.ctx.is_main else None
         self.history: List[Dict[str, Any]] = []
         self.best_fitness = -1.0
         self.step = 0  # micro-batches seen
@@ -245,11 +250,18 @@ class Trainer:
                 self.save("last.pt", epoch - 1, {"epoch": epoch, "batch": i + 1}, resume_at=(epoch, i + 1))
         return self.ctx.sum_logs(sums, counts)
 
-    def evaluate(self) -> Dict[str, Any]:
-        e = self.eval_cfg
-        return evaluate(self.model, self.val_loader, self.names, self.device, e.conf, e.iou, e.max_det,
-                        progress=self.progress, distiller=self.distiller if self.val_router else None,
-                        router=self.val_router)
+    def evaluate(self, epoch: Optional[int] = None) -> Dict[str, Any]:
+        """Validation metrics of every head (+ held-out fidelity); with ``epoch`` due for
+        ``train.vis_interval``, the first batch is also drawn into visualizations/epoch_XXX.png."""
+        e, vis = self.eval_cfg, None
+        every = self.train_cfg.vis_interval
+        if epoch is not None and every and epoch % every == 0:
+            vis = EpochVisualizer(self.run_dir, "epoch", epoch, self.tasks, self.distiller, self.names,
+                                  semantic_class_names(self.val_set), e.vis_images, self.writer)
+        scorers = build_scorers(self.tasks, self.names, semantic_class_names(self.val_set), e.conf, e.iou, e.max_det)
+        return evaluate(self.model, self.val_loader, scorers, self.device, progress=self.progress,
+                        distiller=self.distiller if self.val_router else None, router=self.val_router,
+                        on_batch=vis.on_batch if vis is not None else None)
 
     def save(self, name: str, epoch: int, metrics: Dict[str, Any],
              resume_at: Optional[Tuple[int, int]] = None) -> Optional[Path]:
@@ -328,19 +340,18 @@ class Trainer:
             record: Dict[str, Any] = {"epoch": epoch, "stage": stage.name, "train": epoch_logs,
                                       "teacher_batches": self.router.summary()}
             if self.ctx.is_main and (epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch):
-                val = self.evaluate()
+                val = self.evaluate(epoch)
                 record["val"] = val
                 assert self.writer is not None  # rank 0
-                for k in ("mAP50", "mAP50-95", "precision", "recall"):
-                    self.writer.add_scalar(f"val/{k}", val[k], epoch)
-                for key, value in val.get("fidelity", {}).items():
-                    self.writer.add_scalar(f"val/cos_{key}", value["cos"], epoch)
-                fitness = 0.1 * val["mAP50"] + 0.9 * val["mAP50-95"]  # ultralytics' fitness
+                self.writer.add_scalars(scalar_metrics(val), epoch, prefix="val/")
+                fitness, tag = primary_metric(val, self.tasks)[3:]
                 if stage is self.stages[-1] and fitness >= self.best_fitness:
                     self.best_fitness = fitness
-                    self.save("best.pt", epoch, record)
+                    self._save_best(epoch, record, tag)
                     record["best"] = True
-            self.save("last.pt", epoch, record)
+            last = self.save("last.pt", epoch, record)
+            if last is not None and train_cfg.save_period and epoch % train_cfg.save_period == 0:
+                publish_copy(last, last.with_name(f"checkpoint_epoch{epoch}.pt"))
             self.history.append(record)
             self._log_epoch(record)
             self._write_metrics(time.time() - start)
@@ -350,10 +361,25 @@ class Trainer:
             plot_training_curves(self.history, self.run_dir / "training_curves.png")
         return self._write_metrics(time.time() - start)
 
+    def _save_best(self, epoch: int, record: Dict[str, Any], tag: str) -> None:
+        """best.pt and its named twin best_epoch{E}_{metric}{value}.pt (the previous twin removed)."""
+        best = self.save("best.pt", epoch, record)
+        if best is None:
+            return
+        named = best.with_name(f"best_epoch{epoch}_{tag}.pt")
+        for old in best.parent.glob("best_epoch*.pt"):
+            if old != named:
+                old.unlink(missing_ok=True)
+        publish_copy(best, named)
+
     def _log_epoch(self, record: Dict[str, Any]) -> None:
         summary = "  ".join(f"{k}={v:.4f}" for k, v in record["train"].items() if not k.startswith("loss_det_"))
         val = record.get("val")
-        val_text = f"  val mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}" if val else ""
+        val_text = ""
+        if val:
+            head, metric, value = primary_metric(val, self.tasks)[:3]
+            val_text = f"  val {head} {metric}={value:.4f}" + (
+                f" mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}" if "mAP50" in val and metric != "mAP50-95" else "")
         if val and val.get("fidelity"):
             val_text += "  held-out " + "  ".join(f"cos[{k}]={v['cos']:.4f}" for k, v in val["fidelity"].items())
         self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.train_cfg.epochs, record["stage"], summary, val_text)

@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -197,3 +198,21 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any], keep_previous: boo
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def publish_copy(src: PathLike, dst: PathLike) -> Path:
+    """Make ``dst`` hold what ``src`` holds now, atomically: a hard link (no second write of the
+    bytes) where the filesystem allows, else a copy, first under a temp name then renamed. Later
+    replacements of ``src`` (atomic renames) leave ``dst`` untouched."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (e.g. some network filesystems)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
