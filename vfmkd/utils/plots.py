@@ -48,8 +48,12 @@ def write_text(path: Union[str, Path], text: str) -> Path:
     return path
 
 
+#: The validation numbers drawn per head (whichever a head reports).
+VAL_CURVES = ("mAP50", "mAP50-95", "mask_mAP50-95", "mIoU", "dice")
+
+
 def plot_training_curves(history: List[Dict[str, Any]], path: Path) -> Path:
-    """Three panels over epochs: train losses, ``cos_<teacher>``, val mAP50 / mAP50-95."""
+    """Three panels over epochs: train losses, ``cos_<teacher>``, each head's val metrics."""
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     keys = sorted({k for r in history for k in r["train"]})
@@ -59,9 +63,12 @@ def plot_training_curves(history: List[Dict[str, Any]], path: Path) -> Path:
         if k.startswith("cos_"):
             axes[1].plot(epochs, [r["train"].get(k) for r in history], marker="o", label=k)
     evaluated = [r for r in history if "val" in r]
-    for k in ("mAP50", "mAP50-95"):
-        axes[2].plot([r["epoch"] for r in evaluated], [r["val"][k] for r in evaluated], marker="o", label=k)
-    for ax, title in zip(axes, ("train losses (epoch mean)", "student-teacher cosine (valid pixels)", "val mAP")):
+    for k in VAL_CURVES:  # per head (val[<head>][metric]); heads without the metric are skipped
+        for head in sorted({h for r in evaluated for h, v in r["val"].items() if isinstance(v, dict) and k in v}):
+            axes[2].plot([r["epoch"] for r in evaluated], [r["val"][head].get(k) for r in evaluated], marker="o",
+                         label=f"{head} {k}")
+    for ax, title in zip(axes, ("train losses (epoch mean)", "student-teacher cosine (valid pixels)",
+                                "val metrics per head")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
