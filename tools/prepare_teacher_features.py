@@ -9,6 +9,15 @@ the batches that hold an unfinished image, so the final file equals an uninterru
 image is done, the per-channel mean/std of every feature (over valid cells) are stored with the cache;
 a rerun of a finished cache adds them to files written before statistics existed.
 
+Mask logits (``--outputs features,masks``; teachers that can segment: SAM, LoRA-SAM, SAM2): every
+image's detection-label boxes (``object_detection/labels/<split>/<id>.txt``, rows as
+``parse_labels`` returns them, row j = ``label_index`` j) are mapped to teacher pixels by the pass's
+affine and prompted one by one (``teacher.mask_logits``); the (K, S/4, S/4) logits are stored with
+the boxes, label rows and classes, in the plain pass and, with ``--with-flip``, the flip pass (boxes
+mirrored), in --storage (float16, or int8 with a float32 scale per mask). The sha256 of the label
+files is recorded: a training run refuses the masks once the labels changed. Rerunning a
+features-only cache with ``--outputs features,masks`` adds the masks to it (resumably).
+
 Sharded: ``torchrun --nproc_per_node N tools/prepare_teacher_features.py ...`` (gloo on CPU, nccl with a
 cuda teacher, rank r on cuda:LOCAL_RANK): each rank caches a contiguous block of batches into
 ``<split>.shard<r>of<N>.h5`` (resumable per shard), then rank 0 joins them into ``<split>.h5``
@@ -37,10 +46,11 @@ import vfmkd.teachers  # noqa: E402,F401  (registers the teachers)
 from vfmkd.core.config import import_custom_modules, parse_overrides, read_yaml, resolve_component, resolve_path, teacher_kwargs  # noqa: E402
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
-from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb  # noqa: E402
-from vfmkd.datasets.cache_codec import STORAGES, bytes_per_image, mirror_affine  # noqa: E402
+from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels  # noqa: E402
+from vfmkd.datasets.cache_codec import STORAGES, bytes_per_image, mask_bytes, mirror_affine  # noqa: E402
 from vfmkd.datasets.cache_shards import merge_shards, shard_file, shard_range  # noqa: E402
-from vfmkd.datasets.feature_cache import FeatureCacheReader, FeatureCacheWriter, cache_file  # noqa: E402
+from vfmkd.datasets.feature_cache import OUTPUTS, FeatureCacheReader, FeatureCacheWriter, MaskPlan, cache_file, label_files_sha256  # noqa: E402
+from vfmkd.teachers.base import segmenting_teachers  # noqa: E402
 from vfmkd.utils.cli import entry  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
 
@@ -75,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-flip", action="store_true",
                    help="also run the teacher on the horizontally mirrored image (ViT features are not flip-equivariant) "
                         "and store that pass for flip augmentation: twice the compute and the bytes")
+    p.add_argument("--outputs", type=lambda v: [n for n in v.split(",") if n], default=["features"], metavar="OUT[,OUT]",
+                   help="what to cache: features, or features,masks (also the teacher's mask logits prompted with every "
+                        "detection-label box of each image; SAM, LoRA-SAM, SAM2)")
+    p.add_argument("--num-classes", type=int, default=80,
+                   help="detection classes of the dataset (label files are checked against it; --outputs masks)")
     p.add_argument("--custom-imports", type=lambda v: [m for m in v.split(",") if m], default=[], metavar="MOD[,MOD]",
                    help="modules to import first, e.g. my_pkg.my_teacher: your own @TEACHERS.register(...) teachers")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
@@ -137,18 +152,85 @@ def run_teacher(teacher: Any, images: Sequence[np.ndarray], with_flip: bool) -> 
     return feats, geo, (flip_feats, mirror_affine(flip_geo.affine, [im.shape[1] for im in images]), flip_geo.valid_hw)
 
 
+def label_dir(root: Path, split: str) -> Path:
+    """Where the detection labels of ``split`` live (as DetectionDataset reads them)."""
+    return Path(root) / "object_detection" / "labels" / split
+
+
+class Prompts:
+    """The mask prompts of a split: per image the (K, 5) ``class cx cy w h`` rows of its label file
+    (``parse_labels``; row j is label_index j) and the :class:`MaskPlan` that describes them."""
+
+    def __init__(self, root: Path, split: str, paths: Sequence[Path], num_classes: int,
+                 rows: Optional[List[np.ndarray]] = None, plan: Optional[MaskPlan] = None) -> None:
+        folder = label_dir(root, split)
+        ids = [p.stem for p in paths]
+        self.rows = rows if rows is not None else [parse_labels(folder / f"{i}.txt", num_classes) for i in ids]
+        try:
+            rel = folder.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            rel = folder
+        self.plan = plan or MaskPlan(cls=tuple(r[:, 0].astype(np.int64) for r in self.rows),
+                                     prompt_source=f"detection-labels:{rel.as_posix()}",
+                                     labels_sha256=label_files_sha256(folder, ids), num_classes=num_classes)
+
+    def part(self, start: int, stop: int) -> "Prompts":
+        """The prompts of images [start, stop) (a shard), same source and labels hash."""
+        sub = Prompts.__new__(Prompts)
+        sub.rows = self.rows[start:stop]
+        sub.plan = MaskPlan(self.plan.cls[start:stop], self.plan.prompt_source, self.plan.labels_sha256, self.plan.num_classes)
+        return sub
+
+
+def prompt_boxes(rows: np.ndarray, hw: Tuple[int, int], affine: torch.Tensor) -> torch.Tensor:
+    """Label rows (K, 5) ``class cx cy w h`` normalised to the original image of size ``hw`` -> (K, 4)
+    float32 x1, y1, x2, y2 teacher pixels by ``affine`` (sx, sy, ox, oy) (original px -> teacher px;
+    sx < 0 for a mirrored pass: the corners are re-ordered)."""
+    h, w = hw
+    sx, sy, ox, oy = (float(v) for v in affine.tolist())
+    r = np.asarray(rows, np.float64).reshape(-1, 5)
+    xa, xb = (r[:, 1] - r[:, 3] / 2) * w * sx + ox, (r[:, 1] + r[:, 3] / 2) * w * sx + ox
+    ya, yb = (r[:, 2] - r[:, 4] / 2) * h * sy + oy, (r[:, 2] + r[:, 4] / 2) * h * sy + oy
+    out = np.stack([np.minimum(xa, xb), np.minimum(ya, yb), np.maximum(xa, xb), np.maximum(ya, yb)], axis=1)
+    return torch.from_numpy(out.astype(np.float32))
+
+
+def run_masks(teacher: Any, images: Sequence[np.ndarray], rows: Sequence[np.ndarray], feats: Dict[str, torch.Tensor],
+              affine: torch.Tensor, flip: Optional[tuple]) -> Dict[bool, Tuple[torch.Tensor, torch.Tensor]]:
+    """{flipped: (logits (M, S/4, S/4), boxes (M, 4))} of the images' label boxes, image-major, in each
+    pass (the flip pass is prompted with the mirrored boxes: its affine maps ORIGINAL pixels)."""
+    batch_idx = torch.cat([torch.full((len(r),), i, dtype=torch.int64) for i, r in enumerate(rows)])
+    out = {}
+    for flipped, fs, aff in [(False, feats, affine)] + ([(True, flip[0], flip[1])] if flip is not None else []):
+        boxes = torch.cat([prompt_boxes(r, im.shape[:2], aff[i]) for i, (r, im) in enumerate(zip(rows, images))])
+        out[flipped] = (teacher.mask_logits(fs, boxes, batch_idx).float().cpu(), boxes)
+    return out
+
+
+def check_outputs(outputs: Sequence[str], teacher_type: str, teacher_cls: Any) -> bool:
+    """Validate ``--outputs``; True when mask logits are asked for."""
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or "features" not in outputs:
+        raise ConfigError(f"--outputs {','.join(outputs)}: choose features or features,masks (features are always cached)")
+    if "masks" in outputs and not getattr(teacher_cls, "can_segment", False):
+        raise ConfigError(f"--outputs masks: the {teacher_type} teacher cannot be prompted for mask logits; teachers "
+                          f"that can: {', '.join(segmenting_teachers())}.")
+    return "masks" in outputs
+
+
 def _writer(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], split: str, path: Path, paths: Sequence[Path],
-            compute: str) -> FeatureCacheWriter:
+            compute: str, prompts: Optional[Prompts] = None) -> FeatureCacheWriter:
     return FeatureCacheWriter(
         path, [p.stem for p in paths], teacher.fingerprint(), selected_specs(teacher, args.features), teacher.input_size,
         teacher_config=entry, dataset=args.dataset, split=split, batch_size=args.batch_size, teacher=args.teacher,
         data_root=args.data_root or "", compression=None if args.compression == "none" else args.compression,
         storage=args.storage, with_flip=args.with_flip, extra_attrs={"compute": compute},
+        masks=None if prompts is None else prompts.plan,
     )
 
 
 def fill_file(args: argparse.Namespace, teacher: Any, writer: FeatureCacheWriter, paths: Sequence[Path], split: str,
-              compute: str, finalize: bool = True) -> Tuple[int, Any]:
+              compute: str, finalize: bool = True, prompts: Optional[Prompts] = None) -> Tuple[int, Any]:
     """Compute the missing batches of ``paths`` (a whole split, or one rank's shard) into ``writer``;
     returns (images written, statistics or None)."""
     out_file = writer.path
@@ -165,8 +247,9 @@ def fill_file(args: argparse.Namespace, teacher: Any, writer: FeatureCacheWriter
     for k in tqdm(pending, desc=f"{split} batches", unit="batch", disable=args.no_progress):
         images = [load_rgb(p) for p in paths[k * b:(k + 1) * b]]
         feats, geo, flip = run_teacher(teacher, images, args.with_flip)
+        masks = None if prompts is None else run_masks(teacher, images, prompts.rows[k * b:(k + 1) * b], feats, geo.affine, flip)
         # positional on purpose: tests wrap write() as (self, start, *args)
-        writer.write(k * b, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in images]), flip)
+        writer.write(k * b, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in images]), flip, masks)
         written += len(images)
     return written, writer.finalize() if finalize else None
 
@@ -183,10 +266,11 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
     LOG.info("%s: %d images -> %s", split, len(paths), out_file)
     specs = selected_specs(teacher, args.features)
     compute = f"{teacher.device} torch_threads={torch.get_num_threads()}"
+    prompts = Prompts(root, split, paths, args.num_classes) if "masks" in args.outputs else None
     rank, world = dist or (0, 1)
     shards_exist = any(shard_file(out_file, r, world).exists() for r in range(world))
     if world > 1 and (shards_exist or not out_file.exists()):
-        written, stats = fill_shard(args, teacher, entry, split, out_file, paths, compute, rank, world)
+        written, stats = fill_shard(args, teacher, entry, split, out_file, paths, compute, rank, world, prompts)
         if rank != 0:
             return out_file, paths
         cached = len(paths) - written
@@ -196,8 +280,8 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
                 LOG.info("rank %d: %s exists (not sharded): rank 0 resumes it alone", rank, out_file)
                 return out_file, paths
             LOG.warning("%s was started by a single process: rank 0 resumes it alone, the other ranks idle", out_file)
-        with _writer(args, teacher, entry, split, out_file, paths, compute) as writer:
-            written, stats = fill_file(args, teacher, writer, paths, split, compute)
+        with _writer(args, teacher, entry, split, out_file, paths, compute, prompts) as writer:
+            written, stats = fill_file(args, teacher, writer, paths, split, compute, prompts=prompts)
         cached = len(paths) - written
     feat_bytes, other_bytes = bytes_per_image(specs, teacher.input_size, args.storage, args.with_flip)
     for name, (mean, std) in (stats or {}).items():
@@ -215,11 +299,19 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
         f"file {size / 2**20:.1f} MiB = {size / len(paths):.0f} B/image"
         f"{'' if stats else ' (statistics pending: cache unfinished)'} -> {out_file}"
     )
+    if prompts is not None:
+        count = int(prompts.plan.offsets[-1])
+        per_mask = mask_bytes(args.storage, teacher.input_size // 4, args.with_flip)
+        side = teacher.input_size // 4
+        print(f"{split}: mask logits of {count} label boxes ({count / len(paths):.2f} per image, {prompts.plan.prompt_source}): "
+              f"{per_mask} bytes per mask ({side}x{side} {args.storage}{' + float32 scale' if args.storage == 'int8' else ''}"
+              f"{' x2 passes' if args.with_flip else ''} + box, label row, class) = {per_mask * count / len(paths):.0f} "
+              f"bytes per cached image")
     return out_file, paths
 
 
 def fill_shard(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], split: str, out_file: Path,
-               paths: Sequence[Path], compute: str, rank: int, world: int) -> Tuple[int, Any]:
+               paths: Sequence[Path], compute: str, rank: int, world: int, prompts: Optional[Prompts] = None) -> Tuple[int, Any]:
     """Rank ``rank`` caches its contiguous block of batches into its shard file; after a barrier rank 0
     joins the shards into ``out_file``. Returns (images written by all ranks, statistics on rank 0)."""
     import torch.distributed as tdist
@@ -229,11 +321,12 @@ def fill_shard(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], sp
     if stop > start:
         shard = shard_file(out_file, rank, world)
         LOG.info("rank %d/%d: images %d..%d -> %s", rank, world, start, stop - 1, shard)
-        with _writer(args, teacher, entry, split, shard, paths[start:stop], compute) as writer:
+        part = None if prompts is None else prompts.part(start, stop)
+        with _writer(args, teacher, entry, split, shard, paths[start:stop], compute, part) as writer:
             if writer.batch_size != args.batch_size:
                 raise ConfigError(f"{shard} was started with --batch-size {writer.batch_size}: shards follow the batch "
                                   f"ranges, rerun with --batch-size {writer.batch_size}")
-            written, _ = fill_file(args, teacher, writer, paths[start:stop], split, compute, finalize=False)
+            written, _ = fill_file(args, teacher, writer, paths[start:stop], split, compute, finalize=False, prompts=part)
     counts = torch.tensor([written], dtype=torch.int64, device=teacher.device if tdist.get_backend() == "nccl" else "cpu")
     tdist.all_reduce(counts)  # also the barrier: every shard is finished after this
     if rank != 0:
@@ -241,7 +334,7 @@ def fill_shard(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], sp
     LOG.info("%s: joining %d shards into %s", split, world, out_file)
     t0 = time.perf_counter()
     stats = merge_shards(out_file, [p.stem for p in paths], args.batch_size, world,
-                         lambda path: _writer(args, teacher, entry, split, path, paths, compute))
+                         lambda path: _writer(args, teacher, entry, split, path, paths, compute, prompts))
     LOG.info("%s: joined %d shards into %s in %.2f s", split, world, out_file, time.perf_counter() - t0)
     return int(counts.item()), stats
 
@@ -316,6 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     import_custom_modules(args.custom_imports)
     entry_cfg, kwargs = resolve_teacher(args)
+    check_outputs(args.outputs, entry_cfg["type"], TEACHERS.get(entry_cfg["type"]))
     root = Path(args.data_root) if args.data_root else resolve_path(Path("datasets") / args.dataset)
     output = Path(args.output or f"teacher_features/{args.teacher}/")
     dist = init_distributed(kwargs)

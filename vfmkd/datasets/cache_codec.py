@@ -209,3 +209,40 @@ def mirror_affine(affine: torch.Tensor, widths: np.ndarray | torch.Tensor) -> to
     w = torch.as_tensor(np.asarray(widths, np.float64)).reshape(-1)
     out = torch.stack([-a[:, 0], a[:, 1], a[:, 0] * w + a[:, 2], a[:, 3]], dim=1)
     return out.to(torch.float32)
+
+
+# ---------------------------------------------------------------------- mask logits
+#: flipped -> group of the box-prompted mask logits of that pass (see feature_cache.py)
+MASK_GROUPS = {False: "masks", True: "masks_flip"}
+
+
+def encode_masks(x: torch.Tensor, storage: str) -> Dict[str, np.ndarray]:
+    """(M, h, w) float mask logits -> {"values": (M, h, w) [, "scale": (M,) float32]} numpy. float16:
+    the values; int8: per-mask absmax quantisation ``x ~= q * scale`` (scale = max |x| / 127, 0 for an
+    all-zero mask; error <= scale / 2 per pixel). Raises ValueError on NaN/inf or |x| > 65504."""
+    x = x.detach().float()
+    if x.numel():
+        lo, hi = torch.aminmax(x)
+        if not (lo >= -65504 and hi <= 65504):
+            raise ValueError("non-finite mask logits (NaN/inf) or overflow above 65504 (float16's max)")
+    if check_storage(storage) == "float16":
+        return {"values": x.to(torch.float16).cpu().numpy()}
+    scale = x.abs().amax(dim=(1, 2)) / QMAX if x.numel() else torch.zeros(x.shape[0])
+    q = torch.round(x * _inverse(scale)[:, None, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return {"values": q.cpu().numpy(), "scale": scale.cpu().numpy().astype(SCALE_DTYPE)}
+
+
+def decode_masks(values: np.ndarray, scale: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Stored mask logits -> float16 tensor (M, h, w), whatever the storage."""
+    if values.dtype == np.int8:
+        if scale is None:
+            raise ValueError("int8 mask logits need their scale array")
+        return (torch.from_numpy(values).float() * torch.from_numpy(np.asarray(scale, SCALE_DTYPE))[:, None, None]).half()
+    return torch.from_numpy(values)
+
+
+def mask_bytes(storage: str, side: int, with_flip: bool) -> int:
+    """Bytes one cached mask occupies: logits (side x side; + float32 scale for int8) and boxes (4
+    float32) per pass, label_index and cls (int64)."""
+    per_pass = side * side * (2 if check_storage(storage) == "float16" else 1) + (4 if storage == "int8" else 0) + 16
+    return per_pass * (2 if with_flip else 1) + 16

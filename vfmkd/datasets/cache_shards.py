@@ -5,7 +5,8 @@ rank r caches its block into ``<split>.shard<r>of<N>.h5``, an ordinary cache of 
 sub-list (same batch size, so batch boundaries coincide with the single-process run's and the usual
 per-file resume and writer lock apply per shard). Rank 0 then joins the shards: it creates the full
 cache through the same :class:`FeatureCacheWriter` (same layout and attributes) under a temp name,
-copies every per-image dataset (values, scales, geometry, per-image moments, then ``done``), computes
+copies every per-image dataset (values, scales, geometry, per-image moments, the mask logits' rows
+of those images, then ``done``), computes
 the statistics exactly as the single-process path does (``store_statistics`` over the per-image
 moments in image order), fsyncs, renames it to ``<split>.h5`` and removes the shards. The result
 equals a single-process cache bit for bit (given the same torch thread count per process).
@@ -21,10 +22,13 @@ import h5py
 import numpy as np
 
 from vfmkd.core.errors import CacheMismatchError
+from vfmkd.datasets.cache_codec import MASK_GROUPS
 from vfmkd.datasets.feature_cache import CacheLock, FeatureCacheWriter
 
 COPY_ROWS = 64  # images copied per slice: bounded memory for large caches
 NOT_PER_IMAGE = ("image_ids", "done")  # written by the writer itself / last
+#: mask datasets the writer fills at creation from the full plan
+MASK_PLAN_DATASETS = tuple(f"{MASK_GROUPS[False]}/{n}" for n in ("offsets", "label_index", "cls"))
 
 
 def shard_range(n_images: int, batch_size: int, rank: int, world: int) -> Tuple[int, int]:
@@ -47,7 +51,13 @@ def temp_file(out_file: Path) -> Path:
 def _per_image_datasets(f: h5py.File) -> List[str]:
     names: List[str] = []
     f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-    return [n for n in names if n not in NOT_PER_IMAGE and not (n.startswith("stats/") and n.rsplit("/", 1)[1] in ("mean", "std"))]
+    return [n for n in names if n not in NOT_PER_IMAGE + MASK_PLAN_DATASETS
+            and not (n.startswith("stats/") and n.rsplit("/", 1)[1] in ("mean", "std"))]
+
+
+def _is_mask_rows(name: str) -> bool:
+    """A dataset indexed by mask row (label box), not by image: logits, scale, boxes of either pass."""
+    return name.split("/", 1)[0] in MASK_GROUPS.values()
 
 
 def _fsync(path: Path) -> None:
@@ -84,9 +94,10 @@ def merge_shards(out_file: Path, image_ids: Sequence[str], batch_size: int, worl
                         raise CacheMismatchError(f"shard {path} does not hold the finished images {start}..{stop - 1} of "
                                                  f"this run; rerun the same torchrun command (it resumes the shard)")
                     for name in _per_image_datasets(s):
-                        for a in range(0, stop - start, COPY_ROWS):
-                            b = min(a + COPY_ROWS, stop - start)
-                            f[name][start + a:start + b] = s[name][a:b]
+                        lo, rows = (int(f["masks/offsets"][start]), len(s[name])) if _is_mask_rows(name) else (start, stop - start)
+                        for a in range(0, rows, COPY_ROWS):
+                            b = min(a + COPY_ROWS, rows)
+                            f[name][lo + a:lo + b] = s[name][a:b]
             f.flush()  # data on disk before the images are marked done
             for path, start, stop in shards:
                 with h5py.File(path, "r") as s:

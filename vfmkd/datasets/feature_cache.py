@@ -10,6 +10,16 @@ With a flip pass (``with_flip``): ``features_flip/<name>`` (same layout), ``affi
 ORIGINAL pixels (sx < 0). Statistics of the plain pass: ``stats/<name>/image_moments`` (N, 2, C)
 float64 per-image [mean, sum of squared deviations] over valid cells, and, once every image is done,
 ``stats/<name>/mean`` and ``stats/<name>/std`` (C,) float32 (NaN until then).
+Mask logits (``--outputs features,masks``; M = total prompt boxes of the N images, fixed at creation
+from the label files): ``masks/offsets`` (N + 1,) int64 (image i owns rows offsets[i]:offsets[i+1],
+K_i = its label rows, possibly 0), ``masks/label_index`` (M,) int64 (row of the prompt box in the
+image's detection label file, as ``parse_labels`` returns them) and ``masks/cls`` (M,) int64, written
+at creation; per pass (``masks`` and, with the flip pass, ``masks_flip``) ``logits`` (M, S/4, S/4)
+float16 or int8 (+ ``scale`` (M,) float32 per mask), ``boxes`` (M, 4) float32 x1, y1, x2, y2 prompt
+boxes in teacher pixels of that pass; ``masks_done`` (N,) bool. All contiguous and preallocated. The
+``masks`` attribute (JSON) records ``prompt_source``, ``labels_sha256`` (:func:`label_files_sha256`),
+``side`` and ``count``; ``outputs`` is ``features`` or ``features,masks``. A features-only cache
+reopened with masks gets the mask datasets added and every batch recomputed (resumably).
 Attributes: ``fingerprint``, ``teacher_config``, ``feature_specs`` (JSON), ``input_size``, ``dataset``,
 ``split``, ``batch_size``, ``storage``, ``with_flip``, ``format_version`` (1 for float16, 2 for
 int8, which older readers must refuse), ``vfmkd_version``, ``teacher``, ``data_root``, plus the
@@ -29,6 +39,8 @@ import shlex
 import socket
 import sys
 from pathlib import Path
+import hashlib
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import h5py
@@ -41,6 +53,7 @@ from vfmkd.core.errors import CacheMismatchError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.datasets import cache_codec as codec
 from vfmkd.datasets.cache_codec import FLIP_GROUPS as _FLIP
+from vfmkd.datasets.cache_codec import MASK_GROUPS
 from vfmkd.datasets.cache_codec import FORMAT_VERSIONS, alloc_dataset, bytes_per_image, layout_flags, stored_layout
 from vfmkd.core.fingerprint import TeacherFingerprint
 
@@ -193,6 +206,42 @@ def _make_dir(folder: Path) -> None:
                               f"choose another --output") from exc
 
 
+OUTPUTS = ("features", "masks")
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """What the mask logits of a cache are prompted with, known before any teacher pass:
+    ``cls`` per image (K_i,) int64 class ids of its label rows (row j = label_index j),
+    ``prompt_source`` (e.g. ``detection-labels:object_detection/labels/train2017``) and
+    ``labels_sha256`` (:func:`label_files_sha256` of those label files)."""
+
+    cls: Tuple[np.ndarray, ...]
+    prompt_source: str
+    labels_sha256: str
+    num_classes: int = 80  # what the label files were parsed with (named by the rebuild command)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([len(c) for c in self.cls])]).astype(np.int64)
+
+    def info(self, side: int) -> Dict[str, Any]:
+        return {"prompt_source": self.prompt_source, "labels_sha256": self.labels_sha256, "side": int(side),
+                "count": int(self.offsets[-1]), "num_classes": int(self.num_classes)}
+
+
+def label_files_sha256(label_dir: str | Path, image_ids: Sequence[str]) -> str:
+    """sha256 over ``<id>\0<bytes of label_dir/<id>.txt>\0`` of every image in order (a missing file
+    hashes as ``<missing>``): any edit, addition or removal of a label file changes it."""
+    h, folder = hashlib.sha256(), Path(label_dir)
+    for image_id in image_ids:
+        path = folder / f"{image_id}.txt"
+        h.update(image_id.encode() + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def cache_file(path: str | Path, split: str) -> Path:
     """``path`` itself when it names an .h5 file, else ``path/<split>.h5``."""
     p = Path(path)
@@ -212,10 +261,16 @@ def _fmt(value: Any) -> str:
 
 def rebuild_command(teacher: str, dataset: str, split: str, output: str, data_root: Optional[str] = None,
                     teacher_config: Optional[Mapping[str, Any]] = None, limit: Optional[int] = None,
-                    storage: str = "float16", with_flip: bool = False, features: Optional[Sequence[str]] = None) -> str:
-    """The exact ``prepare_teacher_features`` command line that fills (or resumes) a cache."""
+                    storage: str = "float16", with_flip: bool = False, features: Optional[Sequence[str]] = None,
+                    outputs: Sequence[str] = ("features",), num_classes: int = 80) -> str:
+    """The exact ``prepare_teacher_features`` command line that fills (or resumes) a cache;
+    ``outputs`` ``("features", "masks")`` adds ``--outputs features,masks`` (mask logits prompted with
+    the detection labels; ``num_classes`` for parsing them, named when not 80)."""
     args = ["--teacher", teacher, "--dataset", dataset] + (["--data-root", data_root] if data_root else [])
     args += ["--splits", split, "--output", output] + (["--limit", str(limit)] if limit else [])
+    if "masks" in outputs:
+        args += ["--outputs", ",".join(o for o in OUTPUTS if o in outputs)]
+        args += ["--num-classes", str(num_classes)] if num_classes != 80 else []
     args += (["--features", ",".join(features)] if features else []) + (["--storage", storage] if storage != "float16" else [])
     args += ["--with-flip"] if with_flip else []
     args += [f"teacher.{k}={_fmt(v)}" for k, v in (teacher_config or {}).items() if k not in NOT_TEACHER_KWARGS]
@@ -261,8 +316,14 @@ class FeatureCacheWriter:
         storage: str = "float16",
         with_flip: bool = False,
         extra_attrs: Optional[Mapping[str, Any]] = None,
+        masks: Optional[MaskPlan] = None,
     ) -> None:
+        """``masks``: also store box-prompted mask logits (see the module docstring) for this plan."""
         self.path = Path(path)
+        self.masks = masks
+        if masks is not None and len(masks.cls) != len(image_ids):
+            raise ValueError(f"mask plan for {len(masks.cls)} images, the cache holds {len(image_ids)}")
+        self.mask_side = int(input_size) // 4
         self.image_ids = list(image_ids)
         self.specs = tuple(feature_specs)
         self.input_size = int(input_size)
@@ -284,6 +345,7 @@ class FeatureCacheWriter:
             raise
         self.attrs: Dict[str, Any] = {k: _attr(v) for k, v in self._file.attrs.items()}
         self.batch_size = int(self.attrs["batch_size"])
+        self._offsets = self._file["masks/offsets"][:] if masks is not None else None
 
     def _open(self, fingerprint: TeacherFingerprint, compression: Optional[str], teacher_config: Mapping[str, Any],
               dataset: str, split: str, batch_size: int, teacher: str, data_root: str,
@@ -291,10 +353,15 @@ class FeatureCacheWriter:
         if self.path.exists():
             self._file = self._reopen(fingerprint)
             codec.add_stats_datasets(self._file, self.specs, len(self.image_ids))  # also to files from before statistics
+            if self.masks is not None and "masks" not in self._file.attrs:  # add mask logits to a features-only cache
+                LOGGER.warning("%s has no mask logits: adding them; every batch is recomputed (resumable)", self.path)
+                reserve_space(self.path, self.mask_bytes() + SPACE_MARGIN[1])
+                self._create_masks()
             self._file.flush()
             return
         feat, other = self.bytes_per_image()
-        reserve_space(self.path, int((feat + other) * len(self.image_ids) * SPACE_MARGIN[0]) + SPACE_MARGIN[1])
+        reserve_space(self.path, int((feat + other) * len(self.image_ids) * SPACE_MARGIN[0]) + self.mask_bytes()
+                      + SPACE_MARGIN[1])
         try:
             self._file = h5py.File(self.path, "w")
             self._create(compression)
@@ -315,6 +382,8 @@ class FeatureCacheWriter:
                 **(extra_attrs or {}),
             })
             codec.add_stats_datasets(self._file, self.specs, len(self.image_ids))
+            if self.masks is not None:
+                self._create_masks()
             self._file.flush()
         except BaseException as exc:  # a half-created file is ours (we hold the lock): remove it
             if getattr(self, "_file", None) is not None and self._file.id.valid:
@@ -342,6 +411,34 @@ class FeatureCacheWriter:
                 if self.storage == "int8":
                     for key, shape in codec.scale_shapes(s.channels, side, side).items():
                         alloc_dataset(group, s.name + codec.SCALES[key], (n, *shape), codec.SCALE_DTYPE, (1, *shape), compression)
+
+    def mask_bytes(self) -> int:
+        """Bytes of the mask datasets of this plan (0 without masks)."""
+        if self.masks is None:
+            return 0
+        n = len(self.image_ids)
+        return int(self.masks.offsets[-1]) * codec.mask_bytes(self.storage, self.mask_side, self.with_flip) + 9 * n + 8
+
+    def _create_masks(self) -> None:
+        """The mask datasets of :attr:`masks` (module docstring), preallocated; offsets, label_index and
+        cls written now, ``masks_done`` all False."""
+        assert self.masks is not None
+        f, plan, side = self._file, self.masks, self.mask_side
+        offsets = plan.offsets
+        m = int(offsets[-1])
+        g = f.require_group(MASK_GROUPS[False])
+        g.create_dataset("offsets", data=offsets)
+        g.create_dataset("label_index", data=np.concatenate([np.arange(len(c)) for c in plan.cls] + [np.zeros(0)]).astype(np.int64))
+        g.create_dataset("cls", data=np.concatenate([np.asarray(c, np.int64) for c in plan.cls] + [np.zeros(0, np.int64)]))
+        for flipped in (False, True) if self.with_flip else (False,):
+            grp = f.require_group(MASK_GROUPS[flipped])
+            alloc_dataset(grp, "logits", (m, side, side), codec.VALUE_DTYPE[self.storage])
+            if self.storage == "int8":
+                alloc_dataset(grp, "scale", (m,), codec.SCALE_DTYPE)
+            alloc_dataset(grp, "boxes", (m, 4), np.float32)
+        f.create_dataset("masks_done", data=np.zeros(len(self.image_ids), bool))
+        f.attrs["masks"] = json.dumps(plan.info(side))
+        f.attrs["outputs"] = "features,masks"
 
     def _reopen(self, fingerprint: TeacherFingerprint) -> h5py.File:
         """Open an existing cache for appending, refusing one of another teacher, image list or layout."""
@@ -381,6 +478,17 @@ class FeatureCacheWriter:
                     f"{_attr(f.attrs['input_size'])}, this run {_specs_json(self.specs)} at {self.input_size} "
                     f"(keep --features as in the first run). {fix}"
                 )
+            if "masks" in f.attrs:
+                info = json.loads(_attr(f.attrs["masks"]))
+                if self.masks is None:
+                    raise CacheMismatchError(
+                        f"{self.path} was started with --outputs features,masks, this run has --outputs features. "
+                        f"Resume it with --outputs features,masks, or: {fix}")
+                if info.get("labels_sha256") != self.masks.labels_sha256 or info.get("prompt_source") != self.masks.prompt_source:
+                    raise CacheMismatchError(
+                        f"{self.path} holds mask logits prompted with other labels: the label files changed since it "
+                        f"was started ({info.get('prompt_source')} sha256 {info.get('labels_sha256')}, now "
+                        f"{self.masks.prompt_source} sha256 {self.masks.labels_sha256}). {fix}")
             cached = list(f["image_ids"].asstr()[:])
             if cached != self.image_ids:
                 first = next((i for i, (a, b) in enumerate(zip(cached, self.image_ids)) if a != b), min(len(cached), len(self.image_ids)))
@@ -395,30 +503,63 @@ class FeatureCacheWriter:
         return f
 
     def missing(self) -> np.ndarray:
-        """Indices (into the image list) whose features are not written yet."""
-        return np.flatnonzero(~self._file["done"][:])
+        """Indices (into the image list) whose features (or, with masks, mask logits) are not written yet."""
+        done = self._file["done"][:]
+        if self.masks is not None:
+            done &= self._file["masks_done"][:]
+        return np.flatnonzero(~done)
+
+    def mask_rows(self, start: int, stop: int) -> Tuple[int, int]:
+        """Rows [a, b) of the mask datasets held by images [start, stop)."""
+        assert self._offsets is not None, f"{self.path} stores no mask logits"
+        return int(self._offsets[start]), int(self._offsets[stop])
 
     def bytes_per_image(self) -> Tuple[int, int]:
         return bytes_per_image(self.specs, self.input_size, self.storage, self.with_flip)
 
     def write(self, start: int, features: Mapping[str, torch.Tensor], affine: torch.Tensor, valid_hw: torch.Tensor,
-              orig_hw: np.ndarray, flip: Optional[Tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]] = None) -> None:
+              orig_hw: np.ndarray, flip: Optional[Tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]] = None,
+              masks: Optional[Mapping[bool, Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         """Store images [start, start + B): features {name: (B, C, h, w)}, affine (B, 4), valid_hw (B, 2),
         orig_hw (B, 2), and (cache with_flip) ``flip`` = (features, affine, valid_hw) of the teacher on the
-        mirrored images, the affine already for ORIGINAL pixels (cache_codec.mirror_affine)."""
+        mirrored images, the affine already for ORIGINAL pixels (cache_codec.mirror_affine).
+        ``masks`` (cache with mask logits): {flipped: (logits (m, S/4, S/4), boxes (m, 4) teacher-pixel
+        x1, y1, x2, y2)} per pass, m = the label rows of these images in image order (:meth:`mask_rows`)."""
         if (flip is not None) != self.with_flip:
             raise ValueError(f"{self.path} {'has' if self.with_flip else 'has no'} flip pass: write() needs flip="
                              f"{'(features, affine, valid_hw)' if self.with_flip else 'None'}")
+        if (masks is not None) != (self.masks is not None):
+            raise ValueError(f"{self.path} {'stores' if self.masks is not None else 'stores no'} mask logits: write() "
+                             f"needs masks={'{flipped: (logits, boxes)}' if self.masks is not None else 'None'}")
+        if masks is not None and set(masks) != ({False, True} if self.with_flip else {False}):
+            raise ValueError(f"write(): mask logits of passes {sorted(masks)}, the cache has "
+                             f"{'the plain and the flip pass' if self.with_flip else 'the plain pass only'}")
         try:
-            self._write(start, features, affine, valid_hw, orig_hw, flip)
+            self._write(start, features, affine, valid_hw, orig_hw, flip, masks)
         except OSError as exc:
             raise CacheWriteError(exc.errno, f"writing images {start}.. to the cache {self.path} failed ({exc}): free "
                                   f"space there and rerun the same command (it resumes), or write to another --output") from exc
 
     def _write(self, start: int, features: Mapping[str, torch.Tensor], affine: torch.Tensor, valid_hw: torch.Tensor,
-               orig_hw: np.ndarray, flip: Optional[Tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]]) -> None:
+               orig_hw: np.ndarray, flip: Optional[Tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]],
+               masks: Optional[Mapping[bool, Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         n = affine.shape[0]
         stop, f = start + n, self._file
+        for flipped, (logits, boxes) in (masks or {}).items():
+            a, b = self.mask_rows(start, stop)
+            side = self.mask_side
+            if tuple(logits.shape) != (b - a, side, side) or tuple(boxes.shape) != (b - a, 4):
+                raise ValueError(f"mask logits {tuple(logits.shape)} / boxes {tuple(boxes.shape)} of images {start}..{stop - 1}: "
+                                 f"the cache expects ({b - a}, {side}, {side}) / ({b - a}, 4) (their label rows)")
+            try:
+                enc = codec.encode_masks(logits, self.storage)
+            except ValueError as exc:
+                raise ValueError(f"mask logits{' (flip pass)' if flipped else ''} of images {start}..{stop - 1}: {exc}") from None
+            g = f[MASK_GROUPS[flipped]]
+            g["logits"][a:b] = enc["values"]
+            if "scale" in enc:
+                g["scale"][a:b] = enc["scale"]
+            g["boxes"][a:b] = boxes.detach().cpu().float().numpy()
         passes = [(False, features, affine, valid_hw)] + ([(True, *flip)] if flip is not None else [])
         for flipped, feats, aff, valid in passes:
             group, affine_name, valid_name = _FLIP[flipped]
@@ -444,6 +585,8 @@ class FeatureCacheWriter:
         f["orig_hw"][start:stop] = np.asarray(orig_hw, np.int32).reshape(n, 2)
         f.flush()  # data on disk before the batch is marked done
         f["done"][start:stop] = True
+        if masks is not None:
+            f["masks_done"][start:stop] = True
         f.flush()
 
     def finalize(self) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
@@ -487,6 +630,10 @@ class FeatureCacheReader:
                 self.orig_hw = f["orig_hw"][:]
                 self.done = f["done"][:]
                 self.storage, self.has_flip = stored_layout(self.attrs)
+                self.mask_info: Optional[Dict[str, Any]] = json.loads(self.attrs["masks"]) if "masks" in self.attrs else None
+                if self.mask_info is not None:
+                    self.mask_offsets = f["masks/offsets"][:]
+                    self.masks_done = f["masks_done"][:]
                 self._geometry = {flipped: (f[a][:], f[v][:]) for flipped, (_, a, v) in _FLIP.items() if a in f}
                 for name, g in f.get("stats", {}).items():
                     mean, std = g["mean"][:], g["std"][:]
@@ -512,6 +659,23 @@ class FeatureCacheReader:
     @property
     def fingerprint(self) -> TeacherFingerprint:
         return TeacherFingerprint(**self.fingerprint_dict)
+
+    @property
+    def has_masks(self) -> bool:
+        """The file stores box-prompted mask logits for every image whose features are written."""
+        return self.mask_info is not None and bool(self.masks_done[self.done].all())
+
+    def check_labels(self, label_dir: str | Path) -> None:
+        """Raise CacheMismatchError (naming the rebuild command) when the label files the mask logits were
+        prompted with changed since: their sha256 over this cache's images differs from the stored one."""
+        if self.mask_info is None:
+            return
+        now = label_files_sha256(label_dir, self.image_ids)
+        if now != self.mask_info.get("labels_sha256"):
+            raise CacheMismatchError(
+                f"{self.path}: the cached mask logits are stale: the detection label files in {label_dir} changed since "
+                f"they were prompted with them (labels sha256 {self.mask_info.get('labels_sha256')}, now {now}). Rebuild "
+                f"the cache (delete {self.path} first, or write to another --output):\n  {self.rebuild_command()}")
 
     def bytes_per_image(self) -> Tuple[int, int]:
         return bytes_per_image(self.feature_specs, self.input_size, self.storage, self.has_flip)
@@ -583,8 +747,30 @@ class FeatureCacheReader:
             feats[s.name] = codec.decode_int8(values, **scales) if dequantize else \
                 {"values": torch.from_numpy(values), **{k: torch.from_numpy(v) for k, v in scales.items()}}
         affine, valid = self._geometry[bool(flipped)]
-        return {"features": feats, "affine": torch.from_numpy(affine[i].copy()),
-                "valid_hw": torch.from_numpy(valid[i].copy()), "input_size": self.input_size}
+        out = {"features": feats, "affine": torch.from_numpy(affine[i].copy()),
+               "valid_hw": torch.from_numpy(valid[i].copy()), "input_size": self.input_size}
+        if self.mask_info is not None and self.masks_done[i]:
+            out["masks"] = self.read_masks(i, image_id, flipped, dequantize)
+        return out
+
+    def read_masks(self, i: int, image_id: str, flipped: bool, dequantize: bool) -> Dict[str, torch.Tensor]:
+        """{logits (K, S/4, S/4) float16 (int8 with ``dequantize=False``, plus ``scale`` (K,) float32),
+        label_index (K,) int64, cls (K,) int64, boxes (K, 4) float32 teacher pixels} of image ``i``."""
+        f, a, b = self._h5(), int(self.mask_offsets[i]), int(self.mask_offsets[i + 1])
+        g = f[MASK_GROUPS[bool(flipped)]]
+        values = g["logits"][a:b]
+        scale = g["scale"][a:b] if "scale" in g else None
+        if self.check_finite:
+            self.check_values(values, f"{g.name}/logits", image_id)
+            if scale is not None:
+                self.check_values(scale, f"{g.name}/scale", image_id)
+        out = {"label_index": torch.from_numpy(f["masks/label_index"][a:b]), "cls": torch.from_numpy(f["masks/cls"][a:b]),
+               "boxes": torch.from_numpy(g["boxes"][a:b])}
+        if scale is None or dequantize:
+            out["logits"] = codec.decode_masks(values, scale)
+        else:
+            out["logits"], out["scale"] = torch.from_numpy(values), torch.from_numpy(scale)
+        return out
 
     def check_values(self, values: np.ndarray, key: str, image_id: str) -> None:
         """Raise :class:`CorruptCacheError` naming the file, dataset, image and the rebuild command when
@@ -608,14 +794,17 @@ class FeatureCacheReader:
         return None if got is None else (torch.from_numpy(got[0].copy()), torch.from_numpy(got[1].copy()))
 
     def rebuild_command(self, data_root: Optional[str] = None, teacher_config: Optional[Mapping[str, Any]] = None,
-                        limit: Optional[int] = None, with_flip: Optional[bool] = None) -> str:
-        """The tool command for this file (its storage, flip pass and features); teacher overrides from
-        ``teacher_config`` (default: the cached one)."""
+                        limit: Optional[int] = None, with_flip: Optional[bool] = None, masks: Optional[bool] = None) -> str:
+        """The tool command for this file (its storage, flip pass, features and outputs); teacher overrides
+        from ``teacher_config`` (default: the cached one). ``masks=True``: the command that adds mask
+        logits (``--outputs features,masks``; it reopens this file and fills them, resumably)."""
         cfg = self.teacher_config if teacher_config is None else teacher_config
         teacher = self.attrs.get("teacher") or cfg.get("type") or self.teacher_config.get("type", "?")
         return rebuild_command(teacher, self.attrs.get("dataset", "?"), self.attrs.get("split", "?"), str(self.path.parent),
                                data_root or self.attrs.get("data_root") or None, cfg, limit, self.storage,
-                               self.has_flip if with_flip is None else with_flip, [s.name for s in self.feature_specs])
+                               self.has_flip if with_flip is None else with_flip, [s.name for s in self.feature_specs],
+                               ("features", "masks") if (self.mask_info is not None if masks is None else masks) else ("features",),
+                               int((self.mask_info or {}).get("num_classes", 80)))
 
     def check_matches(self, fingerprint: TeacherFingerprint, ignore: Sequence[str] = (),
                       teacher_config: Optional[Mapping[str, Any]] = None) -> None:

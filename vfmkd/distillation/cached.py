@@ -23,7 +23,9 @@ class DistillBatch:
 class CachedTargetsDataset(Dataset):
     """Wraps a dataset: ``[i]`` -> ``(sample, {teacher: targets or None})``; ``None`` for an image
     absent from that teacher's cache (``missing[teacher]``). Entries are read untouched (int8 stays
-    int8) in the worker that loads the sample; the training step moves and decodes them."""
+    int8) in the worker that loads the sample; the training step moves and decodes them. A cache with
+    mask logits (``OfflineTeacher.has_masks``) adds the image's :class:`MaskLogits` (all its label
+    rows, of the pass read: the flip pass for a mirrored view when cached)."""
 
     def __init__(self, dataset: Dataset, caches: Mapping[str, OfflineTeacher],
                  missing: Optional[Mapping[str, FrozenSet[str]]] = None) -> None:
@@ -49,13 +51,17 @@ class CachedTargetsDataset(Dataset):
                 cached[name] = None
                 continue
             flipped = sample.view.flipped and cache.has_flip
-            cached[name] = from_cache_entry(cache.reader.read(sample.image_id, flipped=flipped, dequantize=False))
+            entry = cache.reader.read(sample.image_id, flipped=flipped, dequantize=False)
+            if not cache.has_masks:  # a cache whose mask logits are still being added: features only
+                entry.pop("masks", None)
+            cached[name] = from_cache_entry(entry)
         return sample, cached
 
 
 def collate_distill(items: Sequence[Tuple[Sample, Mapping[str, Optional[TeacherTargets]]]]) -> DistillBatch:
     """Collate ``(sample, cached)`` pairs; a teacher with any image missing from its cache is left
-    out of ``cached`` for this batch (the router sends that batch to the live teacher)."""
+    out of ``cached`` for this batch (the router sends that batch to the live teacher). Mask logits
+    are concatenated with ``batch_idx`` = the image's position in the batch."""
     batch = collate_samples([s for s, _ in items])
     cached: Dict[str, TeacherTargets] = {}
     for name in items[0][1] if items else ():

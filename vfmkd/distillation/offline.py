@@ -33,10 +33,36 @@ class OfflineTeacher:
     input_size: int
     has_flip: bool  # a second, mirrored teacher pass is cached (--with-flip)
     stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    #: box-prompted mask logits are cached for every image (--outputs features,masks), in each cached pass
+    has_masks: bool = False
 
     @property
     def path(self) -> Path:
         return self.reader.path
+
+    def masks_command(self, data_root: Optional[str] = None, limit: Optional[int] = None) -> str:
+        """The tool command that adds mask logits to this cache (``--outputs features,masks``: it reopens the
+        file, adds the mask datasets and fills them, resumably)."""
+        return self.reader.rebuild_command(data_root, limit=limit, masks=True)
+
+    def require_masks(self, why: str, data_root: Optional[str] = None, limit: Optional[int] = None) -> None:
+        """Raise CacheMismatchError naming :meth:`masks_command` unless the cache holds mask logits;
+        ``why`` names what needs them (e.g. ``loss 'mask_kd' (mask_distill)``)."""
+        if self.has_masks:
+            return
+        partial = self.reader.mask_info is not None
+        raise CacheMismatchError(
+            f"teacher '{self.name}': {why} needs the teacher's mask logits but {self.path} "
+            f"{'does not hold them for every image yet' if partial else 'caches features only'}. "
+            f"{'Finish' if partial else 'Add'} them with:\n  {self.masks_command(data_root, limit)}")
+
+    def check_mask_labels(self, label_dir: str | Path) -> None:
+        """Raise CacheMismatchError naming the rebuild command when the detection label files the cached
+        mask logits were prompted with changed since (sha256 over the cache's images)."""
+        try:
+            self.reader.check_labels(label_dir)
+        except CacheMismatchError as exc:
+            raise CacheMismatchError(f"teacher '{self.name}': {exc}") from exc
 
     def missing_images(self, image_ids: Sequence[str], orig_sizes: Sequence[Tuple[int, int]], allow_missing: bool,
                        data_root: Optional[str] = None, limit: Optional[int] = None) -> FrozenSet[str]:
@@ -70,9 +96,11 @@ class OfflineTeacher:
 
 
 def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, primary_feature: str,
-                         rebuild: str, teacher_config: Mapping[str, Any]) -> OfflineTeacher:
+                         rebuild: str, teacher_config: Mapping[str, Any], label_dir: Optional[Path] = None) -> OfflineTeacher:
     """Open ``path`` (a ``<split>.h5``) and check it was written by the teacher whose config
-    fingerprint is ``expected``; ``rebuild`` is the command that writes it (named when it is absent)."""
+    fingerprint is ``expected``; ``rebuild`` is the command that writes it (named when it is absent).
+    ``label_dir``: the split's detection label folder; a cache with mask logits is checked against it
+    (stale labels raise :class:`CacheMismatchError`)."""
     where = f"teachers.{name}"
     if not path.is_file():
         raise CacheMissingError(f"{where}: no cached features at {path}. Write them first:\n  {rebuild}")
@@ -87,10 +115,15 @@ def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, pr
         reader.check_matches(expected, ignore=ignore, teacher_config=dict(teacher_config))
     except CacheMismatchError as exc:
         raise CacheMismatchError(f"{where}: {exc}") from exc
+    if label_dir is not None:
+        try:
+            reader.check_labels(label_dir)
+        except CacheMismatchError as exc:
+            raise CacheMismatchError(f"{where}: {exc}") from exc
     specs = tuple(reader.feature_specs)
     names = [s.name for s in specs]
     stats = {s.name: reader.stats(s.name) for s in specs}
     return OfflineTeacher(
         name, reader, specs, primary_feature if primary_feature in names else names[-1], reader.input_size,
-        bool(reader.has_flip), {k: v for k, v in stats.items() if v is not None},
+        bool(reader.has_flip), {k: v for k, v in stats.items() if v is not None}, bool(reader.has_masks),
     )

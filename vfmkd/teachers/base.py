@@ -88,6 +88,10 @@ class BaseTeacher(nn.Module, ABC):
     variants: Mapping[str, Any] = {}
     #: the resize/pad/normalisation recipe, recorded in the fingerprint
     preprocessing: str = ""
+    #: the teacher can be prompted with boxes for mask logits (:meth:`mask_logits`): SAM, LoRA-SAM, SAM2
+    can_segment: bool = False
+    #: :meth:`forward_with_heads` returns head outputs too (a trained vfmkd model as a teacher)
+    provides_head_outputs: bool = False
 
     settings: TeacherSettings
     _weights_id: str
@@ -250,6 +254,34 @@ class BaseTeacher(nn.Module, ABC):
     def forward_features(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Run the frozen model on a preprocessed batch."""
 
+    def forward_with_heads(self, pixels: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """``(features, head_outputs)`` of one pass on a preprocessed batch. Teachers with
+        :attr:`provides_head_outputs` override it to return their heads' raw training outputs keyed
+        by head name (what ``TeacherTargets.head_outputs`` carries); the default returns
+        ``(forward_features(pixels), {})``."""
+        return self.forward_features(pixels), {}
+
+    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Box-prompted mask logits of teachers with :attr:`can_segment`.
+
+        ``features``: what :meth:`forward_features` returned for a batch (B images); ``boxes`` (N, 4)
+        float x1, y1, x2, y2 in teacher-input pixels (the frame of ``TeacherBatch.affine``);
+        ``batch_idx`` (N,) int64 image of each box. Returns (N, S/4, S/4) float32 logits on the canvas
+        of the features (``S = input_size``; SAM's ``low_res_masks`` with ``multimask_output=False``).
+        The base class cannot segment: it raises :class:`ConfigError` naming the teachers that can."""
+        raise ConfigError(f"the {self.family} teacher cannot be prompted for mask logits (can_segment is False); "
+                          f"teachers that can: {', '.join(segmenting_teachers())}.")
+
+    def _boxes_by_image(self, boxes: torch.Tensor, batch_idx: torch.Tensor, batch: int) -> List[torch.Tensor]:
+        """Check ``mask_logits``' box arguments; returns, per image of the batch, the indices of its boxes."""
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or batch_idx.shape != (boxes.shape[0],):
+            raise ValueError(f"mask_logits expects boxes (N, 4) and batch_idx (N,), got {tuple(boxes.shape)} and "
+                             f"{tuple(batch_idx.shape)}.")
+        idx = batch_idx.to(torch.int64).cpu()
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= batch):
+            raise ValueError(f"mask_logits: batch_idx in [{int(idx.min())}, {int(idx.max())}] but the features hold {batch} images.")
+        return [torch.nonzero(idx == b).view(-1) for b in range(batch)]
+
     @property
     def device(self) -> torch.device:
         for t in self.buffers():
@@ -263,3 +295,19 @@ class BaseTeacher(nn.Module, ABC):
         batch = self.preprocess(images)
         batch.pixels = batch.pixels.to(self.device)
         return self.forward_features(batch.pixels), batch
+
+
+#: box prompts per mask-decoder call (bounds the decoder's repeated image embedding in memory)
+MASK_CHUNK = 32
+
+
+def segmenting_teachers() -> List[str]:
+    """Registered teacher names whose class can be prompted for mask logits (``can_segment``)."""
+    from vfmkd.core.registry import TEACHERS
+
+    out = []
+    for name in TEACHERS.names():
+        obj = TEACHERS.get(name)
+        if isinstance(obj, type) and getattr(obj, "can_segment", False):
+            out.append(name)
+    return out or ["sam", "lora_sam", "sam2"]

@@ -24,7 +24,7 @@ from torch import nn
 from vfmkd.core.errors import CheckpointError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, resized_hw
+from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, resized_hw
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 
 logger = logging.getLogger("vfmkd")
@@ -74,6 +74,7 @@ class SamTeacher(BaseTeacher):
 
     family = "sam"
     primary_feature = "image_embeddings"
+    can_segment = True
 
     variants = SAM_VARIANTS
     preprocessing = f"sam:resize-longest-side,pad-bottom-right,mean={_fmt(SAM_MEAN)},std={_fmt(SAM_STD)}"
@@ -209,6 +210,33 @@ class SamTeacher(BaseTeacher):
         return {"trunk": trunk.float().contiguous(), "image_embeddings": emb.float()}
 
     # ------------------------------------------------------------------ prompting
+    @torch.no_grad()
+    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Box prompts -> (N, S/4, S/4) float32 mask logits, by SAM's own prompt encoder and mask decoder
+        on ``features["image_embeddings"]`` (B, 256, S/16, S/16): per image ``b``,
+        ``prompt_encoder(points=None, boxes=boxes[batch_idx == b], masks=None)`` then
+        ``mask_decoder(image_embeddings=emb[b:b+1], image_pe=prompt_encoder.get_dense_pe(), ...,
+        multimask_output=False)``, i.e. exactly what ``SamPredictor.predict_torch`` computes as
+        ``low_res_masks`` for boxes in input-frame pixels (``boxes`` (N, 4) x1, y1, x2, y2 in teacher
+        pixels, ``batch_idx`` (N,) int64). The prompt encoder's sizes follow ``input_size``."""
+        emb = features["image_embeddings"]
+        side = 4 * emb.shape[-1]
+        per_image = self._boxes_by_image(boxes, batch_idx, emb.shape[0])
+        out = torch.zeros(len(boxes), side, side, dtype=torch.float32, device=self.device)
+        pe_enc, dec = self.sam.prompt_encoder, self.sam.mask_decoder
+        emb = emb.to(self.device)
+        dense_pe = pe_enc.get_dense_pe()
+        prompts = boxes.to(self.device, torch.float32)
+        with self.autocast():
+            for b, rows in enumerate(per_image):
+                for chunk in rows.split(MASK_CHUNK) if len(rows) else ():
+                    chunk = chunk.to(self.device)
+                    sparse, dense = pe_enc(points=None, boxes=prompts[chunk], masks=None)
+                    low_res, _ = dec(image_embeddings=emb[b:b + 1], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                                     dense_prompt_embeddings=dense, multimask_output=False)
+                    out[chunk] = low_res[:, 0].float()
+        return out
+
     @torch.no_grad()
     def predict_masks(
         self,

@@ -56,7 +56,7 @@ import torchvision.transforms.functional as TF
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings
+from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 from vfmkd.teachers.weights import weights_for
 
@@ -177,6 +177,7 @@ class Sam2Teacher(BaseTeacher):
 
     family = "sam2"
     primary_feature = "fpn_s16"
+    can_segment = True
 
     variants = SAM2_VARIANTS
     preprocessing = f"sam2:resize-square-no-aspect,bilinear-antialias,mean={_fmt(SAM2_MEAN)},std={_fmt(SAM2_STD)}"
@@ -293,6 +294,38 @@ class Sam2Teacher(BaseTeacher):
         return {k: v.float().contiguous() for k, v in maps.items()}
 
     # ------------------------------------------------------------------ prompting
+    @torch.no_grad()
+    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Box prompts -> (N, S/4, S/4) float32 mask logits, by SAM2's own ``sam_prompt_encoder`` and
+        ``sam_mask_decoder`` on the features its image predictor uses: image embedding ``fpn_s16 +
+        no_mem_embed`` (``directly_add_no_mem_embed``) and high-resolution features ``[hires_s4,
+        hires_s8]``. A box is prompted as SAM2ImagePredictor does (two corner points labelled 2 and 3);
+        ``multimask_output=False``; the logits are clamped to [-32, 32] like the predictor's
+        ``low_res_masks``. ``boxes`` (N, 4) x1, y1, x2, y2 in teacher pixels (SAM2's stretched square
+        canvas), ``batch_idx`` (N,) int64."""
+        model = self.sam2
+        emb = features["fpn_s16"].to(self.device)
+        if model.directly_add_no_mem_embed:
+            emb = emb + model.no_mem_embed.view(1, -1, 1, 1)
+        high = [features["hires_s4"].to(self.device), features["hires_s8"].to(self.device)]
+        side = 4 * emb.shape[-1]
+        per_image = self._boxes_by_image(boxes, batch_idx, emb.shape[0])
+        out = torch.zeros(len(boxes), side, side, dtype=torch.float32, device=self.device)
+        pe_enc, dec = model.sam_prompt_encoder, model.sam_mask_decoder
+        dense_pe = pe_enc.get_dense_pe()
+        corners = boxes.to(self.device, torch.float32).reshape(-1, 2, 2)
+        with self.autocast():
+            for b, rows in enumerate(per_image):
+                for chunk in rows.split(MASK_CHUNK) if len(rows) else ():
+                    chunk = chunk.to(self.device)
+                    labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device).repeat(len(chunk), 1)
+                    sparse, dense = pe_enc(points=(corners[chunk], labels), boxes=None, masks=None)
+                    low_res, _, _, _ = dec(image_embeddings=emb[b:b + 1], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                                           dense_prompt_embeddings=dense, multimask_output=False,
+                                           repeat_image=len(chunk) > 1, high_res_features=[h[b:b + 1] for h in high])
+                    out[chunk] = low_res[:, 0].float().clamp(-32.0, 32.0)
+        return out
+
     @torch.no_grad()
     def predict_masks(
         self,
