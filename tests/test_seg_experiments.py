@@ -116,3 +116,15 @@ def test_vfmkd_run_teaches_another_student(instance_run, tmp_path):
     metrics = Trainer(cfg, progress=False).fit()
     logs = finite_logs(metrics, "loss_cls_distill", "loss_feat_distill_yolov8s", "loss_det")
     assert logs["loss_cls_distill"] >= 0
+
+
+def test_mask_distill_from_a_features_only_cache_names_the_command(tmp_path):
+    out = tmp_path / "sam"
+    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "--limit", "2", "--batch-size", "2", "--output", str(out),
+                     "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
+    cfg = load_experiment(EXPERIMENTS / "yolov8n_seg_sam_coco128.yaml", [
+        f"teachers.sam.feature_path={out}", "teachers.sam.init=random", f"teachers.sam.input_size={SIZE}",
+        f"work_dir={tmp_path}", "train.epochs=1", *SMALL[1:], "data.limit=2"])
+    with pytest.raises(Exception, match=r"--outputs features,masks") as info:
+        Trainer(cfg, progress=False)
+    assert "mask_distill" in str(info.value)

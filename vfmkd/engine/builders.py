@@ -90,8 +90,10 @@ class LiveTeachers:
         return load
 
 
-def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str) -> OfflineTeacher:
-    """The teacher's cache of ``split``, checked against the teacher's config fingerprint."""
+def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str,
+               data_root: Optional[Any] = None) -> OfflineTeacher:
+    """The teacher's cache of ``split``, checked against the teacher's config fingerprint and, when it
+    holds mask logits and ``data_root`` is given, against the split's label files (stale prompts)."""
     if getattr(TEACHERS.get(entry["type"]), "live_only", False):
         raise ConfigError(f"teachers.{name}: the {entry['type']} teacher is live only (it runs on the student's own canvas); "
                           f"set teachers.{name}.offline=false")
@@ -102,8 +104,9 @@ def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str) ->
     teacher_cls = TEACHERS.get(entry["type"])
     path = resolve_path(entry["feature_path"]) / f"{split}.h5"
     rebuild = rebuild_command(entry["type"], dataset, split, str(entry["feature_path"]), teacher_config=entry)
+    label_dir = resolve_path(data_root) / "object_detection" / "labels" / split if data_root is not None else None
     return open_offline_teacher(name, path, teacher_cls.config_fingerprint(**kwargs), teacher_cls.primary_feature,
-                                rebuild, entry)
+                                rebuild, entry, label_dir=label_dir)
 
 
 def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTeachers,
@@ -121,7 +124,7 @@ def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTea
         cache, missing, why_no_cache = None, frozenset(), ""
         if offline and ratio > 0.0:
             try:
-                cache = open_cache(name, entry, cfg.data.dataset, dataset.split)
+                cache = open_cache(name, entry, cfg.data.dataset, dataset.split, dataset.root)
             except CacheMissingError as exc:
                 if not allow_missing:
                     raise
