@@ -17,6 +17,7 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.cached import DistillBatch
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.routing import TeacherRouter
+from vfmkd.engine.promptable_metrics import PromptableScorer
 from vfmkd.engine.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
 
@@ -91,13 +92,14 @@ class FidelityMeter:
         return out
 
 
-Scorer = Any  # DetectionScorer | InstanceScorer | SemanticScorer | BinaryScorer: update(out, batch), result()
+Scorer = Any  # DetectionScorer | InstanceScorer | SemanticScorer | BinaryScorer: update(out, batch), result();
+#               PromptableScorer (wants_targets): update(out, batch, targets), bind(model)
 
 # The number that picks best.pt per head task (and names best_epoch{E}_{metric}{value}.pt).
 # (metric key, its short name in file names)
 PRIMARY_METRIC = {"instance": ("mask_mAP50-95", "maskmAP"), "semantic": ("mIoU", "mIoU"), "binary": ("dice", "Dice"),
-                  "detection": ("mAP50-95", "mAP")}
-TASK_PRIORITY = ("instance", "semantic", "binary", "detection")
+                  "detection": ("mAP50-95", "mAP"), "promptable": ("mIoU", "boxmIoU")}
+TASK_PRIORITY = ("promptable", "instance", "semantic", "binary", "detection")
 
 
 def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semantic_names: Optional[Mapping[int, str]],
@@ -113,6 +115,8 @@ def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semant
             scorers[head] = SemanticScorer(semantic_names, head=head)
         elif task == "binary":
             scorers[head] = BinaryScorer(head=head)
+        elif task == "promptable":  # the head module comes from the model evaluate() binds
+            scorers[head] = PromptableScorer(box_names, head=head)
         else:
             scorers[head] = DetectionScorer(box_names, conf, iou, max_det, head=head)
     return scorers
@@ -152,13 +156,21 @@ def evaluate(model: UnifiedModel, loader, scorers: Mapping[str, Scorer], device:
     """Every head's metrics over ``loader`` (``result[head]``; a detection head's are also at the
     top level, as before segmentation heads existed) and, with ``distiller`` and ``router`` (whose
     batches carry cached val targets or go to the live teacher), ``fidelity`` per teacher and level.
-    ``on_batch(step, out, batch, targets)`` sees each batch (visualisations)."""
+    ``on_batch(step, out, batch, targets)`` sees each batch (visualisations). Scorers with
+    ``wants_targets`` (promptable heads: alignment with the teacher's masks) get
+    ``update(out, batch, targets)``; with such a scorer and a ``router`` the teachers' targets are
+    fetched even without a distiller (every routed teacher). Scorers (and ``on_batch``'s owner)
+    with ``bind`` are given the model first (a promptable head decodes prompts with its module)."""
     was_training = model.training
     model.eval()
     if distiller is not None:
         distiller.eval()
     fidelity = FidelityMeter(distiller) if distiller is not None and router is not None else None
     teachers = list(distiller.teachers_used(active_only=False)) if distiller is not None else []
+    wants_targets = any(getattr(s, "wants_targets", False) for s in scorers.values())
+    for owner in (*scorers.values(), getattr(on_batch, "__self__", None)):
+        if hasattr(owner, "bind"):
+            owner.bind(model)
     if router is not None:
         router.reset_counts()  # the sources of this evaluation only
     for step, item in enumerate(tqdm(loader, desc="eval", leave=False, disable=not progress)):
@@ -166,12 +178,16 @@ def evaluate(model: UnifiedModel, loader, scorers: Mapping[str, Scorer], device:
         batch, cached = (item.batch, item.cached) if isinstance(item, DistillBatch) else (item, {})
         batch = batch.to(device)
         out = model(batch.images)
-        for scorer in scorers.values():
-            scorer.update(out, batch)
         targets: Mapping[str, Any] = {}
-        if fidelity is not None and router is not None:
-            targets = router.targets(step, batch, cached, teachers)
-            fidelity.update(out, batch, targets)
+        if router is not None and (fidelity is not None or wants_targets):
+            targets = router.targets(step, batch, cached, teachers if distiller is not None else None)
+            if fidelity is not None:
+                fidelity.update(out, batch, targets)
+        for scorer in scorers.values():
+            if getattr(scorer, "wants_targets", False):
+                scorer.update(out, batch, targets)
+            else:
+                scorer.update(out, batch)
         if on_batch is not None:
             on_batch(step, out, batch, targets)
     result: Dict[str, Any] = {}
