@@ -34,6 +34,7 @@ from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
 from vfmkd.distillation.distiller import RESERVED_LOSS_KEYS
 from vfmkd.models.heads.binary_head import BinaryHead
+from vfmkd.models.heads.rtdetr_head import RTDETRHead
 from vfmkd.models.heads.semantic_head import SemanticHead
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 from vfmkd.models.heads.yolo_seg_head import YOLOv8SegmentHead
@@ -215,6 +216,7 @@ CASES: List[Case] = [
     ),
     Case({"type": "detection", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5}),
     Case({"type": "instance_segmentation", "head": "instance", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5}),
+    Case({"type": "rtdetr_detection", "weight": 1.0, "cls": 1.0, "l1": 5.0, "giou": 2.0}),
     Case(
         {"type": "semantic_segmentation", "head": "semantic", "ce": 1.0, "dice": 0.5, "weight": 1.0},
         SEM_CE + 0.5 * SEM_DICE,
@@ -248,6 +250,8 @@ TASK_HEADS = {
     "instance_segmentation": lambda: YOLOv8SegmentHead(HEAD_SPECS, num_classes=3, num_masks=4, num_protos=8),
     "semantic_segmentation": lambda: SemanticHead(HEAD_SPECS, num_classes=3, channels=8),
     "binary_segmentation": lambda: BinaryHead(HEAD_SPECS, channels=8),
+    "rtdetr_detection": lambda: RTDETRHead(HEAD_SPECS, num_classes=3, num_queries=10, hidden_dim=32, num_heads=4,
+                                           ffn_dim=64, num_decoder_layers=2),
 }
 
 
@@ -408,8 +412,34 @@ def _pixel_task_case(case: Case) -> None:
     assert bool((reached != 0).all()), f"{case.id}: some labelled logits get no gradient"
 
 
+def _rtdetr_task_case(case: Case) -> None:
+    """RT-DETR through a real head: the loss runs the head's decoder with the batch's boxes
+    (denoising queries), its parts ``cls``/``l1``/``giou`` sum to it, and backward reaches the
+    head's inputs and every trained decoder weight (Hungarian matching decides the positives)."""
+    torch.manual_seed(0)
+    head = TASK_HEADS[case.kind]().train()
+    module = build_like_the_distiller(case.entry, head=head)
+    feats = {s.name: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride, requires_grad=True) for s in HEAD_SPECS}
+    value, items = module(head(feats), make_batch(64, 2, boxes=TASK_BOXES))
+    assert value.dim() == 0 and bool(torch.isfinite(value)) and float(value.detach()) > 0, f"{case.id}: {value}"
+    assert set(items) == {"cls", "l1", "giou"} and all(float(v) > 0 for v in items.values()), f"{case.id}: {items}"
+    assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
+    value.backward()
+    for level, f in feats.items():
+        assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
+    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{case.id}: head parameters without gradient: {missing}"
+    assert nonzero(head.decoder.denoising_class_embed.weight.grad), f"{case.id}: the denoising queries were not trained"
+    # No boxes in the batch: no denoising, the loss is still finite (every query is background).
+    empty = DetectionBatch(torch.zeros(0, 1), torch.zeros(0, 4), torch.zeros(0))
+    value, items = module(head(feats), make_batch(64, 2, boxes=empty))
+    assert bool(torch.isfinite(value)) and float(items["l1"]) == 0.0
+
+
 def _task_case(case: Case) -> None:
-    if case.expected is None:
+    if case.kind == "rtdetr_detection":
+        _rtdetr_task_case(case)
+    elif case.expected is None:
         _head_task_case(case)
     else:
         _pixel_task_case(case)

@@ -12,6 +12,7 @@ from ultralytics.utils.tal import make_anchors
 
 import vfmkd.models  # noqa: F401  (registers the built-in components)
 from vfmkd.core.registry import BACKBONES, HEADS, NECKS, Registry
+from vfmkd.datasets.records import DetectionBatch
 
 B, H, W = 2, 96, 128  # non-square on purpose
 
@@ -95,6 +96,49 @@ def check_pixel_head(channels: int, task: str):
     return check
 
 
+# Boxes for a DETR-style head's training pass (its loss hands it the batch's boxes: denoising queries).
+CONTRACT_BOXES = DetectionBatch(cls=torch.tensor([[0.0], [2.0], [1.0]]), batch_idx=torch.tensor([0.0, 0.0, 1.0]),
+                                bboxes=torch.tensor([[0.3, 0.3, 0.25, 0.25], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]))
+
+
+def check_rtdetr_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out, eval_out) -> None:
+    """rtdetr_head's documented output. Train: ``{"feats": levels}`` (the decoder inputs; its loss
+    runs ``decode`` with the boxes), and ``decode`` gives ultralytics' training tuple as a dict;
+    eval: ``(pred (B, 4 + nc, Q), raw)``, xywh boxes in input pixels then class probabilities of
+    Q = min(num_queries, cells) queries, and the same boxes normalised in ``raw``."""
+    nc, layers = kwargs.get("num_classes", 80), kwargs.get("num_decoder_layers", 6)
+    levels = list(feats.values())
+    queries = min(kwargs.get("num_queries", 300), sum(f.shape[-2] * f.shape[-1] for f in levels))
+    assert set(train_out) == {"feats"} and all(a is b for a, b in zip(train_out["feats"], levels))
+    head.train()
+    dec = head.decode(train_out, CONTRACT_BOXES)
+    dn = dec["dn_meta"]["dn_num_split"][0]
+    assert dec["dn_meta"]["dn_num_split"][1] == queries and dn > 0
+    assert dec["dec_bboxes"].shape == (layers, B, dn + queries, 4)
+    assert dec["dec_scores"].shape == (layers, B, dn + queries, nc)
+    assert dec["enc_bboxes"].shape == (B, queries, 4) and dec["enc_scores"].shape == (B, queries, nc)
+
+    pred, raw = eval_out
+    assert pred.shape == (B, 4 + nc, queries) and torch.isfinite(pred).all()
+    probs = pred[:, 4:]
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert torch.allclose(probs, raw["pred_logits"].sigmoid().permute(0, 2, 1))
+    scale = torch.tensor([W, H, W, H], dtype=pred.dtype).view(1, 4, 1)
+    assert torch.allclose(pred[:, :4], raw["pred_boxes"].permute(0, 2, 1) * scale, atol=1e-4)
+    assert ((pred[:, 0] >= 0) & (pred[:, 0] <= W) & (pred[:, 1] >= 0) & (pred[:, 1] <= H)).all()  # centres inside
+    assert head.task == "detection" and head.num_classes == nc
+
+
+def rtdetr_train_loss(head, train_out) -> torch.Tensor:
+    """rtdetr_head's training pass ends in its loss, which runs the decoder with the batch's boxes."""
+    dec = head.decode(train_out, CONTRACT_BOXES)
+    return sum(t.float().sum() for t in dec.values() if torch.is_tensor(t))
+
+
+# A head whose training output is not its whole graph names a loss that reaches every parameter.
+TRAIN_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {"rtdetr_head": rtdetr_train_loss}
+
+
 # Each registered head: (its output check, [(backbone, neck kwargs, head kwargs)]); the head is built
 # from the yolov8_pafpn neck's declared specs.
 HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], dict, dict]]]] = {
@@ -108,6 +152,9 @@ HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], di
                                                                                    "output_stride": 4})]),
     "binary_head": (check_pixel_head(1, "binary"), [(YOLOV8N, {"depth": 1}, {"output_stride": 4}),
                                                     (REGNET_S4, {"depth": 1}, {"channels": 16})]),
+    "rtdetr_head": (check_rtdetr_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80, "num_decoder_layers": 2}),
+                                        (REGNET_S4, {"depth": 1}, {"num_classes": 3, "num_queries": 40, "hidden_dim": 64,
+                                                                   "num_heads": 4, "ffn_dim": 128, "num_decoder_layers": 3})]),
 }
 
 
@@ -156,8 +203,11 @@ def test_head_produces_its_documented_output_in_train_and_eval(name, backbone, n
 
     head.train()
     train_out = head(feats)
-    loss = sum(t.float().sum() for t in (train_out.values() if isinstance(train_out, dict) else train_out)
-               if torch.is_tensor(t))
+    if name in TRAIN_LOSSES:
+        loss = TRAIN_LOSSES[name](head, train_out)
+    else:
+        loss = sum(t.float().sum() for t in (train_out.values() if isinstance(train_out, dict) else train_out)
+                   if torch.is_tensor(t))
     loss.backward()
     missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"{name}: no gradient in train mode for {missing}"

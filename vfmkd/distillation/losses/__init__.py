@@ -13,6 +13,7 @@ from vfmkd.distillation.losses.kd import (
     MaskDistillLoss,
     OutputDistillLoss,
 )
+from vfmkd.distillation.losses.rtdetr import RTDETRDetectionLoss
 from vfmkd.distillation.losses.segmentation import (
     BinarySegmentationLoss,
     InstanceSegmentationLoss,
@@ -32,5 +33,6 @@ __all__ = [
     "KLDivergenceLoss",
     "MaskDistillLoss",
     "OutputDistillLoss",
+    "RTDETRDetectionLoss",
     "SemanticSegmentationLoss",
 ]
