@@ -22,6 +22,9 @@ EXPERIMENTS = REPO / "configs" / "experiments"
 SIZE, LIMIT = 128, 4
 SMALL = [f"data.limit={LIMIT}", f"data.img_size={SIZE}", "data.batch_size=2", "data.num_workers=0", "eval.batch_size=4",
          "train.warmup_iters=1", "eval.vis_images=2"]
+# Live-teacher runs: no held-out fidelity, channel statistics or pictures (each costs extra teacher passes;
+# the cached instance run covers them).
+LEAN = ["eval.fidelity=false", "distillation.standardize=false", "train.vis_interval=0"]
 
 
 def finite_logs(metrics, *names):
@@ -85,7 +88,7 @@ def test_semantic_experiment_live_sam(tmp_path):
     """regnet_semantic_sam_coco128 with a live SAM: feature + class + mask distillation, mIoU."""
     cfg = load_experiment(EXPERIMENTS / "regnet_semantic_sam_coco128.yaml", [
         "teachers.sam.offline=false", "teachers.sam.init=random", f"teachers.sam.input_size={SIZE}",
-        f"work_dir={tmp_path}", "train.epochs=1", *SMALL])
+        f"work_dir={tmp_path}", "train.epochs=1", *SMALL, *LEAN])
     metrics = Trainer(cfg, progress=False).fit()
     logs = finite_logs(metrics, "loss_mask_distill", "loss_cls_distill", "loss_feat_distill", "loss_semantic",
                        "loss_distill_sam")
@@ -100,7 +103,7 @@ def test_binary_lora_sam_experiment(tmp_path):
     cfg = load_experiment(EXPERIMENTS / "lora_sam_binary_person_coco128.yaml", [
         "teachers.lora_sam.offline=false", "teachers.lora_sam.init=random", "teachers.lora_sam.lora_checkpoint=null",
         f"teachers.lora_sam.input_size={SIZE}", f"work_dir={tmp_path}", "train.epochs=1", "train.warmup_epochs=0",
-        "data.limit=6", *SMALL[1:]])
+        "data.limit=6", *SMALL[1:], *LEAN])
     metrics = Trainer(cfg, progress=False).fit()
     logs = finite_logs(metrics, "loss_kl_distill", "loss_binary", "loss_feat_distill_lora_sam")
     assert logs["loss"] == pytest.approx(0.5 * logs["loss_task"] + 0.5 * logs["loss_kd"] + 0.1 * logs["loss_feat"], rel=1e-4)
@@ -112,7 +115,7 @@ def test_vfmkd_run_teaches_another_student(instance_run, tmp_path):
     """yolov8n_from_yolov8s_coco128 with the instance run above as the (live) teacher: class scores."""
     cfg = load_experiment(EXPERIMENTS / "yolov8n_from_yolov8s_coco128.yaml", [
         f"teachers.yolov8s.checkpoint={instance_run / 'checkpoints' / 'best.pt'}", f"work_dir={tmp_path}",
-        "train.epochs=1", *SMALL])
+        "train.epochs=1", *SMALL, *LEAN])
     metrics = Trainer(cfg, progress=False).fit()
     logs = finite_logs(metrics, "loss_cls_distill", "loss_feat_distill_yolov8s", "loss_det")
     assert logs["loss_cls_distill"] >= 0
