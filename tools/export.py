@@ -12,6 +12,10 @@ The config defaults to the run's config.yaml next to checkpoints/ (else the conf
 checkpoint); --config and key=value overrides change it. The output defaults to the checkpoint's
 name with the format's suffix (best.onnx, best.torchscript, best.ultralytics.pt) and is written
 atomically. An ONNX export is checked with ONNX Runtime against PyTorch on a probe input.
+
+A promptable student (a sam_decoder head) exports to ONNX as SAM does, in two files beside the
+output: best.encoder.onnx (images -> image_embeddings) and best.decoder.onnx (image_embeddings +
+box/point prompts -> low-res mask logits, IoU predictions); see vfmkd/engine/export_promptable.py.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vfmkd.core.config import experiment_from_dict, experiment_record, read_yaml, resolve_path  # noqa: E402
 from vfmkd.core.errors import ConfigError  # noqa: E402
 from vfmkd.engine.export import ExportMismatchError, FORMATS, default_output, export_student, load_student  # noqa: E402
+from vfmkd.engine.export_promptable import export_promptable_onnx, promptable_head  # noqa: E402
 from vfmkd.engine.setup import class_names, detection_classes  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
@@ -91,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.format == "ultralytics":
         exp = experiment_record(cfg)
         names = class_names(exp.data.root, detection_classes(exp.model.heads))
+    if args.format == "onnx" and promptable_head(model) is not None:
+        return export_promptable(model, checkpoint, output, imgsz, args.dynamic)
     try:
         diff = export_student(model, cfg, args.format, output, imgsz, dynamic=args.dynamic, names=names)
     except ExportMismatchError as exc:
@@ -105,6 +112,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
     if args.format == "ultralytics":
         log.info("load it with: from ultralytics import YOLO; YOLO('%s').predict(image, imgsz=%d)", output, imgsz)
+    return 0
+
+
+def export_promptable(model, checkpoint: Path, output: Path, imgsz: int, dynamic: bool) -> int:
+    """The two ONNX files of a promptable student (encoder, decoder), each checked against PyTorch."""
+    log = get_logger()
+    if imgsz % 32:
+        raise ConfigError(f"--imgsz {imgsz} must be a positive multiple of 32 (the student's largest stride)")
+    try:
+        diffs = export_promptable_onnx(model, output, imgsz, dynamic=dynamic)
+    except ExportMismatchError as exc:
+        log.error("%s", exc)
+        return 1
+    paths = diffs.pop("paths")
+    log.info("exported %s (promptable) -> encoder %s (images (%s, 3, %d, %d) -> image_embeddings), decoder %s "
+             "(image_embeddings, point_coords, point_labels -> low_res_masks, iou_predictions)",
+             checkpoint, paths["encoder"], "B" if dynamic else 1, imgsz, imgsz, paths["decoder"])
+    log.info("ONNX Runtime vs PyTorch: %s", ", ".join(f"{g} {k} {v:.2e}" for g, d in diffs.items() for k, v in d.items()))
     return 0
 
 

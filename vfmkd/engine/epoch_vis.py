@@ -58,6 +58,32 @@ class EpochVisualizer:
         self.distiller, self.box_names, self.semantic_names = distiller, dict(box_names), semantic_names
         self.max_images, self.loggers = max_images, loggers
         self.written: List[Path] = []
+        self.model: Any = None  # set by evaluate() (bind): a promptable head decodes the GT boxes with its module
+
+    def bind(self, model: Any) -> None:
+        self.model = model
+
+    def _promptable_row(self, head: str, embeddings: torch.Tensor, batch: Batch, teacher: Optional[Prediction]) -> PanelRow:
+        """Prompts = the ground-truth instance boxes (drawn on every column); student = the masks the
+        head decodes for them; teacher = its masks for the view's detection boxes; ground truth = the
+        instance masks."""
+        from vfmkd.engine.promptable_metrics import decode_boxes
+
+        n, size = len(batch), batch.images.shape[-1]
+        inst = batch.instances
+        if inst is None or self.model is None:
+            raise ValueError(f"head {head}: drawing a promptable head needs instance labels and the model (evaluate binds it)")
+        idx = inst.batch_idx.view(-1).long()
+        boxes = xywh2xyxy(inst.bboxes.float()) * size
+        logits, scores = decode_boxes(self.model.heads[head], embeddings, idx.to(embeddings.device),
+                                      boxes.to(embeddings.device))
+        idx_cpu, cls = idx.cpu(), inst.cls.view(-1).cpu()
+        per_boxes = split_by_image(boxes.cpu(), idx_cpu, n)
+        per_cls = split_by_image(cls, idx_cpu, n)
+        student = Prediction.instances(split_by_image(logits.sigmoid().cpu(), idx_cpu, n), per_cls, per_boxes,
+                                       split_by_image(scores.cpu(), idx_cpu, n))
+        target = Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx_cpu, n)], per_cls, per_boxes)
+        return PanelRow(f"{head} (GT box prompts)", student, teacher, target, class_names=self.box_names)
 
     def rows(self, out: StudentOutput, batch: Batch, targets: Mapping[str, TeacherTargets]) -> List[PanelRow]:
         n, size = len(batch), batch.images.shape[-1]
@@ -83,6 +109,8 @@ class EpochVisualizer:
                                      Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx, n)],
                                                           split_by_image(inst.cls.view(-1).cpu(), idx, n)),
                                      class_names=self.box_names))
+            elif task == "promptable":
+                rows.append(self._promptable_row(head, output, batch, teacher))
             elif task == "semantic":
                 assert batch.semantic is not None
                 rows.append(PanelRow(head, Prediction.semantic(probs=output.float().softmax(1).cpu()), teacher,
