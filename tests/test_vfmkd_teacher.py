@@ -207,3 +207,17 @@ def test_config_errors(run):
         TEACHERS.build("vfmkd", where="teachers.t")
     with pytest.raises(ConfigError, match="unknown key 'teacher.init'"):
         VfmkdTeacher.config_fingerprint(checkpoint=path, init="random")
+
+
+def test_live_only_refused_by_the_cache_tool_and_as_an_offline_teacher(run, tmp_path):
+    run = run[0]
+    import subprocess
+    import sys
+
+    from vfmkd.engine.builders import open_cache
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_teacher_features.py"), "--teacher", "vfmkd",
+                           "--output", str(tmp_path), f"teacher.checkpoint={run}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "live only" in proc.stderr + proc.stdout
+    with pytest.raises(ConfigError, match="offline=false"):
+        open_cache("yolov8s", {"type": "vfmkd", "checkpoint": str(run), "feature_path": str(tmp_path)}, "coco128", "val2017")

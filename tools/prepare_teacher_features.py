@@ -208,7 +208,10 @@ def run_masks(teacher: Any, images: Sequence[np.ndarray], rows: Sequence[np.ndar
 
 
 def check_outputs(outputs: Sequence[str], teacher_type: str, teacher_cls: Any) -> bool:
-    """Validate ``--outputs``; True when mask logits are asked for."""
+    """Validate the teacher and ``--outputs``; True when mask logits are asked for."""
+    if getattr(teacher_cls, "live_only", False):
+        raise ConfigError(f"the {teacher_type} teacher is live only (it runs on the student's own canvas): nothing to "
+                          f"cache; use it with teachers.<name>.offline=false")
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown or "features" not in outputs:
         raise ConfigError(f"--outputs {','.join(outputs)}: choose features or features,masks (features are always cached)")
