@@ -21,6 +21,8 @@ B, H, W = 2, 96, 128  # non-square on purpose
 YOLOV8N = ("yolov8", {"variant": "n"})
 VIT_TINY = ("vit", {"variant": "tiny", "out_channels": 64})
 REGNET_S4 = ("regnet", {"variant": "regnetx_002", "strides": [4, 8, 16]})
+REPVIT = ("repvit", {"variant": "repvit_m0_9"})
+MAMBA_TINY = ("mamba", {"variant": "tiny"})
 
 # Each registered neck: (backbone, neck kwargs) pairs; in_specs come from the backbone.
 NECK_CASES: Dict[str, List[Tuple[Tuple[str, dict], dict]]] = {
@@ -96,6 +98,36 @@ def check_pixel_head(channels: int, task: str):
     return check
 
 
+def check_sam_decoder(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out, eval_out) -> None:
+    """sam_decoder: (B, embed_dim, H/16, W/16) image embeddings in both modes (its stride-16 level);
+    ``decode`` with box prompts gives (N, 1, H/4, W/4) low-res logits and (N, 1) IoU predictions
+    (3 of each with ``multimask_output``)."""
+    e = kwargs.get("embed_dim", 256)
+    for out in (train_out, eval_out):
+        assert out.shape == (B, e, H // 16, W // 16) and torch.isfinite(out).all()
+    assert head.task == "promptable" and head.in_level in feats and feats[head.in_level].shape[-1] == W // 16
+    boxes = torch.tensor([[4.0, 8.0, 60.0, 70.0], [0.0, 0.0, W - 1.0, H - 1.0], [30.0, 20.0, 50.0, 40.0]])
+    with torch.no_grad():
+        low, iou = head.decode(eval_out, torch.tensor([1, 0, 1]), boxes=boxes)
+        multi, iou3 = head.decode(eval_out, torch.tensor([0, 1, 1]), points=boxes[:, None, :2] + 2,
+                                  point_labels=torch.ones(3, 1, dtype=torch.long), multimask_output=True)
+    assert low.shape == (3, 1, H // 4, W // 4) and iou.shape == (3, 1) and torch.isfinite(low).all()
+    assert multi.shape == (3, 3, H // 4, W // 4) and iou3.shape == (3, 3) and torch.isfinite(multi).all()
+
+
+def sam_decoder_train_loss(head, train_out) -> torch.Tensor:
+    """Every sam_decoder parameter in the graph: box, point (padded) and point+box+mask prompts,
+    single and multimask outputs, IoU predictions."""
+    b, _, h, w = train_out.shape
+    idx = torch.arange(b)
+    boxes = torch.tensor([[2.0, 2.0, 40.0, 30.0]]).repeat(b, 1)
+    pts, lbl = torch.tensor([[[10.0, 12.0], [20.0, 8.0]]]).repeat(b, 1, 1), torch.tensor([[1, 0]]).repeat(b, 1)
+    low, iou = head.decode(train_out, idx, boxes=boxes)
+    multi, iou3 = head.decode(train_out, idx, points=pts, point_labels=lbl, multimask_output=True)
+    refined, iou_r = head.decode(train_out, idx, boxes=boxes, points=pts, point_labels=lbl, mask_input=low)
+    return sum(t.float().sum() for t in (low, iou, multi, iou3, refined, iou_r))
+
+
 # Boxes for a DETR-style head's training pass (its loss hands it the batch's boxes: denoising queries).
 CONTRACT_BOXES = DetectionBatch(cls=torch.tensor([[0.0], [2.0], [1.0]]), batch_idx=torch.tensor([0.0, 0.0, 1.0]),
                                 bboxes=torch.tensor([[0.3, 0.3, 0.25, 0.25], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]))
@@ -136,7 +168,8 @@ def rtdetr_train_loss(head, train_out) -> torch.Tensor:
 
 
 # A head whose training output is not its whole graph names a loss that reaches every parameter.
-TRAIN_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {"rtdetr_head": rtdetr_train_loss}
+TRAIN_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {"rtdetr_head": rtdetr_train_loss,
+                                                     "sam_decoder": sam_decoder_train_loss}
 
 
 # Each registered head: (its output check, [(backbone, neck kwargs, head kwargs)]); the head is built
@@ -155,6 +188,11 @@ HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], di
     "rtdetr_head": (check_rtdetr_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80, "num_decoder_layers": 2}),
                                         (REGNET_S4, {"depth": 1}, {"num_classes": 3, "num_queries": 40, "hidden_dim": 64,
                                                                    "num_heads": 4, "ffn_dim": 128, "num_decoder_layers": 3})]),
+    # every student backbone's stride-16 level (RegNet's is its last, P4 of 4/8/16); ViT at embed_dim 64
+    "sam_decoder": (check_sam_decoder, [(YOLOV8N, {"depth": 1}, {}), (REPVIT, {"depth": 1}, {}),
+                                        (REGNET_S4, {"depth": 1}, {"trainable_decoder": False}),
+                                        (VIT_TINY, {"depth": 1}, {"in_level": "P4", "embed_dim": 64}),
+                                        (MAMBA_TINY, {"depth": 1}, {})]),
 }
 
 

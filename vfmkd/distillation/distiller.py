@@ -145,14 +145,16 @@ class Distiller(nn.Module):
                             | {t.teacher for t in self.output_terms(active_only).values()}))
 
     def teachers_needing_masks(self, active_only: bool = False) -> Tuple[str, ...]:
-        """Teachers whose box-prompted mask logits some output term reads: their live passes must
+        """Teachers whose box-prompted mask logits some output term reads (mask_distill & co., and
+        prompt_distill through :class:`~vfmkd.distillation.prompt_pairs.PromptPairing`): their live passes must
         be made with ``OnlineTeacher(masks=True)`` and their caches must hold masks
         (:func:`~vfmkd.distillation.output_pairs.check_mask_sources`)."""
         return tuple(sorted({t.teacher for t in self.output_terms(active_only).values() if t.pairing.needs_masks}))
 
     def teachers_needing_heads(self, active_only: bool = False) -> Tuple[str, ...]:
         """Teachers whose head outputs some output term reads (vfmkd teachers)."""
-        return tuple(sorted({t.teacher for t in self.output_terms(active_only).values() if not t.pairing.needs_masks}))
+        return tuple(sorted({t.teacher for t in self.output_terms(active_only).values()
+                             if getattr(t.pairing, "needs_heads", not t.pairing.needs_masks)}))
 
     def features_used(self, teacher: str) -> Tuple[str, ...]:
         return tuple(sorted({m.teacher_feature for m in self.feature_terms(False).values() if m.teacher == teacher}))

@@ -38,13 +38,15 @@ def head_tasks(model: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, str]:
 def build_dataset(data: DataConfig, split: str, num_classes: int,
                   augment: Optional[GeometricAugment] = None, seed: int = 0,
                   tasks: Sequence[str] = ()) -> DetectionDataset:
-    """The split with the labels the model's heads train on (``tasks``: head tasks)."""
+    """The split with the labels the model's heads train on (``tasks``: head tasks; a promptable
+    head reads instance masks: its points are drawn inside them and it is scored against them)."""
     binary = "binary" in tasks
     if binary and not data.binary_classes:
         raise ConfigError("a binary_head needs data.binary_classes: the semantic class names that are foreground "
                           "(e.g. data.binary_classes=[person])")
     return DetectionDataset(str(resolve_path(data.root)), split, data.img_size, data.limit, num_classes,
-                            augment=augment, seed=seed, instances="instance" in tasks, semantic="semantic" in tasks,
+                            augment=augment, seed=seed, instances=bool({"instance", "promptable"} & set(tasks)),
+                            semantic="semantic" in tasks,
                             binary_classes=tuple(data.binary_classes) if binary else ())
 
 
@@ -239,8 +241,10 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
     ``head:`` (default: the only head the teacher serves; ``teacher_head:`` picks a vfmkd teacher's
     head) and get their pairing (:mod:`vfmkd.distillation.output_pairs`) from ``teachers``
     (:func:`teacher_outputs`) and, for semantic/binary heads taught by masks, ``class_channels``
-    (:func:`output_class_channels`)."""
+    (:func:`output_class_channels`). ``embedding_distill`` / ``prompt_distill`` train a promptable
+    (``sam_decoder``) head (:mod:`vfmkd.distillation.prompt_pairs`)."""
     from vfmkd.distillation.output_pairs import OutputPairing, TeacherOutputs, resolve_output_term
+    from vfmkd.distillation.prompt_pairs import PROMPT_LOSSES, build_prompt_term
 
     levels = {s.name: s for s in model.backbone.feature_specs()}
     offers: Mapping[str, Any] = teachers if teachers is not None else {n: TeacherOutputs(n, "?") for n in specs}
@@ -301,10 +305,14 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
             module = LOSSES.build(kind_name, where=where, **kwargs)
             pairing = OutputPairing(rule, head_module, channels, getattr(module, "mode", "sigmoid"))
             default_log = module.log_name
+        elif kind_name in PROMPT_LOSSES:  # the promptable (sam_decoder) head: vfmkd/distillation/prompt_pairs.py
+            head, module, pairing = build_prompt_term(kind_name, where, kwargs, model, offers, specs, primary)
+            default_log = module.log_name
         else:
             raise ConfigError(
                 f"{where}: '{kind_name}' is an output loss the distiller has no pairing for (the output losses it pairs: "
-                f"kl_divergence, cls_distill, mask_distill); use one of them or a feature loss.")
+                f"kl_divergence, cls_distill, mask_distill, embedding_distill, prompt_distill); use one of them or a "
+                f"feature loss.")
         terms.append(LossTerm(name, kind, float(entry.get("weight", 1.0)), str(entry.get("log_as") or default_log),
                               module, head, pairing))
     return terms

@@ -13,6 +13,7 @@ from vfmkd.distillation.losses.kd import (
     MaskDistillLoss,
     OutputDistillLoss,
 )
+from vfmkd.distillation.losses.promptable import EmbeddingDistillLoss, PromptDistillLoss
 from vfmkd.distillation.losses.rtdetr import RTDETRDetectionLoss
 from vfmkd.distillation.losses.segmentation import (
     BinarySegmentationLoss,
@@ -24,6 +25,7 @@ __all__ = [
     "BinarySegmentationLoss",
     "ClsDistillLoss",
     "DetectionLoss",
+    "EmbeddingDistillLoss",
     "FeatureAffinityLoss",
     "FeatureCosineLoss",
     "FeatureDistillLoss",
@@ -33,6 +35,7 @@ __all__ = [
     "KLDivergenceLoss",
     "MaskDistillLoss",
     "OutputDistillLoss",
+    "PromptDistillLoss",
     "RTDETRDetectionLoss",
     "SemanticSegmentationLoss",
 ]

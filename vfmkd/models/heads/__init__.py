@@ -1,10 +1,11 @@
 """Task heads. Importing this package registers the built-in ones. Each head class has a ``task``
-attribute ("detection", "instance", "semantic" or "binary") that tells the engine which targets,
-metrics and output distillation it pairs with."""
+attribute ("detection", "instance", "semantic", "binary" or "promptable") that tells the engine
+which targets, metrics and output distillation it pairs with."""
 from vfmkd.models.heads.binary_head import BinaryHead
+from vfmkd.models.heads.sam_decoder_head import SamDecoderHead
 from vfmkd.models.heads.rtdetr_head import RTDETRHead
 from vfmkd.models.heads.semantic_head import FPNFusion, SemanticHead
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 from vfmkd.models.heads.yolo_seg_head import YOLOv8SegmentHead
 
-__all__ = ["BinaryHead", "FPNFusion", "RTDETRHead", "SemanticHead", "YOLOv8DetectHead", "YOLOv8SegmentHead"]
+__all__ = ["BinaryHead", "FPNFusion", "SamDecoderHead", "RTDETRHead", "SemanticHead", "YOLOv8DetectHead", "YOLOv8SegmentHead"]
