@@ -558,7 +558,8 @@ def check_mask_sources(distiller: Any, router: Any) -> None:
         cache = None if src is None else src.cache
         if cache is None or cache.reader.has_masks:
             continue
-        terms = sorted(n for n, t in distiller.output_terms(active_only=False).items() if t.teacher == name)
+        terms = sorted(n for n, t in distiller.output_terms(active_only=False).items() if t.teacher == name
+                       and getattr(t.pairing, "needs_masks", False))
         raise ConfigError(
             f"teachers.{name}: distillation.losses {', '.join(terms)} distil its box-prompted mask logits, but its cache "
             f"{cache.path} holds no mask logits (written with --outputs features, or the masks are unfinished). "
