@@ -103,8 +103,12 @@ TASK_PRIORITY = ("promptable", "instance", "semantic", "binary", "detection")
 
 
 def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semantic_names: Optional[Mapping[int, str]],
-                  conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> Dict[str, Scorer]:
-    """One scorer per head (``tasks``: head name -> task)."""
+                  conf: float = 0.001, iou: float = 0.7, max_det: int = 300, data_root: Optional[Any] = None,
+                  split: Optional[str] = None, panoptic: Optional[bool] = None) -> Dict[str, Scorer]:
+    """One scorer per head (``tasks``: head name -> task), plus ``"panoptic"``
+    (:class:`vfmkd.engine.panoptic.PanopticScorer`: PQ/SQ/RQ of the merged instance + semantic
+    outputs) when the model has both heads and ``data_root``/``split`` hold panoptic annotations;
+    ``panoptic`` True requires it (a missing head is a ConfigError naming it), False turns it off."""
     scorers: Dict[str, Scorer] = {}
     for head, task in tasks.items():
         if task == "instance":
@@ -119,6 +123,11 @@ def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semant
             scorers[head] = PromptableScorer(box_names, head=head)
         else:
             scorers[head] = DetectionScorer(box_names, conf, iou, max_det, head=head)
+    from vfmkd.engine.panoptic import build_panoptic_scorer  # noqa: PLC0415 (its own module; imports the datasets)
+
+    panoptic_scorer = build_panoptic_scorer(tasks, box_names, data_root, split, panoptic)
+    if panoptic_scorer is not None:
+        scorers["panoptic"] = panoptic_scorer
     return scorers
 
 

@@ -12,7 +12,7 @@ from vfmkd.distillation.cached import CachedTargetsDataset
 from vfmkd.engine.builders import LiveTeachers, build_dataset, build_distiller, build_model, build_router, head_tasks
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate
-from vfmkd.engine.visualize import write_test_results
+from vfmkd.engine.visualize import visualization_path, write_test_results
 from vfmkd.engine.setup import build_loader, class_names, detection_classes, select_device, worker_count
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.logging import get_logger
@@ -36,8 +36,9 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     """Every head's metrics (mAP, mask mAP, mIoU, Dice, ...) of the checkpoint's student on ``split``
     and, when the run distilled features (and ``eval.fidelity``), the held-out cosine/MSE per teacher
     and level against the split's cache or, where none exists, the live teacher. With ``out_dir``,
-    the first batch is drawn into ``out_dir/visualizations/test_sample_000.png`` (+ ``_pca``) and
-    every metric is written to ``out_dir/test_results.txt``."""
+    the first batch is drawn into ``out_dir/visualizations/test_sample_000.png`` (+ ``_pca``; a model
+    with instance and semantic heads also ``test_panoptic_000.png``, its merged panoptic output) and
+    every metric (PQ/SQ/RQ under ``panoptic``) is written to ``out_dir/test_results.txt``."""
     exp = experiment_record(cfg)
     state = load_checkpoint(checkpoint)
     if "model" not in state:
@@ -70,7 +71,11 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     names, semantic_names = class_names(exp.data.root, num_classes), semantic_class_names(dataset)
     e = exp.eval
     vis = EpochVisualizer(out_dir, "test_sample", 0, tasks, distiller, names, semantic_names, e.vis_images) if out_dir else None
-    metrics = evaluate(model, loader, build_scorers(tasks, names, semantic_names, e.conf, e.iou, e.max_det), device,
+    scorers = build_scorers(tasks, names, semantic_names, e.conf, e.iou, e.max_det, data_root=dataset.root, split=split)
+    if out_dir is not None and "panoptic" in scorers:  # instance + semantic heads: the merged panoptic picture
+        scorers["panoptic"].draw_to = visualization_path(out_dir, "test_panoptic", 0)
+        scorers["panoptic"].draw_images = e.vis_images
+    metrics = evaluate(model, loader, scorers, device,
                        progress=progress, distiller=distiller, router=router, on_batch=vis.on_batch if vis else None)
     metrics.update(checkpoint=str(checkpoint), split=split, epoch=state.get("epoch"))
     if out_dir is not None:
