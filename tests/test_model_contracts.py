@@ -28,6 +28,10 @@ MAMBA_TINY = ("mamba", {"variant": "tiny"})
 NECK_CASES: Dict[str, List[Tuple[Tuple[str, dict], dict]]] = {
     "yolov8_pafpn": [(YOLOV8N, {"depth": 1}), (("yolov8", {"variant": "m"}), {"depth": 2}), (VIT_TINY, {}),
                      (REGNET_S4, {"depth": 1})],
+    # every student's P3-P5 (equal and unequal widths), a 4/8/16 pyramid, and each fusion mode
+    "fusion_fpn": [(YOLOV8N, {}), (("regnet", {"variant": "regnetx_002"}), {"channels": 48, "fusion": "sum"}),
+                   (REPVIT, {"fusion": "avg"}), (VIT_TINY, {"channels": 32}), (REGNET_S4, {"fusion": "learnable"}),
+                   (MAMBA_TINY, {"channels": 32})],
 }
 
 

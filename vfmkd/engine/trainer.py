@@ -23,6 +23,7 @@ from vfmkd.engine.builders import (
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate, primary_metric, scalar_metrics
 from vfmkd.engine.loggers import RunLoggers, check_loggers
+from vfmkd.engine.fusion_log import log_fusion_weights
 from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config
 from vfmkd.engine.setup import (
     build_loader, class_names, detection_classes, make_optimizer, seed_everything, select_device, worker_count,
@@ -339,6 +340,7 @@ class Trainer:
                 raise
             record: Dict[str, Any] = {"epoch": epoch, "stage": stage.name, "train": epoch_logs,
                                       "teacher_batches": self.router.summary()}
+            log_fusion_weights(self.model, record, self.writer)  # a learnable-fusion neck's weights
             if self.ctx.is_main and (epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch):
                 val = self.evaluate(epoch)
                 record["val"] = val
