@@ -26,11 +26,30 @@ COMPONENT_REF_KEY = "config"
 
 
 @dataclass
+class ResolutionDistillConfig:
+    """DSRL (vfmkd/distillation/resolution.py): the student sees the canvas / sr_target_scale; a
+    training-only SR branch reconstructs the canvas (loss_sr, MSE) and feature affinity ties it to
+    the segmentation features (loss_fa). Weights: the paper's 0.1 / 1.0 (sr / fa) are the default,
+    being the values DSRL validated; the design's 0.5 / 0.5 weighs reconstruction higher."""
+
+    enabled: bool = False
+    sr_target_scale: float = 2.0  # in (1, 4]: student input = data.img_size / this, SR target = the canvas
+    feat_channels: int = 64  # width of the SR branch
+    sr_loss_weight: float = 0.1
+    fa_loss_weight: float = 1.0
+    fa_subscale: float = 0.125  # in (0, 1]: FA affinity grid = the SR grid x this (avg-pooled)
+    use_low_res_sr: bool = False  # memory lever: SR branch on the level's grid, only the 3-channel image resized
+    fa_detach_sr: bool = False  # true: FA moves only the segmentation side (SR features as a fixed target)
+    head: Optional[str] = None  # the segmentation head (default: the only semantic/binary head)
+
+
+@dataclass
 class ModelConfig:
     # Mappings, not defaults: a default entry would be merged into (not replaced by) the user's.
     backbone: Dict[str, Any] = field(default_factory=dict)  # {type, config?, ...kwargs}
     neck: Dict[str, Any] = field(default_factory=lambda: {"type": "yolov8_pafpn"})
     heads: Dict[str, Any] = field(default_factory=dict)  # name -> {type, config?, ...kwargs}
+    resolution_distill: ResolutionDistillConfig = field(default_factory=ResolutionDistillConfig)
 
 
 @dataclass
@@ -345,7 +364,12 @@ def import_custom_modules(modules: Sequence[str]) -> None:
 
 def _check_ranges(cfg: Dict[str, Any]) -> None:
     data, train, dist, aug = cfg["data"], cfg["train"], cfg["distillation"], cfg["data"]["augment"]
+    rd = cfg["model"]["resolution_distill"]
     checks = [
+        (1.0 < rd["sr_target_scale"] <= 4.0, f"model.resolution_distill.sr_target_scale must be in (1, 4], got {rd['sr_target_scale']}"),
+        (0.0 < rd["fa_subscale"] <= 1.0, f"model.resolution_distill.fa_subscale must be in (0, 1] (0.125 = 8x8 pooling), got {rd['fa_subscale']}"),
+        (rd["feat_channels"] >= 1, f"model.resolution_distill.feat_channels must be >= 1, got {rd['feat_channels']}"),
+        (rd["sr_loss_weight"] >= 0 and rd["fa_loss_weight"] >= 0, "model.resolution_distill: sr_loss_weight and fa_loss_weight must be >= 0"),
         (data["img_size"] % 32 == 0 and data["img_size"] > 0, "data.img_size must be a positive multiple of 32"),
         (data["batch_size"] >= 1, "data.batch_size must be >= 1"),
         (data["num_workers"] >= 0, "data.num_workers must be >= 0"),

@@ -87,6 +87,8 @@ class Distiller(nn.Module):
         self.terms = {t.name: t for t in terms}
         # Feature losses own trainable adapters: registered here so they train, save and move.
         self.feature_losses = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "feature"})
+        # Task terms with parameters (DSRL's training-only SR branch) train and save here, not in the model.
+        self.task_modules = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "task" and isinstance(t.module, nn.Module)})
         taken: Dict[str, str] = {}
         reserved = set(GROUP_LOGS.values()) | {"loss"}
         for t in terms:
@@ -194,7 +196,10 @@ class Distiller(nn.Module):
         values: Dict[str, torch.Tensor] = {}
         for name in sorted(self.active):
             term = self.terms[name]
-            if term.kind == "task":
+            if term.kind == "task" and getattr(term.module, "reads_student_output", False):
+                value, items = term.module(out, batch)  # e.g. DSRL: logs its parts under their own names
+                logs.update({k: float(v) for k, v in items.items()})
+            elif term.kind == "task":
                 value, items = term.module(out.heads[term.head], batch)
                 logs.update({f"{term.log_name}_{k}": float(v) for k, v in items.items()})
             elif term.kind == "output":

@@ -18,6 +18,7 @@ from vfmkd.distillation.distiller import FEATURE_LOG_PREFIX, RESERVED_LOSS_KEYS,
 from vfmkd.distillation.offline import CacheMissingError, OfflineTeacher, open_offline_teacher
 from vfmkd.distillation.online import OnlineTeacher
 from vfmkd.distillation.output_pairs import check_mask_sources
+from vfmkd.distillation.resolution import LOG_NAME as RESOLUTION_LOG_NAME, build_resolution_term
 from vfmkd.distillation.routing import TeacherRouter, TeacherSource
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.utils.logging import get_logger
@@ -52,9 +53,14 @@ def build_dataset(data: DataConfig, split: str, num_classes: int,
 
 def build_model(model: Union[ModelConfig, Mapping[str, Any]]) -> UnifiedModel:
     """The student from the ``model`` section (its backbone, neck and head entries)."""
+    from vfmkd.distillation.resolution import input_scale
+
+    scale = input_scale(model)  # DSRL: the student downsizes its input (model.resolution_distill)
     if isinstance(model, ModelConfig):
         model = {"backbone": model.backbone, "neck": model.neck, "heads": model.heads}
-    return UnifiedModel.from_config(model)
+    built = UnifiedModel.from_config(model)
+    built.input_scale = scale
+    return built
 
 
 def enabled_teachers(teachers_cfg: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -327,6 +333,9 @@ def build_distiller(cfg: ExperimentConfig, model: UnifiedModel, router: TeacherR
     specs, primary = teacher_specs(router)
     terms = build_loss_terms(dist.losses, model, specs, primary, teachers=teacher_outputs(cfg.teachers, router),
                              class_channels=output_class_channels(cfg.data.root, cfg.data.binary_classes))
+    dsrl = build_resolution_term(model, cfg.model, cfg.data.img_size)  # model.resolution_distill (DSRL)
+    if dsrl is not None:
+        terms.append(LossTerm(dsrl[0], "task", 1.0, RESOLUTION_LOG_NAME, dsrl[1], dsrl[2]))
     distiller = Distiller(terms, alpha=dist.alpha, beta=dist.beta, gamma=dist.gamma)
     needing = distiller.teachers_needing_masks()
     check_mask_sources(distiller, router)

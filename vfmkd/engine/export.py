@@ -91,7 +91,7 @@ class ExportedStudent(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor):
-        fused = self.model.neck(self.model.backbone(x))
+        fused = self.model.neck(self.model.backbone(self.model.prepare_input(x)))  # DSRL: downscaled input
         outs = []
         for name in self.head_names:
             y = self.model.heads[name](fused)

@@ -51,8 +51,19 @@ class UnifiedModel(nn.Module):
         }
         return cls(backbone, neck, heads)
 
+    #: The input is resized to 1/input_scale of its size inside forward (DSRL's low-resolution student,
+    #: set by build_model from model.resolution_distill), so evaluation and export see the same input.
+    input_scale: float = 1.0
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale == 1.0:
+            return x
+        with torch.no_grad():  # the downscaled image needs no gradient
+            size = (int(x.shape[-2] / self.input_scale + 0.5), int(x.shape[-1] / self.input_scale + 0.5))  # int(): traceable
+            return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
     def forward(self, x: torch.Tensor) -> StudentOutput:
-        feats = self.backbone(x)
+        feats = self.backbone(self.prepare_input(x))
         fused = self.neck(feats)
         return StudentOutput(feats, fused, {name: head(fused) for name, head in self.heads.items()})
 

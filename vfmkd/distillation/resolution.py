@@ -1,0 +1,187 @@
+"""DSRL resolution distillation (Wang et al., "Dual Super-Resolution Learning for Semantic
+Segmentation", CVPR 2020) for a segmentation student.
+
+The student sees the canvas (S x S, ``data.img_size``) downscaled to s = S / ``sr_target_scale``
+(:meth:`UnifiedModel.prepare_input`, so evaluation and export do the same); its segmentation head is
+what runs at inference and its logits are upsampled to the label size by the losses and scorers.
+During training only, a super-resolution branch (:class:`SRBranch`, owned by the distiller like the
+feature adapters, so the evaluated and exported model holds no SR parameter) decodes the student's
+finest neck level back to the S x S canvas:
+
+* ``loss_sr``  = MSE(SR image, canvas image);
+* ``loss_fa``  = the existing ``feature_affinity`` loss (:class:`FeatureAffinityLoss`, reused: its
+  adapter and its pooled affinity comparison) between the segmentation features (the neck level
+  the segmentation head reads first) and the SR branch's features, both on the SR branch's grid,
+  pooled by ``fa_subscale``;
+* ``loss_resolution_distill`` = ``sr_loss_weight`` x loss_sr + ``fa_loss_weight`` x loss_fa, a
+  task-kind term (scaled by ``distillation.alpha``) named ``resolution_distill`` in stages.
+
+``use_low_res_sr: false`` (DSRL): the branch's features are upsampled to S and decoded there, FA
+compares at S pooled by ``fa_subscale``. ``true`` (memory lever): the branch works on the level's
+grid, pixel-shuffles a 3-channel image to s and only that is resized to S; FA compares at s.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from ultralytics.nn.modules import Conv
+
+from vfmkd.core.errors import ConfigError
+from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
+
+#: Heads whose outputs the losses and scorers upsample to the label size (they read a downscaled input
+#: correctly); heads that answer in input pixels (boxes, prototypes, prompts) do not.
+SEGMENTATION_TASKS = ("semantic", "binary")
+TERM_NAME = "resolution_distill"
+LOG_NAME = "loss_resolution_distill"
+_TRY_SCALES = (1.2, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+def settings(model_cfg: Any) -> Dict[str, Any]:
+    """``model.resolution_distill`` as a plain dict ({} when absent), from a ModelConfig or a mapping."""
+    rd = getattr(model_cfg, "resolution_distill", None) if not isinstance(model_cfg, Mapping) \
+        else model_cfg.get("resolution_distill")
+    if rd is None:
+        return {}
+    return dict(rd) if isinstance(rd, Mapping) else dict(vars(rd))
+
+
+def input_scale(model_cfg: Any) -> float:
+    """The factor the student's input is divided by: ``sr_target_scale`` when DSRL is enabled, else 1."""
+    rd = settings(model_cfg)
+    return float(rd["sr_target_scale"]) if rd.get("enabled") else 1.0
+
+
+def low_res_size(img_size: int, scale: float) -> float:
+    return img_size / scale
+
+
+def check_geometry(img_size: int, scale: float, max_stride: int, where: str = "model.resolution_distill") -> int:
+    """The student's input size s = S / scale; refuses an s that is not an integer multiple of the
+    student's largest stride (its levels would not be whole grids, the neck's x2 upsamplings would
+    not line up and the finest level, upsampled by its stride x scale, would not land on S)."""
+    s = low_res_size(img_size, scale)
+    if abs(s - round(s)) < 1e-6 and round(s) % max_stride == 0 and round(s) > 0:
+        return int(round(s))
+    ok = [f"{k:g} ({img_size / k:g})" for k in _TRY_SCALES
+          if abs(img_size / k - round(img_size / k)) < 1e-6 and round(img_size / k) % max_stride == 0]
+    sizes = [n for n in range(128, 4097, 32)
+             if abs(n / scale - round(n / scale)) < 1e-6 and round(n / scale) % max_stride == 0][:3]
+    raise ConfigError(
+        f"{where}: data.img_size {img_size} / sr_target_scale {scale:g} = {s:.4g} is not a multiple of the student's "
+        f"largest stride {max_stride}: its levels cannot be upsampled to the {img_size}-pixel SR target (the level grids "
+        f"would not be whole and the neck's x2 upsamplings would not line up). Scales that work at img_size {img_size}: "
+        f"{', '.join(ok) or 'none in ' + str(_TRY_SCALES)}; img_size values that work with {scale:g}: "
+        f"{', '.join(map(str, sizes)) or 'none up to 4096'}.")
+
+
+class SRBranch(nn.Module):
+    """The training-only super-resolution decoder: level (B, C, g, g) -> (SR image (B, 3, S, S),
+    SR features for FA). ``stride``: the level's stride in the student's input."""
+
+    def __init__(self, in_channels: int, stride: int, feat_channels: int = 64, low_res: bool = False) -> None:
+        super().__init__()
+        self.stride, self.low_res = int(stride), bool(low_res)
+        self.stem = Conv(in_channels, feat_channels, 3)
+        if self.low_res:  # work on the level's grid, emit the image by pixel shuffle
+            self.to_image = nn.Sequential(nn.Conv2d(feat_channels, 3 * self.stride ** 2, 1), nn.PixelShuffle(self.stride))
+        else:  # DSRL: decode at the SR target resolution
+            self.refine = Conv(feat_channels, feat_channels, 3)
+            self.to_image = nn.Conv2d(feat_channels, 3, 1)
+
+    def forward(self, level: torch.Tensor, target_hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        feats = self.stem(level)
+        if self.low_res:
+            image = F.interpolate(self.to_image(feats), size=target_hw, mode="bilinear", align_corners=False)
+            return image, feats
+        feats = self.refine(F.interpolate(feats, size=target_hw, mode="bilinear", align_corners=False))
+        return self.to_image(feats), feats
+
+
+class ResolutionDistillLoss(nn.Module):
+    """The DSRL term: ``forward(out: StudentOutput, batch)`` -> (sr_w x loss_sr + fa_w x loss_fa,
+    {loss_sr, loss_fa}). It reads the whole student output (``reads_student_output``): the
+    segmentation level ``level`` of ``out.neck``; the SR target is ``batch.images`` (the canvas)."""
+
+    kind = "task"
+    reads_student_output = True
+
+    def __init__(self, level: str, level_channels: int, level_stride: int, scale: float, feat_channels: int = 64,
+                 sr_loss_weight: float = 0.1, fa_loss_weight: float = 1.0, fa_subscale: float = 0.125,
+                 use_low_res_sr: bool = False, fa_detach_sr: bool = False) -> None:
+        super().__init__()
+        self.level, self.scale = level, float(scale)
+        self.sr_loss_weight, self.fa_loss_weight, self.fa_detach_sr = float(sr_loss_weight), float(fa_loss_weight), fa_detach_sr
+        self.branch = SRBranch(level_channels, level_stride, feat_channels, use_low_res_sr)
+        self.fa = FeatureAffinityLoss("sr", level_channels, feat_channels, student_level=level, fa_subscale=fa_subscale)
+
+    def fa_grid(self, canvas_hw: Tuple[int, int]) -> Tuple[int, int]:
+        """Where FA compares before its pooling: S (DSRL) or, with use_low_res_sr, the student's input s."""
+        if not self.branch.low_res:
+            return tuple(canvas_hw)  # type: ignore[return-value]
+        return (round(canvas_hw[0] / self.scale), round(canvas_hw[1] / self.scale))
+
+    def forward(self, out: Any, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        level = out.neck[self.level].float()
+        images = batch.images.to(level.device).float()
+        canvas = tuple(images.shape[-2:])
+        sr_image, sr_feats = self.branch(level, canvas)
+        loss_sr = F.mse_loss(sr_image, images)
+        del sr_image
+        grid = self.fa_grid(canvas)
+        # The adapter is a 1x1 conv: applied before the bilinear resize it gives the same map as
+        # FeatureAffinityLoss.forward on the resized level, at (g/grid)^2 of the adapter's memory.
+        adapted = _resize(self.fa.adapter(level), grid)
+        teacher = _resize(sr_feats.detach() if self.fa_detach_sr else sr_feats, grid)
+        del sr_feats
+        mask = torch.ones_like(adapted[:, :1])
+        loss_fa = self.fa.compare(adapted, teacher, mask)
+        total = self.sr_loss_weight * loss_sr + self.fa_loss_weight * loss_fa
+        return total, {"loss_sr": loss_sr.detach(), "loss_fa": loss_fa.detach()}
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.resolution_distill") -> str:
+    """The head DSRL trains (``head:``, else the only semantic/binary head); refuses a student without
+    one and heads that answer in input pixels (their outputs would be in the low-resolution frame)."""
+    tasks = {n: str(getattr(h, "task", "detection")) for n, h in model.heads.items()}
+    pixel = sorted(n for n, t in tasks.items() if t not in SEGMENTATION_TASKS)
+    if pixel:
+        raise ConfigError(
+            f"{where}: DSRL downsizes the student's input, but head(s) {pixel} ({', '.join(tasks[n] for n in pixel)}) "
+            f"answer in input pixels (boxes, prototypes, prompts) and would be off by sr_target_scale; DSRL supports "
+            f"{' and '.join(SEGMENTATION_TASKS)} heads only (remove those heads or disable resolution_distill)")
+    seg = [n for n, t in tasks.items() if t in SEGMENTATION_TASKS]
+    head = rd.get("head") or (seg[0] if len(seg) == 1 else None)
+    if not seg:
+        raise ConfigError(f"{where}: DSRL needs a segmentation head (semantic_head or binary_head): it trains the "
+                          f"low-resolution segmentation path; heads: {tasks or 'none'}")
+    if head is None or head not in seg:
+        raise ConfigError(f"{where}: set head: to one of the segmentation heads {seg}")
+    return head
+
+
+def build_resolution_term(model: Any, model_cfg: Any, img_size: int) -> Optional[Tuple[str, ResolutionDistillLoss, str]]:
+    """(term name, loss module, head) for ``model.resolution_distill`` (None when disabled); the
+    geometry and head checks run here, before training starts."""
+    rd = settings(model_cfg)
+    if not rd.get("enabled"):
+        return None
+    head = segmentation_head(model, rd)
+    scale = float(rd["sr_target_scale"])
+    specs = list(model.neck.feature_specs())
+    max_stride = max([s.stride for s in specs] + [s.stride for s in model.backbone.feature_specs()])
+    check_geometry(int(img_size), scale, max_stride)
+    read: List[str] = list(getattr(getattr(model.heads[head], "fusion", None), "level_names", []) or [specs[0].name])
+    spec = {s.name: s for s in specs}[read[0]]
+    module = ResolutionDistillLoss(spec.name, spec.channels, spec.stride, scale, int(rd["feat_channels"]),
+                                   float(rd["sr_loss_weight"]), float(rd["fa_loss_weight"]), float(rd["fa_subscale"]),
+                                   bool(rd["use_low_res_sr"]), bool(rd.get("fa_detach_sr", False)))
+    return TERM_NAME, module, head
