@@ -109,8 +109,16 @@ def test_geometry_and_heads_are_checked():
     assert "85.33" in msg and "largest stride 32" in msg and "2 (64)" in msg and "384" in msg
     assert check_geometry(384, 1.2, 32) == 320
     det = {"detection": {"type": "yolo_head", "num_classes": 80}}
-    with pytest.raises(ConfigError, match="input pixels"):
+    with pytest.raises(ConfigError, match="needs a segmentation head"):  # box heads ride along, they do not suffice
         term(config(heads=det))
+    prompt = {"semantic": {"type": "semantic_head", "num_classes": 130}, "promptable": {"type": "sam_decoder"}}
+    with pytest.raises(ConfigError, match="input pixels"):
+        term(config(heads=prompt))
+    # Box and instance heads are built with canvas strides: their anchors, boxes and prototypes stay in the canvas frame.
+    both = {"semantic": {"type": "semantic_head", "num_classes": 130}, "instance": {"type": "yolo_seg_head", "num_classes": 80}}
+    seg_model = build_model(experiment_record(config(heads=both)).model)
+    assert seg_model.heads["instance"].detect.stride.tolist() == [16.0, 32.0, 64.0]
+    assert seg_model.heads["instance"].proto_stride == 8.0
     exp = experiment_record(config())
     model = build_model(exp.model)
     model.heads = torch.nn.ModuleDict()

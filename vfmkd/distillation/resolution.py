@@ -36,6 +36,9 @@ from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
 #: Heads whose outputs the losses and scorers upsample to the label size (they read a downscaled input
 #: correctly); heads that answer in input pixels (boxes, prototypes, prompts) do not.
 SEGMENTATION_TASKS = ("semantic", "binary")
+#: Heads built with canvas strides under DSRL (UnifiedModel.from_config): their boxes and prototypes stay
+#: in the canvas frame, so they train and score alongside the low-resolution segmentation path.
+CANVAS_STRIDE_TASKS = ("detection", "instance")
 TERM_NAME = "resolution_distill"
 LOG_NAME = "loss_resolution_distill"
 _TRY_SCALES = (1.2, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
@@ -152,12 +155,12 @@ def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.res
     """The head DSRL trains (``head:``, else the only semantic/binary head); refuses a student without
     one and heads that answer in input pixels (their outputs would be in the low-resolution frame)."""
     tasks = {n: str(getattr(h, "task", "detection")) for n, h in model.heads.items()}
-    pixel = sorted(n for n, t in tasks.items() if t not in SEGMENTATION_TASKS)
+    pixel = sorted(n for n, t in tasks.items() if t not in SEGMENTATION_TASKS + CANVAS_STRIDE_TASKS)
     if pixel:
         raise ConfigError(
             f"{where}: DSRL downsizes the student's input, but head(s) {pixel} ({', '.join(tasks[n] for n in pixel)}) "
             f"answer in input pixels (boxes, prototypes, prompts) and would be off by sr_target_scale; DSRL supports "
-            f"{' and '.join(SEGMENTATION_TASKS)} heads only (remove those heads or disable resolution_distill)")
+            f"{', '.join(SEGMENTATION_TASKS + CANVAS_STRIDE_TASKS)} heads only (remove those heads or disable resolution_distill)")
     seg = [n for n, t in tasks.items() if t in SEGMENTATION_TASKS]
     head = rd.get("head") or (seg[0] if len(seg) == 1 else None)
     if not seg:

@@ -58,9 +58,7 @@ def build_model(model: Union[ModelConfig, Mapping[str, Any]]) -> UnifiedModel:
     scale = input_scale(model)  # DSRL: the student downsizes its input (model.resolution_distill)
     if isinstance(model, ModelConfig):
         model = {"backbone": model.backbone, "neck": model.neck, "heads": model.heads}
-    built = UnifiedModel.from_config(model)
-    built.input_scale = scale
-    return built
+    return UnifiedModel.from_config(model, input_scale=scale)
 
 
 def enabled_teachers(teachers_cfg: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:

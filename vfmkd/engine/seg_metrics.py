@@ -110,6 +110,8 @@ class InstanceScorer:
             gt_masks = inst.masks[rows].float().cpu()
             affine = batch.views.affine[i]
             pred_masks = process_mask(proto[i].float().cpu(), det[:, 6:], det[:, :4], shape=canvas)
+            if len(det) and pred_masks.shape[-2:] != gt_masks.shape[-2:]:  # prototypes on another grid (DSRL input)
+                pred_masks = F.interpolate(pred_masks[None].float(), size=gt_masks.shape[-2:], mode="nearest")[0]
             if len(det) and len(gt_cls):
                 box_ious = box_iou(to_original_boxes(gt_canvas, affine), to_original_boxes(det[:, :4], affine))
                 tp = BaseValidator.match_predictions(self.matcher, det[:, 5], gt_cls, box_ious).numpy()

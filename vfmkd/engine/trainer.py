@@ -259,7 +259,8 @@ class Trainer:
         if epoch is not None and every and epoch % every == 0:
             vis = EpochVisualizer(self.run_dir, "epoch", epoch, self.tasks, self.distiller, self.names,
                                   semantic_class_names(self.val_set), e.vis_images, self.writer)
-        scorers = build_scorers(self.tasks, self.names, semantic_class_names(self.val_set), e.conf, e.iou, e.max_det)
+        scorers = build_scorers(self.tasks, self.names, semantic_class_names(self.val_set), e.conf, e.iou, e.max_det,
+                                data_root=self.val_set.root, split=self.val_set.split)
         return evaluate(self.model, self.val_loader, scorers, self.device, progress=self.progress,
                         distiller=self.distiller if self.val_router else None, router=self.val_router,
                         on_batch=vis.on_batch if vis is not None else None)

@@ -1,7 +1,7 @@
 """Student = backbone -> neck -> task heads, each built from config through its registry."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping
 
 import torch
@@ -26,6 +26,11 @@ class StudentOutput:
     heads: Dict[str, Any]
 
 
+#: Head tasks whose outputs are in input pixels (decoded boxes, prototype grids): under DSRL they are
+#: built with canvas strides (see :meth:`UnifiedModel.from_config`).
+CANVAS_PIXEL_TASKS = ("detection", "instance")
+
+
 class UnifiedModel(nn.Module):
     """The student network. Distillation reads ``backbone`` features; task losses read ``heads``."""
 
@@ -36,8 +41,11 @@ class UnifiedModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     @classmethod
-    def from_config(cls, model_cfg: Mapping[str, Any]) -> "UnifiedModel":
-        """Build from the resolved ``model`` section of an experiment."""
+    def from_config(cls, model_cfg: Mapping[str, Any], input_scale: float = 1.0) -> "UnifiedModel":
+        """Build from the resolved ``model`` section of an experiment. With ``input_scale`` > 1 (DSRL:
+        the student sees its canvas downsized by that factor) heads that answer in canvas pixels
+        (boxes, prototypes: tasks in :data:`CANVAS_PIXEL_TASKS`) are built with the levels' strides
+        in canvas pixels, so their anchors, boxes and losses stay in the canvas frame."""
         bb = model_cfg["backbone"]
         backbone = BACKBONES.build(bb["type"], where="model.backbone", **component_kwargs(bb))
         nk = model_cfg["neck"]
@@ -45,11 +53,16 @@ class UnifiedModel(nn.Module):
         neck_specs = neck.feature_specs()
         # The head is sized from what the neck declares; check the declaration is honest once.
         _check_declared(neck_specs, [s.channels for s in backbone.feature_specs()], "neck")
+        canvas_specs = [replace(s, stride=s.stride * input_scale) for s in neck_specs]
         heads = {
-            name: HEADS.build(h["type"], where=f"model.heads.{name}", in_specs=neck_specs, **component_kwargs(h))
+            name: HEADS.build(h["type"], where=f"model.heads.{name}", **component_kwargs(h),
+                              in_specs=canvas_specs if getattr(HEADS.get(h["type"]), "task", "") in CANVAS_PIXEL_TASKS
+                              else neck_specs)
             for name, h in model_cfg["heads"].items()
         }
-        return cls(backbone, neck, heads)
+        model = cls(backbone, neck, heads)
+        model.input_scale = float(input_scale)
+        return model
 
     #: The input is resized to 1/input_scale of its size inside forward (DSRL's low-resolution student,
     #: set by build_model from model.resolution_distill), so evaluation and export see the same input.
