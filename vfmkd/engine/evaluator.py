@@ -18,19 +18,9 @@ from vfmkd.distillation.cached import DistillBatch
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.routing import TeacherRouter
 from vfmkd.engine.promptable_metrics import PromptableScorer
-from vfmkd.engine.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer
+from vfmkd.engine.seg_metrics import IOU_THRESHOLDS, BinaryScorer, InstanceScorer, SemanticScorer, to_original_boxes
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
 
-IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
-
-
-def _to_original(boxes_xyxy: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Student input pixels -> original image pixels (undo the letterbox)."""
-    sx, sy, ox, oy = affine.tolist()
-    out = boxes_xyxy.clone()
-    out[:, [0, 2]] = (out[:, [0, 2]] - ox) / sx
-    out[:, [1, 3]] = (out[:, [1, 3]] - oy) / sy
-    return out
 
 
 class DetectionScorer:
@@ -52,8 +42,8 @@ class DetectionScorer:
             det = det.float().cpu()
             gt_cls, gt_xywh = (t.cpu() for t in batch.boxes.of_image(i))
             affine = batch.views.affine[i]
-            gt_boxes = _to_original(xywh2xyxy(gt_xywh.float()) * size, affine)
-            pred_boxes = _to_original(det[:, :4], affine)
+            gt_boxes = to_original_boxes(xywh2xyxy(gt_xywh.float()) * size, affine)
+            pred_boxes = to_original_boxes(det[:, :4], affine)
             if len(det) and len(gt_cls):
                 tp = BaseValidator.match_predictions(self.matcher, det[:, 5], gt_cls, box_iou(gt_boxes, pred_boxes)).numpy()
             else:

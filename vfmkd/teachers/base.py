@@ -109,9 +109,9 @@ class BaseTeacher(nn.Module, ABC):
 
     # ------------------------------------------------------------------ settings
     @classmethod
-    def settings_from(cls, **kwargs: Any) -> TeacherSettings:
-        """Bind constructor kwargs to ``cls.__init__``'s signature (its defaults filled in) and
-        validate them: the shared rules in :class:`TeacherSettings`, then :meth:`_check_settings`."""
+    def _bind(cls, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        """``kwargs`` bound to ``cls.__init__``'s signature, defaults filled in; an unknown key is a
+        ConfigError naming the valid ones (a missing required key: the signature's TypeError)."""
         sig = inspect.signature(cls.__init__)
         params = [p for name, p in sig.parameters.items() if name != "self"]
         names = [p.name for p in params]
@@ -121,7 +121,13 @@ class BaseTeacher(nn.Module, ABC):
                                   f"Valid keys: {', '.join(names)}.")
         bound = sig.replace(parameters=params).bind(**kwargs)
         bound.apply_defaults()
-        values = dict(bound.arguments)
+        return dict(bound.arguments)
+
+    @classmethod
+    def settings_from(cls, **kwargs: Any) -> TeacherSettings:
+        """Bind constructor kwargs to ``cls.__init__``'s signature (its defaults filled in) and
+        validate them: the shared rules in :class:`TeacherSettings`, then :meth:`_check_settings`."""
+        values = cls._bind(kwargs)
         # The variant is checked first: it is the key users mistype most, and the others depend on it.
         if cls.variants:
             check_choice("variant", values.get("variant"), cls.variants)

@@ -30,7 +30,6 @@ the refusal the cache tool and an ``offline: true`` entry should give (see :attr
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from ultralytics.nn.modules import Detect
 
-from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
+from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets.transforms import letterbox
@@ -174,19 +173,10 @@ class VfmkdTeacher(BaseTeacher):
     def _resolve(cls, **kwargs: Any) -> Tuple[TeacherSettings, Dict[str, Any]]:
         """(validated settings, loaded checkpoint). ``variant`` and ``input_size`` come from the
         checkpoint unless given (a given variant must match it)."""
-        sig = inspect.signature(cls.__init__)
-        params = [p for name, p in sig.parameters.items() if name != "self"]
-        names = [p.name for p in params]
-        for key in kwargs:
-            if key not in names:
-                raise ConfigError(f"unknown key 'teacher.{key}' for the {cls.family} teacher.{did_you_mean(key, names)} "
-                                  f"Valid keys: {', '.join(names)}.")
         try:
-            bound = sig.replace(parameters=params).bind(**kwargs)
+            values = cls._bind(kwargs)
         except TypeError:
             raise ConfigError(f"the {cls.family} teacher needs teacher.checkpoint ({_HINT}).") from None
-        bound.apply_defaults()
-        values = dict(bound.arguments)
         if not isinstance(values["checkpoint"], (str, Path)) or not str(values["checkpoint"]):
             raise ConfigError(f"teacher.checkpoint must be a path ({_HINT}), got {values['checkpoint']!r}.")
         checkpoint = str(values.pop("checkpoint"))
