@@ -173,7 +173,33 @@ BIN_BCE = mean(
 )
 BIN_DICE = dice([sigmoid(BIN_L[0][0][y][x]) for (y, x) in BIN_PIX], [float(BIN_T[0][y][x]) for (y, x) in BIN_PIX], 1.0)
 
+# Encoder distillation (EdgeSAM phase 1): the head's embeddings vs the teacher map, mean over channels
+# of the squared difference, averaged over the valid cells (bottom-right is padding).
+EMB_S = [[[1.0, 2.0], [3.0, 4.0]], [[0.5, 1.5], [-1.0, 2.0]]]  # (C, H, W)
+EMB_T = [[[0.0, 3.0], [2.0, 0.0]], [[1.0, 0.0], [-2.0, 5.0]]]
+EMB_BY_HAND = mean(mean((EMB_S[c][y][x] - EMB_T[c][y][x]) ** 2 for c in range(2)) for (y, x) in VALID)
+
+# Decoder distillation (phase 2): bce x BCE + dice x Dice against sigmoid(teacher logits), weighted per cell.
+PROMPT_P = [[sigmoid(v) for v in row] for row in MASK_S[0][0]]
+PROMPT_T = [[sigmoid(v) for v in row] for row in MASK_T[0][0]]
+PROMPT_BCE = mean(-(PROMPT_T[y][x] * math.log(PROMPT_P[y][x]) + (1 - PROMPT_T[y][x]) * math.log(1 - PROMPT_P[y][x]))
+                  for (y, x) in VALID)
+PROMPT_DICE = 1 - (2 * sum(PROMPT_P[y][x] * PROMPT_T[y][x] for (y, x) in VALID) + 1.0) / (
+    sum(PROMPT_P[y][x] for (y, x) in VALID) + sum(PROMPT_T[y][x] for (y, x) in VALID) + 1.0)
+
 CASES: List[Case] = [
+    Case(
+        {"type": "embedding_distill", "teacher": "sam", "weight": 1.0},
+        EMB_BY_HAND,
+        {"student": [EMB_S], "teacher": [EMB_T], "mask": [[MASK]]},
+        no_grad_at=(0, slice(None), 1, 1),
+    ),
+    Case(
+        {"type": "prompt_distill", "teacher": "sam", "bce": 2.0, "dice": 3.0, "weight": 1.0},
+        2.0 * PROMPT_BCE + 3.0 * PROMPT_DICE,
+        {"student": MASK_S[0], "teacher": MASK_T[0], "weight": [MASK]},
+        no_grad_at=(0, 1, 1),
+    ),
     Case({"type": "feature_mse", "teacher": "sam", "weight": 2.0, "log_as": "loss_sam_mse"}, MSE_BY_HAND),
     Case({"type": "feature_smooth_l1", "teacher": "sam", "beta": 0.8, "weight": 1.0}, SMOOTH_L1_BY_HAND),
     Case({"type": "feature_cosine", "teacher": "sam", "weight": 0.5, "log_as": "loss_sam_cos"}, COSINE_BY_HAND),
