@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import prepare_teacher_features as ptf  # noqa: E402
 
+# Compares numbers with subprocesses / cached passes bit for bit: runs on two threads under xdist (conftest).
+pytestmark = pytest.mark.bitexact
+
 COCO = REPO / "datasets" / "coco128"
 SPLIT, LIMIT, BATCH, SIZE = "train2017", 6, 2, 128
 TEACHER = ["teacher.init=random", f"teacher.input_size={SIZE}"]

@@ -24,6 +24,9 @@ sys.path.insert(0, str(REPO / "tools"))
 import prepare_teacher_features as ptf  # noqa: E402
 import train as train_tool  # noqa: E402
 
+# Compares numbers with subprocesses / cached passes bit for bit: runs on two threads under xdist (conftest).
+pytestmark = pytest.mark.bitexact
+
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 SIZE, LIMIT = 64, 8
 
