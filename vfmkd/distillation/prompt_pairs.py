@@ -25,6 +25,8 @@ Everything else is refused when the losses are built (:func:`build_prompt_term`)
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -118,15 +120,16 @@ def build_prompt_term(kind_name: str, where: str, kwargs: Dict[str, Any], model:
 
 
 # ---------------------------------------------------------------------------------------- pairing
-class PromptPairingBase:
+class PromptPairingBase(ABC):
     """What the distiller asks of a pairing: ``pair(output, batch, target)`` -> ``(args, kwargs)``
     or None, ``needs_masks`` (the teacher's box-prompted masks are read) and ``needs_heads``."""
 
     needs_masks = False
     needs_heads = False
 
+    @abstractmethod
     def pair(self, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
-        raise NotImplementedError
+        """The loss's ``(args, kwargs)`` for this step, or None when nothing pairs."""
 
 
 class EmbeddingPairing(PromptPairingBase):
