@@ -18,6 +18,9 @@ from vfmkd.teachers.lora_sam import LoraSamTeacher, lora_key
 from vfmkd.teachers.sam import SamTeacher
 from vfmkd.utils.checkpoint import sha256_of_file
 
+# Compares two teachers' features bit for bit: runs on two threads under xdist (conftest).
+pytestmark = pytest.mark.bitexact
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = sorted((REPO / "datasets/coco128/images/val2017").glob("*.jpg"))
 SIZE, RANK, ALPHA = 256, 4, 8.0  # scaling 2

@@ -62,6 +62,16 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor) -> List[Tuple[int, int
     return out
 
 
+def check_rgb_images(images: Sequence[np.ndarray], who: str) -> None:
+    """Every item of ``images`` must be an RGB uint8 ``(H, W, 3)`` array, and there must be one."""
+    if len(images) == 0:
+        raise ValueError(f"{who}.preprocess got no images.")
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+            raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {desc}.")
+
+
 def unit_float(images: torch.Tensor) -> torch.Tensor:
     """Canvas pixels as float32 in [0, 1] (uint8 canvases are accepted too)."""
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()

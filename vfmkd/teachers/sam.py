@@ -24,7 +24,7 @@ from torch import nn
 from vfmkd.core.errors import CheckpointError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, resized_hw
+from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, resized_hw, check_rgb_images
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 
 logger = logging.getLogger("vfmkd")
@@ -162,16 +162,12 @@ class SamTeacher(BaseTeacher):
     def preprocess(self, images: Sequence[np.ndarray]) -> TeacherBatch:
         """RGB uint8 ``(H_i, W_i, 3)`` images -> pixels ``(B, 3, S, S)`` float32 on CPU,
         affine ``(B, 4)`` float32 = (new_w/w, new_h/h, 0, 0), valid_hw ``(B, 2)`` int64 = (new_h, new_w)."""
-        if len(images) == 0:
-            raise ValueError("SamTeacher.preprocess got no images.")
+        check_rgb_images(images, "SamTeacher")
         s = self.input_size
         pixels = torch.zeros(len(images), 3, s, s)
         affine = torch.zeros(len(images), 4)
         valid = torch.zeros(len(images), 2, dtype=torch.long)
         for i, img in enumerate(images):
-            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {desc}.")
             h, w = img.shape[:2]
             resized = self._transform.apply_image(img)  # (new_h, new_w, 3) uint8, long side = s
             nh, nw = resized.shape[:2]

@@ -56,7 +56,7 @@ import torchvision.transforms.functional as TF
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings
+from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 from vfmkd.teachers.weights import weights_for
 
@@ -253,15 +253,11 @@ class Sam2Teacher(BaseTeacher):
         """RGB uint8 ``(H_i, W_i, 3)`` images -> pixels ``(B, 3, S, S)`` float32 on CPU (SAM2Transforms:
         ToTensor, Resize((S, S)) bilinear antialiased, Normalize), affine ``(B, 4)`` = (S/w, S/h, 0, 0),
         valid_hw ``(B, 2)`` = (S, S): the whole canvas is image."""
-        if len(images) == 0:
-            raise ValueError("Sam2Teacher.preprocess got no images.")
+        check_rgb_images(images, "Sam2Teacher")
         s = self.input_size
         pixels = torch.empty(len(images), 3, s, s)
         affine = torch.zeros(len(images), 4)
         for i, img in enumerate(images):
-            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {desc}.")
             h, w = img.shape[:2]
             x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255.0)  # a copy: inputs may be read-only
             x = TF.resize(x, [s, s], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)

@@ -45,7 +45,7 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets.transforms import letterbox
 from vfmkd.models.unified_model import UnifiedModel
-from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, crop_boxes, unit_float
+from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, crop_boxes, unit_float, check_rgb_images
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file
 
 logger = logging.getLogger("vfmkd")
@@ -263,15 +263,11 @@ class VfmkdTeacher(BaseTeacher):
         """RGB uint8 ``(H_i, W_i, 3)`` images -> pixels ``(B, 3, S, S)`` float32 in [0, 1] on CPU (the YOLO
         letterbox, as the run's own evaluation sees them), affine ``(B, 4)`` = letterbox's
         (sx, sy, left, top), valid_hw ``(B, 2)`` int64 = (S, S) (the padding is part of the input)."""
-        if len(images) == 0:
-            raise ValueError("VfmkdTeacher.preprocess got no images.")
+        check_rgb_images(images, "VfmkdTeacher")
         s = self.input_size
         pixels = torch.zeros(len(images), 3, s, s)
         affine = torch.zeros(len(images), 4)
         for i, img in enumerate(images):
-            if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-                raise ValueError(f"image {i}: expected an RGB uint8 array (H, W, 3), got {desc}.")
             canvas, aff = letterbox(img, s)
             pixels[i] = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))).float().div_(255.0)
             affine[i] = torch.tensor(aff, dtype=torch.float32)
