@@ -32,13 +32,15 @@ def coco128() -> Path:
 # Under pytest-xdist (the README's command: one worker per core) each worker computes on one thread so
 # the workers do not fight over the cores. Tests marked `bitexact` compare this process's numbers with a
 # subprocess's (a killed tool, torchrun ranks) bit for bit: they keep the default two threads, which is
-# what those subprocesses use, since float sums depend on the thread count.
+# what those subprocesses use, since float sums depend on the thread count. Set in a setup hook, not a
+# fixture: session- and module-scoped fixtures (a reference teacher's features) are built before any
+# function-scoped fixture runs, and must be computed at the thread count of the test that builds them.
 def _thread_count(bitexact: bool) -> int:
     if os.environ.get("PYTEST_XDIST_WORKER") and not bitexact:
         return 1
     return min(2, os.cpu_count() or 1)
 
 
-@pytest.fixture(autouse=True)
-def _threads(request):
-    torch.set_num_threads(_thread_count(request.node.get_closest_marker("bitexact") is not None))
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    torch.set_num_threads(_thread_count(item.get_closest_marker("bitexact") is not None))
