@@ -45,6 +45,20 @@ def test_bad_overrides_name_the_fix(override, expected):
         load_experiment(EXPERIMENT, [override])
 
 
+STAGED = "configs/experiments/regnet_fusion_dsrl_sam_panoptic_coco128.yaml"
+
+
+def test_a_stage_is_overridden_by_its_index():
+    cfg = load_experiment(STAGED, ["train.stages.0.epochs=1", "train.stages.2.lr=0.001", "train.stages.2.epochs=2"])
+    stages = cfg["train"]["stages"]
+    assert [s["epochs"] for s in stages] == [1, 20, 2] and cfg["train"]["epochs"] == 23
+    assert stages[2]["lr"] == 0.001 and stages[0]["name"] == "base"  # the rest of the entry is kept
+    with pytest.raises(ConfigError, match="train.stages has 3 entries \\(indices 0..2\\)"):
+        load_experiment(STAGED, ["train.stages.3.epochs=1"])
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
+        load_experiment(STAGED, ["train.stages.1.epoch=1"])
+
+
 def test_unknown_component_key_suggests_the_constructor_argument():
     cfg = load_experiment(EXPERIMENT, ["model.backbone.varient=s"])
     with pytest.raises(ConfigError, match="unknown key 'varient'.*Did you mean 'variant'"):

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 
@@ -159,22 +160,24 @@ class ExperimentConfig:
 
 
 def _schema_keys(schema: Any, dotted: str) -> List[str]:
-    """Valid keys at a dotted location of a dataclass schema (for suggestions)."""
+    """Valid keys at a dotted location of a dataclass schema (for suggestions); list indices
+    (``train.stages.0`` or ``train.stages[0]``) step into the list's element type."""
     node = schema
-    for part in [p for p in dotted.split(".") if p]:
-        sub = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
-        if part not in sub:
+    for part in [p for p in re.split(r"[.\[\]]", dotted) if p]:
+        if part.isdigit() and get_origin(node) in (list, List):
+            node = get_args(node)[0]
+        elif is_dataclass(node) and part in (hints := get_type_hints(node)):
+            node = hints[part]
+        else:
             return []
-        default = sub[part].default_factory() if callable(sub[part].default_factory) else sub[part].default  # type: ignore[misc]
-        node = default if is_dataclass(default) else None
-        if node is None:
-            return []
+        if get_origin(node) is Union:  # Optional[X] -> X
+            node = next(a for a in get_args(node) if a is not type(None))
     return [f.name for f in fields(node)] if is_dataclass(node) else []
 
 
 def _explain(exc: OmegaConfBaseException, schema: Any, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
-    if isinstance(exc, ConfigKeyError):
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         parent, _, leaf = str(key).rpartition(".")
         valid = _schema_keys(schema, parent)
         hint = did_you_mean(leaf, valid)
@@ -214,16 +217,52 @@ def resolve_path(path: str | Path) -> Path:
     return in_repo if in_repo.exists() else p
 
 
-def parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    """Dotted ``a.b=c`` overrides (values parsed as YAML scalars). Hydra's ``+a.b=c`` (add a key) is
-    accepted too: mapping sections such as ``teachers`` and ``distillation.losses`` take new keys."""
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+def split_overrides(overrides: Sequence[str]) -> List[Tuple[str, Any]]:
+    """Dotted ``a.b=c`` overrides as (key, value) pairs, values parsed as YAML (``[1, 2]``, ``null``,
+    ``3e-4``). Hydra's ``+a.b=c`` (add a key) is accepted too: mapping sections such as ``teachers``
+    and ``distillation.losses`` take new keys. A list entry is addressed by its index
+    (``train.stages.0.epochs=5``)."""
+    bad = [o for o in overrides if "=" not in o or o.lstrip("+").startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
-    try:
-        return OmegaConf.from_dotlist([o[1:] if o.startswith("+") else o for o in overrides])
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
+    pairs = []
+    for item in overrides:
+        key, _, text = item.lstrip("+").partition("=")
+        try:  # OmegaConf's own value grammar, as on Hydra's command line
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse the override {item!r}: {exc}") from exc
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """Dotted overrides as one nested mapping (for a section without lists, e.g. a teacher's kwargs)."""
+    cfg = OmegaConf.create()
+    for key, value in split_overrides(overrides):
+        OmegaConf.update(cfg, key, value, merge=True)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], schema_cls: Any, source: str) -> None:
+    """Apply dotted overrides in place, key by key, so that list entries can be addressed by index."""
+    for key, value in split_overrides(overrides):
+        _check_list_indices(cfg, key, source)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, schema_cls, f"{source} (override {key}={value!r})") from exc
+
+
+def _check_list_indices(cfg: DictConfig, key: str, source: str) -> None:
+    parts = key.split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        parent = OmegaConf.select(cfg, ".".join(parts[:i]))
+        if OmegaConf.is_list(parent) and part.isdigit() and int(part) >= len(parent):
+            where = ".".join(parts[:i])
+            have = f"indices 0..{len(parent) - 1}" if len(parent) else "no entries"
+            raise ConfigError(f"{source}: override {key}: {where} has {len(parent)} entries ({have}); "
+                              f"edit an existing one or add the entry in the YAML file")
 
 
 def merge_with_schema(schema_cls: Any, *layers: Any, source: str) -> DictConfig:
@@ -304,7 +343,8 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str
 def experiment_from_dict(raw: Dict[str, Any], overrides: Sequence[str] = (), path: str = "<config>") -> Dict[str, Any]:
     """:func:`load_experiment` on an already read YAML mapping (the command-line shortcuts
     ``--backbone/--teacher/--dataset`` edit it first, see :mod:`vfmkd.utils.cli`)."""
-    cfg = merge_with_schema(ExperimentConfig, raw, parse_overrides(overrides), source=path)
+    cfg = merge_with_schema(ExperimentConfig, raw, source=path)
+    apply_overrides(cfg, overrides, ExperimentConfig, path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     import_custom_modules(resolved["custom_imports"])
