@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from vfmkd.core.config import experiment_from_dict, experiment_record
 from vfmkd.core.errors import ConfigError
 from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
-from vfmkd.distillation.resolution import ResolutionDistillLoss, build_resolution_term, check_geometry
+from vfmkd.distillation.resolution import ResolutionDistillLoss, build_resolution_term
+from vfmkd.models.input_scale import check_input_geometry
 from vfmkd.engine.builders import build_model
 from vfmkd.engine.trainer import Trainer
 
@@ -107,7 +108,7 @@ def test_geometry_and_heads_are_checked():
         term(config(img_size=128, sr_target_scale=1.5))
     msg = str(exc.value)
     assert "85.33" in msg and "largest stride 32" in msg and "2 (64)" in msg and "384" in msg
-    assert check_geometry(384, 1.2, 32) == 320
+    assert check_input_geometry(384, 1.2, 32) == 320
     det = {"detection": {"type": "yolo_head", "num_classes": 80}}
     with pytest.raises(ConfigError, match="needs a segmentation head"):  # box heads ride along, they do not suffice
         term(config(heads=det))

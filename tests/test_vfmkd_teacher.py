@@ -168,6 +168,34 @@ def test_a_teacher_at_another_canvas_size_carries_the_scale(run, batch):
         VfmkdTeacher(checkpoint=str(run[0]), input_size=100)
 
 
+def test_a_dsrl_run_downsizes_its_input_as_at_its_own_evaluation(tmp_path, batch):
+    """A run trained with model.resolution_distill sees the canvas / sr_target_scale: as a teacher too."""
+    cfg = experiment_from_dict({
+        "experiment_name": "dsrl_run",
+        "model": {"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+                  "heads": {"detection": {"type": "yolo_head", "num_classes": 80},
+                            "semantic": {"type": "semantic_head", "num_classes": 130, "output_stride": 8}},
+                  "resolution_distill": {"enabled": True, "sr_target_scale": 2.0}},
+        "data": {"dataset": "coco128", "root": str(REPO / "datasets/coco128"), "img_size": SIZE},
+    })
+    torch.manual_seed(0)
+    model = build_model(cfg["model"]).eval()
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg})
+    teacher = VfmkdTeacher(checkpoint=str(path))
+    assert teacher.model.input_scale == 2.0
+    assert {s.name: s.stride for s in teacher.feature_specs()} == {"P3": 16, "P4": 32, "P5": 64}  # canvas pixels
+    feats, heads = teacher.forward_with_heads(batch.images)
+    assert feats["P5"].shape[-2:] == (SIZE // 64, SIZE // 64)
+    assert all(torch.equal(feats[k], v) for k, v in teacher.forward_features(batch.images).items())
+    with torch.no_grad():
+        want = model(batch.images)  # the run's own evaluation pass: same downsized input
+    assert torch.allclose(heads["semantic"], want.heads["semantic"], atol=1e-5)
+    assert torch.allclose(feats["P3"], want.backbone["P3"], atol=1e-5)
+    with pytest.raises(ConfigError, match="teacher.input_size 160 / sr_target_scale 2 = 80 is not a multiple"):
+        VfmkdTeacher(checkpoint=str(path), input_size=160)
+
+
 def test_student_classes_are_checked(teacher):
     same = build_model(run_config(80)["model"]).heads
     assert teacher.check_compatible(same) == {"detection": "detection"}

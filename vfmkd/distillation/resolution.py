@@ -32,54 +32,13 @@ from ultralytics.nn.modules import Conv
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
+from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, check_input_geometry, resolution_distill_settings
 
 #: Heads whose outputs the losses and scorers upsample to the label size (they read a downscaled input
 #: correctly); heads that answer in input pixels (boxes, prototypes, prompts) do not.
 SEGMENTATION_TASKS = ("semantic", "binary")
-#: Heads built with canvas strides under DSRL (UnifiedModel.from_config): their boxes and prototypes stay
-#: in the canvas frame, so they train and score alongside the low-resolution segmentation path.
-CANVAS_STRIDE_TASKS = ("detection", "instance")
 TERM_NAME = "resolution_distill"
 LOG_NAME = "loss_resolution_distill"
-_TRY_SCALES = (1.2, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-
-
-def settings(model_cfg: Any) -> Dict[str, Any]:
-    """``model.resolution_distill`` as a plain dict ({} when absent), from a ModelConfig or a mapping."""
-    rd = getattr(model_cfg, "resolution_distill", None) if not isinstance(model_cfg, Mapping) \
-        else model_cfg.get("resolution_distill")
-    if rd is None:
-        return {}
-    return dict(rd) if isinstance(rd, Mapping) else dict(vars(rd))
-
-
-def input_scale(model_cfg: Any) -> float:
-    """The factor the student's input is divided by: ``sr_target_scale`` when DSRL is enabled, else 1."""
-    rd = settings(model_cfg)
-    return float(rd["sr_target_scale"]) if rd.get("enabled") else 1.0
-
-
-def low_res_size(img_size: int, scale: float) -> float:
-    return img_size / scale
-
-
-def check_geometry(img_size: int, scale: float, max_stride: int, where: str = "model.resolution_distill") -> int:
-    """The student's input size s = S / scale; refuses an s that is not an integer multiple of the
-    student's largest stride (its levels would not be whole grids, the neck's x2 upsamplings would
-    not line up and the finest level, upsampled by its stride x scale, would not land on S)."""
-    s = low_res_size(img_size, scale)
-    if abs(s - round(s)) < 1e-6 and round(s) % max_stride == 0 and round(s) > 0:
-        return int(round(s))
-    ok = [f"{k:g} ({img_size / k:g})" for k in _TRY_SCALES
-          if abs(img_size / k - round(img_size / k)) < 1e-6 and round(img_size / k) % max_stride == 0]
-    sizes = [n for n in range(128, 4097, 32)
-             if abs(n / scale - round(n / scale)) < 1e-6 and round(n / scale) % max_stride == 0][:3]
-    raise ConfigError(
-        f"{where}: data.img_size {img_size} / sr_target_scale {scale:g} = {s:.4g} is not a multiple of the student's "
-        f"largest stride {max_stride}: its levels cannot be upsampled to the {img_size}-pixel SR target (the level grids "
-        f"would not be whole and the neck's x2 upsamplings would not line up). Scales that work at img_size {img_size}: "
-        f"{', '.join(ok) or 'none in ' + str(_TRY_SCALES)}; img_size values that work with {scale:g}: "
-        f"{', '.join(map(str, sizes)) or 'none up to 4096'}.")
 
 
 class SRBranch(nn.Module):
@@ -174,14 +133,14 @@ def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.res
 def build_resolution_term(model: Any, model_cfg: Any, img_size: int) -> Optional[Tuple[str, ResolutionDistillLoss, str]]:
     """(term name, loss module, head) for ``model.resolution_distill`` (None when disabled); the
     geometry and head checks run here, before training starts."""
-    rd = settings(model_cfg)
+    rd = resolution_distill_settings(model_cfg)
     if not rd.get("enabled"):
         return None
     head = segmentation_head(model, rd)
     scale = float(rd["sr_target_scale"])
     specs = list(model.neck.feature_specs())
     max_stride = max([s.stride for s in specs] + [s.stride for s in model.backbone.feature_specs()])
-    check_geometry(int(img_size), scale, max_stride)
+    check_input_geometry(int(img_size), scale, max_stride)
     read: List[str] = list(getattr(getattr(model.heads[head], "fusion", None), "level_names", []) or [specs[0].name])
     spec = {s.name: s for s in specs}[read[0]]
     module = ResolutionDistillLoss(spec.name, spec.channels, spec.stride, scale, int(rd["feat_channels"]),

@@ -52,13 +52,8 @@ def build_dataset(data: DataConfig, split: str, num_classes: int,
 
 
 def build_model(model: Union[ModelConfig, Mapping[str, Any]]) -> UnifiedModel:
-    """The student from the ``model`` section (its backbone, neck and head entries)."""
-    from vfmkd.distillation.resolution import input_scale
-
-    scale = input_scale(model)  # DSRL: the student downsizes its input (model.resolution_distill)
-    if isinstance(model, ModelConfig):
-        model = {"backbone": model.backbone, "neck": model.neck, "heads": model.heads}
-    return UnifiedModel.from_config(model, input_scale=scale)
+    """The student from the ``model`` section (its backbone, neck and head entries; DSRL's input scale)."""
+    return UnifiedModel.from_config(model)
 
 
 def enabled_teachers(teachers_cfg: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:

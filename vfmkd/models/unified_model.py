@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from vfmkd.core.config import component_kwargs
 from vfmkd.core.registry import BACKBONES, HEADS, NECKS
 from vfmkd.models.backbones.base import BaseBackbone
+from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, configured_input_scale
 
 # Importing the packages registers the built-in components.
 import vfmkd.models.backbones  # noqa: F401,E402
@@ -26,11 +27,6 @@ class StudentOutput:
     heads: Dict[str, Any]
 
 
-#: Head tasks whose outputs are in input pixels (decoded boxes, prototype grids): under DSRL they are
-#: built with canvas strides (see :meth:`UnifiedModel.from_config`).
-CANVAS_PIXEL_TASKS = ("detection", "instance")
-
-
 class UnifiedModel(nn.Module):
     """The student network. Distillation reads ``backbone`` features; task losses read ``heads``."""
 
@@ -41,11 +37,17 @@ class UnifiedModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     @classmethod
-    def from_config(cls, model_cfg: Mapping[str, Any], input_scale: float = 1.0) -> "UnifiedModel":
-        """Build from the resolved ``model`` section of an experiment. With ``input_scale`` > 1 (DSRL:
-        the student sees its canvas downsized by that factor) heads that answer in canvas pixels
-        (boxes, prototypes: tasks in :data:`CANVAS_PIXEL_TASKS`) are built with the levels' strides
-        in canvas pixels, so their anchors, boxes and losses stay in the canvas frame."""
+    def from_config(cls, model_cfg: Any, input_scale: Optional[float] = None) -> "UnifiedModel":
+        """Build from the resolved ``model`` section of an experiment (a mapping or ModelConfig).
+        ``input_scale`` defaults to the section's own (:func:`configured_input_scale`: DSRL's
+        ``resolution_distill.sr_target_scale``, else 1). Above 1 the student sees its canvas downsized by
+        that factor, and heads that answer in canvas pixels (boxes, prototypes: tasks in
+        :data:`CANVAS_STRIDE_TASKS`) are built with the levels' strides in canvas pixels, so their
+        anchors, boxes and losses stay in the canvas frame."""
+        if input_scale is None:
+            input_scale = configured_input_scale(model_cfg)
+        if not isinstance(model_cfg, Mapping):  # ModelConfig
+            model_cfg = {"backbone": model_cfg.backbone, "neck": model_cfg.neck, "heads": model_cfg.heads}
         bb = model_cfg["backbone"]
         backbone = BACKBONES.build(bb["type"], where="model.backbone", **component_kwargs(bb))
         nk = model_cfg["neck"]
@@ -56,7 +58,7 @@ class UnifiedModel(nn.Module):
         canvas_specs = [replace(s, stride=s.stride * input_scale) for s in neck_specs]
         heads = {
             name: HEADS.build(h["type"], where=f"model.heads.{name}", **component_kwargs(h),
-                              in_specs=canvas_specs if getattr(HEADS.get(h["type"]), "task", "") in CANVAS_PIXEL_TASKS
+                              in_specs=canvas_specs if getattr(HEADS.get(h["type"]), "task", "") in CANVAS_STRIDE_TASKS
                               else neck_specs)
             for name, h in model_cfg["heads"].items()
         }
@@ -65,7 +67,7 @@ class UnifiedModel(nn.Module):
         return model
 
     #: The input is resized to 1/input_scale of its size inside forward (DSRL's low-resolution student,
-    #: set by build_model from model.resolution_distill), so evaluation and export see the same input.
+    #: set by from_config from model.resolution_distill), so evaluation and export see the same input.
     input_scale: float = 1.0
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:

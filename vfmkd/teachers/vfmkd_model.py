@@ -15,6 +15,8 @@ What it provides:
   autograd and with BatchNorm in eval mode, for ``cls_distill`` / ``mask_distill``.
 
 Its input is the student's own canvas. ``input_size`` defaults to the run's ``data.img_size``.
+A run trained with DSRL (``model.resolution_distill``) downsizes that canvas inside its model, exactly as
+at its own evaluation, so its levels' strides (:meth:`VfmkdTeacher.feature_specs`) are in canvas pixels.
 :meth:`VfmkdTeacher.preprocess` (original images) is the YOLO letterbox of
 :func:`vfmkd.datasets.transforms.letterbox` divided by 255, exactly what the run trained on.
 :meth:`VfmkdTeacher.preprocess_crops` (live passes) takes the WHOLE canvas unchanged (resized only
@@ -31,6 +33,7 @@ the refusal the cache tool and an ``offline: true`` entry should give (see :attr
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -44,6 +47,7 @@ from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets.transforms import letterbox
+from vfmkd.models.input_scale import check_input_geometry
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, crop_boxes, unit_float, check_rgb_images
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file
@@ -151,10 +155,17 @@ class VfmkdTeacher(BaseTeacher):
             raise CheckpointError(f"{path}: its weights do not fit the model its own config describes "
                                   f"({student_variant(cfg['model'])}): {str(err).splitlines()[0]}") from None
         self.model = model
-        self._specs: Tuple[FeatureSpec, ...] = tuple(model.backbone.feature_specs())
+        # A DSRL run (model.resolution_distill) downsizes its input inside the model (from_config reads the
+        # scale from its config): its levels' strides on the canvas this teacher is given are stride x scale.
+        scale = model.input_scale
+        self._specs: Tuple[FeatureSpec, ...] = tuple(
+            replace(s, stride=s.stride * scale) if scale != 1.0 else s for s in model.backbone.feature_specs())
         self.primary_feature = max(self._specs, key=lambda s: s.stride).name
-        stride = max(s.stride for s in self._specs)
-        if settings.input_size % stride:
+        stride = max(s.stride for s in model.backbone.feature_specs())
+        if scale != 1.0:
+            check_input_geometry(settings.input_size, scale, stride, where=f"vfmkd teacher {path} (a DSRL run)",
+                                 size_key="teacher.input_size")
+        elif settings.input_size % stride:
             lo = settings.input_size // stride * stride
             raise ConfigError(f"teacher.input_size must be a multiple of {stride} (the {settings.variant} teacher's "
                               f"largest stride), got {settings.input_size}; nearest valid: "
@@ -306,7 +317,7 @@ class VfmkdTeacher(BaseTeacher):
         """``(B, 3, S, S)`` in [0, 1] -> the backbone levels ``{name: (B, C, S/stride, S/stride)}`` float32."""
         self._check_pixels(pixels)
         with self.autocast():
-            feats = self.model.backbone(pixels.to(self.device))
+            feats = self.model.backbone(self.model.prepare_input(pixels.to(self.device)))
         return {k: v.float() for k, v in feats.items()}
 
     @torch.no_grad()
@@ -323,7 +334,7 @@ class VfmkdTeacher(BaseTeacher):
             for m in detects:
                 m.training = True
             with self.autocast():
-                feats = self.model.backbone(pixels.to(self.device))
+                feats = self.model.backbone(self.model.prepare_input(pixels.to(self.device)))
                 fused = self.model.neck(feats)
                 heads = {name: head(fused) for name, head in self.model.heads.items()}
         finally:
