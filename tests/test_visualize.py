@@ -11,9 +11,9 @@ from PIL import Image
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.datasets import DetectionDataset, collate_samples
-from vfmkd.engine import visualize as vis
+from vfmkd.engine import feature_pca, prediction_panel, results_text, vis_canvas
 from vfmkd.engine.loggers import RunLoggers, check_loggers
-from vfmkd.engine.visualize import PanelRow, Prediction
+from vfmkd.engine.prediction_panel import PanelRow, Prediction, _draw, difference_map
 
 S = 128
 
@@ -47,7 +47,7 @@ def box_masks(gt, size, shrink=0.0):
 
 
 def cell(png: np.ndarray, row: int, col: int, margin: int = 3) -> np.ndarray:
-    x0, y0, x1, y1 = vis.cell_box(row, col)
+    x0, y0, x1, y1 = vis_canvas.cell_box(row, col)
     return png[y0 + margin:y1 - margin, x0 + margin:x1 - margin].astype(np.int16)
 
 
@@ -91,12 +91,12 @@ def test_panel_has_the_grid_and_differs_where_predictions_differ(batch, tmp_path
         PanelRow("sem", student=Prediction.semantic(labels=semantic), teacher=None,
                  target=Prediction.semantic(labels=semantic)),
     ]
-    out = vis.render_panel(vis.visualization_path(tmp_path, "epoch", 3), batch.images, rows,
-                           image_ids=batch.image_ids, max_images=2, title="epoch 3")
+    out = prediction_panel.render_panel(vis_canvas.visualization_path(tmp_path, "epoch", 3), batch.images, rows,
+                                        image_ids=batch.image_ids, max_images=2, title="epoch 3")
     assert out == tmp_path / "visualizations" / "epoch_003.png"
     assert not [p for p in out.parent.iterdir() if p.name != out.name], "no temp file left behind"
     png = read(out)
-    assert (png.shape[1], png.shape[0]) == vis.panel_size(2 * len(rows), len(vis.PANEL_COLUMNS))
+    assert (png.shape[1], png.shape[0]) == vis_canvas.panel_size(2 * len(rows), len(prediction_panel.PANEL_COLUMNS))
 
     # input cells show the image (not blank), identical across the heads of one image
     assert cell(png, 0, 0).std() > 10
@@ -109,8 +109,8 @@ def test_panel_has_the_grid_and_differs_where_predictions_differ(batch, tmp_path
     assert all(message(cell(png, 3, c)) for c in (2, 4, 6)) and not message(cell(png, 2, 6))
     # same call with the student equal to the teacher: the diff cell becomes uniform (zero map)
     rows_same = [PanelRow("bin", student=Prediction.binary(teacher_bin), teacher=Prediction.binary(teacher_bin))]
-    same = read(vis.render_panel(tmp_path / "same.png", batch.images, rows_same, max_images=1))
-    diff = read(vis.render_panel(tmp_path / "diff.png", batch.images, rows[2:3], max_images=1))
+    same = read(prediction_panel.render_panel(tmp_path / "same.png", batch.images, rows_same, max_images=1))
+    diff = read(prediction_panel.render_panel(tmp_path / "diff.png", batch.images, rows[2:3], max_images=1))
     assert np.array_equal(cell(same, 0, 2), cell(same, 0, 3))
     assert uniform(cell(same, 0, 6, margin=20))  # |t - s| = 0 everywhere (note text sits in a corner)
     assert not uniform(cell(diff, 0, 6, margin=20))
@@ -122,23 +122,23 @@ def test_difference_maps_per_kind():
     hw = (8, 8)
     p = torch.zeros(1, 8, 8)
     p[0, :4] = 1.0
-    t = vis._draw(Prediction.binary(p), 0, hw, None)
-    s = vis._draw(Prediction.binary(p.flip(1)), 0, hw, None)
-    d = vis.difference_map(t, s, "binary")
+    t = _draw(Prediction.binary(p), 0, hw, None)
+    s = _draw(Prediction.binary(p.flip(1)), 0, hw, None)
+    d = difference_map(t, s, "binary")
     assert d.shape == hw and d.min() == 1.0  # top half on vs bottom half on: every pixel differs
-    assert np.allclose(vis.difference_map(t, t, "binary"), 0)
+    assert np.allclose(difference_map(t, t, "binary"), 0)
     lab = torch.zeros(1, 4, 4, dtype=torch.long)
     lab[0, 0, 0] = 3
-    d = vis.difference_map(vis._draw(Prediction.semantic(lab), 0, hw, None),
-                           vis._draw(Prediction.semantic(torch.zeros_like(lab)), 0, hw, None), "semantic")
+    d = difference_map(_draw(Prediction.semantic(lab), 0, hw, None),
+                       _draw(Prediction.semantic(torch.zeros_like(lab)), 0, hw, None), "semantic")
     assert d.sum() == 4  # one stride-2 cell -> 2x2 pixels disagree
     probs = torch.softmax(torch.randn(1, 5, 4, 4), 1)
-    d = vis.difference_map(vis._draw(Prediction.semantic(probs=probs), 0, hw, None),
-                           vis._draw(Prediction.semantic(probs=probs), 0, hw, None), "semantic")
+    d = difference_map(_draw(Prediction.semantic(probs=probs), 0, hw, None),
+                       _draw(Prediction.semantic(probs=probs), 0, hw, None), "semantic")
     assert np.allclose(d, 0)
     box = [torch.tensor([[0.0, 0.0, 4.0, 4.0]])]
-    d = vis.difference_map(vis._draw(Prediction.detections(box, [torch.tensor([1])]), 0, hw, None),
-                           vis._draw(Prediction.detections([box[0] + 4], [torch.tensor([1])]), 0, hw, None), "boxes")
+    d = difference_map(_draw(Prediction.detections(box, [torch.tensor([1])]), 0, hw, None),
+                       _draw(Prediction.detections([box[0] + 4], [torch.tensor([1])]), 0, hw, None), "boxes")
     assert d.sum() == 32
     with pytest.raises(ValueError, match="needs masks, cls"):
         Prediction("instance")
@@ -149,33 +149,33 @@ def test_pca_uses_the_teacher_projection(batch, tmp_path):
     teacher = torch.randn(4, 32, 8, 8, generator=g) + batch.images[:, :1, ::16, ::16] * 3
     valid = torch.ones(4, 8, 8, dtype=torch.bool)
     valid[:, 6:] = False  # letterbox padding rows
-    t_rgb, s_rgb = vis.pca_project(teacher, teacher.clone(), valid)
+    t_rgb, s_rgb = feature_pca.pca_project(teacher, teacher.clone(), valid)
     assert t_rgb.shape == (4, 8, 8, 3) and np.array_equal(t_rgb, s_rgb)
     assert t_rgb[:, 6:].max() == 0 and t_rgb[:, :6].max() == pytest.approx(1.0, abs=1e-6)
     # the projection is the teacher's: a student with a scaled copy is clipped to the teacher range,
     # a student with the teacher's channel count only
-    _, s2 = vis.pca_project(teacher, teacher * 5, valid)
+    _, s2 = feature_pca.pca_project(teacher, teacher * 5, valid)
     assert not np.array_equal(t_rgb, s2) and s2.max() <= 1.0
     with pytest.raises(ValueError, match="adapter output"):
-        vis.pca_project(teacher, teacher[:, :16], valid)
+        feature_pca.pca_project(teacher, teacher[:, :16], valid)
     # against a plain SVD of the valid cells: same subspace
     cells = teacher.permute(0, 2, 3, 1)[valid].double()
     _, _, vh = torch.linalg.svd(cells - cells.mean(0), full_matrices=False)
-    _, basis = vis.pca_basis(teacher, valid)
+    _, basis = feature_pca.pca_basis(teacher, valid)
     assert torch.allclose((vh[:3] @ basis).abs(), torch.eye(3, dtype=torch.float64), atol=1e-6)
 
     maps_t = {"sam/image_embeddings@P4": teacher, "dino/x@P5": teacher[:, :8, :4, :4]}
-    path = vis.pca_panel(tmp_path / "pca.png", maps_t, {"sam/image_embeddings@P4": teacher.clone()},
-                         images=batch.images, valid={"sam/image_embeddings@P4": valid}, image_ids=batch.image_ids,
-                         max_images=2)
+    path = feature_pca.pca_panel(tmp_path / "pca.png", maps_t, {"sam/image_embeddings@P4": teacher.clone()},
+                                 images=batch.images, valid={"sam/image_embeddings@P4": valid}, image_ids=batch.image_ids,
+                                 max_images=2)
     png = read(path)
-    assert (png.shape[1], png.shape[0]) == vis.panel_size(2, 1 + 2 * 2)
+    assert (png.shape[1], png.shape[0]) == vis_canvas.panel_size(2, 1 + 2 * 2)
     for i in range(2):
         assert np.array_equal(cell(png, i, 1), cell(png, i, 2))  # same projection, same image
         assert cell(png, i, 1).std() > 10
         assert message(cell(png, i, 4))  # "no student map"
-    moved = vis.pca_panel(tmp_path / "pca2.png", maps_t, {"sam/image_embeddings@P4": teacher.roll(2, -1)},
-                          images=batch.images, valid={"sam/image_embeddings@P4": valid}, max_images=2)
+    moved = feature_pca.pca_panel(tmp_path / "pca2.png", maps_t, {"sam/image_embeddings@P4": teacher.roll(2, -1)},
+                                  images=batch.images, valid={"sam/image_embeddings@P4": valid}, max_images=2)
     assert not np.array_equal(cell(read(moved), 0, 1), cell(read(moved), 0, 2))
 
 
@@ -186,7 +186,7 @@ def test_write_test_results_lists_every_metric_and_class(tmp_path):
         "per_class": {"person": {"P": 0.9, "R": 0.8, "mAP50": 0.7}, "car": {"P": 0.1, "R": 0.2, "mAP50": 0.3}},
         "heads": {"seg": {"dice": 0.6}, "det": {"mAP50": 0.1, "per_class": {"person": 0.2}}},
     }
-    path = vis.write_test_results(tmp_path / "test_results.txt", metrics, header={"checkpoint": "best.pt"})
+    path = results_text.write_test_results(tmp_path / "test_results.txt", metrics, header={"checkpoint": "best.pt"})
     text = path.read_text()
     assert "checkpoint: best.pt" in text
     for line in ("mIoU            0.4123", "pixel_accuracy  0.8000", "hd95            nan", "images          4"):
@@ -201,8 +201,8 @@ def test_write_test_results_lists_every_metric_and_class(tmp_path):
 
 
 def test_loggers_tensorboard_events_and_wandb_errors(batch, tmp_path, monkeypatch):
-    panel = vis.render_panel(tmp_path / "p.png", batch.images,
-                             [PanelRow("bin", Prediction.binary(torch.rand(4, 8, 8)))], max_images=1)
+    panel = prediction_panel.render_panel(tmp_path / "p.png", batch.images,
+                                          [PanelRow("bin", Prediction.binary(torch.rand(4, 8, 8)))], max_images=1)
     with RunLoggers(tmp_path / "run", ["tensorboard"], project="t", config={"a": 1}) as lg:
         lg.add_scalar("train/loss", 1.5, 1)
         lg.add_image("vis/epoch", panel, 1)

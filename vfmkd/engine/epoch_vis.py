@@ -15,7 +15,9 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.output_pairs import masks_on_grid, student_affine_of
 from vfmkd.distillation.targets import TeacherTargets
-from vfmkd.engine.visualize import PanelRow, Prediction, pca_panel, render_panel, split_by_image, visualization_path
+from vfmkd.engine.feature_pca import pca_panel
+from vfmkd.engine.prediction_panel import PanelRow, Prediction, render_panel, split_by_image
+from vfmkd.engine.vis_canvas import visualization_path
 from vfmkd.models.unified_model import StudentOutput
 
 MASK_STRIDE = 4  # teacher masks are drawn on the student canvas at SAM's low-res stride

@@ -115,7 +115,7 @@ class RunLoggers:
             self.add_scalar(f"{prefix}{k}", v, step)
 
     def add_image(self, tag: str, image: Union[str, Path, np.ndarray], step: int) -> None:
-        """A PNG file (e.g. what :func:`vfmkd.engine.visualize.render_panel` wrote) or an
+        """A PNG file (e.g. what :func:`vfmkd.engine.prediction_panel.render_panel` wrote) or an
         (H, W, 3) uint8 array."""
         arr = _image_array(image)
         if self.tb is not None:

@@ -1,7 +1,7 @@
 """Panoptic pictures: per image, input | ground truth | prediction | prediction on the input, each
 segment coloured by its category (things: the category's colour, a shade per instance so touching
 instances differ) and labelled with its class name (the largest :data:`MAX_LABELS`). Void is black
-(and transparent on the input). Drawn with :mod:`vfmkd.engine.visualize`'s panel layout."""
+(and transparent on the input). Drawn with :mod:`vfmkd.engine.vis_canvas`'s panel layout."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from vfmkd.engine.visualize import _Canvas, class_colour
+from vfmkd.engine.vis_canvas import _Canvas, class_colour
 
 COLUMNS = ("input", "ground truth (panoptic)", "prediction (panoptic)", "prediction on input")
 MAX_LABELS = 12  # class names written per picture, largest segments first

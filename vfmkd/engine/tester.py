@@ -12,8 +12,9 @@ from vfmkd.distillation.cached import CachedTargetsDataset
 from vfmkd.engine.builders import LiveTeachers, build_dataset, build_distiller, build_model, build_router, head_tasks
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate
-from vfmkd.engine.visualize import visualization_path, write_test_results
+from vfmkd.engine.results_text import write_test_results
 from vfmkd.engine.setup import build_loader, class_names, detection_classes, select_device, worker_count
+from vfmkd.engine.vis_canvas import visualization_path
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.logging import get_logger
 
