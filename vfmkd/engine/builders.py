@@ -166,7 +166,7 @@ def teacher_outputs(teachers_cfg: Mapping[str, Mapping[str, Any]], router: Teach
     """What each enabled teacher offers output distillation (``TeacherOutputs``): mask logits when its
     type ``can_segment`` (SAM family), its heads ``{name: (task, num_classes)}`` when it is a loaded
     teacher with head outputs (a vfmkd teacher; live only, so loaded before the losses are built)."""
-    from vfmkd.distillation.output_pairs import TeacherOutputs
+    from vfmkd.distillation.output_rules import TeacherOutputs
 
     out: Dict[str, Any] = {}
     for name, entry in enabled_teachers(teachers_cfg).items():
@@ -209,7 +209,7 @@ def output_class_channels(data_root: str, binary_classes: Sequence[str] = ()) ->
 def _output_head(where: str, kind_name: str, head: Optional[str], teacher: Any, model: UnifiedModel) -> str:
     """The student head an output term reads: ``head:``, else the only head whose task the teacher
     serves for this loss."""
-    from vfmkd.distillation.output_pairs import HEAD_RULES, MASK_RULES, TEACHER_TASKS
+    from vfmkd.distillation.output_rules import HEAD_RULES, MASK_RULES, TEACHER_TASKS
 
     tasks = {n: str(getattr(h, "task", "detection")) for n, h in model.heads.items()}
     if head is not None:
@@ -238,11 +238,12 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
 
     Output losses (``kl_divergence``, ``cls_distill``, ``mask_distill``) name ``teacher:`` and
     ``head:`` (default: the only head the teacher serves; ``teacher_head:`` picks a vfmkd teacher's
-    head) and get their pairing (:mod:`vfmkd.distillation.output_pairs`) from ``teachers``
+    head) and get their pairing (:mod:`vfmkd.distillation.output_rules`) from ``teachers``
     (:func:`teacher_outputs`) and, for semantic/binary heads taught by masks, ``class_channels``
     (:func:`output_class_channels`). ``embedding_distill`` / ``prompt_distill`` train a promptable
     (``sam_decoder``) head (:mod:`vfmkd.distillation.prompt_pairs`)."""
-    from vfmkd.distillation.output_pairs import OutputPairing, TeacherOutputs, resolve_output_term
+    from vfmkd.distillation.output_pairs import OutputPairing
+    from vfmkd.distillation.output_rules import TeacherOutputs, resolve_output_term
     from vfmkd.distillation.prompt_pairs import PROMPT_LOSSES, build_prompt_term
 
     levels = {s.name: s for s in model.backbone.feature_specs()}

@@ -13,7 +13,7 @@ from ultralytics.utils.ops import process_mask, xywh2xyxy
 
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.distiller import Distiller
-from vfmkd.distillation.output_pairs import masks_on_grid, student_affine_of
+from vfmkd.distillation.mask_grid import masks_on_grid, student_affine_of
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.engine.feature_pca import pca_panel
 from vfmkd.engine.prediction_panel import PanelRow, Prediction, render_panel, split_by_image

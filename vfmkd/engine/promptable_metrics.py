@@ -32,7 +32,7 @@ from ultralytics.engine.validator import BaseValidator
 from ultralytics.utils.metrics import DetMetrics, mask_iou
 
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.output_pairs import canvas_boxes_xyxy, prompts_on_grid
+from vfmkd.distillation.mask_grid import canvas_boxes_xyxy, prompts_on_grid
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.models.unified_model import StudentOutput
 
