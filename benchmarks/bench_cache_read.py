@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.datasets.feature_cache import FeatureCacheReader, FeatureCacheWriter
+from vfmkd.datasets.feature_cache_reader import FeatureCacheReader
+from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
 from vfmkd.teachers.base import TeacherFingerprint
 
 DROP = Path("/proc/sys/vm/drop_caches")

@@ -30,6 +30,7 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
 from vfmkd.datasets import DetectionDataset, FeatureCacheReader, FeatureCacheWriter, check_images, load_rgb
 from vfmkd.datasets import feature_cache as fc
+from vfmkd.datasets.cache_lock import CacheLockedError
 from vfmkd.datasets.coco_yolo import probe_image
 from vfmkd.utils.cli import run_tool
 
@@ -186,7 +187,7 @@ WRITER = textwrap.dedent("""
     import sys
     from vfmkd.core.feature_spec import FeatureSpec
     from vfmkd.core.fingerprint import TeacherFingerprint
-    from vfmkd.datasets.feature_cache import FeatureCacheWriter
+    from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
     FP = TeacherFingerprint(family="t", variant="v", weights="random-init:seed0", input_size=32, dtype="float32", preprocessing="p")
     SPECS = (FeatureSpec(name="emb", channels=8, stride=16),)
     w = FeatureCacheWriter({path!r}, ["img0", "img1", "img2"], FP, SPECS, 32, teacher_config={{"type": "sam", "init": "random"}},
@@ -210,7 +211,7 @@ def test_second_writer_refuses_and_a_dead_writers_lock_is_taken_over(tmp_path, c
     first = start_writer(path)
     try:
         assert json.loads(lock.read_text())["pid"] == first.pid
-        with pytest.raises(fc.CacheLockedError) as err:
+        with pytest.raises(CacheLockedError) as err:
             FeatureCacheWriter(path, ["img0", "img1", "img2"], FP, SPECS, 32, teacher_config={}, dataset="coco128",
                                split=SPLIT, batch_size=3)
         msg = str(err.value)

@@ -19,7 +19,7 @@ from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets import DetectionDataset
 from vfmkd.datasets.coco_yolo import load_rgb, parse_labels
-from vfmkd.datasets.feature_cache import FeatureCacheReader
+from vfmkd.datasets.feature_cache_reader import FeatureCacheReader
 from vfmkd.datasets.transforms import GeometricAugment
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.distillation.offline import open_offline_teacher

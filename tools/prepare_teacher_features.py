@@ -49,7 +49,9 @@ from vfmkd.core.registry import TEACHERS  # noqa: E402
 from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels  # noqa: E402
 from vfmkd.datasets.cache_codec import STORAGES, bytes_per_image, mask_bytes, mirror_affine  # noqa: E402
 from vfmkd.datasets.cache_shards import merge_shards, shard_file, shard_range  # noqa: E402
-from vfmkd.datasets.feature_cache import OUTPUTS, FeatureCacheReader, FeatureCacheWriter, MaskPlan, cache_file, label_files_sha256  # noqa: E402
+from vfmkd.datasets.feature_cache import OUTPUTS, cache_file, label_files_sha256  # noqa: E402
+from vfmkd.datasets.feature_cache_reader import FeatureCacheReader  # noqa: E402
+from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter, MaskPlan  # noqa: E402
 from vfmkd.teachers.base import segmenting_teachers  # noqa: E402
 from vfmkd.utils.cli import entry  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402

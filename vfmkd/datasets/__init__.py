@@ -1,7 +1,9 @@
 """Datasets: what the student sees (images, views, task targets) and the HDF5 teacher-feature cache
 format. Nothing here knows which teachers exist or how a run uses them."""
 from vfmkd.datasets.coco_yolo import DetectionDataset, check_images, list_images, load_rgb, parse_labels
-from vfmkd.datasets.feature_cache import FeatureCacheReader, FeatureCacheWriter, cache_file, rebuild_command
+from vfmkd.datasets.feature_cache import cache_file, rebuild_command
+from vfmkd.datasets.feature_cache_reader import FeatureCacheReader
+from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
 from vfmkd.datasets.records import (
     Batch,
     BatchViews,

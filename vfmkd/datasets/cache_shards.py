@@ -23,7 +23,8 @@ import numpy as np
 
 from vfmkd.core.errors import CacheMismatchError
 from vfmkd.datasets.cache_codec import MASK_GROUPS
-from vfmkd.datasets.feature_cache import CacheLock, FeatureCacheWriter
+from vfmkd.datasets.cache_lock import CacheLock
+from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
 
 COPY_ROWS = 64  # images copied per slice: bounded memory for large caches
 NOT_PER_IMAGE = ("image_ids", "done")  # written by the writer itself / last

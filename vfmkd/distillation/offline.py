@@ -10,7 +10,7 @@ import torch
 from vfmkd.core.errors import CacheMismatchError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
-from vfmkd.datasets.feature_cache import FeatureCacheReader
+from vfmkd.datasets.feature_cache_reader import FeatureCacheReader
 from vfmkd.utils.logging import get_logger
 
 
