@@ -27,11 +27,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_experiment_args(args)
     trainer = Trainer(cfg, progress=not args.no_progress, resume=Path(args.resume) if args.resume else None)
     metrics = trainer.fit()
-    best = metrics["best_val"] or {}
-    trainer.log.info(
-        "done in %.0fs: best epoch %s, val mAP50=%.4f mAP50-95=%.4f; run directory %s",
-        metrics["train_seconds"], metrics["best_epoch"], best.get("mAP50", 0.0), best.get("mAP50-95", 0.0), trainer.run_dir,
-    )
+    best, score = metrics["best_val"] or {}, metrics["best_metric"]
+    picked = f"val {score['head']} {score['metric']}={score['value']:.4f}" if score else "no validation score"
+    if score and "mAP50" in best and score["metric"] != "mAP50-95":  # a detection head beside the one that picks
+        picked += f", detection mAP50={best['mAP50']:.4f} mAP50-95={best['mAP50-95']:.4f}"
+    trainer.log.info("done in %.0fs: best epoch %s, %s; run directory %s",
+                     metrics["train_seconds"], metrics["best_epoch"], picked, trainer.run_dir)
     for key, value in (metrics.get("final_fidelity") or {}).items():
         trainer.log.info("held-out %s: cosine %.4f, mse %.4f", key, value["cos"], value["mse"])
     return 0

@@ -398,6 +398,9 @@ class Trainer:
             "epochs": self.history,
             "best_epoch": best["epoch"] if best else None,
             "best_val": best["val"] if best else None,
+            # what picked best.pt: {head, metric, value} (mIoU for a semantic head, Dice for a binary one, ...)
+            "best_metric": dict(zip(("head", "metric", "value"), primary_metric(best["val"], self.tasks)[:3]))
+            if best else None,
             "final_fidelity": last_val.get("fidelity") if last_val else None,
             "train_seconds": round(seconds, 1),
             "world_size": self.ctx.world_size,
