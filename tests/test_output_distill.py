@@ -7,6 +7,7 @@ the head, the config errors, and one end-to-end pairing on real coco128 with a l
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +20,7 @@ from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, ViewGeomet
 from vfmkd.distillation.distiller import Distiller, LossTerm
 from vfmkd.distillation.losses import ClsDistillLoss, KLDivergenceLoss, MaskDistillLoss
 from vfmkd.distillation.mask_grid import BACKGROUND_LOGIT, box_cells, class_union, masks_on_grid, match_rows
-from vfmkd.distillation.mask_pairs import binary_kl_pair, class_mask_pair, image_class_pair, instance_mask_pair
+from vfmkd.distillation.mask_pairs import binary_kl_pair, class_mask_pair, class_union_maps, image_class_pair, instance_mask_pair
 from vfmkd.distillation.output_pairs import OutputPairing, check_mask_sources
 from vfmkd.distillation.output_rules import OutputRule, TeacherOutputs, resolve_output_term
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
@@ -163,6 +164,41 @@ def test_semantic_union_per_class_and_binary_kl_value():
     kl = KLDivergenceLoss(temperature=4.0)(s2, t2, w2)
     by_hand = [bern_kl(person[i, j].item(), blogits[0, 0, i, j].item(), 4.0) for i in range(8) for j in range(6)]
     assert kl.item() == pytest.approx(16.0 * sum(by_hand) / len(by_hand), rel=1e-5)
+
+
+def test_pictures_draw_the_class_union_the_loss_distils():
+    """The epoch/test pictures' teacher column for semantic and binary heads is the per-class union
+    of the teacher's box masks (what kl_divergence/mask_distill compare), not every instance mask."""
+    from vfmkd.engine.epoch_vis import EpochVisualizer
+
+    # person (det 0) x2 and car (det 2) in image 0; nothing in image 1
+    batch = make_batch([[0, 0, 16, 16], [8, 8, 32, 24], [40, 40, 64, 64]], [0, 0, 2], [0, 0, 0], [0, 1, 2], n_images=2)
+    tmask = torch.stack([torch.full((16, 16), v) for v in (2.0, 5.0, 7.0)])
+    masks = MaskLogits(tmask, torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]), torch.tensor([0, 0, 2]))
+    targets = {"sam": live_targets(masks, 2)}
+    boxes = box_cells(torch.tensor([[0.0, 0, 16, 16], [8, 8, 32, 24], [40, 40, 64, 64]]), (8, 8), 8)
+    maps = class_union_maps(torch.zeros(2, 5, 8, 8), batch, targets["sam"], torch.tensor([1, -1, 3]))
+    assert torch.equal(maps[0, 1], torch.where(boxes[1], 5.0, torch.where(boxes[0], 2.0, BACKGROUND_LOGIT)))
+    assert torch.equal(maps[0, 3], torch.where(boxes[2], 7.0, BACKGROUND_LOGIT))
+    assert maps[1].eq(BACKGROUND_LOGIT).all() and maps[0, [0, 2, 4]].eq(BACKGROUND_LOGIT).all()
+
+    def visualizer(head, task, channels):
+        rule = OutputRule("kl_divergence" if task == "binary" else "mask_distill", task, "masks")
+        term = LossTerm("kd", "output", 1.0, "loss_kd_" + head, KLDivergenceLoss(teacher="sam"), head,
+                        OutputPairing(rule, None, channels))
+        return EpochVisualizer(Path("."), "epoch", 1, {head: task}, Distiller([term]), {}, None)
+
+    binary = visualizer("fg", "binary", [0, -1, -1])._teacher_classes("fg", "binary", torch.zeros(2, 1, 8, 8), batch, targets)
+    assert binary.kind == "binary"
+    assert torch.allclose(binary.probs[0], torch.sigmoid(maps[0, 1]))  # person only: the car is not foreground
+    assert binary.probs[1].max() < 1e-3
+    semantic = visualizer("seg", "semantic", [1, -1, 3])._teacher_classes("seg", "semantic", torch.zeros(2, 5, 8, 8),
+                                                                         batch, targets)
+    want = torch.where(boxes[0] | boxes[1], 1, torch.where(boxes[2], 3, 0))
+    assert semantic.kind == "semantic" and torch.equal(semantic.labels[0], want) and semantic.labels[1].eq(0).all()
+    # no output term on the head -> no union (the visualizer falls back to the instance masks)
+    assert visualizer("fg", "binary", [0, -1, -1])._teacher_classes("other", "binary", torch.zeros(2, 1, 8, 8),
+                                                                    batch, targets) is None
 
 
 def test_image_level_class_scores_from_masks():

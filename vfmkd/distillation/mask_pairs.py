@@ -88,17 +88,29 @@ def binary_kl_pair(logits: torch.Tensor, batch: Batch, target: TeacherTargets, c
     weight (P,)) over every cell of every image (P = B*H*W): the teacher is the union of the
     foreground classes' masks (each within its box), :data:`BACKGROUND_LOGIT` elsewhere; weight =
     the teacher's valid region. None when the teacher has no masks this step."""
+    teacher = class_union_maps(logits, batch, target, channel_of_class)
+    if teacher is None:
+        return None
+    h, w = logits.shape[-2:]
+    stride = batch.images.shape[-1] // w
+    valid = image_valid_on_grid(target, student_affine_of(target, batch), (h, w), stride).to(logits.device)
+    return as_two_class(logits[:, 0].reshape(-1)), as_two_class(teacher[:, 0].reshape(-1)), valid.reshape(-1)
+
+
+def class_union_maps(logits: torch.Tensor, batch: Batch, target: TeacherTargets, channel_of_class: torch.Tensor
+                     ) -> Optional[torch.Tensor]:
+    """The teacher as a semantic/binary head of logits (B, K, H, W) sees it: (B, K, H, W) logits, each
+    channel the union of its classes' box-prompted masks (each within its box), :data:`BACKGROUND_LOGIT`
+    elsewhere (what kl_divergence distils, and what the pictures draw). None when the teacher has no
+    masks this step."""
     if target.mask_logits is None:
         return None
-    b, _, h, w = logits.shape
-    stride = batch.images.shape[-1] // w
-    teacher = torch.full((b, h, w), BACKGROUND_LOGIT, device=logits.device)
+    maps = torch.full(logits.shape, BACKGROUND_LOGIT, device=logits.device)
     found = class_union_pairs(logits, batch, target, channel_of_class)
     if found is not None:
         _, union, _, _, keys = found
-        teacher[keys[:, 0]] = union  # binary: one group (channel 0) per image
-    valid = image_valid_on_grid(target, student_affine_of(target, batch), (h, w), stride).to(logits.device)
-    return as_two_class(logits[:, 0].reshape(-1)), as_two_class(teacher.reshape(-1)), valid.reshape(-1)
+        maps[keys[:, 0], keys[:, 1]] = union.to(maps.dtype)
+    return maps
 
 
 def image_class_pair(logits: torch.Tensor, batch: Batch, target: TeacherTargets, channel_of_class: torch.Tensor,

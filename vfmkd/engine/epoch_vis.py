@@ -14,6 +14,7 @@ from ultralytics.utils.ops import process_mask, xywh2xyxy
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.mask_grid import masks_on_grid, student_affine_of
+from vfmkd.distillation.mask_pairs import class_union_maps
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.engine.feature_pca import pca_panel
 from vfmkd.engine.prediction_panel import PanelRow, Prediction, render_panel, split_by_image
@@ -87,6 +88,26 @@ class EpochVisualizer:
         target = Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx_cpu, n)], per_cls, per_boxes)
         return PanelRow(f"{head} (GT box prompts)", student, teacher, target, class_names=self.box_names)
 
+    def _teacher_classes(self, head: str, task: str, logits: torch.Tensor, batch: Batch,
+                         targets: Mapping[str, TeacherTargets]) -> Optional[Prediction]:
+        """A semantic/binary head's teacher as its output distillation sees it: per channel the union
+        of the teacher's box-prompted masks of that channel's classes (binary: of data.binary_classes).
+        None when no output term pairs this head with a mask teacher that has masks this batch."""
+        for term in (self.distiller.terms.values() if self.distiller is not None else ()):
+            pairing, target = term.pairing, targets.get(term.teacher)
+            if term.head != head or pairing is None or pairing.channel_of_class is None or target is None:
+                continue
+            maps = class_union_maps(logits.float(), batch, target, pairing.channel_of_class)
+            if maps is None:
+                continue
+            probs = maps.sigmoid().cpu()
+            if task == "binary":
+                return Prediction.binary(probs[:, 0])
+            labels = probs.argmax(1)
+            labels[probs.amax(1) <= 0.5] = 0  # no class's mask covers the cell: unlabelled, not drawn
+            return Prediction.semantic(labels=labels)
+        return None
+
     def rows(self, out: StudentOutput, batch: Batch, targets: Mapping[str, TeacherTargets]) -> List[PanelRow]:
         n, size = len(batch), batch.images.shape[-1]
         teacher = _teacher_masks(targets, batch)
@@ -115,11 +136,13 @@ class EpochVisualizer:
                 rows.append(self._promptable_row(head, output, batch, teacher))
             elif task == "semantic":
                 assert batch.semantic is not None
-                rows.append(PanelRow(head, Prediction.semantic(probs=output.float().softmax(1).cpu()), teacher,
+                rows.append(PanelRow(head, Prediction.semantic(probs=output.float().softmax(1).cpu()),
+                                     self._teacher_classes(head, task, output, batch, targets) or teacher,
                                      Prediction.semantic(labels=batch.semantic.cpu()), class_names=self.semantic_names))
             else:  # binary
                 assert batch.binary is not None
-                rows.append(PanelRow(head, Prediction.binary(output.float().sigmoid().cpu()), teacher,
+                rows.append(PanelRow(head, Prediction.binary(output.float().sigmoid().cpu()),
+                                     self._teacher_classes(head, task, output, batch, targets) or teacher,
                                      Prediction.binary_target(batch.binary.cpu())))
         return rows
 

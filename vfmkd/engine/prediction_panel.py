@@ -238,14 +238,16 @@ def _overlay(img: np.ndarray, d: _Drawn) -> np.ndarray:
 def difference_map(teacher: _Drawn, student: _Drawn, kind: str) -> np.ndarray:
     """(H, W) in [0, 1]: |teacher - student| per pixel. Binary: probability difference; instance:
     of the foreground (max over instance masks); boxes: of the box coverage; semantic: total
-    variation 0.5 * sum_k |p_t - p_s| with probabilities on both sides, else label disagreement."""
+    variation 0.5 * sum_k |p_t - p_s| with probabilities on both sides, else label disagreement where
+    the teacher's label map has a class (a teacher of box-prompted masks knows only the boxed classes)."""
     t, s = teacher.value, student.value
     if kind == "semantic":
         if t.shape[0] > 1 and t.shape == s.shape:
             return 0.5 * np.abs(t - s).sum(0)
         lt = t.argmax(0) if t.shape[0] > 1 else t[0]
         ls = s.argmax(0) if s.shape[0] > 1 else s[0]
-        return (lt != ls).astype(np.float32)
+        labelled = (lt != 0) if t.shape[0] == 1 else True  # a label-only side says nothing where it is 0
+        return ((lt != ls) & labelled).astype(np.float32)
     return np.abs(t - s)
 
 
