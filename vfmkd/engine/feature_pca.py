@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vfmkd.engine.vis_canvas import Maps, _Canvas, _resize, _t
+from vfmkd.engine.vis_canvas import Maps, PanelCanvas, as_cpu_tensor, resize_map
 
 
 def pca_basis(teacher: Maps, valid: Optional[Maps] = None, k: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -20,10 +20,10 @@ def pca_basis(teacher: Maps, valid: Optional[Maps] = None, k: int = 3) -> Tuple[
     of the covariance in float64 (deterministic, unlike randomised ``pca_lowrank``); each
     direction's sign is fixed so its largest loading is positive. Fewer than ``k`` channels or
     cells: the missing directions are zero."""
-    t = _t(teacher).double()
+    t = as_cpu_tensor(teacher).double()
     cells = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
     if valid is not None:
-        cells = cells[_t(valid).bool().reshape(-1)]
+        cells = cells[as_cpu_tensor(valid).bool().reshape(-1)]
     c = t.shape[1]
     if cells.shape[0] == 0:
         return torch.zeros(c, dtype=torch.float64), torch.zeros(c, k, dtype=torch.float64)
@@ -44,7 +44,7 @@ def pca_project(teacher: Maps, student: Maps, valid: Optional[Maps] = None) -> T
     min-max scaled per component with the range of the teacher's valid cells (student values
     outside that range are clipped). Invalid cells are black in both. The student map is resized
     (bilinear) to the teacher's grid when its (h, w) differ."""
-    t, s = _t(teacher).double(), _t(student).double()
+    t, s = as_cpu_tensor(teacher).double(), as_cpu_tensor(student).double()
     if s.shape[1] != t.shape[1]:
         raise ValueError(f"the student map has {s.shape[1]} channels, the teacher map {t.shape[1]}: pass the "
                          "adapter output (teacher channels)")
@@ -52,7 +52,7 @@ def pca_project(teacher: Maps, student: Maps, valid: Optional[Maps] = None) -> T
         s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
     b, _, h, w = t.shape
     v = (torch.ones(b, h, w, dtype=torch.bool) if valid is None
-         else _resize(_t(valid).bool(), (h, w), nearest=True).bool())
+         else resize_map(as_cpu_tensor(valid).bool(), (h, w), nearest=True).bool())
     mean, basis = pca_basis(t, v)
     pt = (t.permute(0, 2, 3, 1) - mean) @ basis  # (B, h, w, 3)
     ps = (s.permute(0, 2, 3, 1) - mean) @ basis
@@ -78,21 +78,21 @@ def pca_panel(path: Union[str, Path], teacher_maps: Mapping[str, Maps], student_
     if not teacher_maps:
         raise ValueError("pca_panel needs at least one teacher map")
     levels = list(teacher_maps)
-    n = min([int(max_images)] + [int(_t(m).shape[0]) for m in teacher_maps.values()])
+    n = min([int(max_images)] + [int(as_cpu_tensor(m).shape[0]) for m in teacher_maps.values()])
     cols: List[str] = (["input"] if images is not None else [])
     for lvl in levels:
         cols += [f"{lvl}\nteacher PCA", f"{lvl}\nstudent (same PCA)"]
     ids = list(image_ids) if image_ids is not None else [f"image {i}" for i in range(n)]
-    canvas = _Canvas(n, len(cols), title, cols, ids[:n])
+    canvas = PanelCanvas(n, len(cols), title, cols, ids[:n])
     first = 0
     if images is not None:
-        imgs = _t(images).float()
+        imgs = as_cpu_tensor(images).float()
         for i in range(n):
             canvas.picture(i, 0, imgs[i].clamp(0, 1).permute(1, 2, 0).numpy())
         first = 1
     for li, lvl in enumerate(levels):
-        t = _t(teacher_maps[lvl])[:n]
-        v = None if valid is None or lvl not in valid else _t(valid[lvl])[:n]
+        t = as_cpu_tensor(teacher_maps[lvl])[:n]
+        v = None if valid is None or lvl not in valid else as_cpu_tensor(valid[lvl])[:n]
         c = first + 2 * li
         if lvl not in student_maps:
             t_rgb, _ = pca_project(t, t, v)
@@ -100,7 +100,7 @@ def pca_panel(path: Union[str, Path], teacher_maps: Mapping[str, Maps], student_
                 canvas.picture(i, c, t_rgb[i])
                 canvas.message(i, c + 1, "no student map")
             continue
-        t_rgb, s_rgb = pca_project(t, _t(student_maps[lvl])[:n], v)
+        t_rgb, s_rgb = pca_project(t, as_cpu_tensor(student_maps[lvl])[:n], v)
         for i in range(n):
             canvas.picture(i, c, t_rgb[i])
             canvas.picture(i, c + 1, s_rgb[i])

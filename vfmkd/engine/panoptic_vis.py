@@ -9,7 +9,7 @@ from typing import Any, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from vfmkd.engine.vis_canvas import _Canvas, class_colour
+from vfmkd.engine.vis_canvas import PanelCanvas, class_colour
 
 COLUMNS = ("input", "ground truth (panoptic)", "prediction (panoptic)", "prediction on input")
 MAX_LABELS = 12  # class names written per picture, largest segments first
@@ -57,7 +57,7 @@ def _labels(ids: np.ndarray, segments: Sequence[Tuple[int, int, bool]], names: M
     return out
 
 
-def _picture(canvas: _Canvas, row: int, col: int, rgb: np.ndarray, labels, note: str) -> None:
+def _picture(canvas: PanelCanvas, row: int, col: int, rgb: np.ndarray, labels, note: str) -> None:
     canvas.picture(row, col, rgb, note=note)
     ax = canvas.fig.axes[-1]
     for x, y, name, colour in labels:
@@ -73,7 +73,7 @@ def render_panoptic(path: Union[str, Path], items: Sequence[Tuple[str, np.ndarra
     name. Written atomically; returns ``path``."""
     if not items:
         raise ValueError("render_panoptic needs at least one image")
-    canvas = _Canvas(len(items), len(COLUMNS), title, COLUMNS, [str(it[0]) for it in items])
+    canvas = PanelCanvas(len(items), len(COLUMNS), title, COLUMNS, [str(it[0]) for it in items])
     for r, (_, image, target, pred) in enumerate(items):
         img = np.clip(np.asarray(image, np.float32), 0, 1)
         canvas.picture(r, 0, img)

@@ -22,7 +22,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from vfmkd.engine.vis_canvas import COLOURS, Maps, _Canvas, _resize, _t, class_colour
+from vfmkd.engine.vis_canvas import COLOURS, Maps, PanelCanvas, as_cpu_tensor, class_colour, resize_map
 
 KINDS = ("semantic", "binary", "instance", "boxes")
 PANEL_COLUMNS = ("input", "ground truth", "teacher", "student", "teacher on input", "student on input",
@@ -32,14 +32,14 @@ NO_TEACHER = "no teacher output"
 
 
 def _per_image(x: Optional[Sequence[Any]]) -> Optional[List[torch.Tensor]]:
-    return None if x is None else [_t(v) for v in x]
+    return None if x is None else [as_cpu_tensor(v) for v in x]
 
 
 def split_by_image(values: Maps, batch_idx: Maps, num_images: int) -> List[torch.Tensor]:
     """Flat per-instance rows (N, ...) with their image index (N,) -> one tensor per image, e.g.
     teacher mask logits ``MaskLogits.logits`` / ``batch_idx`` into the per-image lists that
     :meth:`Prediction.instances` takes."""
-    values, idx = _t(values), _t(batch_idx).long().view(-1)
+    values, idx = as_cpu_tensor(values), as_cpu_tensor(batch_idx).long().view(-1)
     return [values[idx == i] for i in range(num_images)]
 
 
@@ -93,22 +93,22 @@ class Prediction:
         """Label maps (B, H, W) and/or class probabilities (B, K, H, W) (softmax of the logits)."""
         if labels is None and probs is None:
             raise ValueError("a semantic Prediction needs labels (B, H, W) or probs (B, K, H, W)")
-        p = None if probs is None else _t(probs).float()
-        lab = _t(labels).long() if labels is not None else p.argmax(1)  # type: ignore[union-attr]
-        return cls("semantic", labels=lab, probs=p, ignore=None if ignore is None else _t(ignore).bool())
+        p = None if probs is None else as_cpu_tensor(probs).float()
+        lab = as_cpu_tensor(labels).long() if labels is not None else p.argmax(1)  # type: ignore[union-attr]
+        return cls("semantic", labels=lab, probs=p, ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
 
     @classmethod
     def binary(cls, probs: Maps, ignore: Optional[Maps] = None) -> "Prediction":
         """Foreground probabilities (B, H, W) or (B, 1, H, W) in [0, 1] (sigmoid of the logits)."""
-        p = _t(probs).float()
+        p = as_cpu_tensor(probs).float()
         if p.dim() == 4:
             p = p[:, 0]
-        return cls("binary", probs=p.clamp(0, 1), ignore=None if ignore is None else _t(ignore).bool())
+        return cls("binary", probs=p.clamp(0, 1), ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
 
     @classmethod
     def binary_target(cls, mask: Maps, ignore_value: int = 255) -> "Prediction":
         """Ground truth as ``Batch.binary``: (B, H, W) uint8 {0, 1}, ``ignore_value`` = not drawn."""
-        m = _t(mask)
+        m = as_cpu_tensor(mask)
         return cls.binary((m == 1).float(), ignore=m == ignore_value)
 
     @classmethod
@@ -184,19 +184,19 @@ def _box_coverage(boxes: Optional[torch.Tensor], scores: Optional[torch.Tensor],
 def _draw(pred: Prediction, i: int, hw: Tuple[int, int], names: Optional[Sequence[str]]) -> _Drawn:
     """Image ``i`` of ``pred`` on an (H, W) canvas."""
     if pred.kind == "semantic":
-        lab = _resize(pred.labels[i], hw, nearest=True).long().numpy()  # type: ignore[index]
+        lab = resize_map(pred.labels[i], hw, nearest=True).long().numpy()  # type: ignore[index]
         colour = COLOURS[np.clip(lab, 0, len(COLOURS) - 1) % len(COLOURS)] / 255.0
         alpha = (lab != 0).astype(np.float32) * 0.6
         if pred.ignore is not None:
-            alpha[_resize(pred.ignore[i], hw, nearest=True).numpy()] = 0.0
-        value = (_resize(pred.probs[i], hw, nearest=False).numpy() if pred.probs is not None
+            alpha[resize_map(pred.ignore[i], hw, nearest=True).numpy()] = 0.0
+        value = (resize_map(pred.probs[i], hw, nearest=False).numpy() if pred.probs is not None
                  else lab[None].astype(np.float32))
         present = [k for k in np.unique(lab).tolist() if k != 0]
         return _Drawn(colour, alpha, [], value, note=f"classes: {len(present)}")
     if pred.kind == "binary":
-        p = _resize(pred.probs[i], hw, nearest=False).numpy()  # type: ignore[index]
+        p = resize_map(pred.probs[i], hw, nearest=False).numpy()  # type: ignore[index]
         if pred.ignore is not None:
-            ign = _resize(pred.ignore[i], hw, nearest=True).numpy().astype(bool)
+            ign = resize_map(pred.ignore[i], hw, nearest=True).numpy().astype(bool)
             p = np.where(ign, 0.0, p)
         colour = np.stack([np.ones_like(p), 0.15 * np.ones_like(p), 0.15 * np.ones_like(p)], -1)
         gray = np.repeat(p[..., None], 3, -1)
@@ -204,7 +204,7 @@ def _draw(pred: Prediction, i: int, hw: Tuple[int, int], names: Optional[Sequenc
     if pred.kind == "instance":
         masks = pred.masks[i]  # type: ignore[index]
         cls = pred.cls[i].view(-1)  # type: ignore[index]
-        prob = (_resize(masks.float(), hw, nearest=masks.dtype == torch.bool).numpy() if len(masks)
+        prob = (resize_map(masks.float(), hw, nearest=masks.dtype == torch.bool).numpy() if len(masks)
                 else np.zeros((0, *hw), np.float32))
         colour, alpha = np.zeros((*hw, 3), np.float32), np.zeros(hw, np.float32)
         for j in range(len(prob)):  # later instances on top
@@ -266,7 +266,7 @@ def render_panel(path: Union[str, Path], images: Maps, rows: Sequence[PanelRow],
     The PNG is ``panel_size(n_images * len(rows), 7)`` pixels; picture (r, c) lies at
     ``cell_box(r, c)``. Written atomically; returns ``path``.
     """
-    imgs = _t(images).float()
+    imgs = as_cpu_tensor(images).float()
     if imgs.dim() != 4 or imgs.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(imgs.shape)}")
     if not rows:
@@ -280,7 +280,7 @@ def render_panel(path: Union[str, Path], images: Maps, rows: Sequence[PanelRow],
     hw = (int(imgs.shape[2]), int(imgs.shape[3]))
     ids = list(image_ids) if image_ids is not None else [f"image {i}" for i in range(n)]
     row_names = [f"{ids[i]}\n{r.name} ({r.student.kind})" for i in range(n) for r in rows]
-    canvas = _Canvas(n * len(rows), len(PANEL_COLUMNS), title, PANEL_COLUMNS, row_names)
+    canvas = PanelCanvas(n * len(rows), len(PANEL_COLUMNS), title, PANEL_COLUMNS, row_names)
     for i in range(n):
         img = imgs[i].clamp(0, 1).permute(1, 2, 0).numpy()
         for j, r in enumerate(rows):

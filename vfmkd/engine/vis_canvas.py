@@ -1,5 +1,5 @@
 """The drawing ground every vfmkd picture shares: the fixed class colours, the pixel-exact panel
-layout (:class:`_Canvas`: a title, column names, row names and a grid of pictures, written
+layout (:class:`PanelCanvas`: a title, column names, row names and a grid of pictures, written
 atomically as one PNG with matplotlib Agg), resizing maps to a picture, and where a run's pictures
 go (:func:`visualization_path`).
 
@@ -51,7 +51,8 @@ def class_colour(k: int) -> np.ndarray:
     return COLOURS[1 + int(k) % (len(COLOURS) - 1)] / 255.0
 
 
-def _t(x: Any) -> torch.Tensor:
+def as_cpu_tensor(x: Any) -> torch.Tensor:
+    """A tensor or array as a detached CPU tensor (what every drawing step reads)."""
     return (torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x).detach().cpu()
 
 
@@ -78,7 +79,7 @@ def _fit(text: str, n: int) -> str:
     return "\n".join(line if len(line) <= n else "..." + line[-(n - 3):] for line in text.split("\n"))
 
 
-class _Canvas:
+class PanelCanvas:
     """A figure whose pictures sit on an exact pixel grid (no tight layout: sizes are predictable)."""
 
     def __init__(self, n_rows: int, n_cols: int, title: str, col_names: Sequence[str], row_names: Sequence[str]):
@@ -127,7 +128,7 @@ class _Canvas:
         return save_figure(self.fig, path, dpi=DPI)
 
 
-def _resize(x: torch.Tensor, hw: Tuple[int, int], nearest: bool) -> torch.Tensor:
+def resize_map(x: torch.Tensor, hw: Tuple[int, int], nearest: bool) -> torch.Tensor:
     """(…, h, w) -> (…, H, W); labels/bools nearest, probabilities bilinear."""
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
