@@ -20,7 +20,7 @@ from vfmkd.datasets.coco_yolo import DetectionDataset
 from vfmkd.datasets.masks import SemanticClassTable
 from vfmkd.datasets.panoptic import PanopticAnnotationError, PanopticAnnotations, rgb_to_id
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, ViewGeometry, collate_samples
-from vfmkd.engine.evaluator import build_scorers, evaluate
+from vfmkd.engine.evaluator import build_scorers, evaluate, primary_metric
 from vfmkd.engine.panoptic import UNASSIGNED, MergeRule, PanopticMeter, PanopticScorer, merge_panoptic
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
 
@@ -281,6 +281,10 @@ def test_scorer_end_to_end_on_val_images(coco128, tmp_path):
     assert pan.written == [pan.draw_to] and pan.draw_to.stat().st_size > 0
     with Image.open(pan.draw_to) as im:
         assert im.size[0] > im.size[1] > 0
+    # PQ picks best.pt for a model scored on panoptic labels (best_epoch{E}_PQ{value}.pt)
+    both = {"instance": {"mask_mAP50-95": 0.3}, "semantic": {"mIoU": 0.2}, "panoptic": dict(result, PQ=0.25)}
+    assert primary_metric(both, tasks) == ("panoptic", "PQ", 0.25, 0.25, "PQ0.2500")
+    assert primary_metric({k: both[k] for k in tasks}, tasks)[:3] == ("instance", "mask_mAP50-95", 0.3)
 
 
 def test_rgb_to_id():

@@ -122,9 +122,13 @@ def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semant
 
 
 def primary_metric(result: Mapping[str, Any], tasks: Mapping[str, str]) -> Tuple[str, str, float, float, str]:
-    """(head, metric key, its value, fitness, file tag e.g. ``mIoU0.4123``) of the head whose task comes first in
-    :data:`TASK_PRIORITY` (a segmentation head outranks detection); fitness orders checkpoints
+    """(head, metric key, its value, fitness, file tag e.g. ``mIoU0.4123``): PQ when the result has a panoptic
+    score (a model with instance and semantic heads on panoptic labels), else the metric of the head whose
+    task comes first in :data:`TASK_PRIORITY` (a segmentation head outranks detection); fitness orders checkpoints
     (ultralytics' 0.1 mAP50 + 0.9 mAP50-95 for detection, the metric itself otherwise; NaN -> -1)."""
+    if isinstance(result.get("panoptic"), Mapping):  # instance + semantic merged: PQ is what the recipe is for
+        pq = float(result["panoptic"]["PQ"])
+        return "panoptic", "PQ", pq, pq if pq == pq else -1.0, f"PQ{pq:.4f}"
     head = min(tasks, key=lambda h: TASK_PRIORITY.index(tasks[h]))
     task, scores = tasks[head], result[head]
     metric, short = PRIMARY_METRIC[task]

@@ -387,7 +387,8 @@ class Trainer:
             val_text += "  held-out " + "  ".join(f"cos[{k}]={v['cos']:.4f}" for k, v in val["fidelity"].items())
         self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.train_cfg.epochs, record["stage"], summary, val_text)
         for name, counts in self.router.summary().items():
-            self.log.info("teacher %s batches so far: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            if counts:  # a stage without the teacher's losses has routed no batch to it yet
+                self.log.info("teacher %s batches so far: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
     def _write_metrics(self, seconds: float) -> Dict[str, Any]:
         best = next((r for r in reversed(self.history) if r.get("best")), None)
