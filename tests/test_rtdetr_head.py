@@ -4,6 +4,7 @@ YOLO heads' DetectionScorer, and one Trainer epoch of configs/experiments/yolov8
 with a live random SAM."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,22 @@ def test_one_trainer_epoch_with_a_live_random_sam(tmp_path):
     run = trainer.run_dir
     assert (run / "checkpoints" / "best.pt").is_file() and list((run / "checkpoints").glob("best_epoch1_mAP*.pt"))
     assert (run / "visualizations" / "epoch_001.png").is_file()
+
+
+def test_onnx_export_compares_the_queries_as_a_set(model, tmp_path):
+    """RT-DETR's output is an unordered set of queries: the export check matches them one to one."""
+    from vfmkd.engine.export import export_onnx, matched_query_difference
+
+    rng = np.random.default_rng(0)
+    want = rng.random((2, 4 + 80, QUERIES)).astype(np.float32)
+    want[:, :4] *= SIZE
+    got = want[:, :, rng.permutation(QUERIES)]  # the same set in another order
+    assert np.abs(got - want).max() > 1.0 and matched_query_difference(got, want, SIZE).max() == 0.0
+    got[1, 4, 3] += 0.5  # one score of one query differs: the matched difference shows it
+    assert matched_query_difference(got, want, SIZE).max() == pytest.approx(0.5)
+
+    student = copy.deepcopy(model).eval()
+    with torch.no_grad():  # encoder scores far apart, as a trained head's are (random ones tie)
+        torch.nn.init.normal_(student.heads["detection"].decoder.enc_score_head.weight, std=0.3)
+    diff = export_onnx(student, tmp_path / "rtdetr.onnx", SIZE)
+    assert diff["max_scaled"] < 1e-4 and (tmp_path / "rtdetr.onnx").is_file()

@@ -155,8 +155,13 @@ def export_onnx(model: UnifiedModel, path: Path, imgsz: int, dynamic: bool = Fal
         onnx.checker.check_model(onnx.load(str(tmp)))
         diff = compare_onnx(model, tmp, example_input(imgsz, batch=2 if dynamic else 1, seed=1))
         if tolerance is not None and diff["max_scaled"] > tolerance:
+            hint = ""
+            if any(getattr(h, "set_prediction", False) for h in model.heads.values()):
+                hint = (" RT-DETR picks its queries by the top-k encoder scores: when many scores are equal (an "
+                        "untrained or barely trained head) ONNX Runtime and PyTorch pick different queries; export a "
+                        "trained checkpoint.")
             raise ExportMismatchError(f"ONNX Runtime differs from PyTorch by {diff['max_scaled']:.2e} (> {tolerance:.0e}; "
-                                      f"boxes in units of the input size): {diff}; nothing written to {path}")
+                                      f"boxes in units of the input size): {diff}; nothing written to {path}.{hint}")
     return diff
 
 
@@ -183,7 +188,9 @@ def compare_onnx(model: UnifiedModel, path: Path, images: torch.Tensor) -> Dict[
     """|ONNX Runtime - PyTorch| of the student on ``images``: ``max_abs`` over every output value;
     for a YOLO detection output also ``boxes_px`` (xywh, input pixels), ``scores`` (probabilities) and
     ``max_scaled``, the largest of ``scores`` and ``boxes_px`` / input size. Box coordinates reach
-    ~500 px at 640, where one float32 step is 6e-5 px, so boxes are compared in image units."""
+    ~500 px at 640, where one float32 step is 6e-5 px, so boxes are compared in image units. A
+    set-prediction head (``set_prediction``: RT-DETR's queries) is compared as a set
+    (:func:`matched_query_difference`)."""
     session = onnx_session(path)
     got = session.run(None, {INPUT_NAME: images.numpy()})
     with torch.no_grad():
@@ -191,8 +198,9 @@ def compare_onnx(model: UnifiedModel, path: Path, images: torch.Tensor) -> Dict[
     want = [want] if isinstance(want, torch.Tensor) else list(want)
     out = {"max_abs": 0.0, "max_scaled": 0.0}
     size = float(max(images.shape[-2:]))
-    for g, w in zip(got, want):
-        d = np.abs(g - w.numpy())
+    query_sets = [bool(getattr(h, "set_prediction", False)) for h in model.heads.values()]
+    for g, w, is_set in zip(got, want, query_sets):
+        d = matched_query_difference(g, w.numpy(), size) if is_set else np.abs(g - w.numpy())
         out["max_abs"] = max(out["max_abs"], float(d.max()))
         if d.ndim == 3 and d.shape[1] > 4:  # (B, 4 + nc, anchors): decoded boxes, then class probabilities
             out["boxes_px"] = max(out.get("boxes_px", 0.0), float(d[:, :4].max()))
@@ -200,6 +208,24 @@ def compare_onnx(model: UnifiedModel, path: Path, images: torch.Tensor) -> Dict[
             out["max_scaled"] = max(out["max_scaled"], out["boxes_px"] / size, out["scores"])
         else:
             out["max_scaled"] = max(out["max_scaled"], float(d.max()))
+    return out
+
+
+def matched_query_difference(got: np.ndarray, want: np.ndarray, size: float) -> np.ndarray:
+    """|got - want| of a set-prediction head's (B, 4 + nc, Q) output (RT-DETR: boxes in input pixels,
+    then class probabilities) with the queries matched one to one per image (Hungarian, on each pair's
+    largest difference, boxes in units of ``size``): the queries are an unordered set, and ONNX
+    Runtime's TopK may order queries of equal encoder score differently from torch.topk."""
+    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (an ultralytics dependency)
+
+    scale = np.ones(got.shape[1], dtype=np.float64)
+    scale[:4] = size
+    out = np.empty_like(got)
+    for b in range(got.shape[0]):
+        g, w = got[b].T.astype(np.float64), want[b].T.astype(np.float64)  # (Q, 4 + nc)
+        cost = (np.abs(g[:, None, :] - w[None, :, :]) / scale).max(-1)
+        rows, cols = linear_sum_assignment(cost)
+        out[b][:, rows] = np.abs(g[rows] - w[cols]).T
     return out
 
 

@@ -50,6 +50,8 @@ class RTDETRHead(nn.Module):
     """
 
     task = "detection"
+    #: Its eval output is an unordered set of queries (tools/export.py compares ONNX and PyTorch as sets).
+    set_prediction = True
 
     def __init__(self, in_specs: Sequence[FeatureSpec], num_classes: int = 80, num_queries: int = 300,
                  hidden_dim: int = 256, num_decoder_layers: int = 6, num_heads: int = 8, num_points: int = 4,
