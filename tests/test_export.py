@@ -145,6 +145,10 @@ def test_torchscript_equals_torch(run, images, tmp_path):
     with torch.no_grad():
         got = ts(batch)
     assert torch.allclose(got, torch_out(run["model"], batch), atol=1e-5, rtol=0)
+    folder = tmp_path / "exports"
+    folder.mkdir()  # --output a folder: the default name (the checkpoint's stem) inside it
+    assert export(run["ckpt"], "--format", "torchscript", "--output", folder) == 0
+    assert (folder / (Path(run["ckpt"]).stem + ".torchscript")).is_file()
 
 
 def _vfmkd_boxes(model, x, affine, shape, conf, iou):

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="the run's config.yaml (default: <run>/config.yaml next to checkpoints/, "
                                          "else the config stored in the checkpoint)")
     parser.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)} (default: onnx)")
-    parser.add_argument("--output", help="output file (default: the checkpoint's path with the format's suffix)")
+    parser.add_argument("--output", help="output file, or a folder to write the default name into (default: the "
+                                         "checkpoint's path with the format's suffix)")
     parser.add_argument("--imgsz", type=int, default=None, help="input size, a multiple of 32 (default: data.img_size)")
     parser.add_argument("--dynamic", action="store_true",
                         help="free batch size and input height/width (onnx, torchscript)")
@@ -61,7 +62,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                           "(or --checkpoint)")
     if args.format not in FORMATS:
         raise ConfigError(f"--format {args.format}: unknown format; choose from {', '.join(FORMATS)}")
-    if args.format == "ultralytics" and args.output and not args.output.endswith(".pt"):
+    if args.format == "ultralytics" and args.output and not args.output.endswith((".pt", "/")) \
+            and not resolve_path(args.output).is_dir():
         raise ConfigError(f"--output {args.output}: ultralytics loads checkpoints named *.pt; end the name with .pt")
     if args.dynamic and args.format == "ultralytics":
         raise ConfigError("--dynamic applies to onnx and torchscript; an ultralytics checkpoint takes any size already")
@@ -92,6 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = load_student(checkpoint, cfg, config_name)
     imgsz = args.imgsz or int(experiment_record(cfg).data.img_size)
     output = resolve_path(args.output) if args.output else default_output(checkpoint, args.format)
+    if args.output and (output.is_dir() or args.output.endswith(("/", "\\"))):  # a folder: the default name in it
+        output = output / default_output(checkpoint, args.format).name
     names = None
     if args.format == "ultralytics":
         exp = experiment_record(cfg)
