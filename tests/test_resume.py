@@ -73,6 +73,8 @@ def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(features, tmp
     straight = Trainer(cfg, progress=False)
     straight.fit()
     want = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")
+    # an epoch-end last.pt carries that epoch's record: a run killed right after it resumes with it
+    assert [r["epoch"] for r in want["resume"]["history"]] == [1, 2]
 
     driver = tmp_path / "killer.py"
     driver.write_text(KILLER)

@@ -352,10 +352,10 @@ class Trainer:
                     self.best_fitness = fitness
                     self._save_best(epoch, record, tag)
                     record["best"] = True
+            self.history.append(record)  # before last.pt: a run killed after this save resumes with the record
             last = self.save("last.pt", epoch, record)
             if last is not None and train_cfg.save_period and epoch % train_cfg.save_period == 0:
                 publish_copy(last, last.with_name(f"checkpoint_epoch{epoch}.pt"))
-            self.history.append(record)
             self._log_epoch(record)
             self._write_metrics(time.time() - start)
             self.ctx.barrier()  # the other ranks wait while rank 0 validates and writes
