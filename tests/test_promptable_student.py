@@ -222,6 +222,31 @@ def test_both_losses_train_the_decoder_and_the_backbone():
     assert any(p.grad is not None for p in model.backbone.parameters())
 
 
+def test_a_resume_draws_the_same_point_prompts():
+    """prompt_distill's point generator travels in the checkpoint (Distiller.sampling_states), so a
+    resumed run samples the prompts the uninterrupted run would have."""
+    torch.manual_seed(0)
+    model = small_model()
+    batch = make_batch([[4, 4, 30, 40], [20, 10, 60, 50], [8, 8, 40, 24]], [0, 0, 1])
+    targets = live_targets(batch)
+    with torch.no_grad():
+        emb = model(batch.images).heads["promptable"]
+    running = Distiller(build_loss_terms(LOSSES, model, SAM_SPECS, PRIMARY, teachers=TEACHERS))
+    running.terms["prompt_distill"].pairing.pair(emb, batch, targets)  # the generator has drawn: its state moved
+    states = running.sampling_states()
+    assert list(states) == ["prompt_distill"] and list(states["prompt_distill"]) == ["cpu"]
+    want = running.terms["prompt_distill"].pairing.pair(emb, batch, targets)[0]
+    resumed = Distiller(build_loss_terms(LOSSES, model, SAM_SPECS, PRIMARY, teachers=TEACHERS))
+    fresh = resumed.terms["prompt_distill"].pairing.pair(emb, batch, targets)[0]  # restarted from the seed
+    resumed = Distiller(build_loss_terms(LOSSES, model, SAM_SPECS, PRIMARY, teachers=TEACHERS))
+    resumed.load_sampling_states(states)
+    got = resumed.terms["prompt_distill"].pairing.pair(emb, batch, targets)[0]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert not all(torch.equal(a, b) for a, b in zip(want, fresh))
+    with pytest.raises(ValueError, match="not an output term"):
+        resumed.load_sampling_states({"missing": states["prompt_distill"]})
+
+
 def test_embedding_distill_masks_padded_cells():
     torch.manual_seed(0)
     model = small_model()

@@ -121,6 +121,20 @@ class Distiller(nn.Module):
         self.active = set(self.terms) if active is None else set(active)
         self.weights = {t.name: float((weights or {}).get(t.name, t.weight)) for t in self.terms.values()}
 
+    def sampling_states(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Per output term, the random-generator states of its pairing (prompt_distill's point prompts):
+        what a checkpoint keeps so that a resumed run draws the prompts the uninterrupted one would."""
+        states = {name: t.pairing.sampling_state() for name, t in self.terms.items() if t.pairing is not None}
+        return {name: state for name, state in states.items() if state}
+
+    def load_sampling_states(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for name, state in states.items():
+            term = self.terms.get(name)
+            if term is None or term.pairing is None:
+                raise ValueError(f"the checkpoint holds prompt-sampling state for '{name}', which is not an output term "
+                                 f"of this run ({sorted(self.terms)})")
+            term.pairing.load_sampling_state(state)
+
     def set_teacher_stats(self, teacher: str, feature: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise ``teacher``'s ``feature`` maps as (x - mean) / std per channel from now on."""
         self._stats[(teacher, feature)] = (mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-6).view(1, -1, 1, 1))

@@ -4,7 +4,7 @@ are built by :func:`~vfmkd.distillation.output_rules.resolve_output_term`, run t
 and the build-time check that a teacher's cache holds the mask logits its output terms read."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,14 @@ class OutputPairing:
     @property
     def needs_masks(self) -> bool:
         return self.rule.source == "masks"
+
+    def sampling_state(self) -> Dict[str, torch.Tensor]:
+        """Random-generator states an exact resume restores: none (these pairings draw nothing)."""
+        return {}
+
+    def load_sampling_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.rule.loss}: this pairing draws nothing, got generator states {sorted(state)}")
 
     def pair(self, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
         if self.rule.source == "heads":

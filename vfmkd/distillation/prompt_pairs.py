@@ -132,6 +132,14 @@ class PromptPairingBase(ABC):
     def pair(self, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
         """The loss's ``(args, kwargs)`` for this step, or None when nothing pairs."""
 
+    def sampling_state(self) -> Dict[str, torch.Tensor]:
+        """Random-generator states an exact resume restores (device -> state); none by default."""
+        return {}
+
+    def load_sampling_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} draws nothing, got generator states {sorted(state)}")
+
 
 class EmbeddingPairing(PromptPairingBase):
     """embedding_distill: (student embeddings (B, C, h, w), teacher map on that grid, mask (B, 1, h, w))."""
@@ -206,6 +214,14 @@ class PromptPairing(PromptPairingBase):
             gen.manual_seed(self.seed)
             self._generators[key] = gen
         return self._generators[key]
+
+    def sampling_state(self) -> Dict[str, torch.Tensor]:
+        """The point generators' states (one per device), so a resumed run draws the same prompts."""
+        return {key: gen.get_state() for key, gen in self._generators.items()}
+
+    def load_sampling_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self.generator(torch.device(key)).set_state(value)
 
     def point_regions(self, batch: Batch, idx: torch.Tensor, label_index: torch.Tensor, teacher_fg: torch.Tensor,
                       grid_hw: Tuple[int, int]) -> torch.Tensor:

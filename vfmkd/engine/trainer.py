@@ -289,6 +289,7 @@ class Trainer:
                 "partial_counts": dict(self._partial[1]) if resume_batch else {},
                 "history": self.history, "best_fitness": self.best_fitness,
                 "router_counts": self.router.summary(), "loader_generator": generator, "rng": capture_rng(),
+                "sampling": self.distiller.sampling_states(),
                 "world_size": self.ctx.world_size,
             },
         })
@@ -313,6 +314,7 @@ class Trainer:
         self._epoch_generator = r["loader_generator"]
         self.train_loader.generator.set_state(r["loader_generator"])
         restore_rng(r["rng"])
+        self.distiller.load_sampling_states(r.get("sampling", {}))
         self.log.info("resumed at epoch %d, batch %d (step %d)", self.start_epoch, self.start_batch, self.step)
 
     def fit(self) -> Dict[str, Any]:
