@@ -185,6 +185,7 @@ def test_write_test_results_lists_every_metric_and_class(tmp_path):
         "per_class_iou": {"person": 0.5, "car": np.float32(0.25), "dog": None},
         "per_class": {"person": {"P": 0.9, "R": 0.8, "mAP50": 0.7}, "car": {"P": 0.1, "R": 0.2, "mAP50": 0.3}},
         "heads": {"seg": {"dice": 0.6}, "det": {"mAP50": 0.1, "per_class": {"person": 0.2}}},
+        "fidelity": {},  # nothing to list: no empty table
     }
     path = results_text.write_test_results(tmp_path / "test_results.txt", metrics, header={"checkpoint": "best.pt"})
     text = path.read_text()
@@ -197,6 +198,7 @@ def test_write_test_results_lists_every_metric_and_class(tmp_path):
     assert any(line.split() == ["name", "P", "R", "mAP50"] for line in lines)
     assert any(line.split() == ["car", "0.1000", "0.2000", "0.3000"] for line in lines)
     assert "[heads/det]" in text and any(line.split() == ["person", "0.2000"] for line in lines)
+    assert "[fidelity]" not in text
     assert [p.name for p in tmp_path.iterdir()] == ["test_results.txt"]
 
 

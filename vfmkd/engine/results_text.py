@@ -92,7 +92,7 @@ def format_test_results(metrics: Mapping[str, Any], header: Optional[Mapping[str
         lines.append("metrics")
         lines += [f"  {str(k).ljust(width)}  {_fmt(v)}" for k, v in scalars.items()]
     for name, rows in metrics.items():
-        if isinstance(rows, Mapping):
+        if isinstance(rows, Mapping) and rows:  # an empty table (no feature losses: no fidelity) says nothing
             lines += _section(str(name), rows)
     return "\n".join(lines) + "\n"
 
