@@ -63,3 +63,31 @@ def test_two_gloo_ranks_match_one_rank_with_the_doubled_batch(tmp_path):
     w2 = _flat(load_checkpoint(runs[0] / "checkpoints" / "last.pt")["model"]) - start
     assert torch.nn.functional.cosine_similarity(w1, w2, dim=0) > 0.9
     assert (w1 - w2).norm() < 0.5 * w1.norm()
+
+
+def test_segmentation_validation_on_rank_0_does_not_wait_for_the_other_ranks(tmp_path):
+    """Validation runs on rank 0 alone: its torchmetrics scorers (mIoU, Dice, PQ) must not sync across the
+    torchrun group (they did, and rank 0 blocked in an all_gather the other ranks never joined)."""
+    experiment = tmp_path / "seg.yaml"
+    experiment.write_text(json.dumps({  # JSON is YAML
+        "experiment_name": "seg_ddp", "work_dir": str(tmp_path / "runs"),
+        "model": {"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+                  "heads": {"instance": {"type": "yolo_seg_head", "num_classes": 80, "num_protos": 32},
+                            "semantic": {"type": "semantic_head", "num_classes": 130},
+                            "binary": {"type": "binary_head"}}},
+        "distillation": {"losses": {"instance_segmentation": {"head": "instance"},
+                                    "semantic_segmentation": {"head": "semantic"},
+                                    "binary_segmentation": {"head": "binary"}}},
+        "data": {"dataset": "coco128", "root": str(REPO / "datasets" / "coco128"), "img_size": 64, "limit": 4,
+                 "batch_size": 1, "num_workers": 0, "binary_classes": ["person"]},
+        "train": {"epochs": 1, "warmup_iters": 1, "device": "cpu", "vis_interval": 0},
+        "eval": {"fidelity": False, "batch_size": 4},
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tools" / "train.py"), "--config", str(experiment), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((tmp_path / "runs" / "seg_ddp").iterdir())
+    val = json.loads((run / "metrics.json").read_text())["epochs"][-1]["val"]
+    assert {"mIoU", "per_class_iou"} <= set(val["semantic"]) and "dice" in val["binary"] and "PQ" in val["panoptic"]

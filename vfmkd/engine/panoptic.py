@@ -48,7 +48,7 @@ from vfmkd.core.errors import ConfigError, DatasetError
 from vfmkd.datasets.masks import InstanceClassTable, SemanticClassTable
 from vfmkd.datasets.panoptic import VOID, PanopticAnnotationError, PanopticAnnotations
 from vfmkd.datasets.records import Batch
-from vfmkd.engine.seg_metrics import unletterbox, upsampled
+from vfmkd.engine.seg_metrics import LOCAL_METRIC, unletterbox, upsampled
 from vfmkd.models.unified_model import StudentOutput
 
 LOGGER = logging.getLogger("vfmkd")
@@ -226,7 +226,7 @@ class PanopticMeter:
                  exact: bool = False) -> None:
         self.things, self.stuffs = sorted(int(t) for t in things), sorted(int(s) for s in stuffs)
         self.metric = PanopticQuality(things=set(self.things), stuffs=set(self.stuffs) | {UNASSIGNED},
-                                      return_sq_and_rq=True)
+                                      return_sq_and_rq=True, **LOCAL_METRIC)
         self.names, self.exact = dict(names or {}), exact
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:

@@ -31,6 +31,11 @@ from ultralytics.utils.ops import process_mask, xywh2xyxy
 from vfmkd.datasets.records import Batch
 from vfmkd.models.unified_model import StudentOutput
 
+#: torchmetrics' keyword for a metric that scores only what this process saw: validation runs on rank 0
+#: alone (the trainer), and a metric that synced in compute() would all_gather across the torchrun group
+#: while the other ranks wait at the epoch barrier.
+LOCAL_METRIC = {"sync_on_compute": False}
+
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 
 
@@ -150,8 +155,8 @@ class SemanticScorer:
     def __init__(self, names: Mapping[int, str], head: str = "semantic") -> None:
         self.names = dict(names)
         self.num_classes, self.head = len(self.names), head
-        self.jaccard = MulticlassJaccardIndex(self.num_classes, average=None, ignore_index=0)
-        self.accuracy = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=0)
+        self.jaccard = MulticlassJaccardIndex(self.num_classes, average=None, ignore_index=0, **LOCAL_METRIC)
+        self.accuracy = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=0, **LOCAL_METRIC)
         self.images = 0
 
     def update(self, out: StudentOutput, batch: Batch) -> None:
@@ -198,9 +203,9 @@ class BinaryScorer:
 
     def __init__(self, head: str = "binary") -> None:
         self.head = head
-        self.dice = BinaryF1Score(ignore_index=255)
-        self.iou = BinaryJaccardIndex(ignore_index=255)
-        self.accuracy = BinaryAccuracy(ignore_index=255)
+        self.dice = BinaryF1Score(ignore_index=255, **LOCAL_METRIC)
+        self.iou = BinaryJaccardIndex(ignore_index=255, **LOCAL_METRIC)
+        self.accuracy = BinaryAccuracy(ignore_index=255, **LOCAL_METRIC)
         self.hd_sum, self.hd_images, self.hd_skipped = 0.0, 0, 0
         self.images = self.unlabelled = 0
 
