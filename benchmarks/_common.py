@@ -7,7 +7,7 @@ import logging
 import platform
 import sys
 from pathlib import Path
-from typing import List
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,3 +52,23 @@ def median(values: List[float]) -> float:
     s = sorted(values)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def alternate_steps(step: Callable[[str, Any], float], names: Sequence[str], batches: Sequence[Any], repeats: int,
+                    ratio: Tuple[str, str], after_repeat: Optional[Callable[[int, Dict[str, List[float]]], None]] = None
+                    ) -> Tuple[Dict[str, List[float]], List[float]]:
+    """Time ``step(name, batch)`` of every variant on the same batches, ``repeats`` times, alternating
+    which variant goes first (so caches and drifts favour neither). Returns (seconds per variant,
+    per-batch ratios ``ratio[0] / ratio[1]`` of the paired steps); ``after_repeat(r, times)`` reports."""
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    pairs: List[float] = []
+    for r in range(repeats):
+        for k, batch in enumerate(batches):
+            order = list(names) if (r + k) % 2 == 0 else list(names)[::-1]
+            got = {n: step(n, batch) for n in order}
+            for n in names:
+                times[n].append(got[n])
+            pairs.append(got[ratio[0]] / got[ratio[1]])
+        if after_repeat is not None:
+            after_repeat(r, times)
+    return times, pairs

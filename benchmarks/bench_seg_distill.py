@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate_steps  # noqa: E402
 from bench_train_step import _cpu_snapshot, apply_malloc_mode, idle_note  # noqa: E402
 
 EXPERIMENTS = REPO / "configs" / "experiments"
@@ -303,15 +304,8 @@ def part_step(args, results) -> None:
         for name in names:
             step(name, batches[w % len(batches)])
     cpu_times = {k: [] for k in trainers}
-    times, pairs = {k: [] for k in names}, []
     load0 = _cpu_snapshot()
-    for r in range(args.step_repeats):
-        for k, item in enumerate(batches):
-            order = names if (r + k) % 2 == 0 else names[::-1]
-            got = {nm: step(nm, item) for nm in order}
-            for nm in names:
-                times[nm].append(got[nm])
-            pairs.append(got["task-only"] / got["mask-distill"])
+    times, pairs = alternate_steps(step, names, batches, args.step_repeats, ("task-only", "mask-distill"))
     note = idle_note(load0)
     routes = trainers["mask-distill"].router.summary()["sam"]
     assert set(routes) == {"offline"}, f"mask-distill batches were not all read from the cache: {routes}"

@@ -116,6 +116,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
+    from _common import alternate_steps
     from vfmkd.core.config import load_experiment
     from vfmkd.datasets import collate_samples
     from vfmkd.distillation.cached import collate_distill
@@ -202,19 +203,15 @@ def main() -> int:
         for w in range(args.warmup):
             for name in names:
                 step(name, batches[w % len(batches)])
-        times = {n: [] for n in names}
         for n in names:
             cpu_times[n].clear()  # warm-up steps out
-        pair_ratios = []
-        for r in range(args.repeats):
-            for k, batch in enumerate(batches):
-                order = names if (r + k) % 2 == 0 else names[::-1]
-                got = {n: step(n, batch) for n in order}
-                for n in names:
-                    times[n].append(got[n])
-                pair_ratios.append(got["student-only"] / got["offline-distill"])
+
+        def report(r, times):
             print(f"  [{img}] repeat {r}: student-only {statistics.median(times['student-only'][-len(batches):]):.3f} s, "
                   f"offline-distill {statistics.median(times['offline-distill'][-len(batches):]):.3f} s", flush=True)
+
+        times, pair_ratios = alternate_steps(step, names, batches, args.repeats, ("student-only", "offline-distill"),
+                                             report)
         t_s = statistics.median(times["student-only"])
         t_d = statistics.median(times["offline-distill"])
         cpu_ratio = statistics.median(cpu_times["student-only"]) / statistics.median(cpu_times["offline-distill"])
