@@ -48,10 +48,9 @@ def _wandb_installed() -> bool:
 def _image_array(image: Union[str, Path, np.ndarray]) -> np.ndarray:
     """A PNG path or an (H, W, 3|4) uint8 array -> (H, W, 3) uint8."""
     if isinstance(image, (str, Path)):
-        from PIL import Image
+        from vfmkd.datasets.coco_yolo import load_rgb  # the one image decoder (16-bit scaling, EXIF)
 
-        with Image.open(image) as im:
-            return np.asarray(im.convert("RGB"))
+        return load_rgb(image)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
         raise ValueError(f"add_image takes a PNG path or an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")

@@ -1,0 +1,71 @@
+"""Fault suite, inputs (issue 22 items 1, 6, 8, 11): 16-bit grayscale images, views too thin for the
+teacher's grid, head class counts against the dataset, and tools/predict.py's argument checks.
+Each test fails on the code before its fix."""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vfmkd.datasets import DetectionDataset, FeatureCacheReader, check_images, load_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import prepare_teacher_features as ptf  # noqa: E402
+
+COCO = REPO / "datasets" / "coco128"
+SPLIT = "train2017"
+
+
+def coco_image(k: int = 0) -> Path:
+    return sorted((COCO / "images" / SPLIT).glob("*.jpg"))[k]
+
+
+def new_root(tmp_path: Path) -> Path:
+    root = tmp_path / "ds"
+    (root / "images" / SPLIT).mkdir(parents=True)
+    (root / "object_detection" / "labels" / SPLIT).mkdir(parents=True)
+    return root
+
+
+# 1. 16-bit grayscale ---------------------------------------------------------------------------
+
+def test_16bit_grayscale_png_is_scaled_not_clipped_everywhere(tmp_path, caplog):
+    root = new_root(tmp_path)
+    grey = np.asarray(Image.open(coco_image(0)).convert("L").resize((96, 72)))
+    images = root / "images" / SPLIT
+    Image.fromarray(grey).save(images / "a_8bit.png")
+    wide = grey.astype(np.uint16) * 257  # the same picture over the full 16-bit range (x * 257: 255 -> 65535)
+    Image.fromarray(wide).save(images / "b_16bit.png")
+    assert Image.open(images / "b_16bit.png").mode.startswith("I")  # Pillow reads it as 16-bit grayscale
+    twelve = (grey.astype(np.uint16) * 16)  # 12-bit data in a 16-bit container
+    Image.fromarray(twelve).save(images / "c_12bit.png")
+
+    rgb = load_rgb(images / "b_16bit.png")
+    assert rgb.dtype == np.uint8 and rgb.shape == (72, 96, 3)
+    assert (rgb == 255).mean() < 0.05  # Pillow's convert("RGB") made 99.8 % of pixels white
+    assert np.array_equal(rgb, load_rgb(images / "a_8bit.png"))  # full-range linear: exactly the 8-bit picture
+    assert np.array_equal(load_rgb(images / "c_12bit.png")[..., 0], np.rint(twelve * 255.0 / 65535).astype(np.uint8))
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")  # float: [0, 1] -> 0..255
+    assert (load_rgb(tmp_path / "f.tif") == 128).all()
+
+    with caplog.at_level(logging.INFO, logger="vfmkd"):
+        ok, _, skipped = check_images(sorted(images.iterdir()), SPLIT)
+    assert len(ok) == 3 and not skipped
+    assert "2 of 3 images are 16-bit or float grayscale" in caplog.text  # said, not silent
+    assert "c_12bit.png" in caplog.text and "12-bit" in caplog.text  # the dark 12-bit image is named
+
+    ds = DetectionDataset(str(root), SPLIT, img_size=64)  # the student's loader
+    assert torch.equal(ds[0].image, ds[1].image)
+    out = tmp_path / "cache"  # the cache tool's loader: the teacher sees the same picture
+    assert ptf.main(["--teacher", "sam", "--data-root", str(root), "--splits", SPLIT, "--output", str(out), "--no-progress",
+                     "--limit", "2", "teacher.init=random", "teacher.input_size=64"]) == 0
+    reader = FeatureCacheReader(out / f"{SPLIT}.h5")
+    fa, fb = reader.read("a_8bit"), reader.read("b_16bit")
+    assert torch.equal(fa["features"]["image_embeddings"], fb["features"]["image_embeddings"])
