@@ -50,6 +50,9 @@ class ModelConfig:
     backbone: Dict[str, Any] = field(default_factory=dict)  # {type, config?, ...kwargs}
     neck: Dict[str, Any] = field(default_factory=lambda: {"type": "yolov8_pafpn"})
     heads: Dict[str, Any] = field(default_factory=dict)  # name -> {type, config?, ...kwargs}
+    # Pretrained start of a training run: {from: <file>, parts: [backbone, neck, heads], strict: false}
+    # (vfmkd/models/pretrained.py: an ultralytics YOLOv8 .pt, a timm checkpoint, a vfmkd run's best.pt).
+    init: Dict[str, Any] = field(default_factory=dict)
     resolution_distill: ResolutionDistillConfig = field(default_factory=ResolutionDistillConfig)
 
 

@@ -9,7 +9,7 @@ import torch
 
 import vfmkd.teachers  # noqa: F401  (registers the built-in teachers)
 from vfmkd.core.config import DataConfig, DistillationConfig, ExperimentConfig, ModelConfig, component_kwargs, resolve_path, teacher_kwargs
-from vfmkd.core.errors import ConfigError
+from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS, LOSSES, TEACHERS
 from vfmkd.datasets import DetectionDataset, GeometricAugment
@@ -51,9 +51,25 @@ def build_dataset(data: DataConfig, split: str, num_classes: int,
                             binary_classes=tuple(data.binary_classes) if binary else ())
 
 
-def build_model(model: Union[ModelConfig, Mapping[str, Any]]) -> UnifiedModel:
-    """The student from the ``model`` section (its backbone, neck and head entries; DSRL's input scale)."""
-    return UnifiedModel.from_config(model)
+INIT_KEYS = ("from", "parts", "strict")
+
+
+def build_model(model: Union[ModelConfig, Mapping[str, Any]], initialise: bool = False) -> UnifiedModel:
+    """The student from the ``model`` section (its backbone, neck and head entries; DSRL's input scale).
+    ``initialise``: load ``model.init`` (a training run that does not resume; tools that load a
+    checkpoint of their own skip it); its report is kept in ``init_report``."""
+    student = UnifiedModel.from_config(model)
+    init = dict((model.init if isinstance(model, ModelConfig) else model.get("init")) or {})
+    unknown = [k for k in init if k not in INIT_KEYS]
+    if unknown:
+        raise ConfigError(f"model.init: unknown key '{unknown[0]}'.{did_you_mean(unknown[0], INIT_KEYS)} "
+                          f"Keys: from (the file), parts (backbone/neck/heads), strict.")
+    if initialise and init.get("from"):
+        from vfmkd.models.pretrained import initialise_student
+
+        student.init_report = initialise_student(student, str(resolve_path(init["from"])), init.get("parts"),
+                                                 bool(init.get("strict", False)))
+    return student
 
 
 def enabled_teachers(teachers_cfg: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:

@@ -90,7 +90,7 @@ class Trainer:
         self.val_set = build_dataset(data, data.val_split, self.num_classes, tasks=self.tasks.values())
         self.live = LiveTeachers(exp.teachers, self.device)
         self.router = build_router(exp, self.train_set, self.live, self.augment, rank=self.ctx.rank)
-        self.model = build_model(exp.model)
+        self.model = build_model(exp.model, initialise=resumed is None)  # a resumed run has its own weights
         if self.ctx.is_main:
             run_dir = run_dir or create_run_dir(resolve_path(exp.work_dir), exp.experiment_name)
         self.run_dir = Path(self.ctx.broadcast(str(run_dir)))
@@ -100,6 +100,8 @@ class Trainer:
         if self.ctx.is_main:
             write_run_config(self.run_dir, cfg)
         self.log.info("%s %s", "resuming in run directory" if resumed else "run directory:", self.run_dir)
+        if self.model.init_report is not None:
+            self.log.info("%s", self.model.init_report.summary())
         self.router.load_live_models()
         self.model = self.model.to(self.device)
         if train.sync_bn and self.ctx.enabled:

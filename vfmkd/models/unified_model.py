@@ -69,6 +69,8 @@ class UnifiedModel(nn.Module):
     #: The input is resized to 1/input_scale of its size inside forward (DSRL's low-resolution student,
     #: set by from_config from model.resolution_distill), so evaluation and export see the same input.
     input_scale: float = 1.0
+    #: What ``model.init`` loaded (vfmkd.models.pretrained.InitReport), set by the engine's build_model.
+    init_report: Optional[Any] = None
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale == 1.0:
