@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from vfmkd.datasets import DetectionDataset, FeatureCacheReader, check_images, load_rgb
+from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -69,3 +70,39 @@ def test_16bit_grayscale_png_is_scaled_not_clipped_everywhere(tmp_path, caplog):
     reader = FeatureCacheReader(out / f"{SPLIT}.h5")
     fa, fb = reader.read("a_8bit"), reader.read("b_16bit")
     assert torch.equal(fa["features"]["image_embeddings"], fb["features"]["image_embeddings"])
+
+
+# 11. tools/predict.py: arguments are checked before anything is loaded -------------------------
+
+def test_predict_refuses_a_non_image_and_a_file_as_output_before_loading_the_model(tmp_path, monkeypatch, caplog):
+    import predict
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(predict, "load_student", must_not_load)
+    monkeypatch.setattr(predict, "resolve_config", must_not_load)
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"not read")
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("these are not pixels\n")
+    image = coco_image(0)
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"a user's file")
+    box = ["--box", "10", "20", "300", "400"]
+
+    def run(*args: str) -> int:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="vfmkd"):
+            return run_tool(predict.main, ["--checkpoint", str(checkpoint), *box, *args])
+
+    assert run("--image", str(notes), "--output", str(tmp_path / "out")) == 2
+    assert "cannot be decoded as an image" in caplog.text and "notes.jpg" in caplog.text
+    assert len(caplog.records) == 1 and "Traceback" not in caplog.text
+    assert run("--image", str(tmp_path), "--output", str(tmp_path / "out")) == 2
+    assert "is a folder" in caplog.text
+    assert run("--image", str(image), "--output", str(taken)) == 2
+    assert "must be a folder" in caplog.text and str(taken) in caplog.text
+    assert taken.read_bytes() == b"a user's file"  # untouched
+    assert run("--image", str(image), "--output", str(taken / "sub")) == 2  # a file in the way above it
+    assert "must be a folder" in caplog.text

@@ -10,7 +10,9 @@ dataset does (data.img_size), the prompt carried onto that canvas, the head deco
 mask is carried back (the letterbox undone) to the original size. Writes <stem>_mask.png (binary,
 0/255, the image's size) and <stem>_overlay.png into --output (default: <run>/predictions/ next to
 checkpoints/, else ./predictions/). The config defaults to the run's config.yaml (else the one stored
-in the checkpoint). A prompt outside the image, or a checkpoint without a sam_decoder head, exits 2.
+in the checkpoint). A prompt outside the image, a file that is not an image, an --output that is a
+file, or a checkpoint without a sam_decoder head exits 2 with one line; the arguments are checked
+before the model is loaded.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from vfmkd.engine.export_promptable import promptable_head  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
 from vfmkd.utils.logging import get_logger  # noqa: E402
+from vfmkd.utils.plots import atomic_output  # noqa: E402
 
 OVERLAY_COLOUR = np.array([30, 144, 255], dtype=np.float32)  # SAM's demo blue
 
@@ -142,15 +145,47 @@ def predict(model: Any, head: str, rgb: np.ndarray, size: int, box: Optional[Lis
     return (logits > 0).numpy(), float(iou[0, 0])
 
 
+def check_output(args: argparse.Namespace, checkpoint: Path) -> Path:
+    """The output folder (created): --output, else <run>/predictions, else ./predictions; an existing
+    file there is an error that says it must be a folder. Checked before anything is loaded."""
+    if args.output:
+        out_dir = resolve_path(args.output)
+    else:
+        run = checkpoint.resolve().parent.parent
+        out_dir = run / "predictions" if (run / "config.yaml").is_file() else Path("predictions").resolve()
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--output {out_dir}: {parent} is an existing file; --output must be a folder "
+                              f"(<stem>_mask.png and <stem>_overlay.png are written into it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def read_image(image: Path) -> np.ndarray:
+    """The image as load_rgb decodes it for training; a folder, a missing file or a file Pillow
+    cannot decode is an error naming it."""
+    if image.is_dir():
+        raise ConfigError(f"--image {image} is a folder: give one image file (the prompts are in its pixels)")
+    if not image.is_file():
+        raise FileNotFoundError(f"--image {image}: no such file")
+    try:
+        return load_rgb(image)
+    except Exception as exc:  # PIL: UnidentifiedImageError, OSError (truncated), DecompressionBombError, ...
+        raise ConfigError(f"--image {image} cannot be decoded as an image ({type(exc).__name__}: {exc}); give a "
+                          f"JPEG/PNG/BMP/WebP/TIFF file") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     log = get_logger()
     checkpoint, image = resolve_path(args.checkpoint), resolve_path(args.image)
-    if not image.is_file():
-        raise FileNotFoundError(f"--image {image}: no such file")
-    rgb = load_rgb(image)
+    # Every argument is checked before the config, the checkpoint or the model is loaded.
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+    rgb = read_image(image)
     points = [(x, y, 1) for x, y in args.point] + [(x, y, 0) for x, y in args.background_point]
     check_prompts(image, rgb.shape[:2], args.box, [[x, y] for x, y, _ in points])
+    out_dir = check_output(args, checkpoint)
     cfg, config_name = resolve_config(checkpoint, args.config, args.overrides)
     model = load_student(checkpoint, cfg, config_name)
     head = promptable_head(model)
@@ -162,15 +197,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model.to(device)
     size = int(experiment_record(cfg).data.img_size)
     mask, score = predict(model, head, rgb, size, args.box, points, device)
-    if args.output:
-        out_dir = resolve_path(args.output)
-    else:
-        run = checkpoint.resolve().parent.parent
-        out_dir = run / "predictions" if (run / "config.yaml").is_file() else Path("predictions").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     mask_path, overlay_path = out_dir / f"{image.stem}_mask.png", out_dir / f"{image.stem}_overlay.png"
-    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-    Image.fromarray(overlay(rgb, mask, args.box, points)).save(overlay_path)
+    for path, pixels in ((mask_path, mask.astype(np.uint8) * 255), (overlay_path, overlay(rgb, mask, args.box, points))):
+        with atomic_output(path) as tmp:
+            Image.fromarray(pixels).save(tmp, format="PNG")
     log.info("%s (%d x %d): mask of %d pixels (%.1f%%), predicted IoU %.3f -> %s, %s", image, rgb.shape[1], rgb.shape[0],
              int(mask.sum()), 100.0 * mask.mean(), score, mask_path, overlay_path)
     return 0
