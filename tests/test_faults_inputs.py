@@ -106,3 +106,21 @@ def test_predict_refuses_a_non_image_and_a_file_as_output_before_loading_the_mod
     assert taken.read_bytes() == b"a user's file"  # untouched
     assert run("--image", str(image), "--output", str(taken / "sub")) == 2  # a file in the way above it
     assert "must be a folder" in caplog.text
+
+
+# 8. head class counts against the dataset --------------------------------------------------------
+
+def test_head_class_counts_are_checked_against_the_dataset_before_the_run_directory(tmp_path, caplog):
+    import train as train_tool
+
+    common = ["--no-progress", "data.limit=4", "data.num_workers=0", f"work_dir={tmp_path / 'runs'}"]
+    semantic = REPO / "configs" / "experiments" / "regnet_semantic_sam_coco128.yaml"
+    assert run_tool(train_tool.main, [str(semantic), *common, "model.heads.semantic.num_classes=128"]) == 2
+    assert "model.heads.semantic.num_classes=128" in caplog.text and "set model.heads.semantic.num_classes=130" in caplog.text
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no orphan run directory
+
+    caplog.clear()  # an instance head and no detection head: the instance head's key is named
+    panoptic = REPO / "configs" / "experiments" / "regnet_fusion_dsrl_sam_panoptic_coco128.yaml"
+    assert run_tool(train_tool.main, [str(panoptic), *common, "model.heads.instance.num_classes=10"]) == 2
+    assert "model.heads.instance.num_classes" in caplog.text and "detection.num_classes" not in caplog.text
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

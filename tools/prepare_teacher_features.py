@@ -167,7 +167,7 @@ class Prompts:
                  rows: Optional[List[np.ndarray]] = None, plan: Optional[MaskPlan] = None) -> None:
         folder = label_dir(root, split)
         ids = [p.stem for p in paths]
-        self.rows = rows if rows is not None else [parse_labels(folder / f"{i}.txt", num_classes) for i in ids]
+        self.rows = rows if rows is not None else [parse_labels(folder / f"{i}.txt", num_classes, "--num-classes") for i in ids]
         try:
             rel = folder.resolve().relative_to(Path(root).resolve())
         except ValueError:

@@ -163,10 +163,11 @@ def load_rgb(path: str | Path) -> np.ndarray:
         return to_rgb8(im)
 
 
-def parse_labels(path: Path, num_classes: int) -> np.ndarray:
+def parse_labels(path: Path, num_classes: int, classes_key: str = "num_classes") -> np.ndarray:
     """(n, 5) float32 rows ``class cx cy w h`` of a YOLO label file; a missing file means no objects.
     A line repeating an earlier line's values exactly is dropped with a warning naming both lines
-    (a duplicated box would count twice in the loss and as a false negative in mAP)."""
+    (a duplicated box would count twice in the loss and as a false negative in mAP).
+    ``classes_key``: the setting that gave ``num_classes`` (named by the out-of-range error)."""
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
     rows: List[List[float]] = []
@@ -188,8 +189,8 @@ def parse_labels(path: Path, num_classes: int) -> np.ndarray:
         cls = values[0]
         if cls != int(cls) or not 0 <= cls < num_classes:
             raise DatasetError(
-                f"{where}: class id {parts[0]} is outside [0, {num_classes}) (num_classes={num_classes}). "
-                f"Fix the label, or set model.heads.detection.num_classes to the dataset's class count."
+                f"{where}: class id {parts[0]} is outside [0, {num_classes}) ({classes_key}={num_classes}). "
+                f"Fix the label, or set {classes_key} to the dataset's class count."
             )
         cx, cy, bw, bh = values[1:]
         if min(cx, cy, bw, bh) < 0 or max(cx, cy, bw, bh) > 1:
@@ -232,8 +233,10 @@ class DetectionDataset(Dataset):
         instances: bool = False,
         semantic: bool = False,
         binary_classes: Sequence[str] = (),
+        classes_key: str = "num_classes",
     ) -> None:
         self.root, self.split, self.img_size, self.num_classes = resolve_path(root), split, int(img_size), num_classes
+        self.classes_key = classes_key  # the setting behind num_classes, named by class-id errors
         self.limit = limit
         self.augment = augment if augment is not None and augment.enabled else None
         self.seed, self.epoch = seed, 0
@@ -243,7 +246,7 @@ class DetectionDataset(Dataset):
             raise DatasetError(f"none of the {len(listed)} images in {self.root / 'images' / split} can be decoded")
         self.image_ids = [p.stem for p in self.paths]
         label_dir = self.root / "object_detection" / "labels" / split
-        self.labels = [parse_labels(label_dir / f"{i}.txt", num_classes) for i in self.image_ids]
+        self.labels = [parse_labels(label_dir / f"{i}.txt", num_classes, classes_key) for i in self.image_ids]
         if isinstance(binary_classes, str):
             binary_classes = (binary_classes,)
         self.binary_classes = tuple(str(n) for n in binary_classes)
@@ -272,7 +275,7 @@ class DetectionDataset(Dataset):
         )
 
     def _load_instances(self) -> None:
-        table = InstanceClassTable.load(self.root, self.num_classes)
+        table = InstanceClassTable.load(self.root, self.num_classes, self.classes_key)
         folder = instance_label_dir(self.root, self.split)
         missing: List[str] = []
         for image_id, labels in zip(self.image_ids, self.labels):

@@ -77,9 +77,10 @@ class InstanceClassTable:
     source: Path
     detection_source: Path
     num_classes: int  # of the detection head: a polygon of a class beyond it is an error
+    classes_key: str = "num_classes"  # the setting behind num_classes, named by the error
 
     @classmethod
-    def load(cls, root: Path, num_classes: int) -> "InstanceClassTable":
+    def load(cls, root: Path, num_classes: int, classes_key: str = "num_classes") -> "InstanceClassTable":
         source = Path(root) / INSTANCE_DIR / "config.yaml"
         names = read_names(source, "names")
         det_file = Path(root) / DETECTION_CONFIG
@@ -91,7 +92,7 @@ class InstanceClassTable:
                 raise DatasetError(f"{source}: instance class {pid} '{name}' has no detection class of that name in "
                                    f"{det_file}.{did_you_mean(name, by_name)}")
             table[pid] = by_name[name]
-        return cls(table, names, source, det_file, num_classes)
+        return cls(table, names, source, det_file, num_classes, classes_key)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ def parse_polygons(path: Path, table: InstanceClassTable) -> Tuple[np.ndarray, L
         if det >= table.num_classes:
             raise DatasetError(f"{where}: polygon class {int(cid)} '{table.names[int(cid)]}' is detection class {det} "
                                f"of {table.detection_source}, outside [0, {table.num_classes}) "
-                               f"(num_classes={table.num_classes})")
+                               f"({table.classes_key}={table.num_classes}); set {table.classes_key} to "
+                               f"{max(read_names(table.detection_source, 'names')) + 1} (the classes of {table.detection_source})")
         coords = values[1:]
         if len(coords) % 2:
             raise DatasetError(f"{where}: odd number of polygon coordinates ({len(coords)}); expected "

@@ -50,7 +50,7 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     model.to(device)
     num_classes = detection_classes(exp.model.heads)
     tasks = head_tasks(exp.model)
-    dataset = build_dataset(exp.data, split, num_classes, tasks=tasks.values())
+    dataset = build_dataset(exp.data, split, num_classes, tasks=tasks.values(), heads=exp.model.heads)
     distiller = router = None
     loader_set: Any = dataset
     wants_fidelity = exp.eval.fidelity and bool(exp.distillation.losses)

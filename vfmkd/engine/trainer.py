@@ -86,8 +86,8 @@ class Trainer:
         self.tasks = head_tasks(exp.model)
         self.augment = build_augment(data)
         self.train_set = build_dataset(data, data.train_split, self.num_classes, self.augment, train.seed,
-                                       tasks=self.tasks.values())
-        self.val_set = build_dataset(data, data.val_split, self.num_classes, tasks=self.tasks.values())
+                                       tasks=self.tasks.values(), heads=exp.model.heads)
+        self.val_set = build_dataset(data, data.val_split, self.num_classes, tasks=self.tasks.values(), heads=exp.model.heads)
         self.live = LiveTeachers(exp.teachers, self.device)
         self.router = build_router(exp, self.train_set, self.live, self.augment, rank=self.ctx.rank)
         self.model = build_model(exp.model, initialise=resumed is None)  # a resumed run has its own weights
