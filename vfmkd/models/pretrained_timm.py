@@ -60,9 +60,9 @@ def _family_filter(full: nn.Module) -> Optional[Callable]:
     return next((getattr(module, n) for n in FILTER_NAMES if callable(getattr(module, n, None))), None)
 
 
-def _trunk(backbone: nn.Module) -> Tuple[nn.Module, str, nn.Module, Dict[str, str]]:
+def _trunk(backbone: nn.Module) -> Optional[Tuple[nn.Module, str, nn.Module, Dict[str, str]]]:
     """(the timm module inside the backbone, its prefix in the student, the full timm model on the meta
-    device, full-model module name -> trunk module name)."""
+    device, full-model module name -> trunk module name); None for a backbone that is not timm's."""
     if isinstance(backbone, ViTBackbone):
         vit = backbone.vit
         with torch.device("meta"):
@@ -80,14 +80,19 @@ def _trunk(backbone: nn.Module) -> Tuple[nn.Module, str, nn.Module, Dict[str, st
             if children <= set(listing.values()):
                 return body, "backbone.body", full, {o: n for o, n in listing.items() if n in children}
         raise ConfigError(f"model.init: cannot relate {backbone.timm_name}'s features_only trunk to its timm model")
-    raise ConfigError(f"model.init: a timm checkpoint initialises a vit, repvit or regnet backbone; the student's is "
-                      f"{type(backbone).__name__} (a yolov8 student takes an ultralytics YOLOv8 .pt)")
+    return None
 
 
 def timm_source(obj: Mapping[str, Any], model: nn.Module, path: Path) -> SourceTensors:
     """The backbone tensors of a timm checkpoint (``obj``: the loaded file), named as in ``model``."""
     state = select_timm_state(obj)
-    trunk, prefix, full, names = _trunk(model.backbone)
+    found = _trunk(model.backbone)
+    if found is None:
+        raise CheckpointError(
+            f"model.init: {path} is a plain state dict of {key_prefixes(list(state), depth=2)}: not an ultralytics "
+            f"YOLOv8 checkpoint or a vfmkd run, and timm files fit vit/repvit/regnet backbones only (the student's is "
+            f"{type(model.backbone).__name__}); a checkpoint of another model family cannot initialise it")
+    trunk, prefix, full, names = found
     filter_fn = _family_filter(full)
     if filter_fn is not None:
         try:

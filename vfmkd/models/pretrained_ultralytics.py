@@ -60,6 +60,13 @@ def load_allowing_ultralytics(path: Path) -> Dict[str, Any]:
     except Exception:  # missing or damaged: load_checkpoint names the problem
         names = []
     allowed = [c for c in map(_allowed_class, names) if c is not None]
+    refused = [n for n in names if _allowed_class(n) is None]
+    if refused and any(n.startswith("ultralytics.") for n in names):  # other pickles: load_checkpoint's message
+        raise CheckpointError(
+            f"model.init: {path} was refused: it references {', '.join(refused[:4])}, beyond the allow-list of torch.nn "
+            f"and ultralytics.nn module classes (unpickling other objects can run code). If you trust it, re-save "
+            f"the model alone once: python -c \"import torch; from ultralytics import YOLO; "
+            f"torch.save({{'model': YOLO('{path}').model}}, '{path.with_suffix('')}.model.pt')\"")
     with torch.serialization.safe_globals(allowed):
         return load_checkpoint(path)
 
@@ -121,6 +128,11 @@ def yolov8_source(yolo: nn.Module, model: nn.Module, path: Path) -> SourceTensor
     file_nc = int(getattr(head, "nc", 0))
     for name in yolo_heads:
         nc = getattr(model.heads[name], "num_classes", None) if name in model.heads else None
+        protos = getattr(getattr(head, "proto", None), "cv1", None)
+        own = getattr(getattr(model.heads[name], "detect", None), "proto", None) if name in model.heads else None
+        if protos is not None and own is not None and own.cv1.conv.out_channels != protos.conv.out_channels:
+            notes.append(f"heads.{name}: the file has {protos.conv.out_channels} prototype channels: set "
+                         f"model.heads.{name}.num_protos={protos.conv.out_channels}")
         if nc is not None and nc != file_nc:
             notes.append(f"heads.{name}: {nc} classes, the file {file_nc}: its box branch loads, its class "
                          f"branch does not (shape-mismatched)")

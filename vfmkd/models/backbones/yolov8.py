@@ -6,6 +6,7 @@ from typing import Dict, NamedTuple, Tuple
 
 import torch
 from torch import nn
+from ultralytics.utils.torch_utils import initialize_weights
 from ultralytics.nn.modules import C2f, SPPF, Conv
 from ultralytics.utils.ops import make_divisible
 
@@ -69,6 +70,7 @@ class YOLOv8Backbone(BaseBackbone):
         sppf.cv1.act = Conv.default_act
         self.stage5 = nn.Sequential(Conv(c4, c5, 3, 2), C2f(c5, c5, yolo_repeats(3, s), True), sppf)
         self._specs = (FeatureSpec("P3", c3, 8), FeatureSpec("P4", c4, 16), FeatureSpec("P5", c5, 32))
+        initialize_weights(self)  # YOLOv8's BatchNorm (eps 1e-3, momentum 0.03): pretrained weights expect it
 
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs

@@ -5,6 +5,7 @@ from typing import Dict, Sequence
 
 import torch
 from torch import nn
+from ultralytics.utils.torch_utils import initialize_weights
 from ultralytics.nn.modules import Detect
 
 from vfmkd.core.feature_spec import FeatureSpec
@@ -40,6 +41,7 @@ class YOLOv8DetectHead(nn.Module):
         self.detect = V8Detect(nc=num_classes, reg_max=reg_max, ch=tuple(s.channels for s in in_specs))
         self.detect.stride = torch.tensor([float(s.stride) for s in in_specs])
         self.detect.bias_init()
+        initialize_weights(self)  # YOLOv8's BatchNorm settings, as ultralytics builds it
 
     def forward(self, feats: Dict[str, torch.Tensor]):
         return self.detect([feats[n] for n in self.level_names])

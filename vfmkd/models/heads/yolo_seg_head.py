@@ -6,6 +6,7 @@ from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
+from ultralytics.utils.torch_utils import initialize_weights
 from ultralytics.nn.modules import Segment
 from ultralytics.utils.tal import make_anchors
 
@@ -51,6 +52,7 @@ class YOLOv8SegmentHead(nn.Module):
                                 ch=tuple(s.channels for s in in_specs))
         self.detect.stride = torch.tensor([float(s.stride) for s in in_specs])
         self.detect.bias_init()
+        initialize_weights(self)  # YOLOv8's BatchNorm settings, as ultralytics builds it
 
     def forward(self, feats: Dict[str, torch.Tensor]):
         return self.detect([feats[n] for n in self.level_names])

@@ -6,6 +6,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import nn
+from ultralytics.utils.torch_utils import initialize_weights
 from ultralytics.nn.modules import C2f, Conv
 
 from vfmkd.core.feature_spec import FeatureSpec
@@ -37,6 +38,7 @@ class YOLOv8PAFPN(nn.Module):
         self.bu4 = C2f(c3 + c4, c4, depth)
         self.down4 = Conv(c4, c4, 3, 2)
         self.bu5 = C2f(c4 + c5, c5, depth)
+        initialize_weights(self)  # YOLOv8's BatchNorm settings, as ultralytics builds it
 
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs
