@@ -124,3 +124,72 @@ def test_head_class_counts_are_checked_against_the_dataset_before_the_run_direct
     assert run_tool(train_tool.main, [str(panoptic), *common, "model.heads.instance.num_classes=10"]) == 2
     assert "model.heads.instance.num_classes" in caplog.text and "detection.num_classes" not in caplog.text
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# 6. views too thin for the teacher's grid ------------------------------------------------------
+
+def thin_dataset(tmp_path: Path) -> Path:
+    """One ordinary coco128 image and a 4000 x 300 strip of it (a panorama / line-scan shape)."""
+    root = new_root(tmp_path)
+    src = Image.open(coco_image(0)).convert("RGB")
+    src.save(root / "images" / SPLIT / "a_plain.png")
+    src.resize((4000, 300)).save(root / "images" / SPLIT / "b_strip.png")
+    return root
+
+
+def test_thin_views_go_live_with_the_reason_counted(tmp_path):
+    from vfmkd.datasets import GeometricAugment, collate_samples
+    from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
+    from vfmkd.distillation.routing import MIN_TEACHER_CELLS, TeacherRouter, TeacherSource
+    from vfmkd.engine.builders import open_cache
+    from vfmkd.teachers import SamTeacher
+
+    root = thin_dataset(tmp_path)
+    out = tmp_path / "cache"
+    assert ptf.main(["--teacher", "sam", "--data-root", str(root), "--splits", SPLIT, "--output", str(out), "--no-progress",
+                     "--with-flip", "teacher.init=random", "teacher.input_size=256"]) == 0
+    cache = open_cache("sam", {"type": "sam", "feature_path": str(out), "input_size": 256, "init": "random"}, root.name, SPLIT, root)
+    flip = GeometricAugment(fliplr=1.0)
+    ds = DetectionDataset(str(root), SPLIT, img_size=256, augment=flip)
+
+    def router(orig_sizes):
+        source = TeacherSource(name="sam", offline=True, cache=cache, input_affine=SamTeacher.input_affine,
+                               load_live=lambda: None)
+        return TeacherRouter({"sam": source}, offline_ratio=1.0, seed=0, augment=flip, orig_sizes=orig_sizes)
+
+    plain_only = router(ds.orig_sizes[:1])  # 640 x 480 at 256: 12 teacher cells on the short side
+    assert plain_only.live_reason("sam") == ""  # nothing can go live: no model is loaded
+    r = router(ds.orig_sizes)  # the 4000 x 300 strip spans 1.2 cells of SAM's stride-16 map at 256
+    assert f"< {MIN_TEACHER_CELLS:g} teacher cells" in r.live_reason("sam")  # so the live model is loaded
+    items = CachedTargetsDataset(ds, {"sam": cache})
+    routes = {}
+    for i in range(len(items)):
+        item = collate_distill([items[i]])
+        routes[item.batch.image_ids[0]] = r.route(i, "sam", item.batch, item.cached["sam"])
+    assert routes["a_plain"].mode == "offline"  # the cached flipped pass serves an ordinary image
+    assert routes["b_strip"].mode == "online" and "teacher cells on its short side" in routes["b_strip"].reason
+    assert any(k.startswith("online: view spans < 2 teacher cells") for k in r.summary()["sam"])
+    unflipped = DetectionDataset(str(root), SPLIT, img_size=256)  # a plain letterbox is the cached pass itself
+    item = collate_distill([CachedTargetsDataset(unflipped, {"sam": cache})[1]])
+    assert r.route(9, "sam", item.batch, item.cached["sam"]).mode == "offline"
+
+
+def test_images_without_a_valid_student_cell_are_counted_per_epoch(tmp_path):
+    import json
+
+    import train as train_tool
+
+    root = thin_dataset(tmp_path)
+    work = tmp_path / "runs"
+    # At 64 px the strip's content is 64 x 5 pixels: no stride-16 (P4) cell centre falls inside it.
+    argv = [str(REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"), "--no-progress", f"work_dir={work}",
+            f"data.root={root}", f"data.val_split={SPLIT}", "data.img_size=64", "data.batch_size=2", "data.num_workers=0",
+            "train.epochs=1", "eval.fidelity=false", "teachers.sam.offline=false", "teachers.sam.init=random",
+            "teachers.sam.input_size=64"]
+    assert run_tool(train_tool.main, argv) == 0
+    run = next(work.rglob("metrics.json")).parent
+    epoch = json.loads((run / "metrics.json").read_text())["epochs"][0]
+    assert epoch["images_without_cells"] == {"feature_mse": 1}
+    log = (run / "train.log").read_text()
+    assert "1 training image(s) had no valid cell on the student grid for distillation.losses.feature_mse" in log
+    assert "b_strip" in log

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -106,6 +106,9 @@ class Distiller(nn.Module):
                         f"give one of them its own name with log_as: <name>")
                 taken[log_name] = t.name
         self._stats: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+        # feature term -> ids of training images whose view had no valid cell on the student grid
+        # (no distillation signal from that term); read and cleared per epoch by take_cellless().
+        self.cellless: Dict[str, Set[str]] = {}
         self.active: Set[str] = set(self.terms)
         self.weights: Dict[str, float] = {t.name: t.weight for t in terms}
 
@@ -230,6 +233,8 @@ class Distiller(nn.Module):
                 if target is None:  # not distilled this step (distill_interval)
                     continue
                 student, teacher_map, mask = self.aligned(term.module, out, batch, target)
+                if self.training:
+                    self._count_cellless(name, mask, batch.image_ids)
                 value, cosine = term.module(student, teacher_map, mask)
                 logs[cosine_log_name(term.log_name)] = float(cosine)
             if not problem and not torch.isfinite(value):
@@ -250,6 +255,18 @@ class Distiller(nn.Module):
             raise NonFiniteLossError(problem)
         logs["loss"] = float(total.detach())
         return LossResult(total, logs, problem)
+
+    def _count_cellless(self, name: str, mask: torch.Tensor, image_ids: Sequence[str]) -> None:
+        empty = torch.nonzero(mask.flatten(1).sum(1) == 0).flatten().tolist()
+        if empty:
+            self.cellless.setdefault(name, set()).update(image_ids[j] for j in empty)
+
+    def take_cellless(self) -> Dict[str, List[str]]:
+        """Per feature term (every one, active or not): the sorted ids of training images seen since
+        the last call whose view had no valid student cell; clears the record."""
+        out = {name: sorted(self.cellless.get(name, ())) for name in self.feature_terms(active_only=False)}
+        self.cellless = {}
+        return out
 
     def group_logs(self, values: Mapping[str, torch.Tensor]) -> Dict[str, float]:
         """``loss_task`` / ``loss_kd`` / ``loss_feat``: sum of weight x term of each group present

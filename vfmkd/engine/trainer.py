@@ -344,7 +344,8 @@ class Trainer:
                                    "checkpoint is kept", epoch, exc)
                 raise
             record: Dict[str, Any] = {"epoch": epoch, "stage": stage.name, "train": epoch_logs,
-                                      "teacher_batches": self.router.summary()}
+                                      "teacher_batches": self.router.summary(),
+                                      "images_without_cells": self._cellless_counts(epoch)}
             log_fusion_weights(self.model, record, self.writer)  # a learnable-fusion neck's weights
             if self.ctx.is_main and (epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch):
                 val = self.evaluate(epoch)
@@ -378,6 +379,20 @@ class Trainer:
             if old != named:
                 old.unlink(missing_ok=True)
         publish_copy(best, named)
+
+    def _cellless_counts(self, epoch: int) -> Dict[str, int]:
+        """Per feature loss: training images of this epoch (all ranks) whose view had no valid cell on
+        the student's grid, so that loss taught them nothing; a warning in train.log names them."""
+        cellless = self.distiller.take_cellless()
+        means = self.ctx.sum_logs({k: float(len(v)) for k, v in cellless.items()}, {k: 1 for k in cellless})
+        counts = {k: int(round(v * self.ctx.world_size)) for k, v in means.items()}
+        for name, n in counts.items():
+            if n:
+                self.log.warning("epoch %d: %d training image(s) had no valid cell on the student grid for "
+                                 "distillation.losses.%s, so no distillation signal (e.g. %s): an image whose content "
+                                 "is thinner than one student cell after the letterbox; a larger data.img_size or a "
+                                 "finer student level gives it cells", epoch, n, name, ", ".join(cellless[name][:5]))
+        return counts
 
     def _log_epoch(self, record: Dict[str, Any]) -> None:
         summary = "  ".join(f"{k}={v:.4f}" for k, v in record["train"].items() if not k.startswith("loss_det_"))
