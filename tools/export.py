@@ -13,9 +13,14 @@ checkpoint); --config and key=value overrides change it. The output defaults to 
 name with the format's suffix (best.onnx, best.torchscript, best.ultralytics.pt) and is written
 atomically. An ONNX export is checked with ONNX Runtime against PyTorch on a probe input.
 
-A promptable student (a sam_decoder head) exports to ONNX as SAM does, in two files beside the
-output: best.encoder.onnx (images -> image_embeddings) and best.decoder.onnx (image_embeddings +
-box/point prompts -> low-res mask logits, IoU predictions); see vfmkd/engine/export_promptable.py.
+Outputs: each head's eval output in config order; an instance (yolo_seg_head) head adds its mask
+prototypes right after its predictions (ONNX names output0/output1 for a one-head student, else
+output_<head> / proto_<head>; TorchScript returns them as a tuple in that order).
+
+A promptable student (a sam_decoder head) exports as SAM does, in two files beside the output:
+best.encoder.onnx (images -> image_embeddings) and best.decoder.onnx (image_embeddings + box/point
+prompts -> low-res mask logits, IoU predictions), or the same two as .torchscript; see
+vfmkd/engine/export_promptable.py. The output never replaces a training checkpoint (exit 2).
 """
 from __future__ import annotations
 
@@ -29,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vfmkd.core.config import experiment_from_dict, experiment_record, read_yaml, resolve_path  # noqa: E402
 from vfmkd.core.errors import ConfigError  # noqa: E402
 from vfmkd.engine.export import ExportMismatchError, FORMATS, default_output, export_student, load_student  # noqa: E402
-from vfmkd.engine.export_promptable import export_promptable_onnx, promptable_head  # noqa: E402
+from vfmkd.engine.export import export_outputs  # noqa: E402
+from vfmkd.engine.export_output import refuse_checkpoint_output  # noqa: E402
+from vfmkd.engine.export_promptable import export_promptable as export_promptable_graphs  # noqa: E402
+from vfmkd.engine.export_promptable import output_paths, promptable_head  # noqa: E402
 from vfmkd.engine.setup import class_names, detection_classes  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
@@ -46,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)} (default: onnx)")
     parser.add_argument("--output", help="output file, or a folder to write the default name into (default: the "
                                          "checkpoint's path with the format's suffix)")
-    parser.add_argument("--imgsz", type=int, default=None, help="input size, a multiple of 32 (default: data.img_size)")
+    parser.add_argument("--imgsz", type=int, default=None,
+                        help="input size, a positive multiple of 32 (under DSRL: one whose downscaled size is too) "
+                             "(default: data.img_size)")
     parser.add_argument("--dynamic", action="store_true",
                         help="free batch size and input height/width (onnx, torchscript)")
     parser.add_argument("args", nargs="*", metavar="CHECKPOINT [CONFIG] key=value",
@@ -92,16 +102,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint = resolve_path(args.checkpoint)
     cfg, config_name = resolve_config(checkpoint, args.config, args.overrides)
     model = load_student(checkpoint, cfg, config_name)
-    imgsz = args.imgsz or int(experiment_record(cfg).data.img_size)
+    imgsz = int(experiment_record(cfg).data.img_size) if args.imgsz is None else args.imgsz
     output = resolve_path(args.output) if args.output else default_output(checkpoint, args.format)
     if args.output and (output.is_dir() or args.output.endswith(("/", "\\"))):  # a folder: the default name in it
         output = output / default_output(checkpoint, args.format).name
+    promptable = args.format != "ultralytics" and promptable_head(model) is not None
+    for path in output_paths(output, args.format) if promptable else (output,):
+        refuse_checkpoint_output(path, checkpoint, args.format)
     names = None
     if args.format == "ultralytics":
         exp = experiment_record(cfg)
         names = class_names(exp.data.root, detection_classes(exp.model.heads))
-    if args.format == "onnx" and promptable_head(model) is not None:
-        return export_promptable(model, checkpoint, output, imgsz, args.dynamic)
+    if promptable:
+        return export_promptable(model, checkpoint, output, imgsz, args.format, args.dynamic)
     try:
         diff = export_student(model, cfg, args.format, output, imgsz, dynamic=args.dynamic, names=names)
     except ExportMismatchError as exc:
@@ -111,29 +124,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("exported %s (%s config) -> %s [%s, %d parameters, input (%s, 3, %d, %d)%s, %.1f MiB]",
              checkpoint, config_name, output, args.format, params, "B" if args.dynamic else 1, imgsz, imgsz,
              ", dynamic" if args.dynamic else "", output.stat().st_size / 2**20)
+    if args.format != "ultralytics":
+        log.info("outputs, in order: %s", ", ".join(f"{o.name} ({o.head} {o.kind})" for o in export_outputs(model)))
     if diff:
-        log.info("ONNX Runtime vs PyTorch on a probe input: max |diff| %s",
-                 ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
+        log.info("%s vs PyTorch on the probe inputs%s: max |diff| %s",
+                 "ONNX Runtime" if args.format == "onnx" else "the traced TorchScript module",
+                 " (two sizes)" if args.dynamic else "", ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
     if args.format == "ultralytics":
         log.info("load it with: from ultralytics import YOLO; YOLO('%s').predict(image, imgsz=%d)", output, imgsz)
     return 0
 
 
-def export_promptable(model, checkpoint: Path, output: Path, imgsz: int, dynamic: bool) -> int:
-    """The two ONNX files of a promptable student (encoder, decoder), each checked against PyTorch."""
+def export_promptable(model, checkpoint: Path, output: Path, imgsz: int, fmt: str, dynamic: bool) -> int:
+    """The two files of a promptable student (encoder, decoder), each checked against PyTorch."""
     log = get_logger()
-    if imgsz % 32:
-        raise ConfigError(f"--imgsz {imgsz} must be a positive multiple of 32 (the student's largest stride)")
     try:
-        diffs = export_promptable_onnx(model, output, imgsz, dynamic=dynamic)
+        diffs = export_promptable_graphs(model, output, imgsz, fmt, dynamic=dynamic)
     except ExportMismatchError as exc:
         log.error("%s", exc)
         return 1
     paths = diffs.pop("paths")
-    log.info("exported %s (promptable) -> encoder %s (images (%s, 3, %d, %d) -> image_embeddings), decoder %s "
+    log.info("exported %s (promptable, %s) -> encoder %s (images (%s, 3, %d, %d) -> image_embeddings), decoder %s "
              "(image_embeddings, point_coords, point_labels -> low_res_masks, iou_predictions)",
-             checkpoint, paths["encoder"], "B" if dynamic else 1, imgsz, imgsz, paths["decoder"])
-    log.info("ONNX Runtime vs PyTorch: %s", ", ".join(f"{g} {k} {v:.2e}" for g, d in diffs.items() for k, v in d.items()))
+             checkpoint, fmt, paths["encoder"], "B" if dynamic else 1, imgsz, imgsz, paths["decoder"])
+    log.info("%s vs PyTorch: %s", "ONNX Runtime" if fmt == "onnx" else "the saved TorchScript modules",
+             ", ".join(f"{g} {k} {v:.2e}" for g, d in diffs.items() for k, v in d.items()))
     return 0
 
 

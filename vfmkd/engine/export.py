@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
-from contextlib import contextmanager
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +25,13 @@ from torch import nn
 from vfmkd.core.config import experiment_record
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.engine.builders import build_model
+from vfmkd.engine.export_check import ExportMismatchError, compare_outputs, matched_query_difference, onnx_session  # noqa: F401
+from vfmkd.engine.export_output import SUFFIXES, atomic_path, default_output  # noqa: F401
+from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.utils.checkpoint import load_checkpoint
 
 FORMATS = ("onnx", "torchscript", "ultralytics")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript", "ultralytics": ".pt"}
 # ultralytics' own choice for torch >= 2.4 (``best_onnx_opset``): opset 18 with the TorchScript-based
 # exporter (dynamo=False), the path on which its Detect head exports cleanly.
 ONNX_OPSET = 18
@@ -73,160 +75,183 @@ def load_student(checkpoint: Path, cfg: Dict[str, Any], config_name: str) -> Uni
     return model.eval()
 
 
+@dataclass(frozen=True)
+class ExportOutput:
+    """One output of the exported graph: its ``name``, the ``head`` it comes from and its ``kind``:
+    ``predictions`` (the head's eval tensor), ``set`` (a set-prediction head's queries) or ``proto``
+    (an instance head's mask prototypes, (B, nm, S/4, S/4), right after its predictions)."""
+
+    name: str
+    head: str
+    kind: str
+
+
+def export_outputs(model: UnifiedModel) -> List[ExportOutput]:
+    """The graph's outputs in order: per head (config order) its eval prediction, then an instance
+    head's prototypes. A one-head student keeps ultralytics' names (``output0``, and ``output1`` for a
+    segmentation head's prototypes, as ultralytics' own seg exports); with several heads each output is
+    ``output_<head>`` and prototypes ``proto_<head>``."""
+    parts = []
+    for name, head in model.heads.items():
+        parts.append((name, "set" if getattr(head, "set_prediction", False) else "predictions"))
+        if getattr(head, "task", None) == "instance":
+            parts.append((name, "proto"))
+    if len(model.heads) == 1:
+        return [ExportOutput(f"output{i}", h, k) for i, (h, k) in enumerate(parts)]
+    return [ExportOutput(f"{'proto' if k == 'proto' else 'output'}_{h}", h, k) for h, k in parts]
+
+
 class ExportedStudent(nn.Module):
-    """The student as a deployable graph: ``forward((B, 3, H, W) float in [0, 1])`` returns the eval
-    output of each head (one tensor for a single head, a tuple in ``head_names`` order otherwise).
-    Backbone features and neck maps are not outputs; nothing of the distiller is inside."""
+    """The student as a deployable graph: ``forward((B, 3, H, W) float in [0, 1])`` returns the outputs
+    of :func:`export_outputs` in that order (one tensor when there is one, else a tuple): each head's
+    eval output, plus an instance head's prototypes. Backbone features and neck maps are not
+    outputs; nothing of the distiller is inside."""
 
     def __init__(self, model: UnifiedModel, dynamic: bool = False, fmt: str = "onnx") -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()  # the export flags below stay off the caller's model
         self.head_names = list(model.heads)
+        self.outputs = export_outputs(model)
+        self.proto_heads = {o.head for o in self.outputs if o.kind == "proto"}
         for m in self.model.modules():
             # ultralytics' Exporter does the same to its Detect heads: return the decoded tensor alone
-            # and, for dynamic shapes, rebuild the anchor grid in the graph instead of baking it in.
+            # (a Segment: (decoded, prototypes)) and, for dynamic shapes, rebuild the anchor grid in the
+            # graph instead of baking it in.
             if hasattr(m, "export") and hasattr(m, "format") and hasattr(m, "dynamic"):
                 m.export, m.format, m.dynamic = True, fmt, dynamic
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @property
+    def output_names(self) -> List[str]:
+        return [o.name for o in self.outputs]
 
     def forward(self, x: torch.Tensor):
         fused = self.model.neck(self.model.backbone(self.model.prepare_input(x)))  # DSRL: downscaled input
         outs = []
         for name in self.head_names:
             y = self.model.heads[name](fused)
-            if isinstance(y, (tuple, list)):
-                y = y[0]  # the eval convention of vfmkd heads: (predictions, raw training dict)
-            if not isinstance(y, torch.Tensor):
-                raise ConfigError(f"head '{name}' returns a {type(y).__name__} in eval mode; export needs a tensor")
-            outs.append(y)
+            if name in self.proto_heads:
+                ys = list(y[:2])  # ultralytics' Segment in export mode: (decoded, prototypes)
+            else:
+                ys = [y[0] if isinstance(y, (tuple, list)) else y]  # vfmkd heads' eval: (predictions, raw dict)
+            for t in ys:
+                if not isinstance(t, torch.Tensor):
+                    raise ConfigError(f"head '{name}' returns a {type(t).__name__} in eval mode; export needs tensors")
+            outs.extend(ys)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path beside ``path``; renamed onto it (after an fsync) when the block succeeds, removed
-    otherwise, so a failed or killed export never leaves a partial file under the final name."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"--output {path} is a directory; give a file name (e.g. {path / 'model.onnx'})")
-    if not path.parent.is_dir():
+def example_input(imgsz: int, batch: int = 1, seed: int = 0, width: Optional[int] = None) -> torch.Tensor:
+    return torch.rand(batch, 3, imgsz, width or imgsz, generator=torch.Generator().manual_seed(seed))
+
+
+def second_size(model: UnifiedModel, imgsz: int) -> int:
+    """The next input size above ``imgsz`` the student takes (:func:`check_model_input`): a dynamic
+    export is checked there too, so a size frozen into the graph is caught."""
+    for n in range(imgsz + 1, 4 * imgsz + 1):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the output folder {path.parent}: {exc}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"cannot write to {path.parent} (permission denied); pass another --output")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            check_model_input(model, n, "", "")
+        except ConfigError:
+            continue
+        return n
+    raise ConfigError(f"no input size between {imgsz} and {4 * imgsz} fits the student")
 
 
-def example_input(imgsz: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+def probe_inputs(model: UnifiedModel, imgsz: int, dynamic: bool) -> List[torch.Tensor]:
+    """The inputs an export is checked on: one image at ``imgsz`` (two with ``dynamic``), and with
+    ``dynamic`` one more at (:func:`second_size`, ``imgsz``)."""
+    probes = [example_input(imgsz, batch=2 if dynamic else 1, seed=1)]
+    if dynamic:
+        probes.append(example_input(second_size(model, imgsz), seed=2, width=imgsz))
+    return probes
 
 
-class ExportMismatchError(RuntimeError):
-    """The exported graph does not reproduce the PyTorch student within the tolerance."""
+def dynamic_axes(outputs: Sequence[ExportOutput], example: Sequence[torch.Tensor]) -> Dict[str, Dict[int, str]]:
+    """Free batch, height and width of the input; free batch and anchors (or grid height and width)
+    of each output."""
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
+    for o, t in zip(outputs, example):
+        axes[o.name] = {0: "batch", 2: f"{o.name}_anchors"} if t.dim() == 3 else \
+            {0: "batch", 2: f"{o.name}_height", 3: f"{o.name}_width"}
+    return axes
+
+
+def _as_list(out: Any) -> List[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def worst_over_probes(compare: Callable[[torch.Tensor], Dict[str, float]], probes: Sequence[torch.Tensor]) -> Dict[str, float]:
+    """The largest of each difference ``compare(images)`` reports over ``probes``."""
+    diff: Dict[str, float] = {}
+    for images in probes:
+        for k, v in compare(images).items():
+            diff[k] = max(diff.get(k, 0.0), v)
+    return diff
+
+
+def compare_student(model: UnifiedModel, got: Sequence[np.ndarray], images: torch.Tensor) -> Dict[str, float]:
+    """:func:`compare_outputs` of an exported graph's outputs on ``images`` against the PyTorch student."""
+    reference = ExportedStudent(model, dynamic=True)
+    with torch.no_grad():
+        want = _as_list(reference(images))
+    return compare_outputs(got, want, [o.kind for o in reference.outputs], images)
+
+
+def compare_onnx(model: UnifiedModel, path: Path, images: torch.Tensor) -> Dict[str, float]:
+    """|ONNX Runtime - PyTorch| of the student on ``images`` (:func:`compare_outputs`)."""
+    return compare_student(model, onnx_session(path).run(None, {INPUT_NAME: images.numpy()}), images)
+
+
+def _mismatch(model: UnifiedModel, diff: Dict[str, float], tolerance: float, path: Path, what: str) -> ExportMismatchError:
+    hint = ""
+    if any(getattr(h, "set_prediction", False) for h in model.heads.values()):
+        hint = (" RT-DETR picks its queries by the top-k encoder scores: when many scores are equal (an "
+                "untrained or barely trained head) ONNX Runtime and PyTorch pick different queries; export a "
+                "trained checkpoint.")
+    return ExportMismatchError(f"{what} differs from PyTorch by {diff['max_scaled']:.2e} (> {tolerance:.0e}; "
+                               f"boxes in units of the input size): {diff}; nothing written to {path}.{hint}")
 
 
 def export_onnx(model: UnifiedModel, path: Path, imgsz: int, dynamic: bool = False, opset: int = ONNX_OPSET,
                 tolerance: Optional[float] = ONNX_TOLERANCE) -> Dict[str, float]:
-    """ONNX graph of the student, input ``images`` (B, 3, imgsz, imgsz); with ``dynamic`` the batch,
-    height and width (multiples of 32) are free. Before the rename it passes ``onnx.checker`` and,
-    unless ``tolerance`` is None, ONNX Runtime reproduces PyTorch on a probe input within it
-    (:func:`compare_onnx`'s ``max_scaled``; else ExportMismatchError and no file). Returns the diffs."""
+    """ONNX graph of the student, input ``images`` (B, 3, imgsz, imgsz), outputs named as
+    :func:`export_outputs`; with ``dynamic`` the batch, height and width are free. Before the rename it
+    passes ``onnx.checker`` and, unless ``tolerance`` is None, ONNX Runtime reproduces PyTorch on the
+    probes of :func:`probe_inputs` (a second size when dynamic) within it (:func:`compare_outputs`'s
+    ``max_scaled``; else ExportMismatchError and no file). Returns the diffs."""
     import onnx  # optional at import time of vfmkd: only the export needs it
 
     wrapped = ExportedStudent(model, dynamic=dynamic, fmt="onnx")
-    outputs = ["output0"] if len(wrapped.head_names) == 1 else [f"output_{n}" for n in wrapped.head_names]
-    axes = None
-    if dynamic:
-        axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, **{o: {0: "batch", 2: "anchors"} for o in outputs}}
+    with torch.no_grad():
+        example = _as_list(wrapped(example_input(imgsz)))
+    axes = dynamic_axes(wrapped.outputs, example) if dynamic else None
     with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(wrapped, (example_input(imgsz),), str(tmp), opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=outputs, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
+                          output_names=wrapped.output_names, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
         onnx.checker.check_model(onnx.load(str(tmp)))
-        diff = compare_onnx(model, tmp, example_input(imgsz, batch=2 if dynamic else 1, seed=1))
+        diff = worst_over_probes(lambda images: compare_onnx(model, tmp, images), probe_inputs(model, imgsz, dynamic))
         if tolerance is not None and diff["max_scaled"] > tolerance:
-            hint = ""
-            if any(getattr(h, "set_prediction", False) for h in model.heads.values()):
-                hint = (" RT-DETR picks its queries by the top-k encoder scores: when many scores are equal (an "
-                        "untrained or barely trained head) ONNX Runtime and PyTorch pick different queries; export a "
-                        "trained checkpoint.")
-            raise ExportMismatchError(f"ONNX Runtime differs from PyTorch by {diff['max_scaled']:.2e} (> {tolerance:.0e}; "
-                                      f"boxes in units of the input size): {diff}; nothing written to {path}.{hint}")
+            raise _mismatch(model, diff, tolerance, path, "ONNX Runtime")
     return diff
 
 
-def export_torchscript(model: UnifiedModel, path: Path, imgsz: int, dynamic: bool = False) -> Path:
-    """A traced TorchScript module (``torch.jit.load(path)(images)``); with ``dynamic`` the anchor grid
-    is computed in the graph, so other input sizes and batch sizes work."""
+def export_torchscript(model: UnifiedModel, path: Path, imgsz: int, dynamic: bool = False,
+                       tolerance: Optional[float] = ONNX_TOLERANCE) -> Dict[str, float]:
+    """A traced TorchScript module: ``torch.jit.load(path)(images)`` returns the outputs of
+    :func:`export_outputs` in that order (a tensor when there is one; the names are in the file as
+    ``output_names.json``); with ``dynamic`` the anchor grid is computed in the graph, so other input
+    sizes and batch sizes work. Checked against PyTorch on :func:`probe_inputs` before the rename."""
     wrapped = ExportedStudent(model, dynamic=dynamic, fmt="torchscript")
     with atomic_path(path) as tmp, torch.no_grad():
         traced = torch.jit.trace(wrapped, (example_input(imgsz),), strict=False, check_trace=False)
+        diff = worst_over_probes(lambda images: compare_student(model, [t.numpy() for t in _as_list(traced(images))],
+                                                                images), probe_inputs(model, imgsz, dynamic))
+        if tolerance is not None and diff["max_scaled"] > tolerance:
+            raise _mismatch(model, diff, tolerance, path, "The traced TorchScript module")
         with open(tmp, "wb") as f:
-            torch.jit.save(traced, f)
-    return path
-
-
-def onnx_session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def compare_onnx(model: UnifiedModel, path: Path, images: torch.Tensor) -> Dict[str, float]:
-    """|ONNX Runtime - PyTorch| of the student on ``images``: ``max_abs`` over every output value;
-    for a YOLO detection output also ``boxes_px`` (xywh, input pixels), ``scores`` (probabilities) and
-    ``max_scaled``, the largest of ``scores`` and ``boxes_px`` / input size. Box coordinates reach
-    ~500 px at 640, where one float32 step is 6e-5 px, so boxes are compared in image units. A
-    set-prediction head (``set_prediction``: RT-DETR's queries) is compared as a set
-    (:func:`matched_query_difference`)."""
-    session = onnx_session(path)
-    got = session.run(None, {INPUT_NAME: images.numpy()})
-    with torch.no_grad():
-        want = ExportedStudent(model, dynamic=True)(images)
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
-    out = {"max_abs": 0.0, "max_scaled": 0.0}
-    size = float(max(images.shape[-2:]))
-    query_sets = [bool(getattr(h, "set_prediction", False)) for h in model.heads.values()]
-    for g, w, is_set in zip(got, want, query_sets):
-        d = matched_query_difference(g, w.numpy(), size) if is_set else np.abs(g - w.numpy())
-        out["max_abs"] = max(out["max_abs"], float(d.max()))
-        if d.ndim == 3 and d.shape[1] > 4:  # (B, 4 + nc, anchors): decoded boxes, then class probabilities
-            out["boxes_px"] = max(out.get("boxes_px", 0.0), float(d[:, :4].max()))
-            out["scores"] = max(out.get("scores", 0.0), float(d[:, 4:].max()))
-            out["max_scaled"] = max(out["max_scaled"], out["boxes_px"] / size, out["scores"])
-        else:
-            out["max_scaled"] = max(out["max_scaled"], float(d.max()))
-    return out
-
-
-def matched_query_difference(got: np.ndarray, want: np.ndarray, size: float) -> np.ndarray:
-    """|got - want| of a set-prediction head's (B, 4 + nc, Q) output (RT-DETR: boxes in input pixels,
-    then class probabilities) with the queries matched one to one per image (Hungarian, on each pair's
-    largest difference, boxes in units of ``size``): the queries are an unordered set, and ONNX
-    Runtime's TopK may order queries of equal encoder score differently from torch.topk."""
-    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (an ultralytics dependency)
-
-    scale = np.ones(got.shape[1], dtype=np.float64)
-    scale[:4] = size
-    out = np.empty_like(got)
-    for b in range(got.shape[0]):
-        g, w = got[b].T.astype(np.float64), want[b].T.astype(np.float64)  # (Q, 4 + nc)
-        cost = (np.abs(g[:, None, :] - w[None, :, :]) / scale).max(-1)
-        rows, cols = linear_sum_assignment(cost)
-        out[b][:, rows] = np.abs(g[rows] - w[cols]).T
-    return out
+            torch.jit.save(traced, f, _extra_files={"output_names.json": json.dumps(wrapped.output_names)})
+    return diff
 
 
 # --------------------------------------------------------------------------- ultralytics checkpoint
@@ -351,24 +376,15 @@ def export_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[
     return path
 
 
-def default_output(checkpoint: Path, fmt: str) -> Path:
-    """``<run>/checkpoints/best.pt`` -> ``<run>/checkpoints/best.onnx`` (``best.torchscript``,
-    ``best.ultralytics.pt``)."""
-    stem = checkpoint.with_suffix("")
-    return stem.with_name(stem.name + (".ultralytics.pt" if fmt == "ultralytics" else SUFFIXES[fmt]))
-
-
 def export_student(model: UnifiedModel, cfg: Dict[str, Any], fmt: str, output: Path, imgsz: int,
                    dynamic: bool = False, names: Optional[Mapping[int, str]] = None) -> Dict[str, float]:
-    """Write ``output``; returns the ONNX Runtime vs PyTorch diffs for onnx, else {}."""
+    """Write ``output``; returns the exported graph's differences from PyTorch (onnx, torchscript), else {}."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}'; choose from {', '.join(FORMATS)}")
-    if imgsz <= 0 or imgsz % 32:
-        raise ConfigError(f"--imgsz {imgsz} must be a positive multiple of 32 (the student's largest stride)")
+    check_model_input(model, imgsz, "export", "--imgsz")
     if fmt == "onnx":
         return export_onnx(model, output, imgsz, dynamic)
     if fmt == "torchscript":
-        export_torchscript(model, output, imgsz, dynamic)
-    else:
-        export_ultralytics(model, cfg, names or {}, output, imgsz)
+        return export_torchscript(model, output, imgsz, dynamic)
+    export_ultralytics(model, cfg, names or {}, output, imgsz)
     return {}

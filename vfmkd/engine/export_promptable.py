@@ -1,9 +1,10 @@
-"""ONNX export of a promptable student (a ``sam_decoder`` head): two graphs, as SAM itself ships.
+"""ONNX or TorchScript export of a promptable student (a ``sam_decoder`` head): two graphs, as SAM
+itself ships (``<suffix>`` is ``.onnx`` or ``.torchscript``).
 
-* **encoder** ``<stem>.encoder.onnx``: ``images`` (B, 3, S, S) float in [0, 1] (the letterboxed
+* **encoder** ``<stem>.encoder<suffix>``: ``images`` (B, 3, S, S) float in [0, 1] (the letterboxed
   canvas, as the dataset builds it) -> ``image_embeddings`` (B, 256, S/16, S/16): backbone, neck
   and the head's adapter.
-* **decoder** ``<stem>.decoder.onnx``: ``image_embeddings`` (1, 256, h, w) of one image,
+* **decoder** ``<stem>.decoder<suffix>``: ``image_embeddings`` (1, 256, h, w) of one image,
   ``point_coords`` (N, P, 2) float canvas pixels x, y and ``point_labels`` (N, P) float -> ``low_res_masks``
   (N, 1, 4h, 4w) logits on the canvas at stride 4 and ``iou_predictions`` (N, 1). N (prompt sets)
   and P (points per set) are free. Labels follow SAM's own ONNX model: 1 foreground point,
@@ -13,21 +14,26 @@
   build these. The graph reproduces ``SamDecoderHead.decode(..., multimask_output=False)``; mask
   input (refinement) is not part of it.
 
-Each file is checked before it is renamed into place: ``onnx.checker`` and ONNX Runtime against
-PyTorch on a probe (a random image; box, point and mixed prompts), else
-:class:`~vfmkd.engine.export.ExportMismatchError` and no file.
+Each file is checked before it is renamed into place: ``onnx.checker`` and ONNX Runtime (or the
+saved TorchScript module, loaded back) against PyTorch on a probe (a random image; box and point
+prompts of other counts than the traced ones), else :class:`~vfmkd.engine.export.ExportMismatchError`
+and no file. A TorchScript graph takes tensors in the inputs' order above and returns a tuple in the
+outputs' order (the names are in the file as ``input_names.json`` / ``output_names.json``).
 """
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from vfmkd.engine.export import ONNX_OPSET, ExportMismatchError, atomic_path, example_input, onnx_session
+from vfmkd.engine.export_output import SUFFIXES
+from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
 
 #: ONNX Runtime vs PyTorch: embeddings, mask logits (scaled by their largest magnitude, at least 1)
@@ -43,10 +49,40 @@ def promptable_head(model: UnifiedModel) -> Optional[str]:
     return next((n for n, h in model.heads.items() if getattr(h, "task", None) == "promptable"), None)
 
 
-def output_paths(output: Path) -> Tuple[Path, Path]:
-    """``best.onnx`` -> (``best.encoder.onnx``, ``best.decoder.onnx``)."""
-    stem = output.with_suffix("") if output.suffix == ".onnx" else output
-    return stem.with_name(stem.name + ".encoder.onnx"), stem.with_name(stem.name + ".decoder.onnx")
+def output_paths(output: Path, fmt: str = "onnx") -> Tuple[Path, Path]:
+    """``best.onnx`` -> (``best.encoder.onnx``, ``best.decoder.onnx``); ``best.torchscript`` ->
+    (``best.encoder.torchscript``, ``best.decoder.torchscript``)."""
+    suffix = SUFFIXES[fmt]
+    stem = output.with_suffix("") if output.suffix == suffix else output
+    return stem.with_name(stem.name + ".encoder" + suffix), stem.with_name(stem.name + ".decoder" + suffix)
+
+
+Runner = Callable[..., List[np.ndarray]]
+
+
+def write_graph(fmt: str, module: nn.Module, args: Tuple[torch.Tensor, ...], path: Path, input_names: Sequence[str],
+                output_names: Sequence[str], axes: Optional[Dict], opset: int) -> Runner:
+    """``module`` traced on ``args`` into ``path`` as ONNX (``axes``: its dynamic axes) or TorchScript
+    (traced sizes stay free); returns a runner of the written file (numpy inputs in ``input_names``
+    order -> numpy outputs), for the check against PyTorch."""
+    if fmt == "onnx":
+        import onnx
+
+        torch.onnx.export(module, args, str(path), opset_version=opset, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=axes, dynamo=False, do_constant_folding=True)
+        onnx.checker.check_model(onnx.load(str(path)))
+        session = onnx_session(path)
+        return lambda *xs: session.run(None, dict(zip(input_names, xs)))
+    traced = torch.jit.trace(module, args, strict=False, check_trace=False)
+    with open(path, "wb") as f:
+        torch.jit.save(traced, f, _extra_files={"input_names.json": json.dumps(list(input_names)),
+                                                "output_names.json": json.dumps(list(output_names))})
+    loaded = torch.jit.load(str(path))
+
+    def run(*xs: np.ndarray) -> List[np.ndarray]:
+        out = loaded(*[torch.from_numpy(x) for x in xs])
+        return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+    return run
 
 
 class PromptEncoderGraph(nn.Module):
@@ -60,7 +96,7 @@ class PromptEncoderGraph(nn.Module):
         self.eval()  # the wrapper too: torch.onnx.export restores the top module's mode, recursively
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.heads[self.head](self.model.neck(self.model.backbone(images)))
+        return self.model.heads[self.head](self.model.neck(self.model.backbone(self.model.prepare_input(images))))
 
 
 class PromptDecoderGraph(nn.Module):
@@ -128,31 +164,26 @@ def probe_prompts(imgsz: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, Dic
     return out
 
 
-def export_promptable_onnx(model: UnifiedModel, output: Path, imgsz: int, dynamic: bool = False,
-                           opset: int = ONNX_OPSET, tolerance: Optional[float] = PROMPT_TOLERANCE
-                           ) -> Dict[str, Dict[str, float]]:
-    """Write the encoder and decoder graphs beside ``output`` (:func:`output_paths`); each checked
-    against PyTorch. Returns ``{"encoder": {...}, "decoder": {...}, "paths": {...}}`` diffs."""
-    import onnx
-
+def export_promptable(model: UnifiedModel, output: Path, imgsz: int, fmt: str = "onnx", dynamic: bool = False,
+                      opset: int = ONNX_OPSET, tolerance: Optional[float] = PROMPT_TOLERANCE
+                      ) -> Dict[str, Dict[str, float]]:
+    """Write the encoder and decoder graphs (``fmt`` onnx or torchscript) beside ``output``
+    (:func:`output_paths`); each checked against PyTorch. Returns ``{"encoder": {...}, "decoder":
+    {...}, "paths": {...}}`` diffs."""
     head = promptable_head(model)
     if head is None:
-        raise ValueError("export_promptable_onnx: the model has no promptable (sam_decoder) head")
-    if imgsz % 16:
-        raise ValueError(f"imgsz {imgsz} must be a multiple of 16 (SAM's embedding stride)")
-    enc_path, dec_path = output_paths(Path(output))
+        raise ValueError("export_promptable: the model has no promptable (sam_decoder) head")
+    check_model_input(model, imgsz, "export", "--imgsz")  # the student's strides (a multiple of SAM's 16)
+    enc_path, dec_path = output_paths(Path(output), fmt)
     encoder = PromptEncoderGraph(model, head)
     image = example_input(imgsz)
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_embeddings": {0: "batch", 2: "h", 3: "w"}} \
         if dynamic else None
     diffs: Dict[str, Dict[str, float]] = {}
     with atomic_path(enc_path) as tmp, torch.no_grad():
-        torch.onnx.export(encoder, (image,), str(tmp), opset_version=opset, input_names=ENCODER_INPUTS,
-                          output_names=ENCODER_OUTPUTS, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
-        onnx.checker.check_model(onnx.load(str(tmp)))
+        run = write_graph(fmt, encoder, (image,), tmp, ENCODER_INPUTS, ENCODER_OUTPUTS, axes, opset)
         probe = example_input(imgsz, seed=1)
-        got = onnx_session(tmp).run(None, {"images": probe.numpy()})[0]
-        diffs["encoder"] = {"embeddings": _scaled_diff(got, encoder(probe))}
+        diffs["encoder"] = {"embeddings": _scaled_diff(run(probe.numpy())[0], encoder(probe))}
         if tolerance is not None and diffs["encoder"]["embeddings"] > tolerance:
             raise ExportMismatchError(f"the encoder graph differs from PyTorch by {diffs['encoder']} (> {tolerance:.0e}); "
                                       f"nothing written to {enc_path}")
@@ -164,16 +195,12 @@ def export_promptable_onnx(model: UnifiedModel, output: Path, imgsz: int, dynami
     dec_axes = {"point_coords": {0: "prompts", 1: "points"}, "point_labels": {0: "prompts", 1: "points"},
                 "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}
     with atomic_path(dec_path) as tmp, torch.no_grad():
-        torch.onnx.export(decoder, (embeddings, coords, labels), str(tmp), opset_version=opset,
-                          input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS, dynamic_axes=dec_axes, dynamo=False,
-                          do_constant_folding=True)
-        onnx.checker.check_model(onnx.load(str(tmp)))
-        session = onnx_session(tmp)
+        run = write_graph(fmt, decoder, (embeddings, coords, labels), tmp, DECODER_INPUTS, DECODER_OUTPUTS, dec_axes,
+                          opset)
         diff = {"masks": 0.0, "iou": 0.0}
         module = model.heads[head].eval()
         for coords, labels, kwargs in probe_prompts(imgsz).values():
-            got_m, got_i = session.run(None, {"image_embeddings": embeddings.numpy(), "point_coords": coords.numpy(),
-                                              "point_labels": labels.numpy()})
+            got_m, got_i = run(embeddings.numpy(), coords.numpy(), labels.numpy())
             want_m, want_i = module.decode(embeddings, torch.zeros(len(coords), dtype=torch.long), **kwargs)
             diff["masks"] = max(diff["masks"], _scaled_diff(got_m, want_m))
             diff["iou"] = max(diff["iou"], _scaled_diff(got_i, want_i))
@@ -183,3 +210,4 @@ def export_promptable_onnx(model: UnifiedModel, output: Path, imgsz: int, dynami
                                       f"nothing written to {dec_path}")
     diffs["paths"] = {"encoder": str(enc_path), "decoder": str(dec_path)}  # type: ignore[dict-item]
     return diffs
+

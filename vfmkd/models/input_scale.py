@@ -5,7 +5,11 @@ that builds a student from a ``model`` section (trainer, tester, exporter, a tra
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from fractions import Fraction
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+import torch.nn.functional as F
 
 from vfmkd.core.errors import ConfigError
 
@@ -50,3 +54,38 @@ def check_input_geometry(img_size: int, scale: float, max_stride: int, where: st
         f"would not be whole and the neck's x2 upsamplings would not line up). Scales that work at {size_key} {img_size}: "
         f"{', '.join(ok) or 'none in ' + str(TRY_SCALES)}; {size_key} values that work with {scale:g}: "
         f"{', '.join(map(str, sizes)) or 'none up to 4096'}.")
+
+
+def downscaled_size(height: Any, width: Any, scale: float) -> Tuple[Any, Any]:
+    """(round(H / scale), round(W / scale)), halves rounded up: the student's input size under DSRL.
+    Integer arithmetic on ``scale`` as a fraction p/q, so the same code gives Python ints eagerly and
+    stays in the graph when traced (``torch.jit.trace`` / the ONNX exporter hand the sizes over as
+    tensors; a float and ``int()`` would freeze the traced size). Equal to ``int(n / scale + 0.5)`` for
+    every size :func:`check_input_geometry` accepts."""
+    frac = Fraction(scale).limit_denominator(1000)
+    p, q = frac.numerator, frac.denominator
+    return (2 * height * q + p) // (2 * p), (2 * width * q + p) // (2 * p)
+
+
+def downscale_input(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H', W') resized by 1 / ``scale`` (:func:`downscaled_size`, bilinear); the
+    input itself when ``scale`` is 1. No gradient: the downscaled image is data, not a prediction."""
+    if scale == 1.0:
+        return images
+    with torch.no_grad():
+        return F.interpolate(images, size=downscaled_size(images.shape[-2], images.shape[-1], scale),
+                             mode="bilinear", align_corners=False)
+
+
+def check_model_input(model: Any, img_size: int, where: str, size_key: str) -> int:
+    """Refuse an input size ``model`` (a UnifiedModel) cannot take: under DSRL :func:`check_input_geometry`
+    at its ``input_scale``, else a positive multiple of its largest stride. Returns the student's size."""
+    scale = float(getattr(model, "input_scale", 1.0))
+    stride = int(max(s.stride for s in [*model.backbone.feature_specs(), *model.neck.feature_specs()]))
+    if scale != 1.0 and img_size > 0:
+        return check_input_geometry(int(img_size), scale, stride, where=where, size_key=size_key)
+    if img_size <= 0 or img_size % stride:
+        lo = max(img_size, 0) // stride * stride
+        raise ConfigError(f"{where}: {size_key} {img_size} must be a positive multiple of {stride} (the student's "
+                          f"largest stride); nearest valid: {f'{lo} or {lo + stride}' if lo else stride}")
+    return int(img_size)

@@ -10,7 +10,7 @@ from torch import nn
 from vfmkd.core.config import component_kwargs
 from vfmkd.core.registry import BACKBONES, HEADS, NECKS
 from vfmkd.models.backbones.base import BaseBackbone
-from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, configured_input_scale
+from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, configured_input_scale, downscale_input
 
 # Importing the packages registers the built-in components.
 import vfmkd.models.backbones  # noqa: F401,E402
@@ -73,11 +73,7 @@ class UnifiedModel(nn.Module):
     init_report: Optional[Any] = None
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale == 1.0:
-            return x
-        with torch.no_grad():  # the downscaled image needs no gradient
-            size = (int(x.shape[-2] / self.input_scale + 0.5), int(x.shape[-1] / self.input_scale + 0.5))  # int(): traceable
-            return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return downscale_input(x, self.input_scale)
 
     def forward(self, x: torch.Tensor) -> StudentOutput:
         feats = self.backbone(self.prepare_input(x))
