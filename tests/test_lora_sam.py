@@ -139,7 +139,7 @@ def _full_sam_sd():
 @pytest.mark.parametrize(
     "make, kwargs, expected",
     [
-        (_vit_l_keys_lora, {}, [r"adapters for 24 blocks \(0-23\) but SAM vit_b has 12 image-encoder blocks",
+        (_vit_l_keys_lora, {"variant": "vit_b"}, [r"adapters for 24 blocks \(0-23\) but SAM vit_b has 12 image-encoder blocks",
                                 "blocks 12-23 do not exist", "take 1024 input features but vit_b's qkv layers take 768",
                                 "trained on a SAM vit_l: set teacher.variant=vit_l"]),
         (lambda: make_lora(blocks=10), {}, [r"adapters for 10 blocks \(0-9\)", "missing blocks 10-11"]),

@@ -190,7 +190,7 @@ def test_shared_config_errors(name):
     """The shared keys the family takes fail the same way for every family, before any model is built."""
     cls, kwargs = TEACHERS.get(name), TEACHER_CASES[name]
     for bad, hint in [({"init": "rand"}, "teacher.init='rand' is not valid. Did you mean 'random'"),
-                      ({"dtype": "fp16"}, "Choose one of: float32, bfloat16, float16"),
+                      ({"dtype": "fp16"}, "Choose one of: auto, float32, bfloat16, float16"),
                       ({"device": "gpu"}, "teacher.device='gpu' is not a torch device"),
                       ({"input_size": 0}, "teacher.input_size must be a positive integer"),
                       ({"variant": "nope"}, "teacher.variant='nope' is not valid")]:
@@ -206,7 +206,8 @@ def test_shared_config_errors(name):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_without_cuda_is_refused_at_build_but_fingerprints():
-    with pytest.raises(ConfigError, match="CUDA is not available here; set teacher.device=cpu"):
+    with pytest.raises(ConfigError, match=r"teacher.device=cuda but CUDA is not available on this machine; "
+                                          r"set teacher.device=auto .* or teacher.device=cpu"):
         SamTeacher(init="random", input_size=64, device="cuda")
     # an offline run on a CPU machine still checks a cache written by a CUDA teacher
     assert SamTeacher.config_fingerprint(init="random", input_size=64, device="cuda", dtype="bfloat16").dtype == "bfloat16"
@@ -233,7 +234,7 @@ PINNED = [
     ("sam", dict(init="random", input_size=64, dtype="bfloat16", device="cuda:0"),
      ("vit_b", "random-init:seed0", 64, "bfloat16", _SAM_PRE)),
     ("lora_sam", dict(init="random", input_size=128), ("vit_b+lora_r8_a8", "random-init:seed0+no-lora", 128, "float32", _SAM_PRE)),
-    ("lora_sam", dict(checkpoint="base.pth", lora_checkpoint="lora.pt", lora_rank=4, lora_alpha=16.0),
+    ("lora_sam", dict(variant="vit_b", checkpoint="base.pth", lora_checkpoint="lora.pt", lora_rank=4, lora_alpha=16.0),
      ("vit_b+lora_r4_a16", f"{_BASE}+{_LORA}", 1024, "float32", _SAM_PRE)),
     ("lora_sam", dict(lora_checkpoint="gone.pt", lora_alpha=2),
      ("vit_b+lora_r8_a2", "unknown (unknown (checkpoint weights/sam_vit_b_01ec64.pth is not on this machine); "

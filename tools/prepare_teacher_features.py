@@ -44,6 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 import vfmkd.teachers  # noqa: E402,F401  (registers the teachers)
 from vfmkd.core.config import import_custom_modules, parse_overrides, read_yaml, resolve_component, resolve_path, teacher_kwargs  # noqa: E402
+from vfmkd.core.device import resolve_device  # noqa: E402
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
 from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels  # noqa: E402
@@ -437,8 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def init_distributed(kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
     """(rank, world size) when started by torchrun with WORLD_SIZE > 1 (gloo on CPU, nccl when the teacher
-    runs on CUDA, each rank on cuda:LOCAL_RANK; ``kwargs['device']`` is set to it); None otherwise (a
-    single process, exactly as without torchrun)."""
+    runs on CUDA, each rank on cuda:LOCAL_RANK; ``kwargs['device']``, when given, is set to it; ``auto``
+    resolves to it by itself); None otherwise (a single process, exactly as without torchrun)."""
     import os
     from datetime import timedelta
 
@@ -448,9 +449,10 @@ def init_distributed(kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
     import torch.distributed as tdist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = str(kwargs.get("device", "cpu")).startswith("cuda")
+    cuda = resolve_device(kwargs.get("device", "auto"), "teacher.device").type == "cuda"
     if cuda:
-        kwargs["device"] = f"cuda:{local}"
+        if "device" in kwargs:
+            kwargs["device"] = f"cuda:{local}"
         torch.cuda.set_device(local)
     # ranks wait for each other at the shard barrier; rank 0 alone resumes a single-process file or merges
     tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))

@@ -123,11 +123,11 @@ class TrainConfig:
     warmup_epochs: int = 0  # > 0: the LR warm-up lasts this many epochs instead of warmup_iters steps
     grad_clip: float = 10.0
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (cuda:LOCAL_RANK under torchrun, else cuda if there is a GPU, else cpu) | cpu | cuda | cuda:N
     log_interval: int = 10
     eval_interval: int = 1  # epochs between validations; best.pt follows val mAP50-95
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    amp: bool = False  # bfloat16 autocast for the student forward
+    amp: Any = "auto"  # bf16 autocast of the student: auto (on a bf16-capable GPU, off elsewhere) | true | false
     save_interval_steps: int = 0  # also write checkpoints/last.pt every N optimizer steps (0: at epoch ends only)
     sync_bn: bool = False  # torchrun with several CUDA ranks: BatchNorm statistics over the global batch
     max_nonfinite_steps: int = 1  # NaN/inf steps in a row (each refused before the optimizer) that stop the run
@@ -421,6 +421,7 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (train["lr"] > 0, "train.lr must be > 0"),
         (train["optimizer"] in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got '{train['optimizer']}'"),
         (train["accumulate"] >= 1, "train.accumulate must be >= 1"),
+        (isinstance(train["amp"], bool) or train["amp"] == "auto", f"train.amp must be auto, true or false, got {train['amp']!r}"),
         (train["save_interval_steps"] >= 0, "train.save_interval_steps must be >= 0 (0 = checkpoints at epoch ends only)"),
         (train["max_nonfinite_steps"] >= 1, "train.max_nonfinite_steps must be >= 1"),
         (train["save_period"] >= 0, "train.save_period must be >= 0 (0 = no periodic checkpoint_epoch{E}.pt)"),

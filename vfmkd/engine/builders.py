@@ -2,6 +2,7 @@
 arguments of a component (detectron2's style: the components never see cfg)."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -9,6 +10,7 @@ import torch
 
 import vfmkd.teachers  # noqa: F401  (registers the built-in teachers)
 from vfmkd.core.config import DataConfig, DistillationConfig, ExperimentConfig, ModelConfig, component_kwargs, resolve_path, teacher_kwargs
+from vfmkd.core.device import AUTO
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS, LOSSES, TEACHERS
@@ -21,6 +23,7 @@ from vfmkd.distillation.output_pairs import check_mask_sources
 from vfmkd.distillation.resolution import LOG_NAME as RESOLUTION_LOG_NAME, build_resolution_term
 from vfmkd.distillation.routing import TeacherRouter, TeacherSource
 from vfmkd.models.unified_model import UnifiedModel
+from vfmkd.teachers.settings import teacher_keys
 from vfmkd.utils.logging import get_logger
 
 
@@ -127,15 +130,25 @@ class LiveTeachers:
             if name not in self._built:
                 entry = self.entries[name]
                 kwargs = teacher_kwargs(entry)
-                if str(kwargs.get("device", "cpu")).startswith("cuda") and self.device.type == "cuda":
+                if self.device.type == "cuda" and _on_a_gpu(entry["type"], kwargs):
                     kwargs["device"] = str(self.device)  # one replica per rank, on that rank's GPU
-                teacher = TEACHERS.build(entry["type"], where=f"teachers.{name}", **kwargs)
+                with teacher_keys(f"teachers.{name}"):
+                    teacher = TEACHERS.build(entry["type"], where=f"teachers.{name}", **kwargs)
                 self._built[name] = OnlineTeacher(name, teacher, self.device, masks=name in self._masks)
             live = self._built[name]
             if cached_input_size is not None and live.teacher.input_size != cached_input_size:
                 raise ConfigError(f"teachers.{name}: live input_size {live.teacher.input_size} != cached {cached_input_size}")
             return live
         return load
+
+
+def _on_a_gpu(teacher_type: str, kwargs: Mapping[str, Any]) -> bool:
+    """The teacher's ``device`` asks for a GPU (``cuda``, ``cuda:N``, or ``auto``, its default), so a
+    training run puts it on the student's GPU."""
+    if "device" not in inspect.signature(TEACHERS.get(teacher_type)).parameters:
+        return False
+    device = str(kwargs.get("device", AUTO))
+    return device == AUTO or device.startswith("cuda")
 
 
 def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str,
@@ -153,8 +166,9 @@ def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str,
     path = resolve_path(entry["feature_path"]) / f"{split}.h5"
     rebuild = rebuild_command(entry["type"], dataset, split, str(entry["feature_path"]), teacher_config=entry)
     label_dir = resolve_path(data_root) / "object_detection" / "labels" / split if data_root is not None else None
-    return open_offline_teacher(name, path, teacher_cls.config_fingerprint(**kwargs), teacher_cls.primary_feature,
-                                rebuild, entry, label_dir=label_dir)
+    with teacher_keys(f"teachers.{name}"):
+        fingerprint = teacher_cls.config_fingerprint(**kwargs)
+    return open_offline_teacher(name, path, fingerprint, teacher_cls.primary_feature, rebuild, entry, label_dir=label_dir)
 
 
 def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTeachers,

@@ -13,8 +13,7 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
-from vfmkd.core.errors import ConfigError
-from vfmkd.engine.setup import select_device
+from vfmkd.core.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -73,12 +72,11 @@ class DistributedContext:
 def init_distributed(device_name: str) -> DistributedContext:
     """Join the process group torchrun describes (or run alone); the device of this rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    requested = resolve_device(device_name, "train.device")  # auto: cuda:LOCAL_RANK under torchrun
     if world <= 1:
-        return DistributedContext(device=select_device(device_name))
+        return DistributedContext(device=requested)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device_name != "cpu" and torch.cuda.is_available()
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device_name} but CUDA is not available here; use train.device=cpu or auto")
+    cuda = requested.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

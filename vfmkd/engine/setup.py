@@ -1,4 +1,4 @@
-"""Small building blocks of a run: device, seeding, loaders, optimizer."""
+"""Small building blocks of a run: seeding, loaders, optimizer (devices: :mod:`vfmkd.core.device`)."""
 from __future__ import annotations
 
 import os
@@ -17,14 +17,6 @@ import vfmkd.models.heads  # noqa: F401  (registers the built-in heads)
 from vfmkd.datasets import collate_samples
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.utils.logging import get_logger
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available here; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -7,13 +7,14 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from vfmkd.core.config import experiment_record
+from vfmkd.core.device import resolve_device
 from vfmkd.core.errors import CheckpointError
 from vfmkd.distillation.cached import CachedTargetsDataset
 from vfmkd.engine.builders import LiveTeachers, build_dataset, build_distiller, build_model, build_router, head_tasks
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate
 from vfmkd.engine.results_text import write_test_results
-from vfmkd.engine.setup import build_loader, class_names, detection_classes, select_device, worker_count
+from vfmkd.engine.setup import build_loader, class_names, detection_classes, worker_count
 from vfmkd.engine.vis_canvas import visualization_path
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.logging import get_logger
@@ -44,7 +45,7 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     state = load_checkpoint(checkpoint)
     if "model" not in state:
         raise CheckpointError(f"{checkpoint} is not a vfmkd training checkpoint (no 'model' entry); pass checkpoints/best.pt of a run")
-    device = select_device(exp.train.device)
+    device = resolve_device(exp.train.device, "train.device")
     model = build_model(exp.model)
     _load(model, state["model"], "model", checkpoint, config_name)
     model.to(device)

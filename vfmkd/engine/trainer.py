@@ -14,6 +14,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from vfmkd.core.config import experiment_record, resolve_path
+from vfmkd.core.device import resolve_amp
 from vfmkd.distillation.cached import CachedTargetsDataset, DistillBatch
 from vfmkd.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from vfmkd.distillation.online import measure_channel_stats
@@ -26,7 +27,7 @@ from vfmkd.engine.loggers import RunLoggers, check_loggers
 from vfmkd.engine.fusion_log import log_fusion_weights
 from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config
 from vfmkd.engine.setup import (
-    build_loader, class_names, detection_classes, make_optimizer, seed_everything, select_device, worker_count,
+    build_loader, class_names, detection_classes, make_optimizer, seed_everything, worker_count,
 )
 from vfmkd.engine.stages import build_stages, stage_of, staged_lr_lambda
 from vfmkd.engine.distributed import init_distributed
@@ -80,6 +81,7 @@ class Trainer:
         # Checks that need no run directory come first, so a mistake leaves no empty run behind.
         self.ctx = init_distributed(train.device)
         self.device = self.ctx.device
+        self.amp = resolve_amp(train.amp, self.device)  # auto: bf16 autocast on a bf16-capable GPU
         self.num_classes = detection_classes(exp.model.heads)
         self.stages = build_stages(train)
         check_loggers(train.loggers)
@@ -160,8 +162,10 @@ class Trainer:
         modes = {n: ("offline" if s.cache is not None else "online") + (", live model loaded" if s.live and s.cache else "")
                  for n, s in self.router.sources.items()}
         self.log.info(
-            "student %s (%.2fM params) on %s; %d train / %d val images; teachers: %s; offline_ratio=%s; stages: %s",
-            exp.model.backbone["type"], n_params / 1e6, self.device, len(self.train_set), len(self.val_set),
+            "student %s (%.2fM params) on %s (train.device=%s), bf16 autocast %s (train.amp=%s); %d train / %d val "
+            "images; teachers: %s; offline_ratio=%s; stages: %s",
+            exp.model.backbone["type"], n_params / 1e6, self.device, exp.train.device, "on" if self.amp else "off",
+            str(exp.train.amp).lower(), len(self.train_set), len(self.val_set),
             ", ".join(f"{n} ({m})" for n, m in modes.items()) or "none", self.dist_cfg.offline_ratio,
             "; ".join(f"{s.name} epochs {s.first_epoch}-{s.last_epoch}" for s in self.stages),
         )
@@ -183,7 +187,7 @@ class Trainer:
                     self.log.warning("teacher %s: no per-channel stats for %s (older cache): not standardised", name, feature)
 
     def _autocast(self):
-        if not self.train_cfg.amp:
+        if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 

@@ -5,22 +5,23 @@ import inspect
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ContextManager, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vfmkd.core.errors import ConfigError, did_you_mean
+from vfmkd.core.device import AUTO
+from vfmkd.core.errors import CheckpointError, ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint  # re-exported: teachers build it, caches store it
-from vfmkd.teachers.loading import config_weights_id
+from vfmkd.teachers.loading import auto_variant, config_weights_id
 from vfmkd.teachers.settings import TeacherSettings, check_choice
 
 logger = logging.getLogger("vfmkd")
 
-_SETTINGS_FIELDS = tuple(f.name for f in fields(TeacherSettings) if f.name != "extra")
+_SETTINGS_FIELDS = tuple(f.name for f in fields(TeacherSettings) if f.name not in ("extra", "variant_source"))
 
 
 @dataclass
@@ -96,6 +97,9 @@ class BaseTeacher(nn.Module, ABC):
     primary_feature: str = ""
     #: ``teacher.variant`` values of the family (names -> family data); empty = any string
     variants: Mapping[str, Any] = {}
+    #: the size ``variant: auto`` means when there is no weights file to read it from (:meth:`detect_variant`
+    #: reads it from the file); empty = the family has no ``auto``
+    default_variant: str = ""
     #: the resize/pad/normalisation recipe, recorded in the fingerprint
     preprocessing: str = ""
     #: the teacher can be prompted with boxes for mask logits (:meth:`mask_logits`): SAM, LoRA-SAM, SAM2
@@ -139,12 +143,31 @@ class BaseTeacher(nn.Module, ABC):
         validate them: the shared rules in :class:`TeacherSettings`, then :meth:`_check_settings`."""
         values = cls._bind(kwargs)
         # The variant is checked first: it is the key users mistype most, and the others depend on it.
+        source = ""
         if cls.variants:
-            check_choice("variant", values.get("variant"), cls.variants)
+            check_choice("variant", values.get("variant"), ([AUTO] if cls.default_variant else []) + list(cls.variants))
+            if values["variant"] == AUTO:
+                values["variant"], source, read = cls._auto_variant(values)
+                if read and "checkpoint" in values:
+                    values["checkpoint"] = read  # the file that was read is the one to load, whatever its size
         common = {k: values.pop(k) for k in _SETTINGS_FIELDS if k in values}
-        settings = TeacherSettings(**common, extra=values)
+        settings = TeacherSettings(**common, extra=values, variant_source=source)
         cls._check_settings(settings)
         return settings
+
+    @classmethod
+    def _auto_variant(cls, values: Mapping[str, Any]) -> Tuple[str, str, Optional[str]]:
+        """``(variant, how it was chosen, the weights file read)`` for ``variant: auto`` from the bound constructor kwargs: the
+        weights file's size (:func:`vfmkd.teachers.loading.auto_variant`); LoRA-SAM also asks its LoRA file."""
+        return auto_variant(cls.family, cls.default_variant, values.get("checkpoint"), values.get("init", "pretrained"),
+                            cls.detect_variant)
+
+    @classmethod
+    def detect_variant(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> str:
+        """The variant a weights state_dict belongs to, from its tensors; families with a
+        :attr:`default_variant` override this (CheckpointError naming ``source`` when it is not theirs)."""
+        raise CheckpointError(f"the {cls.family} teacher cannot tell the variant of {source} from its tensors; "
+                              f"set teacher.variant to one of: {', '.join(cls.variants)}.")
 
     @classmethod
     def _check_settings(cls, settings: TeacherSettings) -> None:
@@ -170,6 +193,8 @@ class BaseTeacher(nn.Module, ABC):
         self.variant = settings.variant
         self.init = settings.init
         self.dtype = settings.computed_dtype  # what actually runs (the fingerprint records it)
+        auto = f" (variant auto: {settings.variant_source})" if settings.variant_source else ""
+        logger.info("Using %s teacher model: %s%s on %s in %s", label, settings.variant, auto, dev, self.dtype)
         if settings.dtype != self.dtype:
             logger.info("%s teacher: dtype=%s requested on %s; computing in float32.", label, settings.dtype, dev.type)
         return dev

@@ -159,7 +159,7 @@ class _DinoFamilyTeacher(BaseTeacher):
         family_name = _FAMILY_NAMES[self.family]
         dev = self._adopt(settings, family_name)
         self.spec = self.variants[variant]
-        logger.info("Using %s teacher model: %s (%s, timm %s)", family_name, variant, self.spec.label, self.spec.timm_name)
+        logger.info("%s %s is a %s (timm %s)", family_name, variant, self.spec.label, self.spec.timm_name)
 
         path = checkpoint_path(self.family, variant, checkpoint)
         state_dict, self._weights_id = load_teacher_weights(
@@ -188,6 +188,16 @@ class _DinoFamilyTeacher(BaseTeacher):
     @property
     def input_size(self) -> int:
         return self.settings.input_size
+
+    @classmethod
+    def detect_variant(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> str:
+        found_family, found = detect_dino_variant(state_dict, source)
+        if found_family != cls.family:
+            raise CheckpointError(
+                f"{source} is a {_FAMILY_NAMES[found_family]} {FAMILIES[found_family][found].label} backbone ({found}) "
+                f"but this is the {cls.family} teacher; use the {found_family} teacher (type: {found_family}) or a "
+                f"{_FAMILY_NAMES[cls.family]} checkpoint (python tools/download_weights.py --list).")
+        return found
 
     @classmethod
     def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:
@@ -254,16 +264,17 @@ class DinoTeacher(_DinoFamilyTeacher):
 
     family = "dino"
     variants = DINO_VARIANTS
+    default_variant = "vits16"
     preprocessing = preprocessing_id("dino")
 
     def __init__(
         self,
-        variant: str = "vits16",
+        variant: str = "auto",
         checkpoint: Optional[str] = None,
         input_size: int = 224,
         init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -279,16 +290,17 @@ class Dinov2Teacher(_DinoFamilyTeacher):
 
     family = "dinov2"
     variants = DINOV2_VARIANTS
+    default_variant = "vits14"
     preprocessing = preprocessing_id("dinov2")
 
     def __init__(
         self,
-        variant: str = "vits14",
+        variant: str = "auto",
         checkpoint: Optional[str] = None,
         input_size: int = 518,
         init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -311,6 +323,6 @@ def _check_variant(family: str, variant: str, state_dict: Mapping[str, torch.Ten
             f"(`{weights_for(family, variant).download_command}`)."
         )
     raise CheckpointError(
-        f"checkpoint {path} is {what} but teacher.variant is {variant} ({want}); set teacher.variant={found} "
-        f"(or use the {variant} checkpoint: `{weights_for(family, variant).download_command}`)."
+        f"checkpoint {path} is {what} but teacher.variant is {variant} ({want}); set teacher.variant={found} or "
+        f"teacher.variant=auto (or use the {variant} checkpoint: `{weights_for(family, variant).download_command}`)."
     )

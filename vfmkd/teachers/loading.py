@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,33 @@ RANDOM_BANNER = """
 def checkpoint_path(family: str, variant: str, checkpoint: Optional[str]) -> Path:
     """The configured file, or ``weights/<official filename>`` of this variant."""
     return Path(checkpoint) if checkpoint else default_checkpoint_path(weights_for(family, variant).name)
+
+
+#: a function naming the variant of a state_dict from its tensors (CheckpointError when it cannot)
+Detect = Callable[[Mapping[str, torch.Tensor], str], str]
+_DETECTED: Dict[Tuple[str, str, int, int], str] = {}
+
+
+def auto_variant(family: str, default: str, checkpoint: Optional[str], init: str,
+                 detect: Detect) -> Tuple[str, str, Optional[str]]:
+    """``(variant, how it was chosen, the file read)`` for ``variant: auto``: the size of the weights
+    file the build would load (``checkpoint``, else the default size's official file, which the build
+    must then load whatever size it holds), read from its tensors by ``detect``; the family's
+    ``default`` size when there is no file to read (``init=random`` without a checkpoint, or a missing
+    file: the build then says how to download the default size). The tensors are memory-mapped, not
+    read, and the answer is remembered per file version."""
+    if init == "random" and not checkpoint:
+        return default, "the default size (teacher.init=random, no checkpoint)", None
+    path = checkpoint_path(family, default, checkpoint)
+    if not path.is_file():
+        return default, f"the default size ({path} is not on this machine)", None
+    st = path.stat()
+    key = (family, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DETECTED:
+        hint = weights_for(family, default).download_command
+        state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=hint, mmap=True))
+        _DETECTED[key] = detect(state_dict, f"checkpoint {path}")
+    return _DETECTED[key], f"read from {path}", str(path)
 
 
 def load_teacher_weights(

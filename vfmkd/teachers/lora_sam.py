@@ -39,14 +39,14 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.teachers.base import TeacherFingerprint
-from vfmkd.teachers.loading import config_weights_id
+from vfmkd.teachers.loading import auto_variant, config_weights_id
 from vfmkd.teachers.sam import SAM_VARIANTS, SamTeacher
 from vfmkd.teachers.settings import TeacherSettings
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
@@ -73,6 +73,20 @@ def _ranges(blocks: List[int]) -> str:
         else:
             out.append(str(b))
     return ", ".join(out)
+
+
+def lora_base_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The SAM size (vit_b|vit_l|vit_h) whose blocks and embed dim a LoRA file's ``lora_A`` matrices
+    fit, or None when they fit none (:func:`check_lora_state_dict` then says what differs)."""
+    dims: Dict[int, int] = {}
+    for key, value in state_dict.items():
+        m = _LORA_RE.match(key)
+        if m and m.group(2) == "A" and getattr(value, "ndim", 0) == 2:
+            dims[int(m.group(1))] = int(value.shape[1])
+    for name, (dim, depth) in SAM_VARIANTS.items():
+        if sorted(dims) == list(range(depth)) and set(dims.values()) == {dim}:
+            return name
+    return None
 
 
 def check_lora_state_dict(
@@ -179,20 +193,21 @@ class LoraSamTeacher(SamTeacher):
 
     def __init__(
         self,
-        variant: str = "vit_b",
+        variant: str = "auto",
         checkpoint: Optional[str] = None,
         lora_checkpoint: Optional[str] = None,
         lora_rank: int = 8,
         lora_alpha: float = 8.0,
         input_size: int = 1024,
         init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
         seed: int = 0,
     ) -> None:
         settings = self.settings_from(variant=variant, checkpoint=checkpoint, lora_checkpoint=lora_checkpoint,
                                       lora_rank=lora_rank, lora_alpha=lora_alpha, input_size=input_size, init=init,
                                       dtype=dtype, device=device, seed=seed)
+        variant, checkpoint = settings.variant, settings.checkpoint  # `auto` resolved (base SAM file, else the LoRA)
         # The LoRA file is read and checked against the base model's shapes before anything is built.
         lora: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
         if lora_checkpoint:
@@ -227,6 +242,19 @@ class LoraSamTeacher(SamTeacher):
             logger.info("Merged LoRA (rank %d, alpha %g) from %s into %d qkv layers.",
                         lora_rank, lora_alpha, lora_checkpoint, len(lora))
         self.freeze()
+
+    @classmethod
+    def _auto_variant(cls, values: Mapping[str, Any]) -> Tuple[str, str, Optional[str]]:
+        """The base SAM file's size; without one to read (random base), the size the LoRA file was
+        trained on (its block count and embed dim), else the default."""
+        variant, how, read = auto_variant("sam", cls.default_variant, values.get("checkpoint"), values["init"],
+                                          cls.detect_variant)
+        lora_file = values.get("lora_checkpoint")
+        if read is None and lora_file and Path(lora_file).is_file():
+            found = lora_base_variant(unwrap_state_dict(load_checkpoint(lora_file)))
+            if found is not None:
+                return found, f"the base size of LoRA file {lora_file}", None
+        return variant, how, read
 
     @classmethod
     def _check_settings(cls, settings: TeacherSettings) -> None:

@@ -77,16 +77,17 @@ class SamTeacher(BaseTeacher):
     can_segment = True
 
     variants = SAM_VARIANTS
+    default_variant = "vit_b"
     preprocessing = f"sam:resize-longest-side,pad-bottom-right,mean={_fmt(SAM_MEAN)},std={_fmt(SAM_STD)}"
 
     def __init__(
         self,
-        variant: str = "vit_b",
+        variant: str = "auto",
         checkpoint: Optional[str] = None,
         input_size: int = 1024,
         init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -95,14 +96,14 @@ class SamTeacher(BaseTeacher):
         settings = SamTeacher.settings_from(variant=variant, checkpoint=checkpoint, input_size=input_size,
                                             init=init, dtype=dtype, device=device, seed=seed)
         dev = self._adopt(settings, "SAM")
-        logger.info("Using SAM teacher model: %s", variant)
+        variant = settings.variant  # `auto` resolved from the weights file
 
         def check(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
             found = detect_sam_variant(state_dict, source=f"checkpoint {path}")
             if found != variant:
                 raise CheckpointError(
                     f"checkpoint {path} is a SAM {found} image encoder but teacher.variant is {variant}; "
-                    f"set teacher.variant={found} (or use the {variant} checkpoint)."
+                    f"set teacher.variant={found} or teacher.variant=auto (or use the {variant} checkpoint)."
                 )
 
         path = checkpoint_path("sam", variant, checkpoint)
@@ -149,6 +150,10 @@ class SamTeacher(BaseTeacher):
     @property
     def input_size(self) -> int:
         return self.settings.input_size
+
+    @classmethod
+    def detect_variant(cls, state_dict: Dict[str, torch.Tensor], source: str) -> str:
+        return detect_sam_variant(state_dict, source)
 
     @classmethod
     def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:

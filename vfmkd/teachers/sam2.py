@@ -180,23 +180,24 @@ class Sam2Teacher(BaseTeacher):
     can_segment = True
 
     variants = SAM2_VARIANTS
+    default_variant = "sam2.1_hiera_tiny"
     preprocessing = f"sam2:resize-square-no-aspect,bilinear-antialias,mean={_fmt(SAM2_MEAN)},std={_fmt(SAM2_STD)}"
 
     def __init__(
         self,
-        variant: str = "sam2.1_hiera_tiny",
+        variant: str = "auto",
         checkpoint: Optional[str] = None,
         input_size: int = 1024,
         init: str = "pretrained",
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
         settings = self.settings_from(variant=variant, checkpoint=checkpoint, input_size=input_size, init=init,
                                       dtype=dtype, device=device, seed=seed)
         dev = self._adopt(settings, "SAM2")
-        logger.info("Using SAM2 teacher model: %s", variant)
+        variant = settings.variant  # `auto` resolved from the weights file
         config, _ = SAM2_VARIANTS[variant]
 
         def check(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
@@ -204,7 +205,7 @@ class Sam2Teacher(BaseTeacher):
             if found != variant:
                 raise CheckpointError(
                     f"checkpoint {path} is a {_describe(found)} model but teacher.variant is {variant} "
-                    f"({_describe(variant)}); set teacher.variant={found} (or use the {variant} "
+                    f"({_describe(variant)}); set teacher.variant={found} or teacher.variant=auto (or use the {variant} "
                     f"checkpoint: `{weights_for('sam2', variant).download_command}`)."
                 )
 
@@ -235,6 +236,10 @@ class Sam2Teacher(BaseTeacher):
     @property
     def input_size(self) -> int:
         return self.settings.input_size
+
+    @classmethod
+    def detect_variant(cls, state_dict: Dict[str, torch.Tensor], source: str) -> str:
+        return detect_sam2_variant(state_dict, source)
 
     @classmethod
     def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:

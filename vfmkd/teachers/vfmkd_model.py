@@ -133,8 +133,8 @@ class VfmkdTeacher(BaseTeacher):
         checkpoint: str,
         variant: Optional[str] = None,
         input_size: Optional[int] = None,
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
     ) -> None:
         super().__init__()
         settings, state = self._resolve(checkpoint=checkpoint, variant=variant, input_size=input_size,
@@ -195,7 +195,7 @@ class VfmkdTeacher(BaseTeacher):
         cfg = state["config"]
         found = student_variant(cfg["model"])
         variant = values.pop("variant")
-        if variant is not None and variant != found:
+        if variant not in (None, "auto") and variant != found:
             raise ConfigError(f"teacher.variant={variant!r} is not valid: checkpoint {checkpoint} holds a {found} "
                               f"student; set teacher.variant={found} or leave it out (it is read from the checkpoint).")
         input_size = values.pop("input_size")

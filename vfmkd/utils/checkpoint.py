@@ -72,13 +72,14 @@ def _refused_message(path: Path, err: Exception) -> str:
     )
 
 
-def load_checkpoint(path: PathLike, *, download_hint: Optional[str] = None) -> Dict[str, Any]:
+def load_checkpoint(path: PathLike, *, download_hint: Optional[str] = None, mmap: bool = False) -> Dict[str, Any]:
     """Load a checkpoint on CPU with ``weights_only=True``; returns the top-level dict.
 
     ``download_hint`` is the command that fetches the file (e.g.
     ``python tools/download_weights.py --model sam_vit_b``); it is named when the file is missing
-    or corrupt. Raises :class:`CheckpointError` for a missing, truncated/corrupt or pickle-carrying
-    file, or one whose top level is not a dict.
+    or corrupt. ``mmap``: map the tensors' bytes instead of reading them (for reading shapes only;
+    files in torch's legacy format are read as usual). Raises :class:`CheckpointError` for a missing,
+    truncated/corrupt or pickle-carrying file, or one whose top level is not a dict.
     """
     p = Path(path)
     if not p.exists():
@@ -89,7 +90,12 @@ def load_checkpoint(path: PathLike, *, download_hint: Optional[str] = None) -> D
     size = p.stat().st_size
     redownload = f" with `{download_hint}`" if download_hint else ""
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not (mmap and "zipfile" in str(err)):
+                raise
+            obj = torch.load(p, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
             raise CheckpointError(_refused_message(p, err)) from None
