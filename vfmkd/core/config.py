@@ -134,6 +134,9 @@ class TrainConfig:
     save_period: int = 0  # also keep checkpoints/checkpoint_epoch{E}.pt every N epochs (0: off)
     vis_interval: int = 1  # epochs between visualizations/epoch_XXX.png (0: off)
     loggers: List[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb (optional package)
+    # Memory preset (configs/presets/NAME.yaml, vfmkd/utils/presets.py; tools/train.py --preset): null = the
+    # file as written (the experiment means the same on every machine), auto = picked from the GPU's memory.
+    preset: Optional[str] = None
 
 
 @dataclass
