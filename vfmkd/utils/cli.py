@@ -1,5 +1,5 @@
 """Shared command-line plumbing of the tools: the experiment (``CONFIG`` or ``--config``), dotted
-``key=value`` overrides and the shortcut flags ``--backbone/--teacher/--dataset``.
+``key=value`` overrides and the shortcut flags ``--backbone/--teacher/--dataset``; the training tool's ``--preset``.
 
 The shortcut flags are sugar for config changes, resolved in one place (:func:`apply_shortcuts`)
 on the experiment YAML before the overrides and before validation:
@@ -11,6 +11,8 @@ on the experiment YAML before the overrides and before validation:
   teacher the flag leaves out is an error that says what to change.
 * ``--dataset NAME`` sets ``data.dataset`` and, where the file sets no ``data.root``,
   ``data.root: datasets/NAME``. A file whose ``data.dataset`` names another dataset is an error.
+* ``--preset NAME`` (= ``train.preset=NAME``) applies the memory preset ``configs/presets/NAME.yaml``
+  (:mod:`vfmkd.utils.presets`): experiment file < preset < shortcut flags < ``key=value`` overrides.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from vfmkd.core.config import REPO_ROOT, experiment_from_dict, read_yaml, resolve_path
 from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, DatasetError, NonFiniteLossError, did_you_mean
 from vfmkd.utils.logging import get_logger, setup_logging
+from vfmkd.utils.presets import describe, frozen_keys, preset_changes, preset_names, resolve_preset, with_changes
+from vfmkd.utils.stop_signals import Stopped, stop_signals
 
 USER_ERRORS = (ConfigError, CheckpointError, CacheMismatchError, DatasetError, FileNotFoundError, NonFiniteLossError)
 # an output that cannot be written (full disk, quota, file-size limit, read-only, no permission, a file in
@@ -49,13 +53,17 @@ which win over them):
                    loss whose teacher the flag leaves out.
   --dataset NAME   data.dataset = NAME, and data.root = datasets/NAME where the file sets no root.
                    Error: the file's data.dataset names another dataset (drop the flag or edit the file).
+  --preset NAME    (tools/train.py) = train.preset=NAME: a memory preset, configs/presets/NAME.yaml
+                   (gpu_24g_plus, gpu_16g, gpu_8g, cpu) or auto (from the GPU's memory). It moves only
+                   levers: file < preset < shortcut flags < key=value overrides.
 """
 
 
-def experiment_parser(description: str, checkpoint: bool = False) -> argparse.ArgumentParser:
+def experiment_parser(description: str, checkpoint: bool = False, preset: Optional[bool] = None) -> argparse.ArgumentParser:
     """The parser of a tool that runs an experiment: ``CONFIG [CHECKPOINT] [key=value ...]``
-    (positional, mmdet style) or ``--config CONFIG [--checkpoint CKPT]``, plus the shortcut flags.
-    Parse with :func:`parse_experiment_args`."""
+    (positional, mmdet style) or ``--config CONFIG [--checkpoint CKPT]``, plus the shortcut flags
+    (``--preset`` by default where there is no checkpoint: the training tool). Parse with
+    :func:`parse_experiment_args`."""
     usage_pos = "CONFIG CHECKPOINT" if checkpoint else "CONFIG"
     forms = (f"forms:\n  %(prog)s {usage_pos} [options] [key=value ...]\n"
              f"  %(prog)s --config CONFIG{' --checkpoint CHECKPOINT' if checkpoint else ''} [options] [key=value ...]\n\n")
@@ -70,6 +78,9 @@ def experiment_parser(description: str, checkpoint: bool = False) -> argparse.Ar
     parser.add_argument("--teacher", metavar="NAME", action="append", default=[],
                         help="distil only from these teachers of the config (repeatable or comma-separated), e.g. sam2")
     parser.add_argument("--dataset", metavar="NAME", help="dataset under datasets/NAME, e.g. coco128")
+    if not checkpoint if preset is None else preset:
+        parser.add_argument("--preset", metavar="NAME", help=f"memory preset (= train.preset=NAME): "
+                            f"{', '.join(preset_names())}, or auto (picked from the GPU's memory)")
     parser.add_argument("args", nargs="*", metavar=f"{usage_pos} key=value",
                         help=f"{usage_pos} (unless given with --config{'/--checkpoint' if checkpoint else ''}), then "
                              + OVERRIDES_HELP)
@@ -118,10 +129,32 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv: Optional[Sequen
 
 
 def load_experiment_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The validated experiment of parsed tool arguments: YAML, shortcut flags, then overrides."""
+    """The validated experiment of parsed tool arguments: YAML, preset, shortcut flags, then overrides."""
     raw = apply_shortcuts(read_yaml(args.config), str(args.config), backbone=args.backbone,
                           teachers=args.teacher, dataset=args.dataset)
-    return experiment_from_dict(raw, args.overrides, str(args.config))
+    return apply_preset(raw, args.overrides, str(args.config), getattr(args, "preset", None))
+
+
+PRESET_KEY = "train.preset"
+
+
+def apply_preset(raw: Dict[str, Any], overrides: Sequence[str], source: str, flag: Optional[str] = None) -> Dict[str, Any]:
+    """The validated experiment of ``raw`` (shortcut flags applied) and ``overrides`` with the memory
+    preset applied: the one of ``train.preset=`` among the overrides, else ``--preset`` (``flag``),
+    else the file's ``train.preset``; none (the default) leaves the experiment as written. The preset's
+    levers go under the overrides (which win, see :func:`vfmkd.utils.presets.preset_changes`); the
+    resolved name is recorded as ``train.preset`` and logged once with what it moved."""
+    rest = [o for o in overrides if o.lstrip("+").partition("=")[0].strip() != PRESET_KEY]
+    asked = [o.partition("=")[2].strip() for o in overrides if o not in rest]
+    name = asked[-1] if asked else flag or (raw.get("train") or {}).get("preset")
+    if name in (None, "", "null", "none"):
+        return experiment_from_dict(raw, rest, source)
+    preset, why = resolve_preset(str(name))
+    changes = preset_changes(preset, experiment_from_dict(raw, rest, source), frozen_keys(rest))
+    raw = with_changes(raw, changes)
+    raw["train"] = {**(raw.get("train") or {}), "preset": preset.name}
+    get_logger().info("%s", describe(preset, why, changes))
+    return experiment_from_dict(raw, rest, source)
 
 
 def apply_shortcuts(raw: Dict[str, Any], source: str, backbone: Optional[str] = None,
@@ -197,10 +230,15 @@ def _dataset_section(data: Dict[str, Any], name: str, source: str) -> Dict[str, 
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a tool's main; user mistakes print one clear message and exit 2, no traceback."""
+    """Run a tool's main; user mistakes print one clear message and exit 2, no traceback. SIGINT/SIGTERM
+    stop it cleanly (utils/stop_signals.py): one line saying how to continue, exit 130/143."""
     setup_logging()
     try:
-        return main(argv)
+        with stop_signals():
+            return main(argv)
+    except Stopped as exc:
+        get_logger().error("%s", exc)
+        return exc.exit_code
     except USER_ERRORS as exc:
         get_logger().error("%s", exc)
         return 2
