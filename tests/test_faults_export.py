@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from vfmkd.core.config import experiment_from_dict
 from vfmkd.datasets.transforms import letterbox
 from vfmkd.engine.builders import build_model
-from vfmkd.engine.export import export_outputs, load_student, onnx_session
-from vfmkd.models.input_scale import downscaled_size
+from vfmkd.engine.export import load_student, onnx_session
 from vfmkd.utils.checkpoint import save_checkpoint
 from vfmkd.utils.cli import run_tool
 
@@ -123,6 +122,8 @@ def test_seg_onnx_and_torchscript_export_prototypes_and_their_masks_match_pytorc
     assert_masks_match(pred, proto, want_pred, want_proto)
     assert (sem - want_sem).abs().max() < 1e-4
     # One head: ultralytics' own names for a seg export (output0 predictions, output1 prototypes).
+    from vfmkd.engine.export import export_outputs
+
     one = build_model({"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
                        "heads": {"instance": SEG_HEADS["instance"]}})
     assert [(o.name, o.kind) for o in export_outputs(one)] == [("output0", "predictions"), ("output1", "proto")]
@@ -130,6 +131,8 @@ def test_seg_onnx_and_torchscript_export_prototypes_and_their_masks_match_pytorc
 
 # ----------------------------------------------------------------- item 3: dynamic DSRL follows the input size
 def test_dsrl_downscale_keeps_the_training_sizes():
+    from vfmkd.models.input_scale import downscaled_size
+
     for scale in (1.2, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 1.75):
         for n in range(32, 2049, 7):
             assert downscaled_size(n, n, scale) == (int(n / scale + 0.5),) * 2, (scale, n)

@@ -223,9 +223,10 @@ def export_onnx(model: UnifiedModel, path: Path, imgsz: int, dynamic: bool = Fal
     import onnx  # optional at import time of vfmkd: only the export needs it
 
     wrapped = ExportedStudent(model, dynamic=dynamic, fmt="onnx")
-    with torch.no_grad():
-        example = _as_list(wrapped(example_input(imgsz)))
-    axes = dynamic_axes(wrapped.outputs, example) if dynamic else None
+    axes = None
+    if dynamic:  # output ranks from a copy: a run of ``wrapped`` itself would fill its heads' caches before tracing
+        with torch.no_grad():
+            axes = dynamic_axes(wrapped.outputs, _as_list(ExportedStudent(model, dynamic=True)(example_input(imgsz))))
     with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(wrapped, (example_input(imgsz),), str(tmp), opset_version=opset, input_names=[INPUT_NAME],
                           output_names=wrapped.output_names, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
