@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Agreement of cached teacher maps with the live teacher on extreme aspect ratios, against how many
-teacher cells the view's content spans on its short side (what ``ViewGates`` gates on).
+teacher cells the view's content spans on its short side.
 
     python benchmarks/bench_aspect_agreement.py            # SAM ViT-B @ 512, students 160/256/512, 3 images per shape
     python benchmarks/bench_aspect_agreement.py --quick    # @ 256, students 160/256, 2 images per shape
@@ -28,13 +28,28 @@ from bench_aug_agreement import STRIDE, cosine_on_student_grid
 from vfmkd.datasets import DetectionDataset, GeometricAugment, load_rgb
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.distillation.online import OnlineTeacher
-from vfmkd.distillation.routing import view_teacher_cells
+from vfmkd.datasets.records import ViewGeometry
 from vfmkd.engine.builders import open_cache
 from vfmkd.teachers import SamTeacher
 
-# (w, h): the short side spans ~1, 1.5, 2, 3, 4 and 12 cells of a stride-16 teacher at 256 (x2 at 512), both orientations
-SHAPES = tuple(s for w, h in ((4000, 250), (4000, 375), (4000, 500), (4000, 750), (4000, 1000), (640, 480))
+# (w, h): the short side spans ~1, 1.2, 1.5, 2, 4 and 12 cells of a stride-16 teacher at 256 (x2 at 512), both orientations
+SHAPES = tuple(s for w, h in ((4000, 250), (4000, 300), (4000, 375), (4000, 500), (4000, 1000), (640, 480))
                for s in ((w, h), (h, w)))
+
+
+def view_teacher_cells(view: ViewGeometry, cached_affine: torch.Tensor, cached_valid_hw: torch.Tensor, stride: int) -> float:
+    """Teacher cells (stride ``stride``) the view's visible content spans on the cached grid, short side:
+    the content box carried back to the original image, into the cached pass's frame, clipped to its
+    unpadded region."""
+    x1, y1, x2, y2 = view.content_box
+    valid_h, valid_w = (float(v) for v in cached_valid_hw.tolist())
+    extents = []
+    for axis, (lo, hi), limit in ((0, (x1, x2), valid_w), (1, (y1, y2), valid_h)):
+        s, o = view.matrix[axis, axis], view.matrix[axis, 2]
+        t, to = float(cached_affine[axis]), float(cached_affine[axis + 2])
+        ends = sorted(t * (edge - o) / s + to for edge in (lo, hi))
+        extents.append(max(0.0, min(ends[1], limit) - max(ends[0], 0.0)))
+    return min(extents) / float(stride)
 
 
 def write_dataset(root: Path, per_shape: int) -> None:

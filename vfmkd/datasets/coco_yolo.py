@@ -40,6 +40,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 EXIF_ORIENTATION = 0x0112  # 5..8 transpose the image: the upright (h, w) is the stored (w, h)
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # integer grayscale beyond 8 bits (16-bit PNG/TIFF)
 FLOAT_MODE = "F"
+DEFAULT_CLASSES_KEY = "model.heads.detection.num_classes"  # the builders pass the run's own box head key
 TWELVE_BIT_MAX = 4095  # a 16-bit image whose values never exceed this probably holds 12-bit data
 
 
@@ -163,7 +164,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
         return to_rgb8(im)
 
 
-def parse_labels(path: Path, num_classes: int, classes_key: str = "num_classes") -> np.ndarray:
+def parse_labels(path: Path, num_classes: int, classes_key: str = DEFAULT_CLASSES_KEY) -> np.ndarray:
     """(n, 5) float32 rows ``class cx cy w h`` of a YOLO label file; a missing file means no objects.
     A line repeating an earlier line's values exactly is dropped with a warning naming both lines
     (a duplicated box would count twice in the loss and as a false negative in mAP).
@@ -233,7 +234,7 @@ class DetectionDataset(Dataset):
         instances: bool = False,
         semantic: bool = False,
         binary_classes: Sequence[str] = (),
-        classes_key: str = "num_classes",
+        classes_key: str = DEFAULT_CLASSES_KEY,
     ) -> None:
         self.root, self.split, self.img_size, self.num_classes = resolve_path(root), split, int(img_size), num_classes
         self.classes_key = classes_key  # the setting behind num_classes, named by class-id errors

@@ -66,15 +66,19 @@ def letterbox(img: np.ndarray, size: int) -> Tuple[np.ndarray, Tuple[float, floa
     (scale-up allowed, centred padding of 114). Returns the canvas and the affine (sx, sy, ox, oy):
     original pixel (x, y) -> canvas pixel (x * sx + ox, y * sy + oy)."""
     h, w = img.shape[:2]
-    r = min(size / h, size / w)
-    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    new_w, new_h, left, top = letterbox_geometry(h, w, size)
     if (new_w, new_h) != (w, h):
         img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
+    bottom, right = size - new_h - top, size - new_w - left
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     return img, (new_w / w, new_h / h, float(left), float(top))
+
+
+def letterbox_geometry(h: int, w: int, size: int) -> Tuple[int, int, int, int]:
+    """(new_w, new_h, left, top) of the letterbox: whole-pixel content size and offsets (ultralytics')."""
+    r = min(size / h, size / w)
+    new_w, new_h = max(round(w * r), 1), max(round(h * r), 1)
+    return new_w, new_h, round((size - new_w) / 2 - 0.1), round((size - new_h) / 2 - 0.1)
 
 
 def opencv_matrix(matrix: np.ndarray) -> np.ndarray:
@@ -123,8 +127,11 @@ def student_view(img: np.ndarray, size: int, aug: Optional[GeometricAugment] = N
         matrix = np.array([[sx, 0.0, ox], [0.0, sy, oy]])
         return StudentView(canvas, matrix, affine, False, _content_box(matrix, w, h, size))
     rng = rng or np.random.default_rng()
-    r = min(size / h, size / w)
-    base = np.array([[r, 0.0, (size - w * r) / 2], [0.0, r, (size - h * r) / 2], [0.0, 0.0, 1.0]])
+    # The letterbox's own whole-pixel geometry: a view that is not zoomed or moved (a flip) has whole-pixel
+    # content edges, so the live teacher is not shown a blended sliver of padding as content (on a thin
+    # image that sliver is a large part of its few teacher cells: BENCHMARKS.md, "Thin images").
+    new_w, new_h, left, top = letterbox_geometry(h, w, size)
+    base = np.array([[new_w / w, 0.0, left], [0.0, new_h / h, top], [0.0, 0.0, 1.0]])
     gain = rng.uniform(1 - aug.scale, 1 + aug.scale) if aug.scale else 1.0
     angle = rng.uniform(-aug.degrees, aug.degrees) if aug.degrees else 0.0
     shift = rng.uniform(-aug.translate, aug.translate, size=2) * size if aug.translate else np.zeros(2)

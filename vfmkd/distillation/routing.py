@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -79,39 +79,6 @@ def live_view_shift(view: ViewGeometry, cached_affine: torch.Tensor, input_size:
     return worst / input_size
 
 
-#: A transformed view (flipped, scaled, shifted) whose content spans fewer teacher cells than this on
-#: its short side goes live: RoIAlign then resamples a map whose every cell borders the padding, and
-#: the cached flipped pass agrees poorly with the live teacher (BENCHMARKS.md, "Thin images").
-MIN_TEACHER_CELLS = 2.0
-
-
-def view_teacher_cells(view: ViewGeometry, cached_affine: torch.Tensor, cached_valid_hw: torch.Tensor, stride: int) -> float:
-    """Teacher cells (of a stride-``stride`` map) that the view's visible content spans on the cached
-    grid, on its short side: the content box carried back to the original image, into the cached
-    pass's frame (teacher input pixels) and clipped to its unpadded region."""
-    x1, y1, x2, y2 = view.content_box
-    valid_h, valid_w = (float(v) for v in cached_valid_hw.tolist())
-    extents = []
-    for axis, (lo, hi), limit in ((0, (x1, x2), valid_w), (1, (y1, y2), valid_h)):
-        s, o = view.matrix[axis, axis], view.matrix[axis, 2]
-        t, to = float(cached_affine[axis]), float(cached_affine[axis + 2])
-        ends = sorted(t * (edge - o) / s + to for edge in (lo, hi))
-        extents.append(max(0.0, min(ends[1], limit) - max(ends[0], 0.0)))
-    return min(extents) / float(stride)
-
-
-def image_teacher_cells(hw: Tuple[int, int], input_affine: InputAffine, input_size: int, stride: int) -> float:
-    """Teacher cells an (h, w) image spans on its short side in the teacher's own preprocessing."""
-    sx, sy = input_affine(hw[0], hw[1], input_size)[:2]
-    return min(hw[0] * sy, hw[1] * sx) / float(stride)
-
-
-def coarsest_stride(cache: OfflineTeacher) -> int:
-    """Stride of the cache's coarsest spatial map (1x1 summaries such as a CLS token excluded)."""
-    strides = [s.stride for s in cache.feature_specs if s.stride < cache.input_size]
-    return max(strides) if strides else cache.input_size
-
-
 @dataclass
 class ViewGates:
     """Which views of a run cannot be carried onto a cached grid (ViT maps are neither flip- nor
@@ -122,26 +89,20 @@ class ViewGates:
     flip: bool = False  # flips and the cache has no flipped pass
     crop: bool = False  # crops lose context the cached map saw (unless offline_crops)
     shift: bool = False  # views a live pass would see displaced beyond offline_max_shift
-    thin: bool = False  # transformed views of images spanning < MIN_TEACHER_CELLS teacher cells
 
     @classmethod
-    def of(cls, augment: Optional[GeometricAugment], has_flip: bool, offline_crops: bool,
-           thin_images: bool = False) -> "ViewGates":
-        """``thin_images``: some image of the split spans fewer than MIN_TEACHER_CELLS teacher cells."""
+    def of(cls, augment: Optional[GeometricAugment], has_flip: bool, offline_crops: bool) -> "ViewGates":
         if augment is None or not augment.enabled:
             return cls()  # a plain letterbox is exactly what the cache was written for
         zoom_or_move = augment.scale > 0 or augment.translate > 0
         return cls(rotation=augment.degrees > 0, flip=augment.fliplr > 0 and not has_flip,
-                   crop=zoom_or_move and not offline_crops, shift=zoom_or_move,
-                   thin=thin_images and (zoom_or_move or augment.fliplr > 0))
+                   crop=zoom_or_move and not offline_crops, shift=zoom_or_move)
 
     def why_live(self) -> str:
         reasons = [r for on, r in ((self.rotation, "rotation augmentation has no offline path"),
                                    (self.flip, "flip augmentation and the cache has no flipped pass"),
                                    (self.crop or self.shift, "scale/translate views beyond distillation.offline_max_shift "
-                                                             "or crops (offline_crops=false) go live"),
-                                   (self.thin, f"flipped/scaled/shifted views of images spanning < {MIN_TEACHER_CELLS:g} "
-                                               f"teacher cells on the short side go live")) if on]
+                                                             "or crops (offline_crops=false) go live")) if on]
         return "; ".join(reasons)
 
 
@@ -156,8 +117,7 @@ class TeacherRouter:
 
     def __init__(self, sources: Mapping[str, TeacherSource], offline_ratio: float, seed: int,
                  augment: Optional[GeometricAugment] = None, offline_max_shift: float = 0.05,
-                 offline_crops: bool = False, skip_missing: bool = False, rank: int = 0,
-                 orig_sizes: Sequence[Tuple[int, int]] = ()) -> None:
+                 offline_crops: bool = False, skip_missing: bool = False, rank: int = 0) -> None:
         if not 0.0 <= float(offline_ratio) <= 1.0:
             raise ConfigError(f"distillation.offline_ratio must be within [0, 1], got {offline_ratio}")
         self.sources = dict(sources)
@@ -167,19 +127,9 @@ class TeacherRouter:
         # that teacher (counted) instead of paying for live passes.
         self.skip_missing = bool(skip_missing)
         self.rank = int(rank)
-        # orig_sizes: the split's (h, w), to know whether the thin-view gate can send a view live.
-        self.strides = {n: coarsest_stride(s.cache) for n, s in self.sources.items() if s.cache is not None}
-        self.gates = {n: ViewGates.of(augment, bool(s.cache and s.cache.has_flip), offline_crops,
-                                      self._has_thin_images(n, orig_sizes)) for n, s in self.sources.items()}
+        self.gates = {n: ViewGates.of(augment, bool(s.cache and s.cache.has_flip), offline_crops) for n, s in self.sources.items()}
         self._index = {name: i for i, name in enumerate(sorted(self.sources))}
         self.counts: Dict[str, Counter] = {name: Counter() for name in self.sources}
-
-    def _has_thin_images(self, name: str, orig_sizes: Sequence[Tuple[int, int]]) -> bool:
-        src = self.sources[name]
-        if src.cache is None:
-            return False
-        return any(image_teacher_cells(hw, src.input_affine, src.cache.input_size, self.strides[name]) < MIN_TEACHER_CELLS
-                   for hw in orig_sizes)
 
     def live_reason(self, name: str) -> str:
         """Why a live pass can occur for ``name`` in this run ('' = never: no model is needed)."""
@@ -214,11 +164,6 @@ class TeacherRouter:
                 return "flipped view and the cache has no flipped pass (--with-flip)"
             if gates.crop and bool(views.cropped[i]):
                 return "view crops the image (the cached map saw context this view lacks; offline_crops=false)"
-            if gates.thin and (bool(views.flipped[i]) or gates.shift):  # a plain letterbox is the cached pass itself
-                cells = view_teacher_cells(views.view(i), cached.affine[i], cached.valid_hw[i], self.strides[name])
-                if cells < MIN_TEACHER_CELLS:
-                    return (f"view spans < {MIN_TEACHER_CELLS:g} teacher cells on its short side (a cached map that "
-                            f"thin resamples poorly)")
             if gates.shift:
                 shift = live_view_shift(views.view(i), cached.affine[i], cached.input_size, src.input_affine)
                 if shift > self.max_shift:

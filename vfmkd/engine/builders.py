@@ -202,8 +202,7 @@ def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTea
             name=name, offline=offline, cache=cache, input_affine=type_cls.input_affine,
             load_live=live.loader(name, cache.input_size if cache else None), missing=missing, why_no_cache=why_no_cache)
     return TeacherRouter(sources, ratio, cfg.train.seed, None if validation else augment,
-                         dist.offline_max_shift, dist.offline_crops, skip_missing=validation, rank=rank,
-                         orig_sizes=dataset.orig_sizes)
+                         dist.offline_max_shift, dist.offline_crops, skip_missing=validation, rank=rank)
 
 
 def teacher_specs(router: TeacherRouter) -> Tuple[Dict[str, Tuple[FeatureSpec, ...]], Dict[str, str]]:
