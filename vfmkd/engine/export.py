@@ -4,9 +4,11 @@ a vfmkd checkpoint into ONNX, TorchScript or an ultralytics ``.pt``.
 What is exported is :class:`UnifiedModel` alone: the distillation adapters live in the checkpoint's
 ``distiller`` entry and are never built here, and the heads run their eval path (ultralytics'
 ``Detect`` in ``export`` mode: one (B, 4 + num_classes, anchors) tensor of decoded xywh boxes in
-input pixels and class probabilities, no raw training dict).
+input pixels and class probabilities, no raw training dict; its ``Segment`` adds the mask prototypes,
+exported as their own output: :func:`export_outputs`). Every graph is checked against PyTorch
+before it is renamed into place (:mod:`vfmkd.engine.export_check`), a dynamic one at a second size.
 
-Every file is written atomically (a temp file in the target folder, fsynced, renamed), as
+Every file is written atomically (:func:`vfmkd.engine.export_output.atomic_path`), as
 :func:`vfmkd.utils.checkpoint.save_checkpoint` writes checkpoints.
 """
 from __future__ import annotations
