@@ -90,13 +90,13 @@ def test_held_out_fidelity_from_the_val_cache_and_from_the_live_teacher(features
     result = json.loads((run / "test_metrics_val2017.json").read_text())
     assert result["fidelity"]["sam/image_embeddings@P4"]["cos"] == pytest.approx(fid["cos"], abs=1e-5)
 
-    # Without a val cache the live teacher provides the held-out targets: close to the cached number
-    # (the live pass sees the letterboxed canvas, the cache the original image).
+    # Without a val cache, --fidelity live asks the live teacher for the held-out targets: close to the
+    # cached number (the live pass sees the letterboxed canvas, the cache the original image).
     val_only = tmp_path / "train_only"
     val_only.mkdir()
     (val_only / "train2017.h5").symlink_to(features / "train2017.h5")
     assert test_tool.main(["--config", str(run / "config.yaml"), "--checkpoint", str(run / "checkpoints" / "last.pt"),
-                           "--no-progress", f"teachers.sam.feature_path={val_only}"]) == 0
+                           "--no-progress", "--fidelity", "live", f"teachers.sam.feature_path={val_only}"]) == 0
     live = json.loads((run / "test_metrics_val2017.json").read_text())
     assert live["fidelity_sources"] == {"sam": {"online": 1, "online: no cache for this split": 1}}
     assert live["fidelity"]["sam/image_embeddings@P4"]["cos"] == pytest.approx(fid["cos"], abs=1e-2)

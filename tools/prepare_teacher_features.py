@@ -56,6 +56,7 @@ from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter, MaskPlan  # 
 from vfmkd.teachers.base import segmenting_teachers  # noqa: E402
 from vfmkd.utils.cli import entry  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
+from vfmkd.utils.stop_signals import Stopped, rerun_command  # noqa: E402
 
 LOG = logging.getLogger("vfmkd")
 MIN_COSINE = 0.999
@@ -429,6 +430,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out_file, paths = fill_split(args, teacher, entry_cfg, root, split, output, dist)
             if args.verify and (dist is None or dist[0] == 0):
                 ok &= verify(teacher, out_file, paths, args.verify, args.seed, args.batch_size)
+    except Stopped as exc:  # the writers' `with` blocks have released their locks and closed the files
+        again = "the same torchrun command" if dist is not None else rerun_command()
+        exc.outcome = f"the batches already cached under {output} are kept; rerun {again} to finish the cache"
+        raise
     finally:
         if dist is not None:
             import torch.distributed as tdist

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vfmkd.core.config import experiment_record, resolve_path  # noqa: E402
 from vfmkd.engine.builders import head_tasks  # noqa: E402
 from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config  # noqa: E402
-from vfmkd.engine.tester import test_checkpoint  # noqa: E402
+from vfmkd.engine.tester import FIDELITY_SOURCES, test_checkpoint  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
 
@@ -31,6 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = experiment_parser(__doc__.strip().splitlines()[0], checkpoint=True)
     parser.add_argument("--split", default=None, help="dataset split to evaluate (default: data.val_split)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
+    parser.add_argument("--fidelity", choices=FIDELITY_SOURCES, default="cache",
+                        help="held-out student-teacher fidelity from the split's teacher cache (default; skipped, "
+                             "saying how to get it, when there is none), from the live teacher where no cache exists "
+                             "(needs the teacher's weights; minutes on CPU), or off. mAP never needs the teacher")
     args = parse_experiment_args(parser, argv)
     cfg = load_experiment_args(args)
     checkpoint = resolve_path(args.checkpoint)
@@ -40,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_run_config(run_dir, cfg)
     log = setup_logging(run_dir / "test.log")
     split = args.split or cfg["data"]["val_split"]
-    metrics = test_checkpoint(cfg, checkpoint, split, args.config, progress=not args.no_progress, out_dir=run_dir)
+    metrics = test_checkpoint(cfg, checkpoint, split, args.config, progress=not args.no_progress, out_dir=run_dir,
+                               fidelity=args.fidelity)
     out = run_dir / f"test_metrics_{split}.json"
     write_json(out, metrics)
     for head, task in head_tasks(experiment_record(cfg).model).items():

@@ -12,8 +12,10 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
+from vfmkd.engine.resume import RunFinished  # noqa: E402
 from vfmkd.engine.trainer import Trainer  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
+from vfmkd.utils.logging import get_logger  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -25,7 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "defaults to the run's config.yaml; a changed model/teachers/losses/data/seed is refused")
     args = parse_experiment_args(parser, argv)
     cfg = load_experiment_args(args)
-    trainer = Trainer(cfg, progress=not args.no_progress, resume=Path(args.resume) if args.resume else None)
+    try:
+        trainer = Trainer(cfg, progress=not args.no_progress, resume=Path(args.resume) if args.resume else None)
+    except RunFinished as done:  # a finished run resumed: say so, touch nothing
+        get_logger().info("%s", done)
+        return 0
     metrics = trainer.fit()
     best, score = metrics["best_val"] or {}, metrics["best_metric"]
     picked = f"val {score['head']} {score['metric']}={score['value']:.4f}" if score else "no validation score"

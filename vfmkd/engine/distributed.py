@@ -46,6 +46,14 @@ class DistributedContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over every rank (e.g. the signal any rank received), the same on each."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def sum_logs(self, sums: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float]:
         """Epoch means of per-step logs over every rank's steps (same keys on every rank)."""
         keys = sorted(sums)

@@ -45,23 +45,46 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
+class RunFinished(Exception):
+    """``--resume`` of a run that already trained all its epochs: nothing to do (not an error)."""
+
+
 def resume_checkpoint(path: Path) -> Tuple[Path, Dict[str, Any]]:
     """The checkpoint to resume and its state: ``path`` itself (a .pt) or ``<run>/checkpoints/last.pt``;
     when that one cannot be loaded (truncated, damaged) the one it replaced (``last.prev.pt``), with
-    a warning."""
+    a warning. When neither can be loaded the run cannot continue: the error names both files and
+    the command that starts it afresh."""
     path = Path(path)
     ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
     previous = previous_of(ckpt)
     if not ckpt.is_file() and not previous.is_file():
         raise CheckpointError(f"--resume {path}: no checkpoint at {ckpt} (pass a run directory or its checkpoints/last.pt)")
-    try:
-        return ckpt, load_checkpoint(ckpt)
-    except CheckpointError as exc:
-        if not previous.is_file():
-            raise
-        get_logger().warning("cannot resume from %s (%s); falling back to the previous checkpoint %s",
-                             ckpt, str(exc).splitlines()[0], previous)
-        return previous, load_checkpoint(previous)
+    reasons = []
+    for candidate in (ckpt, previous):
+        if not candidate.is_file():
+            continue
+        try:
+            state = load_checkpoint(candidate)
+        except CheckpointError as exc:
+            reasons.append(str(exc).splitlines()[0].split(". An interrupted")[0])  # its advice is about downloads
+            continue
+        if reasons:
+            get_logger().warning("cannot resume: %s; falling back to the previous checkpoint %s", reasons[0], candidate)
+        return candidate, state
+    run = ckpt.parent.parent
+    raise CheckpointError(
+        f"--resume {path}: no usable checkpoint is left ({'; '.join(reasons)}), so this run cannot continue. "
+        f"Start a new run with its config: python tools/train.py --config {run / 'config.yaml'}")
+
+
+def check_finished(state: Mapping[str, Any], epochs: int, checkpoint: Path) -> None:
+    """Raise :class:`RunFinished` when ``state`` (a last.pt) resumes past the run's last epoch."""
+    r = state["resume"]
+    if int(r["batch"]) == 0 and int(r["epoch"]) > epochs:
+        run = checkpoint.parent.parent
+        raise RunFinished(
+            f"{run} already finished its {epochs} epoch(s); nothing to do (metrics.json and the checkpoints are "
+            f"unchanged). To train longer: python tools/train.py --resume {run} train.epochs={epochs + 10}")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -17,6 +17,7 @@ import vfmkd.models.heads  # noqa: F401  (registers the built-in heads)
 from vfmkd.datasets import collate_samples
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.utils.logging import get_logger
+from vfmkd.utils.stop_signals import ignore_in_worker
 
 
 def seed_everything(seed: int) -> None:
@@ -66,6 +67,7 @@ def build_loader(dataset, batch_size: int, num_workers: int, shuffle: bool, seed
         collate_fn=collate_distill if isinstance(dataset, CachedTargetsDataset) else collate_samples,
         generator=generator,
         persistent_workers=persistent,
+        worker_init_fn=ignore_in_worker if num_workers > 0 else None,  # SIGINT/SIGTERM are the main process's
     )
 
 

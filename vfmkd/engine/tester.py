@@ -8,9 +8,12 @@ import torch
 
 from vfmkd.core.config import experiment_record
 from vfmkd.core.device import resolve_device
-from vfmkd.core.errors import CheckpointError
+from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError
 from vfmkd.distillation.cached import CachedTargetsDataset
-from vfmkd.engine.builders import LiveTeachers, build_dataset, build_distiller, build_model, build_router, head_tasks
+from vfmkd.datasets.feature_cache import rebuild_command
+from vfmkd.engine.builders import (
+    LiveTeachers, build_dataset, build_distiller, build_model, build_router, enabled_teachers, head_tasks,
+)
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate
 from vfmkd.engine.results_text import write_test_results
@@ -33,11 +36,41 @@ def _load(module: torch.nn.Module, state: Mapping[str, Any], what: str, checkpoi
             f"num_classes or losses? pass the run's own config.yaml): {str(exc).splitlines()[0]}") from exc
 
 
+FIDELITY_SOURCES = ("cache", "live", "off")
+
+
+def fidelity_router(exp: Any, dataset: Any, live: LiveTeachers, fidelity: str) -> Optional[Any]:
+    """The router that scores held-out fidelity, or None (skipped, with one line saying how to get it).
+    ``cache``: only when every enabled teacher has a usable cache of the split (the task metrics never
+    wait for, or fail on, a teacher); ``live``: the live teacher stands in where a cache is missing."""
+    if fidelity not in FIDELITY_SOURCES:
+        raise ConfigError(f"--fidelity {fidelity}: choose one of {', '.join(FIDELITY_SOURCES)}")
+    how = "or pass --fidelity live to run the live teacher over the split (needs its weights; slow on CPU)"
+    try:
+        router = build_router(exp, dataset, live, validation=True)
+    except (CacheMismatchError, CheckpointError, ConfigError) as exc:
+        if fidelity == "live":
+            raise
+        get_logger().warning("held-out fidelity skipped: %s\n(%s)", exc, how)
+        return None
+    uncached = [n for n in router.sources if router.live_reason(n)]
+    if uncached and fidelity != "live":
+        teachers = enabled_teachers(exp.teachers)
+        fixes = [rebuild_command(teachers[n]["type"], exp.data.dataset, dataset.split, str(teachers[n]["feature_path"]),
+                                 teacher_config=teachers[n]) if teachers[n].get("feature_path") and teachers[n].get("offline", True)
+                 else f"teachers.{n} is live only (offline: false)" for n in uncached]
+        get_logger().info("held-out fidelity skipped: no %s cache of teacher(s) %s; cache it (%s), %s",
+                          dataset.split, ", ".join(uncached), "; ".join(fixes), how)
+        return None
+    return router
+
+
 def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_name: str,
-                    progress: bool = True, out_dir: Optional[Path] = None) -> Dict[str, Any]:
+                    progress: bool = True, out_dir: Optional[Path] = None, fidelity: str = "cache") -> Dict[str, Any]:
     """Every head's metrics (mAP, mask mAP, mIoU, Dice, ...) of the checkpoint's student on ``split``
     and, when the run distilled features (and ``eval.fidelity``), the held-out cosine/MSE per teacher
-    and level against the split's cache or, where none exists, the live teacher. With ``out_dir``,
+    and level against the split's cache (``fidelity`` "cache", the default: skipped, with one line,
+    when a teacher has none) or, with "live", the live teacher where no cache exists ("off": none). With ``out_dir``,
     the first batch is drawn into ``out_dir/visualizations/test_sample_000.png`` (+ ``_pca``; a model
     with instance and semantic heads also ``test_panoptic_000.png``, its merged panoptic output) and
     every metric (PQ/SQ/RQ under ``panoptic``) is written to ``out_dir/test_results.txt``."""
@@ -54,10 +87,13 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     dataset = build_dataset(exp.data, split, num_classes, tasks=tasks.values(), heads=exp.model.heads)
     distiller = router = None
     loader_set: Any = dataset
-    wants_fidelity = exp.eval.fidelity and bool(exp.distillation.losses)
+    wants_fidelity = fidelity != "off" and exp.eval.fidelity and bool(exp.distillation.losses)
     if wants_fidelity and "distiller" in state:
         live = LiveTeachers(exp.teachers, device)
-        router = build_router(exp, dataset, live, validation=True)
+        router = fidelity_router(exp, dataset, live, fidelity)
+    elif wants_fidelity:
+        get_logger().warning("%s holds no distillation adapters: no fidelity numbers", checkpoint)
+    if router is not None:
         router.load_live_models()
         distiller = build_distiller(exp, model, router, live).to(device)
         _load(distiller, state["distiller"], "distillation adapters", checkpoint, config_name)
@@ -67,8 +103,6 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
         else:
             caches = {n: s.cache for n, s in router.sources.items() if s.cache is not None}
             loader_set = CachedTargetsDataset(dataset, caches, {n: s.missing for n, s in router.sources.items()})
-    elif wants_fidelity:
-        get_logger().warning("%s holds no distillation adapters: no fidelity numbers", checkpoint)
     loader = build_loader(loader_set, exp.eval.batch_size, worker_count(exp.data.num_workers), False, exp.train.seed)
     names, semantic_names = class_names(exp.data.root, num_classes), semantic_class_names(dataset)
     e = exp.eval

@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,10 +34,11 @@ from vfmkd.engine.setup import (
 )
 from vfmkd.engine.stages import build_stages, stage_of, staged_lr_lambda
 from vfmkd.engine.distributed import init_distributed
-from vfmkd.engine.resume import capture_rng, check_resume_config, restore_rng, resume_checkpoint
+from vfmkd.engine.resume import capture_rng, check_finished, check_resume_config, restore_rng, resume_checkpoint
 from vfmkd.utils.checkpoint import publish_copy, save_checkpoint
-from vfmkd.utils.logging import setup_logging
+from vfmkd.utils.logging import get_logger, setup_logging
 from vfmkd.utils.plots import plot_training_curves
+from vfmkd.utils.stop_signals import Stopped, deferred, requested, rerun_command, signal_name
 
 __all__ = ["Trainer", "TrainStep"]
 
@@ -64,6 +68,17 @@ class Trainer:
 
     def __init__(self, cfg: Dict[str, Any], run_dir: Optional[Path] = None, progress: bool = True,
                  resume: Optional[Path] = None) -> None:
+        self.created_run_dir: Optional[Path] = None  # the run directory this Trainer made (not a resumed one)
+        try:
+            self._setup(cfg, run_dir, progress, resume)
+        except BaseException as exc:
+            self._discard_unsaved_run()
+            if isinstance(exc, Stopped):
+                exc.outcome = self._continue_line() if hasattr(self, "run_dir") else (
+                    f"the run stopped before it started, nothing was saved; start it again: {rerun_command()}")
+            raise
+
+    def _setup(self, cfg: Dict[str, Any], run_dir: Optional[Path], progress: bool, resume: Optional[Path]) -> None:
         self.cfg = cfg  # the resolved config as loaded: saved into the run directory and checkpoints
         resumed: Optional[Dict[str, Any]] = None
         if resume is not None:  # checked before anything is built or written
@@ -71,6 +86,7 @@ class Trainer:
             if "resume" not in resumed:
                 raise CheckpointError(f"{checkpoint} holds no training state to resume (written by an older vfmkd?)")
             check_resume_config(resumed["config"], cfg, checkpoint)
+            check_finished(resumed, int(cfg["train"]["epochs"]), checkpoint)  # nothing built or written yet
             run_dir = checkpoint.parent.parent
         exp = experiment_record(cfg)
         self.exp = exp
@@ -93,8 +109,8 @@ class Trainer:
         self.live = LiveTeachers(exp.teachers, self.device)
         self.router = build_router(exp, self.train_set, self.live, self.augment, rank=self.ctx.rank)
         self.model = build_model(exp.model, initialise=resumed is None)  # a resumed run has its own weights
-        if self.ctx.is_main:
-            run_dir = run_dir or create_run_dir(resolve_path(exp.work_dir), exp.experiment_name)
+        if self.ctx.is_main and run_dir is None:
+            run_dir = self.created_run_dir = create_run_dir(resolve_path(exp.work_dir), exp.experiment_name)
         self.run_dir = Path(self.ctx.broadcast(str(run_dir)))
         # Rank 0 alone writes the log file (appended when resuming); other ranks print warnings only.
         self.log = setup_logging(self.run_dir / "train.log" if self.ctx.is_main else None,
@@ -153,6 +169,7 @@ class Trainer:
         self.step = 0  # micro-batches seen
         self.optimizer_steps = 0
         self.nonfinite_in_a_row = 0
+        self._seconds_before, self._fit_start = 0.0, None  # training time of the run's earlier sessions (resumes)
         # Where fit() starts: epoch, batches of it already trained and their running log sums.
         self.start_epoch, self.start_batch, self._partial = 1, 0, ({}, {})
         self._epoch_generator = self.train_loader.generator.get_state()
@@ -255,6 +272,9 @@ class Trainer:
             if every and (i + 1) % accumulate == 0 and self.optimizer_steps % every == 0 and i + 1 < n_batches:
                 self._partial = (sums, counts)
                 self.save("last.pt", epoch - 1, {"epoch": epoch, "batch": i + 1}, resume_at=(epoch, i + 1))
+            if (i + 1) % accumulate == 0 and i + 1 < n_batches:  # a safe point: the step's update is complete
+                self._partial = (sums, counts)
+                self._stop_if_asked(epoch, i + 1)
         return self.ctx.sum_logs(sums, counts)
 
     def evaluate(self, epoch: Optional[int] = None) -> Dict[str, Any]:
@@ -296,7 +316,7 @@ class Trainer:
                 "history": self.history, "best_fitness": self.best_fitness,
                 "router_counts": self.router.summary(), "loader_generator": generator, "rng": capture_rng(),
                 "sampling": self.distiller.sampling_states(),
-                "world_size": self.ctx.world_size,
+                "world_size": self.ctx.world_size, "train_seconds": self.train_seconds(),
             },
         })
 
@@ -321,11 +341,53 @@ class Trainer:
         self.train_loader.generator.set_state(r["loader_generator"])
         restore_rng(r["rng"])
         self.distiller.load_sampling_states(r.get("sampling", {}))
+        self._seconds_before = float(r.get("train_seconds", 0.0))
         self.log.info("resumed at epoch %d, batch %d (step %d)", self.start_epoch, self.start_batch, self.step)
 
+    def train_seconds(self) -> float:
+        """Seconds this run has trained, over every session of it (a resume adds to the saved total)."""
+        return self._seconds_before + (time.time() - self._fit_start if self._fit_start is not None else 0.0)
+
     def fit(self) -> Dict[str, Any]:
+        """Train the remaining epochs; metrics.json's content. A SIGINT/SIGTERM (tools install the handlers)
+        stops at the next optimizer step after saving a resumable last.pt (:meth:`_stop_if_asked`)."""
+        try:
+            with deferred():
+                return self._fit()
+        except BaseException as exc:
+            self._discard_unsaved_run()
+            if isinstance(exc, Stopped) and not exc.outcome:  # a second signal, or one outside the safe points
+                exc.outcome = self._continue_line()
+            raise
+
+    def _continue_line(self) -> str:
+        """What a stopped run tells its user: the command that continues it, or that nothing was saved."""
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if not self.ctx.is_main:
+            return "rank 0 saves the run"
+        if self.created_run_dir is None and not last.exists():  # removed by _discard_unsaved_run
+            return f"the run stopped before its first checkpoint, nothing was saved; start it again: {rerun_command()}"
+        launcher = (f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', self.ctx.world_size)}"
+                    if self.ctx.enabled else "python")
+        return f"{last} holds the run; continue it with: {launcher} {sys.argv[0] or 'tools/train.py'} --resume {self.run_dir}"
+
+    def _stop_if_asked(self, epoch: int, batch: int = 0) -> None:
+        """A safe point (an optimizer step just finished, or an epoch was saved): when a signal asked any rank
+        to stop, every rank stops here together; mid-epoch (``batch`` > 0) last.pt is saved first."""
+        signum = self.ctx.max_int(requested())
+        if not signum:
+            return
+        if batch:
+            self.save("last.pt", epoch - 1, {"epoch": epoch, "batch": batch, "interrupted": signal_name(signum)},
+                      resume_at=(epoch, batch))
+        if self.history:
+            self._write_metrics(self.train_seconds())  # the time trained so far
+        self.ctx.barrier()  # rank 0 has written: the other ranks may go
+        raise Stopped(signum, self._continue_line())
+
+    def _fit(self) -> Dict[str, Any]:
         train_cfg = self.train_cfg
-        start = time.time()
+        self._fit_start = time.time()
         current = None
         for epoch in range(self.start_epoch, (train_cfg.epochs or 0) + 1):
             stage = stage_of(self.stages, epoch)
@@ -366,12 +428,30 @@ class Trainer:
             if last is not None and train_cfg.save_period and epoch % train_cfg.save_period == 0:
                 publish_copy(last, last.with_name(f"checkpoint_epoch{epoch}.pt"))
             self._log_epoch(record)
-            self._write_metrics(time.time() - start)
+            self._write_metrics(self.train_seconds())
             self.ctx.barrier()  # the other ranks wait while rank 0 validates and writes
+            if epoch < (train_cfg.epochs or 0):  # after the last epoch the run is finished anyway
+                self._stop_if_asked(epoch + 1)
         if self.writer is not None:
             self.writer.close()
             plot_training_curves(self.history, self.run_dir / "training_curves.png")
-        return self._write_metrics(time.time() - start)
+        return self._write_metrics(self.train_seconds())
+
+    def _discard_unsaved_run(self) -> None:
+        """Remove the run directory this Trainer created when the run stops (a config error found after it
+        was made, a signal, a crash) before any checkpoint was written: nothing in it is worth keeping."""
+        run = self.created_run_dir
+        if run is None or not run.is_dir() or any((run / "checkpoints").glob("*.pt")):
+            return
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+        setup_logging(None)  # closes train.log
+        shutil.rmtree(run, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run.parent.rmdir()  # the experiment's folder, when this was its only run
+        self.created_run_dir = None
+        get_logger().info("removed the run directory %s: the run stopped before writing a checkpoint", run)
 
     def _save_best(self, epoch: int, record: Dict[str, Any], tag: str) -> None:
         """best.pt and its named twin best_epoch{E}_{metric}{value}.pt (the previous twin removed)."""

@@ -26,6 +26,7 @@ from vfmkd.core.config import REPO_ROOT, experiment_from_dict, read_yaml, resolv
 from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, DatasetError, NonFiniteLossError, did_you_mean
 from vfmkd.utils.logging import get_logger, setup_logging
 from vfmkd.utils.presets import describe, frozen_keys, preset_changes, preset_names, resolve_preset, with_changes
+from vfmkd.utils.stop_signals import Stopped, stop_signals
 
 USER_ERRORS = (ConfigError, CheckpointError, CacheMismatchError, DatasetError, FileNotFoundError, NonFiniteLossError)
 # an output that cannot be written (full disk, quota, file-size limit, read-only, no permission, a file in
@@ -229,10 +230,15 @@ def _dataset_section(data: Dict[str, Any], name: str, source: str) -> Dict[str, 
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a tool's main; user mistakes print one clear message and exit 2, no traceback."""
+    """Run a tool's main; user mistakes print one clear message and exit 2, no traceback. SIGINT/SIGTERM
+    stop it cleanly (utils/stop_signals.py): one line saying how to continue, exit 130/143."""
     setup_logging()
     try:
-        return main(argv)
+        with stop_signals():
+            return main(argv)
+    except Stopped as exc:
+        get_logger().error("%s", exc)
+        return exc.exit_code
     except USER_ERRORS as exc:
         get_logger().error("%s", exc)
         return 2
