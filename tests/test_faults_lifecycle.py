@@ -132,6 +132,15 @@ def test_a_config_error_after_the_run_directory_leaves_none(features, tmp_path, 
     assert not (tmp_path / "yolov8_sam_coco128").exists() or not any((tmp_path / "yolov8_sam_coco128").iterdir())
 
 
+def test_tools_test_leaves_no_empty_results_folder_when_it_fails(run, tmp_path):
+    loose = tmp_path / "student.pt"  # a checkpoint outside its run directory: results would go to a new folder
+    shutil.copy(run / "checkpoints" / "last.pt", loose)
+    argv = ["--config", str(run / "config.yaml"), "--checkpoint", str(loose), "--no-progress",
+            f"work_dir={tmp_path / 'work'}", "model.heads.detection.num_classes=3"]  # does not fit the checkpoint
+    assert run_tool(test_tool.main, argv) == 2
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
 # ----------------------------------------------------------------------------- item 13: signals
 TRAIN_DRIVER = textwrap.dedent("""
     import sys, time

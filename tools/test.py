@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vfmkd.core.config import experiment_record, resolve_path  # noqa: E402
 from vfmkd.engine.builders import head_tasks  # noqa: E402
-from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config  # noqa: E402
+from vfmkd.engine.run_dir import create_run_dir, remove_unused_run_dir, write_json, write_run_config  # noqa: E402
 from vfmkd.engine.tester import FIDELITY_SOURCES, test_checkpoint  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
@@ -39,13 +39,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_experiment_args(args)
     checkpoint = resolve_path(args.checkpoint)
     run_dir = run_dir_of(checkpoint)
-    if run_dir is None:
+    made = run_dir is None  # a checkpoint outside a run directory: results go to a new one
+    if made:
         run_dir = create_run_dir(resolve_path(cfg["work_dir"]), cfg["experiment_name"] + "_test")
         write_run_config(run_dir, cfg)
     log = setup_logging(run_dir / "test.log")
     split = args.split or cfg["data"]["val_split"]
-    metrics = test_checkpoint(cfg, checkpoint, split, args.config, progress=not args.no_progress, out_dir=run_dir,
-                               fidelity=args.fidelity)
+    try:
+        metrics = test_checkpoint(cfg, checkpoint, split, args.config, progress=not args.no_progress, out_dir=run_dir,
+                                   fidelity=args.fidelity)
+    except BaseException:
+        if made:  # stopped before any result: no empty folder is left behind
+            setup_logging(None)
+            remove_unused_run_dir(run_dir, ("test_metrics_*.json",))
+        raise
     out = run_dir / f"test_metrics_{split}.json"
     write_json(out, metrics)
     for head, task in head_tasks(experiment_record(cfg).model).items():

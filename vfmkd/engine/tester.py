@@ -45,21 +45,21 @@ def fidelity_router(exp: Any, dataset: Any, live: LiveTeachers, fidelity: str) -
     wait for, or fail on, a teacher); ``live``: the live teacher stands in where a cache is missing."""
     if fidelity not in FIDELITY_SOURCES:
         raise ConfigError(f"--fidelity {fidelity}: choose one of {', '.join(FIDELITY_SOURCES)}")
-    how = "or pass --fidelity live to run the live teacher over the split (needs its weights; slow on CPU)"
+    how = "pass --fidelity live to run the live teacher over the split (needs its weights; slow on CPU)"
     try:
         router = build_router(exp, dataset, live, validation=True)
     except (CacheMismatchError, CheckpointError, ConfigError) as exc:
         if fidelity == "live":
             raise
-        get_logger().warning("held-out fidelity skipped: %s\n(%s)", exc, how)
+        get_logger().warning("held-out fidelity skipped: %s\n(rebuild that cache, or %s)", exc, how)
         return None
     uncached = [n for n in router.sources if router.live_reason(n)]
     if uncached and fidelity != "live":
         teachers = enabled_teachers(exp.teachers)
         fixes = [rebuild_command(teachers[n]["type"], exp.data.dataset, dataset.split, str(teachers[n]["feature_path"]),
                                  teacher_config=teachers[n]) if teachers[n].get("feature_path") and teachers[n].get("offline", True)
-                 else f"teachers.{n} is live only (offline: false)" for n in uncached]
-        get_logger().info("held-out fidelity skipped: no %s cache of teacher(s) %s; cache it (%s), %s",
+                 else f"teachers.{n} is live only (offline: false), nothing to cache" for n in uncached]
+        get_logger().info("held-out fidelity skipped: no %s cache of teacher(s) %s; cache it (%s), or %s",
                           dataset.split, ", ".join(uncached), "; ".join(fixes), how)
         return None
     return router

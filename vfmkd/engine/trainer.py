@@ -5,7 +5,6 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate, primary_metric, scalar_metrics
 from vfmkd.engine.loggers import RunLoggers, check_loggers
 from vfmkd.engine.fusion_log import log_fusion_weights
-from vfmkd.engine.run_dir import create_run_dir, write_json, write_run_config
+from vfmkd.engine.run_dir import create_run_dir, remove_unused_run_dir, write_json, write_run_config
 from vfmkd.engine.setup import (
     build_loader, class_names, detection_classes, make_optimizer, seed_everything, worker_count,
 )
@@ -441,17 +440,15 @@ class Trainer:
         """Remove the run directory this Trainer created when the run stops (a config error found after it
         was made, a signal, a crash) before any checkpoint was written: nothing in it is worth keeping."""
         run = self.created_run_dir
-        if run is None or not run.is_dir() or any((run / "checkpoints").glob("*.pt")):
+        if run is None or any((run / "checkpoints").glob("*.pt")):
             return
         writer = getattr(self, "writer", None)
         if writer is not None:
             writer.close()
         setup_logging(None)  # closes train.log
-        shutil.rmtree(run, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run.parent.rmdir()  # the experiment's folder, when this was its only run
-        self.created_run_dir = None
-        get_logger().info("removed the run directory %s: the run stopped before writing a checkpoint", run)
+        if remove_unused_run_dir(run, ("checkpoints/*.pt",)):
+            self.created_run_dir = None
+            get_logger().info("removed the run directory %s: the run stopped before writing a checkpoint", run)
 
     def _save_best(self, epoch: int, record: Dict[str, Any], tag: str) -> None:
         """best.pt and its named twin best_epoch{E}_{metric}{value}.pt (the previous twin removed)."""
