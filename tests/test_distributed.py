@@ -55,7 +55,10 @@ def test_two_gloo_ranks_match_one_rank_with_the_doubled_batch(tmp_path):
     assert two["world_size"] == 2 and len(two["epochs"]) == 2
     for a, b in zip(one["epochs"], two["epochs"]):  # the loss curve, averaged over ranks
         assert b["train"]["loss_feat_distill_sam"] == pytest.approx(a["train"]["loss_feat_distill_sam"], rel=0.05)
-        assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], rel=0.1)
+        # The total includes the detection loss, whose BatchNorm statistics come from half batches per rank
+        # (no SyncBatchNorm, as in ultralytics' DDP): with YOLOv8's own BatchNorm eps (1e-3) it differed by
+        # 11 % at batch 2 per rank, so 20 % here; the feature loss above and the weights below stay tight.
+        assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], rel=0.2)
     # Final weights: the same update. SGD, because Adam's per-parameter normalisation turns the tiny
     # gradient differences of BatchNorm over half batches (per rank) into large update differences;
     # measured: update cosine 0.997, relative difference 0.07.
