@@ -21,14 +21,14 @@ from pathlib import Path
 
 import _common  # noqa: F401  (sys.path)
 import torch
-from PIL import Image
-
 from _common import machine, quiet
 from bench_aug_agreement import STRIDE, cosine_on_student_grid
+from PIL import Image
+
 from vfmkd.datasets import DetectionDataset, GeometricAugment, load_rgb
+from vfmkd.datasets.records import ViewGeometry
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.distillation.online import OnlineTeacher
-from vfmkd.datasets.records import ViewGeometry
 from vfmkd.engine.builders import open_cache
 from vfmkd.teachers import SamTeacher
 

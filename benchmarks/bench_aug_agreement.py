@@ -30,8 +30,8 @@ import _common  # noqa: F401  (sys.path)
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _common import build_cache, machine, quiet
+
 from vfmkd.datasets import Batch, DetectionDataset, GeometricAugment, load_rgb
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.distillation.geometry import resample_to_student

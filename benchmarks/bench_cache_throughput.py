@@ -114,6 +114,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
+
     from vfmkd.core.config import resolve_path
     from vfmkd.core.registry import TEACHERS
     from vfmkd.datasets.coco_yolo import list_images, load_rgb

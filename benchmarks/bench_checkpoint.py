@@ -21,9 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vfmkd.engine.builders import build_loss_terms, build_model  # noqa: E402
 from vfmkd.core.feature_spec import FeatureSpec  # noqa: E402
 from vfmkd.distillation.distiller import Distiller  # noqa: E402
+from vfmkd.engine.builders import build_loss_terms, build_model  # noqa: E402
 from vfmkd.engine.resume import capture_rng  # noqa: E402
 from vfmkd.utils.checkpoint import save_checkpoint  # noqa: E402
 

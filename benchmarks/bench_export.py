@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import REPO, machine, median, quiet
 
 from vfmkd.core.config import load_experiment  # noqa: E402

@@ -21,7 +21,6 @@ import time
 from typing import Dict, List
 
 import torch
-
 from _common import machine, median, quiet
 
 from vfmkd.models.unified_model import UnifiedModel  # noqa: E402

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import _common  # noqa: F401  (sys.path)
 
@@ -45,16 +44,16 @@ def rss_mb() -> float:
 
 def child(args) -> None:
     import torch
-
     from _common import quiet
+
     from vfmkd.core.config import load_experiment
     from vfmkd.engine.trainer import Trainer
 
     torch.set_num_threads(2)
     quiet()
     if args.teacher_only:
-        from vfmkd.teachers import SamTeacher
         from vfmkd.datasets import load_rgb
+        from vfmkd.teachers import SamTeacher
         t = SamTeacher(init="random", input_size=args.teacher_size, device="cuda" if torch.cuda.is_available() else "cpu")
         imgs = [load_rgb(p) for p in sorted((_common.REPO / "datasets/coco128/images/train2017").glob("*.jpg"))[:args.batch]]
         before = rss_mb()

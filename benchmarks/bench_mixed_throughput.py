@@ -21,8 +21,8 @@ from pathlib import Path
 
 import _common  # noqa: F401  (sys.path)
 import torch
-
 from _common import build_cache, machine, median, quiet
+
 from vfmkd.core.config import load_experiment
 from vfmkd.engine.trainer import Trainer
 

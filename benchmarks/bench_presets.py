@@ -28,8 +28,8 @@ PRESETS = ["gpu_24g_plus", "gpu_16g", "gpu_8g", "cpu"]
 
 def child(a) -> None:
     import torch
-
     from _common import REPO, quiet
+
     from vfmkd.core.config import read_yaml
     from vfmkd.engine.trainer import Trainer
     from vfmkd.utils.cli import apply_preset

@@ -27,9 +27,8 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
-
 from _common import REPO, machine, median, quiet
+from torch.utils.flop_counter import FlopCounterMode
 
 from vfmkd.core.config import experiment_from_dict  # noqa: E402
 from vfmkd.engine.builders import build_model  # noqa: E402

@@ -98,6 +98,7 @@ def parse_args() -> argparse.Namespace:
 def run_tool(argv, out: Path) -> Path:
     """The cache tool, quietly; a cache left by an older vfmkd (CacheMismatchError) is rebuilt."""
     import prepare_teacher_features as ptf
+
     from vfmkd.core.errors import CacheMismatchError
 
     for attempt in range(2):
@@ -210,6 +211,7 @@ def part_bytes(args, results) -> None:
 # -------------------------------------------------------------------------------------------- 2. decoder
 def part_decoder(args, results) -> None:
     import torch
+
     from vfmkd.teachers.sam import SamTeacher
 
     print("\n== 2. SAM vit_b mask decoder per box vs the encoder (1 image, CPU) ==", flush=True)
@@ -259,6 +261,7 @@ def part_decoder(args, results) -> None:
 def part_step(args, results) -> None:
     import torch
     from torch.utils.data import DataLoader
+
     from vfmkd.core.config import load_experiment
     from vfmkd.distillation.cached import collate_distill
     from vfmkd.engine.trainer import Trainer

@@ -25,9 +25,8 @@ from typing import Dict, List
 
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
-
 from _common import REPO, machine, quiet
+from torch.utils.flop_counter import FlopCounterMode
 
 import vfmkd.models  # noqa: F401,E402  (registers the backbones)
 from vfmkd.core.registry import BACKBONES  # noqa: E402

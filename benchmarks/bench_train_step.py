@@ -117,6 +117,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
     from _common import alternate_steps
+
     from vfmkd.core.config import load_experiment
     from vfmkd.datasets import collate_samples
     from vfmkd.distillation.cached import collate_distill

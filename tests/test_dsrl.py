@@ -16,9 +16,9 @@ from vfmkd.core.config import experiment_from_dict, experiment_record
 from vfmkd.core.errors import ConfigError
 from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
 from vfmkd.distillation.resolution import ResolutionDistillLoss, build_resolution_term
-from vfmkd.models.input_scale import check_input_geometry
 from vfmkd.engine.builders import build_model
 from vfmkd.engine.trainer import Trainer
+from vfmkd.models.input_scale import check_input_geometry
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

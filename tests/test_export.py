@@ -16,8 +16,8 @@ from torchvision.ops import box_iou
 
 from vfmkd.core.config import load_experiment
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.distillation.distiller import Distiller
 from vfmkd.datasets.transforms import letterbox
+from vfmkd.distillation.distiller import Distiller
 from vfmkd.engine.builders import build_loss_terms, build_model
 from vfmkd.engine.export import onnx_session
 from vfmkd.engine.run_dir import write_run_config

@@ -393,5 +393,5 @@ def test_no_room_for_the_cache_is_refused_before_hdf5_writes(tmp_path):
     got = subprocess.run([sys.executable, "-c", FSIZE, *tool(COCO, out, "--limit", "4")], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "YOLO_OFFLINE": "1"})
     assert got.returncode == 2, got.stderr[-2000:]
-    assert f"cannot allocate the" in got.stderr and "File too large" in got.stderr and "Traceback" not in got.stderr
+    assert "cannot allocate the" in got.stderr and "File too large" in got.stderr and "Traceback" not in got.stderr
     assert sorted(p.name for p in out.iterdir()) == []  # no partial cache, no lock, no scratch file

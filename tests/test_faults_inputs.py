@@ -4,7 +4,6 @@ Each test fails on the code before its fix."""
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 

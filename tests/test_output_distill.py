@@ -20,7 +20,13 @@ from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, ViewGeomet
 from vfmkd.distillation.distiller import Distiller, LossTerm
 from vfmkd.distillation.losses import ClsDistillLoss, KLDivergenceLoss, MaskDistillLoss
 from vfmkd.distillation.mask_grid import BACKGROUND_LOGIT, box_cells, class_union, masks_on_grid, match_rows
-from vfmkd.distillation.mask_pairs import binary_kl_pair, class_mask_pair, class_union_maps, image_class_pair, instance_mask_pair
+from vfmkd.distillation.mask_pairs import (
+    binary_kl_pair,
+    class_mask_pair,
+    class_union_maps,
+    image_class_pair,
+    instance_mask_pair,
+)
 from vfmkd.distillation.output_pairs import OutputPairing, check_mask_sources
 from vfmkd.distillation.output_rules import OutputRule, TeacherOutputs, resolve_output_term
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets

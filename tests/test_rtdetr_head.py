@@ -13,10 +13,10 @@ import torch
 
 from vfmkd.core.config import load_experiment
 from vfmkd.datasets import DetectionDataset, collate_samples
+from vfmkd.distillation.distiller import Distiller
 from vfmkd.engine.builders import build_loss_terms, build_model
 from vfmkd.engine.evaluator import DetectionScorer, build_scorers
 from vfmkd.engine.trainer import Trainer
-from vfmkd.distillation.distiller import Distiller
 from vfmkd.models.heads.rtdetr_head import RTDETRHead
 
 REPO = Path(__file__).resolve().parents[1]

@@ -211,6 +211,7 @@ def test_official_weights_entries():
 def test_cache_tool_writes_sam2_features(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
+
     from vfmkd.datasets import FeatureCacheReader
     from vfmkd.engine.builders import open_cache
 

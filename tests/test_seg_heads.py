@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vfmkd.core.feature_spec import FeatureSpec
 import vfmkd.distillation.losses  # noqa: F401  (registers the losses)
+from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS, LOSSES
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
 from vfmkd.models.heads import BinaryHead, FPNFusion, SemanticHead, YOLOv8DetectHead, YOLOv8SegmentHead

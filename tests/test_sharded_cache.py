@@ -3,7 +3,6 @@ single-process cache bit for bit, and a rank killed mid-shard resumes on the rer
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap

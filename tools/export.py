@@ -33,8 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vfmkd.core.config import experiment_from_dict, experiment_record, read_yaml, resolve_path  # noqa: E402
 from vfmkd.core.errors import ConfigError  # noqa: E402
-from vfmkd.engine.export import ExportMismatchError, FORMATS, default_output, export_student, load_student  # noqa: E402
-from vfmkd.engine.export import export_outputs  # noqa: E402
+from vfmkd.engine.export import (  # noqa: E402
+    FORMATS,
+    ExportMismatchError,
+    default_output,
+    export_outputs,
+    export_student,
+    load_student,
+)
 from vfmkd.engine.export_output import refuse_checkpoint_output  # noqa: E402
 from vfmkd.engine.export_promptable import export_promptable as export_promptable_graphs  # noqa: E402
 from vfmkd.engine.export_promptable import output_paths, promptable_head  # noqa: E402

@@ -43,13 +43,20 @@ from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import vfmkd.teachers  # noqa: E402,F401  (registers the teachers)
-from vfmkd.core.config import import_custom_modules, parse_overrides, read_yaml, resolve_component, resolve_path, teacher_kwargs  # noqa: E402
+from vfmkd.core.config import (  # noqa: E402
+    import_custom_modules,
+    parse_overrides,
+    read_yaml,
+    resolve_component,
+    resolve_path,
+    teacher_kwargs,
+)
 from vfmkd.core.device import resolve_device  # noqa: E402
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
-from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels  # noqa: E402
 from vfmkd.datasets.cache_codec import STORAGES, bytes_per_image, mask_bytes, mirror_affine  # noqa: E402
 from vfmkd.datasets.cache_shards import merge_shards, shard_file, shard_range  # noqa: E402
+from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels  # noqa: E402
 from vfmkd.datasets.feature_cache import OUTPUTS, cache_file, label_files_sha256  # noqa: E402
 from vfmkd.datasets.feature_cache_reader import FeatureCacheReader  # noqa: E402
 from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter, MaskPlan  # noqa: E402
@@ -178,7 +185,7 @@ class Prompts:
                                      prompt_source=f"detection-labels:{rel.as_posix()}",
                                      labels_sha256=label_files_sha256(folder, ids), num_classes=num_classes)
 
-    def part(self, start: int, stop: int) -> "Prompts":
+    def part(self, start: int, stop: int) -> Prompts:
         """The prompts of images [start, stop) (a shard), same source and labels hash."""
         sub = Prompts.__new__(Prompts)
         sub.rows = self.rows[start:stop]

@@ -202,7 +202,7 @@ def read_yaml(path: str | Path) -> Dict[str, Any]:
     path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as exc:

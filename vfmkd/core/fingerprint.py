@@ -23,7 +23,7 @@ class TeacherFingerprint:
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
 
-    def differences(self, other: "TeacherFingerprint", ignore: Sequence[str] = ()) -> List[str]:
+    def differences(self, other: TeacherFingerprint, ignore: Sequence[str] = ()) -> List[str]:
         """Human-readable 'field: mine != theirs' lines for every differing field."""
         mine, theirs = self.as_dict(), other.as_dict()
         return [f"{k}: {theirs[k]!r} != {mine[k]!r}" for k in mine if k not in ignore and mine[k] != theirs[k]]

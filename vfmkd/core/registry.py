@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import typing
-from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Mapping, TypeVar
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 

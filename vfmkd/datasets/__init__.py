@@ -4,15 +4,7 @@ from vfmkd.datasets.coco_yolo import DetectionDataset, check_images, list_images
 from vfmkd.datasets.feature_cache import cache_file, rebuild_command
 from vfmkd.datasets.feature_cache_reader import FeatureCacheReader
 from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
-from vfmkd.datasets.records import (
-    Batch,
-    BatchViews,
-    BoxTargets,
-    DetectionBatch,
-    Sample,
-    ViewGeometry,
-    collate_samples,
-)
+from vfmkd.datasets.records import Batch, BatchViews, BoxTargets, DetectionBatch, Sample, ViewGeometry, collate_samples
 from vfmkd.datasets.transforms import GeometricAugment, StudentView, letterbox, student_view, transform_boxes
 
 __all__ = [

@@ -67,7 +67,7 @@ class CacheLock:
         except (OSError, ValueError):
             return {}
 
-    def acquire(self) -> "CacheLock":
+    def acquire(self) -> CacheLock:
         for _ in range(3):  # a lock released or taken over between our attempts: try again
             if self._create():
                 return self

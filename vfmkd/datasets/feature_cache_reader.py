@@ -17,14 +17,13 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
 from vfmkd.datasets import cache_codec as codec
 from vfmkd.datasets.cache_codec import FLIP_GROUPS as _FLIP
-from vfmkd.datasets.cache_codec import MASK_GROUPS
-from vfmkd.datasets.cache_codec import FORMAT_VERSIONS, bytes_per_image, stored_layout
+from vfmkd.datasets.cache_codec import FORMAT_VERSIONS, MASK_GROUPS, bytes_per_image, stored_layout
 from vfmkd.datasets.feature_cache import (
     TOOL,
     CorruptCacheError,
     attr_value,
-    finite_values,
     fingerprint_differences,
+    finite_values,
     label_files_sha256,
     rebuild_command,
 )

@@ -23,8 +23,14 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
 from vfmkd.datasets import cache_codec as codec
 from vfmkd.datasets.cache_codec import FLIP_GROUPS as _FLIP
-from vfmkd.datasets.cache_codec import MASK_GROUPS
-from vfmkd.datasets.cache_codec import FORMAT_VERSIONS, alloc_dataset, bytes_per_image, layout_flags, stored_layout
+from vfmkd.datasets.cache_codec import (
+    FORMAT_VERSIONS,
+    MASK_GROUPS,
+    alloc_dataset,
+    bytes_per_image,
+    layout_flags,
+    stored_layout,
+)
 from vfmkd.datasets.cache_lock import CacheLock, CacheLockedError, make_cache_dir, reserve_space
 from vfmkd.datasets.feature_cache import CacheWriteError, attr_value, fingerprint_differences
 
@@ -364,7 +370,7 @@ class FeatureCacheWriter:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> "FeatureCacheWriter":
+    def __enter__(self) -> FeatureCacheWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -80,7 +80,7 @@ class InstanceClassTable:
     classes_key: str = "num_classes"  # the setting behind num_classes, named by the error
 
     @classmethod
-    def load(cls, root: Path, num_classes: int, classes_key: str = "num_classes") -> "InstanceClassTable":
+    def load(cls, root: Path, num_classes: int, classes_key: str = "num_classes") -> InstanceClassTable:
         source = Path(root) / INSTANCE_DIR / "config.yaml"
         names = read_names(source, "names")
         det_file = Path(root) / DETECTION_CONFIG
@@ -105,7 +105,7 @@ class SemanticClassTable:
     source: Path
 
     @classmethod
-    def load(cls, root: Path) -> "SemanticClassTable":
+    def load(cls, root: Path) -> SemanticClassTable:
         source = Path(root) / SEMANTIC_DIR / "config.yaml"
         table = read_names(source, "classes")
         if 0 not in table:

@@ -104,7 +104,7 @@ class BatchViews:
     cropped: torch.Tensor
 
     @classmethod
-    def stack(cls, views: Sequence[ViewGeometry]) -> "BatchViews":
+    def stack(cls, views: Sequence[ViewGeometry]) -> BatchViews:
         return cls(
             affine=torch.tensor([v.affine for v in views], dtype=torch.float32),
             matrix=torch.from_numpy(np.stack([np.asarray(v.matrix, np.float64) for v in views])),
@@ -156,7 +156,7 @@ class DetectionBatch:
             self.label_index = _rank_in_image(self.batch_idx)
 
     @classmethod
-    def stack(cls, targets: Sequence[BoxTargets]) -> "DetectionBatch":
+    def stack(cls, targets: Sequence[BoxTargets]) -> DetectionBatch:
         return cls(
             cls=torch.cat([t.cls for t in targets]).float().view(-1, 1),
             bboxes=torch.cat([t.boxes for t in targets]).float().view(-1, 4),
@@ -164,7 +164,7 @@ class DetectionBatch:
             label_index=torch.cat([t.label_index.long().view(-1) for t in targets]),  # type: ignore[union-attr]
         )
 
-    def to(self, device: torch.device) -> "DetectionBatch":
+    def to(self, device: torch.device) -> DetectionBatch:
         return DetectionBatch(*(t.to(device, non_blocking=True)  # type: ignore[union-attr]
                                 for t in (self.cls, self.bboxes, self.batch_idx, self.label_index)))
 
@@ -195,7 +195,7 @@ class InstanceBatch:
     labelled: torch.Tensor
 
     @classmethod
-    def stack(cls, targets: Sequence[Optional[InstanceTargets]], mask_hw: Tuple[int, int]) -> "InstanceBatch":
+    def stack(cls, targets: Sequence[Optional[InstanceTargets]], mask_hw: Tuple[int, int]) -> InstanceBatch:
         """``targets`` per image (None: unlabelled); ``mask_hw`` the mask size (S/4, S/4)."""
         present = [t for t in targets if t is not None]
         if present:
@@ -210,7 +210,7 @@ class InstanceBatch:
             labelled=torch.tensor([t is not None for t in targets], dtype=torch.bool),
         )
 
-    def to(self, device: torch.device) -> "InstanceBatch":
+    def to(self, device: torch.device) -> InstanceBatch:
         return InstanceBatch(*(t.to(device, non_blocking=True) for t in (
             self.cls, self.bboxes, self.batch_idx, self.masks, self.label_index, self.labelled)))
 
@@ -242,7 +242,7 @@ class Batch:
     semantic: Optional[torch.Tensor] = field(default=None, repr=False)
     binary: Optional[torch.Tensor] = field(default=None, repr=False)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         """Images and targets on ``device``; the views stay on the CPU (geometry is decided there)."""
         return replace(
             self, images=self.images.to(device, non_blocking=True), boxes=self.boxes.to(device),

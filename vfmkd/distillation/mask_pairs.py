@@ -10,7 +10,13 @@ import torch
 
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.mask_grid import (
-    BACKGROUND_LOGIT, box_cells, class_union, content_cells, image_valid_on_grid, prompts_on_grid, student_affine_of,
+    BACKGROUND_LOGIT,
+    box_cells,
+    class_union,
+    content_cells,
+    image_valid_on_grid,
+    prompts_on_grid,
+    student_affine_of,
 )
 from vfmkd.distillation.output_rules import OutputRule
 from vfmkd.distillation.targets import TeacherTargets

@@ -19,8 +19,8 @@ from typing import Dict, Iterable, List, Tuple
 import numpy as np
 import torch
 
-from vfmkd.datasets.cache_codec import combine_moments, image_moments, valid_cells
 from vfmkd.core.errors import ConfigError
+from vfmkd.datasets.cache_codec import combine_moments, image_moments, valid_cells
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
 from vfmkd.teachers.base import BaseTeacher, segmenting_teachers

@@ -26,7 +26,6 @@ Everything else is refused when the losses are built (:func:`build_prompt_term`)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -93,7 +92,7 @@ def embedding_feature(where: str, teacher: str, t_specs: Sequence[FeatureSpec], 
 
 def build_prompt_term(kind_name: str, where: str, kwargs: Dict[str, Any], model: Any, teachers: Mapping[str, Any],
                       specs: Mapping[str, Sequence[FeatureSpec]], primary: Mapping[str, str]
-                      ) -> Tuple[str, Any, "PromptPairingBase"]:
+                      ) -> Tuple[str, Any, PromptPairingBase]:
     """(head name, loss module, pairing) of an ``embedding_distill`` / ``prompt_distill`` entry
     (``kwargs``: the entry without the engine's keys; ``teachers``: name -> ``TeacherOutputs``)."""
     teacher = kwargs.get("teacher")

@@ -22,7 +22,6 @@ grid, pixel-shuffles a 3-channel image to s and only that is resized to S; FA co
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch

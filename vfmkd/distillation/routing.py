@@ -13,7 +13,7 @@ routed live when its live model exists. Semantics (README, "Offline, online, mix
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -91,7 +91,7 @@ class ViewGates:
     shift: bool = False  # views a live pass would see displaced beyond offline_max_shift
 
     @classmethod
-    def of(cls, augment: Optional[GeometricAugment], has_flip: bool, offline_crops: bool) -> "ViewGates":
+    def of(cls, augment: Optional[GeometricAugment], has_flip: bool, offline_crops: bool) -> ViewGates:
         if augment is None or not augment.enabled:
             return cls()  # a plain letterbox is exactly what the cache was written for
         zoom_or_move = augment.scale > 0 or augment.translate > 0

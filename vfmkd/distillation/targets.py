@@ -57,7 +57,7 @@ class MaskLogits:
     def quantized(self) -> bool:
         return self.scale is not None
 
-    def to_float(self, device: torch.device) -> "MaskLogits":
+    def to_float(self, device: torch.device) -> MaskLogits:
         """Every tensor on ``device``, ``logits`` as float32 (int8 dequantised there: 1 byte per value moves)."""
         logits = self.logits.to(device, non_blocking=True).float()
         if self.scale is not None:
@@ -66,7 +66,7 @@ class MaskLogits:
                           label_index=self.label_index.to(device, non_blocking=True), cls=self.cls.to(device, non_blocking=True),
                           boxes=None if self.boxes is None else self.boxes.to(device, non_blocking=True).float())
 
-    def of_image(self, i: int) -> "MaskLogits":
+    def of_image(self, i: int) -> MaskLogits:
         """The masks of batch item ``i`` (``batch_idx`` kept)."""
         keep = self.batch_idx == i
         return MaskLogits(logits=self.logits[keep], batch_idx=self.batch_idx[keep], label_index=self.label_index[keep],
@@ -74,7 +74,7 @@ class MaskLogits:
                           boxes=None if self.boxes is None else self.boxes[keep])
 
     @classmethod
-    def cat(cls, parts: Sequence["MaskLogits"], positions: Optional[Sequence[int]] = None) -> "MaskLogits":
+    def cat(cls, parts: Sequence[MaskLogits], positions: Optional[Sequence[int]] = None) -> MaskLogits:
         """Concatenate per-image records; ``positions`` (default 0, 1, ...) become their ``batch_idx``."""
         if not parts:
             raise ValueError("MaskLogits.cat needs at least one record")
@@ -129,7 +129,7 @@ class TeacherTargets:
             return fmap.to_float(device)
         return fmap.to(device, non_blocking=True).float()
 
-    def to_float(self, device: torch.device) -> "TeacherTargets":
+    def to_float(self, device: torch.device) -> TeacherTargets:
         """Every map (and the mask logits) as float32 on ``device``."""
         masks = None if self.mask_logits is None else self.mask_logits.to_float(device)
         return replace(self, features={k: self.feature(k, device) for k in self.features}, mask_logits=masks)
@@ -139,7 +139,7 @@ class TeacherTargets:
         return tuple(self.features[name].shape[-2:]) == (1, 1)
 
     @classmethod
-    def collate(cls, entries: Sequence["TeacherTargets"]) -> "TeacherTargets":
+    def collate(cls, entries: Sequence[TeacherTargets]) -> TeacherTargets:
         """Stack unbatched per-image targets into a batch; mask logits are concatenated with
         ``batch_idx`` = the image's position (all entries have them, or none)."""
         first = entries[0]

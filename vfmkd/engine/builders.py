@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 import vfmkd.teachers  # noqa: F401  (registers the built-in teachers)
-from vfmkd.core.config import DataConfig, DistillationConfig, ExperimentConfig, ModelConfig, component_kwargs, resolve_path, teacher_kwargs
+from vfmkd.core.config import DataConfig, ExperimentConfig, ModelConfig, component_kwargs, resolve_path, teacher_kwargs
 from vfmkd.core.device import AUTO
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
@@ -20,7 +20,8 @@ from vfmkd.distillation.distiller import FEATURE_LOG_PREFIX, RESERVED_LOSS_KEYS,
 from vfmkd.distillation.offline import CacheMissingError, OfflineTeacher, open_offline_teacher
 from vfmkd.distillation.online import OnlineTeacher
 from vfmkd.distillation.output_pairs import check_mask_sources
-from vfmkd.distillation.resolution import LOG_NAME as RESOLUTION_LOG_NAME, build_resolution_term
+from vfmkd.distillation.resolution import LOG_NAME as RESOLUTION_LOG_NAME
+from vfmkd.distillation.resolution import build_resolution_term
 from vfmkd.distillation.routing import TeacherRouter, TeacherSource
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.teachers.settings import teacher_keys

@@ -22,7 +22,6 @@ from vfmkd.engine.seg_metrics import IOU_THRESHOLDS, BinaryScorer, InstanceScore
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
 
 
-
 class DetectionScorer:
     """Accumulates ultralytics' DetMetrics over batches; ``result()`` -> precision, recall, mAP50,
     mAP50-95 and images, with boxes scored in original image pixels."""

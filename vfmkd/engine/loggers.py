@@ -134,7 +134,7 @@ class RunLoggers:
             self.wandb.finish()
             self.wandb = self.wandb_run = None
 
-    def __enter__(self) -> "RunLoggers":
+    def __enter__(self) -> RunLoggers:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -89,7 +89,7 @@ class Prediction:
 
     @classmethod
     def semantic(cls, labels: Optional[Maps] = None, probs: Optional[Maps] = None,
-                 ignore: Optional[Maps] = None) -> "Prediction":
+                 ignore: Optional[Maps] = None) -> Prediction:
         """Label maps (B, H, W) and/or class probabilities (B, K, H, W) (softmax of the logits)."""
         if labels is None and probs is None:
             raise ValueError("a semantic Prediction needs labels (B, H, W) or probs (B, K, H, W)")
@@ -98,7 +98,7 @@ class Prediction:
         return cls("semantic", labels=lab, probs=p, ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
 
     @classmethod
-    def binary(cls, probs: Maps, ignore: Optional[Maps] = None) -> "Prediction":
+    def binary(cls, probs: Maps, ignore: Optional[Maps] = None) -> Prediction:
         """Foreground probabilities (B, H, W) or (B, 1, H, W) in [0, 1] (sigmoid of the logits)."""
         p = as_cpu_tensor(probs).float()
         if p.dim() == 4:
@@ -106,14 +106,14 @@ class Prediction:
         return cls("binary", probs=p.clamp(0, 1), ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
 
     @classmethod
-    def binary_target(cls, mask: Maps, ignore_value: int = 255) -> "Prediction":
+    def binary_target(cls, mask: Maps, ignore_value: int = 255) -> Prediction:
         """Ground truth as ``Batch.binary``: (B, H, W) uint8 {0, 1}, ``ignore_value`` = not drawn."""
         m = as_cpu_tensor(mask)
         return cls.binary((m == 1).float(), ignore=m == ignore_value)
 
     @classmethod
     def instances(cls, masks: Sequence[Maps], classes: Sequence[Maps], boxes: Optional[Sequence[Maps]] = None,
-                  scores: Optional[Sequence[Maps]] = None) -> "Prediction":
+                  scores: Optional[Sequence[Maps]] = None) -> Prediction:
         """Per image: masks (n, H, W) bool or probabilities, classes (n,), optional boxes (n, 4) xyxy
         canvas pixels and scores (n,). Flat (N, ...) tensors: see :func:`split_by_image`."""
         return cls("instance", masks=_per_image(masks), cls=_per_image(classes), boxes=_per_image(boxes),
@@ -121,7 +121,7 @@ class Prediction:
 
     @classmethod
     def detections(cls, boxes: Sequence[Maps], classes: Sequence[Maps],
-                   scores: Optional[Sequence[Maps]] = None) -> "Prediction":
+                   scores: Optional[Sequence[Maps]] = None) -> Prediction:
         """Per image: boxes (n, 4) xyxy canvas pixels, classes (n,), optional scores (n,)."""
         return cls("boxes", boxes=_per_image(boxes), cls=_per_image(classes), scores=_per_image(scores))
 

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import vfmkd.models.heads  # noqa: F401  (registers the built-in heads)
 from vfmkd.core.config import read_yaml, resolve_path
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import HEADS
-import vfmkd.models.heads  # noqa: F401  (registers the built-in heads)
 from vfmkd.datasets import collate_samples
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.utils.logging import get_logger

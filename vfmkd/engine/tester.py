@@ -9,10 +9,16 @@ import torch
 from vfmkd.core.config import experiment_record
 from vfmkd.core.device import resolve_device
 from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError
-from vfmkd.distillation.cached import CachedTargetsDataset
 from vfmkd.datasets.feature_cache import rebuild_command
+from vfmkd.distillation.cached import CachedTargetsDataset
 from vfmkd.engine.builders import (
-    LiveTeachers, build_dataset, build_distiller, build_model, build_router, enabled_teachers, head_tasks,
+    LiveTeachers,
+    build_dataset,
+    build_distiller,
+    build_model,
+    build_router,
+    enabled_teachers,
+    head_tasks,
 )
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate

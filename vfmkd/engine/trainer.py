@@ -17,23 +17,34 @@ from tqdm import tqdm
 
 from vfmkd.core.config import experiment_record, resolve_path
 from vfmkd.core.device import resolve_amp
-from vfmkd.distillation.cached import CachedTargetsDataset, DistillBatch
 from vfmkd.core.errors import CheckpointError, ConfigError, NonFiniteLossError
+from vfmkd.distillation.cached import CachedTargetsDataset, DistillBatch
 from vfmkd.distillation.online import measure_channel_stats
 from vfmkd.engine.builders import (
-    LiveTeachers, build_augment, build_dataset, build_distiller, build_model, build_router, head_tasks,
+    LiveTeachers,
+    build_augment,
+    build_dataset,
+    build_distiller,
+    build_model,
+    build_router,
+    head_tasks,
 )
+from vfmkd.engine.distributed import init_distributed
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate, primary_metric, scalar_metrics
-from vfmkd.engine.loggers import RunLoggers, check_loggers
 from vfmkd.engine.fusion_log import log_fusion_weights
+from vfmkd.engine.loggers import RunLoggers, check_loggers
+from vfmkd.engine.resume import capture_rng, check_finished, check_resume_config, restore_rng, resume_checkpoint
 from vfmkd.engine.run_dir import create_run_dir, remove_unused_run_dir, write_json, write_run_config
 from vfmkd.engine.setup import (
-    build_loader, class_names, detection_classes, make_optimizer, seed_everything, worker_count,
+    build_loader,
+    class_names,
+    detection_classes,
+    make_optimizer,
+    seed_everything,
+    worker_count,
 )
 from vfmkd.engine.stages import build_stages, stage_of, staged_lr_lambda
-from vfmkd.engine.distributed import init_distributed
-from vfmkd.engine.resume import capture_rng, check_finished, check_resume_config, restore_rng, resume_checkpoint
 from vfmkd.utils.checkpoint import publish_copy, save_checkpoint
 from vfmkd.utils.logging import get_logger, setup_logging
 from vfmkd.utils.plots import plot_training_curves

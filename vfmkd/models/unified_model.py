@@ -7,15 +7,14 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from vfmkd.core.config import component_kwargs
-from vfmkd.core.registry import BACKBONES, HEADS, NECKS
-from vfmkd.models.backbones.base import BaseBackbone
-from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, configured_input_scale, downscale_input
-
 # Importing the packages registers the built-in components.
 import vfmkd.models.backbones  # noqa: F401,E402
 import vfmkd.models.heads  # noqa: F401,E402
 import vfmkd.models.necks  # noqa: F401,E402
+from vfmkd.core.config import component_kwargs
+from vfmkd.core.registry import BACKBONES, HEADS, NECKS
+from vfmkd.models.backbones.base import BaseBackbone
+from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, configured_input_scale, downscale_input
 
 
 @dataclass
@@ -37,7 +36,7 @@ class UnifiedModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     @classmethod
-    def from_config(cls, model_cfg: Any, input_scale: Optional[float] = None) -> "UnifiedModel":
+    def from_config(cls, model_cfg: Any, input_scale: Optional[float] = None) -> UnifiedModel:
         """Build from the resolved ``model`` section of an experiment (a mapping or ModelConfig).
         ``input_scale`` defaults to the section's own (:func:`configured_input_scale`: DSRL's
         ``resolution_distill.sr_target_scale``, else 1). Above 1 the student sees its canvas downsized by

@@ -118,7 +118,7 @@ class BaseTeacher(nn.Module, ABC):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "BaseTeacher":  # a teacher never leaves eval mode
+    def train(self, mode: bool = True) -> BaseTeacher:  # a teacher never leaves eval mode
         return super().train(False)
 
     # ------------------------------------------------------------------ settings

@@ -24,7 +24,7 @@ from torch import nn
 from vfmkd.core.errors import CheckpointError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, resized_hw, check_rgb_images
+from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images, resized_hw
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 
 logger = logging.getLogger("vfmkd")

@@ -49,7 +49,7 @@ from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets.transforms import letterbox
 from vfmkd.models.input_scale import check_input_geometry
 from vfmkd.models.unified_model import UnifiedModel
-from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, crop_boxes, unit_float, check_rgb_images
+from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images, crop_boxes, unit_float
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file
 
 logger = logging.getLogger("vfmkd")

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from vfmkd.core.config import REPO_ROOT, experiment_from_dict, read_yaml, resolve_path
-from vfmkd.core.errors import CacheMismatchError, CheckpointError, ConfigError, DatasetError, NonFiniteLossError, did_you_mean
+from vfmkd.core.errors import (
+    CacheMismatchError,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    NonFiniteLossError,
+    did_you_mean,
+)
 from vfmkd.utils.logging import get_logger, setup_logging
 from vfmkd.utils.presets import describe, frozen_keys, preset_changes, preset_names, resolve_preset, with_changes
 from vfmkd.utils.stop_signals import Stopped, stop_signals

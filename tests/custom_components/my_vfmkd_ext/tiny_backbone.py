@@ -30,7 +30,7 @@ class TinyConvNet(BaseBackbone):
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         p3 = self.stem(x)
         p4 = self.p4(p3)
         return OrderedDict(P3=p3, P4=p4, P5=self.p5(p4))

@@ -25,7 +25,7 @@ class BaseBackbone(nn.Module, ABC):
         """One record per returned level, shallowest first."""
 
     @abstractmethod
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Return the levels of :meth:`feature_specs` for a batch of images."""
 
     def get_feature_dims(self) -> Dict[str, int]:

@@ -21,8 +21,8 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from torch import nn
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
@@ -209,9 +209,9 @@ class MambaBackbone(BaseBackbone):
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.patch_embed(x)
-        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for i, (down, stage) in enumerate(zip(self.downsamples, self.stages)):
             x = down(x)  # channels first between stages
             y = stage(x.permute(0, 2, 3, 1))  # blocks run channels last

@@ -67,7 +67,7 @@ class TimmFeaturesBackbone(BaseBackbone):
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict((spec.name, f) for spec, f in zip(self._specs, self.body(x)))
 
 

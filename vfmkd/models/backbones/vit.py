@@ -7,8 +7,8 @@ from typing import Dict, Sequence, Tuple
 
 import timm
 import torch
-from torch import nn
 from timm.layers import LayerNorm2d
+from torch import nn
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
@@ -63,7 +63,7 @@ class SimpleFeaturePyramid(nn.Module):
                 nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels),
             )
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict((name, level(x)) for name, level in self.levels.items())
 
 
@@ -105,7 +105,7 @@ class ViTBackbone(BaseBackbone):
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         h, w = x.shape[-2:]
         tokens = self.vit.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
         out = self.pyramid(tokens)  # (B, D, ceil(H/16), ceil(W/16)) -> levels

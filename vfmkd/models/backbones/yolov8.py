@@ -6,9 +6,9 @@ from typing import Dict, NamedTuple, Tuple
 
 import torch
 from torch import nn
-from ultralytics.utils.torch_utils import initialize_weights
-from ultralytics.nn.modules import C2f, SPPF, Conv
+from ultralytics.nn.modules import SPPF, C2f, Conv
 from ultralytics.utils.ops import make_divisible
+from ultralytics.utils.torch_utils import initialize_weights
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.feature_spec import FeatureSpec
@@ -75,7 +75,7 @@ class YOLOv8Backbone(BaseBackbone):
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         p3 = self.stage3(self.stem(x))
         p4 = self.stage4(p3)
         p5 = self.stage5(p4)

@@ -2,8 +2,8 @@
 attribute ("detection", "instance", "semantic", "binary" or "promptable") that tells the engine
 which targets, metrics and output distillation it pairs with."""
 from vfmkd.models.heads.binary_head import BinaryHead
-from vfmkd.models.heads.sam_decoder_head import SamDecoderHead
 from vfmkd.models.heads.rtdetr_head import RTDETRHead
+from vfmkd.models.heads.sam_decoder_head import SamDecoderHead
 from vfmkd.models.heads.semantic_head import FPNFusion, SemanticHead
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 from vfmkd.models.heads.yolo_seg_head import YOLOv8SegmentHead

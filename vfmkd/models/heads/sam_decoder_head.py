@@ -104,11 +104,10 @@ class SamDecoderHead(nn.Module):
 
     def load_teacher_decoder(self, path: str) -> None:
         """Load ``prompt_encoder.*`` / ``mask_decoder.*`` of an official SAM checkpoint (weights_only)."""
+        from vfmkd.core.config import resolve_path
         from vfmkd.teachers.sam import detect_sam_variant
         from vfmkd.teachers.weights import weights_for
         from vfmkd.utils.checkpoint import load_checkpoint, unwrap_state_dict
-
-        from vfmkd.core.config import resolve_path
 
         p = resolve_path(path)
         state = unwrap_state_dict(load_checkpoint(p, download_hint=weights_for("sam", self.variant).download_command))

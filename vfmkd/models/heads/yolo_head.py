@@ -5,8 +5,8 @@ from typing import Dict, Sequence
 
 import torch
 from torch import nn
-from ultralytics.utils.torch_utils import initialize_weights
 from ultralytics.nn.modules import Detect
+from ultralytics.utils.torch_utils import initialize_weights
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS

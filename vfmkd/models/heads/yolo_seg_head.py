@@ -6,9 +6,9 @@ from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
-from ultralytics.utils.torch_utils import initialize_weights
 from ultralytics.nn.modules import Segment
 from ultralytics.utils.tal import make_anchors
+from ultralytics.utils.torch_utils import initialize_weights
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS

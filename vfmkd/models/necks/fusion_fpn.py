@@ -141,7 +141,7 @@ class FusionFPN(nn.Module):
         """Node name -> its normalised fusion weights (learnable: relu(p)/(ε+Σrelu(p)); sum: 1s; avg: 1/n)."""
         return {node: [round(float(w), 6) for w in self.fuse[node].weights()] for node, _ in self._nodes}
 
-    def forward(self, feats: Dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, feats: Dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         maps: Dict[str, torch.Tensor] = {
             f"{s.name}_in": lat(feats[s.name]) for s, lat in zip(self._in, self.lateral)}
         for node, ins in self._nodes:

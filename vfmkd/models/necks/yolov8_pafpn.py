@@ -6,8 +6,8 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import nn
-from ultralytics.utils.torch_utils import initialize_weights
 from ultralytics.nn.modules import C2f, Conv
+from ultralytics.utils.torch_utils import initialize_weights
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import NECKS
@@ -43,7 +43,7 @@ class YOLOv8PAFPN(nn.Module):
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         return self._specs
 
-    def forward(self, feats: Dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, feats: Dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         n3, n4, n5 = (s.name for s in self._specs)
         p3, p4, p5 = feats[n3], feats[n4], feats[n5]
         t4 = self.td4(torch.cat([self.up(p5), p4], 1))
