@@ -161,3 +161,15 @@ def test_renamed_key_hint_only_where_the_old_key_is_gone_and_the_new_one_exists(
     with pytest.raises(ConfigError, match="^loss 'var_kw': key 'model_name' was renamed.*write variant: 3\\.$"):
         registry.build("var_kw", model_name=3)
     assert registry.build("var_kw", variant="b", other=1) == "b"
+
+
+def test_a_constructor_refusing_its_arguments_is_a_config_error_naming_the_key():
+    """A component's ValueError (four RegNet levels into the three-level YOLOv8 neck) was a traceback
+    through tools/train.py; it is a ConfigError (exit 2) under the component's key."""
+    cfg = {"backbone": {"type": "regnet", "variant": "regnetx_002", "strides": [4, 8, 16, 32]},
+           "neck": {"type": "yolov8_pafpn"}, "heads": {"detection": {"type": "yolo_head", "num_classes": 3}}}
+    with pytest.raises(ConfigError, match=r"^model\.neck: yolov8_pafpn fuses exactly three.*model\.backbone\.strides"):
+        UnifiedModel.from_config(cfg)
+    with pytest.raises(ConfigError, match=r"^model\.heads\.detection: num_classes must be >= 1"):
+        UnifiedModel.from_config({**cfg, "backbone": {"type": "regnet", "variant": "regnetx_002"},
+                                  "heads": {"detection": {"type": "yolo_head", "num_classes": 0}}})

@@ -136,7 +136,12 @@ class Registry:
 
     def build(self, name: str, where: str = "", **kwargs: Any) -> Any:
         self.check_kwargs(name, kwargs, where)
-        return self.get(name)(**kwargs)
+        try:
+            return self.get(name)(**kwargs)
+        except ConfigError:
+            raise
+        except ValueError as err:  # a constructor refusing its arguments: a config mistake, named by its key
+            raise ConfigError(f"{where or f'{self.kind} {name!r}'}: {err}") from err
 
 
 BACKBONES = Registry("backbone")

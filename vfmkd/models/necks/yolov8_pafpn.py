@@ -25,7 +25,8 @@ class YOLOv8PAFPN(nn.Module):
     def __init__(self, in_specs: Sequence[FeatureSpec], depth: int = 1) -> None:
         super().__init__()
         if len(in_specs) != 3:
-            raise ValueError(f"yolov8_pafpn fuses exactly three levels, the backbone gives {[s.name for s in in_specs]}")
+            raise ValueError(f"yolov8_pafpn fuses exactly three levels, the backbone gives "
+                             f"{[s.name for s in in_specs]}: set model.backbone.strides to three, e.g. [8, 16, 32]")
         strides = [s.stride for s in in_specs]
         if strides[1] != 2 * strides[0] or strides[2] != 2 * strides[1]:
             raise ValueError(f"yolov8_pafpn needs levels at strides s, 2s, 4s; got {strides}")
