@@ -37,7 +37,8 @@ SHAPES = tuple(s for w, h in ((4000, 250), (4000, 300), (4000, 375), (4000, 500)
                for s in ((w, h), (h, w)))
 
 
-def view_teacher_cells(view: ViewGeometry, cached_affine: torch.Tensor, cached_valid_hw: torch.Tensor, stride: int) -> float:
+def view_teacher_cells(view: ViewGeometry, cached_affine: torch.Tensor, cached_valid_hw: torch.Tensor,
+                       stride: int) -> float:
     """Teacher cells (stride ``stride``) the view's visible content spans on the cached grid, short side:
     the content box carried back to the original image, into the cached pass's frame, clipped to its
     unpadded region."""
@@ -77,16 +78,21 @@ def main() -> None:
     root = work / "ds"
     write_dataset(root, a.per_shape)
     import prepare_teacher_features as ptf
-    assert ptf.main(["--teacher", "sam", "--data-root", str(root), "--splits", "train2017", "--with-flip", "--batch-size", "2",
-                     "--output", str(work / "sam"), "--no-progress", "teacher.init=random", f"teacher.input_size={a.teacher_size}"]) == 0
+    assert ptf.main(["--teacher", "sam", "--data-root", str(root), "--splits", "train2017", "--with-flip",
+                     "--batch-size", "2",
+                     "--output", str(work / "sam"), "--no-progress", "teacher.init=random",
+                     f"teacher.input_size={a.teacher_size}"]) == 0
     quiet()
     teacher = SamTeacher(init="random", input_size=a.teacher_size, seed=0)
     online = OnlineTeacher("sam", teacher, torch.device("cpu"))
-    entry = {"type": "sam", "feature_path": str(work / "sam"), "input_size": a.teacher_size, "init": "random", "seed": 0}
+    entry = {"type": "sam", "feature_path": str(work / "sam"), "input_size": a.teacher_size, "init": "random",
+             "seed": 0}
     cache = open_cache("sam", entry, root.name, "train2017")
     print(f"machine: {machine()}")
-    print(f"SAM ViT-B @ {a.teacher_size} (random init), stride-{STRIDE} student grid, {a.per_shape} coco128 images per shape")
-    print("| shape (w x h) | student | view | teacher cells (short side) | mean cosine | 5th pct | min cosine | views with no valid cell |")
+    print(f"SAM ViT-B @ {a.teacher_size} (random init), stride-{STRIDE} student grid, {a.per_shape} coco128 images per "
+          "shape")
+    print("| shape (w x h) | student | view | teacher cells (short side) | mean cosine | 5th pct | min cosine | views "
+          "with no valid cell |")
     print("|---|---|---|---|---|---|---|---|")
     for size in a.img_sizes:
         for view_kind, aug in (("letterbox", None), ("flip (cached flipped pass)", GeometricAugment(fliplr=1.0))):

@@ -100,7 +100,8 @@ def main() -> None:
     if a.checkpoint:
         import prepare_teacher_features as ptf
         assert ptf.main(["--teacher", "sam", "--limit", str(a.images), "--with-flip", "--output", str(work / "sam"),
-                         "--no-progress", f"teacher.input_size={a.teacher_size}", f"teacher.checkpoint={a.checkpoint}"]) == 0
+                         "--no-progress", f"teacher.input_size={a.teacher_size}",
+                         f"teacher.checkpoint={a.checkpoint}"]) == 0
         teacher = SamTeacher(input_size=a.teacher_size, checkpoint=a.checkpoint)
     else:
         build_cache(work / "sam", a.teacher_size, a.images, with_flip=True)
@@ -117,8 +118,10 @@ def main() -> None:
     print(f"SAM ViT-B @ {a.teacher_size} ({'checkpoint' if a.checkpoint else 'random init'}), student canvas "
           f"{a.img_size}, stride-{STRIDE} grid, {a.images} coco128 train images")
     print(f"(views allowed offline, as the TeacherRouter decides: not rotated, flips from the flipped pass, "
-          f"{'crops allowed' if a.crops else 'no crops'}, live view displaced <= {a.tolerance:.0%} of the teacher canvas)")
-    print("| augmentation | views allowed offline | mean cosine, allowed views | 5th pct, allowed | mean cosine, all views |")
+          f"{'crops allowed' if a.crops else 'no crops'}, live view displaced <= {a.tolerance:.0%} of the teacher "
+          "canvas)")
+    print("| augmentation | views allowed offline | mean cosine, allowed views | 5th pct, allowed | mean cosine, all "
+          "views |")
     print("|---|---|---|---|---|")
     for kind, aug in KINDS.items():
         allowed, every, n_ok, n = [], [], 0, 0

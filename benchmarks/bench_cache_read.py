@@ -113,7 +113,8 @@ class PieceReader:
         ds = self.f["features/image_embeddings"]
         self.fd, self.shape, self.dtype, self.piece = self.f.id.get_vfd_handle(), ds.shape[1:], ds.dtype, piece
         zeros = (0,) * (ds.ndim - 1)
-        self.extent = [(c.byte_offset, c.size) for c in (ds.id.get_chunk_info_by_coord((i,) + zeros) for i in range(ds.shape[0]))]
+        self.extent = [(c.byte_offset,
+                        c.size) for c in (ds.id.get_chunk_info_by_coord((i,) + zeros) for i in range(ds.shape[0]))]
 
     def read(self, image_id: str) -> torch.Tensor:
         offset, size = self.extent[self.base.index_of(image_id)]

@@ -54,7 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="input 256, 4 images, 64-image files, 3 repeats")
     p.add_argument("--input-size", type=int, help="teacher input (default 1024, quick 256)")
     p.add_argument("--images", type=int, help="images run through the teacher (default 6, quick 4)")
-    p.add_argument("--file-images", type=int, help="images per cache file for the read benchmark (default 192, quick 64)")
+    p.add_argument("--file-images", type=int, help="images per cache file for the read benchmark (default 192, quick "
+                                                   "64)")
     p.add_argument("--repeats", type=int, help="timed passes per file and regime (default 5, quick 3)")
     p.add_argument("--workdir", help="where the cache files go (default: a temp dir on /tmp, removed afterwards)")
     a = p.parse_args()
@@ -149,7 +150,8 @@ def main() -> int:
     out["trunk"][:, :4] *= 30
     cases["trunk, 4 ch x30"] = out
     gains = torch.logspace(-1.5, 1.5, 256)[torch.randperm(256, generator=torch.Generator().manual_seed(0))]
-    cases["image_emb., ch gains 10^+-1.5"] = {"image_embeddings": feats["image_embeddings"] * gains[None, :, None, None]}
+    cases["image_emb., ch gains 10^+-1.5"] = {"image_embeddings": feats["image_embeddings"] * gains[None, :, None,
+                                                                                                    None]}
     cells = {"trunk": feats["trunk"].clone()}
     cells["trunk"][..., 1, 1] *= 30
     cells["trunk"][..., -3, 2] *= 20
@@ -170,8 +172,8 @@ def main() -> int:
         opened += readers.values()
         for s, r in readers.items():
             feat, other = r.bytes_per_image()
-            print(f"  file {s:7s} (image_embeddings): {files[s].stat().st_size / args.file_images:>11,.0f} B/image on disk "
-                  f"(formula {feat:,d} B features + {other:,d} B geometry/statistics)")
+            print(f"  file {s:7s} (image_embeddings): {files[s].stat().st_size / args.file_images:>11,.0f} B/image on "
+                  f"disk (formula {feat:,d} B features + {other:,d} B geometry/statistics)")
 
         print(f"\n== fidelity vs the float16 cache, {k} images; z = error / channel std (cache statistics)")
         print(f"  {'case':30s} {'variant':15s} {'cosine':>9s} {'rel L2':>8s} {'z-RMS':>7s} {'worst ch':>8s}")

@@ -221,30 +221,36 @@ def main() -> int:
                                     batch_size=args.batch_size) as w:
                 t = time.perf_counter()
                 for c in range(0, n - args.batch_size + 1, args.batch_size):
-                    w.write(c, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in imgs[:args.batch_size]]))
+                    w.write(c, feats, geo.affine, geo.valid_hw,
+                            np.array([im.shape[:2] for im in imgs[:args.batch_size]]))
                 write_ms = (time.perf_counter() - t) / (n // args.batch_size * args.batch_size) * 1e3
             wfile.unlink()
 
             theory = sum(s.channels * (size // s.stride) ** 2 * 2 for s in specs)
             per_img_file = last_file["size"] / n
             print(f"\nSAM {args.variant} @ {size} (teacher build {build_s:.1f} s, not in the timings)")
-            print(f"  bare forward_features : {ips_bare:7.3f} images/s  (median {statistics.median(t_bare):.2f} s / {n} images)")
-            print(f"  cache tool pipeline   : {ips_pipe:7.3f} images/s  (median {statistics.median(t_pipe):.2f} s / {n} images)")
-            print(f"  ratio pipeline/bare   : {ips_pipe / ips_bare:.3f}  (per-repeat {', '.join(f'{x:.3f}' for x in ratios)}; "
-                  f"goal >= 0.85: {'MET' if ips_pipe / ips_bare >= 0.85 else 'MISSED'}); by process CPU time {cpu_ratio:.3f}")
+            print(f"  bare forward_features : {ips_bare:7.3f} images/s  (median {statistics.median(t_bare):.2f} s / "
+                  f"{n} images)")
+            print(f"  cache tool pipeline   : {ips_pipe:7.3f} images/s  (median {statistics.median(t_pipe):.2f} s / "
+                  f"{n} images)")
+            print(f"  ratio pipeline/bare   : {ips_pipe / ips_bare:.3f}  (per-repeat "
+                  f"{', '.join(f'{x:.3f}' for x in ratios)}; goal >= 0.85: "
+                  f"{'MET' if ips_pipe / ips_bare >= 0.85 else 'MISSED'}); by process CPU time {cpu_ratio:.3f}")
             print(f"  non-forward steps     : decode {decode_ms:.1f} ms/img, SAM preprocess {prep_ms:.1f} ms/img, "
                   f"fp16 HDF5 write {write_ms:.2f} ms/img (forward {1e3 / ips_bare:.0f} ms/img)")
             held = " + ".join(f"{s.name} {s.channels}x{size // s.stride}x{size // s.stride}" for s in specs)
             print(f"  bytes per cached image: file {per_img_file:,.0f} B/image ({last_file['size']:,} B / {n}); "
                   f"theoretical C*h*w*2 = {theory:,} B ({held} fp16)")
             print(f"  {note}\n", flush=True)
-            rows.append((size, ips_bare, ips_pipe, ips_pipe / ips_bare, cpu_ratio, decode_ms + prep_ms, write_ms, per_img_file, theory))
+            rows.append((size, ips_bare, ips_pipe, ips_pipe / ips_bare, cpu_ratio, decode_ms + prep_ms, write_ms,
+                         per_img_file, theory))
             teacher = pixels = None  # free the model before the next size
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    print("| input | bare forward (img/s) | cache pipeline (img/s) | ratio | ratio by CPU time | decode+preprocess (ms/img) | write (ms/img) | file B/image | C*h*w*2 B |")
+    print("| input | bare forward (img/s) | cache pipeline (img/s) | ratio | ratio by CPU time | decode+preprocess "
+          "(ms/img) | write (ms/img) | file B/image | C*h*w*2 B |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size, b, p, r, cr, dp, w, fb, th in rows:
         print(f"| {size} | {b:.3f} | {p:.3f} | {r:.3f} | {cr:.3f} | {dp:.1f} | {w:.2f} | {fb:,.0f} | {th:,} |")

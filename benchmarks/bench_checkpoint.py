@@ -33,7 +33,8 @@ def main() -> int:
     p.add_argument("--variant", default="n")
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args()
-    model = build_model({"backbone": {"type": "yolov8", "variant": a.variant}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+    model = build_model({"backbone": {"type": "yolov8", "variant": a.variant},
+                         "neck": {"type": "yolov8_pafpn", "depth": 1},
                          "heads": {"detection": {"type": "yolo_head", "num_classes": 80}}})
     terms = build_loss_terms({"feature_mse": {"type": "feature_mse", "teacher": "sam"}}, model,
                              {"sam": (FeatureSpec("image_embeddings", 256, 16),)}, {"sam": "image_embeddings"})

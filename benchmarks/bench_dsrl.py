@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     out: List[str] = [f"canvas {img}, batch {batch}, {rounds} rounds, {torch.get_num_threads()} threads"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        configs: Dict[str, Tuple[Trainer, bool]] = {"full (no DSRL)": (make_trainer(work, img, batch, 1.0, False), False)}
+        configs: Dict[str,
+                      Tuple[Trainer, bool]] = {"full (no DSRL)": (make_trainer(work, img, batch, 1.0, False), False)}
         pairs = []
         for scale in (2.0, 1.5, 1.2):
             for low_res in (False, True):
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
             tr = make_trainer(work, canvas, batch, scale, False)
             fixed[f"lowres {scale:g} (SR off) canvas {canvas}"] = (tr, False)
             fixed[f"dsrl {scale:g} canvas {canvas}"] = (tr, True)
-            fixed_pairs.append((f"{scale:g}", f"lowres {scale:g} (SR off) canvas {canvas}", f"dsrl {scale:g} canvas {canvas}"))
+            fixed_pairs.append((f"{scale:g}", f"lowres {scale:g} (SR off) canvas {canvas}",
+                                f"dsrl {scale:g} canvas {canvas}"))
         res2 = measure(fixed, rounds)
         out += ["", "### Fixed student input 128", ""] + table(res2, fixed_pairs)
         print("\n".join(out), flush=True)

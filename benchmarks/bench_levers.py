@@ -54,7 +54,8 @@ def child(args) -> None:
     if args.teacher_only:
         from vfmkd.datasets import load_rgb
         from vfmkd.teachers import SamTeacher
-        t = SamTeacher(init="random", input_size=args.teacher_size, device="cuda" if torch.cuda.is_available() else "cpu")
+        t = SamTeacher(init="random", input_size=args.teacher_size, device="cuda" if torch.cuda.is_available() else
+                       "cpu")
         imgs = [load_rgb(p) for p in sorted((_common.REPO / "datasets/coco128/images/train2017").glob("*.jpg"))[:args.batch]]
         before = rss_mb()
         if torch.cuda.is_available():
@@ -143,8 +144,9 @@ def main() -> None:
     key = "cuda_peak_above_model_mb" if "cuda_peak_above_model_mb" in full else "peak_above_model_mb"
     for size, r in ((a.teacher_size, full), (a.teacher_size // 2, half)):
         print(f"| SAM ViT-B @ {size}, batch {a.batch} | {r['seconds']:.2f} | {r[key]:.0f} |")
-    print(f"input {a.teacher_size // 2} vs {a.teacher_size}: teacher memory -{100 * (1 - half[key] / max(full[key], 1e-9)):.0f} % "
-          f"(design claim: about -75 %), time -{100 * (1 - half['seconds'] / full['seconds']):.0f} %")
+    print(f"input {a.teacher_size // 2} vs {a.teacher_size}: teacher memory "
+          f"-{100 * (1 - half[key] / max(full[key], 1e-9)):.0f} % (design claim: about -75 %), time "
+          f"-{100 * (1 - half['seconds'] / full['seconds']):.0f} %")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def main() -> None:
     trainers = {}
     for label, ratio in (("offline", 1.0), ("online", 0.0), ("mixed", a.ratio)):
         cfg = load_experiment(EXPERIMENT, [
-            f"teachers.sam.feature_path={cache}", "teachers.sam.init=random", f"teachers.sam.input_size={a.teacher_size}",
+            f"teachers.sam.feature_path={cache}", "teachers.sam.init=random",
+            f"teachers.sam.input_size={a.teacher_size}",
             f"data.limit={a.images}", f"data.img_size={a.img_size}", f"data.batch_size={a.batch}", "data.num_workers=0",
             f"distillation.offline_ratio={ratio}", f"work_dir={work / 'runs'}", "train.epochs=100",
             "eval.fidelity=false",  # no evaluation here: no validation router

@@ -53,7 +53,8 @@ def child(a) -> None:
     if cuda:
         torch.cuda.synchronize()
     steps = max(1, len(trainer.train_loader) // cfg["train"]["accumulate"])
-    out = {"step_s": (time.perf_counter() - start) / steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"step_s": (time.perf_counter() - start) / steps,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "batch": cfg["data"]["batch_size"], "accumulate": cfg["train"]["accumulate"],
            "teacher_size": cfg["teachers"]["sam"]["input_size"], "interval": cfg["distillation"]["distill_interval"]}
     if cuda:
@@ -85,14 +86,16 @@ def main() -> None:
     from _common import machine
     print(f"machine: {machine()}")
     print(f"main experiment, SAM ViT-B live (random init), YOLOv8n @ {a.img_size}, {a.images} images, one epoch")
-    print("| preset | micro-batch x accumulate | teacher input | distill_interval | s / optimizer step | vs gpu_24g_plus | peak RSS MiB | CUDA peak MiB |")
+    print("| preset | micro-batch x accumulate | teacher input | distill_interval | s / optimizer step | vs "
+          "gpu_24g_plus | peak RSS MiB | CUDA peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
     base = None
     for name in a.presets:
         r = run_child(name, a)
         base = base or r["step_s"]
-        print(f"| {name} | {r['batch']} x {r['accumulate']} | {r['teacher_size']} | {r['interval']} | {r['step_s']:.1f} | "
-              f"{r['step_s'] / base:.2f} | {r['peak_rss_mb']:.0f} | {r.get('cuda_peak_mb', float('nan')):.0f} |", flush=True)
+        print(f"| {name} | {r['batch']} x {r['accumulate']} | {r['teacher_size']} | {r['interval']} | "
+              f"{r['step_s']:.1f} | {r['step_s'] / base:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r.get('cuda_peak_mb', float('nan')):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

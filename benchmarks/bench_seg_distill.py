@@ -76,13 +76,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-warmup", type=int, default=2)
     p.add_argument("--heads-images", type=int, default=64, help="train and val images of part 4")
     p.add_argument("--heads-epochs", type=int, default=4)
-    p.add_argument("--heads-img", type=int, default=None, help="student input of every head (default: instance 320, others 256)")
+    p.add_argument("--heads-img", type=int, default=None, help="student input of every head (default: instance 320, "
+                                                               "others 256)")
     p.add_argument("--heads-teacher-input", type=int, default=256, help="SAM / LoRA-SAM input of part 4's caches")
     p.add_argument("--teacher-init", default="random", help="random, or pretrained (weights under weights/)")
     p.add_argument("--lora-checkpoint", default="null", help="LoRA matrices of the binary experiment's teacher "
                                                                "(null only with --teacher-init random)")
     p.add_argument("--device", default="cpu", help="train.device of parts 3 and 4 (cpu, cuda)")
-    p.add_argument("--cache-root", default=str(REPO / "work_dirs" / "bench_cache"), help="caches are reused when present")
+    p.add_argument("--cache-root", default=str(REPO / "work_dirs" / "bench_cache"), help=
+                   "caches are reused when present")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--malloc", choices=("tuned", "default", "inherit"), default="tuned")
     p.add_argument("--quick", action="store_true", help="8/1 images for bytes, 512 only for the decoder, "
@@ -115,13 +117,16 @@ def run_tool(argv, out: Path) -> Path:
     return out
 
 
-def sam_cache(args, size: int, n: int, storage: str = "float16", split: str = "train2017", teacher: str = "sam") -> Path:
+def sam_cache(args, size: int, n: int, storage: str = "float16", split: str = "train2017",
+              teacher: str = "sam") -> Path:
     out = Path(args.cache_root) / f"{teacher}_{size}_{args.teacher_init}_masks_{storage}_n{n}"
     extra = LORA_RANK + [f"teacher.lora_checkpoint={args.lora_checkpoint}"] if teacher == "lora_sam" else []
     t = time.perf_counter()
-    run_tool(["--teacher", teacher, "--splits", split, "--limit", str(n), "--batch-size", "4", "--outputs", "features,masks",
+    run_tool(["--teacher", teacher, "--splits", split, "--limit", str(n), "--batch-size", "4", "--outputs",
+              "features,masks",
               "--storage", storage, f"teacher.init={args.teacher_init}", f"teacher.input_size={size}", *extra], out)
-    print(f"  cache {out.name}/{split}.h5 ready ({time.perf_counter() - t:.0f} s; reused when already filled)", flush=True)
+    print(f"  cache {out.name}/{split}.h5 ready ({time.perf_counter() - t:.0f} s; reused when already filled)",
+          flush=True)
     return out
 
 
@@ -179,7 +184,8 @@ def part_bytes(args, results) -> None:
             total, boxes, info = mask_bytes_per_image(files[storage])
             row = {"size": size, "storage": storage, "images": int(len(boxes)), "side": info["side"],
                    "bytes_per_box": info["per_row"], "mean": float(total.mean()), "max": float(total.max()),
-                   "boxes_mean": float(boxes.mean()), "boxes_max": int(boxes.max()), "zero_box_images": int((boxes == 0).sum()),
+                   "boxes_mean": float(boxes.mean()), "boxes_max": int(boxes.max()),
+                   "zero_box_images": int((boxes == 0).sum()),
                    "file_per_image": info["file_bytes"] / len(boxes)}
             rows.append(row)
             print(f"  SAM @ {size}, {storage}: {info['side']}x{info['side']} logits, {info['per_row']:.0f} B per box "
@@ -193,14 +199,16 @@ def part_bytes(args, results) -> None:
         inter = ((a > 0) & (b > 0)).sum(axis=(1, 2))
         union = ((a > 0) | (b > 0)).sum(axis=(1, 2))
         iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-        fid = {"size": size, "max_abs_err_over_absmax": float((err.reshape(len(a), -1).max(1) / np.maximum(scale, 1e-12)).max()),
+        fid = {"size": size,
+               "max_abs_err_over_absmax": float((err.reshape(len(a), -1).max(1) / np.maximum(scale, 1e-12)).max()),
                "mean_abs_err": float(err.mean()), "mask_iou_min": float(iou.min()), "mask_iou_mean": float(iou.mean()),
                "pixels_flipped": float(((a > 0) != (b > 0)).mean())}
         rows[-1]["fidelity"] = fid
-        print(f"  int8 vs fp16 @ {size}: max |err| / max |logit| per mask {fid['max_abs_err_over_absmax']:.4f}, mean |err| "
-              f"{fid['mean_abs_err']:.4f}; binarised (logit > 0) IoU mean {fid['mask_iou_mean']:.5f}, min "
+        print(f"  int8 vs fp16 @ {size}: max |err| / max |logit| per mask {fid['max_abs_err_over_absmax']:.4f}, mean "
+              f"|err| {fid['mean_abs_err']:.4f}; binarised (logit > 0) IoU mean {fid['mask_iou_mean']:.5f}, min "
               f"{fid['mask_iou_min']:.5f}; pixels flipped {fid['pixels_flipped'] * 100:.4f}%", flush=True)
-    print("\n| SAM input | logits per box | storage | images | bytes / box | mask bytes / image, mean | max | boxes / image, mean (max) |")
+    print("\n| SAM input | logits per box | storage | images | bytes / box | mask bytes / image, mean | max | boxes / "
+          "image, mean (max) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['side']}x{r['side']} | {r['storage']} | {r['images']} | {r['bytes_per_box']:,.0f} | "
@@ -244,12 +252,14 @@ def part_decoder(args, results) -> None:
         print(f"  SAM @ {size}: encoder {enc * 1e3:.0f} ms/image; {idle_note(load0)}")
         for k in args.decoder_boxes:
             t = statistics.median(times[k])
-            rows.append({"size": size, "encoder_ms": enc * 1e3, "boxes": k, "decoder_ms": t * 1e3, "per_box_ms": t / k * 1e3,
+            rows.append({"size": size, "encoder_ms": enc * 1e3, "boxes": k, "decoder_ms": t * 1e3,
+                         "per_box_ms": t / k * 1e3,
                          "per_box_over_encoder": t / k / enc, "k_boxes_over_encoder": t / enc})
-            print(f"    K={k:3d}: mask_logits {t * 1e3:8.1f} ms = {t / k * 1e3:6.1f} ms/box = {t / k / enc * 100:.2f}% of "
-                  f"the encoder per box ({t / enc * 100:.1f}% for all {k})", flush=True)
+            print(f"    K={k:3d}: mask_logits {t * 1e3:8.1f} ms = {t / k * 1e3:6.1f} ms/box = {t / k / enc * 100:.2f}% "
+                  f"of the encoder per box ({t / enc * 100:.1f}% for all {k})", flush=True)
         del teacher, feats
-    print("\n| SAM input | encoder (ms/image) | boxes K | mask_logits (ms, K boxes) | ms / box | per box ÷ encoder | K boxes ÷ encoder |")
+    print("\n| SAM input | encoder (ms/image) | boxes K | mask_logits (ms, K boxes) | ms / box | per box ÷ encoder | K "
+          "boxes ÷ encoder |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['encoder_ms']:.0f} | {r['boxes']} | {r['decoder_ms']:.1f} | {r['per_box_ms']:.1f} | "
@@ -266,18 +276,21 @@ def part_step(args, results) -> None:
     from vfmkd.distillation.cached import collate_distill
     from vfmkd.engine.trainer import Trainer
 
-    print("\n== 3. offline mask-distill train step vs task-only (YOLOv8n + yolo_seg_head @ 320, batch 8) ==", flush=True)
+    print("\n== 3. offline mask-distill train step vs task-only (YOLOv8n + yolo_seg_head @ 320, batch 8) ==",
+          flush=True)
     batch, n = 8, 8 * args.step_batches
     cache = sam_cache(args, 512, n)  # the 512 fp16 cache of part 1 when N equals its image count
     run_root = Path(tempfile.mkdtemp(prefix="vfmkd_bench_seg_step_"))
-    overrides = [f"teachers.sam.feature_path={cache}", f"teachers.sam.init={args.teacher_init}", "teachers.sam.input_size=512",
+    overrides = [f"teachers.sam.feature_path={cache}", f"teachers.sam.init={args.teacher_init}",
+                 "teachers.sam.input_size=512",
                  "data.img_size=320", f"data.batch_size={batch}", f"data.limit={n}", "data.num_workers=0",
                  f"train.device={args.device}", f"work_dir={run_root}", "eval.fidelity=false"]
     trainers = {}
     for name in ("task-only", "mask-distill"):
         cfg = load_experiment(EXPERIMENTS / "yolov8n_seg_sam_coco128.yaml", overrides)
         if name == "task-only":
-            cfg["distillation"]["losses"] = {k: v for k, v in cfg["distillation"]["losses"].items() if v["type"] in TASK_LOSSES}
+            cfg["distillation"]["losses"] = {k: v for k,
+                                             v in cfg["distillation"]["losses"].items() if v["type"] in TASK_LOSSES}
             cfg["teachers"]["sam"]["enabled"] = False
         run_dir = run_root / name
         (run_dir / "checkpoints").mkdir(parents=True)
@@ -339,24 +352,28 @@ def part_heads(args, results) -> None:
     from vfmkd.engine.trainer import Trainer
 
     n, size, epochs = args.heads_images, args.heads_teacher_input, args.heads_epochs
-    print(f"\n== 4. each head with vs without distillation ({n} train / {n} val images, {epochs} epochs, teachers @ {size}, "
-          f"init={args.teacher_init}) ==", flush=True)
+    print(f"\n== 4. each head with vs without distillation ({n} train / {n} val images, {epochs} epochs, teachers @ "
+          f"{size}, init={args.teacher_init}) ==", flush=True)
     caches = {t: sam_cache(args, size, n, teacher=t) for t in ("sam", "lora_sam")}
     run_root = Path(tempfile.mkdtemp(prefix="vfmkd_bench_seg_heads_"))
     rows = []
     for task, exp, teacher, img, keys in HEADS:
         img = args.heads_img or img
         for variant in ("task only", "distilled"):
-            overrides = [f"teachers.{teacher}.feature_path={caches[teacher]}", f"teachers.{teacher}.init={args.teacher_init}",
+            overrides = [f"teachers.{teacher}.feature_path={caches[teacher]}",
+                         f"teachers.{teacher}.init={args.teacher_init}",
                          f"teachers.{teacher}.input_size={size}", f"data.img_size={img}", "data.batch_size=8",
                          f"data.limit={n}", "data.num_workers=0", "eval.batch_size=8", "eval.fidelity=false",
-                         f"train.device={args.device}", f"train.epochs={epochs}", "train.warmup_epochs=0", "train.warmup_iters=4",
-                         f"train.save_period={epochs}", "train.vis_interval=0", f"work_dir={run_root / variant.replace(' ', '_')}"]
+                         f"train.device={args.device}", f"train.epochs={epochs}", "train.warmup_epochs=0",
+                         "train.warmup_iters=4",
+                         f"train.save_period={epochs}", "train.vis_interval=0",
+                         f"work_dir={run_root / variant.replace(' ', '_')}"]
             if teacher == "lora_sam":
                 overrides += [f"teachers.lora_sam.lora_checkpoint={args.lora_checkpoint}"]
             cfg = load_experiment(EXPERIMENTS / f"{exp}.yaml", overrides)
             if variant == "task only":
-                cfg["distillation"]["losses"] = {k: v for k, v in cfg["distillation"]["losses"].items() if v["type"] in TASK_LOSSES}
+                cfg["distillation"]["losses"] = {k: v for k,
+                                                 v in cfg["distillation"]["losses"].items() if v["type"] in TASK_LOSSES}
                 cfg["teachers"][teacher]["enabled"] = False
             terms = sorted(cfg["distillation"]["losses"])
             t0 = time.perf_counter()
@@ -375,10 +392,12 @@ def part_heads(args, results) -> None:
                    "train_task_loss": last["train"].get("loss_task", last["train"].get("loss")),
                    "train_loss": last["train"].get("loss")}
             if task == "instance":
-                row["box_mAP50-95"] = float(val.get("mAP50-95", last["val"].get("detection", {}).get("mAP50-95", float("nan"))))
+                row["box_mAP50-95"] = float(val.get("mAP50-95",
+                                                    last["val"].get("detection", {}).get("mAP50-95", float("nan"))))
             rows.append(row)
             print(f"  {task:8s} {variant:9s}: " + ", ".join(f"{k} {row[k]:.4f}" for k in keys) +
-                  f"; last-epoch train loss_task {row['train_task_loss']:.4f}; {seconds:.0f} s; terms {terms}", flush=True)
+                  f"; last-epoch train loss_task {row['train_task_loss']:.4f}; {seconds:.0f} s; terms {terms}",
+                  flush=True)
     print("\n| head (experiment) | metric on val2017 | task only | distilled (random teacher) | Δ |")
     print("|---|---|---|---|---|")
     for task, exp, teacher, img, keys in HEADS:

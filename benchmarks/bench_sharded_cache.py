@@ -64,7 +64,8 @@ def main() -> None:
                 if name == "single":
                     cmd, threads = [sys.executable, tool, *common, "--output", str(out)], a.threads_single
                 else:
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.ranks),
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(a.ranks),
                            tool, *common, "--output", str(out)]
                     threads = 1
                 times[name].append(run(cmd, threads))

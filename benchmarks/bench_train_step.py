@@ -130,8 +130,8 @@ def main() -> int:
     cache = Path(args.cache_dir or REPO / "work_dirs" / "bench_cache" / f"sam_vit_b_{args.teacher_input}_random_n{n_images}")
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}, malloc {malloc}")
-    print(f"YOLOv8n, batch {args.batch_size}, {args.batches} batches of coco128/train2017 x {args.repeats} repeats per variant "
-          f"(+{args.warmup} warm-up), SAM vit_b cache @ {args.teacher_input} in {cache}\n")
+    print(f"YOLOv8n, batch {args.batch_size}, {args.batches} batches of coco128/train2017 x {args.repeats} repeats per "
+          f"variant (+{args.warmup} warm-up), SAM vit_b cache @ {args.teacher_input} in {cache}\n")
 
     from vfmkd.core.errors import CacheMismatchError
 
@@ -156,8 +156,10 @@ def main() -> int:
     rows = []
     for img in args.img_sizes:
         overrides = [
-            f"teachers.sam.feature_path={cache}", "teachers.sam.init=random", f"teachers.sam.input_size={args.teacher_input}",
-            f"data.img_size={img}", f"data.batch_size={args.batch_size}", f"data.limit={n_images}", "data.num_workers=0",
+            f"teachers.sam.feature_path={cache}", "teachers.sam.init=random",
+            f"teachers.sam.input_size={args.teacher_input}",
+            f"data.img_size={img}", f"data.batch_size={args.batch_size}", f"data.limit={n_images}",
+            "data.num_workers=0",
             f"train.device={args.device}", f"work_dir={run_root}",
             "eval.fidelity=false",  # no evaluation here: no validation router, no live SAM in memory
         ]
@@ -165,7 +167,8 @@ def main() -> int:
         for name in ("student-only", "offline-distill"):
             cfg = load_experiment(EXPERIMENT, overrides)
             if name == "student-only":  # no feature loss, no teacher, no cache
-                cfg["distillation"]["losses"] = {k: v for k, v in cfg["distillation"]["losses"].items() if v["type"] == "detection"}
+                cfg["distillation"]["losses"] = {k: v for k,
+                                                 v in cfg["distillation"]["losses"].items() if v["type"] == "detection"}
                 cfg["teachers"]["sam"]["enabled"] = False
             run_dir = run_root / f"{name}_{img}"
             (run_dir / "checkpoints").mkdir(parents=True)
@@ -208,8 +211,8 @@ def main() -> int:
             cpu_times[n].clear()  # warm-up steps out
 
         def report(r, times):
-            print(f"  [{img}] repeat {r}: student-only {statistics.median(times['student-only'][-len(batches):]):.3f} s, "
-                  f"offline-distill {statistics.median(times['offline-distill'][-len(batches):]):.3f} s", flush=True)
+            print(f"  [{img}] repeat {r}: student-only {statistics.median(times['student-only'][-len(batches):]):.3f} "
+                  f"s, offline-distill {statistics.median(times['offline-distill'][-len(batches):]):.3f} s", flush=True)
 
         times, pair_ratios = alternate_steps(step, names, batches, args.repeats, ("student-only", "offline-distill"),
                                              report)
@@ -234,7 +237,8 @@ def main() -> int:
                     elif name == "without cache":
                         collate_samples([plain_set[i] for i in b])
                     else:  # what CachedTargetsDataset reads per image, collated as collate_distill does
-                        TeacherTargets.collate([from_cache_entry(reader.read(image_ids[i], dequantize=False)) for i in b])
+                        TeacherTargets.collate([from_cache_entry(reader.read(image_ids[i],
+                                                                             dequantize=False)) for i in b])
                     got[name] = time.perf_counter() - t0
                 if r:  # the first pass warms the page cache and the HDF5 handle
                     for name, v in got.items():
@@ -245,19 +249,25 @@ def main() -> int:
               f"({args.repeats * args.batches} timed steps per variant)")
         print(f"  student-only step    : {t_s * 1e3:8.1f} ms (median)")
         print(f"  offline-distill step : {t_d * 1e3:8.1f} ms (median); +{(t_d - t_s) * 1e3:.1f} ms for the feature loss")
-        print(f"  t_student_only / t_offline_distill = {t_s / t_d:.3f} (median of per-pair ratios {statistics.median(pair_ratios):.3f}; "
-              f"goal >= 0.95: {'MET' if t_s / t_d >= 0.95 else 'MISSED'}); by process CPU time {cpu_ratio:.3f}")
-        print(f"  data path per batch (num_workers=0): with cache {l_with * 1e3:.1f} ms, without {l_without * 1e3:.1f} ms -> "
-              f"HDF5 read adds {(l_with - l_without) * 1e3:.1f} ms/batch ({(l_with - l_without) / t_d * 100:.1f}% of a distill step); "
-              f"FeatureCacheReader.read x{args.batch_size} + stack alone {l_read * 1e3:.2f} ms")
+        print(f"  t_student_only / t_offline_distill = {t_s / t_d:.3f} (median of per-pair ratios "
+              f"{statistics.median(pair_ratios):.3f}; goal >= 0.95: {'MET' if t_s / t_d >= 0.95 else 'MISSED'}); by "
+              f"process CPU time {cpu_ratio:.3f}")
+        print(f"  data path per batch (num_workers=0): with cache {l_with * 1e3:.1f} ms, without {l_without * 1e3:.1f} "
+              f"ms -> HDF5 read adds {(l_with - l_without) * 1e3:.1f} ms/batch "
+              f"({(l_with - l_without) / t_d * 100:.1f}% of a distill step); FeatureCacheReader.read "
+              f"x{args.batch_size} + stack alone {l_read * 1e3:.2f} ms")
         print(f"  {idle_note(load0)}\n", flush=True)
-        rows.append((img, t_s, t_d, t_s / t_d, statistics.median(pair_ratios), cpu_ratio, l_with - l_without, l_read, l_with))
+        rows.append((img, t_s, t_d, t_s / t_d, statistics.median(pair_ratios), cpu_ratio, l_with - l_without, l_read,
+                     l_with))
 
-    print("| student input | teacher cache | student-only (ms) | offline-distill (ms) | ratio | ratio (paired median) | ratio by CPU time | HDF5 read in data path (ms/batch) | reader.read x B (ms) | whole data path with cache (ms/batch) |")
+    print("| student input | teacher cache | student-only (ms) | offline-distill (ms) | ratio | ratio (paired median) "
+          "| ratio by CPU time | HDF5 read in data path (ms/batch) | reader.read x B (ms) | whole data path with cache "
+          "(ms/batch) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for img, t_s, t_d, ratio, pr, cr, extra, rd, lw in rows:
         side = args.teacher_input // 16
-        print(f"| {img} | 256x{side}x{side} | {t_s * 1e3:.1f} | {t_d * 1e3:.1f} | {ratio:.3f} | {pr:.3f} | {cr:.3f} | {extra * 1e3:.1f} | {rd * 1e3:.2f} | {lw * 1e3:.1f} |")
+        print(f"| {img} | 256x{side}x{side} | {t_s * 1e3:.1f} | {t_d * 1e3:.1f} | {ratio:.3f} | {pr:.3f} | {cr:.3f} | "
+              f"{extra * 1e3:.1f} | {rd * 1e3:.2f} | {lw * 1e3:.1f} |")
     shutil.rmtree(run_root, ignore_errors=True)
     return 0
 

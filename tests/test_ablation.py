@@ -78,4 +78,5 @@ def test_the_full_recipe_trains_its_progressive_stages(tmp_path):
     assert "loss_resolution_distill" not in epochs[0]["train"] and "loss_resolution_distill" in epochs[1]["train"]
     assert "loss_mask_distill_instance" in epochs[2]["train"] and "loss_mask_distill_instance" not in epochs[1]["train"]
     for e in epochs:
-        assert e["fusion_weights"] and {"PQ", "SQ", "RQ"} <= set(e["val"]["panoptic"]) and "mIoU" in e["val"]["semantic"]
+        assert e["fusion_weights"] and {"PQ", "SQ",
+                                        "RQ"} <= set(e["val"]["panoptic"]) and "mIoU" in e["val"]["semantic"]

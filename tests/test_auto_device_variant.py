@@ -75,7 +75,8 @@ def test_auto_device_follows_the_machine(monkeypatch, caplog):
 def test_auto_dtype_and_amp_are_bf16_only_on_a_bf16_gpu(monkeypatch):
     _fake_cuda(monkeypatch, True, bf16=True)
     assert resolve_dtype("auto", "cuda") == "bfloat16" and resolve_amp("auto", "cuda") is True
-    assert resolve_dtype("auto", "cpu") == "float32" and resolve_amp("auto", "cpu") is False  # a teacher kept on the CPU
+    # a teacher kept on the CPU
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_amp("auto", "cpu") is False
     assert resolve_dtype("float16", "cuda") == "float16" and resolve_amp(False, "cuda") is False  # explicit values win
     _fake_cuda(monkeypatch, True, bf16=False)  # e.g. a V100
     assert resolve_dtype("auto", "cuda") == "float32" and resolve_amp("auto", "cuda") is False
@@ -103,7 +104,8 @@ def test_on_a_cpu_auto_is_exactly_todays_cpu_float32(monkeypatch):
     assert SamTeacher.config_fingerprint(init="random", input_size=64) == SamTeacher.config_fingerprint(**explicit)
     assert "device" not in SamTeacher.config_fingerprint(**explicit).as_dict()  # where it ran is not an identity
     # an explicit CUDA config still fingerprints offline on a CPU machine (the cache a GPU wrote)
-    assert SamTeacher.config_fingerprint(init="random", input_size=64, device="cuda", dtype="bfloat16").dtype == "bfloat16"
+    assert SamTeacher.config_fingerprint(init="random", input_size=64, device="cuda",
+                                         dtype="bfloat16").dtype == "bfloat16"
 
 
 def test_a_cuda_device_without_cuda_is_one_line_and_exit_2(monkeypatch, caplog, tmp_path):

@@ -156,10 +156,12 @@ def test_int8_read_has_the_fp16_shapes_and_dtypes(caches):
         assert a["input_size"] == b["input_size"] == SIZE
     # deferred dequantisation (e.g. on the GPU after collation) gives the very same tensors
     raw = [i8.read(i, dequantize=False)["features"]["trunk"] for i in ids()[:2]]
-    assert raw[0]["values"].dtype == torch.int8 and raw[0]["scale"].shape == (SIDE, SIDE) and raw[0]["channel_scale"].shape == (768,)
+    assert raw[0]["values"].dtype == torch.int8 and raw[0]["scale"].shape == (SIDE,
+                                                                              SIDE) and raw[0]["channel_scale"].shape == (768,)
     batch = codec.dequantize(*(torch.stack([r[k] for r in raw]) for k in ("values", "scale", "channel_scale")))
     assert torch.equal(batch, torch.stack([i8.read(i)["features"]["trunk"] for i in ids()[:2]]))
-    assert torch.equal(f16.read(ids()[0], dequantize=False)["features"]["trunk"], f16.read(ids()[0])["features"]["trunk"])
+    assert torch.equal(f16.read(ids()[0], dequantize=False)["features"]["trunk"],
+                       f16.read(ids()[0])["features"]["trunk"])
 
 
 def test_stats_equal_numpy_over_valid_cells(caches):
@@ -227,7 +229,8 @@ def test_verify_checks_int8_and_flip_pass(caches, capsys):
 def test_resume_with_other_storage_or_flip_is_refused(caches):
     path = caches["i8"]
     before = path.read_bytes()
-    with pytest.raises(CacheMismatchError, match=r"started with --storage int8 with --with-flip, this run has --storage float16"):
+    with pytest.raises(CacheMismatchError, match=r"started with --storage int8 with --with-flip, this run has "
+                                                 r"--storage float16"):
         run_tool(*tool_args(path.parent, "--with-flip"))
     with pytest.raises(CacheMismatchError, match=r"this run has --storage int8 without --with-flip.*another --output"):
         run_tool(*tool_args(path.parent, "--storage", "int8"))
@@ -279,7 +282,8 @@ def test_reader_without_flip_pass_and_files_from_before_stats(tmp_path):
     with pytest.raises(KeyError, match="caches emb"):
         reader.stats("trunk")
     want = [t.numpy().copy() for t in reader.stats("emb")]
-    np.testing.assert_allclose(want[0], feats[:, :, :3].half().double().mean((0, 2, 3)).numpy(), rtol=1e-5)  # 48/16 rows
+    # 48/16 rows
+    np.testing.assert_allclose(want[0], feats[:, :, :3].half().double().mean((0, 2, 3)).numpy(), rtol=1e-5)
     with h5py.File(tmp_path / "plain.h5", "r+") as f:  # as written before storage/flip/statistics existed
         del f["stats"], f.attrs["storage"], f.attrs["with_flip"]
     old = FeatureCacheReader(tmp_path / "plain.h5")

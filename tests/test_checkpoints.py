@@ -153,7 +153,8 @@ def test_offline_download_fails_cleanly(dl, tmp_path, monkeypatch, capsys):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    assert dl.main(["--model", "sam_vit_b", "--dir", str(tmp_path / "weights")]) == 2  # offline: exit 2, naming the next step
+    # offline: exit 2, naming the next step
+    assert dl.main(["--model", "sam_vit_b", "--dir", str(tmp_path / "weights")]) == 2
     err = capsys.readouterr().err
     w = OFFICIAL_WEIGHTS["sam_vit_b"]
     assert "could not reach" in err and w.url in err and "Temporary failure" in err

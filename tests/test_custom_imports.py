@@ -23,7 +23,8 @@ def test_external_backbone_trains_two_steps(tmp_path, monkeypatch):
     features = tmp_path / "sam"
     assert ptf.main(["--teacher", "sam", "--limit", "4", "--output", str(features), "--no-progress",
                      "teacher.init=random", "teacher.input_size=128"]) == 0
-    cfg = load_experiment(HERE / "tiny_convnet_sam.yaml", [f"teachers.sam.feature_path={features}", f"work_dir={tmp_path}"])
+    cfg = load_experiment(HERE / "tiny_convnet_sam.yaml", [f"teachers.sam.feature_path={features}",
+                                                           f"work_dir={tmp_path}"])
     trainer = Trainer(cfg, progress=False)
     assert type(trainer.model.backbone).__name__ == "TinyConvNet"
     logs = trainer.train_one_epoch(1)  # 4 images, batch 2: two steps

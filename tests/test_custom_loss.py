@@ -36,7 +36,8 @@ def test_external_loss_trains_two_steps(tmp_path, monkeypatch):
 def test_external_loss_value_and_key_checks(monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     import my_vfmkd_ext.charbonnier_loss  # noqa: F401  (registers feature_charbonnier)
-    loss = LOSSES.build("feature_charbonnier", where="t", teacher="sam", student_channels=2, teacher_channels=2, eps=0.5)
+    loss = LOSSES.build("feature_charbonnier", where="t", teacher="sam", student_channels=2, teacher_channels=2,
+                        eps=0.5)
     with torch.no_grad():
         loss.adapter.proj.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
         loss.adapter.proj.bias.zero_()

@@ -84,7 +84,8 @@ def test_download_models_list_and_family(tmp_path, capsys):
 
 
 def _bash(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", *args], cwd=REPO, env=env or OFFLINE_ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", *args], cwd=REPO, env=env or OFFLINE_ENV, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_download_datasets_says_coco128_is_built_in():

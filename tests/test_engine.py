@@ -178,7 +178,8 @@ def test_layers_point_one_way():
             continue
         for n, line in enumerate(f.read_text().splitlines(), 1):
             m = re.match(r"\s*(?:from|import)\s+vfmkd\.(\w+)", line)
-            if m and m.group(1) in rank and (rank[m.group(1)] > rank[layer] or (layer, m.group(1)) == ("datasets", "teachers")):
+            if m and m.group(1) in rank and (rank[m.group(1)] > rank[layer] or (layer, m.group(1)) == ("datasets",
+                                                                                                       "teachers")):
                 bad.append(f"{f.relative_to(REPO)}:{n}: {line.strip()}")
     assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
 
@@ -187,7 +188,8 @@ def test_a_partial_val_cache_gives_fidelity_on_its_images_without_live_passes(fe
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "train2017.h5").symlink_to(features / "train2017.h5")
-    assert ptf.main(["--teacher", "sam", "--splits", "val2017", "--limit", "4", "--output", str(partial), "--no-progress",
+    assert ptf.main(["--teacher", "sam", "--splits", "val2017", "--limit", "4", "--output", str(partial),
+                     "--no-progress",
                      "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
     cfg = load_experiment(EXPERIMENT, overrides(partial, tmp_path, "train.epochs=1", "eval.batch_size=4"))
     trainer = Trainer(cfg, progress=False)

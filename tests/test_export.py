@@ -166,7 +166,8 @@ def _matched(a_box, a_conf, a_cls, b_box, b_conf, b_cls) -> torch.Tensor:
     """For each box of a: is there a box of b with the same class, IoU > 0.99 and score within 1e-3?"""
     if len(b_box) == 0:
         return torch.zeros(len(a_box), dtype=torch.bool)
-    ok = (box_iou(a_box, b_box) > 0.99) & (a_cls[:, None] == b_cls[None]) & ((a_conf[:, None] - b_conf[None]).abs() < 1e-3)
+    ok = (box_iou(a_box, b_box) > 0.99) & (a_cls[:,
+                                                 None] == b_cls[None]) & ((a_conf[:, None] - b_conf[None]).abs() < 1e-3)
     return ok.any(1)
 
 

@@ -41,7 +41,8 @@ import prepare_teacher_features as ptf  # noqa: E402
 COCO = REPO / "datasets" / "coco128"
 SPLIT = "train2017"
 TEACHER = ["teacher.init=random", "teacher.input_size=64"]
-FP = TeacherFingerprint(family="t", variant="v", weights="random-init:seed0", input_size=32, dtype="float32", preprocessing="p")
+FP = TeacherFingerprint(family="t", variant="v", weights="random-init:seed0", input_size=32, dtype="float32",
+                        preprocessing="p")
 SPECS = (FeatureSpec(name="emb", channels=8, stride=16),)
 
 
@@ -68,7 +69,8 @@ def tool(root: Path, out: Path, *extra: str) -> list[str]:
 def small_cache(path: Path, n: int = 3, storage: str = "float16") -> list[str]:
     """A finished cache of n images written by FeatureCacheWriter (no teacher needed)."""
     ids = [f"img{i}" for i in range(n)]
-    with FeatureCacheWriter(path, ids, FP, SPECS, 32, teacher_config={"type": "sam", "init": "random"}, dataset="coco128",
+    with FeatureCacheWriter(path, ids, FP, SPECS, 32, teacher_config={"type": "sam", "init": "random"}, dataset=
+                            "coco128",
                             split=SPLIT, batch_size=n, teacher="sam", storage=storage) as w:
         w.write(0, {"emb": torch.randn(n, 8, 2, 2)}, torch.tensor([[1.0, 1.0, 0.0, 0.0]] * n),
                 torch.full((n, 2), 32.0), np.full((n, 2), 32))
@@ -98,7 +100,8 @@ def test_exif_rotated_photo_is_seen_upright_by_student_and_teacher(tmp_path):
         assert probe_image(images / name) == (h, w)  # the upright size, also for the 1/8 JPEG draft
         assert load_rgb(images / name).shape == (h, w, 3)
     assert np.array_equal(load_rgb(images / "b_phone.png"), np.asarray(upright))
-    assert np.abs(load_rgb(images / "c_phone.jpg").astype(int) - np.asarray(upright).astype(int)).mean() < 8  # JPEG re-encoding
+    # JPEG re-encoding
+    assert np.abs(load_rgb(images / "c_phone.jpg").astype(int) - np.asarray(upright).astype(int)).mean() < 8
 
     ds = DetectionDataset(str(root), SPLIT, img_size=128)
     assert ds.orig_sizes == [(h, w)] * 3
@@ -140,8 +143,9 @@ def test_unreadable_images_report_pillows_reason_and_install_nothing(tmp_path, m
 
 
 def test_auto_install_is_off_whatever_the_import_order():
-    code = ("import os; os.environ['YOLO_AUTOINSTALL'] = 'True'; import vfmkd.datasets; import ultralytics.utils.checks as c; "
-            "import ultralytics.utils as u; print(c.AUTOINSTALL, u.AUTOINSTALL, os.environ['YOLO_AUTOINSTALL'])")
+    code = ("import os; os.environ['YOLO_AUTOINSTALL'] = 'True'; import vfmkd.datasets; import "
+            "ultralytics.utils.checks as c; import ultralytics.utils as u; print(c.AUTOINSTALL, u.AUTOINSTALL, "
+            "os.environ['YOLO_AUTOINSTALL'])")
     env = {**os.environ, "YOLO_OFFLINE": "1"}
     got = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr
@@ -243,7 +247,8 @@ def test_duplicate_label_lines_are_dropped_with_file_and_lines(tmp_path, caplog)
     root = new_root(tmp_path)
     shutil.copy(coco_image(0), root / "images" / SPLIT)
     label = root / "object_detection" / "labels" / SPLIT / f"{coco_image(0).stem}.txt"
-    label.write_text("1 0.5 0.5 0.2 0.2\n2 0.3 0.3 0.1 0.1\n1 0.5 0.5 0.2 0.2\n\n1 0.50 0.5 0.2 0.20\n1 0.5 0.5 0.2 0.3\n")
+    label.write_text("1 0.5 0.5 0.2 0.2\n2 0.3 0.3 0.1 0.1\n1 0.5 0.5 0.2 0.2\n\n1 0.50 0.5 0.2 0.20\n1 0.5 0.5 0.2 "
+                     "0.3\n")
     with caplog.at_level(logging.WARNING, logger="vfmkd"):
         ds = DetectionDataset(str(root), SPLIT, img_size=64)
     assert np.allclose(ds.labels[0], [[1, 0.5, 0.5, 0.2, 0.2], [2, 0.3, 0.3, 0.1, 0.1], [1, 0.5, 0.5, 0.2, 0.3]])
@@ -288,7 +293,8 @@ def test_truncated_and_foreign_cache_files_name_file_and_command(tmp_path):
     with pytest.raises(CacheMismatchError, match="my rebuild command"):
         FeatureCacheReader(path, rebuild="my rebuild command")
     with pytest.raises(CacheMismatchError, match="truncated"):  # the writer refuses to resume it too
-        FeatureCacheWriter(path, ["img0"], FP, SPECS, 32, teacher_config={}, dataset="coco128", split=SPLIT, batch_size=1)
+        FeatureCacheWriter(path, ["img0"], FP, SPECS, 32, teacher_config={}, dataset="coco128", split=SPLIT,
+                           batch_size=1)
 
     foreign = tmp_path / "other" / f"{SPLIT}.h5"
     foreign.parent.mkdir()
@@ -300,7 +306,8 @@ def test_truncated_and_foreign_cache_files_name_file_and_command(tmp_path):
     assert str(foreign) in str(err.value) and "not a vfmkd feature cache" in str(err.value)
     assert "prepare_teacher_features.py" in str(err.value)
     with pytest.raises(CacheMismatchError, match="not a vfmkd feature cache.*left untouched"):
-        FeatureCacheWriter(foreign, ["img0"], FP, SPECS, 32, teacher_config={}, dataset="coco128", split=SPLIT, batch_size=1)
+        FeatureCacheWriter(foreign, ["img0"], FP, SPECS, 32, teacher_config={}, dataset="coco128", split=SPLIT,
+                           batch_size=1)
     assert foreign.read_bytes() == before and not foreign.with_name(foreign.name + ".lock").exists()
 
 
@@ -309,7 +316,9 @@ def png_header_only(path: Path, width: int, height: int) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT",
+                                                                         zlib.compress(b"\0" * 64)) + chunk(b"IEND",
+                                                                                                            b""))
 
 
 def test_decompression_bomb_is_rejected_by_pillows_limit(tmp_path, monkeypatch):

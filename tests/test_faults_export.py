@@ -53,7 +53,8 @@ def write_run(path: Path, heads: dict, backbone: dict | None = None, scale: floa
             torch.nn.init.normal_(conv.weight, 0.0, 1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"model": model.state_dict(), "distiller": {}, "teacher_stats": {}, "optimizer": {},
-                           "scheduler": {}, "epoch": 1, "config": cfg, "metrics": {}, "resume": {"epoch": 2, "batch": 0}})
+                           "scheduler": {}, "epoch": 1, "config": cfg, "metrics": {},
+                           "resume": {"epoch": 2, "batch": 0}})
     return path
 
 
@@ -191,7 +192,8 @@ def test_promptable_torchscript_exports_encoder_and_decoder(tmp_path):
         got_emb = torch.jit.load(str(enc))(image)
         assert (got_emb - emb).abs().max() < 1e-4
         decoder = torch.jit.load(str(dec))
-        for (coords, labels), kwargs in ((box_prompt(boxes), {"boxes": boxes}), (point_prompt(points), {"points": points})):
+        for (coords, labels), kwargs in ((box_prompt(boxes), {"boxes": boxes}),
+                                         (point_prompt(points), {"points": points})):
             masks, iou = decoder(emb, coords, labels)
             w_masks, w_iou = head.decode(emb, torch.zeros(len(coords), dtype=torch.long), **kwargs)
             assert masks.shape == (len(coords), 1, IMG // 4, IMG // 4)

@@ -64,7 +64,8 @@ def test_16bit_grayscale_png_is_scaled_not_clipped_everywhere(tmp_path, caplog):
     ds = DetectionDataset(str(root), SPLIT, img_size=64)  # the student's loader
     assert torch.equal(ds[0].image, ds[1].image)
     out = tmp_path / "cache"  # the cache tool's loader: the teacher sees the same picture
-    assert ptf.main(["--teacher", "sam", "--data-root", str(root), "--splits", SPLIT, "--output", str(out), "--no-progress",
+    assert ptf.main(["--teacher", "sam", "--data-root", str(root), "--splits", SPLIT, "--output", str(out),
+                     "--no-progress",
                      "--limit", "2", "teacher.init=random", "teacher.input_size=64"]) == 0
     reader = FeatureCacheReader(out / f"{SPLIT}.h5")
     fa, fb = reader.read("a_8bit"), reader.read("b_16bit")
@@ -163,7 +164,8 @@ def test_images_without_a_valid_student_cell_are_counted_per_epoch(tmp_path):
     work = tmp_path / "runs"
     # At 64 px the strip's content is 64 x 5 pixels: no stride-16 (P4) cell centre falls inside it.
     argv = [str(REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"), "--no-progress", f"work_dir={work}",
-            f"data.root={root}", f"data.val_split={SPLIT}", "data.img_size=64", "data.batch_size=2", "data.num_workers=0",
+            f"data.root={root}", f"data.val_split={SPLIT}", "data.img_size=64", "data.batch_size=2",
+            "data.num_workers=0",
             "train.epochs=1", "eval.fidelity=false", "teachers.sam.offline=false", "teachers.sam.init=random",
             "teachers.sam.input_size=64"]
     assert run_tool(train_tool.main, argv) == 0

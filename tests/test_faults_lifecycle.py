@@ -39,7 +39,8 @@ SIZE, LIMIT = 64, 4
 @pytest.fixture(scope="module")
 def features(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features") / "sam"
-    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "val2017", "--limit", str(LIMIT), "--output", str(out),
+    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "val2017", "--limit", str(LIMIT), "--output",
+                     str(out),
                      "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
     return out
 
@@ -69,7 +70,8 @@ def test_training_time_adds_up_over_resumes_and_a_finished_run_is_left_alone(run
     monkeypatch.undo()
     metrics = json.loads((copy / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert metrics["train_seconds"] == pytest.approx(before, abs=0.06)  # the first session's time (to its last.pt) is kept
+    # the first session's time (to its last.pt) is kept
+    assert metrics["train_seconds"] == pytest.approx(before, abs=0.06)
 
     files = [copy / "metrics.json", copy / "config.yaml", *(copy / "checkpoints").iterdir()]
     saved = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
@@ -126,7 +128,8 @@ def test_task_metrics_never_need_the_teacher(run, features, tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- item 15: no orphan run directory
 def test_a_config_error_after_the_run_directory_leaves_none(features, tmp_path, caplog):
-    argv = ["--config", str(EXPERIMENT), "--no-progress", *overrides(features, tmp_path, "model.resolution_distill.enabled=true")]
+    argv = ["--config", str(EXPERIMENT), "--no-progress", *overrides(features, tmp_path,
+                                                                     "model.resolution_distill.enabled=true")]
     assert run_tool(train_tool.main, argv) == 2
     assert "DSRL" in caplog.text
     assert not (tmp_path / "yolov8_sam_coco128").exists() or not any((tmp_path / "yolov8_sam_coco128").iterdir())
@@ -189,7 +192,8 @@ def test_sigterm_mid_training_saves_says_how_to_resume_and_resumes_exactly(featu
     driver = tmp_path / "driver.py"
     driver.write_text(TRAIN_DRIVER)
     work = tmp_path / "stopped"
-    proc = _signal_after([sys.executable, str(driver), str(REPO / "tools"), "--config", str(EXPERIMENT), "--no-progress",
+    proc = _signal_after([sys.executable, str(driver), str(REPO / "tools"), "--config", str(EXPERIMENT),
+                          "--no-progress",
                           *overrides(features, work, *extra)], "STEP 2", signal.SIGTERM, tmp_path / "train.err")
     assert proc.returncode == 143, proc.stderr[-3000:]
     run = next((work / "yolov8_sam_coco128").iterdir())

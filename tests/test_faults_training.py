@@ -44,7 +44,8 @@ def test_test_tool_refuses_nan_weights(run, tmp_path):
     state["model"][key] = torch.full_like(state["model"][key], float("nan"))
     bad = run / "checkpoints" / "nan.pt"
     torch.save(state, bad)  # written around save_checkpoint on purpose: it would refuse
-    assert run_tool(test_tool.main, ["--config", str(run / "config.yaml"), "--checkpoint", str(bad), "--no-progress"]) == 2
+    assert run_tool(test_tool.main,
+                    ["--config", str(run / "config.yaml"), "--checkpoint", str(bad), "--no-progress"]) == 2
 
 
 def test_resume_refuses_a_pickle_payload(run, tmp_path):

@@ -108,7 +108,8 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
     """))
     out = tmp_path / "resumed"
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}  # ultralytics' import sets it to 1 otherwise
-    proc = subprocess.run([sys.executable, str(driver), *tool_args(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(driver), *tool_args(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     with h5py.File(out / f"{SPLIT}.h5", "r") as f:
         assert f["done"][:].tolist() == [True] * BATCH + [False] * (LIMIT - BATCH)
@@ -178,7 +179,8 @@ def cached_dataset(cache_dir: Path, limit: int) -> CachedTargetsDataset:
     ds = DetectionDataset(str(COCO), SPLIT, img_size=128, limit=limit)
     entry = {"type": "sam", "feature_path": str(cache_dir), "init": "random", "input_size": SIZE}
     cache = open_cache("sam", entry, "coco128", SPLIT)
-    return CachedTargetsDataset(ds, {"sam": cache}, {"sam": cache.missing_images(ds.image_ids, ds.orig_sizes, False, limit=limit)})
+    return CachedTargetsDataset(ds, {"sam": cache},
+                                {"sam": cache.missing_images(ds.image_ids, ds.orig_sizes, False, limit=limit)})
 
 
 def test_dataset_reads_teacher_features_in_workers(cache_dir):

@@ -95,7 +95,8 @@ def test_lora_changes_features_as_an_unmerged_adapter_would(base_ckpt, base_feat
     # Reference: the plain base model with the adapter applied in forward, qkv(x) + alpha/r * x A^T B^T.
     hooks = [
         blk.attn.qkv.register_forward_hook(
-            lambda m, inp, out, a=sd[lora_key(i, "A")], b=sd[lora_key(i, "B")]: out + (ALPHA / RANK) * (inp[0] @ a.T @ b.T)
+            lambda m, inp, out, a=sd[lora_key(i, "A")],
+            b=sd[lora_key(i, "B")]: out + (ALPHA / RANK) * (inp[0] @ a.T @ b.T)
         )
         for i, blk in enumerate(base.sam.image_encoder.blocks)
     ]
@@ -139,7 +140,8 @@ def _full_sam_sd():
 @pytest.mark.parametrize(
     "make, kwargs, expected",
     [
-        (_vit_l_keys_lora, {"variant": "vit_b"}, [r"adapters for 24 blocks \(0-23\) but SAM vit_b has 12 image-encoder blocks",
+        (_vit_l_keys_lora, {"variant": "vit_b"}, [r"adapters for 24 blocks \(0-23\) but SAM vit_b has 12 image-encoder "
+                                                  r"blocks",
                                 "blocks 12-23 do not exist", "take 1024 input features but vit_b's qkv layers take 768",
                                 "trained on a SAM vit_l: set teacher.variant=vit_l"]),
         (lambda: make_lora(blocks=10), {}, [r"adapters for 10 blocks \(0-9\)", "missing blocks 10-11"]),
@@ -152,10 +154,12 @@ def _full_sam_sd():
          ["mixes LoRA ranks", "rank 2: blocks 5", "rank 4: blocks 0-4, 6-11"]),
         (lambda: _drop(make_lora(), lora_key(3, "B")), {},
          [r"block 3 has lora_A but no lora_B \('image_encoder.blocks.3.attn.qkv.lora_B' is missing"]),
-        (lambda: {**make_lora(), "epoch": torch.tensor(3)}, {}, ["1 key\\(s\\) that are not qkv LoRA matrices", "epoch"]),
+        (lambda: {**make_lora(), "epoch": torch.tensor(3)}, {},
+         ["1 key\\(s\\) that are not qkv LoRA matrices", "epoch"]),
         (_full_sam_sd, {}, ["is a full SAM state_dict, not a LoRA file"]),
         (lambda: {"w": torch.zeros(3)}, {}, ["holds no LoRA matrices"]),
-        (lambda: {**make_lora(), lora_key(2, "A"): torch.full((RANK, 768), float("nan"))}, {}, ["NaN/inf values in blocks 2"]),
+        (lambda: {**make_lora(), lora_key(2, "A"): torch.full((RANK, 768), float("nan"))}, {}, ["NaN/inf values in "
+                                                                                                "blocks 2"]),
         (make_lora, {"variant": "vit_h"}, ["does not match the base SAM vit_h", "trained on a SAM vit_b"]),
     ],
 )

@@ -118,7 +118,8 @@ def test_feature_affinity_factor_rules():
         with pytest.raises(ConfigError):
             pool_factor(bad)
     with pytest.raises(ValueError, match="leaves no location"):
-        FeatureAffinityLoss(**FEAT, fa_subscale=8)(torch.randn(1, 4, 4, 16), torch.randn(1, 6, 4, 16), torch.ones(1, 1, 4, 16))
+        FeatureAffinityLoss(**FEAT, fa_subscale=8)(torch.randn(1, 4, 4, 16), torch.randn(1, 6, 4, 16),
+                                                   torch.ones(1, 1, 4, 16))
 
 
 # ----------------------------------------------------------------------------- logit distillation

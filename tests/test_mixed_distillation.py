@@ -54,7 +54,8 @@ def test_offline_ratio_outside_unit_interval_is_refused(tmp_path):
 
 
 def test_pure_offline_does_not_load_the_teacher(flip_cache, tmp_path):
-    trainer = Trainer(load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.fliplr=0.5")), progress=False)
+    trainer = Trainer(load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.fliplr=0.5")),
+                      progress=False)
     assert trainer.router.sources["sam"].live is None  # flips are served by the cached flipped pass
     trainer.fit()
     assert trainer.router.summary()["sam"] == {"offline": LIMIT // 2}
@@ -87,7 +88,8 @@ def test_rotation_forces_the_live_teacher_and_says_why(flip_cache, tmp_path):
 
 
 def test_crops_and_large_shifts_go_to_the_live_teacher(flip_cache, tmp_path):
-    cfg = load_experiment(EXPERIMENT, base(flip_cache, tmp_path, "data.augment.translate=0.4", "data.augment.scale=0.5"))
+    cfg = load_experiment(EXPERIMENT,
+                          base(flip_cache, tmp_path, "data.augment.translate=0.4", "data.augment.scale=0.5"))
     trainer = Trainer(cfg, progress=False)
     trainer.fit()
     reasons = [k for k in trainer.router.summary()["sam"] if k.startswith("online: ")]
@@ -116,7 +118,8 @@ def test_two_teachers_each_with_its_own_level_mode_and_standardisation(flip_cach
 
 def test_two_losses_logging_the_same_name_are_refused(flip_cache, tmp_path):
     cfg = load_experiment(EXPERIMENT, base(
-        flip_cache, tmp_path, "+distillation.losses.again.type=feature_cosine", "distillation.losses.again.teacher=sam"))
+        flip_cache, tmp_path, "+distillation.losses.again.type=feature_cosine",
+        "distillation.losses.again.teacher=sam"))
     with pytest.raises(ConfigError, match="both log as 'loss_feat_distill_sam'.*log_as"):
         Trainer(cfg, progress=False)
 

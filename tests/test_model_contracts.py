@@ -69,7 +69,8 @@ def check_decoded(head, pred: torch.Tensor, levels: List[torch.Tensor], nc: int,
     assert ((wh >= -1e-3) & (wh <= 2 * (reg_max - 1) * stride + 1e-3)).all()
 
 
-def check_yolo_seg_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out, eval_out) -> None:
+def check_yolo_seg_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out,
+                        eval_out) -> None:
     """yolo_seg_head's documented output. Train: ultralytics' raw dict, yolo_head's keys plus
     ``mask_coefficient`` (B, num_masks, A) and ``proto`` (B, num_masks, 2H0, 2W0) (the first level
     upsampled x2: S/4 on a P3-P5 neck); eval: ``((decoded (B, 4 + nc + num_masks, A), proto), raw)``."""
@@ -134,7 +135,8 @@ def sam_decoder_train_loss(head, train_out) -> torch.Tensor:
 
 # Boxes for a DETR-style head's training pass (its loss hands it the batch's boxes: denoising queries).
 CONTRACT_BOXES = DetectionBatch(cls=torch.tensor([[0.0], [2.0], [1.0]]), batch_idx=torch.tensor([0.0, 0.0, 1.0]),
-                                bboxes=torch.tensor([[0.3, 0.3, 0.25, 0.25], [0.7, 0.6, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]))
+                                bboxes=torch.tensor([[0.3, 0.3, 0.25, 0.25], [0.7, 0.6, 0.3, 0.4],
+                                                     [0.5, 0.5, 0.5, 0.5]]))
 
 
 def check_rtdetr_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out, eval_out) -> None:
@@ -190,8 +192,10 @@ HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], di
     "binary_head": (check_pixel_head(1, "binary"), [(YOLOV8N, {"depth": 1}, {"output_stride": 4}),
                                                     (REGNET_S4, {"depth": 1}, {"channels": 16})]),
     "rtdetr_head": (check_rtdetr_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80, "num_decoder_layers": 2}),
-                                        (REGNET_S4, {"depth": 1}, {"num_classes": 3, "num_queries": 40, "hidden_dim": 64,
-                                                                   "num_heads": 4, "ffn_dim": 128, "num_decoder_layers": 3})]),
+                                        (REGNET_S4, {"depth": 1},
+                                         {"num_classes": 3, "num_queries": 40, "hidden_dim": 64,
+                                                                   "num_heads": 4, "ffn_dim": 128,
+                                          "num_decoder_layers": 3})]),
     # every student backbone's stride-16 level (RegNet's is its last, P4 of 4/8/16); ViT at embed_dim 64
     "sam_decoder": (check_sam_decoder, [(YOLOV8N, {"depth": 1}, {}), (REPVIT, {"depth": 1}, {}),
                                         (REGNET_S4, {"depth": 1}, {"trainable_decoder": False}),

@@ -21,7 +21,8 @@ def test_sam2_and_dinov2_distil_into_one_student(tmp_path):
     common = ["--splits", "train2017", "--limit", "4", "--batch-size", "4", "--no-progress"]
     assert ptf.main(["--teacher", "sam2", "--output", str(tmp_path / "sam2"), "--features", "fpn_s8,fpn_s16", *common,
                      "teacher.init=random", "teacher.input_size=128"]) == 0
-    assert ptf.main(["--teacher", "dinov2", "--output", str(tmp_path / "dinov2"), "--features", "patch_tokens,cls_token",
+    assert ptf.main(["--teacher", "dinov2", "--output", str(tmp_path / "dinov2"), "--features",
+                     "patch_tokens,cls_token",
                      *common, "teacher.init=random", "teacher.input_size=112"]) == 0
     cfg = load_experiment(EXPERIMENT, [
         f"teachers.sam2.feature_path={tmp_path / 'sam2'}", "teachers.sam2.init=random", "teachers.sam2.input_size=128",

@@ -48,7 +48,8 @@ def make_batch(boxes_px, cls, batch_idx, label_index, n_images=1, size=S, conten
     """A batch of plain letterbox views (identity affine) with the given canvas-pixel xyxy boxes."""
     b = torch.tensor(boxes_px, dtype=torch.float32).view(-1, 4)
     cxcywh = torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1) / size
-    view = ViewGeometry(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (1.0, 1.0, 0.0, 0.0), content or (0, 0, size, size), (size, size))
+    view = ViewGeometry(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (1.0, 1.0, 0.0, 0.0), content or (0, 0, size, size),
+                        (size, size))
     return Batch(images=torch.zeros(n_images, 3, size, size), image_ids=[f"im{i}" for i in range(n_images)],
                  views=BatchViews.stack([view] * n_images),
                  boxes=DetectionBatch(cls=torch.tensor(cls, dtype=torch.float32).view(-1, 1), bboxes=cxcywh,
@@ -135,7 +136,8 @@ def test_instance_pairs_follow_the_boxes_and_their_label_rows():
     assert torch.equal(teacher[0, 0], tmask[1]) and torch.equal(teacher[0, 1], tmask[0])
     boxes = torch.tensor([[4.0, 4, 28, 20], [32, 36, 60, 60]])
     assert torch.equal(weight[0].bool(), box_cells(boxes, (16, 16), 4))
-    assert torch.allclose(student[0], head.instance_mask_logits(output, boxes, torch.tensor([1, 2]), torch.tensor([0, 0])))
+    assert torch.allclose(student[0],
+                          head.instance_mask_logits(output, boxes, torch.tensor([1, 2]), torch.tensor([0, 0])))
 
 
 def test_semantic_union_per_class_and_binary_kl_value():
@@ -164,7 +166,8 @@ def test_semantic_union_per_class_and_binary_kl_value():
 
     # Binary head (person foreground): KL over the whole valid image, background floor outside the boxes.
     blogits = torch.randn(1, 1, 8, 8, requires_grad=True)
-    s2, t2, w2 = binary_kl_pair(blogits, batch, live_targets(masks, 1, valid_hw=(64.0, 48.0)), torch.tensor([0, -1, -1]))
+    s2, t2, w2 = binary_kl_pair(blogits, batch, live_targets(masks, 1, valid_hw=(64.0, 48.0)),
+                                torch.tensor([0, -1, -1]))
     assert s2.shape == t2.shape == (64, 2) and torch.equal(t2[:, 1].view(8, 8), person)
     assert w2.view(8, 8)[:, :6].eq(1).all() and w2.view(8, 8)[:, 6:].eq(0).all()  # x centre 8j+4 < 48
     kl = KLDivergenceLoss(temperature=4.0)(s2, t2, w2)
@@ -194,7 +197,8 @@ def test_pictures_draw_the_class_union_the_loss_distils():
                         OutputPairing(rule, None, channels))
         return EpochVisualizer(Path("."), "epoch", 1, {head: task}, Distiller([term]), {}, None)
 
-    binary = visualizer("fg", "binary", [0, -1, -1])._teacher_classes("fg", "binary", torch.zeros(2, 1, 8, 8), batch, targets)
+    binary = visualizer("fg", "binary", [0, -1, -1])._teacher_classes("fg", "binary", torch.zeros(2, 1, 8, 8), batch,
+                                                                      targets)
     assert binary.kind == "binary"
     assert torch.allclose(binary.probs[0], torch.sigmoid(maps[0, 1]))  # person only: the car is not foreground
     assert binary.probs[1].max() < 1e-3
@@ -263,7 +267,8 @@ def test_vfmkd_dense_heads_pair_cell_by_cell_over_the_image_content():
     batch = make_batch([[0, 0, 8, 8]], [0], [0], [0], content=(0, 16, 64, 48))  # rows 16-48 hold the image
     student, teacher = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4)  # teacher at stride 16: resized
     target = TeacherTargets({}, torch.ones(1, 4), torch.ones(1, 2), S, head_outputs={"sem": teacher})
-    (s, t, w), _ = OutputPairing(OutputRule("kl_divergence", "semantic", "heads", "sem"), None).pair(student, batch, target)
+    (s, t, w), _ = OutputPairing(OutputRule("kl_divergence", "semantic", "heads", "sem"), None).pair(student, batch,
+                                                                                                     target)
     up = torch.nn.functional.interpolate(teacher, size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(t, up.permute(0, 2, 3, 1).reshape(-1, 3)) and s.shape == (64, 3)
     assert w.view(8, 8)[2:6].eq(1).all() and w.view(8, 8)[:2].eq(0).all() and w.view(8, 8)[6:].eq(0).all()
@@ -290,7 +295,8 @@ def test_a_teacher_that_cannot_segment_names_those_that_can():
     vf = TeacherOutputs("big", "vfmkd", heads={"detection": ("detection", 20)})
     with pytest.raises(ConfigError, match="20 classes.*80"):
         resolve_output_term("cls_distill", "w", "detection", "detection", 80, vf, {"big": vf})
-    assert resolve_output_term("cls_distill", "w", "boxes", "detection", 20, vf, {"big": vf}).teacher_head == "detection"
+    assert resolve_output_term("cls_distill", "w", "boxes", "detection", 20, vf,
+                               {"big": vf}).teacher_head == "detection"
 
 
 def test_build_loss_terms_validates_output_entries(coco128):
@@ -302,7 +308,8 @@ def test_build_loss_terms_validates_output_entries(coco128):
     with pytest.raises(ConfigError, match="'teacher: samm' is not an enabled teacher"):
         build_loss_terms({"m": {"type": "mask_distill", "teacher": "samm"}}, model, {}, {}, teachers=OFFERS)
     with pytest.raises(ConfigError, match="no head 'seg'"):
-        build_loss_terms({"m": {"type": "mask_distill", "teacher": "sam", "head": "seg"}}, model, {}, {}, teachers=OFFERS)
+        build_loss_terms({"m": {"type": "mask_distill", "teacher": "sam", "head": "seg"}}, model, {}, {},
+                         teachers=OFFERS)
     (term,) = build_loss_terms({"m": {"type": "mask_distill", "teacher": "sam", "temperature": 2.0}}, model, {}, {},
                                teachers=OFFERS)  # head: the only one SAM's masks serve
     assert (term.head, term.kind, term.log_name, term.teacher) == ("instance", "output", "loss_mask_distill", "sam")
@@ -318,7 +325,8 @@ def test_a_cache_without_mask_logits_names_the_command_that_adds_them():
     distiller = Distiller([term])
     command = "python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --outputs features,masks"
     reader = SimpleNamespace(has_masks=False, rebuild_command=lambda masks=False: command if masks else "features only")
-    router = SimpleNamespace(sources={"sam": SimpleNamespace(cache=SimpleNamespace(reader=reader, path="f/train2017.h5"))})
+    router = SimpleNamespace(sources={"sam": SimpleNamespace(cache=SimpleNamespace(reader=reader,
+                                                                                   path="f/train2017.h5"))})
     with pytest.raises(ConfigError) as err:
         check_mask_sources(distiller, router)
     assert "teachers.sam" in str(err.value) and "no mask logits" in str(err.value) and command in str(err.value)

@@ -209,7 +209,8 @@ def test_segment_stats_equal_torchmetrics_update_on_a_real_image(coco128):
         meter.update(pred, target)
         results.append((meter.metric.iou_sum.clone(), meter.metric.true_positives.clone(),
                         meter.metric.false_positives.clone(), meter.metric.false_negatives.clone()))
-    assert torch.allclose(results[0][0], results[1][0]) and all(torch.equal(a, b) for a, b in zip(results[0][1:], results[1][1:]))
+    assert torch.allclose(results[0][0], results[1][0]) and all(torch.equal(a, b) for a,
+                                                                b in zip(results[0][1:], results[1][1:]))
     assert int(results[0][1].sum()) > 0 and int(results[0][3].sum()) > 0
 
 
@@ -241,7 +242,8 @@ def test_merger_things_over_stuff_by_score_overlap_and_area():
     assert out.ids[80, 80] == 4  # under the dropped low-score instance: grass
     pairs = out.metric_input()
     assert pairs[65, 65].tolist() == [UNASSIGNED, 0] and pairs[20, 20].tolist() == [PERSON, 1]
-    none = merge_panoptic(torch.zeros(0, h, w, dtype=torch.bool), torch.zeros(0), torch.zeros(0), semantic, {SKY, GRASS})
+    none = merge_panoptic(torch.zeros(0, h, w, dtype=torch.bool), torch.zeros(0), torch.zeros(0), semantic,
+                          {SKY, GRASS})
     assert [s.category_id for s in none.segments] == [GRASS]  # default stuff_area 4096: sky (2000 px) is too small
 
 

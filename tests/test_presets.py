@@ -51,7 +51,8 @@ def test_auto_without_cuda_is_the_cpu_preset(monkeypatch):
 def test_no_preset_by_default_leaves_the_experiment_as_written():
     cfg = load(MAIN)
     assert cfg["train"]["preset"] is None
-    assert (cfg["data"]["batch_size"], cfg["train"]["accumulate"], cfg["distillation"]["distill_interval"]) == (16, 1, 1)
+    assert (cfg["data"]["batch_size"], cfg["train"]["accumulate"], cfg["distillation"]["distill_interval"]) == (16, 1,
+                                                                                                                1)
     assert cfg["teachers"]["sam"]["input_size"] == 1024 and "device" not in cfg["teachers"]["sam"]
 
 

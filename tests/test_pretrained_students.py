@@ -98,7 +98,8 @@ def test_yolov8_seg_file_and_class_count_mismatch(tmp_path, yolov8n_file):
 
 
 def vit_cfg(**init) -> dict:
-    return {"backbone": {"type": "vit", "variant": "tiny", "img_size": 64, "out_channels": 32}, "neck": {"type": "yolov8_pafpn"},
+    return {"backbone": {"type": "vit", "variant": "tiny", "img_size": 64, "out_channels": 32}, "neck": {"type":
+                                                                                                         "yolov8_pafpn"},
             "heads": {"detection": {"type": "yolo_head", "num_classes": 3}}, "init": init}
 
 
@@ -124,7 +125,8 @@ def test_timm_files_load_as_timm_loads_them(tmp_path):
            "backbone": {"type": "regnet", "variant": "regnetx_002"}}
     student = build_model(cfg, initialise=True)
     body = student.backbone.body.state_dict()
-    assert student.init_report.loaded and all(torch.equal(body[k.split("backbone.body.")[1]], regnet.state_dict()[k.split("backbone.body.")[1]])
+    assert student.init_report.loaded and all(torch.equal(body[k.split("backbone.body.")[1]],
+                                                          regnet.state_dict()[k.split("backbone.body.")[1]])
                                               for k in student.init_report.loaded)
 
 
@@ -133,13 +135,15 @@ def test_foreign_truncated_and_pickled_files_are_refused(tmp_path, yolov8n_file)
 
     sam = Sam(ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, out_chans=16),
               PromptEncoder(embed_dim=16, image_embedding_size=(4, 4), input_image_size=(64, 64), mask_in_chans=4),
-              MaskDecoder(transformer_dim=16, transformer=TwoWayTransformer(depth=1, embedding_dim=16, num_heads=2, mlp_dim=32)))
+              MaskDecoder(transformer_dim=16,
+                          transformer=TwoWayTransformer(depth=1, embedding_dim=16, num_heads=2, mlp_dim=32)))
     torch.save(sam.state_dict(), tmp_path / "sam.pth")  # segment-anything's checkpoint layout
     for cfg in (yolo_cfg(**{"from": str(tmp_path / "sam.pth")}), vit_cfg(**{"from": str(tmp_path / "sam.pth")})):
         with pytest.raises((CheckpointError, ConfigError), match="image_encoder"):
             build_model(cfg, initialise=True)
     with pytest.raises(ConfigError, match="YOLOv8n, the student a yolov8 .s.*yolov8n.yaml"):  # n file, s student
-        build_model({**yolo_cfg(**{"from": str(yolov8n_file)}), "backbone": {"type": "yolov8", "variant": "s"}}, initialise=True)
+        build_model({**yolo_cfg(**{"from": str(yolov8n_file)}), "backbone": {"type": "yolov8", "variant": "s"}},
+                    initialise=True)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(yolov8n_file.read_bytes()[: yolov8n_file.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):

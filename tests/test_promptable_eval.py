@@ -16,7 +16,8 @@ S = 32  # canvas; masks and decoder logits on the S/4 = 8 grid
 
 
 def _identity_view() -> ViewGeometry:
-    return ViewGeometry(matrix=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], affine=(1.0, 1.0, 0.0, 0.0), content_box=(0, 0, S, S),
+    return ViewGeometry(matrix=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], affine=(1.0, 1.0, 0.0, 0.0),
+                        content_box=(0, 0, S, S),
                         orig_hw=(S, S))
 
 
@@ -53,7 +54,8 @@ def _batch() -> Batch:
                          masks=torch.stack([GT_A, GT_B]), label_index=torch.tensor([0, 1]),
                          labelled=torch.tensor([True, False]))
     return Batch(images=torch.zeros(2, 3, S, S), image_ids=["a", "b"], views=BatchViews.stack([_identity_view()] * 2),
-                 boxes=DetectionBatch(torch.tensor([[0.0], [1.0]]), boxes, torch.tensor([0.0, 0.0]), torch.tensor([0, 1])),
+                 boxes=DetectionBatch(torch.tensor([[0.0], [1.0]]), boxes, torch.tensor([0.0, 0.0]),
+                                      torch.tensor([0, 1])),
                  instances=inst)
 
 
@@ -61,8 +63,10 @@ def _teacher() -> TeacherTargets:
     """A teacher mask for label row 0 only: 2 cells inside the student's 6 -> alignment IoU 2/6."""
     logits = (_cells(0, 2, 0, 1) * 10 - 5)[None]
     eye = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 2)
-    return TeacherTargets(features={}, affine=eye, valid_hw=torch.tensor([[S, S]] * 2), input_size=S, student_affine=eye,
-                          mask_logits=MaskLogits(logits=logits, batch_idx=torch.tensor([0]), label_index=torch.tensor([0]),
+    return TeacherTargets(features={}, affine=eye, valid_hw=torch.tensor([[S, S]] * 2), input_size=S,
+                          student_affine=eye,
+                          mask_logits=MaskLogits(logits=logits, batch_idx=torch.tensor([0]),
+                                                 label_index=torch.tensor([0]),
                                                  cls=torch.tensor([0])))
 
 
@@ -131,13 +135,15 @@ def _write_run(path: Path, heads: dict) -> Path:
     model = build_model(cfg["model"])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"model": model.state_dict(), "distiller": {}, "teacher_stats": {}, "optimizer": {},
-                           "scheduler": {}, "epoch": 1, "config": cfg, "metrics": {}, "resume": {"epoch": 2, "batch": 0}})
+                           "scheduler": {}, "epoch": 1, "config": cfg, "metrics": {},
+                           "resume": {"epoch": 2, "batch": 0}})
     return path
 
 
 @pytest.fixture(scope="module")
 def promptable_ckpt(tmp_path_factory):
-    return _write_run(tmp_path_factory.mktemp("run") / "checkpoints" / "best.pt", {"promptable": {"type": "sam_decoder"}})
+    return _write_run(tmp_path_factory.mktemp("run") / "checkpoints" / "best.pt",
+                      {"promptable": {"type": "sam_decoder"}})
 
 
 def test_predict_writes_mask_and_overlay_at_the_original_size(promptable_ckpt, tmp_path):

@@ -250,7 +250,8 @@ def test_a_resume_draws_the_same_point_prompts():
 def test_embedding_distill_masks_padded_cells():
     torch.manual_seed(0)
     model = small_model()
-    distiller = Distiller(build_loss_terms({"embedding_distill": LOSSES["embedding_distill"]}, model, SAM_SPECS, PRIMARY,
+    distiller = Distiller(build_loss_terms({"embedding_distill": LOSSES["embedding_distill"]}, model, SAM_SPECS,
+                                           PRIMARY,
                                            teachers=TEACHERS))
     batch = make_batch([[4, 4, 30, 40]], [0], n_images=1)
     target = live_targets(batch)
@@ -266,7 +267,8 @@ def test_prompt_distill_from_a_teacher_without_masks_names_the_ones_that_have_th
     model = small_model()
     specs = dict(SAM_SPECS, dino=(FeatureSpec("patch_tokens", 384, 14),))
     bad = {"prompt_distill": dict(LOSSES["prompt_distill"], teacher="dino")}
-    with pytest.raises(ConfigError, match=r"teacher 'dino' \(dinov2\) gives none.*sam, lora_sam, sam2 \(in this run: sam\)"):
+    with pytest.raises(ConfigError, match=r"teacher 'dino' \(dinov2\) gives none.*sam, lora_sam, sam2 \(in this run: "
+                                          r"sam\)"):
         build_loss_terms(bad, model, specs, dict(PRIMARY, dino="patch_tokens"), teachers=TEACHERS)
     with pytest.raises(ConfigError, match=r"embedding_distill needs a teacher map 256 wide at stride 16"):
         build_loss_terms({"e": dict(LOSSES["embedding_distill"], teacher="dino")}, model, specs,
@@ -274,7 +276,8 @@ def test_prompt_distill_from_a_teacher_without_masks_names_the_ones_that_have_th
     with pytest.raises(ConfigError, match=r"trains a promptable head.*'detection' is a detection head"):
         seg = build_model({"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
                            "heads": {"detection": {"type": "yolo_head", "num_classes": 2}}})
-        build_loss_terms({"p": dict(LOSSES["prompt_distill"], head="detection")}, seg, SAM_SPECS, PRIMARY, teachers=TEACHERS)
+        build_loss_terms({"p": dict(LOSSES["prompt_distill"], head="detection")}, seg, SAM_SPECS, PRIMARY,
+                         teachers=TEACHERS)
 
 
 def test_a_cache_without_masks_names_the_command_that_adds_them():
@@ -282,9 +285,11 @@ def test_a_cache_without_masks_names_the_command_that_adds_them():
     distiller = Distiller(build_loss_terms(LOSSES, model, SAM_SPECS, PRIMARY, teachers=TEACHERS))
     command = "python tools/prepare_teacher_features.py --teacher sam --outputs features,masks --splits train2017"
     reader = SimpleNamespace(has_masks=False, rebuild_command=lambda masks: command)
-    router = SimpleNamespace(sources={"sam": SimpleNamespace(cache=SimpleNamespace(path="teacher_features/sam/train2017.h5",
+    router = SimpleNamespace(sources={"sam": SimpleNamespace(cache=SimpleNamespace(path=
+                                                                                   "teacher_features/sam/train2017.h5",
                                                                                     reader=reader))})
-    with pytest.raises(ConfigError, match=r"(?s)prompt_distill distil its box-prompted mask logits.*--outputs features,masks"):
+    with pytest.raises(ConfigError, match=r"(?s)prompt_distill distil its box-prompted mask logits.*--outputs "
+                                          r"features,masks"):
         check_mask_sources(distiller, router)
 
 
@@ -298,7 +303,8 @@ def test_repvit_edgesam_two_stages_with_a_live_random_sam(tmp_path):
     cfg = experiment_from_dict(raw, [
         "teachers.sam.offline=false", "teachers.sam.init=random", "teachers.sam.input_size=128",
         "model.heads.promptable.init_from_teacher=null", f"work_dir={tmp_path}", "data.limit=2", "data.img_size=128",
-        "data.batch_size=2", "data.num_workers=0", "eval.batch_size=2", "train.warmup_iters=1", "train.vis_interval=0", "train.eval_interval=2"],
+        "data.batch_size=2", "data.num_workers=0", "eval.batch_size=2", "train.warmup_iters=1", "train.vis_interval=0",
+        "train.eval_interval=2"],
         "repvit_edgesam_coco128.yaml")
     metrics = Trainer(cfg, progress=False).fit()
     first, second = (e["train"] for e in metrics["epochs"])

@@ -53,7 +53,8 @@ def test_design_quickstart_trains_one_mixed_epoch(tmp_path, caplog):
     assert (features / "train2017.h5").is_file()
     caplog.set_level(logging.WARNING, logger="vfmkd")
     argv = ["--config", str(DESIGN), "--backbone", "yolov8", "--teacher", "sam2", "--dataset", "coco128",
-            "teachers.sam2.init=random", f"teachers.sam2.input_size={TEACHER_SIZE}", f"teachers.sam2.feature_path={features}",
+            "teachers.sam2.init=random", f"teachers.sam2.input_size={TEACHER_SIZE}",
+            f"teachers.sam2.feature_path={features}",
             f"data.limit={LIMIT}", "data.img_size=64", "data.batch_size=2", "train.epochs=1", "train.warmup_iters=2",
             "eval.batch_size=8", f"work_dir={tmp_path / 'runs'}", "--no-progress"]
     assert train_tool.main(argv) == 0
@@ -135,7 +136,8 @@ def test_teacher_flag_selects_enabled_teachers():
     with pytest.raises(ConfigError, match=r"leaves teacher 'dinov2' out, but distillation.losses.dinov2_p5 distils "
                                           r"from it; add it \(--teacher sam2,dinov2\) or remove that loss"):
         apply_shortcuts(raw, "mixed.yaml", teachers=["sam2"])
-    raw["distillation"]["losses"] = {k: v for k, v in raw["distillation"]["losses"].items() if not k.startswith("dinov2")}
+    raw["distillation"]["losses"] = {k: v for k,
+                                     v in raw["distillation"]["losses"].items() if not k.startswith("dinov2")}
     out = apply_shortcuts(raw, "mixed.yaml", teachers=["sam2"])
     assert out["teachers"]["dinov2"]["enabled"] is False and out["teachers"]["sam2"].get("enabled", True)
     assert "enabled" not in raw["teachers"]["dinov2"]  # the caller's mapping is left alone
@@ -157,7 +159,8 @@ def test_dataset_flag_sets_dataset_and_root_and_refuses_a_contradiction():
     with pytest.raises(ConfigError, match=r"--dataset coco2017 contradicts d.yaml, which sets data.dataset: coco128"):
         apply_shortcuts(raw, "d.yaml", dataset="coco2017")
     del raw["data"]["dataset"]
-    with pytest.raises(ConfigError, match=r"datasets/coco2017/ does not exist.*bash scripts/download_datasets.sh coco2017"):
+    with pytest.raises(ConfigError, match=r"datasets/coco2017/ does not exist.*bash scripts/download_datasets.sh "
+                                          r"coco2017"):
         apply_shortcuts(raw, "d.yaml", dataset="coco2017")
     raw["data"]["root"] = "/data/coco"  # an explicit root is kept
     assert apply_shortcuts(raw, "d.yaml", dataset="coco2017")["data"]["root"] == "/data/coco"

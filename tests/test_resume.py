@@ -154,7 +154,8 @@ def test_a_huge_weight_blames_the_weighted_total_and_k_bad_steps_in_a_row_stop(f
     base = overrides(features, tmp_path, 0)[:-4] + ["train.epochs=1", "eval.fidelity=false", f"work_dir={tmp_path}",
                                                     "distillation.offline_ratio=1.0"]
     base = [o for o in base if not o.startswith("data.augment")]
-    cfg = load_experiment(EXPERIMENT, base + ["distillation.losses.detection.weight=1e38", "train.max_nonfinite_steps=2"])
+    cfg = load_experiment(EXPERIMENT,
+                          base + ["distillation.losses.detection.weight=1e38", "train.max_nonfinite_steps=2"])
     trainer = Trainer(cfg, progress=False)
     with pytest.raises(NonFiniteLossError, match="weighted total loss is inf although every term is finite"):
         trainer.fit()

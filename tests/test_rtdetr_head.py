@@ -71,7 +71,8 @@ def test_loss_is_finite_and_trains_head_and_neck(cfg, model, batch):
     result = Distiller(terms)(model(batch.images), batch, {})
     assert torch.isfinite(result.total) and result.logs["loss_det"] > 0
     parts = {k: result.logs[f"loss_det_{k}"] for k in ("cls", "l1", "giou")}
-    assert sum(parts.values()) == pytest.approx(result.logs["loss_det"], rel=1e-5) and all(v > 0 for v in parts.values())
+    assert sum(parts.values()) == pytest.approx(result.logs["loss_det"],
+                                                rel=1e-5) and all(v > 0 for v in parts.values())
     result.total.backward()
     head = model.heads["detection"].decoder
     for name in ("input_proj.0.0.weight", "enc_score_head.weight", "dec_score_head.1.weight",

@@ -84,7 +84,8 @@ def test_features_identical_to_sam2_at_1024(sam2_tiny, images):
     # what SAM2's image predictor hands its mask decoder (forward_image: the hires projections)
     predictor = SAM2ImagePredictor(model)
     predictor.set_image(img)
-    torch.testing.assert_close(predictor._features["image_embed"], feats["fpn_s16"] + model.no_mem_embed.view(1, -1, 1, 1),
+    torch.testing.assert_close(predictor._features["image_embed"],
+                               feats["fpn_s16"] + model.no_mem_embed.view(1, -1, 1, 1),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(predictor._features["high_res_feats"][0], feats["hires_s4"], atol=1e-5, rtol=0)
     torch.testing.assert_close(predictor._features["high_res_feats"][1], feats["hires_s8"], atol=1e-5, rtol=0)

@@ -28,7 +28,8 @@ AUG = GeometricAugment(fliplr=0.5, scale=0.4, translate=0.2)
 def seg_dataset(root: Path = COCO, **kw) -> DetectionDataset:
     kw.setdefault("limit", 6)
     return DetectionDataset(str(root), SPLIT, img_size=S, instances=kw.pop("instances", True),
-                            semantic=kw.pop("semantic", True), binary_classes=kw.pop("binary_classes", ("person",)), **kw)
+                            semantic=kw.pop("semantic", True), binary_classes=kw.pop("binary_classes", ("person",)),
+                            **kw)
 
 
 def make_root(tmp_path: Path, n: int = 3) -> Path:
@@ -233,11 +234,13 @@ def test_unknown_binary_class(tmp_path):
 def test_no_mask_labels_at_all(tmp_path):
     root = make_root(tmp_path, 2)
     shutil.rmtree(root / "instance_segmentation" / "labels")
-    with pytest.raises(DatasetError, match=r"instance segmentation head with no mask labels.*instance_segmentation/labels/train2017"):
+    with pytest.raises(DatasetError, match=r"instance segmentation head with no mask "
+                                           r"labels.*instance_segmentation/labels/train2017"):
         seg_dataset(root, semantic=False, binary_classes=())
     for png in (root / "semantic_segmentation" / "masks" / SPLIT).iterdir():
         png.unlink()
-    with pytest.raises(DatasetError, match=r"semantic segmentation head with no mask labels.*semantic_segmentation/masks/train2017"):
+    with pytest.raises(DatasetError, match=r"semantic segmentation head with no mask "
+                                           r"labels.*semantic_segmentation/masks/train2017"):
         seg_dataset(root, instances=False)
     with pytest.raises(DatasetError, match=r"binary segmentation head with no mask labels"):
         seg_dataset(root, instances=False, semantic=False)

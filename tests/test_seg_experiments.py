@@ -106,7 +106,8 @@ def test_binary_lora_sam_experiment(tmp_path):
         "data.limit=6", *SMALL[1:], *LEAN])
     metrics = Trainer(cfg, progress=False).fit()
     logs = finite_logs(metrics, "loss_kl_distill", "loss_binary", "loss_feat_distill_lora_sam")
-    assert logs["loss"] == pytest.approx(0.5 * logs["loss_task"] + 0.5 * logs["loss_kd"] + 0.1 * logs["loss_feat"], rel=1e-4)
+    assert logs["loss"] == pytest.approx(0.5 * logs["loss_task"] + 0.5 * logs["loss_kd"] + 0.1 * logs["loss_feat"],
+                                         rel=1e-4)
     val = metrics["epochs"][-1]["val"]["binary"]
     assert {"dice", "iou", "hd95", "pixel_accuracy"} <= set(val)
 
@@ -123,7 +124,8 @@ def test_vfmkd_run_teaches_another_student(instance_run, tmp_path):
 
 def test_mask_distill_from_a_features_only_cache_names_the_command(tmp_path):
     out = tmp_path / "sam"
-    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "--limit", "2", "--batch-size", "2", "--output", str(out),
+    assert ptf.main(["--teacher", "sam", "--splits", "train2017", "--limit", "2", "--batch-size", "2", "--output",
+                     str(out),
                      "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]) == 0
     cfg = load_experiment(EXPERIMENTS / "yolov8n_seg_sam_coco128.yaml", [
         f"teachers.sam.feature_path={out}", "teachers.sam.init=random", f"teachers.sam.input_size={SIZE}",

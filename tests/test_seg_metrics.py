@@ -25,7 +25,8 @@ def letterbox(orig_hw, size: int) -> ViewGeometry:
 
 def batch_of(views, size: int, **fields) -> Batch:
     return Batch(images=torch.zeros(len(views), 3, size, size), image_ids=[f"im{i}" for i in range(len(views))],
-                 views=BatchViews.stack(views), boxes=DetectionBatch(torch.zeros(0, 1), torch.zeros(0, 4), torch.zeros(0)),
+                 views=BatchViews.stack(views),
+                 boxes=DetectionBatch(torch.zeros(0, 1), torch.zeros(0, 4), torch.zeros(0)),
                  **fields)
 
 
@@ -65,7 +66,8 @@ SEM_ACC = 5 / 7
 def test_semantic_scorer_by_hand():
     size = 8
     views = [letterbox((2, 4), size), letterbox((2, 4), size)]
-    gt = torch.stack([to_canvas(SEM_GT, views[0], size, 0), torch.zeros(size, size, dtype=torch.long)])  # image 1 unlabelled
+    # image 1 unlabelled
+    gt = torch.stack([to_canvas(SEM_GT, views[0], size, 0), torch.zeros(size, size, dtype=torch.long)])
     pred = torch.stack([to_canvas(SEM_PRED, views[0], size, 3), torch.full((size, size), 4)])  # padding predicted "dog"
     logits = F.one_hot(pred, 5).permute(0, 3, 1, 2).float() * 4.0  # (B, K, S, S), argmax = pred
     scorer = SemanticScorer(NAMES)
@@ -104,7 +106,8 @@ BIN_HD95 = 0.85
 def test_binary_scorer_by_hand():
     size = 8
     views = [letterbox((3, 4), size)] * 3  # scale 2: content rows 1..7
-    gt = torch.stack([to_canvas(BIN_GT, views[0], size, 255), to_canvas(torch.zeros(3, 4, dtype=torch.uint8), views[0], size, 255),
+    gt = torch.stack([to_canvas(BIN_GT, views[0], size, 255),
+                      to_canvas(torch.zeros(3, 4, dtype=torch.uint8), views[0], size, 255),
                       torch.full((size, size), 255, dtype=torch.uint8)])  # image 3: no binary mask
     pred = torch.stack([to_canvas(BIN_PRED, views[0], size, 1), torch.zeros(size, size, dtype=torch.uint8),
                         torch.ones(size, size, dtype=torch.uint8)])  # padding predicted foreground: cropped away
@@ -136,7 +139,8 @@ def test_binary_hd95_is_in_original_pixels():
 def test_binary_hd95_is_nan_when_every_image_is_skipped():
     view = letterbox((4, 4), 4)
     scorer = BinaryScorer()
-    scorer.update(output("binary", torch.full((1, 1, 4, 4), -3.0)), batch_of([view], 4, binary=torch.ones(1, 4, 4, dtype=torch.uint8)))
+    scorer.update(output("binary", torch.full((1, 1, 4, 4), -3.0)),
+                  batch_of([view], 4, binary=torch.ones(1, 4, 4, dtype=torch.uint8)))
     result = scorer.result()
     assert math.isnan(result["hd95"]) and result["hd95_skipped_empty"] == 1 and result["dice"] == 0.0
 
@@ -166,7 +170,8 @@ def test_instance_scorer_by_hand():
     masks = torch.zeros(2, 16, 16)
     masks[0, :8, :8] = 1
     masks[1, 8:, 8:12] = 1
-    inst = InstanceBatch(cls=torch.tensor([[0.0], [1.0]]), bboxes=torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]),
+    inst = InstanceBatch(cls=torch.tensor([[0.0], [1.0]]),
+                         bboxes=torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]),
                          batch_idx=torch.zeros(2), masks=masks, label_index=torch.arange(2),
                          labelled=torch.tensor([True, False]))
     view = letterbox((64, 64), size)

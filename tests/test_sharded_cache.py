@@ -31,7 +31,8 @@ def tool_args(output: Path) -> list[str]:
 def torchrun(script: Path, output: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     # one thread per rank; the single-process reference runs with one thread too (same fp16 bits)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "YOLO_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *tool_args(output)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *tool_args(output)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -138,7 +138,8 @@ def test_preprocess_crops_on_device_matches_the_numpy_path(name, teachers, canva
         ky, kx = s / images.shape[-2], s / images.shape[-1]
         assert torch.allclose(live.pixels, F.interpolate(images, size=(s, s), mode="bilinear", antialias=True))
         assert live.affine.dtype == torch.float32 and live.valid_hw.dtype == torch.int64
-        assert torch.allclose(live.affine, torch.tensor([[kx, ky, kx * x1, ky * y1] for x1, y1, _, _ in boxes.tolist()]))
+        assert torch.allclose(live.affine,
+                              torch.tensor([[kx, ky, kx * x1, ky * y1] for x1, y1, _, _ in boxes.tolist()]))
         assert torch.equal(live.valid_hw, torch.full((2, 2), s))
         composed = live.affine[:, 2:] - live.affine[:, :2] * boxes[:, :2].float()
         assert torch.allclose(composed, torch.zeros(2, 2), atol=1e-5)
@@ -210,7 +211,8 @@ def test_cuda_without_cuda_is_refused_at_build_but_fingerprints():
                                           r"set teacher.device=auto .* or teacher.device=cpu"):
         SamTeacher(init="random", input_size=64, device="cuda")
     # an offline run on a CPU machine still checks a cache written by a CUDA teacher
-    assert SamTeacher.config_fingerprint(init="random", input_size=64, device="cuda", dtype="bfloat16").dtype == "bfloat16"
+    assert SamTeacher.config_fingerprint(init="random", input_size=64, device="cuda",
+                                         dtype="bfloat16").dtype == "bfloat16"
 
 
 def test_old_size_key_is_renamed_to_variant():
@@ -233,22 +235,27 @@ PINNED = [
      ("vit_h", "unknown (checkpoint weights/sam_vit_h_4b8939.pth is not on this machine)", 1024, "float32", _SAM_PRE)),
     ("sam", dict(init="random", input_size=64, dtype="bfloat16", device="cuda:0"),
      ("vit_b", "random-init:seed0", 64, "bfloat16", _SAM_PRE)),
-    ("lora_sam", dict(init="random", input_size=128), ("vit_b+lora_r8_a8", "random-init:seed0+no-lora", 128, "float32", _SAM_PRE)),
+    ("lora_sam", dict(init="random", input_size=128),
+     ("vit_b+lora_r8_a8", "random-init:seed0+no-lora", 128, "float32", _SAM_PRE)),
     ("lora_sam", dict(variant="vit_b", checkpoint="base.pth", lora_checkpoint="lora.pt", lora_rank=4, lora_alpha=16.0),
      ("vit_b+lora_r4_a16", f"{_BASE}+{_LORA}", 1024, "float32", _SAM_PRE)),
     ("lora_sam", dict(lora_checkpoint="gone.pt", lora_alpha=2),
      ("vit_b+lora_r8_a2", "unknown (unknown (checkpoint weights/sam_vit_b_01ec64.pth is not on this machine); "
       "unknown (LoRA checkpoint gone.pt is not on this machine))", 1024, "float32", _SAM_PRE)),
-    ("sam2", dict(init="random", input_size=128, seed=3), ("sam2.1_hiera_tiny", "random-init:seed3", 128, "float32", _SAM2_PRE)),
+    ("sam2", dict(init="random", input_size=128, seed=3),
+     ("sam2.1_hiera_tiny", "random-init:seed3", 128, "float32", _SAM2_PRE)),
     ("sam2", dict(variant="sam2_hiera_large", checkpoint="base.pth", input_size=512, dtype="float16"),
      ("sam2_hiera_large", _BASE, 512, "float32", _SAM2_PRE)),
     ("dino", dict(init="random"), ("vits16", "random-init:seed0", 224, "float32", "dino" + _DINO_PRE)),
-    ("dino", dict(variant="vitb8", checkpoint="base.pth", input_size=112), ("vitb8", _BASE, 112, "float32", "dino" + _DINO_PRE)),
-    ("dinov2", dict(init="random", input_size=112, seed=3), ("vits14", "random-init:seed3", 112, "float32", "dinov2" + _DINO_PRE)),
+    ("dino", dict(variant="vitb8", checkpoint="base.pth", input_size=112),
+     ("vitb8", _BASE, 112, "float32", "dino" + _DINO_PRE)),
+    ("dinov2", dict(init="random", input_size=112, seed=3),
+     ("vits14", "random-init:seed3", 112, "float32", "dinov2" + _DINO_PRE)),
     ("dinov2", dict(variant="vits14_reg4"),
      ("vits14_reg4", "unknown (checkpoint weights/dinov2_vits14_reg4_pretrain.pth is not on this machine)", 518,
       "float32", "dinov2" + _DINO_PRE)),
-    ("dinov2", dict(init="random", dtype="float16", device="cuda"), ("vits14", "random-init:seed0", 518, "float16", "dinov2" + _DINO_PRE)),
+    ("dinov2", dict(init="random", dtype="float16", device="cuda"), ("vits14", "random-init:seed0", 518, "float16",
+                                                                     "dinov2" + _DINO_PRE)),
 ]
 
 

@@ -42,7 +42,8 @@ THREADS = min(2, os.cpu_count() or 1)
 
 
 def tool_args(output: Path, *extra: str, root: Path = COCO, limit: int = LIMIT) -> list:
-    return ["--teacher", "sam", "--dataset", "coco128", "--data-root", str(root), "--splits", SPLIT, "--limit", str(limit),
+    return ["--teacher", "sam", "--dataset", "coco128", "--data-root", str(root), "--splits", SPLIT, "--limit",
+            str(limit),
             "--batch-size", str(BATCH), "--output", str(output), "--no-progress", "--outputs", "features,masks", *extra,
             "teacher.init=random", f"teacher.input_size={SIZE}"]
 
@@ -109,7 +110,8 @@ def test_mask_logits_equal_the_library_predictor(name, sam, tmp_path):
     ``low_res_logits`` (multimask_output=False) for that box on that image alone."""
     if name == "sam2":
         pytest.importorskip("sam2")
-    kwargs = {"sam": dict(variant="vit_b"), "lora_sam": dict(variant="vit_b", lora_rank=4, lora_checkpoint=str(_lora_file(tmp_path))),
+    kwargs = {"sam": dict(variant="vit_b"),
+              "lora_sam": dict(variant="vit_b", lora_rank=4, lora_checkpoint=str(_lora_file(tmp_path))),
               "sam2": dict(variant="sam2.1_hiera_tiny")}[name]
     teacher = sam if name == "sam" else TEACHERS.build(name, init="random", input_size=SIZE, **kwargs)
     assert teacher.can_segment
@@ -162,7 +164,8 @@ def test_mask_logits_record_collates_and_decodes():
         torch.testing.assert_close(f.logits, torch.cat(want))
         assert torch.equal(m.of_image(2).label_index, torch.arange(3))
     with pytest.raises(ValueError, match="some entries have mask logits"):
-        TeacherTargets.collate([entry(1, False), TeacherTargets(features={"f": torch.zeros(1, 2, 2)}, affine=torch.ones(4),
+        TeacherTargets.collate([entry(1, False),
+                                TeacherTargets(features={"f": torch.zeros(1, 2, 2)}, affine=torch.ones(4),
                                                                valid_hw=torch.ones(2), input_size=16)])
 
 
@@ -188,7 +191,8 @@ def test_cached_masks_round_trip(caches, sam):
         e16, e8 = r16.read(p.stem)["masks"], r8.read(p.stem, dequantize=False)["masks"]
         want = live[idx == i]
         assert e16["logits"].dtype == torch.float16 and e16["logits"].shape == (k, SIDE, SIDE)
-        assert e16["label_index"].tolist() == list(range(k)) and e16["cls"].tolist() == labels[i][:, 0].astype(int).tolist()
+        assert e16["label_index"].tolist() == list(range(k)) and e16["cls"].tolist() == labels[i][:,
+                                                                                                  0].astype(int).tolist()
         torch.testing.assert_close(e16["boxes"], boxes[idx == i])
         torch.testing.assert_close(e16["logits"].float(), want, atol=2e-3, rtol=2e-3)
         assert e8["logits"].dtype == torch.int8 and e8["scale"].shape == (k,)
@@ -208,7 +212,8 @@ def _targets(reader: FeatureCacheReader, image_id: str) -> TeacherTargets:
 def _offline(path: Path, name: str = "sam"):
     from vfmkd.teachers.sam import SamTeacher
     kwargs = {k: v for k, v in SAM_CFG.items() if k != "type"}
-    return open_offline_teacher(name, path, SamTeacher.config_fingerprint(**kwargs), "image_embeddings", "rebuild", SAM_CFG,
+    return open_offline_teacher(name, path, SamTeacher.config_fingerprint(**kwargs), "image_embeddings", "rebuild",
+                                SAM_CFG,
                                 label_dir=COCO / "object_detection" / "labels" / SPLIT)
 
 
@@ -251,8 +256,8 @@ def test_resume_of_a_partial_mask_cache_is_identical(caches, tmp_path):
     assert ptf.main(plain) == 0
     cache = _offline(out / f"{SPLIT}.h5")
     assert not cache.has_masks
-    with pytest.raises(CacheMismatchError, match=r"caches features only\. Add them with:\n  python tools/prepare_teacher_features.py "
-                                                 r".*--outputs features,masks"):
+    with pytest.raises(CacheMismatchError, match=r"caches features only\. Add them with:\n  python "
+                                                 r"tools/prepare_teacher_features.py .*--outputs features,masks"):
         cache.require_masks("loss 'mask_kd' (mask_distill)")
 
     calls, original = [], ptf.FeatureCacheWriter.write

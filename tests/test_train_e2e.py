@@ -94,7 +94,8 @@ def test_nan_in_the_cache_is_caught_when_read_not_blamed_on_the_lr(features, tmp
         f["features/image_embeddings"][:] = np.nan
     cfg = load_experiment(EXPERIMENT, overrides(poisoned, tmp_path, "train.epochs=1"))
     trainer = Trainer(cfg, progress=False)
-    with pytest.raises(CacheMismatchError, match="(?s)non-finite value.*not a learning-rate problem.*prepare_teacher_features"):
+    with pytest.raises(CacheMismatchError, match="(?s)non-finite value.*not a learning-rate "
+                                                 "problem.*prepare_teacher_features"):
         trainer.fit()
     assert not (trainer.run_dir / "checkpoints" / "last.pt").exists()
 

@@ -135,7 +135,8 @@ def test_head_outputs_are_the_models_raw_training_outputs_in_eval_mode(teacher, 
     assert isinstance(got, dict) and {"boxes", "scores", "feats"} <= set(got)
     anchors = sum((SIZE // s) ** 2 for s in (8, 16, 32))
     assert got["scores"].shape == (4, 80, anchors) and got["boxes"].shape == (4, 64, anchors)
-    assert torch.allclose(got["scores"], raw["scores"], atol=1e-5) and torch.allclose(got["boxes"], raw["boxes"], atol=1e-5)
+    assert torch.allclose(got["scores"], raw["scores"], atol=1e-5) and torch.allclose(got["boxes"], raw["boxes"],
+                                                                                      atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got["feats"], raw["feats"]))
     assert all(torch.allclose(feats[k], out.backbone[k], atol=1e-5) for k in out.backbone)
     assert not got["scores"].requires_grad
@@ -164,7 +165,8 @@ def test_a_teacher_at_another_canvas_size_carries_the_scale(run, batch):
     targets = OnlineTeacher("t", teacher, torch.device("cpu")).targets(batch)
     assert torch.allclose(targets.affine, torch.tensor([[1.25, 1.25, 0.0, 0.0]] * 4))
     assert targets.features["P5"].shape[-1] == 5
-    with pytest.raises(ConfigError, match="teacher.input_size must be a multiple of 32.*got 100; nearest valid: 96 or 128"):
+    with pytest.raises(ConfigError, match="teacher.input_size must be a multiple of 32.*got 100; nearest valid: 96 or "
+                                          "128"):
         VfmkdTeacher(checkpoint=str(run[0]), input_size=100)
 
 
@@ -248,4 +250,5 @@ def test_live_only_refused_by_the_cache_tool_and_as_an_offline_teacher(run, tmp_
                            "--output", str(tmp_path), f"teacher.checkpoint={run}"], capture_output=True, text=True)
     assert proc.returncode == 2 and "live only" in proc.stderr + proc.stdout
     with pytest.raises(ConfigError, match="offline=false"):
-        open_cache("yolov8s", {"type": "vfmkd", "checkpoint": str(run), "feature_path": str(tmp_path)}, "coco128", "val2017")
+        open_cache("yolov8s", {"type": "vfmkd", "checkpoint": str(run), "feature_path": str(tmp_path)}, "coco128",
+                   "val2017")

@@ -166,7 +166,8 @@ def test_pca_uses_the_teacher_projection(batch, tmp_path):
 
     maps_t = {"sam/image_embeddings@P4": teacher, "dino/x@P5": teacher[:, :8, :4, :4]}
     path = feature_pca.pca_panel(tmp_path / "pca.png", maps_t, {"sam/image_embeddings@P4": teacher.clone()},
-                                 images=batch.images, valid={"sam/image_embeddings@P4": valid}, image_ids=batch.image_ids,
+                                 images=batch.images, valid={"sam/image_embeddings@P4": valid},
+                                 image_ids=batch.image_ids,
                                  max_images=2)
     png = read(path)
     assert (png.shape[1], png.shape[0]) == vis_canvas.panel_size(2, 1 + 2 * 2)

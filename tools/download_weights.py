@@ -106,7 +106,8 @@ def _fetch(w: OfficialWeights, dest: Path, part: Path) -> None:
         response = urllib.request.urlopen(w.url, timeout=_TIMEOUT_S)
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
-        raise DownloadError(f"could not reach {w.url} ({reason}); {_offline_hint(w, dest)}.", unreachable=True) from None
+        raise DownloadError(f"could not reach {w.url} ({reason}); {_offline_hint(w, dest)}.",
+                            unreachable=True) from None
     with response:
         total = response.headers.get("Content-Length") if response.headers else None
         total = int(total) if total else w.size_bytes

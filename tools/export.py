@@ -99,7 +99,8 @@ def resolve_config(checkpoint: Path, config: Optional[str], overrides: Sequence[
     if not isinstance(stored, dict):
         raise ConfigError(f"{checkpoint} is not inside a run directory and stores no config; pass --config "
                           "<run>/config.yaml")
-    return experiment_from_dict(stored, overrides, f"{checkpoint} (stored config)"), f"the config stored in {checkpoint}"
+    return experiment_from_dict(stored, overrides,
+                                f"{checkpoint} (stored config)"), f"the config stored in {checkpoint}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

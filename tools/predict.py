@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="output folder (default: <run>/predictions, else ./predictions)")
     parser.add_argument("--config", help="the run's config.yaml (default: <run>/config.yaml, else the stored config)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("args", nargs="*", metavar="CHECKPOINT key=value", help="the checkpoint, then " + OVERRIDES_HELP)
+    parser.add_argument("args", nargs="*", metavar="CHECKPOINT key=value",
+                        help="the checkpoint, then " + OVERRIDES_HELP)
     return parser
 
 
@@ -81,8 +82,10 @@ def resolve_config(checkpoint: Path, config: Optional[str], overrides: Sequence[
         return experiment_from_dict(read_yaml(config), overrides, config), config
     stored = load_checkpoint(checkpoint).get("config")
     if not isinstance(stored, dict):
-        raise ConfigError(f"{checkpoint} is not inside a run directory and stores no config; pass --config <run>/config.yaml")
-    return experiment_from_dict(stored, overrides, f"{checkpoint} (stored config)"), f"the config stored in {checkpoint}"
+        raise ConfigError(f"{checkpoint} is not inside a run directory and stores no config; pass --config "
+                          "<run>/config.yaml")
+    return experiment_from_dict(stored, overrides,
+                                f"{checkpoint} (stored config)"), f"the config stored in {checkpoint}"
 
 
 def check_prompts(image: Path, hw: Tuple[int, int], box: Optional[List[float]], points: List[List[float]]) -> None:
@@ -92,8 +95,8 @@ def check_prompts(image: Path, hw: Tuple[int, int], box: Optional[List[float]], 
     if box is not None:
         x1, y1, x2, y2 = box
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-            raise ConfigError(f"--box {x1:g} {y1:g} {x2:g} {y2:g} is not a box inside the image: {size}, and a box needs "
-                              f"x1 < x2, y1 < y2")
+            raise ConfigError(f"--box {x1:g} {y1:g} {x2:g} {y2:g} is not a box inside the image: {size}, and a box "
+                              f"needs x1 < x2, y1 < y2")
     for x, y in points:
         if not (0 <= x <= w and 0 <= y <= h):
             raise ConfigError(f"point ({x:g}, {y:g}) lies outside the image: {size}")
@@ -111,7 +114,8 @@ def unletterbox_logits(logits: torch.Tensor, affine: Tuple[float, float, float, 
     return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
 
-def overlay(rgb: np.ndarray, mask: np.ndarray, box: Optional[List[float]], points: List[Tuple[float, float, int]]) -> np.ndarray:
+def overlay(rgb: np.ndarray, mask: np.ndarray, box: Optional[List[float]],
+            points: List[Tuple[float, float, int]]) -> np.ndarray:
     out = rgb.astype(np.float32)
     out[mask] = 0.45 * out[mask] + 0.55 * OVERLAY_COLOUR
     out = np.ascontiguousarray(out.clip(0, 255).astype(np.uint8))
@@ -136,7 +140,8 @@ def predict(model: Any, head: str, rgb: np.ndarray, size: int, box: Optional[Lis
     embeddings = module(model.neck(model.backbone(images)))
     kwargs: Dict[str, torch.Tensor] = {}
     if box is not None:
-        kwargs["boxes"] = torch.tensor([[box[0] * sx + ox, box[1] * sy + oy, box[2] * sx + ox, box[3] * sy + oy]], device=device)
+        kwargs["boxes"] = torch.tensor([[box[0] * sx + ox, box[1] * sy + oy, box[2] * sx + ox, box[3] * sy + oy]],
+                                       device=device)
     if points:
         kwargs["points"] = torch.tensor([[[x * sx + ox, y * sy + oy] for x, y, _ in points]], device=device)
         kwargs["point_labels"] = torch.tensor([[label for _, _, label in points]], device=device)
@@ -198,10 +203,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     size = int(experiment_record(cfg).data.img_size)
     mask, score = predict(model, head, rgb, size, args.box, points, device)
     mask_path, overlay_path = out_dir / f"{image.stem}_mask.png", out_dir / f"{image.stem}_overlay.png"
-    for path, pixels in ((mask_path, mask.astype(np.uint8) * 255), (overlay_path, overlay(rgb, mask, args.box, points))):
+    for path, pixels in ((mask_path, mask.astype(np.uint8) * 255),
+                         (overlay_path, overlay(rgb, mask, args.box, points))):
         with atomic_output(path) as tmp:
             Image.fromarray(pixels).save(tmp, format="PNG")
-    log.info("%s (%d x %d): mask of %d pixels (%.1f%%), predicted IoU %.3f -> %s, %s", image, rgb.shape[1], rgb.shape[0],
+    log.info("%s (%d x %d): mask of %d pixels (%.1f%%), predicted IoU %.3f -> %s, %s", image, rgb.shape[1],
+             rgb.shape[0],
              int(mask.sum()), 100.0 * mask.mean(), score, mask_path, overlay_path)
     return 0
 

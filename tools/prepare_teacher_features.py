@@ -70,21 +70,29 @@ MIN_COSINE = 0.999
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default="sam", help="teacher name: reads configs/teachers/<teacher>.yaml (its defaults)")
-    p.add_argument("--teacher-config", metavar="PATH", help="teacher YAML to use instead of configs/teachers/<teacher>.yaml")
-    p.add_argument("--dataset", default="coco128", help="dataset name; its root is datasets/<dataset> unless --data-root")
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="sam",
+                   help="teacher name: reads configs/teachers/<teacher>.yaml (its defaults)")
+    p.add_argument("--teacher-config", metavar="PATH", help="teacher YAML to use instead of "
+                                                            "configs/teachers/<teacher>.yaml")
+    p.add_argument("--dataset", default="coco128", help="dataset name; its root is datasets/<dataset> unless "
+                                                        "--data-root")
     p.add_argument("--data-root", metavar="DIR", help="dataset root holding images/<split>/; None: datasets/<dataset>")
     p.add_argument("--splits", nargs="+", default=["train2017"], help="splits to cache, one <split>.h5 each")
-    p.add_argument("--output", metavar="DIR", help="cache folder, one <split>.h5 per split; None: teacher_features/<teacher>/")
+    p.add_argument("--output", metavar="DIR", help="cache folder, one <split>.h5 per split; None: "
+                                                   "teacher_features/<teacher>/")
     p.add_argument("--features", type=lambda v: [n for n in v.split(",") if n], metavar="NAME[,NAME]",
                    help="comma-separated teacher features to cache (SAM: trunk,image_embeddings), or 'all'; None: the "
-                        "teacher's primary feature (SAM: image_embeddings, 2 MiB/image at 1024; 'all' adds the 6 MiB trunk)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per teacher forward; a resumed file keeps its first value")
+                        "teacher's primary feature (SAM: image_embeddings, 2 MiB/image at 1024; 'all' adds the 6 MiB "
+                        "trunk)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per teacher forward; a resumed file keeps its "
+                                                             "first value")
     p.add_argument("--limit", type=int, help="only the first N images of each split (keep it when resuming)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help=f"afterwards recompute N random cached images and compare; exit 1 if mean cosine < {MIN_COSINE}")
-    p.add_argument("--seed", type=int, default=0, help="seeds torch (teacher.init=random weights) and the --verify pick")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds torch (teacher.init=random weights) and the --verify pick")
     p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none",
                    help="HDF5 filter (+shuffle) for features: gzip saves ~30-40%% but reads ~5x slower and a kill "
                         "mid-write can corrupt the file; 'none' preallocates and is crash-safe")
@@ -94,18 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "to fp16 > 0.9999, ~1%% of a channel's std after standardisation); the reader returns float16 "
                         "either way")
     p.add_argument("--with-flip", action="store_true",
-                   help="also run the teacher on the horizontally mirrored image (ViT features are not flip-equivariant) "
-                        "and store that pass for flip augmentation: twice the compute and the bytes")
-    p.add_argument("--outputs", type=lambda v: [n for n in v.split(",") if n], default=["features"], metavar="OUT[,OUT]",
-                   help="what to cache: features, or features,masks (also the teacher's mask logits prompted with every "
-                        "detection-label box of each image; SAM, LoRA-SAM, SAM2)")
+                   help="also run the teacher on the horizontally mirrored image (ViT features are not "
+                        "flip-equivariant) and store that pass for flip augmentation: twice the compute and the bytes")
+    p.add_argument("--outputs", type=lambda v: [n for n in v.split(",") if n], default=["features"],
+                   metavar="OUT[,OUT]",
+                   help="what to cache: features, or features,masks (also the teacher's mask logits prompted with "
+                        "every detection-label box of each image; SAM, LoRA-SAM, SAM2)")
     p.add_argument("--num-classes", type=int, default=80,
                    help="detection classes of the dataset (label files are checked against it; --outputs masks)")
     p.add_argument("--custom-imports", type=lambda v: [m for m in v.split(",") if m], default=[], metavar="MOD[,MOD]",
                    help="modules to import first, e.g. my_pkg.my_teacher: your own @TEACHERS.register(...) teachers")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     p.add_argument("overrides", nargs="*", metavar="teacher.key=value",
-                   help="teacher kwargs over the YAML, e.g. teacher.variant=vit_l teacher.input_size=512 teacher.init=random")
+                   help="teacher kwargs over the YAML, e.g. teacher.variant=vit_l teacher.input_size=512 "
+                        "teacher.init=random")
     return p
 
 
@@ -153,7 +163,8 @@ def mirrored(images: Sequence[np.ndarray]) -> List[np.ndarray]:
     return [np.ascontiguousarray(im[:, ::-1]) for im in images]
 
 
-def run_teacher(teacher: Any, images: Sequence[np.ndarray], with_flip: bool) -> Tuple[Dict[str, torch.Tensor], Any, Optional[tuple]]:
+def run_teacher(teacher: Any, images: Sequence[np.ndarray], with_flip: bool) -> Tuple[Dict[str, torch.Tensor], Any,
+                                                                                      Optional[tuple]]:
     """(features, TeacherBatch) of the images and, with the flip pass, (features, affine for ORIGINAL
     pixels, valid_hw) of the teacher on their mirrored copies."""
     feats, geo = teacher.extract_features(images)
@@ -176,7 +187,8 @@ class Prompts:
                  rows: Optional[List[np.ndarray]] = None, plan: Optional[MaskPlan] = None) -> None:
         folder = label_dir(root, split)
         ids = [p.stem for p in paths]
-        self.rows = rows if rows is not None else [parse_labels(folder / f"{i}.txt", num_classes, "--num-classes") for i in ids]
+        self.rows = rows if rows is not None else [parse_labels(folder / f"{i}.txt", num_classes,
+                                                                "--num-classes") for i in ids]
         try:
             rel = folder.resolve().relative_to(Path(root).resolve())
         except ValueError:
@@ -189,7 +201,8 @@ class Prompts:
         """The prompts of images [start, stop) (a shard), same source and labels hash."""
         sub = Prompts.__new__(Prompts)
         sub.rows = self.rows[start:stop]
-        sub.plan = MaskPlan(self.plan.cls[start:stop], self.plan.prompt_source, self.plan.labels_sha256, self.plan.num_classes)
+        sub.plan = MaskPlan(self.plan.cls[start:stop], self.plan.prompt_source, self.plan.labels_sha256,
+                            self.plan.num_classes)
         return sub
 
 
@@ -225,17 +238,20 @@ def check_outputs(outputs: Sequence[str], teacher_type: str, teacher_cls: Any) -
                           f"cache; use it with teachers.<name>.offline=false")
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown or "features" not in outputs:
-        raise ConfigError(f"--outputs {','.join(outputs)}: choose features or features,masks (features are always cached)")
+        raise ConfigError(f"--outputs {','.join(outputs)}: choose features or features,masks (features are always "
+                          "cached)")
     if "masks" in outputs and not getattr(teacher_cls, "can_segment", False):
         raise ConfigError(f"--outputs masks: the {teacher_type} teacher cannot be prompted for mask logits; teachers "
                           f"that can: {', '.join(segmenting_teachers())}.")
     return "masks" in outputs
 
 
-def _writer(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], split: str, path: Path, paths: Sequence[Path],
+def _writer(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], split: str, path: Path,
+            paths: Sequence[Path],
             compute: str, prompts: Optional[Prompts] = None) -> FeatureCacheWriter:
     return FeatureCacheWriter(
-        path, [p.stem for p in paths], teacher.fingerprint(), selected_specs(teacher, args.features), teacher.input_size,
+        path, [p.stem for p in paths], teacher.fingerprint(), selected_specs(teacher, args.features),
+        teacher.input_size,
         teacher_config=entry, dataset=args.dataset, split=split, batch_size=args.batch_size, teacher=args.teacher,
         data_root=args.data_root or "", compression=None if args.compression == "none" else args.compression,
         storage=args.storage, with_flip=args.with_flip, extra_attrs={"compute": compute},
@@ -261,7 +277,8 @@ def fill_file(args: argparse.Namespace, teacher: Any, writer: FeatureCacheWriter
     for k in tqdm(pending, desc=f"{split} batches", unit="batch", disable=args.no_progress):
         images = [load_rgb(p) for p in paths[k * b:(k + 1) * b]]
         feats, geo, flip = run_teacher(teacher, images, args.with_flip)
-        masks = None if prompts is None else run_masks(teacher, images, prompts.rows[k * b:(k + 1) * b], feats, geo.affine, flip)
+        masks = None if prompts is None else run_masks(teacher, images, prompts.rows[k * b:(k + 1) * b], feats,
+                                                       geo.affine, flip)
         # positional on purpose: tests wrap write() as (self, start, *args)
         writer.write(k * b, feats, geo.affine, geo.valid_hw, np.array([im.shape[:2] for im in images]), flip, masks)
         written += len(images)
@@ -317,15 +334,16 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
         count = int(prompts.plan.offsets[-1])
         per_mask = mask_bytes(args.storage, teacher.input_size // 4, args.with_flip)
         side = teacher.input_size // 4
-        print(f"{split}: mask logits of {count} label boxes ({count / len(paths):.2f} per image, {prompts.plan.prompt_source}): "
-              f"{per_mask} bytes per mask ({side}x{side} {args.storage}{' + float32 scale' if args.storage == 'int8' else ''}"
-              f"{' x2 passes' if args.with_flip else ''} + box, label row, class) = {per_mask * count / len(paths):.0f} "
+        print(f"{split}: mask logits of {count} label boxes ({count / len(paths):.2f} per image, "
+              f"{prompts.plan.prompt_source}): {per_mask} bytes per mask ({side}x{side} "
+              f"{args.storage}{' + float32 scale' if args.storage == 'int8' else ''}{' x2 passes' if args.with_flip else ''} + box, label row, class) = {per_mask * count / len(paths):.0f} "
               f"bytes per cached image")
     return out_file, paths
 
 
 def fill_shard(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], split: str, out_file: Path,
-               paths: Sequence[Path], compute: str, rank: int, world: int, prompts: Optional[Prompts] = None) -> Tuple[int, Any]:
+               paths: Sequence[Path], compute: str, rank: int, world: int,
+               prompts: Optional[Prompts] = None) -> Tuple[int, Any]:
     """Rank ``rank`` caches its contiguous block of batches into its shard file; after a barrier rank 0
     joins the shards into ``out_file``. Returns (images written by all ranks, statistics on rank 0)."""
     import torch.distributed as tdist
@@ -340,8 +358,10 @@ def fill_shard(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], sp
             if writer.batch_size != args.batch_size:
                 raise ConfigError(f"{shard} was started with --batch-size {writer.batch_size}: shards follow the batch "
                                   f"ranges, rerun with --batch-size {writer.batch_size}")
-            written, _ = fill_file(args, teacher, writer, paths[start:stop], split, compute, finalize=False, prompts=part)
-    counts = torch.tensor([written], dtype=torch.int64, device=teacher.device if tdist.get_backend() == "nccl" else "cpu")
+            written, _ = fill_file(args, teacher, writer, paths[start:stop], split, compute, finalize=False,
+                                   prompts=part)
+    counts = torch.tensor([written], dtype=torch.int64, device=teacher.device if tdist.get_backend() == "nccl" else
+                          "cpu")
     tdist.all_reduce(counts)  # also the barrier: every shard is finished after this
     if rank != 0:
         return written, None
@@ -429,7 +449,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dist = init_distributed(kwargs)
     torch.manual_seed(args.seed)  # random-init weights must be the same on every (resumed) run
     teacher = TEACHERS.build(entry_cfg["type"], where=f"teacher '{args.teacher}'", **kwargs)
-    LOG.info("teacher %s: %s; fingerprint %s", args.teacher, json.dumps(entry_cfg, default=str), json.dumps(teacher.fingerprint().as_dict()))
+    LOG.info("teacher %s: %s; fingerprint %s", args.teacher, json.dumps(entry_cfg, default=str),
+             json.dumps(teacher.fingerprint().as_dict()))
     LOG.info("caching %s splits %s of %s into %s", args.teacher, " ".join(args.splits), root, output)
     ok = True
     try:

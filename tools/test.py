@@ -61,10 +61,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "panoptic" in metrics:  # instance + semantic heads merged (vfmkd/engine/panoptic.py)
         pan = metrics["panoptic"]
         log.info("%s: panoptic PQ=%.4f SQ=%.4f RQ=%.4f (things PQ=%.4f, stuff PQ=%.4f) over %d images, %d skipped",
-                 split, pan["PQ"], pan["SQ"], pan["RQ"], pan["PQ_things"], pan["PQ_stuff"], pan["images"], pan["skipped"])
+                 split, pan["PQ"], pan["SQ"], pan["RQ"], pan["PQ_things"], pan["PQ_stuff"], pan["images"],
+                 pan["skipped"])
     log.info("metrics -> %s, %s; pictures -> %s", out, run_dir / "test_results.txt", run_dir / "visualizations")
     for key, value in (metrics.get("fidelity") or {}).items():
-        log.info("%s: held-out %s cosine=%.4f mse=%.4f over %d cells", split, key, value["cos"], value["mse"], value["cells"])
+        log.info("%s: held-out %s cosine=%.4f mse=%.4f over %d cells", split, key, value["cos"], value["mse"],
+                 value["cells"])
     return 0
 
 

@@ -60,7 +60,8 @@ def scale_shapes(channels: int, h: int, w: int) -> Dict[str, Tuple[int, ...]]:
 def bytes_per_image(specs: Sequence[FeatureSpec], input_size: int, storage: str, with_flip: bool) -> Tuple[int, int]:
     """(feature bytes, other bytes: geometry, done flag and per-image statistics) one image occupies."""
     passes = 2 if with_flip else 1
-    feats = passes * sum(feature_bytes(storage, s.channels, input_size // s.stride, input_size // s.stride) for s in specs)
+    feats = passes * sum(feature_bytes(storage, s.channels, input_size // s.stride,
+                                       input_size // s.stride) for s in specs)
     other = GEOMETRY_BYTES + (4 * 4 + 4 * 2 if with_flip else 0) + sum(2 * 8 * s.channels for s in specs)
     return feats, other
 
@@ -75,7 +76,8 @@ def layout_flags(storage: str, with_flip: bool) -> str:
     return f"--storage {storage} {'with' if with_flip else 'without'} --with-flip"
 
 
-def alloc_dataset(group: h5py.Group, name: str, shape: Tuple[int, ...], dtype: Any, chunks: Optional[Tuple[int, ...]] = None,
+def alloc_dataset(group: h5py.Group, name: str, shape: Tuple[int, ...], dtype: Any,
+                  chunks: Optional[Tuple[int, ...]] = None,
                   compression: Optional[str] = None, fill: Optional[float] = None) -> h5py.Dataset:
     """A dataset allocated at creation, so later writes never touch metadata. Compressed chunks cannot
     be preallocated: a kill mid-write may then corrupt the file."""
@@ -95,7 +97,8 @@ def encode(x: torch.Tensor, storage: str) -> Dict[str, np.ndarray]:
     if x.numel():
         lo, hi = torch.aminmax(x)  # NaN propagates; fails the test below like inf and overflow do
         if not (lo >= -65504 and hi <= 65504):
-            raise ValueError("non-finite values (NaN/inf) or overflow above 65504 (float16's max, what the reader returns)")
+            raise ValueError("non-finite values (NaN/inf) or overflow above 65504 (float16's max, what the reader "
+                             "returns)")
     if check_storage(storage) == "float16":
         return {"values": x.to(torch.float16).cpu().numpy()}
     channel = x.square().mean(dim=(2, 3)).sqrt()  # (B, C) RMS per channel
@@ -122,7 +125,8 @@ def decode_int8(q: np.ndarray, scale: np.ndarray, channel_scale: np.ndarray) -> 
                       torch.from_numpy(np.asarray(channel_scale, SCALE_DTYPE)))
 
 
-def decode(values: np.ndarray, scale: Optional[np.ndarray] = None, channel_scale: Optional[np.ndarray] = None) -> torch.Tensor:
+def decode(values: np.ndarray, scale: Optional[np.ndarray] = None,
+           channel_scale: Optional[np.ndarray] = None) -> torch.Tensor:
     """Stored arrays -> float16 tensor, whatever the storage."""
     if values.dtype == np.int8:
         if scale is None or channel_scale is None:
@@ -178,7 +182,8 @@ def add_stats_datasets(f: h5py.File, specs: Sequence[FeatureSpec], n: int) -> No
             alloc_dataset(g, "std", (s.channels,), np.float32, fill=np.nan)
 
 
-def store_statistics(f: h5py.File, specs: Sequence[FeatureSpec], storage: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+def store_statistics(f: h5py.File, specs: Sequence[FeatureSpec],
+                     storage: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """Once every image of ``f`` is done, store each feature's per-channel mean and std over the valid
     cells of all images and return them ({name: (mean, std)} float64); None while images are missing.
     Images without per-image moments (files written before statistics existed) get them from the
@@ -237,7 +242,8 @@ def decode_masks(values: np.ndarray, scale: Optional[np.ndarray] = None) -> torc
     if values.dtype == np.int8:
         if scale is None:
             raise ValueError("int8 mask logits need their scale array")
-        return (torch.from_numpy(values).float() * torch.from_numpy(np.asarray(scale, SCALE_DTYPE))[:, None, None]).half()
+        return (torch.from_numpy(values).float() * torch.from_numpy(np.asarray(scale, SCALE_DTYPE))[:, None,
+                                                                                                    None]).half()
     return torch.from_numpy(values)
 
 

@@ -77,7 +77,8 @@ class CacheLock:
                 if not owner and not self.path.exists():
                     continue
                 known = isinstance(pid, int) and host == socket.gethostname()
-                who = f"process {pid} on {host}" if isinstance(pid, int) else "another process (its lock names no process yet)"
+                who = f"process {pid} on {host}" if isinstance(pid,
+                                                               int) else "another process (its lock names no process yet)"
                 cmd = " ".join(owner.get("argv") or [])
                 raise CacheLockedError(
                     f"{self.cache} is being written by {who}{f' ({cmd})' if cmd else ''}; lock {self.path}. "
@@ -127,8 +128,8 @@ def make_cache_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:
-        raise CacheWriteError(exc.errno, f"cannot create the cache folder {folder}: {exc.filename or folder} is a file, "
-                              f"not a folder; give --output a folder (or a .h5 path)") from exc
+        raise CacheWriteError(exc.errno, f"cannot create the cache folder {folder}: {exc.filename or folder} is a "
+                              f"file, not a folder; give --output a folder (or a .h5 path)") from exc
     except NotADirectoryError as exc:
         raise CacheWriteError(exc.errno, f"cannot create the cache folder {folder}: part of that path is a file "
                               f"({exc}); give --output a folder") from exc

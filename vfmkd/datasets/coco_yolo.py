@@ -66,7 +66,8 @@ def list_images(root: str | Path, split: str, limit: Optional[int] = None) -> Li
     folder = Path(root) / "images" / split
     if not folder.is_dir():
         raise DatasetError(f"image folder not found: {folder} (expected <root>/images/<split>/*.jpg)")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=lambda p: p.name)
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=lambda p: p.name)
     if not files:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     stems: Dict[str, Path] = {}
@@ -130,10 +131,11 @@ def check_images(paths: Sequence[Path], split: str) -> Tuple[List[Path], List[Tu
         wide += [p.name] if depth else []
         cautions += [f"{p.name} ({caution})"] if caution else []
     if wide:
-        LOGGER.info(f"{split}: {len(wide)} of {len(paths)} images are 16-bit or float grayscale (e.g. {wide[0]}): scaled "
-                    f"to 8 bit linearly, 0..65535 (float: 0..1) -> 0..255")
+        LOGGER.info(f"{split}: {len(wide)} of {len(paths)} images are 16-bit or float grayscale (e.g. {wide[0]}): "
+                    f"scaled to 8 bit linearly, 0..65535 (float: 0..1) -> 0..255")
     if cautions:
-        LOGGER.warning(f"{split}: {len(cautions)} high-bit-depth image(s) may look wrong at 8 bit: {'; '.join(cautions[:10])}")
+        LOGGER.warning(f"{split}: {len(cautions)} high-bit-depth image(s) may look wrong at 8 bit: "
+                       f"{'; '.join(cautions[:10])}")
     if skipped:
         names = "; ".join(f"{p} ({why})" for p, why in skipped)
         LOGGER.warning(f"skipped {len(skipped)} of {len(paths)} images in {split} that cannot be decoded: {names}")

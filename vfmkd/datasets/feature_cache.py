@@ -112,13 +112,15 @@ def rebuild_command(teacher: str, dataset: str, split: str, output: str, data_ro
     if "masks" in outputs:
         args += ["--outputs", ",".join(o for o in OUTPUTS if o in outputs)]
         args += ["--num-classes", str(num_classes)] if num_classes != 80 else []
-    args += (["--features", ",".join(features)] if features else []) + (["--storage", storage] if storage != "float16" else [])
+    args += (["--features", ",".join(features)] if features else []) + (["--storage",
+                                                                         storage] if storage != "float16" else [])
     args += ["--with-flip"] if with_flip else []
     args += [f"teacher.{k}={_fmt(v)}" for k, v in (teacher_config or {}).items() if k not in NOT_TEACHER_KWARGS]
     return " ".join([TOOL] + [shlex.quote(a) for a in args])
 
 
-def fingerprint_differences(cached: Mapping[str, Any], live: TeacherFingerprint, ignore: Sequence[str] = ()) -> List[str]:
+def fingerprint_differences(cached: Mapping[str, Any], live: TeacherFingerprint,
+                            ignore: Sequence[str] = ()) -> List[str]:
     """'field: cached != live' lines (TeacherFingerprint.differences, robust to added fields)."""
     try:
         return live.differences(TeacherFingerprint(**cached), ignore)

@@ -52,7 +52,8 @@ class FeatureCacheReader:
                 self.orig_hw = f["orig_hw"][:]
                 self.done = f["done"][:]
                 self.storage, self.has_flip = stored_layout(self.attrs)
-                self.mask_info: Optional[Dict[str, Any]] = json.loads(self.attrs["masks"]) if "masks" in self.attrs else None
+                self.mask_info: Optional[Dict[str,
+                                              Any]] = json.loads(self.attrs["masks"]) if "masks" in self.attrs else None
                 if self.mask_info is not None:
                     self.mask_offsets = f["masks/offsets"][:]
                     self.masks_done = f["masks_done"][:]
@@ -62,16 +63,17 @@ class FeatureCacheReader:
                     if np.isfinite(mean).all() and np.isfinite(std).all():  # NaN: the cache is not finished
                         self._stats[name] = (mean, std)
         except (OSError, KeyError) as exc:
-            cmd = rebuild or (f"{TOOL} --splits {shlex.quote(self.path.stem)} --output {shlex.quote(str(self.path.parent))} "
-                              f"--teacher <teacher> (+ the --dataset, --features, --storage and teacher.key=value settings it was built with)")
+            cmd = rebuild or (f"{TOOL} --splits {shlex.quote(self.path.stem)} --output "
+                              f"{shlex.quote(str(self.path.parent))} --teacher <teacher> (+ the --dataset, --features, "
+                              "--storage and teacher.key=value settings it was built with)")
             what = ("is not a vfmkd feature cache (no fingerprint/image_ids)" if isinstance(exc, KeyError)
                     else "is truncated or not an HDF5 file")
-            raise CacheMismatchError(f"cannot read the feature cache {self.path}: it {what} ({exc}). Rebuild it (delete "
-                                     f"{self.path} first, or write to another --output):\n  {cmd}") from exc
+            raise CacheMismatchError(f"cannot read the feature cache {self.path}: it {what} ({exc}). Rebuild it "
+                                     f"(delete {self.path} first, or write to another --output):\n  {cmd}") from exc
         version = self.attrs.get("format_version")
         if self.storage not in FORMAT_VERSIONS or version != FORMAT_VERSIONS[self.storage]:
-            raise CacheMismatchError(f"{self.path} has cache format {version} (storage {self.storage}), this vfmkd reads "
-                                     f"{', '.join(f'{v} ({k})' for k, v in FORMAT_VERSIONS.items())}; rebuild it")
+            raise CacheMismatchError(f"{self.path} has cache format {version} (storage {self.storage}), this vfmkd "
+                                     f"reads {', '.join(f'{v} ({k})' for k, v in FORMAT_VERSIONS.items())}; rebuild it")
         self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
         self.fingerprint_dict: Dict[str, Any] = json.loads(self.attrs["fingerprint"])
         self.teacher_config: Dict[str, Any] = json.loads(self.attrs["teacher_config"])
@@ -95,9 +97,10 @@ class FeatureCacheReader:
         now = label_files_sha256(label_dir, self.image_ids)
         if now != self.mask_info.get("labels_sha256"):
             raise CacheMismatchError(
-                f"{self.path}: the cached mask logits are stale: the detection label files in {label_dir} changed since "
-                f"they were prompted with them (labels sha256 {self.mask_info.get('labels_sha256')}, now {now}). Rebuild "
-                f"the cache (delete {self.path} first, or write to another --output):\n  {self.rebuild_command()}")
+                f"{self.path}: the cached mask logits are stale: the detection label files in {label_dir} changed "
+                f"since they were prompted with them (labels sha256 {self.mask_info.get('labels_sha256')}, now {now}). "
+                f"Rebuild the cache (delete {self.path} first, or write to another --output):\n  "
+                f"{self.rebuild_command()}")
 
     def bytes_per_image(self) -> Tuple[int, int]:
         return bytes_per_image(self.feature_specs, self.input_size, self.storage, self.has_flip)
@@ -134,7 +137,8 @@ class FeatureCacheReader:
         try:
             return self._index[image_id]
         except KeyError:
-            raise CacheMismatchError(f"image {image_id!r} is not in {self.path}; fill it with:\n  {self.rebuild_command()}") from None
+            raise CacheMismatchError(f"image {image_id!r} is not in {self.path}; fill it with:\n  "
+                                     f"{self.rebuild_command()}") from None
 
     def missing_ids(self, ids: Sequence[str]) -> List[str]:
         """The ids that are not in the cache or not written yet (done=False)."""
@@ -152,7 +156,8 @@ class FeatureCacheReader:
                 f"another --output) and rebuild it with the flip pass:\n  {self.rebuild_command(with_flip=True)}")
         i = self.index_of(image_id)
         if not self.done[i]:
-            raise CacheMismatchError(f"image {image_id!r} is not written yet in {self.path}; finish it with:\n  {self.rebuild_command()}")
+            raise CacheMismatchError(f"image {image_id!r} is not written yet in {self.path}; finish it with:\n  "
+                                     f"{self.rebuild_command()}")
         group = _FLIP[bool(flipped)][0]
         feats: Dict[str, Any] = {}
         for s in self.feature_specs:
@@ -186,7 +191,8 @@ class FeatureCacheReader:
             self.check_values(values, f"{g.name}/logits", image_id)
             if scale is not None:
                 self.check_values(scale, f"{g.name}/scale", image_id)
-        out = {"label_index": torch.from_numpy(f["masks/label_index"][a:b]), "cls": torch.from_numpy(f["masks/cls"][a:b]),
+        out = {"label_index": torch.from_numpy(f["masks/label_index"][a:b]),
+               "cls": torch.from_numpy(f["masks/cls"][a:b]),
                "boxes": torch.from_numpy(g["boxes"][a:b])}
         if scale is None or dequantize:
             out["logits"] = codec.decode_masks(values, scale)
@@ -203,9 +209,9 @@ class FeatureCacheReader:
             return
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         raise CorruptCacheError(
-            f"{self.path}: the cached '{key}' of image {image_id!r} holds {bad} non-finite value(s) (NaN/inf): the file "
-            f"is damaged (disk or copy error; vfmkd never writes them). This is not a learning-rate problem. Rebuild the "
-            f"cache (delete {self.path} first, or write to another --output):\n  {self.rebuild_command()}")
+            f"{self.path}: the cached '{key}' of image {image_id!r} holds {bad} non-finite value(s) (NaN/inf): the "
+            "file is damaged (disk or copy error; vfmkd never writes them). This is not a learning-rate problem. "
+            f"Rebuild the cache (delete {self.path} first, or write to another --output):\n  {self.rebuild_command()}")
 
     def stats(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Per-channel (mean, std) float32 (C,) of feature ``name`` over the valid cells of every image
@@ -216,16 +222,19 @@ class FeatureCacheReader:
         return None if got is None else (torch.from_numpy(got[0].copy()), torch.from_numpy(got[1].copy()))
 
     def rebuild_command(self, data_root: Optional[str] = None, teacher_config: Optional[Mapping[str, Any]] = None,
-                        limit: Optional[int] = None, with_flip: Optional[bool] = None, masks: Optional[bool] = None) -> str:
+                        limit: Optional[int] = None, with_flip: Optional[bool] = None,
+                        masks: Optional[bool] = None) -> str:
         """The tool command for this file (its storage, flip pass, features and outputs); teacher overrides
         from ``teacher_config`` (default: the cached one). ``masks=True``: the command that adds mask
         logits (``--outputs features,masks``; it reopens this file and fills them, resumably)."""
         cfg = self.teacher_config if teacher_config is None else teacher_config
         teacher = self.attrs.get("teacher") or cfg.get("type") or self.teacher_config.get("type", "?")
-        return rebuild_command(teacher, self.attrs.get("dataset", "?"), self.attrs.get("split", "?"), str(self.path.parent),
+        return rebuild_command(teacher, self.attrs.get("dataset", "?"), self.attrs.get("split", "?"),
+                               str(self.path.parent),
                                data_root or self.attrs.get("data_root") or None, cfg, limit, self.storage,
                                self.has_flip if with_flip is None else with_flip, [s.name for s in self.feature_specs],
-                               ("features", "masks") if (self.mask_info is not None if masks is None else masks) else ("features",),
+                               ("features",
+                                "masks") if (self.mask_info is not None if masks is None else masks) else ("features",),
                                int((self.mask_info or {}).get("num_classes", 80)))
 
     def check_matches(self, fingerprint: TeacherFingerprint, ignore: Sequence[str] = (),

@@ -104,10 +104,11 @@ class FeatureCacheWriter:
         try:
             self._lock.acquire()
         except PermissionError as exc:
-            raise CacheWriteError(exc.errno, f"cannot write the cache {self.path}: the folder {self.path.parent} is not "
-                                  f"writable ({exc.strerror}); choose another --output") from exc
+            raise CacheWriteError(exc.errno, f"cannot write the cache {self.path}: the folder {self.path.parent} is "
+                                  f"not writable ({exc.strerror}); choose another --output") from exc
         try:
-            self._open(fingerprint, compression, teacher_config, dataset, split, batch_size, teacher, data_root, extra_attrs)
+            self._open(fingerprint, compression, teacher_config, dataset, split, batch_size, teacher, data_root,
+                       extra_attrs)
         except BaseException:
             self._lock.release()
             raise
@@ -120,7 +121,8 @@ class FeatureCacheWriter:
               extra_attrs: Optional[Mapping[str, Any]]) -> None:
         if self.path.exists():
             self._file = self._reopen(fingerprint)
-            codec.add_stats_datasets(self._file, self.specs, len(self.image_ids))  # also to files from before statistics
+            # also to files from before statistics
+            codec.add_stats_datasets(self._file, self.specs, len(self.image_ids))
             if self.masks is not None and "masks" not in self._file.attrs:  # add mask logits to a features-only cache
                 LOGGER.warning("%s has no mask logits: adding them; every batch is recomputed (resumable)", self.path)
                 reserve_space(self.path, self.mask_bytes() + SPACE_MARGIN[1])
@@ -178,7 +180,8 @@ class FeatureCacheWriter:
                               (1, s.channels, side, side), compression)
                 if self.storage == "int8":
                     for key, shape in codec.scale_shapes(s.channels, side, side).items():
-                        alloc_dataset(group, s.name + codec.SCALES[key], (n, *shape), codec.SCALE_DTYPE, (1, *shape), compression)
+                        alloc_dataset(group, s.name + codec.SCALES[key], (n, *shape), codec.SCALE_DTYPE, (1, *shape),
+                                      compression)
 
     def mask_bytes(self) -> int:
         """Bytes of the mask datasets of this plan (0 without masks)."""
@@ -196,8 +199,10 @@ class FeatureCacheWriter:
         m = int(offsets[-1])
         g = f.require_group(MASK_GROUPS[False])
         g.create_dataset("offsets", data=offsets)
-        g.create_dataset("label_index", data=np.concatenate([np.arange(len(c)) for c in plan.cls] + [np.zeros(0)]).astype(np.int64))
-        g.create_dataset("cls", data=np.concatenate([np.asarray(c, np.int64) for c in plan.cls] + [np.zeros(0, np.int64)]))
+        g.create_dataset("label_index",
+                         data=np.concatenate([np.arange(len(c)) for c in plan.cls] + [np.zeros(0)]).astype(np.int64))
+        g.create_dataset("cls",
+                         data=np.concatenate([np.asarray(c, np.int64) for c in plan.cls] + [np.zeros(0, np.int64)]))
         for flipped in (False, True) if self.with_flip else (False,):
             grp = f.require_group(MASK_GROUPS[flipped])
             alloc_dataset(grp, "logits", (m, side, side), codec.VALUE_DTYPE[self.storage])
@@ -215,8 +220,8 @@ class FeatureCacheWriter:
             f = h5py.File(self.path, "r+")
         except OSError as exc:  # we hold the lock: no vfmkd writer has it open
             if "lock" in str(exc).lower():
-                raise CacheLockedError(f"{self.path} is open in another process ({exc}); wait for it to finish or stop it, "
-                                       f"then rerun this command, or write to another --output") from exc
+                raise CacheLockedError(f"{self.path} is open in another process ({exc}); wait for it to finish or stop "
+                                       f"it, then rerun this command, or write to another --output") from exc
             raise CacheMismatchError(f"cannot open the existing cache {self.path} ({exc}): it is truncated or not an "
                                      f"HDF5 file. {fix}") from exc
         if "fingerprint" not in f.attrs or "image_ids" not in f:
@@ -227,13 +232,14 @@ class FeatureCacheWriter:
             storage, flip = stored_layout(f.attrs)
             if (storage, flip) != (self.storage, self.with_flip):
                 raise CacheMismatchError(
-                    f"{self.path} was started with {layout_flags(storage, flip)}, this run has {layout_flags(self.storage, self.with_flip)}. "
-                    f"Resume it with the first run's flags, or: {fix}"
+                    f"{self.path} was started with {layout_flags(storage, flip)}, this run has "
+                    f"{layout_flags(self.storage, self.with_flip)}. Resume it with the first run's flags, or: {fix}"
                 )
             version = attr_value(f.attrs.get("format_version", -1))
             if version != FORMAT_VERSIONS[storage]:
                 raise CacheMismatchError(
-                    f"{self.path} has cache format {version}, this vfmkd writes {FORMAT_VERSIONS[storage]} for --storage {storage}. {fix}")
+                    f"{self.path} has cache format {version}, this vfmkd writes {FORMAT_VERSIONS[storage]} for "
+                    f"--storage {storage}. {fix}")
             diffs = fingerprint_differences(json.loads(attr_value(f.attrs["fingerprint"])), fingerprint)
             if diffs:
                 raise CacheMismatchError(
@@ -259,11 +265,12 @@ class FeatureCacheWriter:
                         f"{self.masks.prompt_source} sha256 {self.masks.labels_sha256}). {fix}")
             cached = list(f["image_ids"].asstr()[:])
             if cached != self.image_ids:
-                first = next((i for i, (a, b) in enumerate(zip(cached, self.image_ids)) if a != b), min(len(cached), len(self.image_ids)))
+                first = next((i for i, (a, b) in enumerate(zip(cached, self.image_ids)) if a != b),
+                             min(len(cached), len(self.image_ids)))
                 raise CacheMismatchError(
                     f"{self.path} was started for another image list ({len(cached)} images, this run has "
-                    f"{len(self.image_ids)}; they first differ at position {first}). Keep --limit/--data-root as in the "
-                    f"first run to resume. {fix}"
+                    f"{len(self.image_ids)}; they first differ at position {first}). Keep --limit/--data-root as in "
+                    f"the first run to resume. {fix}"
                 )
         except BaseException:
             f.close()
@@ -317,8 +324,9 @@ class FeatureCacheWriter:
             a, b = self.mask_rows(start, stop)
             side = self.mask_side
             if tuple(logits.shape) != (b - a, side, side) or tuple(boxes.shape) != (b - a, 4):
-                raise ValueError(f"mask logits {tuple(logits.shape)} / boxes {tuple(boxes.shape)} of images {start}..{stop - 1}: "
-                                 f"the cache expects ({b - a}, {side}, {side}) / ({b - a}, 4) (their label rows)")
+                raise ValueError(f"mask logits {tuple(logits.shape)} / boxes {tuple(boxes.shape)} of images "
+                                 f"{start}..{stop - 1}: the cache expects ({b - a}, {side}, {side}) / ({b - a}, 4) "
+                                 "(their label rows)")
             try:
                 enc = codec.encode_masks(logits, self.storage)
             except ValueError as exc:
@@ -336,11 +344,13 @@ class FeatureCacheWriter:
                 ds = f[group][s.name]
                 t = feats[s.name]
                 if tuple(t.shape) != (n,) + ds.shape[1:]:
-                    raise ValueError(f"teacher returned '{s.name}' of shape {tuple(t.shape)}, the cache expects {(n,) + ds.shape[1:]}")
+                    raise ValueError(f"teacher returned '{s.name}' of shape {tuple(t.shape)}, the cache expects "
+                                     f"{(n,) + ds.shape[1:]}")
                 try:
                     enc = codec.encode(t, self.storage)
                 except ValueError as exc:
-                    raise ValueError(f"'{s.name}'{' (flip pass)' if flipped else ''} of images {start}..{stop - 1}: {exc}") from None
+                    raise ValueError(f"'{s.name}'{' (flip pass)' if flipped else ''} of images {start}..{stop - 1}: "
+                                     f"{exc}") from None
                 ds[start:stop] = enc["values"]
                 for key, suffix in codec.SCALES.items() if "scale" in enc else ():
                     f[group][s.name + suffix][start:stop] = enc[key]

@@ -179,7 +179,8 @@ def parse_polygons(path: Path, table: InstanceClassTable) -> Tuple[np.ndarray, L
             raise DatasetError(f"{where}: polygon class {int(cid)} '{table.names[int(cid)]}' is detection class {det} "
                                f"of {table.detection_source}, outside [0, {table.num_classes}) "
                                f"({table.classes_key}={table.num_classes}); set {table.classes_key} to "
-                               f"{max(read_names(table.detection_source, 'names')) + 1} (the classes of {table.detection_source})")
+                               f"{max(read_names(table.detection_source, 'names')) + 1} (the classes of "
+                               f"{table.detection_source})")
         coords = values[1:]
         if len(coords) % 2:
             raise DatasetError(f"{where}: odd number of polygon coordinates ({len(coords)}); expected "

@@ -108,12 +108,13 @@ def _split_entry(config: Mapping[str, Any], split: str, source: Path) -> Mapping
     for key, entry in config.items():
         if not isinstance(entry, Mapping):
             continue
-        names = {Path(str(entry.get(k, ""))).name for k in ("images", "masks")} | {Path(str(entry.get("annotations", ""))).stem}
+        names = {Path(str(entry.get(k, ""))).name for k in ("images",
+                                                            "masks")} | {Path(str(entry.get("annotations", ""))).stem}
         if split in names or f"panoptic_{split}" in names:
             return entry
     listed = [k for k, v in config.items() if isinstance(v, Mapping)]
-    raise DatasetError(f"{source} has no entry for split '{split}' (entries: {', '.join(listed) or 'none'}; an entry is "
-                       f"matched by its key or by its images/masks folder name)")
+    raise DatasetError(f"{source} has no entry for split '{split}' (entries: {', '.join(listed) or 'none'}; an entry "
+                       f"is matched by its key or by its images/masks folder name)")
 
 
 class PanopticAnnotations:
@@ -143,7 +144,8 @@ class PanopticAnnotations:
             raise DatasetError(f"{self.json_path} is not valid JSON: {exc}") from None
         try:
             self.categories: Dict[int, PanopticCategory] = {
-                int(c["id"]): PanopticCategory(int(c["id"]), str(c["name"]), bool(c["isthing"])) for c in data["categories"]}
+                int(c["id"]): PanopticCategory(int(c["id"]), str(c["name"]),
+                                               bool(c["isthing"])) for c in data["categories"]}
             stems = {int(im["id"]): (Path(str(im["file_name"])).stem, (int(im["height"]), int(im["width"])))
                      for im in data["images"]}
             self._annotations: Dict[str, Tuple[Mapping[str, Any], Optional[Tuple[int, int]]]] = {}

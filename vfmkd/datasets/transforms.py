@@ -145,8 +145,10 @@ def student_view(img: np.ndarray, size: int, aug: Optional[GeometricAugment] = N
     canvas = cv2.warpAffine(img, opencv_matrix(matrix), (size, size), flags=cv2.INTER_LINEAR,
                             borderValue=(PAD_VALUE,) * 3)
     axis_aligned = abs(matrix[0, 1]) < 1e-9 and abs(matrix[1, 0]) < 1e-9
-    affine = (float(matrix[0, 0]), float(matrix[1, 1]), float(matrix[0, 2]), float(matrix[1, 2])) if axis_aligned else None
-    return StudentView(canvas, matrix, affine, flipped, _content_box(matrix, w, h, size), _is_cropped(matrix, w, h, size))
+    affine = (float(matrix[0, 0]), float(matrix[1, 1]), float(matrix[0, 2]),
+              float(matrix[1, 2])) if axis_aligned else None
+    return StudentView(canvas, matrix, affine, flipped, _content_box(matrix, w, h, size),
+                       _is_cropped(matrix, w, h, size))
 
 
 def transform_boxes(labels: np.ndarray, w: int, h: int, view: StudentView, size: int,

@@ -88,7 +88,8 @@ class Distiller(nn.Module):
         # Feature losses own trainable adapters: registered here so they train, save and move.
         self.feature_losses = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "feature"})
         # Task terms with parameters (DSRL's training-only SR branch) train and save here, not in the model.
-        self.task_modules = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "task" and isinstance(t.module, nn.Module)})
+        self.task_modules = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "task" and isinstance(t.module,
+                                                                                                              nn.Module)})
         taken: Dict[str, str] = {}
         reserved = set(GROUP_LOGS.values()) | {"loss"}
         for t in terms:
@@ -97,7 +98,8 @@ class Distiller(nn.Module):
                     f"distillation.losses.{t.name}: log_as '{t.log_name}' is a name the distiller logs itself "
                     f"({', '.join(sorted(reserved))}, {TEACHER_LOG_PREFIX}<teacher>); choose another")
             if t.kind == "output" and t.pairing is None:
-                raise ConfigError(f"distillation.losses.{t.name}: an output term needs its pairing (built by build_loss_terms)")
+                raise ConfigError(f"distillation.losses.{t.name}: an output term needs its pairing (built by "
+                                  "build_loss_terms)")
             names = [t.log_name] + ([cosine_log_name(t.log_name)] if t.kind == "feature" else [])
             for log_name in names:
                 if log_name in taken:
@@ -134,18 +136,20 @@ class Distiller(nn.Module):
         for name, state in states.items():
             term = self.terms.get(name)
             if term is None or term.pairing is None:
-                raise ValueError(f"the checkpoint holds prompt-sampling state for '{name}', which is not an output term "
-                                 f"of this run ({sorted(self.terms)})")
+                raise ValueError(f"the checkpoint holds prompt-sampling state for '{name}', which is not an output "
+                                 f"term of this run ({sorted(self.terms)})")
             term.pairing.load_sampling_state(state)
 
     def set_teacher_stats(self, teacher: str, feature: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise ``teacher``'s ``feature`` maps as (x - mean) / std per channel from now on."""
-        self._stats[(teacher, feature)] = (mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-6).view(1, -1, 1, 1))
+        self._stats[(teacher, feature)] = (mean.float().view(1, -1, 1, 1),
+                                           std.float().clamp_min(1e-6).view(1, -1, 1, 1))
 
     def teacher_stats(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """The standardisation in force, as ``{"<teacher>/<feature>": {"mean", "std"}}`` (C,) for a
         checkpoint; :meth:`load_teacher_stats` restores it."""
-        return {f"{t}/{f}": {"mean": m.flatten().cpu(), "std": s.flatten().cpu()} for (t, f), (m, s) in self._stats.items()}
+        return {f"{t}/{f}": {"mean": m.flatten().cpu(), "std": s.flatten().cpu()} for (t, f),
+                (m, s) in self._stats.items()}
 
     def load_teacher_stats(self, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         for key, value in stats.items():
@@ -153,7 +157,8 @@ class Distiller(nn.Module):
             self.set_teacher_stats(teacher, feature, value["mean"], value["std"])
 
     def feature_terms(self, active_only: bool = True) -> Dict[str, FeatureDistillLoss]:
-        return {n: m for n, m in self.feature_losses.items() if not active_only or n in self.active}  # type: ignore[misc]
+        # type: ignore[misc]
+        return {n: m for n, m in self.feature_losses.items() if not active_only or n in self.active}
 
     def output_terms(self, active_only: bool = True) -> Dict[str, LossTerm]:
         return {n: t for n, t in self.terms.items() if t.kind == "output" and (not active_only or n in self.active)}
@@ -247,7 +252,8 @@ class Distiller(nn.Module):
         kinds = {n: self.terms[n].kind for n in values}
         total = combine(values, kinds, self.weights, self.alpha, self.beta, self.gamma)
         logs.update(self.group_logs(values))
-        if not problem and not torch.isfinite(total):  # every term finite, their weighted sum not: a weight is too large
+        # every term finite, their weighted sum not: a weight is too large
+        if not problem and not torch.isfinite(total):
             parts = ", ".join(f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {self.weights[n]:g}" for n in values)
             problem = (f"the weighted total loss is {float(total.detach())} although every term is finite ({parts}; "
                        f"alpha/beta/gamma {self.alpha:g}/{self.beta:g}/{self.gamma:g}); lower the loss weights.")

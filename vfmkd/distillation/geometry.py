@@ -66,7 +66,8 @@ def resample_to_student(
     a, b = student_to_teacher(student_affine.to(device), teacher_affine)
     if (a <= 0).any():
         bad = sorted(set(torch.nonzero(a <= 0)[:, 0].tolist()))
-        raise MirroredViewError(f"batch items {bad} see a mirrored view of their teacher map; use a flipped teacher pass")
+        raise MirroredViewError(f"batch items {bad} see a mirrored view of their teacher map; use a flipped teacher "
+                                "pass")
     h_s, w_s = student_hw
     span = torch.tensor([w_s * student_stride, h_s * student_stride], dtype=torch.float64, device=device)
     boxes = torch.cat(

@@ -32,8 +32,8 @@ def instance_head_pair(head: Any, output: Any, teacher_output: Any, batch: Batch
     with torch.no_grad():
         teacher = head.instance_mask_logits(teacher_output, boxes, cls, idx)
     if teacher.shape != student.shape:
-        raise ValueError(f"the teacher's instance masks {tuple(teacher.shape)} and the student's {tuple(student.shape)} "
-                         f"differ: the vfmkd teacher must run at the student's img_size")
+        raise ValueError(f"the teacher's instance masks {tuple(teacher.shape)} and the student's "
+                         f"{tuple(student.shape)} differ: the vfmkd teacher must run at the student's img_size")
     weight = box_cells(boxes, grid_hw, size // grid_hw[1]).float()
     return student[None], teacher[None], weight[None]
 
@@ -50,7 +50,8 @@ def check_same(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
                          f"must see the student's canvas (its img_size equal to data.img_size, the same head strides)")
 
 
-def dense_pair(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dense_pair(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
     """A vfmkd teacher's dense logits (B, K, h, w) on the student's grid (bilinear when its output
     stride differs) and the (B, 1, H, W) content weight."""
     if student.shape[:2] != teacher.shape[:2]:

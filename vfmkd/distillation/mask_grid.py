@@ -116,7 +116,8 @@ def class_union(logits: torch.Tensor, inside: torch.Tensor, group: torch.Tensor,
     union = torch.full((num_groups, h * w), BACKGROUND_LOGIT, device=logits.device, dtype=confined.dtype)
     union = union.scatter_reduce(0, index, confined, reduce="amax", include_self=True)
     boxes = torch.zeros((num_groups, h * w), device=logits.device, dtype=confined.dtype)
-    boxes = boxes.scatter_reduce(0, index, inside.reshape(len(logits), -1).to(confined.dtype), reduce="amax", include_self=True)
+    boxes = boxes.scatter_reduce(0, index, inside.reshape(len(logits), -1).to(confined.dtype), reduce="amax",
+                                 include_self=True)
     return union.view(num_groups, h, w), boxes.view(num_groups, h, w) > 0
 
 
@@ -158,7 +159,8 @@ def prompts_on_grid(batch: Batch, target: TeacherTargets, grid_hw: Tuple[int, in
     ia, ib = match_rows(det.batch_idx.cpu(), det.label_index.cpu(), record.batch_idx.cpu(), record.label_index.cpu())
     ia, ib = ia.to(device), ib.to(device)
     size = batch.images.shape[-1]
-    grid_logits, valid = masks_on_grid(logits[ib], record.batch_idx.to(device)[ib], target, student_affine_of(target, batch),
+    grid_logits, valid = masks_on_grid(logits[ib], record.batch_idx.to(device)[ib], target,
+                                       student_affine_of(target, batch),
                                        grid_hw, stride)
     return MaskPrompts(rows=ia, logits=grid_logits.to(device), valid=valid.to(device),
                        boxes=canvas_boxes_xyxy(det.bboxes.to(device)[ia], size),

@@ -81,8 +81,8 @@ class OfflineTeacher:
                 raise CacheMismatchError(f"{head} Finish the cache with:\n  {cmd}")
             else:
                 raise CacheMismatchError(
-                    f"{head} It was built for another image list ({len(reader.image_ids)} images, e.g. another --limit): "
-                    f"delete {reader.path} (or pick another --output) and run:\n  {cmd}")
+                    f"{head} It was built for another image list ({len(reader.image_ids)} images, e.g. another "
+                    f"--limit): delete {reader.path} (or pick another --output) and run:\n  {cmd}")
         absent = set(missing)
         for image_id, hw in zip(image_ids, orig_sizes):
             if image_id in absent:
@@ -90,13 +90,15 @@ class OfflineTeacher:
             cached = tuple(int(v) for v in reader.orig_hw[reader.index_of(image_id)])
             if cached != tuple(hw):
                 raise CacheMismatchError(
-                    f"{where}: image {image_id} is {hw[0]}x{hw[1]} but {reader.path} cached it at {cached[0]}x{cached[1]}; "
-                    f"the image changed. Delete {reader.path} and rebuild:\n  {reader.rebuild_command(data_root, limit=limit)}")
+                    f"{where}: image {image_id} is {hw[0]}x{hw[1]} but {reader.path} cached it at "
+                    f"{cached[0]}x{cached[1]}; the image changed. Delete {reader.path} and rebuild:\n  "
+                    f"{reader.rebuild_command(data_root, limit=limit)}")
         return frozenset(absent)
 
 
 def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, primary_feature: str,
-                         rebuild: str, teacher_config: Mapping[str, Any], label_dir: Optional[Path] = None) -> OfflineTeacher:
+                         rebuild: str, teacher_config: Mapping[str, Any],
+                         label_dir: Optional[Path] = None) -> OfflineTeacher:
     """Open ``path`` (a ``<split>.h5``) and check it was written by the teacher whose config
     fingerprint is ``expected``; ``rebuild`` is the command that writes it (named when it is absent).
     ``label_dir``: the split's detection label folder; a cache with mask logits is checked against it
@@ -109,7 +111,8 @@ def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, pr
     if expected.weights.startswith("unknown"):
         # The checkpoint is not on this machine (a cache copied from elsewhere): the weights
         # cannot be compared, everything else still is.
-        get_logger().warning("%s: %s; trusting the cache's weights (%s)", where, expected.weights, reader.fingerprint.weights)
+        get_logger().warning("%s: %s; trusting the cache's weights (%s)", where, expected.weights,
+                             reader.fingerprint.weights)
         ignore = ("weights",)
     try:
         reader.check_matches(expected, ignore=ignore, teacher_config=dict(teacher_config))

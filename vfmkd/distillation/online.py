@@ -37,8 +37,9 @@ class OnlineTeacher:
 
     def __init__(self, name: str, teacher: BaseTeacher, device: torch.device, masks: bool = False) -> None:
         if masks and not getattr(teacher, "can_segment", False):
-            raise ConfigError(f"teachers.{name}: mask logits were asked of the {getattr(teacher, 'family', type(teacher).__name__)} "
-                              f"teacher, which cannot be prompted for masks; teachers that can: {', '.join(segmenting_teachers())}.")
+            raise ConfigError(f"teachers.{name}: mask logits were asked of the "
+                              f"{getattr(teacher, 'family', type(teacher).__name__)} teacher, which cannot be prompted "
+                              f"for masks; teachers that can: {', '.join(segmenting_teachers())}.")
         self.name = name
         self.teacher = teacher
         self.device = device
@@ -89,7 +90,8 @@ class OnlineTeacher:
                                torch.maximum(prompts[:, 0], prompts[:, 2]), prompts[:, 3]], dim=1)
         logits = self.teacher.mask_logits(maps, prompts.to(self.teacher.device), idx.to(self.teacher.device))
         return MaskLogits(logits=logits.to(self.device, non_blocking=True).float(), batch_idx=idx,
-                          label_index=det.label_index.to(self.device).long(), cls=det.cls.to(self.device).view(-1).long(),
+                          label_index=det.label_index.to(self.device).long(),
+                          cls=det.cls.to(self.device).view(-1).long(),
                           boxes=prompts)
 
 

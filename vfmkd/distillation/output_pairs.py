@@ -26,7 +26,8 @@ class OutputPairing:
     def __init__(self, rule: OutputRule, head: Any, channel_of_class: Optional[Sequence[int]] = None,
                  mode: str = "sigmoid") -> None:
         self.rule, self.head, self.mode = rule, head, mode
-        self.channel_of_class = None if channel_of_class is None else torch.as_tensor(list(channel_of_class), dtype=torch.long)
+        self.channel_of_class = None if channel_of_class is None else torch.as_tensor(list(channel_of_class),
+                                                                                      dtype=torch.long)
         if rule.source == "masks" and rule.task in ("semantic", "binary") and self.channel_of_class is None:
             raise ConfigError(f"{rule.loss} on a {rule.task} head from teacher masks needs the detection class -> "
                               f"{rule.task} channel table")
@@ -62,6 +63,7 @@ def check_mask_sources(distiller: Any, router: Any) -> None:
         terms = sorted(n for n, t in distiller.output_terms(active_only=False).items() if t.teacher == name
                        and getattr(t.pairing, "needs_masks", False))
         raise ConfigError(
-            f"teachers.{name}: distillation.losses {', '.join(terms)} distil its box-prompted mask logits, but its cache "
-            f"{cache.path} holds no mask logits (written with --outputs features, or the masks are unfinished). "
-            f"Add them (the tool reopens the file and fills the masks, resumably):\n  {cache.reader.rebuild_command(masks=True)}")
+            f"teachers.{name}: distillation.losses {', '.join(terms)} distil its box-prompted mask logits, but its "
+            f"cache {cache.path} holds no mask logits (written with --outputs features, or the masks are unfinished). "
+            "Add them (the tool reopens the file and fills the masks, resumably):\n  "
+            f"{cache.reader.rebuild_command(masks=True)}")

@@ -123,7 +123,8 @@ def resolve_output_term(loss: str, where: str, head: str, task: str, num_classes
     fitting = {n: (t, k) for n, (t, k) in teacher.heads.items() if t in TEACHER_TASKS[task]}
     if teacher_head is not None:
         if teacher_head not in teacher.heads:
-            raise ConfigError(f"{where}: teacher '{teacher.name}' has heads {sorted(teacher.heads)}, not '{teacher_head}'")
+            raise ConfigError(f"{where}: teacher '{teacher.name}' has heads {sorted(teacher.heads)}, not "
+                              f"'{teacher_head}'")
         if teacher_head not in fitting:
             raise ConfigError(f"{where}: teacher head '{teacher_head}' is a {teacher.heads[teacher_head][0]} head; the "
                               f"student head '{head}' ({task}) needs one of task {'/'.join(TEACHER_TASKS[task])}")
@@ -135,9 +136,9 @@ def resolve_output_term(loss: str, where: str, head: str, task: str, num_classes
                               f"name one with teacher_head: <name>")
         classes = fitting[name][1]
         if classes != num_classes:
-            raise ConfigError(f"{where}: teacher '{teacher.name}' head '{name}' predicts {classes} classes, the student "
-                              f"head '{head}' {num_classes}; output distillation needs the same classes (train the "
-                              f"teacher on the student's dataset, or use a feature loss)")
+            raise ConfigError(f"{where}: teacher '{teacher.name}' head '{name}' predicts {classes} classes, the "
+                              f"student head '{head}' {num_classes}; output distillation needs the same classes (train "
+                              f"the teacher on the student's dataset, or use a feature loss)")
         return OutputRule(loss, task, "heads", name)
     if teacher.can_segment and task in MASK_RULES[loss]:
         return OutputRule(loss, task, "masks")
@@ -151,17 +152,17 @@ def resolve_output_term(loss: str, where: str, head: str, task: str, num_classes
     if loss == "kl_divergence" and teacher.can_segment:
         raise ConfigError(
             f"{where}: kl_divergence on the {task} head '{head}' needs the teacher's "
-            f"{'per-pixel class' if task == 'semantic' else 'class'} distribution: a vfmkd teacher with a {task} head of the same classes. Teacher '{teacher.name}' "
-            f"({teacher.type}) gives class-agnostic box masks: use mask_distill (all mask-capable heads) or "
-            f"kl_divergence on a binary head")
+            f"{'per-pixel class' if task == 'semantic' else 'class'} distribution: a vfmkd teacher with a {task} head "
+            f"of the same classes. Teacher '{teacher.name}' ({teacher.type}) gives class-agnostic box masks: use "
+            f"mask_distill (all mask-capable heads) or kl_divergence on a binary head")
     if task not in (MASK_RULES[loss] + HEAD_RULES[loss]):
         raise ConfigError(f"{where}: {loss} does not apply to a {task} head ('{head}')")
     if task in MASK_RULES[loss]:
         raise ConfigError(
-            f"{where}: {loss} on the {task} head '{head}' needs a teacher that can segment (box-prompted mask logits) or "
-            f"predicts {task} outputs, and teacher '{teacher.name}' ({teacher.type}) cannot. Teachers that can: "
+            f"{where}: {loss} on the {task} head '{head}' needs a teacher that can segment (box-prompted mask logits) "
+            f"or predicts {task} outputs, and teacher '{teacher.name}' ({teacher.type}) cannot. Teachers that can: "
             f"{segmenting_teachers_hint(teachers, task)}; set 'teacher:' to one of them.")
     raise ConfigError(
-        f"{where}: {loss} on the {task} head '{head}' needs a vfmkd teacher (type: vfmkd) with a {task} head of the same "
-        f"{num_classes} classes; teacher '{teacher.name}' ({teacher.type}) has none.")
+        f"{where}: {loss} on the {task} head '{head}' needs a vfmkd teacher (type: vfmkd) with a {task} head of the "
+        f"same {num_classes} classes; teacher '{teacher.name}' ({teacher.type}) has none.")
 

@@ -87,7 +87,8 @@ def embedding_feature(where: str, teacher: str, t_specs: Sequence[FeatureSpec], 
     raise ConfigError(
         f"{where}: embedding_distill needs a teacher map {width} wide at stride 16 (SAM's image_embeddings, SAM2's "
         f"fpn_s16): teacher '{teacher}' provides {offered}"
-        + ("; name one with teacher_feature: <name>" if fits else f"; use a teacher of type {', '.join(MASK_TEACHER_TYPES)}"))
+        + ("; name one with teacher_feature: <name>" if fits else "; use a teacher of type "
+                                                                  f"{', '.join(MASK_TEACHER_TYPES)}"))
 
 
 def build_prompt_term(kind_name: str, where: str, kwargs: Dict[str, Any], model: Any, teachers: Mapping[str, Any],
@@ -114,7 +115,8 @@ def build_prompt_term(kind_name: str, where: str, kwargs: Dict[str, Any], model:
         raise ConfigError(
             f"{where}: prompt_distill distils the teacher's box-prompted mask logits, and teacher '{teacher}' "
             f"({offer.type}) gives none. Teachers that can: types {', '.join(MASK_TEACHER_TYPES)}"
-            f"{' (in this run: ' + ', '.join(can) + ')' if can else ' (none in this run)'}; set 'teacher:' to one of them.")
+            f"{' (in this run: ' + ', '.join(can) + ')' if can else ' (none in this run)'}; set 'teacher:' to one of "
+            "them.")
     module = LOSSES.build(kind_name, where=where, **kwargs)
     return head, module, PromptPairing(head_module, module)
 

@@ -49,7 +49,8 @@ class SRBranch(nn.Module):
         self.stride, self.low_res = int(stride), bool(low_res)
         self.stem = Conv(in_channels, feat_channels, 3)
         if self.low_res:  # work on the level's grid, emit the image by pixel shuffle
-            self.to_image = nn.Sequential(nn.Conv2d(feat_channels, 3 * self.stride ** 2, 1), nn.PixelShuffle(self.stride))
+            self.to_image = nn.Sequential(nn.Conv2d(feat_channels, 3 * self.stride ** 2, 1),
+                                          nn.PixelShuffle(self.stride))
         else:  # DSRL: decode at the SR target resolution
             self.refine = Conv(feat_channels, feat_channels, 3)
             self.to_image = nn.Conv2d(feat_channels, 3, 1)
@@ -106,7 +107,8 @@ class ResolutionDistillLoss(nn.Module):
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear",
+                                                                      align_corners=False)
 
 
 def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.resolution_distill") -> str:
@@ -118,7 +120,8 @@ def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.res
         raise ConfigError(
             f"{where}: DSRL downsizes the student's input, but head(s) {pixel} ({', '.join(tasks[n] for n in pixel)}) "
             f"answer in input pixels (boxes, prototypes, prompts) and would be off by sr_target_scale; DSRL supports "
-            f"{', '.join(SEGMENTATION_TASKS + CANVAS_STRIDE_TASKS)} heads only (remove those heads or disable resolution_distill)")
+            f"{', '.join(SEGMENTATION_TASKS + CANVAS_STRIDE_TASKS)} heads only (remove those heads or disable "
+            "resolution_distill)")
     seg = [n for n, t in tasks.items() if t in SEGMENTATION_TASKS]
     head = rd.get("head") or (seg[0] if len(seg) == 1 else None)
     if not seg:
@@ -129,7 +132,8 @@ def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.res
     return head
 
 
-def build_resolution_term(model: Any, model_cfg: Any, img_size: int) -> Optional[Tuple[str, ResolutionDistillLoss, str]]:
+def build_resolution_term(model: Any, model_cfg: Any,
+                          img_size: int) -> Optional[Tuple[str, ResolutionDistillLoss, str]]:
     """(term name, loss module, head) for ``model.resolution_distill`` (None when disabled); the
     geometry and head checks run here, before training starts."""
     rd = resolution_distill_settings(model_cfg)

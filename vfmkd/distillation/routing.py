@@ -62,7 +62,8 @@ def offline_draw(seed: int, step: int, teacher_index: int, rank: int = 0) -> flo
     return float(np.random.default_rng(key).random())
 
 
-def live_view_shift(view: ViewGeometry, cached_affine: torch.Tensor, input_size: int, input_affine: InputAffine) -> float:
+def live_view_shift(view: ViewGeometry, cached_affine: torch.Tensor, input_size: int,
+                    input_affine: InputAffine) -> float:
     """Largest displacement, as a fraction of the teacher canvas, between where the cached pass saw
     a visible image point and where a live pass on this view would see it (the live pass feeds the
     view's content box to the teacher's own preprocessing, ``input_affine``). 0 for a plain
@@ -101,8 +102,9 @@ class ViewGates:
     def why_live(self) -> str:
         reasons = [r for on, r in ((self.rotation, "rotation augmentation has no offline path"),
                                    (self.flip, "flip augmentation and the cache has no flipped pass"),
-                                   (self.crop or self.shift, "scale/translate views beyond distillation.offline_max_shift "
-                                                             "or crops (offline_crops=false) go live")) if on]
+                                   (self.crop or self.shift, "scale/translate views beyond "
+                                                             "distillation.offline_max_shift or crops "
+                                                             "(offline_crops=false) go live")) if on]
         return "; ".join(reasons)
 
 
@@ -127,7 +129,8 @@ class TeacherRouter:
         # that teacher (counted) instead of paying for live passes.
         self.skip_missing = bool(skip_missing)
         self.rank = int(rank)
-        self.gates = {n: ViewGates.of(augment, bool(s.cache and s.cache.has_flip), offline_crops) for n, s in self.sources.items()}
+        self.gates = {n: ViewGates.of(augment, bool(s.cache and s.cache.has_flip), offline_crops) for n,
+                      s in self.sources.items()}
         self._index = {name: i for i, name in enumerate(sorted(self.sources))}
         self.counts: Dict[str, Counter] = {name: Counter() for name in self.sources}
 

@@ -24,7 +24,8 @@ class QuantizedMap:
 
     def to_float(self, device: torch.device) -> torch.Tensor:
         """Dequantised float32 on ``device`` (the transfer moves 1 byte per value, not 2 or 4)."""
-        return dequantize(*(t.to(device, non_blocking=True) for t in (self.values, self.scale, self.channel_scale))).float()
+        return dequantize(*(t.to(device, non_blocking=True) for t in (self.values, self.scale,
+                                                                      self.channel_scale))).float()
 
 
 FeatureMap = Union[torch.Tensor, QuantizedMap]
@@ -63,7 +64,8 @@ class MaskLogits:
         if self.scale is not None:
             logits = logits.mul_(self.scale.to(device, non_blocking=True).float()[:, None, None])
         return MaskLogits(logits=logits, batch_idx=self.batch_idx.to(device, non_blocking=True),
-                          label_index=self.label_index.to(device, non_blocking=True), cls=self.cls.to(device, non_blocking=True),
+                          label_index=self.label_index.to(device, non_blocking=True),
+                          cls=self.cls.to(device, non_blocking=True),
                           boxes=None if self.boxes is None else self.boxes.to(device, non_blocking=True).float())
 
     def of_image(self, i: int) -> MaskLogits:
@@ -151,7 +153,8 @@ class TeacherTargets:
             affine=torch.stack([e.affine for e in entries]),
             valid_hw=torch.stack([e.valid_hw for e in entries]),
             input_size=first.input_size,
-            mask_logits=MaskLogits.cat([e.mask_logits for e in entries]) if all(with_masks) else None,  # type: ignore[misc]
+            # type: ignore[misc]
+            mask_logits=MaskLogits.cat([e.mask_logits for e in entries]) if all(with_masks) else None,
         )
 
 
@@ -166,7 +169,8 @@ def from_cache_entry(entry: Mapping[str, object]) -> TeacherTargets:
     if masks is not None:
         m: Mapping[str, torch.Tensor] = masks  # type: ignore[assignment]
         n = int(m["logits"].shape[0])
-        mask_logits = MaskLogits(logits=m["logits"], batch_idx=torch.zeros(n, dtype=torch.int64), label_index=m["label_index"],
+        mask_logits = MaskLogits(logits=m["logits"], batch_idx=torch.zeros(n, dtype=torch.int64),
+                                 label_index=m["label_index"],
                                  cls=m["cls"], scale=m.get("scale"), boxes=m.get("boxes"))
     return TeacherTargets(features=feats, affine=entry["affine"], valid_hw=entry["valid_hw"],  # type: ignore[arg-type]
                           input_size=int(entry["input_size"]), mask_logits=mask_logits)

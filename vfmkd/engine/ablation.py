@@ -78,10 +78,12 @@ def variants(cfg: Mapping[str, Any], parts: Optional[Sequence[str]] = None) -> D
             raise ConfigError(f"--parts {bad}: the parts are {', '.join(known)}")
         absent = [n for n in parts if known[n] not in present]
         if absent:
-            raise ConfigError(f"--parts {absent}: this experiment does not use them (it uses {[p.name for p in present]})")
+            raise ConfigError(f"--parts {absent}: this experiment does not use them (it uses "
+                              f"{[p.name for p in present]})")
         present = [known[n] for n in parts]
     if not present:
-        raise ConfigError("nothing to ablate: the experiment uses no learnable fusion, no resolution_distill and no teacher")
+        raise ConfigError("nothing to ablate: the experiment uses no learnable fusion, no resolution_distill and no "
+                          "teacher")
     out = {"full": copy.deepcopy(dict(cfg))}
     for part in present:
         edited = copy.deepcopy(dict(cfg))
@@ -134,7 +136,8 @@ def summary_row(name: str, result: Mapping[str, Any]) -> Dict[str, Any]:
     val = _last_val(result["metrics"])
     semantic = next((v for v in val.values() if isinstance(v, Mapping) and "mIoU" in v), {})
     return {"variant": name, "PQ": val.get("panoptic", {}).get("PQ"), "mIoU": semantic.get("mIoU"),
-            "train_s": result["seconds"], "peak_rss_mib": result["peak_rss_mib"], "peak_gpu_mib": result["peak_gpu_mib"],
+            "train_s": result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
+            "peak_gpu_mib": result["peak_gpu_mib"],
             "run_dir": result["run_dir"]}
 
 
@@ -145,8 +148,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     lines = [f"# {title}", "", "| variant | PQ | mIoU | train time (s) | peak RSS (MiB) | peak GPU (MiB) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {num(r['PQ'], '.4f')} | {num(r['mIoU'], '.4f')} | {num(r['train_s'], '.1f')} | "
-                     f"{num(r['peak_rss_mib'], '.0f')} | {num(r['peak_gpu_mib'], '.0f')} |")
+        lines.append(f"| {r['variant']} | {num(r['PQ'], '.4f')} | {num(r['mIoU'], '.4f')} | {num(r['train_s'], '.1f')} "
+                     f"| {num(r['peak_rss_mib'], '.0f')} | {num(r['peak_gpu_mib'], '.0f')} |")
     lines += ["", "Each variant: the same experiment, epochs and data, trained in its own process (peak RSS is that "
               "process's). `no_<part>` switches one part off; `base` switches all of them off."]
     return "\n".join(lines) + "\n"

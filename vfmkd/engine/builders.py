@@ -58,16 +58,18 @@ def check_head_classes(heads: Mapping[str, Mapping[str, Any]], dataset: Detectio
             continue
         table = dataset.semantic_table.source if dataset.semantic_table is not None else "the semantic table"
         if int(have) < want:
-            raise ConfigError(f"model.heads.{name}.num_classes={have} but {table} has {want} semantic classes (index 0, "
-                              f"unlabeled, included): set model.heads.{name}.num_classes={want}")
+            raise ConfigError(f"model.heads.{name}.num_classes={have} but {table} has {want} semantic classes (index "
+                              f"0, unlabeled, included): set model.heads.{name}.num_classes={want}")
         if int(have) > want:
-            get_logger().warning("model.heads.%s.num_classes=%s but %s has %d semantic classes: %d logits are never trained",
+            get_logger().warning("model.heads.%s.num_classes=%s but %s has %d semantic classes: %d logits are never "
+                                 "trained",
                                  name, have, table, want, int(have) - want)
 
 
 def build_dataset(data: DataConfig, split: str, num_classes: int,
                   augment: Optional[GeometricAugment] = None, seed: int = 0,
-                  tasks: Sequence[str] = (), heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> DetectionDataset:
+                  tasks: Sequence[str] = (),
+                  heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> DetectionDataset:
     """The split with the labels the model's heads train on (``tasks``: head tasks; a promptable
     head reads instance masks: its points are drawn inside them and it is scored against them).
     With ``heads`` (``model.heads``) the class counts are checked against the dataset as it loads,
@@ -138,7 +140,8 @@ class LiveTeachers:
                 self._built[name] = OnlineTeacher(name, teacher, self.device, masks=name in self._masks)
             live = self._built[name]
             if cached_input_size is not None and live.teacher.input_size != cached_input_size:
-                raise ConfigError(f"teachers.{name}: live input_size {live.teacher.input_size} != cached {cached_input_size}")
+                raise ConfigError(f"teachers.{name}: live input_size {live.teacher.input_size} != cached "
+                                  f"{cached_input_size}")
             return live
         return load
 
@@ -157,10 +160,11 @@ def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str,
     """The teacher's cache of ``split``, checked against the teacher's config fingerprint and, when it
     holds mask logits and ``data_root`` is given, against the split's label files (stale prompts)."""
     if getattr(TEACHERS.get(entry["type"]), "live_only", False):
-        raise ConfigError(f"teachers.{name}: the {entry['type']} teacher is live only (it runs on the student's own canvas); "
-                          f"set teachers.{name}.offline=false")
+        raise ConfigError(f"teachers.{name}: the {entry['type']} teacher is live only (it runs on the student's own "
+                          f"canvas); set teachers.{name}.offline=false")
     if not entry.get("feature_path"):
-        raise ConfigError(f"teachers.{name}: offline: true needs feature_path (the --output of prepare_teacher_features.py)")
+        raise ConfigError(f"teachers.{name}: offline: true needs feature_path (the --output of "
+                          "prepare_teacher_features.py)")
     kwargs = teacher_kwargs(dict(entry))
     TEACHERS.check_kwargs(entry["type"], kwargs, f"teachers.{name}")
     teacher_cls = TEACHERS.get(entry["type"])
@@ -169,7 +173,8 @@ def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str,
     label_dir = resolve_path(data_root) / "object_detection" / "labels" / split if data_root is not None else None
     with teacher_keys(f"teachers.{name}"):
         fingerprint = teacher_cls.config_fingerprint(**kwargs)
-    return open_offline_teacher(name, path, fingerprint, teacher_cls.primary_feature, rebuild, entry, label_dir=label_dir)
+    return open_offline_teacher(name, path, fingerprint, teacher_cls.primary_feature, rebuild, entry,
+                                label_dir=label_dir)
 
 
 def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTeachers,
@@ -193,15 +198,18 @@ def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTea
                     raise
                 why_no_cache = "validation split not cached" if validation else "distillation.missing_cache=online"
                 if not validation:
-                    get_logger().warning("%s\nAll its batches go to the live teacher (distillation.missing_cache=online).", exc)
+                    get_logger().warning("%s\nAll its batches go to the live teacher "
+                                         "(distillation.missing_cache=online).", exc)
         elif offline:
             why_no_cache = "offline_ratio=0: a pure live run"
         if cache is not None:
-            missing = cache.missing_images(dataset.image_ids, dataset.orig_sizes, allow_missing, data_root, dataset.limit)
+            missing = cache.missing_images(dataset.image_ids, dataset.orig_sizes, allow_missing, data_root,
+                                           dataset.limit)
         type_cls = TEACHERS.get(entry["type"])
         sources[name] = TeacherSource(
             name=name, offline=offline, cache=cache, input_affine=type_cls.input_affine,
-            load_live=live.loader(name, cache.input_size if cache else None), missing=missing, why_no_cache=why_no_cache)
+            load_live=live.loader(name, cache.input_size if cache else None), missing=missing,
+            why_no_cache=why_no_cache)
     return TeacherRouter(sources, ratio, cfg.train.seed, None if validation else augment,
                          dist.offline_max_shift, dist.offline_crops, skip_missing=validation, rank=rank)
 
@@ -328,8 +336,8 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
             teacher = kwargs.get("teacher")
             if teacher not in specs:
                 raise ConfigError(
-                    f"{where}: teacher '{teacher}' is not an enabled teacher of this experiment (enabled: {sorted(specs)}); "
-                    f"set 'teacher:' to one of them or enable it under teachers.")
+                    f"{where}: teacher '{teacher}' is not an enabled teacher of this experiment (enabled: "
+                    f"{sorted(specs)}); set 'teacher:' to one of them or enable it under teachers.")
             t_specs = {s.name: s for s in specs[teacher]}
             t_name = kwargs.get("teacher_feature") or primary[teacher]
             if t_name not in t_specs:
@@ -345,8 +353,8 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
             teacher = kwargs.get("teacher")
             if teacher not in offers:
                 raise ConfigError(
-                    f"{where}: {kind_name} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled teacher of "
-                    f"this experiment (enabled: {sorted(offers)}); set 'teacher:' to one of them.")
+                    f"{where}: {kind_name} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled teacher "
+                    f"of this experiment (enabled: {sorted(offers)}); set 'teacher:' to one of them.")
             head = _output_head(where, kind_name, kwargs.pop("head", None), offers[teacher], model)
             head_module = model.heads[head]
             task = str(getattr(head_module, "task", "detection"))
@@ -356,11 +364,13 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
             if rule.source == "masks" and task in ("semantic", "binary"):
                 channels = (class_channels or {}).get(task)
                 if channels is None:
-                    raise ConfigError(f"{where}: {kind_name} on the {task} head '{head}' from {teacher}'s box masks needs "
-                                      f"the dataset's class tables (object_detection and semantic_segmentation config.yaml)")
+                    raise ConfigError(f"{where}: {kind_name} on the {task} head '{head}' from {teacher}'s box masks "
+                                      "needs the dataset's class tables (object_detection and semantic_segmentation "
+                                      "config.yaml)")
                 if task == "binary" and not any(c >= 0 for c in channels):
-                    raise ConfigError(f"{where}: none of data.binary_classes is a detection class, so {teacher} is never "
-                                      f"prompted for the binary foreground; name detection classes (e.g. [person])")
+                    raise ConfigError(f"{where}: none of data.binary_classes is a detection class, so {teacher} is "
+                                      "never prompted for the binary foreground; name detection classes (e.g. "
+                                      "[person])")
                 if task == "semantic":
                     k = int(getattr(head_module, "num_classes", 0))
                     channels = [c if c < k else -1 for c in channels]
@@ -372,9 +382,9 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
             default_log = module.log_name
         else:
             raise ConfigError(
-                f"{where}: '{kind_name}' is an output loss the distiller has no pairing for (the output losses it pairs: "
-                f"kl_divergence, cls_distill, mask_distill, embedding_distill, prompt_distill); use one of them or a "
-                f"feature loss.")
+                f"{where}: '{kind_name}' is an output loss the distiller has no pairing for (the output losses it "
+                "pairs: kl_divergence, cls_distill, mask_distill, embedding_distill, prompt_distill); use one of them "
+                f"or a feature loss.")
         terms.append(LossTerm(name, kind, float(entry.get("weight", 1.0)), str(entry.get("log_as") or default_log),
                               module, head, pairing))
     return terms

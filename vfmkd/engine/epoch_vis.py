@@ -42,7 +42,8 @@ def _teacher_masks(targets: Mapping[str, TeacherTargets], batch: Batch) -> Optio
             continue
         masks = target.mask_logits.to_float(batch.images.device)
         grid = (size // MASK_STRIDE, size // MASK_STRIDE)
-        logits, valid = masks_on_grid(masks.logits, masks.batch_idx, target, student_affine_of(target, batch), grid, MASK_STRIDE)
+        logits, valid = masks_on_grid(masks.logits, masks.batch_idx, target, student_affine_of(target, batch), grid,
+                                      MASK_STRIDE)
         probs = (logits.sigmoid() * valid).cpu()
         n = len(batch)
         per_image = split_by_image(probs, masks.batch_idx.cpu(), n)
@@ -66,7 +67,8 @@ class EpochVisualizer:
     def bind(self, model: Any) -> None:
         self.model = model
 
-    def _promptable_row(self, head: str, embeddings: torch.Tensor, batch: Batch, teacher: Optional[Prediction]) -> PanelRow:
+    def _promptable_row(self, head: str, embeddings: torch.Tensor, batch: Batch,
+                        teacher: Optional[Prediction]) -> PanelRow:
         """Prompts = the ground-truth instance boxes (drawn on every column); student = the masks the
         head decodes for them; teacher = its masks for the view's detection boxes; ground truth = the
         instance masks."""
@@ -75,7 +77,8 @@ class EpochVisualizer:
         n, size = len(batch), batch.images.shape[-1]
         inst = batch.instances
         if inst is None or self.model is None:
-            raise ValueError(f"head {head}: drawing a promptable head needs instance labels and the model (evaluate binds it)")
+            raise ValueError(f"head {head}: drawing a promptable head needs instance labels and the model (evaluate "
+                             "binds it)")
         idx = inst.batch_idx.view(-1).long()
         boxes = xywh2xyxy(inst.bboxes.float()) * size
         logits, scores = decode_boxes(self.model.heads[head], embeddings, idx.to(embeddings.device),
@@ -85,7 +88,8 @@ class EpochVisualizer:
         per_cls = split_by_image(cls, idx_cpu, n)
         student = Prediction.instances(split_by_image(logits.sigmoid().cpu(), idx_cpu, n), per_cls, per_boxes,
                                        split_by_image(scores.cpu(), idx_cpu, n))
-        target = Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx_cpu, n)], per_cls, per_boxes)
+        target = Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx_cpu, n)], per_cls,
+                                      per_boxes)
         return PanelRow(f"{head} (GT box prompts)", student, teacher, target, class_names=self.box_names)
 
     def _teacher_classes(self, head: str, task: str, logits: torch.Tensor, batch: Batch,
@@ -117,8 +121,12 @@ class EpochVisualizer:
             if task == "detection":
                 dets = _detections(output[0], len(self.box_names))
                 gt = [batch.boxes.of_image(i) for i in range(n)]
-                rows.append(PanelRow(head, Prediction.detections([d[:, :4] for d in dets], [d[:, 5] for d in dets], [d[:, 4] for d in dets]),
-                                     None, Prediction.detections([xywh2xyxy(b.cpu().float()) * size for _, b in gt], [c.cpu() for c, _ in gt]),
+                rows.append(PanelRow(head,
+                                     Prediction.detections([d[:, :4] for d in dets], [d[:, 5] for d in dets],
+                                                           [d[:, 4] for d in dets]),
+                                     None,
+                                     Prediction.detections([xywh2xyxy(b.cpu().float()) * size for _, b in gt],
+                                                           [c.cpu() for c, _ in gt]),
                                      class_names=self.box_names))
             elif task == "instance":
                 (preds, proto), _ = output
@@ -128,7 +136,9 @@ class EpochVisualizer:
                 inst = batch.instances
                 assert inst is not None
                 idx = inst.batch_idx.long().cpu()
-                rows.append(PanelRow(head, Prediction.instances(masks, [d[:, 5] for d in dets], [d[:, :4] for d in dets]), teacher,
+                rows.append(PanelRow(head,
+                                     Prediction.instances(masks, [d[:, 5] for d in dets], [d[:, :4] for d in dets]),
+                                     teacher,
                                      Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx, n)],
                                                           split_by_image(inst.cls.view(-1).cpu(), idx, n)),
                                      class_names=self.box_names))
@@ -151,7 +161,8 @@ class EpochVisualizer:
         if step != 0:
             return
         images = batch.images.float().cpu()
-        path = render_panel(visualization_path(self.run_dir, self.kind, self.index), images, self.rows(out, batch, targets),
+        path = render_panel(visualization_path(self.run_dir, self.kind, self.index), images,
+                            self.rows(out, batch, targets),
                             batch.image_ids, max_images=self.max_images, title=f"{self.kind} {self.index}")
         self.written.append(path)
         teacher_maps, student_maps, valid = {}, {}, {}
@@ -169,7 +180,8 @@ class EpochVisualizer:
         if teacher_maps:
             self.written.append(pca_panel(visualization_path(self.run_dir, self.kind, self.index, "_pca"), teacher_maps,
                                           student_maps, images=images, valid=valid, image_ids=batch.image_ids,
-                                          max_images=self.max_images, title=f"{self.kind} {self.index}: teacher PCA | student"))
+                                          max_images=self.max_images, title=f"{self.kind} {self.index}: teacher PCA | "
+                                                                            "student"))
         if self.loggers is not None:
             for p in self.written:
                 self.loggers.add_image("vis/pca" if p.stem.endswith("_pca") else "vis/panel", p, self.index)

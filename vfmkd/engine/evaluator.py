@@ -26,7 +26,8 @@ class DetectionScorer:
     """Accumulates ultralytics' DetMetrics over batches; ``result()`` -> precision, recall, mAP50,
     mAP50-95 and images, with boxes scored in original image pixels."""
 
-    def __init__(self, names: Mapping[int, str], conf: float, iou: float, max_det: int, head: str = "detection") -> None:
+    def __init__(self, names: Mapping[int, str], conf: float, iou: float, max_det: int,
+                 head: str = "detection") -> None:
         self.metrics = DetMetrics(names=dict(names))
         self.nc, self.conf, self.iou, self.max_det, self.head = len(names), conf, iou, max_det, head
         # ultralytics' greedy prediction/label matching lives on its validator; it only needs `iouv`.
@@ -44,7 +45,8 @@ class DetectionScorer:
             gt_boxes = to_original_boxes(xywh2xyxy(gt_xywh.float()) * size, affine)
             pred_boxes = to_original_boxes(det[:, :4], affine)
             if len(det) and len(gt_cls):
-                tp = BaseValidator.match_predictions(self.matcher, det[:, 5], gt_cls, box_iou(gt_boxes, pred_boxes)).numpy()
+                tp = BaseValidator.match_predictions(self.matcher, det[:, 5], gt_cls,
+                                                     box_iou(gt_boxes, pred_boxes)).numpy()
             else:
                 tp = np.zeros((len(det), len(IOU_THRESHOLDS)), dtype=bool)
             self.metrics.update_stats({
@@ -154,7 +156,8 @@ def scalar_metrics(result: Mapping[str, Any]) -> Dict[str, float]:
 @torch.no_grad()
 def evaluate(model: UnifiedModel, loader, scorers: Mapping[str, Scorer], device: torch.device, progress: bool = True,
              distiller: Optional[Distiller] = None, router: Optional[TeacherRouter] = None,
-             on_batch: Optional[Callable[[int, StudentOutput, Batch, Mapping[str, Any]], None]] = None) -> Dict[str, Any]:
+             on_batch: Optional[Callable[[int, StudentOutput, Batch, Mapping[str, Any]], None]] = None) -> Dict[str,
+                                                                                                                Any]:
     """Every head's metrics over ``loader`` (``result[head]``; a detection head's are also at the
     top level, as before segmentation heads existed) and, with ``distiller`` and ``router`` (whose
     batches carry cached val targets or go to the live teacher), ``fidelity`` per teacher and level.

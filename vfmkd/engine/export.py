@@ -27,7 +27,8 @@ from torch import nn
 from vfmkd.core.config import experiment_record
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.engine.builders import build_model
-from vfmkd.engine.export_check import ExportMismatchError, compare_outputs, matched_query_difference, onnx_session  # noqa: F401
+# noqa: F401
+from vfmkd.engine.export_check import ExportMismatchError, compare_outputs, matched_query_difference, onnx_session
 from vfmkd.engine.export_output import SUFFIXES, atomic_path, default_output  # noqa: F401
 from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
@@ -47,7 +48,8 @@ def non_finite_key(state: Any, prefix: str = "") -> Optional[str]:
     """The first key path of ``state`` holding a NaN/inf floating tensor, or None."""
     if isinstance(state, torch.Tensor):
         return (prefix or "<tensor>") if state.is_floating_point() and not torch.isfinite(state).all() else None
-    items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state,
+                                                                                            (list, tuple)) else ()
     for k, v in items:
         found = non_finite_key(v, f"{prefix}.{k}" if prefix else str(k))
         if found:
@@ -183,7 +185,8 @@ def _as_list(out: Any) -> List[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
-def worst_over_probes(compare: Callable[[torch.Tensor], Dict[str, float]], probes: Sequence[torch.Tensor]) -> Dict[str, float]:
+def worst_over_probes(compare: Callable[[torch.Tensor], Dict[str, float]], probes: Sequence[torch.Tensor]) -> Dict[str,
+                                                                                                                   float]:
     """The largest of each difference ``compare(images)`` reports over ``probes``."""
     diff: Dict[str, float] = {}
     for images in probes:
@@ -205,7 +208,8 @@ def compare_onnx(model: UnifiedModel, path: Path, images: torch.Tensor) -> Dict[
     return compare_student(model, onnx_session(path).run(None, {INPUT_NAME: images.numpy()}), images)
 
 
-def _mismatch(model: UnifiedModel, diff: Dict[str, float], tolerance: float, path: Path, what: str) -> ExportMismatchError:
+def _mismatch(model: UnifiedModel, diff: Dict[str, float], tolerance: float, path: Path,
+              what: str) -> ExportMismatchError:
     hint = ""
     if any(getattr(h, "set_prediction", False) for h in model.heads.values()):
         hint = (" RT-DETR picks its queries by the top-k encoder scores: when many scores are equal (an "
@@ -319,8 +323,8 @@ def to_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[int,
     missing, extra = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
     shapes = [k for k in theirs.keys() & ours.keys() if theirs[k].shape != ours[k].shape]
     if missing or extra or shapes:
-        raise ConfigError(f"the student's weights do not map onto ultralytics' yolov8{variant}.yaml: missing {missing[:5]}, "
-                          f"unexpected {extra[:5]}, shape mismatches {sorted(shapes)[:5]}")
+        raise ConfigError(f"the student's weights do not map onto ultralytics' yolov8{variant}.yaml: missing "
+                          f"{missing[:5]}, unexpected {extra[:5]}, shape mismatches {sorted(shapes)[:5]}")
     um.load_state_dict(ours, strict=True)
     # Two settings live outside the state_dict and differ between the networks as built, so they are
     # carried over module by module: ultralytics' initialize_weights sets BatchNorm eps=1e-3 where vfmkd
@@ -342,7 +346,8 @@ def to_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[int,
         got = um(probe)[0]
     diff = float((got - want).abs().max())
     if diff > 1e-4:
-        raise ConfigError(f"ultralytics' yolov8{variant} with the student's weights differs from the student by {diff:.2e}")
+        raise ConfigError(f"ultralytics' yolov8{variant} with the student's weights differs from the student by "
+                          f"{diff:.2e}")
     um.names = {int(k): str(v) for k, v in names.items()}
     for p in um.parameters():
         p.requires_grad_(False)

@@ -129,7 +129,8 @@ class PromptDecoderGraph(nn.Module):
         sparse = self.embed_points(point_coords, point_labels)
         n, (h, w) = sparse.shape[0], image_embeddings.shape[-2:]
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
-        masks, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        masks, iou = self.mask_decoder.predict_masks(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
+                                                     dense)
         return masks[:, 0:1], iou[:, 0:1]
 
 
@@ -185,8 +186,8 @@ def export_promptable(model: UnifiedModel, output: Path, imgsz: int, fmt: str = 
         probe = example_input(imgsz, seed=1)
         diffs["encoder"] = {"embeddings": _scaled_diff(run(probe.numpy())[0], encoder(probe))}
         if tolerance is not None and diffs["encoder"]["embeddings"] > tolerance:
-            raise ExportMismatchError(f"the encoder graph differs from PyTorch by {diffs['encoder']} (> {tolerance:.0e}); "
-                                      f"nothing written to {enc_path}")
+            raise ExportMismatchError(f"the encoder graph differs from PyTorch by {diffs['encoder']} (> "
+                                      f"{tolerance:.0e}); nothing written to {enc_path}")
     with torch.no_grad():
         embeddings = encoder(example_input(imgsz, seed=1))[:1]
     grid = (int(embeddings.shape[-2]), int(embeddings.shape[-1]))
@@ -206,8 +207,8 @@ def export_promptable(model: UnifiedModel, output: Path, imgsz: int, fmt: str = 
             diff["iou"] = max(diff["iou"], _scaled_diff(got_i, want_i))
         diffs["decoder"] = diff
         if tolerance is not None and max(diff.values()) > tolerance:
-            raise ExportMismatchError(f"the decoder graph differs from the head's decode by {diff} (> {tolerance:.0e}); "
-                                      f"nothing written to {dec_path}")
+            raise ExportMismatchError(f"the decoder graph differs from the head's decode by {diff} (> "
+                                      f"{tolerance:.0e}); nothing written to {dec_path}")
     diffs["paths"] = {"encoder": str(enc_path), "decoder": str(dec_path)}  # type: ignore[dict-item]
     return diffs
 

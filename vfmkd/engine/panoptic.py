@@ -157,12 +157,14 @@ def _member(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (x >= 0) & (x <= top) & lut[x.clamp(0, top)]
 
 
-def _colours(x: torch.Tensor, things: torch.Tensor, stuffs: torch.Tensor, void: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _colours(x: torch.Tensor, things: torch.Tensor, stuffs: torch.Tensor, void: int) -> Tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
     """(N, 2) (category, instance) -> (N,) category and instance as torchmetrics prepares them: a
     stuff's instance is 0, an unknown category is the void colour (void, 0)."""
     cat, inst = x[:, 0], x[:, 1]
     stuff, known = _member(cat, stuffs), _member(cat, torch.cat([things, stuffs]))
-    return torch.where(known, cat, torch.full_like(cat, void)), torch.where(known & ~stuff, inst, torch.zeros_like(inst))
+    return torch.where(known, cat, torch.full_like(cat, void)), torch.where(known & ~stuff, inst,
+                                                                            torch.zeros_like(inst))
 
 
 def segment_stats(pred: torch.Tensor, target: torch.Tensor, metric: PanopticQuality) -> Tuple[torch.Tensor, ...]:
@@ -328,7 +330,8 @@ class PanopticScorer:
         known = set(self.annotations.categories)
         self.index_to_category = torch.where(torch.tensor([int(i) in known for i in ids.tolist()]), ids,
                                              torch.zeros_like(ids))  # contiguous index -> category id (0: void)
-        self.meter = PanopticMeter(sorted(self.annotations.things), sorted(self.annotations.stuffs), self.annotations.names)
+        self.meter = PanopticMeter(sorted(self.annotations.things), sorted(self.annotations.stuffs),
+                                   self.annotations.names)
         self.draw_to, self.draw_images = (Path(draw_to) if draw_to else None), int(draw_images)
         self.written: List[Path] = []
         self.images = self.unlabelled = 0
@@ -362,8 +365,9 @@ class PanopticScorer:
         (preds, proto), _ = out.heads[self.instance_head]
         logits = out.heads[self.semantic_head]
         if logits.shape[1] != len(self.index_to_category):
-            raise ValueError(f"PanopticScorer: the semantic head '{self.semantic_head}' has {logits.shape[1]} classes, the "
-                             f"semantic table {self.semantic_table.source} {len(self.index_to_category)} (index 0 included)")
+            raise ValueError(f"PanopticScorer: the semantic head '{self.semantic_head}' has {logits.shape[1]} classes, "
+                             f"the semantic table {self.semantic_table.source} {len(self.index_to_category)} (index 0 "
+                             "included)")
         dets = non_max_suppression(preds, conf_thres=max(self.rule.score_threshold, 1e-3), iou_thres=self.nms_iou,
                                    max_det=self.max_det, nc=self.nc)
         drawn: List[Tuple[Any, ...]] = []

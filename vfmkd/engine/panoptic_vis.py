@@ -42,7 +42,8 @@ def colour_segments(ids: np.ndarray, segments: Sequence[Tuple[int, int, bool]]) 
     return colour, known
 
 
-def _labels(ids: np.ndarray, segments: Sequence[Tuple[int, int, bool]], names: Mapping[int, str]) -> List[Tuple[float, float, str, np.ndarray]]:
+def _labels(ids: np.ndarray, segments: Sequence[Tuple[int, int, bool]],
+            names: Mapping[int, str]) -> List[Tuple[float, float, str, np.ndarray]]:
     """(x, y, name, colour) of the largest segments, at the segment pixel nearest its centroid."""
     out = []
     sized = []

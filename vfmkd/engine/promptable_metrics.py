@@ -99,7 +99,8 @@ class PromptableScorer:
         if self.module is None:
             raise ValueError("PromptableScorer: no head module (pass module= or call bind(model) first)")
         if batch.instances is None:
-            raise ValueError("PromptableScorer: the batch carries no instance targets (dataset built without instances=True)")
+            raise ValueError("PromptableScorer: the batch carries no instance targets (dataset built without "
+                             "instances=True)")
         embeddings = out.heads[self.head]
         inst, size = batch.instances, batch.images.shape[-1]
         device = embeddings.device
@@ -145,7 +146,8 @@ class PromptableScorer:
     def _alignment(self, embeddings: torch.Tensor, batch: Batch, targets: Mapping[str, TeacherTargets]) -> None:
         grid = tuple(4 * s for s in embeddings.shape[-2:])
         for name in sorted(targets):
-            prompts = prompts_on_grid(batch, targets[name], grid, MASK_STRIDE, embeddings.device)  # type: ignore[arg-type]
+            # type: ignore[arg-type]
+            prompts = prompts_on_grid(batch, targets[name], grid, MASK_STRIDE, embeddings.device)
             if prompts is None:
                 continue
             s, n = self.teacher_sums.get(name, (0.0, 0))

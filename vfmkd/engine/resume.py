@@ -58,7 +58,8 @@ def resume_checkpoint(path: Path) -> Tuple[Path, Dict[str, Any]]:
     ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
     previous = previous_of(ckpt)
     if not ckpt.is_file() and not previous.is_file():
-        raise CheckpointError(f"--resume {path}: no checkpoint at {ckpt} (pass a run directory or its checkpoints/last.pt)")
+        raise CheckpointError(f"--resume {path}: no checkpoint at {ckpt} (pass a run directory or its "
+                              "checkpoints/last.pt)")
     reasons = []
     for candidate in (ckpt, previous):
         if not candidate.is_file():

@@ -98,7 +98,8 @@ class InstanceScorer:
     def update(self, out: StudentOutput, batch: Batch) -> None:
         (preds, proto), _ = out.heads[self.head]
         if batch.instances is None:
-            raise ValueError("InstanceScorer: the batch carries no instance targets (dataset built without instances=True)")
+            raise ValueError("InstanceScorer: the batch carries no instance targets (dataset built without "
+                             "instances=True)")
         inst = batch.instances
         dets = non_max_suppression(preds, conf_thres=self.conf, iou_thres=self.iou, max_det=self.max_det, nc=self.nc)
         canvas = (batch.images.shape[2], batch.images.shape[3])
@@ -133,7 +134,8 @@ class InstanceScorer:
     def result(self) -> Dict[str, float]:
         self.metrics.process(plot=False)
         values = [float(v) for v in self.metrics.mean_results()]
-        keys = ("precision", "recall", "mAP50", "mAP50-95", "mask_precision", "mask_recall", "mask_mAP50", "mask_mAP50-95")
+        keys = ("precision", "recall", "mAP50", "mAP50-95", "mask_precision", "mask_recall", "mask_mAP50",
+                "mask_mAP50-95")
         return {**dict(zip(keys, values)), "images": self.images, "skipped": self.skipped}
 
 
@@ -161,7 +163,8 @@ class SemanticScorer:
 
     def update(self, out: StudentOutput, batch: Batch) -> None:
         if batch.semantic is None:
-            raise ValueError("SemanticScorer: the batch carries no semantic targets (dataset built without semantic=True)")
+            raise ValueError("SemanticScorer: the batch carries no semantic targets (dataset built without "
+                             "semantic=True)")
         pred = upsampled(out.heads[self.head], batch.semantic.shape[-2:]).argmax(1).cpu()  # (B, S, S)
         target = batch.semantic.long().cpu()
         for i in range(len(batch)):

@@ -39,7 +39,8 @@ def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:
     counts = {name: int(h.get("num_classes", 80)) for name, h in heads.items()
               if getattr(HEADS.get(h["type"]), "task", "") in ("detection", "instance")}
     if len(set(counts.values())) > 1:
-        raise ConfigError(f"model.heads: the box heads disagree on num_classes ({counts}); they read the same box labels")
+        raise ConfigError(f"model.heads: the box heads disagree on num_classes ({counts}); they read the same box "
+                          "labels")
     return next(iter(counts.values()), 80)
 
 
@@ -48,7 +49,8 @@ def worker_count(requested: int) -> int:
     only thrash), with a warning that says so."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > cores:
-        get_logger().warning("data.num_workers=%d but this machine has %d CPU core(s): using %d workers", requested, cores, cores)
+        get_logger().warning("data.num_workers=%d but this machine has %d CPU core(s): using %d workers", requested,
+                             cores, cores)
         return cores
     return requested
 

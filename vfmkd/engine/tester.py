@@ -32,8 +32,8 @@ from vfmkd.utils.logging import get_logger
 def _load(module: torch.nn.Module, state: Mapping[str, Any], what: str, checkpoint: Path, config: str) -> None:
     bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{checkpoint}: the {what} holds NaN/inf values ({', '.join(bad[:3])}); evaluate an earlier "
-                              f"checkpoint of the run")
+        raise CheckpointError(f"{checkpoint}: the {what} holds NaN/inf values ({', '.join(bad[:3])}); evaluate an "
+                              f"earlier checkpoint of the run")
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
@@ -83,7 +83,8 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     exp = experiment_record(cfg)
     state = load_checkpoint(checkpoint)
     if "model" not in state:
-        raise CheckpointError(f"{checkpoint} is not a vfmkd training checkpoint (no 'model' entry); pass checkpoints/best.pt of a run")
+        raise CheckpointError(f"{checkpoint} is not a vfmkd training checkpoint (no 'model' entry); pass "
+                              "checkpoints/best.pt of a run")
     device = resolve_device(exp.train.device, "train.device")
     model = build_model(exp.model)
     _load(model, state["model"], "model", checkpoint, config_name)
@@ -112,7 +113,8 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     loader = build_loader(loader_set, exp.eval.batch_size, worker_count(exp.data.num_workers), False, exp.train.seed)
     names, semantic_names = class_names(exp.data.root, num_classes), semantic_class_names(dataset)
     e = exp.eval
-    vis = EpochVisualizer(out_dir, "test_sample", 0, tasks, distiller, names, semantic_names, e.vis_images) if out_dir else None
+    vis = EpochVisualizer(out_dir, "test_sample", 0, tasks, distiller, names, semantic_names,
+                          e.vis_images) if out_dir else None
     scorers = build_scorers(tasks, names, semantic_names, e.conf, e.iou, e.max_det, data_root=dataset.root, split=split)
     if out_dir is not None and "panoptic" in scorers:  # instance + semantic heads: the merged panoptic picture
         scorers["panoptic"].draw_to = visualization_path(out_dir, "test_panoptic", 0)
@@ -122,5 +124,6 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     metrics.update(checkpoint=str(checkpoint), split=split, epoch=state.get("epoch"))
     if out_dir is not None:
         header = {"checkpoint": str(checkpoint), "split": split, "epoch": state.get("epoch"), "config": config_name}
-        write_test_results(Path(out_dir) / "test_results.txt", {k: v for k, v in metrics.items() if k not in header}, header)
+        write_test_results(Path(out_dir) / "test_results.txt", {k: v for k, v in metrics.items() if k not in header},
+                           header)
     return metrics

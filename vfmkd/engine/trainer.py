@@ -115,7 +115,8 @@ class Trainer:
         self.augment = build_augment(data)
         self.train_set = build_dataset(data, data.train_split, self.num_classes, self.augment, train.seed,
                                        tasks=self.tasks.values(), heads=exp.model.heads)
-        self.val_set = build_dataset(data, data.val_split, self.num_classes, tasks=self.tasks.values(), heads=exp.model.heads)
+        self.val_set = build_dataset(data, data.val_split, self.num_classes, tasks=self.tasks.values(),
+                                     heads=exp.model.heads)
         self.live = LiveTeachers(exp.teachers, self.device)
         self.router = build_router(exp, self.train_set, self.live, self.augment, rank=self.ctx.rank)
         self.model = build_model(exp.model, initialise=resumed is None)  # a resumed run has its own weights
@@ -147,7 +148,8 @@ class Trainer:
         distilled = list(self.distiller.teachers_used(active_only=False))
         unused = set(self.router.sources) - set(distilled)
         if unused:
-            self.log.warning("enabled teacher(s) %s have no loss in distillation.losses and are ignored", sorted(unused))
+            self.log.warning("enabled teacher(s) %s have no loss in distillation.losses and are ignored",
+                             sorted(unused))
         self.names = class_names(data.root, self.num_classes)
         workers = worker_count(data.num_workers)
         caches = {n: s.cache for n, s in self.router.sources.items() if s.cache is not None}
@@ -163,7 +165,8 @@ class Trainer:
             self.val_router = build_router(exp, self.val_set, self.live, validation=True)
             self.val_router.load_live_models(distilled)
             val_caches = {n: s.cache for n, s in self.val_router.sources.items() if s.cache is not None}
-            val_set = CachedTargetsDataset(self.val_set, val_caches, {n: s.missing for n, s in self.val_router.sources.items()})
+            val_set = CachedTargetsDataset(self.val_set, val_caches,
+                                           {n: s.missing for n, s in self.val_router.sources.items()})
         self.val_loader = build_loader(val_set, self.eval_cfg.batch_size, workers, False, train.seed)
         if self.dist_cfg.standardize:
             self._set_standardisation()
@@ -173,7 +176,8 @@ class Trainer:
         warmup = train.warmup_epochs * steps_per_epoch if train.warmup_epochs else train.warmup_iters
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, staged_lr_lambda(self.stages, steps_per_epoch, warmup, train.lr))
-        self.writer = RunLoggers(self.run_dir, train.loggers, config=cfg, name=self.run_dir.name) if self.ctx.is_main else None
+        self.writer = RunLoggers(self.run_dir, train.loggers, config=cfg,
+                                 name=self.run_dir.name) if self.ctx.is_main else None
         self.history: List[Dict[str, Any]] = []
         self.best_fitness = -1.0
         self.step = 0  # micro-batches seen
@@ -211,7 +215,8 @@ class Trainer:
                 if feature in stats:
                     self.distiller.set_teacher_stats(name, feature, *stats[feature])
                 else:
-                    self.log.warning("teacher %s: no per-channel stats for %s (older cache): not standardised", name, feature)
+                    self.log.warning("teacher %s: no per-channel stats for %s (older cache): not standardised", name,
+                                     feature)
 
     def _autocast(self):
         if not self.amp:
@@ -228,7 +233,8 @@ class Trainer:
             # DDP expects this step's gradient reduction: finish it with a zero loss, then drop it.
             (torch.nan_to_num(result.total) * 0.0).backward()
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(result.problem or "another rank's loss is not finite; the step was refused on every rank")
+            raise NonFiniteLossError(result.problem or "another rank's loss is not finite; the step was refused on "
+                                                       "every rank")
         (result.total / self.train_cfg.accumulate).backward()
         self.step += 1
         return result.logs
@@ -320,7 +326,8 @@ class Trainer:
             "config": self.cfg,
             "metrics": metrics,
             "resume": {
-                "epoch": resume_epoch, "batch": resume_batch, "step": self.step, "optimizer_steps": self.optimizer_steps,
+                "epoch": resume_epoch, "batch": resume_batch, "step": self.step,
+                "optimizer_steps": self.optimizer_steps,
                 "partial_sums": dict(self._partial[0]) if resume_batch else {},
                 "partial_counts": dict(self._partial[1]) if resume_batch else {},
                 "history": self.history, "best_fitness": self.best_fitness,
@@ -339,8 +346,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         r = state["resume"]
         if int(r.get("world_size", 1)) != self.ctx.world_size:
-            raise ConfigError(f"the checkpoint was written by a run of {r.get('world_size', 1)} process(es), this one has "
-                              f"{self.ctx.world_size}: the data order would not continue; resume with the same world size")
+            raise ConfigError(f"the checkpoint was written by a run of {r.get('world_size', 1)} process(es), this one "
+                              f"has {self.ctx.world_size}: the data order would not continue; resume with the same "
+                              "world size")
         self.start_epoch, self.start_batch = int(r["epoch"]), int(r["batch"])
         self.step, self.optimizer_steps = int(r["step"]), int(r["optimizer_steps"])
         self._partial = (dict(r["partial_sums"]), dict(r["partial_counts"]))
@@ -406,7 +414,8 @@ class Trainer:
                 if epoch == stage.first_epoch and not (epoch == self.start_epoch and self.start_batch):
                     self.best_fitness = -1.0  # best.pt is chosen within the last stage
                 self.log.info("stage %s: epochs %d-%d, losses %s, lr %g", stage.name, stage.first_epoch,
-                              stage.last_epoch, ", ".join(stage.losses) if stage.losses is not None else "all", stage.lr)
+                              stage.last_epoch, ", ".join(stage.losses) if stage.losses is not None else "all",
+                              stage.lr)
                 current = stage
             try:
                 epoch_logs = self.train_one_epoch(epoch, self.start_batch if epoch == self.start_epoch else 0)
@@ -496,10 +505,12 @@ class Trainer:
                 f" mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}" if "mAP50" in val and metric != "mAP50-95" else "")
         if val and val.get("fidelity"):
             val_text += "  held-out " + "  ".join(f"cos[{k}]={v['cos']:.4f}" for k, v in val["fidelity"].items())
-        self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.train_cfg.epochs, record["stage"], summary, val_text)
+        self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.train_cfg.epochs, record["stage"], summary,
+                      val_text)
         for name, counts in self.router.summary().items():
             if counts:  # a stage without the teacher's losses has routed no batch to it yet
-                self.log.info("teacher %s batches so far: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+                self.log.info("teacher %s batches so far: %s", name,
+                              ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
     def _write_metrics(self, seconds: float) -> Dict[str, Any]:
         best = next((r for r in reversed(self.history) if r.get("best")), None)

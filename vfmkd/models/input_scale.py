@@ -50,9 +50,9 @@ def check_input_geometry(img_size: int, scale: float, max_stride: int, where: st
              if abs(n / scale - round(n / scale)) < 1e-6 and round(n / scale) % max_stride == 0][:3]
     raise ConfigError(
         f"{where}: {size_key} {img_size} / sr_target_scale {scale:g} = {s:.4g} is not a multiple of the student's "
-        f"largest stride {max_stride}: its levels cannot be upsampled to the {img_size}-pixel SR target (the level grids "
-        f"would not be whole and the neck's x2 upsamplings would not line up). Scales that work at {size_key} {img_size}: "
-        f"{', '.join(ok) or 'none in ' + str(TRY_SCALES)}; {size_key} values that work with {scale:g}: "
+        f"largest stride {max_stride}: its levels cannot be upsampled to the {img_size}-pixel SR target (the level "
+        f"grids would not be whole and the neck's x2 upsamplings would not line up). Scales that work at {size_key} "
+        f"{img_size}: {', '.join(ok) or 'none in ' + str(TRY_SCALES)}; {size_key} values that work with {scale:g}: "
         f"{', '.join(map(str, sizes)) or 'none up to 4096'}.")
 
 

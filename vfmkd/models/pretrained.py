@@ -68,8 +68,8 @@ class InitReport:
 
     def summary(self) -> str:
         per_part = Counter(n.split(".", 1)[0] for n in self.loaded)
-        lines = [f"model.init: {self.kind} file {self.source} -> {', '.join(self.parts)}: loaded {len(self.loaded)} tensors "
-                 f"({', '.join(f'{p} {per_part[p]}' for p in self.parts)}), skipped {len(self.skipped)}, "
+        lines = [f"model.init: {self.kind} file {self.source} -> {', '.join(self.parts)}: loaded {len(self.loaded)} "
+                 f"tensors ({', '.join(f'{p} {per_part[p]}' for p in self.parts)}), skipped {len(self.skipped)}, "
                  f"shape-mismatched {len(self.mismatched)}, missing {len(self.missing)}"]
         lines += [f"  {p}" for p in self.problems()]
         if self.dropped:
@@ -120,7 +120,8 @@ def initialise_student(model: nn.Module, source: str, parts: Optional[Sequence[s
     if parts is not None:
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
-            raise ConfigError(f"model.init.parts: {unknown or 'empty'} not among {list(PARTS)}; e.g. parts: [backbone, neck]")
+            raise ConfigError(f"model.init.parts: {unknown or 'empty'} not among {list(PARTS)}; e.g. parts: [backbone, "
+                              "neck]")
     found = read_source(path, model)
     chosen = tuple(p for p in PARTS if p in (parts or found.parts))
     lacking = [p for p in chosen if p not in found.parts]

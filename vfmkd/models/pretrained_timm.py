@@ -41,8 +41,8 @@ def read_timm_file(path: Path) -> Dict[str, Any]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:
-        raise CheckpointError(f"model.init: {path} is truncated or not a safetensors file ({path.stat().st_size} bytes; "
-                              f"safetensors says: {str(err).splitlines()[0][:200]}); copy or download it again.") from None
+        raise CheckpointError(f"model.init: {path} is truncated or not a safetensors file ({path.stat().st_size} "
+                              f"bytes; safetensors says: {str(err).splitlines()[0][:200]}); copy or download it again.") from None
 
 
 def select_timm_state(obj: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -102,7 +102,8 @@ def timm_source(obj: Mapping[str, Any], model: nn.Module, path: Path) -> SourceT
                 state = filter_fn(state)
         except Exception as err:
             raise CheckpointError(f"model.init: timm's checkpoint filter of {type(full).__name__} cannot read {path} "
-                                  f"({type(err).__name__}: {str(err)[:160]}); the file holds {key_prefixes(list(state))}"
+                                  f"({type(err).__name__}: {str(err)[:160]}); the file holds "
+                                  f"{key_prefixes(list(state))}"
                                   ) from None
     classifier = full.pretrained_cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
@@ -123,7 +124,9 @@ def timm_source(obj: Mapping[str, Any], model: nn.Module, path: Path) -> SourceT
             dropped.append(key)
         else:
             unplaced.append(key)
-    rest = [f"backbone.{n}" for n, m in model.backbone.named_children() if m is not trunk and any(True for _ in m.parameters())]
+    rest = [f"backbone.{n}" for n,
+            m in model.backbone.named_children() if m is not trunk and any(True for _ in m.parameters())]
     notes = [f"{', '.join(rest)}: vfmkd's own layers, not in a timm file (kept as initialised)"] if rest else []
-    return SourceTensors(f"timm {type(full).__name__}", tensors, ("backbone",), unplaced, dropped, notes, (prefix + ".",))
+    return SourceTensors(f"timm {type(full).__name__}", tensors, ("backbone",), unplaced, dropped, notes,
+                         (prefix + ".",))
 

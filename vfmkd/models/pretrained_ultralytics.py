@@ -63,9 +63,9 @@ def load_allowing_ultralytics(path: Path) -> Dict[str, Any]:
     refused = [n for n in names if _allowed_class(n) is None]
     if refused and any(n.startswith("ultralytics.") for n in names):  # other pickles: load_checkpoint's message
         raise CheckpointError(
-            f"model.init: {path} was refused: it references {', '.join(refused[:4])}, beyond the allow-list of torch.nn "
-            f"and ultralytics.nn module classes (unpickling other objects can run code). If you trust it, re-save "
-            f"the model alone once: python -c \"import torch; from ultralytics import YOLO; "
+            f"model.init: {path} was refused: it references {', '.join(refused[:4])}, beyond the allow-list of "
+            "torch.nn and ultralytics.nn module classes (unpickling other objects can run code). If you trust it, "
+            f"re-save the model alone once: python -c \"import torch; from ultralytics import YOLO; "
             f"torch.save({{'model': YOLO('{path}').model}}, '{path.with_suffix('')}.model.pt')\"")
     with torch.serialization.safe_globals(allowed):
         return load_checkpoint(path)

@@ -131,8 +131,8 @@ class BaseTeacher(nn.Module, ABC):
         names = [p.name for p in params]
         for key in kwargs:
             if key not in names:
-                raise ConfigError(f"unknown key 'teacher.{key}' for the {cls.family} teacher.{did_you_mean(key, names)} "
-                                  f"Valid keys: {', '.join(names)}.")
+                raise ConfigError(f"unknown key 'teacher.{key}' for the {cls.family} "
+                                  f"teacher.{did_you_mean(key, names)} Valid keys: {', '.join(names)}.")
         bound = sig.replace(parameters=params).bind(**kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
@@ -264,7 +264,8 @@ class BaseTeacher(nn.Module, ABC):
         vfmkd's teachers override it with the same recipe in torch ops on the device."""
         dev = images.device
         pixels = (unit_float(images).clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        crops = [np.ascontiguousarray(pixels[i, y1:y2, x1:x2]) for i, (x1, y1, x2, y2) in enumerate(crop_boxes(images, boxes))]
+        crops = [np.ascontiguousarray(pixels[i, y1:y2, x1:x2]) for i,
+                 (x1, y1, x2, y2) in enumerate(crop_boxes(images, boxes))]
         batch = self.preprocess(crops)
         return TeacherBatch(pixels=batch.pixels.to(dev), affine=batch.affine.to(dev), valid_hw=batch.valid_hw.to(dev))
 
@@ -302,7 +303,8 @@ class BaseTeacher(nn.Module, ABC):
         ``(forward_features(pixels), {})``."""
         return self.forward_features(pixels), {}
 
-    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor,
+                    batch_idx: torch.Tensor) -> torch.Tensor:
         """Box-prompted mask logits of teachers with :attr:`can_segment`.
 
         ``features``: what :meth:`forward_features` returned for a batch (B images); ``boxes`` (N, 4)
@@ -320,7 +322,8 @@ class BaseTeacher(nn.Module, ABC):
                              f"{tuple(batch_idx.shape)}.")
         idx = batch_idx.to(torch.int64).cpu()
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= batch):
-            raise ValueError(f"mask_logits: batch_idx in [{int(idx.min())}, {int(idx.max())}] but the features hold {batch} images.")
+            raise ValueError(f"mask_logits: batch_idx in [{int(idx.min())}, {int(idx.max())}] but the features hold "
+                             f"{batch} images.")
         return [torch.nonzero(idx == b).view(-1) for b in range(batch)]
 
     @property

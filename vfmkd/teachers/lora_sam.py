@@ -155,7 +155,8 @@ def check_lora_state_dict(
             f"layers take {dim} (embed dim)"
         )
     if problems:
-        guess = [n for n, (d, b) in SAM_VARIANTS.items() if in_dims == [d] and len(blocks) == b and blocks == list(range(b))]
+        guess = [n for n,
+                 (d, b) in SAM_VARIANTS.items() if in_dims == [d] and len(blocks) == b and blocks == list(range(b))]
         hint = (f" It was trained on a SAM {guess[0]}: set teacher.variant={guess[0]} with the {guess[0]} base "
                 "checkpoint." if guess else f" A LoRA for {variant} has {depth} blocks with lora_A ({rank}, {dim}).")
         raise CheckpointError(f"{source} does not match the base SAM {variant}: {'; '.join(problems)}.{hint}")
@@ -299,4 +300,5 @@ def _check_lora_hparams(rank: object, alpha: object) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ConfigError(f"teacher.lora_rank must be a positive integer (the r of the LoRA file), got {rank!r}.")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ConfigError(f"teacher.lora_alpha must be a positive number (scaling = lora_alpha / lora_rank), got {alpha!r}.")
+        raise ConfigError("teacher.lora_alpha must be a positive number (scaling = lora_alpha / lora_rank), got "
+                          f"{alpha!r}.")

@@ -212,7 +212,8 @@ class SamTeacher(BaseTeacher):
 
     # ------------------------------------------------------------------ prompting
     @torch.no_grad()
-    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor,
+                    batch_idx: torch.Tensor) -> torch.Tensor:
         """Box prompts -> (N, S/4, S/4) float32 mask logits, by SAM's own prompt encoder and mask decoder
         on ``features["image_embeddings"]`` (B, 256, S/16, S/16): per image ``b``,
         ``prompt_encoder(points=None, boxes=boxes[batch_idx == b], masks=None)`` then

@@ -205,8 +205,8 @@ class Sam2Teacher(BaseTeacher):
             if found != variant:
                 raise CheckpointError(
                     f"checkpoint {path} is a {_describe(found)} model but teacher.variant is {variant} "
-                    f"({_describe(variant)}); set teacher.variant={found} or teacher.variant=auto (or use the {variant} "
-                    f"checkpoint: `{weights_for('sam2', variant).download_command}`)."
+                    f"({_describe(variant)}); set teacher.variant={found} or teacher.variant=auto (or use the "
+                    f"{variant} checkpoint: `{weights_for('sam2', variant).download_command}`)."
                 )
 
         path = checkpoint_path("sam2", variant, checkpoint)
@@ -296,7 +296,8 @@ class Sam2Teacher(BaseTeacher):
 
     # ------------------------------------------------------------------ prompting
     @torch.no_grad()
-    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+    def mask_logits(self, features: Dict[str, torch.Tensor], boxes: torch.Tensor,
+                    batch_idx: torch.Tensor) -> torch.Tensor:
         """Box prompts -> (N, S/4, S/4) float32 mask logits, by SAM2's own ``sam_prompt_encoder`` and
         ``sam_mask_decoder`` on the features its image predictor uses: image embedding ``fpn_s16 +
         no_mem_embed`` (``directly_add_no_mem_embed``) and high-resolution features ``[hires_s4,
@@ -321,7 +322,8 @@ class Sam2Teacher(BaseTeacher):
                     chunk = chunk.to(self.device)
                     labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device).repeat(len(chunk), 1)
                     sparse, dense = pe_enc(points=(corners[chunk], labels), boxes=None, masks=None)
-                    low_res, _, _, _ = dec(image_embeddings=emb[b:b + 1], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                    low_res, _, _, _ = dec(image_embeddings=emb[b:b + 1], image_pe=dense_pe,
+                                           sparse_prompt_embeddings=sparse,
                                            dense_prompt_embeddings=dense, multimask_output=False,
                                            repeat_image=len(chunk) > 1, high_res_features=[h[b:b + 1] for h in high])
                     out[chunk] = low_res[:, 0].float().clamp(-32.0, 32.0)
@@ -353,7 +355,8 @@ class Sam2Teacher(BaseTeacher):
             k = len(box)
         if points is not None:
             coords = np.asarray(points, dtype=np.float32).reshape(-1, 2)
-            labels = np.ones(len(coords), dtype=np.int32) if point_labels is None else np.asarray(point_labels).reshape(-1)
+            labels = np.ones(len(coords),
+                             dtype=np.int32) if point_labels is None else np.asarray(point_labels).reshape(-1)
             if len(labels) != len(coords):
                 raise ValueError(f"{len(coords)} points but {len(labels)} point_labels.")
             if k > 1:  # the predictor pairs points and boxes row by row

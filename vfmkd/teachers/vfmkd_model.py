@@ -145,7 +145,8 @@ class VfmkdTeacher(BaseTeacher):
         cfg = state["config"]
         model = UnifiedModel.from_config(cfg["model"])
         weights = state["model"]
-        bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [k for k,
+               v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise CheckpointError(f"{path}: the model holds NaN/inf values ({', '.join(bad[:3])}); use an earlier "
                                   "checkpoint of the run.")
@@ -246,9 +247,10 @@ class VfmkdTeacher(BaseTeacher):
             want, have = getattr(head, "num_classes", None), self.head_tasks[teacher_head][1]
             if want is not None and have is not None and int(want) != int(have):
                 raise ConfigError(
-                    f"the vfmkd teacher {self.checkpoint_path} ({self.variant}) head '{teacher_head}' ({task}) predicts "
-                    f"{have} classes but the student's head '{name}' predicts {want}: output distillation needs the same "
-                    f"classes. Set model.heads.{name}.num_classes={have}, or use a teacher trained with {want} classes."
+                    f"the vfmkd teacher {self.checkpoint_path} ({self.variant}) head '{teacher_head}' ({task}) "
+                    f"predicts {have} classes but the student's head '{name}' predicts {want}: output distillation "
+                    f"needs the same classes. Set model.heads.{name}.num_classes={have}, or use a teacher trained with "
+                    f"{want} classes."
                 )
             pairs[name] = teacher_head
         return pairs

@@ -66,14 +66,16 @@ which win over them):
 """
 
 
-def experiment_parser(description: str, checkpoint: bool = False, preset: Optional[bool] = None) -> argparse.ArgumentParser:
+def experiment_parser(description: str, checkpoint: bool = False,
+                      preset: Optional[bool] = None) -> argparse.ArgumentParser:
     """The parser of a tool that runs an experiment: ``CONFIG [CHECKPOINT] [key=value ...]``
     (positional, mmdet style) or ``--config CONFIG [--checkpoint CKPT]``, plus the shortcut flags
     (``--preset`` by default where there is no checkpoint: the training tool). Parse with
     :func:`parse_experiment_args`."""
     usage_pos = "CONFIG CHECKPOINT" if checkpoint else "CONFIG"
     forms = (f"forms:\n  %(prog)s {usage_pos} [options] [key=value ...]\n"
-             f"  %(prog)s --config CONFIG{' --checkpoint CHECKPOINT' if checkpoint else ''} [options] [key=value ...]\n\n")
+             f"  %(prog)s --config CONFIG{' --checkpoint CHECKPOINT' if checkpoint else ''} [options] [key=value "
+             "...]\n\n")
     parser = argparse.ArgumentParser(description=description, epilog=forms + SHORTCUTS_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML, e.g. configs/experiments/yolov8_sam_coco128.yaml "
@@ -81,7 +83,8 @@ def experiment_parser(description: str, checkpoint: bool = False, preset: Option
     if checkpoint:
         parser.add_argument("--checkpoint", help="a checkpoints/best.pt or last.pt written by tools/train.py "
                                                  "(or give it as the positional argument after CONFIG)")
-    parser.add_argument("--backbone", metavar="NAME", help="student backbone: configs/backbones/NAME.yaml, e.g. yolov8s")
+    parser.add_argument("--backbone", metavar="NAME",
+                        help="student backbone: configs/backbones/NAME.yaml, e.g. yolov8s")
     parser.add_argument("--teacher", metavar="NAME", action="append", default=[],
                         help="distil only from these teachers of the config (repeatable or comma-separated), e.g. sam2")
     parser.add_argument("--dataset", metavar="NAME", help="dataset under datasets/NAME, e.g. coco128")
@@ -119,7 +122,8 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv: Optional[Sequen
     args = parser.parse_intermixed_args(argv)
     wants_checkpoint = hasattr(args, "checkpoint")
     expected = "CONFIG.yaml CHECKPOINT.pt" if wants_checkpoint else "CONFIG.yaml"
-    overrides = sort_positionals(args, expected, f"(positional or --config{'/--checkpoint' if wants_checkpoint else ''})")
+    overrides = sort_positionals(args, expected, "(positional or "
+                                                 f"--config{'/--checkpoint' if wants_checkpoint else ''})")
     if args.config is None and getattr(args, "resume", None):
         # --resume alone continues the run with its own resolved config.
         run = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).resolve().parent.parent
@@ -145,7 +149,8 @@ def load_experiment_args(args: argparse.Namespace) -> Dict[str, Any]:
 PRESET_KEY = "train.preset"
 
 
-def apply_preset(raw: Dict[str, Any], overrides: Sequence[str], source: str, flag: Optional[str] = None) -> Dict[str, Any]:
+def apply_preset(raw: Dict[str, Any], overrides: Sequence[str], source: str, flag: Optional[str] = None) -> Dict[str,
+                                                                                                                 Any]:
     """The validated experiment of ``raw`` (shortcut flags applied) and ``overrides`` with the memory
     preset applied: the one of ``train.preset=`` among the overrides, else ``--preset`` (``flag``),
     else the file's ``train.preset``; none (the default) leaves the experiment as written. The preset's
@@ -184,7 +189,8 @@ def _backbone_entry(name: str) -> Dict[str, Any]:
         known = sorted(p.stem for p in (REPO_ROOT / BACKBONE_DIR).glob("*.yaml"))
         raise ConfigError(
             f"--backbone {name}: there is no {path}.{did_you_mean(name, known)} Known backbones "
-            f"({BACKBONE_DIR}/*.yaml): {', '.join(known)}. Add your own file there, or set model.backbone in the config.")
+            f"({BACKBONE_DIR}/*.yaml): {', '.join(known)}. Add your own file there, or set model.backbone in the "
+            "config.")
     kind = read_yaml(path).get("type")
     if not kind:
         raise ConfigError(f"--backbone {name}: {path} has no 'type' key (e.g. type: yolov8)")
@@ -198,8 +204,8 @@ def _select_teachers(entries: Dict[str, Any], distillation: Dict[str, Any], name
             raise ConfigError(
                 f"--teacher {name}: {source} has no teacher '{name}'.{did_you_mean(name, entries)} Its teachers: "
                 f"{', '.join(entries) or 'none'}. Add a teachers.{name} entry to the config (e.g. "
-                f"{name}: {{config: configs/teachers/{name}.yaml, offline: true, feature_path: teacher_features/{name}/}}), "
-                f"or pick one of its teachers.")
+                f"{name}: {{config: configs/teachers/{name}.yaml, offline: true, feature_path: "
+                f"teacher_features/{name}/}}), or pick one of its teachers.")
         entry = entries[name]
         if isinstance(entry, dict) and entry.get("enabled", True) is False:
             raise ConfigError(

@@ -90,8 +90,10 @@ def load_preset(name: str) -> Preset:
     extra += [f"set.{k}" for k in (raw.get("set") or {}) if k not in LEVER_KEYS]
     if extra:
         raise ConfigError(f"{path}: {', '.join(extra)} is not a preset lever; a preset takes description, "
-                          f"teacher.{{{', '.join(TEACHER_LEVERS)}}}, max_micro_batch and set.{{{', '.join(LEVER_KEYS)}}}.")
-    for key, value in (("teacher.max_input_size", teacher.get("max_input_size")), ("max_micro_batch", raw.get("max_micro_batch"))):
+                          f"teacher.{{{', '.join(TEACHER_LEVERS)}}}, max_micro_batch and "
+                          f"set.{{{', '.join(LEVER_KEYS)}}}.")
+    for key, value in (("teacher.max_input_size", teacher.get("max_input_size")),
+                       ("max_micro_batch", raw.get("max_micro_batch"))):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}")
     return Preset(name=name, description=str(raw.get("description", "")), max_input_size=teacher.get("max_input_size"),
@@ -156,7 +158,8 @@ def _teacher_changes(preset: Preset, teachers: Dict[str, Dict[str, Any]]) -> Lis
         if preset.max_input_size is not None and "input_size" in params and not getattr(cls, "live_only", False):
             size = entry.get("input_size", params["input_size"].default)
             if size > preset.max_input_size:
-                changes.append(Change(f"teachers.{name}.input_size", size, _capped_size(cls, entry, preset.max_input_size)))
+                changes.append(Change(f"teachers.{name}.input_size", size,
+                                      _capped_size(cls, entry, preset.max_input_size)))
     return changes
 
 

@@ -27,10 +27,12 @@ class DetectionLoss:
     def __init__(self, head: YOLOv8DetectHead, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5) -> None:
         # v8DetectionLoss reads hyper-parameters from `model.args` and the Detect module from
         # `model.model[-1]`; a namespace gives it exactly that view of our head.
-        view = SimpleNamespace(args=SimpleNamespace(box=box, cls=cls, dfl=dfl), model=[head.detect], parameters=head.parameters)
+        view = SimpleNamespace(args=SimpleNamespace(box=box, cls=cls, dfl=dfl), model=[head.detect],
+                               parameters=head.parameters)
         self._loss = v8DetectionLoss(view)
 
-    def __call__(self, head_output: Dict[str, torch.Tensor], batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def __call__(self, head_output: Dict[str, torch.Tensor], batch: Batch) -> Tuple[torch.Tensor,
+                                                                                    Dict[str, torch.Tensor]]:
         total, items = self._loss(head_output, batch.boxes.as_loss_input())  # total: (3,) summed over the batch
         batch_size = head_output["boxes"].shape[0]
         return total.sum() / batch_size, {k.replace("_loss", ""): v for k, v in items.items()}

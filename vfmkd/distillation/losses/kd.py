@@ -85,7 +85,8 @@ class KLDivergenceLoss(OutputDistillLoss):
     def __init__(self, temperature: float = 4.0, teacher: Optional[str] = None) -> None:
         super().__init__(temperature, teacher)
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check(student_logits, teacher_logits)
         kl = softmax_kl(student_logits.float(), teacher_logits.detach().float(), self.temperature, dim=-1)
         return masked_mean(kl, weight) * self.temperature ** 2
@@ -143,7 +144,8 @@ class MaskDistillLoss(OutputDistillLoss):
 
     log_name = "loss_mask_distill"
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check(student_logits, teacher_logits)
         kl = binary_kl(student_logits.float(), teacher_logits.detach().float(), self.temperature)
         return masked_mean(kl, mask) * self.temperature ** 2

@@ -93,7 +93,8 @@ class SS2D(nn.Module):
         with torch.no_grad():
             nn.init.uniform_(self.x_proj_weight, -inner ** -0.5, inner ** -0.5)
             nn.init.uniform_(self.dt_proj_weight, -rank ** -0.5, rank ** -0.5)
-            dt = torch.exp(torch.rand(k, inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+            dt = torch.exp(torch.rand(k,
+                                      inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
             self.dt_proj_bias.copy_((dt + torch.log(-torch.expm1(-dt))).flatten())  # inverse softplus
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -195,7 +195,8 @@ def selective_scan(
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # type: ignore[return-value]
 
 
-def selective_scan_flops(batch: int, dim: int, length: int, d_state: int, with_d: bool = True, with_z: bool = False) -> int:
+def selective_scan_flops(batch: int, dim: int, length: int, d_state: int, with_d: bool = True,
+                         with_z: bool = False) -> int:
     """Elementwise FLOPs of one scan, the count VMamba uses (9 per batch·dim·L·N, plus D and z):
     FLOP counters that only see matmuls and convolutions miss this work."""
     flops = 9 * batch * dim * length * d_state

@@ -61,7 +61,8 @@ class YOLOv8Backbone(BaseBackbone):
         s = resolve_variant(variant)
         self.variant = variant
         c1, c2, c3, c4, c5 = (yolo_channels(c, s) for c in (64, 128, 256, 512, 1024))
-        self.stem = nn.Sequential(Conv(in_channels, c1, 3, 2), Conv(c1, c2, 3, 2), C2f(c2, c2, yolo_repeats(3, s), True))
+        self.stem = nn.Sequential(Conv(in_channels, c1, 3, 2), Conv(c1, c2, 3, 2),
+                                  C2f(c2, c2, yolo_repeats(3, s), True))
         self.stage3 = nn.Sequential(Conv(c2, c3, 3, 2), C2f(c3, c3, yolo_repeats(6, s), True))
         self.stage4 = nn.Sequential(Conv(c3, c4, 3, 2), C2f(c4, c4, yolo_repeats(6, s), True))
         sppf = SPPF(c5, c5, 5)

@@ -8,4 +8,5 @@ from vfmkd.models.heads.semantic_head import FPNFusion, SemanticHead
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 from vfmkd.models.heads.yolo_seg_head import YOLOv8SegmentHead
 
-__all__ = ["BinaryHead", "FPNFusion", "SamDecoderHead", "RTDETRHead", "SemanticHead", "YOLOv8DetectHead", "YOLOv8SegmentHead"]
+__all__ = ["BinaryHead", "FPNFusion", "SamDecoderHead", "RTDETRHead", "SemanticHead", "YOLOv8DetectHead",
+           "YOLOv8SegmentHead"]

@@ -55,7 +55,8 @@ class SamDecoderHead(nn.Module):
     stride = EMBED_STRIDE
 
     def __init__(self, in_specs: Sequence[FeatureSpec], in_level: Optional[str] = None, embed_dim: int = 256,
-                 init_from_teacher: Optional[str] = None, variant: str = "vit_b", trainable_decoder: bool = True) -> None:
+                 init_from_teacher: Optional[str] = None, variant: str = "vit_b",
+                 trainable_decoder: bool = True) -> None:
         super().__init__()
         from vfmkd.teachers.sam import SAM_VARIANTS
 
@@ -91,12 +92,13 @@ class SamDecoderHead(nn.Module):
                 "add 16 to the backbone's strides (e.g. model.backbone.strides=[8,16,32])")
         if in_level is None:
             if not at16:
-                raise ConfigError(f"sam_decoder: SAM's decoder reads stride-16 embeddings and the neck has no stride-16 "
-                                  f"level ({_level_list(in_specs)}); {hint}")
+                raise ConfigError("sam_decoder: SAM's decoder reads stride-16 embeddings and the neck has no "
+                                  f"stride-16 level ({_level_list(in_specs)}); {hint}")
             return at16[0]
         spec = next((s for s in in_specs if s.name == in_level), None)
         if spec is None:
-            raise ConfigError(f"sam_decoder: in_level '{in_level}' is not a level of the neck ({_level_list(in_specs)}); {hint}")
+            raise ConfigError(f"sam_decoder: in_level '{in_level}' is not a level of the neck "
+                              f"({_level_list(in_specs)}); {hint}")
         if spec.stride != EMBED_STRIDE:
             raise ConfigError(f"sam_decoder: in_level '{in_level}' has stride {spec.stride}, but SAM's decoder reads "
                               f"stride-16 embeddings (its masks come out at stride 4); {hint}")
@@ -120,9 +122,9 @@ class SamDecoderHead(nn.Module):
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not part:
                 raise CheckpointError(
-                    f"init_from_teacher checkpoint {p} holds no {prefix}* weights (first keys: {', '.join(list(state)[:4])}): "
-                    f"its decoder does not fit sam_decoder; use an official SAM checkpoint (sam_vit_b_01ec64.pth, "
-                    f"python tools/download_weights.py --list)")
+                    f"init_from_teacher checkpoint {p} holds no {prefix}* weights (first keys: "
+                    f"{', '.join(list(state)[:4])}): its decoder does not fit sam_decoder; use an official SAM "
+                    f"checkpoint (sam_vit_b_01ec64.pth, python tools/download_weights.py --list)")
             own = module.state_dict()
             missing = sorted(set(own) - set(part))
             extra = sorted(set(part) - set(own))
