@@ -72,6 +72,22 @@ def test_16bit_grayscale_png_is_scaled_not_clipped_everywhere(tmp_path, caplog):
     assert torch.equal(fa["features"]["image_embeddings"], fb["features"]["image_embeddings"])
 
 
+def test_16bit_tiff_images_are_part_of_the_split_and_other_files_are_named(tmp_path, caplog):
+    """16-bit TIFF (medical, microscopy) was silently left out of a split: only jpg/png/bmp/webp were listed."""
+    from vfmkd.datasets import list_images
+
+    root = new_root(tmp_path)
+    images = root / "images" / SPLIT
+    grey = np.asarray(Image.open(coco_image(0)).convert("L").resize((48, 40)))
+    Image.fromarray(grey).save(images / "a.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(images / "b.tif")
+    (images / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="vfmkd"):
+        assert [p.name for p in list_images(root, SPLIT)] == ["a.png", "b.tif"]
+    assert "ignored 1 file(s)" in caplog.text and "notes.txt" in caplog.text
+    assert np.array_equal(load_rgb(images / "b.tif"), load_rgb(images / "a.png"))
+
+
 # 11. tools/predict.py: arguments are checked before anything is loaded -------------------------
 
 def test_predict_refuses_a_non_image_and_a_file_as_output_before_loading_the_model(tmp_path, monkeypatch, caplog):
@@ -116,7 +132,10 @@ def test_head_class_counts_are_checked_against_the_dataset_before_the_run_direct
     common = ["--no-progress", "data.limit=4", "data.num_workers=0", f"work_dir={tmp_path / 'runs'}"]
     semantic = REPO / "configs" / "experiments" / "regnet_semantic_sam_coco128.yaml"
     assert run_tool(train_tool.main, [str(semantic), *common, "model.heads.semantic.num_classes=128"]) == 2
-    assert "model.heads.semantic.num_classes=128" in caplog.text and "set model.heads.semantic.num_classes=130" in caplog.text
+    assert (
+        "model.heads.semantic.num_classes=128" in caplog.text
+        and "set model.heads.semantic.num_classes=130" in caplog.text
+    )
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no orphan run directory
 
     caplog.clear()  # an instance head and no detection head: the instance head's key is named

@@ -36,7 +36,7 @@ from vfmkd.datasets.records import BoxTargets, Sample
 from vfmkd.datasets.transforms import GeometricAugment, student_view, transform_boxes
 
 LOGGER = logging.getLogger("vfmkd")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # TIFF: 16-bit medical data
 EXIF_ORIENTATION = 0x0112  # 5..8 transpose the image: the upright (h, w) is the stored (w, h)
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # integer grayscale beyond 8 bits (16-bit PNG/TIFF)
 FLOAT_MODE = "F"
@@ -66,8 +66,12 @@ def list_images(root: str | Path, split: str, limit: Optional[int] = None) -> Li
     folder = Path(root) / "images" / split
     if not folder.is_dir():
         raise DatasetError(f"image folder not found: {folder} (expected <root>/images/<split>/*.jpg)")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                   key=lambda p: p.name)
+    entries = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
+    files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    ignored = [p.name for p in entries if p not in files and not p.name.startswith(".")]
+    if ignored:  # an image in another format would otherwise vanish from the split without a word
+        LOGGER.warning(f"{folder}: ignored {len(ignored)} file(s) that are not {'/'.join(IMAGE_SUFFIXES)} images: "
+                       f"{', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''}")
     if not files:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     stems: Dict[str, Path] = {}
