@@ -32,7 +32,8 @@ from vfmkd.distillation.online import OnlineTeacher
 from vfmkd.engine.builders import open_cache
 from vfmkd.teachers import SamTeacher
 
-# (w, h): the short side spans ~1, 1.2, 1.5, 2, 4 and 12 cells of a stride-16 teacher at 256 (x2 at 512), both orientations
+# (w, h): the short side spans ~1, 1.2, 1.5, 2, 4 and 12 cells of a stride-16 teacher at 256 (x2 at 512),
+# both orientations
 SHAPES = tuple(s for w, h in ((4000, 250), (4000, 300), (4000, 375), (4000, 500), (4000, 1000), (640, 480))
                for s in ((w, h), (h, w)))
 

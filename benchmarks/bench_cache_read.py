@@ -165,8 +165,11 @@ def main() -> int:
                         capture_output=True, text=True).stdout.splitlines()[-1].split()[1]
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, h5py {h5py.__version__} "
           f"(HDF5 {h5py.version.hdf5_version}), numpy {np.__version__}, filesystem {fs}")
+    cold_note = (f"drop_caches before every pass, {args.cold_repeats} repeats" if cold
+                 else "not measured (--cold-repeats 0)" if can_drop
+                 else "NOT measured (drop_caches not writable): warm-cache only")
     print(f"N={args.images} synthetic fp16 feature maps per shape, random order, warm repeats {args.repeats}, "
-          f"cold: {'drop_caches before every pass, ' + str(args.cold_repeats) + ' repeats' if cold else 'not measured (--cold-repeats 0)' if can_drop else 'NOT measured (drop_caches not writable): warm-cache only'}\n")
+          f"cold: {cold_note}\n")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vfmkd_bench_read_"))
     work.mkdir(parents=True, exist_ok=True)
     table = []

@@ -150,8 +150,9 @@ def main() -> int:
     out["trunk"][:, :4] *= 30
     cases["trunk, 4 ch x30"] = out
     gains = torch.logspace(-1.5, 1.5, 256)[torch.randperm(256, generator=torch.Generator().manual_seed(0))]
-    cases["image_emb., ch gains 10^+-1.5"] = {"image_embeddings": feats["image_embeddings"] * gains[None, :, None,
-                                                                                                    None]}
+    cases["image_emb., ch gains 10^+-1.5"] = {
+        "image_embeddings": feats["image_embeddings"] * gains[None, :, None, None]
+    }
     cells = {"trunk": feats["trunk"].clone()}
     cells["trunk"][..., 1, 1] *= 30
     cells["trunk"][..., -3, 2] *= 20

@@ -15,9 +15,9 @@ scale the same trainer is measured twice: "lowres" = the DSRL term switched off 
 Rounds interleave every configuration (order rotated each round); medians are reported.
 
 Memory (CPU, no CUDA here): the peak of the running sum of the CPU allocator's allocation/free events
-recorded by ``torch.profiler`` (``profile_memory=True``, allocation nodes of its event tree) over one step, i.e. the step's peak of bytes
-allocated above what was live when it began (activations, gradients, optimizer state on the first
-step excluded by a warm-up step). tracemalloc does not see torch's C++ allocations, so it is not used.
+recorded by ``torch.profiler`` (``profile_memory=True``, allocation nodes of its event tree) over one step, i.e.
+the step's peak of bytes allocated above what was live when it began (activations, gradients, optimizer state
+on the first step excluded by a warm-up step). tracemalloc does not see torch's C++ allocations, so it is not used.
 
 Part 2 (``fixed input``): the design's "1.5 instead of 2.0 cuts the SR memory ~44 %" is (1.5/2)^2 =
 0.56 of the SR output area *for a fixed student input*; with a fixed canvas the SR target is the

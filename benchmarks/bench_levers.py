@@ -56,7 +56,10 @@ def child(args) -> None:
         from vfmkd.teachers import SamTeacher
         t = SamTeacher(init="random", input_size=args.teacher_size, device="cuda" if torch.cuda.is_available() else
                        "cpu")
-        imgs = [load_rgb(p) for p in sorted((_common.REPO / "datasets/coco128/images/train2017").glob("*.jpg"))[:args.batch]]
+        imgs = [
+            load_rgb(p)
+            for p in sorted((_common.REPO / "datasets/coco128/images/train2017").glob("*.jpg"))[: args.batch]
+        ]
         before = rss_mb()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -9,8 +9,8 @@ configs/experiments/yolov8_sam_coco128.yaml that differ only in ``distillation.o
 (1.0, 0.0, r), then times whole training epochs (``Trainer.train_one_epoch``: data loading through
 ``CachedTargetsDataset``, teacher passes, student step; no evaluation) in rotating order over repeats.
 The mixed run is compared with the ideal ``1 / (r/T_offline + (1-r)/T_online)`` where ``r`` is
-the offline fraction the ``TeacherRouter`` actually drew (``router.summary()``). Goal: mixed / ideal >= 0.9. The teacher is a
-random-init SAM (no weights here): the compute is the real model's.
+the offline fraction the ``TeacherRouter`` actually drew (``router.summary()``). Goal: mixed / ideal >= 0.9.
+The teacher is a random-init SAM (no weights here): the compute is the real model's.
 """
 from __future__ import annotations
 

@@ -76,8 +76,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-warmup", type=int, default=2)
     p.add_argument("--heads-images", type=int, default=64, help="train and val images of part 4")
     p.add_argument("--heads-epochs", type=int, default=4)
-    p.add_argument("--heads-img", type=int, default=None, help="student input of every head (default: instance 320, "
-                                                               "others 256)")
+    p.add_argument(
+        "--heads-img", type=int, default=None, help="student input of every head (default: instance 320, others 256)"
+    )
     p.add_argument("--heads-teacher-input", type=int, default=256, help="SAM / LoRA-SAM input of part 4's caches")
     p.add_argument("--teacher-init", default="random", help="random, or pretrained (weights under weights/)")
     p.add_argument("--lora-checkpoint", default="null", help="LoRA matrices of the binary experiment's teacher "

@@ -100,7 +100,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="< 60 s: 320 only, cache @ 256, 2 batches, 2 repeats")
     args = p.parse_args()
     if args.quick:
-        args.img_sizes, args.teacher_input, args.batches, args.repeats, args.warmup, args.read_repeats = [320], 256, 2, 2, 2, 3
+        args.img_sizes, args.teacher_input, args.batches, args.repeats, args.warmup, args.read_repeats = (
+            [320],
+            256,
+            2,
+            2,
+            2,
+            3,
+        )
     return args
 
 
@@ -127,7 +134,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     n_images = args.batch_size * args.batches
-    cache = Path(args.cache_dir or REPO / "work_dirs" / "bench_cache" / f"sam_vit_b_{args.teacher_input}_random_n{n_images}")
+    cache = Path(
+        args.cache_dir or REPO / "work_dirs" / "bench_cache" / f"sam_vit_b_{args.teacher_input}_random_n{n_images}"
+    )
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}, malloc {malloc}")
     print(f"YOLOv8n, batch {args.batch_size}, {args.batches} batches of coco128/train2017 x {args.repeats} repeats per "
@@ -237,8 +246,9 @@ def main() -> int:
                     elif name == "without cache":
                         collate_samples([plain_set[i] for i in b])
                     else:  # what CachedTargetsDataset reads per image, collated as collate_distill does
-                        TeacherTargets.collate([from_cache_entry(reader.read(image_ids[i],
-                                                                             dequantize=False)) for i in b])
+                        TeacherTargets.collate(
+                            [from_cache_entry(reader.read(image_ids[i], dequantize=False)) for i in b]
+                        )
                     got[name] = time.perf_counter() - t0
                 if r:  # the first pass warms the page cache and the HDF5 handle
                     for name, v in got.items():
@@ -248,7 +258,9 @@ def main() -> int:
         print(f"\nYOLOv8n @ {img}, batch {args.batch_size}, SAM cache 256x{side}x{side} fp16 "
               f"({args.repeats * args.batches} timed steps per variant)")
         print(f"  student-only step    : {t_s * 1e3:8.1f} ms (median)")
-        print(f"  offline-distill step : {t_d * 1e3:8.1f} ms (median); +{(t_d - t_s) * 1e3:.1f} ms for the feature loss")
+        print(
+            f"  offline-distill step : {t_d * 1e3:8.1f} ms (median); +{(t_d - t_s) * 1e3:.1f} ms for the feature loss"
+        )
         print(f"  t_student_only / t_offline_distill = {t_s / t_d:.3f} (median of per-pair ratios "
               f"{statistics.median(pair_ratios):.3f}; goal >= 0.95: {'MET' if t_s / t_d >= 0.95 else 'MISSED'}); by "
               f"process CPU time {cpu_ratio:.3f}")

@@ -22,13 +22,19 @@ def test_variants_switch_each_part_off_and_keep_the_stages_valid():
     cfg = load_experiment(RECIPE)
     out = variants(cfg)
     assert list(out) == ["full", "no_fusion", "no_dsrl", "no_teachers", "base"]
-    assert out["no_fusion"]["model"]["neck"]["fusion"] == "sum" and out["full"]["model"]["neck"]["fusion"] == "learnable"
+    assert (
+        out["no_fusion"]["model"]["neck"]["fusion"] == "sum" and out["full"]["model"]["neck"]["fusion"] == "learnable"
+    )
     assert not out["no_dsrl"]["model"]["resolution_distill"]["enabled"]
     assert all("resolution_distill" not in (s["losses"] or []) for s in out["no_dsrl"]["train"]["stages"])
     assert out["no_teachers"]["teachers"] == {}
     assert all(not e.get("teacher") for e in out["no_teachers"]["distillation"]["losses"].values())
     base = out["base"]
-    assert base["model"]["neck"]["fusion"] == "sum" and not base["model"]["resolution_distill"]["enabled"] and not base["teachers"]
+    assert (
+        base["model"]["neck"]["fusion"] == "sum"
+        and not base["model"]["resolution_distill"]["enabled"]
+        and not base["teachers"]
+    )
     assert cfg["teachers"], "the input config is not modified"
     with pytest.raises(ConfigError, match="parts are"):
         variants(cfg, ["fuson"])

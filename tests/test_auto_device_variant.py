@@ -239,8 +239,10 @@ def test_design_quickstart_runs_on_an_official_base_plus_file(tmp_path, monkeypa
     assert ptf.main(["--teacher", "sam2", "--output", "teacher_features/sam2/",
                      "teacher.model_path=weights/sam2.1_hiera_base_plus.pt", *small,
                      "--limit", "4", "--batch-size", "4", "--no-progress"]) == 0
-    assert "Using SAM2 teacher model: sam2.1_hiera_base_plus (variant auto: read from weights/sam2.1_hiera_base_plus.pt) " \
-           "on cpu in float32" in caplog.text
+    assert (
+        "Using SAM2 teacher model: sam2.1_hiera_base_plus (variant auto: read from weights/sam2.1_hiera_base_plus.pt) "
+        "on cpu in float32" in caplog.text
+    )
     with h5py.File(tmp_path / "teacher_features" / "sam2" / "train2017.h5", "r") as f:
         fp = json.loads(f.attrs["fingerprint"])
     assert (fp["variant"], fp["dtype"]) == ("sam2.1_hiera_base_plus", "float32")

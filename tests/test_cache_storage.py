@@ -156,8 +156,11 @@ def test_int8_read_has_the_fp16_shapes_and_dtypes(caches):
         assert a["input_size"] == b["input_size"] == SIZE
     # deferred dequantisation (e.g. on the GPU after collation) gives the very same tensors
     raw = [i8.read(i, dequantize=False)["features"]["trunk"] for i in ids()[:2]]
-    assert raw[0]["values"].dtype == torch.int8 and raw[0]["scale"].shape == (SIDE,
-                                                                              SIDE) and raw[0]["channel_scale"].shape == (768,)
+    assert (
+        raw[0]["values"].dtype == torch.int8
+        and raw[0]["scale"].shape == (SIDE, SIDE)
+        and raw[0]["channel_scale"].shape == (768,)
+    )
     batch = codec.dequantize(*(torch.stack([r[k] for r in raw]) for k in ("values", "scale", "channel_scale")))
     assert torch.equal(batch, torch.stack([i8.read(i)["features"]["trunk"] for i in ids()[:2]]))
     assert torch.equal(f16.read(ids()[0], dequantize=False)["features"]["trunk"],

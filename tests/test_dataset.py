@@ -110,8 +110,9 @@ def test_missing_label_file_means_no_objects(tmp_path):
     for f in (root / "object_detection" / "labels" / SPLIT).glob("*.txt"):
         f.unlink()
     batch = collate_samples([s for s in DetectionDataset(str(root), SPLIT, img_size=64)])
-    assert batch.boxes.cls.shape == (0, 1) and batch.boxes.bboxes.shape == (0, 4) and batch.boxes.batch_idx.shape == (0,
-                                                                                                                      )
+    assert (
+        batch.boxes.cls.shape == (0, 1) and batch.boxes.bboxes.shape == (0, 4) and batch.boxes.batch_idx.shape == (0,)
+    )
 
 
 def test_collate_is_the_batch_format_of_v8_detection_loss():

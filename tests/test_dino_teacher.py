@@ -124,8 +124,10 @@ def test_dino_vits16_official_checkpoint_matches_timm(dino_vits16, images):
     assert feats["patch_tokens"].shape == (2, 384, 14, 14) and feats["cls_token"].shape == (2, 384, 1, 1)
     torch.testing.assert_close(feats["patch_tokens"], ref_patch, atol=1e-5, rtol=0)
     torch.testing.assert_close(feats["cls_token"], ref_cls, atol=1e-5, rtol=0)
-    assert [(s.name, s.channels, s.stride) for s in teacher.feature_specs()] == [("patch_tokens", 384, 16),
-                                                                                 ("cls_token", 384, 224)]
+    assert [(s.name, s.channels, s.stride) for s in teacher.feature_specs()] == [
+        ("patch_tokens", 384, 16),
+        ("cls_token", 384, 224),
+    ]
     assert teacher.primary_feature == "patch_tokens"
     fp = teacher.fingerprint()
     assert (fp.family, fp.variant, fp.input_size, fp.dtype) == ("dino", "vits16", 224, "float32")
@@ -276,8 +278,12 @@ def test_cached_through_prepare_teacher_features(tmp_path):
         assert f["features/cls_token"].shape == (2, 384, 1, 1)
         assert f["done"][:].all() and np.isfinite(f["stats/cls_token/std"][:]).all()
         fp = json.loads(f.attrs["fingerprint"])
-        assert (fp["family"], fp["variant"], fp["weights"], fp["input_size"]) == ("dinov2", "vits14",
-                                                                                  "random-init:seed0", 112)
+        assert (fp["family"], fp["variant"], fp["weights"], fp["input_size"]) == (
+            "dinov2",
+            "vits14",
+            "random-init:seed0",
+            112,
+        )
         assert fp == Dinov2Teacher.config_fingerprint(init="random", input_size=112).as_dict()
         assert [s["name"] for s in json.loads(f.attrs["feature_specs"])] == ["patch_tokens", "cls_token"]
         assert f["valid_hw"][0].tolist() == [75, 112]  # 426 x 640 -> 74.55 -> 75 rows

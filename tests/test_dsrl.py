@@ -115,9 +115,12 @@ def test_geometry_and_heads_are_checked():
     prompt = {"semantic": {"type": "semantic_head", "num_classes": 130}, "promptable": {"type": "sam_decoder"}}
     with pytest.raises(ConfigError, match="input pixels"):
         term(config(heads=prompt))
-    # Box and instance heads are built with canvas strides: their anchors, boxes and prototypes stay in the canvas frame.
-    both = {"semantic": {"type": "semantic_head", "num_classes": 130}, "instance": {"type": "yolo_seg_head",
-                                                                                    "num_classes": 80}}
+    # Box and instance heads are built with canvas strides: their anchors, boxes and prototypes stay in the
+    # canvas frame.
+    both = {
+        "semantic": {"type": "semantic_head", "num_classes": 130},
+        "instance": {"type": "yolo_seg_head", "num_classes": 80},
+    }
     seg_model = build_model(experiment_record(config(heads=both)).model)
     assert seg_model.heads["instance"].detect.stride.tolist() == [16.0, 32.0, 64.0]
     assert seg_model.heads["instance"].proto_stride == 8.0

@@ -178,8 +178,11 @@ def test_layers_point_one_way():
             continue
         for n, line in enumerate(f.read_text().splitlines(), 1):
             m = re.match(r"\s*(?:from|import)\s+vfmkd\.(\w+)", line)
-            if m and m.group(1) in rank and (rank[m.group(1)] > rank[layer] or (layer, m.group(1)) == ("datasets",
-                                                                                                       "teachers")):
+            if (
+                m
+                and m.group(1) in rank
+                and (rank[m.group(1)] > rank[layer] or (layer, m.group(1)) == ("datasets", "teachers"))
+            ):
                 bad.append(f"{f.relative_to(REPO)}:{n}: {line.strip()}")
     assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
 

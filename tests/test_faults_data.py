@@ -192,10 +192,12 @@ WRITER = textwrap.dedent("""
     from vfmkd.core.feature_spec import FeatureSpec
     from vfmkd.core.fingerprint import TeacherFingerprint
     from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
-    FP = TeacherFingerprint(family="t", variant="v", weights="random-init:seed0", input_size=32, dtype="float32", preprocessing="p")
+    FP = TeacherFingerprint(family="t", variant="v", weights="random-init:seed0", input_size=32, dtype="float32",
+                            preprocessing="p")
     SPECS = (FeatureSpec(name="emb", channels=8, stride=16),)
-    w = FeatureCacheWriter({path!r}, ["img0", "img1", "img2"], FP, SPECS, 32, teacher_config={{"type": "sam", "init": "random"}},
-                           dataset="coco128", split="train2017", batch_size=3, teacher="sam")
+    w = FeatureCacheWriter({path!r}, ["img0", "img1", "img2"], FP, SPECS, 32,
+                           teacher_config={{"type": "sam", "init": "random"}}, dataset="coco128", split="train2017",
+                           batch_size=3, teacher="sam")
     print("writing", flush=True)
     sys.stdin.readline()
     w.close()
@@ -316,9 +318,9 @@ def png_header_only(path: Path, width: int, height: int) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT",
-                                                                         zlib.compress(b"\0" * 64)) + chunk(b"IEND",
-                                                                                                            b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_rejected_by_pillows_limit(tmp_path, monkeypatch):

@@ -128,8 +128,12 @@ def test_task_metrics_never_need_the_teacher(run, features, tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- item 15: no orphan run directory
 def test_a_config_error_after_the_run_directory_leaves_none(features, tmp_path, caplog):
-    argv = ["--config", str(EXPERIMENT), "--no-progress", *overrides(features, tmp_path,
-                                                                     "model.resolution_distill.enabled=true")]
+    argv = [
+        "--config",
+        str(EXPERIMENT),
+        "--no-progress",
+        *overrides(features, tmp_path, "model.resolution_distill.enabled=true"),
+    ]
     assert run_tool(train_tool.main, argv) == 2
     assert "DSRL" in caplog.text
     assert not (tmp_path / "yolov8_sam_coco128").exists() or not any((tmp_path / "yolov8_sam_coco128").iterdir())

@@ -65,7 +65,9 @@ def test_a_settings_error_found_while_opening_a_cache_names_the_runs_key(tmp_pat
                                              "input_size": 100})
     assert run_tool(train_tool.main, [str(exp), "--no-progress"]) == 2
     msg = _error(caplog)
-    assert "teachers.sam_l.input_size must be a positive multiple of 16" in msg and "nearest valid: 96 or 112" in msg, msg
+    assert "teachers.sam_l.input_size must be a positive multiple of 16" in msg and "nearest valid: 96 or 112" in msg, (
+        msg
+    )
     assert not CACHE_TOOL_KEY.search(msg), msg
 
 

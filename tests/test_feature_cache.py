@@ -205,7 +205,10 @@ def test_dataset_refuses_a_cache_that_lacks_images(cache_dir, tmp_path):
         cached_dataset(cache_dir, LIMIT + 2)
     msg = str(err.value)
     assert f"2 of {LIMIT + 2} images" in msg
-    assert f"python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --splits {SPLIT} --output {cache_dir}" in msg
+    assert (
+        f"python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --splits {SPLIT} "
+        f"--output {cache_dir}" in msg
+    )
     assert f"--limit {LIMIT + 2}" in msg and f"delete {cache_dir / (SPLIT + '.h5')}" in msg
     assert "teacher.input_size=128" in msg and "teacher.init=random" in msg
     with pytest.raises(CacheMismatchError, match="no cached features at .*Write them first"):

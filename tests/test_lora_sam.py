@@ -140,26 +140,51 @@ def _full_sam_sd():
 @pytest.mark.parametrize(
     "make, kwargs, expected",
     [
-        (_vit_l_keys_lora, {"variant": "vit_b"}, [r"adapters for 24 blocks \(0-23\) but SAM vit_b has 12 image-encoder "
-                                                  r"blocks",
-                                "blocks 12-23 do not exist", "take 1024 input features but vit_b's qkv layers take 768",
-                                "trained on a SAM vit_l: set teacher.variant=vit_l"]),
+        (
+            _vit_l_keys_lora,
+            {"variant": "vit_b"},
+            [
+                r"adapters for 24 blocks \(0-23\) but SAM vit_b has 12 image-encoder "
+                r"blocks",
+                "blocks 12-23 do not exist",
+                "take 1024 input features but vit_b's qkv layers take 768",
+                "trained on a SAM vit_l: set teacher.variant=vit_l",
+            ],
+        ),
         (lambda: make_lora(blocks=10), {}, [r"adapters for 10 blocks \(0-9\)", "missing blocks 10-11"]),
         (lambda: make_lora(dim=1024), {}, ["take 1024 input features but vit_b's qkv layers take 768"]),
-        (lambda: {**make_lora(), lora_key(0, "B"): torch.zeros(768, RANK)}, {},
-         [r"block 0 has lora_B of shape \(768, 4\)", r"must be \(3 \* 768, 4\) = \(2304, 4\)"]),
-        (lambda: make_lora(rank=8), {}, [r"has LoRA rank 8 \(lora_A \(8, 768\)\) but teacher.lora_rank=4",
-                                         "set teacher.lora_rank=8"]),
-        (lambda: {**make_lora(), lora_key(5, "A"): torch.zeros(2, 768), lora_key(5, "B"): torch.zeros(2304, 2)}, {},
-         ["mixes LoRA ranks", "rank 2: blocks 5", "rank 4: blocks 0-4, 6-11"]),
-        (lambda: _drop(make_lora(), lora_key(3, "B")), {},
-         [r"block 3 has lora_A but no lora_B \('image_encoder.blocks.3.attn.qkv.lora_B' is missing"]),
-        (lambda: {**make_lora(), "epoch": torch.tensor(3)}, {},
-         ["1 key\\(s\\) that are not qkv LoRA matrices", "epoch"]),
+        (
+            lambda: {**make_lora(), lora_key(0, "B"): torch.zeros(768, RANK)},
+            {},
+            [r"block 0 has lora_B of shape \(768, 4\)", r"must be \(3 \* 768, 4\) = \(2304, 4\)"],
+        ),
+        (
+            lambda: make_lora(rank=8),
+            {},
+            [r"has LoRA rank 8 \(lora_A \(8, 768\)\) but teacher.lora_rank=4", "set teacher.lora_rank=8"],
+        ),
+        (
+            lambda: {**make_lora(), lora_key(5, "A"): torch.zeros(2, 768), lora_key(5, "B"): torch.zeros(2304, 2)},
+            {},
+            ["mixes LoRA ranks", "rank 2: blocks 5", "rank 4: blocks 0-4, 6-11"],
+        ),
+        (
+            lambda: _drop(make_lora(), lora_key(3, "B")),
+            {},
+            [r"block 3 has lora_A but no lora_B \('image_encoder.blocks.3.attn.qkv.lora_B' is missing"],
+        ),
+        (
+            lambda: {**make_lora(), "epoch": torch.tensor(3)},
+            {},
+            ["1 key\\(s\\) that are not qkv LoRA matrices", "epoch"],
+        ),
         (_full_sam_sd, {}, ["is a full SAM state_dict, not a LoRA file"]),
         (lambda: {"w": torch.zeros(3)}, {}, ["holds no LoRA matrices"]),
-        (lambda: {**make_lora(), lora_key(2, "A"): torch.full((RANK, 768), float("nan"))}, {}, ["NaN/inf values in "
-                                                                                                "blocks 2"]),
+        (
+            lambda: {**make_lora(), lora_key(2, "A"): torch.full((RANK, 768), float("nan"))},
+            {},
+            ["NaN/inf values in blocks 2"],
+        ),
         (make_lora, {"variant": "vit_h"}, ["does not match the base SAM vit_h", "trained on a SAM vit_b"]),
     ],
 )

@@ -168,7 +168,10 @@ BIN_L = [[[[0.5, -1.0], [2.0, 0.0]]]]  # (1, 1, 2, 2)
 BIN_T = [[[1, 0], [255, 1]]]
 BIN_PIX = [(y, x) for y in range(2) for x in range(2) if BIN_T[0][y][x] != 255]
 BIN_BCE = mean(
-    -(BIN_T[0][y][x] * math.log(sigmoid(BIN_L[0][0][y][x])) + (1 - BIN_T[0][y][x]) * math.log(1 - sigmoid(BIN_L[0][0][y][x])))
+    -(
+        BIN_T[0][y][x] * math.log(sigmoid(BIN_L[0][0][y][x]))
+        + (1 - BIN_T[0][y][x]) * math.log(1 - sigmoid(BIN_L[0][0][y][x]))
+    )
     for (y, x) in BIN_PIX
 )
 BIN_DICE = dice([sigmoid(BIN_L[0][0][y][x]) for (y, x) in BIN_PIX], [float(BIN_T[0][y][x]) for (y, x) in BIN_PIX], 1.0)

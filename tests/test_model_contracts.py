@@ -181,26 +181,57 @@ TRAIN_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {"rtdetr_head": rtdetr_tr
 # Each registered head: (its output check, [(backbone, neck kwargs, head kwargs)]); the head is built
 # from the yolov8_pafpn neck's declared specs.
 HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], dict, dict]]]] = {
-    "yolo_head": (check_yolo_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80}),
-                                    (REGNET_S4, {"depth": 1}, {"num_classes": 3, "reg_max": 8})]),
-    "yolo_seg_head": (check_yolo_seg_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80}),
-                                            (REGNET_S4, {"depth": 1}, {"num_classes": 3, "reg_max": 8,
-                                                                       "num_masks": 8, "num_protos": 16})]),
-    "semantic_head": (check_pixel_head(0, "semantic"), [(YOLOV8N, {"depth": 1}, {"num_classes": 5}),
-                                                        (REGNET_S4, {"depth": 1}, {"num_classes": 3, "channels": 16,
-                                                                                   "output_stride": 4})]),
-    "binary_head": (check_pixel_head(1, "binary"), [(YOLOV8N, {"depth": 1}, {"output_stride": 4}),
-                                                    (REGNET_S4, {"depth": 1}, {"channels": 16})]),
-    "rtdetr_head": (check_rtdetr_head, [(YOLOV8N, {"depth": 1}, {"num_classes": 80, "num_decoder_layers": 2}),
-                                        (REGNET_S4, {"depth": 1},
-                                         {"num_classes": 3, "num_queries": 40, "hidden_dim": 64,
-                                                                   "num_heads": 4, "ffn_dim": 128,
-                                          "num_decoder_layers": 3})]),
+    "yolo_head": (
+        check_yolo_head,
+        [(YOLOV8N, {"depth": 1}, {"num_classes": 80}), (REGNET_S4, {"depth": 1}, {"num_classes": 3, "reg_max": 8})],
+    ),
+    "yolo_seg_head": (
+        check_yolo_seg_head,
+        [
+            (YOLOV8N, {"depth": 1}, {"num_classes": 80}),
+            (REGNET_S4, {"depth": 1}, {"num_classes": 3, "reg_max": 8, "num_masks": 8, "num_protos": 16}),
+        ],
+    ),
+    "semantic_head": (
+        check_pixel_head(0, "semantic"),
+        [
+            (YOLOV8N, {"depth": 1}, {"num_classes": 5}),
+            (REGNET_S4, {"depth": 1}, {"num_classes": 3, "channels": 16, "output_stride": 4}),
+        ],
+    ),
+    "binary_head": (
+        check_pixel_head(1, "binary"),
+        [(YOLOV8N, {"depth": 1}, {"output_stride": 4}), (REGNET_S4, {"depth": 1}, {"channels": 16})],
+    ),
+    "rtdetr_head": (
+        check_rtdetr_head,
+        [
+            (YOLOV8N, {"depth": 1}, {"num_classes": 80, "num_decoder_layers": 2}),
+            (
+                REGNET_S4,
+                {"depth": 1},
+                {
+                    "num_classes": 3,
+                    "num_queries": 40,
+                    "hidden_dim": 64,
+                    "num_heads": 4,
+                    "ffn_dim": 128,
+                    "num_decoder_layers": 3,
+                },
+            ),
+        ],
+    ),
     # every student backbone's stride-16 level (RegNet's is its last, P4 of 4/8/16); ViT at embed_dim 64
-    "sam_decoder": (check_sam_decoder, [(YOLOV8N, {"depth": 1}, {}), (REPVIT, {"depth": 1}, {}),
-                                        (REGNET_S4, {"depth": 1}, {"trainable_decoder": False}),
-                                        (VIT_TINY, {"depth": 1}, {"in_level": "P4", "embed_dim": 64}),
-                                        (MAMBA_TINY, {"depth": 1}, {})]),
+    "sam_decoder": (
+        check_sam_decoder,
+        [
+            (YOLOV8N, {"depth": 1}, {}),
+            (REPVIT, {"depth": 1}, {}),
+            (REGNET_S4, {"depth": 1}, {"trainable_decoder": False}),
+            (VIT_TINY, {"depth": 1}, {"in_level": "P4", "embed_dim": 64}),
+            (MAMBA_TINY, {"depth": 1}, {}),
+        ],
+    ),
 }
 
 

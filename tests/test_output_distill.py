@@ -197,8 +197,9 @@ def test_pictures_draw_the_class_union_the_loss_distils():
                         OutputPairing(rule, None, channels))
         return EpochVisualizer(Path("."), "epoch", 1, {head: task}, Distiller([term]), {}, None)
 
-    binary = visualizer("fg", "binary", [0, -1, -1])._teacher_classes("fg", "binary", torch.zeros(2, 1, 8, 8), batch,
-                                                                      targets)
+    binary = visualizer("fg", "binary", [0, -1, -1])._teacher_classes(
+        "fg", "binary", torch.zeros(2, 1, 8, 8), batch, targets
+    )
     assert binary.kind == "binary"
     assert torch.allclose(binary.probs[0], torch.sigmoid(maps[0, 1]))  # person only: the car is not foreground
     assert binary.probs[1].max() < 1e-3
@@ -267,8 +268,9 @@ def test_vfmkd_dense_heads_pair_cell_by_cell_over_the_image_content():
     batch = make_batch([[0, 0, 8, 8]], [0], [0], [0], content=(0, 16, 64, 48))  # rows 16-48 hold the image
     student, teacher = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4)  # teacher at stride 16: resized
     target = TeacherTargets({}, torch.ones(1, 4), torch.ones(1, 2), S, head_outputs={"sem": teacher})
-    (s, t, w), _ = OutputPairing(OutputRule("kl_divergence", "semantic", "heads", "sem"), None).pair(student, batch,
-                                                                                                     target)
+    (s, t, w), _ = OutputPairing(OutputRule("kl_divergence", "semantic", "heads", "sem"), None).pair(
+        student, batch, target
+    )
     up = torch.nn.functional.interpolate(teacher, size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(t, up.permute(0, 2, 3, 1).reshape(-1, 3)) and s.shape == (64, 3)
     assert w.view(8, 8)[2:6].eq(1).all() and w.view(8, 8)[:2].eq(0).all() and w.view(8, 8)[6:].eq(0).all()
@@ -325,8 +327,9 @@ def test_a_cache_without_mask_logits_names_the_command_that_adds_them():
     distiller = Distiller([term])
     command = "python tools/prepare_teacher_features.py --teacher sam --dataset coco128 --outputs features,masks"
     reader = SimpleNamespace(has_masks=False, rebuild_command=lambda masks=False: command if masks else "features only")
-    router = SimpleNamespace(sources={"sam": SimpleNamespace(cache=SimpleNamespace(reader=reader,
-                                                                                   path="f/train2017.h5"))})
+    router = SimpleNamespace(
+        sources={"sam": SimpleNamespace(cache=SimpleNamespace(reader=reader, path="f/train2017.h5"))}
+    )
     with pytest.raises(ConfigError) as err:
         check_mask_sources(distiller, router)
     assert "teachers.sam" in str(err.value) and "no mask logits" in str(err.value) and command in str(err.value)

@@ -209,8 +209,9 @@ def test_segment_stats_equal_torchmetrics_update_on_a_real_image(coco128):
         meter.update(pred, target)
         results.append((meter.metric.iou_sum.clone(), meter.metric.true_positives.clone(),
                         meter.metric.false_positives.clone(), meter.metric.false_negatives.clone()))
-    assert torch.allclose(results[0][0], results[1][0]) and all(torch.equal(a, b) for a,
-                                                                b in zip(results[0][1:], results[1][1:]))
+    assert torch.allclose(results[0][0], results[1][0]) and all(
+        torch.equal(a, b) for a, b in zip(results[0][1:], results[1][1:])
+    )
     assert int(results[0][1].sum()) > 0 and int(results[0][3].sum()) > 0
 
 

@@ -51,8 +51,11 @@ def test_auto_without_cuda_is_the_cpu_preset(monkeypatch):
 def test_no_preset_by_default_leaves_the_experiment_as_written():
     cfg = load(MAIN)
     assert cfg["train"]["preset"] is None
-    assert (cfg["data"]["batch_size"], cfg["train"]["accumulate"], cfg["distillation"]["distill_interval"]) == (16, 1,
-                                                                                                                1)
+    assert (cfg["data"]["batch_size"], cfg["train"]["accumulate"], cfg["distillation"]["distill_interval"]) == (
+        16,
+        1,
+        1,
+    )
     assert cfg["teachers"]["sam"]["input_size"] == 1024 and "device" not in cfg["teachers"]["sam"]
 
 
@@ -64,7 +67,9 @@ def test_gpu_8g_moves_the_levers_and_keeps_the_effective_batch(caplog):
     assert cfg["distillation"]["distill_interval"] == 4 and cfg["train"]["amp"] == "auto"
     assert cfg["teachers"]["sam"]["input_size"] == 512 and cfg["teachers"]["sam"]["device"] == "cpu"
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preset ")]
-    assert len(lines) == 1 and "teachers.sam.input_size 1024 -> 512" in lines[0] and "data.batch_size 16 -> 4" in lines[0]
+    assert (
+        len(lines) == 1 and "teachers.sam.input_size 1024 -> 512" in lines[0] and "data.batch_size 16 -> 4" in lines[0]
+    )
 
 
 def test_overrides_and_shortcut_flags_beat_the_preset():
@@ -94,10 +99,17 @@ def test_every_preset_validates_on_the_main_and_the_two_teacher_experiment(name,
     cfg = load(experiment, "--preset", name, *live)
     plain = load(experiment, *live)
     assert cfg["train"]["preset"] == name
-    assert cfg["data"]["batch_size"] * cfg["train"]["accumulate"] == plain["data"]["batch_size"] * plain["train"]["accumulate"]
+    assert (
+        cfg["data"]["batch_size"] * cfg["train"]["accumulate"]
+        == plain["data"]["batch_size"] * plain["train"]["accumulate"]
+    )
     for teacher, entry in cfg["teachers"].items():  # each teacher builds its settings at the preset's size
         settings = TEACHERS.get(entry["type"]).settings_from(**teacher_kwargs(entry))
-        size, cap, rule = plain["teachers"][teacher]["input_size"], presets.load_preset(name).max_input_size, SIZE_RULE[entry["type"]]
+        size, cap, rule = (
+            plain["teachers"][teacher]["input_size"],
+            presets.load_preset(name).max_input_size,
+            SIZE_RULE[entry["type"]],
+        )
         assert settings.input_size == (size if size <= cap else cap // rule * rule)
 
 

@@ -98,9 +98,12 @@ def test_yolov8_seg_file_and_class_count_mismatch(tmp_path, yolov8n_file):
 
 
 def vit_cfg(**init) -> dict:
-    return {"backbone": {"type": "vit", "variant": "tiny", "img_size": 64, "out_channels": 32}, "neck": {"type":
-                                                                                                         "yolov8_pafpn"},
-            "heads": {"detection": {"type": "yolo_head", "num_classes": 3}}, "init": init}
+    return {
+        "backbone": {"type": "vit", "variant": "tiny", "img_size": 64, "out_channels": 32},
+        "neck": {"type": "yolov8_pafpn"},
+        "heads": {"detection": {"type": "yolo_head", "num_classes": 3}},
+        "init": init,
+    }
 
 
 def test_timm_files_load_as_timm_loads_them(tmp_path):

@@ -285,9 +285,9 @@ def test_a_cache_without_masks_names_the_command_that_adds_them():
     distiller = Distiller(build_loss_terms(LOSSES, model, SAM_SPECS, PRIMARY, teachers=TEACHERS))
     command = "python tools/prepare_teacher_features.py --teacher sam --outputs features,masks --splits train2017"
     reader = SimpleNamespace(has_masks=False, rebuild_command=lambda masks: command)
-    router = SimpleNamespace(sources={"sam": SimpleNamespace(cache=SimpleNamespace(path=
-                                                                                   "teacher_features/sam/train2017.h5",
-                                                                                    reader=reader))})
+    router = SimpleNamespace(
+        sources={"sam": SimpleNamespace(cache=SimpleNamespace(path="teacher_features/sam/train2017.h5", reader=reader))}
+    )
     with pytest.raises(ConfigError, match=r"(?s)prompt_distill distil its box-prompted mask logits.*--outputs "
                                           r"features,masks"):
         check_mask_sources(distiller, router)

@@ -120,7 +120,10 @@ def _load(argv, checkpoint=False):
 
 def test_backbone_flag_picks_the_file_and_overrides_win():
     cfg = _load([str(MAIN), "--backbone", "yolov8s"])
-    assert cfg["model"]["backbone"]["config"] == "configs/backbones/yolov8s.yaml" and cfg["model"]["backbone"]["variant"] == "s"
+    assert (
+        cfg["model"]["backbone"]["config"] == "configs/backbones/yolov8s.yaml"
+        and cfg["model"]["backbone"]["variant"] == "s"
+    )
     cfg = _load([str(MAIN), "--backbone", "repvit_m0_9"])  # another family: the flag replaces the whole entry
     assert cfg["model"]["backbone"]["type"] == "repvit"
     cfg = _load([str(MAIN), "--backbone", "yolov8s", "model.backbone.variant=m"])

@@ -134,8 +134,9 @@ def test_instance_loss_counts_labelled_images_only():
     value, items = loss(out, make_batch(2, instances=instances([True, False])))
     alone, alone_items = loss(image_of(out, 0), make_batch(1, instances=instances([True], (0,))))
     assert float(value.detach()) == pytest.approx(float(alone), rel=1e-5)
-    assert {k: float(v) for k, v in items.items()} == pytest.approx({k: float(v) for k, v in alone_items.items()},
-                                                                    rel=1e-5)
+    assert {k: float(v) for k, v in items.items()} == pytest.approx(
+        {k: float(v) for k, v in alone_items.items()}, rel=1e-5
+    )
     # image 0 unlabelled: the rows of image 1 are re-indexed to position 0
     value1, _ = loss(out, make_batch(2, instances=instances([False, True])))
     alone1, _ = loss(image_of(out, 1), make_batch(1, instances=instances([True], (1,))))
@@ -157,8 +158,9 @@ def test_task_losses_name_the_missing_targets():
     with pytest.raises(ValueError, match="instances=True"):
         LOSSES.build("instance_segmentation", head=head)(head.train()(feats()), make_batch(2))
     with pytest.raises(ValueError, match="semantic=True"):
-        LOSSES.build("semantic_segmentation", head=SemanticHead(SPECS, num_classes=3))(torch.zeros(2, 3, 8, 8),
-                                                                                       make_batch(2))
+        LOSSES.build("semantic_segmentation", head=SemanticHead(SPECS, num_classes=3))(
+            torch.zeros(2, 3, 8, 8), make_batch(2)
+        )
     with pytest.raises(ValueError, match="binary_classes"):
         LOSSES.build("binary_segmentation", head=BinaryHead(SPECS))(torch.zeros(2, 1, 8, 8), make_batch(2))
     with pytest.raises(ValueError, match="yolo_seg_head"):

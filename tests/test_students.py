@@ -105,10 +105,20 @@ def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
     ys = []
     for t in range(L):
-        Bt = B if B.dim() == 2 else B[:, None, :, t] if B.dim() == 3 else B[..., t].repeat_interleave(dim // B.shape[1],
-                                                                                                      1)
-        Ct = C if C.dim() == 2 else C[:, None, :, t] if C.dim() == 3 else C[..., t].repeat_interleave(dim // C.shape[1],
-                                                                                                      1)
+        Bt = (
+            B
+            if B.dim() == 2
+            else B[:, None, :, t]
+            if B.dim() == 3
+            else B[..., t].repeat_interleave(dim // B.shape[1], 1)
+        )
+        Ct = (
+            C
+            if C.dim() == 2
+            else C[:, None, :, t]
+            if C.dim() == 3
+            else C[..., t].repeat_interleave(dim // C.shape[1], 1)
+        )
         h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * Bt * u[:, :, t, None]
         ys.append((h * Ct).sum(-1))
     y = torch.stack(ys, dim=2)

@@ -229,33 +229,86 @@ _BASE = "cae662172fd450bb0cd710a769079c05bfc5d8e35efa6576edc7d0377afdd4a2"  # sh
 _LORA = "d339f720de1fd92a672df9ef19a8cdbda6171cbf33fcd35ad95c46f8aebaf628"  # sha256(b"lora")
 PINNED = [
     ("sam", dict(init="random", input_size=256), ("vit_b", "random-init:seed0", 256, "float32", _SAM_PRE)),
-    ("sam", dict(variant="vit_l", checkpoint="base.pth", input_size=512, dtype="bfloat16", seed=5),
-     ("vit_l", _BASE, 512, "float32", _SAM_PRE)),
-    ("sam", dict(variant="vit_h"),
-     ("vit_h", "unknown (checkpoint weights/sam_vit_h_4b8939.pth is not on this machine)", 1024, "float32", _SAM_PRE)),
-    ("sam", dict(init="random", input_size=64, dtype="bfloat16", device="cuda:0"),
-     ("vit_b", "random-init:seed0", 64, "bfloat16", _SAM_PRE)),
-    ("lora_sam", dict(init="random", input_size=128),
-     ("vit_b+lora_r8_a8", "random-init:seed0+no-lora", 128, "float32", _SAM_PRE)),
-    ("lora_sam", dict(variant="vit_b", checkpoint="base.pth", lora_checkpoint="lora.pt", lora_rank=4, lora_alpha=16.0),
-     ("vit_b+lora_r4_a16", f"{_BASE}+{_LORA}", 1024, "float32", _SAM_PRE)),
-    ("lora_sam", dict(lora_checkpoint="gone.pt", lora_alpha=2),
-     ("vit_b+lora_r8_a2", "unknown (unknown (checkpoint weights/sam_vit_b_01ec64.pth is not on this machine); "
-      "unknown (LoRA checkpoint gone.pt is not on this machine))", 1024, "float32", _SAM_PRE)),
-    ("sam2", dict(init="random", input_size=128, seed=3),
-     ("sam2.1_hiera_tiny", "random-init:seed3", 128, "float32", _SAM2_PRE)),
-    ("sam2", dict(variant="sam2_hiera_large", checkpoint="base.pth", input_size=512, dtype="float16"),
-     ("sam2_hiera_large", _BASE, 512, "float32", _SAM2_PRE)),
+    (
+        "sam",
+        dict(variant="vit_l", checkpoint="base.pth", input_size=512, dtype="bfloat16", seed=5),
+        ("vit_l", _BASE, 512, "float32", _SAM_PRE),
+    ),
+    (
+        "sam",
+        dict(variant="vit_h"),
+        (
+            "vit_h",
+            "unknown (checkpoint weights/sam_vit_h_4b8939.pth is not on this machine)",
+            1024,
+            "float32",
+            _SAM_PRE,
+        ),
+    ),
+    (
+        "sam",
+        dict(init="random", input_size=64, dtype="bfloat16", device="cuda:0"),
+        ("vit_b", "random-init:seed0", 64, "bfloat16", _SAM_PRE),
+    ),
+    (
+        "lora_sam",
+        dict(init="random", input_size=128),
+        ("vit_b+lora_r8_a8", "random-init:seed0+no-lora", 128, "float32", _SAM_PRE),
+    ),
+    (
+        "lora_sam",
+        dict(variant="vit_b", checkpoint="base.pth", lora_checkpoint="lora.pt", lora_rank=4, lora_alpha=16.0),
+        ("vit_b+lora_r4_a16", f"{_BASE}+{_LORA}", 1024, "float32", _SAM_PRE),
+    ),
+    (
+        "lora_sam",
+        dict(lora_checkpoint="gone.pt", lora_alpha=2),
+        (
+            "vit_b+lora_r8_a2",
+            "unknown (unknown (checkpoint weights/sam_vit_b_01ec64.pth is not on this machine); "
+            "unknown (LoRA checkpoint gone.pt is not on this machine))",
+            1024,
+            "float32",
+            _SAM_PRE,
+        ),
+    ),
+    (
+        "sam2",
+        dict(init="random", input_size=128, seed=3),
+        ("sam2.1_hiera_tiny", "random-init:seed3", 128, "float32", _SAM2_PRE),
+    ),
+    (
+        "sam2",
+        dict(variant="sam2_hiera_large", checkpoint="base.pth", input_size=512, dtype="float16"),
+        ("sam2_hiera_large", _BASE, 512, "float32", _SAM2_PRE),
+    ),
     ("dino", dict(init="random"), ("vits16", "random-init:seed0", 224, "float32", "dino" + _DINO_PRE)),
-    ("dino", dict(variant="vitb8", checkpoint="base.pth", input_size=112),
-     ("vitb8", _BASE, 112, "float32", "dino" + _DINO_PRE)),
-    ("dinov2", dict(init="random", input_size=112, seed=3),
-     ("vits14", "random-init:seed3", 112, "float32", "dinov2" + _DINO_PRE)),
-    ("dinov2", dict(variant="vits14_reg4"),
-     ("vits14_reg4", "unknown (checkpoint weights/dinov2_vits14_reg4_pretrain.pth is not on this machine)", 518,
-      "float32", "dinov2" + _DINO_PRE)),
-    ("dinov2", dict(init="random", dtype="float16", device="cuda"), ("vits14", "random-init:seed0", 518, "float16",
-                                                                     "dinov2" + _DINO_PRE)),
+    (
+        "dino",
+        dict(variant="vitb8", checkpoint="base.pth", input_size=112),
+        ("vitb8", _BASE, 112, "float32", "dino" + _DINO_PRE),
+    ),
+    (
+        "dinov2",
+        dict(init="random", input_size=112, seed=3),
+        ("vits14", "random-init:seed3", 112, "float32", "dinov2" + _DINO_PRE),
+    ),
+    (
+        "dinov2",
+        dict(variant="vits14_reg4"),
+        (
+            "vits14_reg4",
+            "unknown (checkpoint weights/dinov2_vits14_reg4_pretrain.pth is not on this machine)",
+            518,
+            "float32",
+            "dinov2" + _DINO_PRE,
+        ),
+    ),
+    (
+        "dinov2",
+        dict(init="random", dtype="float16", device="cuda"),
+        ("vits14", "random-init:seed0", 518, "float16", "dinov2" + _DINO_PRE),
+    ),
 ]
 
 

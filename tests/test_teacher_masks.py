@@ -184,15 +184,21 @@ def test_cached_masks_round_trip(caches, sam):
         assert f["masks/logits"].dtype == np.float16 and f["masks/logits"].shape == (len(idx), SIDE, SIDE)
         assert "masks_flip/logits" in f and f["masks_done"][:].all()
     r16, r8 = FeatureCacheReader(fp16), FeatureCacheReader(int8)
-    assert r16.has_masks and r8.has_masks and r16.mask_info["prompt_source"] == f"detection-labels:object_detection/labels/{SPLIT}"
+    assert (
+        r16.has_masks
+        and r8.has_masks
+        and r16.mask_info["prompt_source"] == f"detection-labels:object_detection/labels/{SPLIT}"
+    )
     assert "--outputs features,masks" in r16.rebuild_command() and "--with-flip" in r16.rebuild_command()
     for i, p in enumerate(paths):
         k = len(labels[i])
         e16, e8 = r16.read(p.stem)["masks"], r8.read(p.stem, dequantize=False)["masks"]
         want = live[idx == i]
         assert e16["logits"].dtype == torch.float16 and e16["logits"].shape == (k, SIDE, SIDE)
-        assert e16["label_index"].tolist() == list(range(k)) and e16["cls"].tolist() == labels[i][:,
-                                                                                                  0].astype(int).tolist()
+        assert (
+            e16["label_index"].tolist() == list(range(k))
+            and e16["cls"].tolist() == labels[i][:, 0].astype(int).tolist()
+        )
         torch.testing.assert_close(e16["boxes"], boxes[idx == i])
         torch.testing.assert_close(e16["logits"].float(), want, atol=2e-3, rtol=2e-3)
         assert e8["logits"].dtype == torch.int8 and e8["scale"].shape == (k,)
@@ -309,8 +315,11 @@ def test_changed_labels_make_the_masks_stale(tmp_path):
     label = root / "object_detection" / "labels" / SPLIT / f"{paths[1].stem}.txt"
     label.write_text(label.read_text() + "0 0.5 0.5 0.2 0.2\n")
     reader = FeatureCacheReader(out / f"{SPLIT}.h5")
-    with pytest.raises(CacheMismatchError, match=r"mask logits are stale: the detection label files .* changed.*\n  "
-                                                 r"python tools/prepare_teacher_features.py .*--outputs features,masks"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"mask logits are stale: the detection label files .* changed.*\n  "
+        r"python tools/prepare_teacher_features.py .*--outputs features,masks",
+    ):
         reader.check_labels(label.parent)
     with pytest.raises(CacheMismatchError, match="teachers.sam: .*stale"):
         open_offline_teacher("sam", out / f"{SPLIT}.h5", reader.fingerprint, "image_embeddings", "rebuild", SAM_CFG,

@@ -135,8 +135,9 @@ def test_head_outputs_are_the_models_raw_training_outputs_in_eval_mode(teacher, 
     assert isinstance(got, dict) and {"boxes", "scores", "feats"} <= set(got)
     anchors = sum((SIZE // s) ** 2 for s in (8, 16, 32))
     assert got["scores"].shape == (4, 80, anchors) and got["boxes"].shape == (4, 64, anchors)
-    assert torch.allclose(got["scores"], raw["scores"], atol=1e-5) and torch.allclose(got["boxes"], raw["boxes"],
-                                                                                      atol=1e-5)
+    assert torch.allclose(got["scores"], raw["scores"], atol=1e-5) and torch.allclose(
+        got["boxes"], raw["boxes"], atol=1e-5
+    )
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got["feats"], raw["feats"]))
     assert all(torch.allclose(feats[k], out.backbone[k], atol=1e-5) for k in out.backbone)
     assert not got["scores"].requires_grad

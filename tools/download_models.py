@@ -30,8 +30,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "file's URL, sha256 and destination and exits 2.")
     parser.add_argument("--family", nargs="+", choices=families, default=families, metavar="FAMILY",
                         help=f"only these families: {', '.join(families)} (default: all)")
-    parser.add_argument("--list", action="store_true", help="list the checkpoints (size, sha256, URL, present or not) "
-                                                            "and exit")
+    parser.add_argument(
+        "--list", action="store_true", help="list the checkpoints (size, sha256, URL, present or not) and exit"
+    )
     download_weights.add_dir_argument(parser)
     args = parser.parse_args(argv)
     chosen = [w for w in table.values() if w.family in args.family]

@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="sam",
                    help="teacher name: reads configs/teachers/<teacher>.yaml (its defaults)")
-    p.add_argument("--teacher-config", metavar="PATH", help="teacher YAML to use instead of "
-                                                            "configs/teachers/<teacher>.yaml")
+    p.add_argument(
+        "--teacher-config", metavar="PATH", help="teacher YAML to use instead of configs/teachers/<teacher>.yaml"
+    )
     p.add_argument("--dataset", default="coco128", help="dataset name; its root is datasets/<dataset> unless "
                                                         "--data-root")
     p.add_argument("--data-root", metavar="DIR", help="dataset root holding images/<split>/; None: datasets/<dataset>")
@@ -86,11 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated teacher features to cache (SAM: trunk,image_embeddings), or 'all'; None: the "
                         "teacher's primary feature (SAM: image_embeddings, 2 MiB/image at 1024; 'all' adds the 6 MiB "
                         "trunk)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per teacher forward; a resumed file keeps its "
-                                                             "first value")
+    p.add_argument(
+        "--batch-size", type=int, default=4, help="images per teacher forward; a resumed file keeps its first value"
+    )
     p.add_argument("--limit", type=int, help="only the first N images of each split (keep it when resuming)")
-    p.add_argument("--verify", type=int, default=0, metavar="N",
-                   help=f"afterwards recompute N random cached images and compare; exit 1 if mean cosine < {MIN_COSINE}")
+    p.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"afterwards recompute N random cached images and compare; exit 1 if mean cosine < {MIN_COSINE}",
+    )
     p.add_argument("--seed", type=int, default=0,
                    help="seeds torch (teacher.init=random weights) and the --verify pick")
     p.add_argument("--compression", choices=("none", "gzip", "lzf"), default="none",
@@ -163,8 +170,9 @@ def mirrored(images: Sequence[np.ndarray]) -> List[np.ndarray]:
     return [np.ascontiguousarray(im[:, ::-1]) for im in images]
 
 
-def run_teacher(teacher: Any, images: Sequence[np.ndarray], with_flip: bool) -> Tuple[Dict[str, torch.Tensor], Any,
-                                                                                      Optional[tuple]]:
+def run_teacher(
+    teacher: Any, images: Sequence[np.ndarray], with_flip: bool
+) -> Tuple[Dict[str, torch.Tensor], Any, Optional[tuple]]:
     """(features, TeacherBatch) of the images and, with the flip pass, (features, affine for ORIGINAL
     pixels, valid_hw) of the teacher on their mirrored copies."""
     feats, geo = teacher.extract_features(images)
@@ -187,8 +195,9 @@ class Prompts:
                  rows: Optional[List[np.ndarray]] = None, plan: Optional[MaskPlan] = None) -> None:
         folder = label_dir(root, split)
         ids = [p.stem for p in paths]
-        self.rows = rows if rows is not None else [parse_labels(folder / f"{i}.txt", num_classes,
-                                                                "--num-classes") for i in ids]
+        self.rows = (
+            rows if rows is not None else [parse_labels(folder / f"{i}.txt", num_classes, "--num-classes") for i in ids]
+        )
         try:
             rel = folder.resolve().relative_to(Path(root).resolve())
         except ValueError:
@@ -334,10 +343,13 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
         count = int(prompts.plan.offsets[-1])
         per_mask = mask_bytes(args.storage, teacher.input_size // 4, args.with_flip)
         side = teacher.input_size // 4
-        print(f"{split}: mask logits of {count} label boxes ({count / len(paths):.2f} per image, "
-              f"{prompts.plan.prompt_source}): {per_mask} bytes per mask ({side}x{side} "
-              f"{args.storage}{' + float32 scale' if args.storage == 'int8' else ''}{' x2 passes' if args.with_flip else ''} + box, label row, class) = {per_mask * count / len(paths):.0f} "
-              f"bytes per cached image")
+        print(
+            f"{split}: mask logits of {count} label boxes ({count / len(paths):.2f} per image, "
+            f"{prompts.plan.prompt_source}): {per_mask} bytes per mask ({side}x{side} "
+            f"{args.storage}{' + float32 scale' if args.storage == 'int8' else ''}"
+            f"{' x2 passes' if args.with_flip else ''} + box, label row, class) = {per_mask * count / len(paths):.0f} "
+            f"bytes per cached image"
+        )
     return out_file, paths
 
 

@@ -2,7 +2,8 @@
 """Train a student with task losses and feature distillation from cached and live teachers.
 
     python tools/train.py configs/experiments/yolov8_sam_coco128.yaml train.epochs=3 data.batch_size=8
-    python tools/train.py --config configs/experiments/yolov8_sam2_coco.yaml --backbone yolov8 --teacher sam2 --dataset coco128
+    python tools/train.py --config configs/experiments/yolov8_sam2_coco.yaml --backbone yolov8 --teacher sam2 \
+        --dataset coco128
 """
 from __future__ import annotations
 

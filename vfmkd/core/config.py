@@ -413,13 +413,19 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
     data, train, dist, aug = cfg["data"], cfg["train"], cfg["distillation"], cfg["data"]["augment"]
     rd = cfg["model"]["resolution_distill"]
     checks = [
-        (1.0 < rd["sr_target_scale"] <= 4.0, "model.resolution_distill.sr_target_scale must be in (1, 4], got "
-                                             f"{rd['sr_target_scale']}"),
-        (0.0 < rd["fa_subscale"] <= 1.0, "model.resolution_distill.fa_subscale must be in (0, 1] (0.125 = 8x8 "
-                                         f"pooling), got {rd['fa_subscale']}"),
+        (
+            1.0 < rd["sr_target_scale"] <= 4.0,
+            f"model.resolution_distill.sr_target_scale must be in (1, 4], got {rd['sr_target_scale']}",
+        ),
+        (
+            0.0 < rd["fa_subscale"] <= 1.0,
+            f"model.resolution_distill.fa_subscale must be in (0, 1] (0.125 = 8x8 pooling), got {rd['fa_subscale']}",
+        ),
         (rd["feat_channels"] >= 1, f"model.resolution_distill.feat_channels must be >= 1, got {rd['feat_channels']}"),
-        (rd["sr_loss_weight"] >= 0 and rd["fa_loss_weight"] >= 0, "model.resolution_distill: sr_loss_weight and "
-                                                                  "fa_loss_weight must be >= 0"),
+        (
+            rd["sr_loss_weight"] >= 0 and rd["fa_loss_weight"] >= 0,
+            "model.resolution_distill: sr_loss_weight and fa_loss_weight must be >= 0",
+        ),
         (data["img_size"] % 32 == 0 and data["img_size"] > 0, "data.img_size must be a positive multiple of 32"),
         (data["batch_size"] >= 1, "data.batch_size must be >= 1"),
         (data["num_workers"] >= 0, "data.num_workers must be >= 0"),
@@ -428,23 +434,38 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (train["lr"] > 0, "train.lr must be > 0"),
         (train["optimizer"] in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got '{train['optimizer']}'"),
         (train["accumulate"] >= 1, "train.accumulate must be >= 1"),
-        (isinstance(train["amp"], bool) or train["amp"] == "auto", "train.amp must be auto, true or false, got "
-                                                                   f"{train['amp']!r}"),
-        (train["save_interval_steps"] >= 0, "train.save_interval_steps must be >= 0 (0 = checkpoints at epoch ends "
-                                            "only)"),
+        (
+            isinstance(train["amp"], bool) or train["amp"] == "auto",
+            f"train.amp must be auto, true or false, got {train['amp']!r}",
+        ),
+        (
+            train["save_interval_steps"] >= 0,
+            "train.save_interval_steps must be >= 0 (0 = checkpoints at epoch ends only)",
+        ),
         (train["max_nonfinite_steps"] >= 1, "train.max_nonfinite_steps must be >= 1"),
         (train["save_period"] >= 0, "train.save_period must be >= 0 (0 = no periodic checkpoint_epoch{E}.pt)"),
         (train["warmup_epochs"] >= 0, "train.warmup_epochs must be >= 0 (0 = use train.warmup_iters)"),
         (train["vis_interval"] >= 0, "train.vis_interval must be >= 0 (0 = no visualizations)"),
-        (0.0 <= dist["offline_ratio"] <= 1.0, "distillation.offline_ratio must be within [0, 1], got "
-                                              f"{dist['offline_ratio']}"),
+        (
+            0.0 <= dist["offline_ratio"] <= 1.0,
+            f"distillation.offline_ratio must be within [0, 1], got {dist['offline_ratio']}",
+        ),
         (dist["distill_interval"] >= 1, "distillation.distill_interval must be >= 1"),
-        (dist["offline_max_shift"] >= 0.0, "distillation.offline_max_shift must be >= 0 (0.05 = 5 % of the teacher "
-                                           "canvas)"),
-        (dist["missing_cache"] in ("error", "online"), "distillation.missing_cache must be error or online, got "
-                                                       f"'{dist['missing_cache']}'"),
-        (0.0 <= aug["fliplr"] <= 1.0 and 0.0 <= aug["scale"] < 1.0 and 0.0 <= aug["translate"] <= 0.5 and 0.0 <= aug["degrees"] <= 180,
-         "data.augment: fliplr in [0, 1], scale in [0, 1), translate in [0, 0.5], degrees in [0, 180]"),
+        (
+            dist["offline_max_shift"] >= 0.0,
+            "distillation.offline_max_shift must be >= 0 (0.05 = 5 % of the teacher canvas)",
+        ),
+        (
+            dist["missing_cache"] in ("error", "online"),
+            f"distillation.missing_cache must be error or online, got '{dist['missing_cache']}'",
+        ),
+        (
+            0.0 <= aug["fliplr"] <= 1.0
+            and 0.0 <= aug["scale"] < 1.0
+            and 0.0 <= aug["translate"] <= 0.5
+            and 0.0 <= aug["degrees"] <= 180,
+            "data.augment: fliplr in [0, 1], scale in [0, 1), translate in [0, 0.5], degrees in [0, 180]",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

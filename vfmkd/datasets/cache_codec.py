@@ -242,8 +242,9 @@ def decode_masks(values: np.ndarray, scale: Optional[np.ndarray] = None) -> torc
     if values.dtype == np.int8:
         if scale is None:
             raise ValueError("int8 mask logits need their scale array")
-        return (torch.from_numpy(values).float() * torch.from_numpy(np.asarray(scale, SCALE_DTYPE))[:, None,
-                                                                                                    None]).half()
+        return (
+            torch.from_numpy(values).float() * torch.from_numpy(np.asarray(scale, SCALE_DTYPE))[:, None, None]
+        ).half()
     return torch.from_numpy(values)
 
 

@@ -77,8 +77,11 @@ class CacheLock:
                 if not owner and not self.path.exists():
                     continue
                 known = isinstance(pid, int) and host == socket.gethostname()
-                who = f"process {pid} on {host}" if isinstance(pid,
-                                                               int) else "another process (its lock names no process yet)"
+                who = (
+                    f"process {pid} on {host}"
+                    if isinstance(pid, int)
+                    else "another process (its lock names no process yet)"
+                )
                 cmd = " ".join(owner.get("argv") or [])
                 raise CacheLockedError(
                     f"{self.cache} is being written by {who}{f' ({cmd})' if cmd else ''}; lock {self.path}. "

@@ -69,9 +69,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def merge_shards(out_file: Path, image_ids: Sequence[str], batch_size: int, world: int,
-                 make_writer: Callable[[Path], FeatureCacheWriter]) -> Optional[Dict[str,
-                                                                                     Tuple[np.ndarray, np.ndarray]]]:
+def merge_shards(
+    out_file: Path,
+    image_ids: Sequence[str],
+    batch_size: int,
+    world: int,
+    make_writer: Callable[[Path], FeatureCacheWriter],
+) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """Join the ``world`` finished shards of ``out_file`` into it (atomically: temp file + rename) and remove
     them. ``make_writer(path)`` builds the writer of the full cache exactly as a single-process run would.
     Returns the statistics ({name: (mean, std)})."""
@@ -96,8 +100,11 @@ def merge_shards(out_file: Path, image_ids: Sequence[str], batch_size: int, worl
                         raise CacheMismatchError(f"shard {path} does not hold the finished images {start}..{stop - 1} "
                                                  f"of this run; rerun the same torchrun command (it resumes the shard)")
                     for name in _per_image_datasets(s):
-                        lo, rows = (int(f["masks/offsets"][start]), len(s[name])) if _is_mask_rows(name) else (start,
-                                                                                                               stop - start)
+                        lo, rows = (
+                            (int(f["masks/offsets"][start]), len(s[name]))
+                            if _is_mask_rows(name)
+                            else (start, stop - start)
+                        )
                         for a in range(0, rows, COPY_ROWS):
                             b = min(a + COPY_ROWS, rows)
                             f[name][lo + a:lo + b] = s[name][a:b]

@@ -112,8 +112,9 @@ def rebuild_command(teacher: str, dataset: str, split: str, output: str, data_ro
     if "masks" in outputs:
         args += ["--outputs", ",".join(o for o in OUTPUTS if o in outputs)]
         args += ["--num-classes", str(num_classes)] if num_classes != 80 else []
-    args += (["--features", ",".join(features)] if features else []) + (["--storage",
-                                                                         storage] if storage != "float16" else [])
+    args += (["--features", ",".join(features)] if features else []) + (
+        ["--storage", storage] if storage != "float16" else []
+    )
     args += ["--with-flip"] if with_flip else []
     args += [f"teacher.{k}={_fmt(v)}" for k, v in (teacher_config or {}).items() if k not in NOT_TEACHER_KWARGS]
     return " ".join([TOOL] + [shlex.quote(a) for a in args])
@@ -127,7 +128,11 @@ def fingerprint_differences(cached: Mapping[str, Any], live: TeacherFingerprint,
     except TypeError:
         mine = live.as_dict()
         keys = sorted(set(cached) | set(mine))
-        return [f"{k}: {cached.get(k)!r} != {mine.get(k)!r}" for k in keys if k not in ignore and cached.get(k) != mine.get(k)]
+        return [
+            f"{k}: {cached.get(k)!r} != {mine.get(k)!r}"
+            for k in keys
+            if k not in ignore and cached.get(k) != mine.get(k)
+        ]
 
 
 def attr_value(value: Any) -> Any:

@@ -244,7 +244,8 @@ class FeatureCacheReader:
         diffs = fingerprint_differences(self.fingerprint_dict, fingerprint, ignore)
         if diffs:
             raise CacheMismatchError(
-                f"{self.path} holds features of another teacher configuration (cache != teacher):\n  " + "\n  ".join(diffs)
+                f"{self.path} holds features of another teacher configuration (cache != teacher):\n  "
+                + "\n  ".join(diffs)
                 + f"\nRebuild it for this teacher (delete {self.path} first, or write to another --output):\n  "
                 + self.rebuild_command(teacher_config=teacher_config or {})
                 + ("" if teacher_config else "  (+ the teacher.key=value settings of your experiment)")

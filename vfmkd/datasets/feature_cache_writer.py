@@ -246,7 +246,10 @@ class FeatureCacheWriter:
                     f"{self.path} holds features of another teacher configuration (file != teacher):\n  "
                     + "\n  ".join(diffs) + f"\n{fix}"
                 )
-            if attr_value(f.attrs["feature_specs"]) != _specs_json(self.specs) or attr_value(f.attrs["input_size"]) != self.input_size:
+            if (
+                attr_value(f.attrs["feature_specs"]) != _specs_json(self.specs)
+                or attr_value(f.attrs["input_size"]) != self.input_size
+            ):
                 raise CacheMismatchError(
                     f"{self.path} holds features {attr_value(f.attrs['feature_specs'])} at input_size "
                     f"{attr_value(f.attrs['input_size'])}, this run {_specs_json(self.specs)} at {self.input_size} "
@@ -258,7 +261,10 @@ class FeatureCacheWriter:
                     raise CacheMismatchError(
                         f"{self.path} was started with --outputs features,masks, this run has --outputs features. "
                         f"Resume it with --outputs features,masks, or: {fix}")
-                if info.get("labels_sha256") != self.masks.labels_sha256 or info.get("prompt_source") != self.masks.prompt_source:
+                if (
+                    info.get("labels_sha256") != self.masks.labels_sha256
+                    or info.get("prompt_source") != self.masks.prompt_source
+                ):
                     raise CacheMismatchError(
                         f"{self.path} holds mask logits prompted with other labels: the label files changed since it "
                         f"was started ({info.get('prompt_source')} sha256 {info.get('labels_sha256')}, now "
@@ -312,8 +318,11 @@ class FeatureCacheWriter:
         try:
             self._write(start, features, affine, valid_hw, orig_hw, flip, masks)
         except OSError as exc:
-            raise CacheWriteError(exc.errno, f"writing images {start}.. to the cache {self.path} failed ({exc}): free "
-                                  f"space there and rerun the same command (it resumes), or write to another --output") from exc
+            raise CacheWriteError(
+                exc.errno,
+                f"writing images {start}.. to the cache {self.path} failed ({exc}): free "
+                f"space there and rerun the same command (it resumes), or write to another --output",
+            ) from exc
 
     def _write(self, start: int, features: Mapping[str, torch.Tensor], affine: torch.Tensor, valid_hw: torch.Tensor,
                orig_hw: np.ndarray, flip: Optional[Tuple[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor]],
@@ -330,7 +339,9 @@ class FeatureCacheWriter:
             try:
                 enc = codec.encode_masks(logits, self.storage)
             except ValueError as exc:
-                raise ValueError(f"mask logits{' (flip pass)' if flipped else ''} of images {start}..{stop - 1}: {exc}") from None
+                raise ValueError(
+                    f"mask logits{' (flip pass)' if flipped else ''} of images {start}..{stop - 1}: {exc}"
+                ) from None
             g = f[MASK_GROUPS[flipped]]
             g["logits"][a:b] = enc["values"]
             if "scale" in enc:

@@ -203,11 +203,14 @@ class InstanceBatch:
         return cls(
             cls=torch.cat([t.cls.float().view(-1) for t in present] or [torch.zeros(0)]).view(-1, 1),
             bboxes=torch.cat([t.boxes.float().view(-1, 4) for t in present] or [torch.zeros(0, 4)]),
-            batch_idx=torch.cat([torch.full((len(t.cls),), float(i)) for i, t in enumerate(targets) if t is not None]
-                                or [torch.zeros(0)]),
+            batch_idx=torch.cat(
+                [torch.full((len(t.cls),), float(i)) for i, t in enumerate(targets) if t is not None]
+                or [torch.zeros(0)]
+            ),
             masks=torch.cat([t.masks.float().view(-1, *mask_hw) for t in present] or [torch.zeros(0, *mask_hw)]),
-            label_index=torch.cat([t.label_index.long().view(-1) for t in present] or [torch.zeros(0,
-                                                                                                   dtype=torch.int64)]),
+            label_index=torch.cat(
+                [t.label_index.long().view(-1) for t in present] or [torch.zeros(0, dtype=torch.int64)]
+            ),
             labelled=torch.tensor([t is not None for t in targets], dtype=torch.bool),
         )
 

@@ -88,8 +88,9 @@ class Distiller(nn.Module):
         # Feature losses own trainable adapters: registered here so they train, save and move.
         self.feature_losses = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "feature"})
         # Task terms with parameters (DSRL's training-only SR branch) train and save here, not in the model.
-        self.task_modules = nn.ModuleDict({t.name: t.module for t in terms if t.kind == "task" and isinstance(t.module,
-                                                                                                              nn.Module)})
+        self.task_modules = nn.ModuleDict(
+            {t.name: t.module for t in terms if t.kind == "task" and isinstance(t.module, nn.Module)}
+        )
         taken: Dict[str, str] = {}
         reserved = set(GROUP_LOGS.values()) | {"loss"}
         for t in terms:
@@ -157,8 +158,8 @@ class Distiller(nn.Module):
             self.set_teacher_stats(teacher, feature, value["mean"], value["std"])
 
     def feature_terms(self, active_only: bool = True) -> Dict[str, FeatureDistillLoss]:
-        # type: ignore[misc]
-        return {n: m for n, m in self.feature_losses.items() if not active_only or n in self.active}
+        return {n: m for n, m in self.feature_losses.items()  # type: ignore[misc]
+                if not active_only or n in self.active}
 
     def output_terms(self, active_only: bool = True) -> Dict[str, LossTerm]:
         return {n: t for n, t in self.terms.items() if t.kind == "output" and (not active_only or n in self.active)}
@@ -254,7 +255,9 @@ class Distiller(nn.Module):
         logs.update(self.group_logs(values))
         # every term finite, their weighted sum not: a weight is too large
         if not problem and not torch.isfinite(total):
-            parts = ", ".join(f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {self.weights[n]:g}" for n in values)
+            parts = ", ".join(
+                f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {self.weights[n]:g}" for n in values
+            )
             problem = (f"the weighted total loss is {float(total.detach())} although every term is finite ({parts}; "
                        f"alpha/beta/gamma {self.alpha:g}/{self.beta:g}/{self.gamma:g}); lower the loss weights.")
         if problem and raise_non_finite:

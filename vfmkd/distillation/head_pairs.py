@@ -50,8 +50,9 @@ def check_same(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
                          f"must see the student's canvas (its img_size equal to data.img_size, the same head strides)")
 
 
-def dense_pair(student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]:
+def dense_pair(
+    student: torch.Tensor, teacher: torch.Tensor, batch: Batch
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A vfmkd teacher's dense logits (B, K, h, w) on the student's grid (bilinear when its output
     stride differs) and the (B, 1, H, W) content weight."""
     if student.shape[:2] != teacher.shape[:2]:

@@ -26,8 +26,9 @@ class OutputPairing:
     def __init__(self, rule: OutputRule, head: Any, channel_of_class: Optional[Sequence[int]] = None,
                  mode: str = "sigmoid") -> None:
         self.rule, self.head, self.mode = rule, head, mode
-        self.channel_of_class = None if channel_of_class is None else torch.as_tensor(list(channel_of_class),
-                                                                                      dtype=torch.long)
+        self.channel_of_class = (
+            None if channel_of_class is None else torch.as_tensor(list(channel_of_class), dtype=torch.long)
+        )
         if rule.source == "masks" and rule.task in ("semantic", "binary") and self.channel_of_class is None:
             raise ConfigError(f"{rule.loss} on a {rule.task} head from teacher masks needs the detection class -> "
                               f"{rule.task} channel table")

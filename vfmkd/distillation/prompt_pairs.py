@@ -87,8 +87,12 @@ def embedding_feature(where: str, teacher: str, t_specs: Sequence[FeatureSpec], 
     raise ConfigError(
         f"{where}: embedding_distill needs a teacher map {width} wide at stride 16 (SAM's image_embeddings, SAM2's "
         f"fpn_s16): teacher '{teacher}' provides {offered}"
-        + ("; name one with teacher_feature: <name>" if fits else "; use a teacher of type "
-                                                                  f"{', '.join(MASK_TEACHER_TYPES)}"))
+        + (
+            "; name one with teacher_feature: <name>"
+            if fits
+            else f"; use a teacher of type {', '.join(MASK_TEACHER_TYPES)}"
+        )
+    )
 
 
 def build_prompt_term(kind_name: str, where: str, kwargs: Dict[str, Any], model: Any, teachers: Mapping[str, Any],

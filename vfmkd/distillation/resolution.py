@@ -77,7 +77,11 @@ class ResolutionDistillLoss(nn.Module):
                  use_low_res_sr: bool = False, fa_detach_sr: bool = False) -> None:
         super().__init__()
         self.level, self.scale = level, float(scale)
-        self.sr_loss_weight, self.fa_loss_weight, self.fa_detach_sr = float(sr_loss_weight), float(fa_loss_weight), fa_detach_sr
+        self.sr_loss_weight, self.fa_loss_weight, self.fa_detach_sr = (
+            float(sr_loss_weight),
+            float(fa_loss_weight),
+            fa_detach_sr,
+        )
         self.branch = SRBranch(level_channels, level_stride, feat_channels, use_low_res_sr)
         self.fa = FeatureAffinityLoss("sr", level_channels, feat_channels, student_level=level, fa_subscale=fa_subscale)
 
@@ -107,8 +111,11 @@ class ResolutionDistillLoss(nn.Module):
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear",
-                                                                      align_corners=False)
+    return (
+        x
+        if tuple(x.shape[-2:]) == tuple(size)
+        else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    )
 
 
 def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.resolution_distill") -> str:

@@ -100,11 +100,20 @@ class ViewGates:
                    crop=zoom_or_move and not offline_crops, shift=zoom_or_move)
 
     def why_live(self) -> str:
-        reasons = [r for on, r in ((self.rotation, "rotation augmentation has no offline path"),
-                                   (self.flip, "flip augmentation and the cache has no flipped pass"),
-                                   (self.crop or self.shift, "scale/translate views beyond "
-                                                             "distillation.offline_max_shift or crops "
-                                                             "(offline_crops=false) go live")) if on]
+        reasons = [
+            r
+            for on, r in (
+                (self.rotation, "rotation augmentation has no offline path"),
+                (self.flip, "flip augmentation and the cache has no flipped pass"),
+                (
+                    self.crop or self.shift,
+                    "scale/translate views beyond "
+                    "distillation.offline_max_shift or crops "
+                    "(offline_crops=false) go live",
+                ),
+            )
+            if on
+        ]
         return "; ".join(reasons)
 
 
@@ -170,7 +179,8 @@ class TeacherRouter:
             if gates.shift:
                 shift = live_view_shift(views.view(i), cached.affine[i], cached.input_size, src.input_affine)
                 if shift > self.max_shift:
-                    return f"view moved {shift:.0%} of the teacher canvas vs the cached pass (offline_max_shift {self.max_shift})"
+                    return (f"view moved {shift:.0%} of the teacher canvas vs the cached pass "
+                            f"(offline_max_shift {self.max_shift})")
         return ""
 
     def route(self, step: int, name: str, batch: Batch, cached: Optional[TeacherTargets]) -> Route:

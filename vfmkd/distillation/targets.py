@@ -24,8 +24,9 @@ class QuantizedMap:
 
     def to_float(self, device: torch.device) -> torch.Tensor:
         """Dequantised float32 on ``device`` (the transfer moves 1 byte per value, not 2 or 4)."""
-        return dequantize(*(t.to(device, non_blocking=True) for t in (self.values, self.scale,
-                                                                      self.channel_scale))).float()
+        return dequantize(
+            *(t.to(device, non_blocking=True) for t in (self.values, self.scale, self.channel_scale))
+        ).float()
 
 
 FeatureMap = Union[torch.Tensor, QuantizedMap]
@@ -153,8 +154,8 @@ class TeacherTargets:
             affine=torch.stack([e.affine for e in entries]),
             valid_hw=torch.stack([e.valid_hw for e in entries]),
             input_size=first.input_size,
-            # type: ignore[misc]
-            mask_logits=MaskLogits.cat([e.mask_logits for e in entries]) if all(with_masks) else None,
+            mask_logits=(MaskLogits.cat([e.mask_logits for e in entries])  # type: ignore[misc]
+                         if all(with_masks) else None),
         )
 
 

@@ -295,8 +295,9 @@ def _output_head(where: str, kind_name: str, head: Optional[str], teacher: Any, 
         fits = fits if len(fits) == 1 else list(model.heads) if len(model.heads) == 1 else []
     if len(fits) == 1:
         return fits[0]
-    raise ConfigError(f"{where}: set 'head:' to the student head {kind_name} distils "
-                      f"({'candidates: ' + ', '.join(fits) if fits else 'heads: ' + ', '.join(f'{n} ({t})' for n, t in tasks.items())})")
+    choices = ("candidates: " + ", ".join(fits) if fits
+               else "heads: " + ", ".join(f"{n} ({t})" for n, t in tasks.items()))
+    raise ConfigError(f"{where}: set 'head:' to the student head {kind_name} distils ({choices})")
 
 
 def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: UnifiedModel,

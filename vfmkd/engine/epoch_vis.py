@@ -178,10 +178,18 @@ class EpochVisualizer:
                 teacher_maps[key], student_maps[key] = teacher_map.cpu(), module.adapter(student.float()).cpu()
                 valid[key] = mask[:, 0].cpu() > 0
         if teacher_maps:
-            self.written.append(pca_panel(visualization_path(self.run_dir, self.kind, self.index, "_pca"), teacher_maps,
-                                          student_maps, images=images, valid=valid, image_ids=batch.image_ids,
-                                          max_images=self.max_images, title=f"{self.kind} {self.index}: teacher PCA | "
-                                                                            "student"))
+            self.written.append(
+                pca_panel(
+                    visualization_path(self.run_dir, self.kind, self.index, "_pca"),
+                    teacher_maps,
+                    student_maps,
+                    images=images,
+                    valid=valid,
+                    image_ids=batch.image_ids,
+                    max_images=self.max_images,
+                    title=f"{self.kind} {self.index}: teacher PCA | student",
+                )
+            )
         if self.loggers is not None:
             for p in self.written:
                 self.loggers.add_image("vis/pca" if p.stem.endswith("_pca") else "vis/panel", p, self.index)

@@ -154,10 +154,16 @@ def scalar_metrics(result: Mapping[str, Any]) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: UnifiedModel, loader, scorers: Mapping[str, Scorer], device: torch.device, progress: bool = True,
-             distiller: Optional[Distiller] = None, router: Optional[TeacherRouter] = None,
-             on_batch: Optional[Callable[[int, StudentOutput, Batch, Mapping[str, Any]], None]] = None) -> Dict[str,
-                                                                                                                Any]:
+def evaluate(
+    model: UnifiedModel,
+    loader,
+    scorers: Mapping[str, Scorer],
+    device: torch.device,
+    progress: bool = True,
+    distiller: Optional[Distiller] = None,
+    router: Optional[TeacherRouter] = None,
+    on_batch: Optional[Callable[[int, StudentOutput, Batch, Mapping[str, Any]], None]] = None,
+) -> Dict[str, Any]:
     """Every head's metrics over ``loader`` (``result[head]``; a detection head's are also at the
     top level, as before segmentation heads existed) and, with ``distiller`` and ``router`` (whose
     batches carry cached val targets or go to the live teacher), ``fidelity`` per teacher and level.

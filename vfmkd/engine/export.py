@@ -27,8 +27,12 @@ from torch import nn
 from vfmkd.core.config import experiment_record
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.engine.builders import build_model
-# noqa: F401
-from vfmkd.engine.export_check import ExportMismatchError, compare_outputs, matched_query_difference, onnx_session
+from vfmkd.engine.export_check import (  # noqa: F401
+    ExportMismatchError,
+    compare_outputs,
+    matched_query_difference,
+    onnx_session,
+)
 from vfmkd.engine.export_output import SUFFIXES, atomic_path, default_output  # noqa: F401
 from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
@@ -48,8 +52,9 @@ def non_finite_key(state: Any, prefix: str = "") -> Optional[str]:
     """The first key path of ``state`` holding a NaN/inf floating tensor, or None."""
     if isinstance(state, torch.Tensor):
         return (prefix or "<tensor>") if state.is_floating_point() and not torch.isfinite(state).all() else None
-    items = state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state,
-                                                                                            (list, tuple)) else ()
+    items = (
+        state.items() if isinstance(state, Mapping) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    )
     for k, v in items:
         found = non_finite_key(v, f"{prefix}.{k}" if prefix else str(k))
         if found:
@@ -185,8 +190,9 @@ def _as_list(out: Any) -> List[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
-def worst_over_probes(compare: Callable[[torch.Tensor], Dict[str, float]], probes: Sequence[torch.Tensor]) -> Dict[str,
-                                                                                                                   float]:
+def worst_over_probes(
+    compare: Callable[[torch.Tensor], Dict[str, float]], probes: Sequence[torch.Tensor]
+) -> Dict[str, float]:
     """The largest of each difference ``compare(images)`` reports over ``probes``."""
     diff: Dict[str, float] = {}
     for images in probes:
@@ -313,7 +319,9 @@ def to_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[int,
 
     problem = ultralytics_layout_problem(cfg)
     if problem:
-        raise ConfigError(f"--format ultralytics needs a YOLOv8 student laid out as ultralytics' yolov8.yaml: {problem}")
+        raise ConfigError(
+            f"--format ultralytics needs a YOLOv8 student laid out as ultralytics' yolov8.yaml: {problem}"
+        )
     m = experiment_record(cfg).model
     variant = str(dict(m.backbone).get("variant", "n"))
     nc = int(dict(m.heads)["detection"].get("num_classes", 80))

@@ -18,7 +18,9 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript", "ultralytics": ".pt"
 #: The names tools/train.py gives the checkpoints in a run's checkpoints/ folder (last.pt, its
 #: last.prev.pt, best.pt, best_epoch{E}_{metric}{value}.pt, checkpoint_epoch{E}.pt); an export never
 #: takes one of them (an ultralytics export's default, <name>.ultralytics.pt, is not one).
-RUN_CHECKPOINT_NAME = re.compile(r"^(?!.*\.ultralytics\.pt$)(last|last\.prev|best|best_epoch\d+_.*|checkpoint_epoch\d+)\.pt$")
+RUN_CHECKPOINT_NAME = re.compile(
+    r"^(?!.*\.ultralytics\.pt$)(last|last\.prev|best|best_epoch\d+_.*|checkpoint_epoch\d+)\.pt$"
+)
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:

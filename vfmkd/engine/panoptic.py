@@ -157,14 +157,16 @@ def _member(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (x >= 0) & (x <= top) & lut[x.clamp(0, top)]
 
 
-def _colours(x: torch.Tensor, things: torch.Tensor, stuffs: torch.Tensor, void: int) -> Tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
+def _colours(
+    x: torch.Tensor, things: torch.Tensor, stuffs: torch.Tensor, void: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(N, 2) (category, instance) -> (N,) category and instance as torchmetrics prepares them: a
     stuff's instance is 0, an unknown category is the void colour (void, 0)."""
     cat, inst = x[:, 0], x[:, 1]
     stuff, known = _member(cat, stuffs), _member(cat, torch.cat([things, stuffs]))
-    return torch.where(known, cat, torch.full_like(cat, void)), torch.where(known & ~stuff, inst,
-                                                                            torch.zeros_like(inst))
+    return torch.where(known, cat, torch.full_like(cat, void)), torch.where(
+        known & ~stuff, inst, torch.zeros_like(inst)
+    )
 
 
 def segment_stats(pred: torch.Tensor, target: torch.Tensor, metric: PanopticQuality) -> Tuple[torch.Tensor, ...]:

@@ -146,8 +146,8 @@ class PromptableScorer:
     def _alignment(self, embeddings: torch.Tensor, batch: Batch, targets: Mapping[str, TeacherTargets]) -> None:
         grid = tuple(4 * s for s in embeddings.shape[-2:])
         for name in sorted(targets):
-            # type: ignore[arg-type]
-            prompts = prompts_on_grid(batch, targets[name], grid, MASK_STRIDE, embeddings.device)
+            prompts = prompts_on_grid(batch, targets[name], grid, MASK_STRIDE,  # type: ignore[arg-type]
+                                      embeddings.device)
             if prompts is None:
                 continue
             s, n = self.teacher_sums.get(name, (0.0, 0))

@@ -62,9 +62,18 @@ def fidelity_router(exp: Any, dataset: Any, live: LiveTeachers, fidelity: str) -
     uncached = [n for n in router.sources if router.live_reason(n)]
     if uncached and fidelity != "live":
         teachers = enabled_teachers(exp.teachers)
-        fixes = [rebuild_command(teachers[n]["type"], exp.data.dataset, dataset.split, str(teachers[n]["feature_path"]),
-                                 teacher_config=teachers[n]) if teachers[n].get("feature_path") and teachers[n].get("offline", True)
-                 else f"teachers.{n} is live only (offline: false), nothing to cache" for n in uncached]
+        fixes = [
+            rebuild_command(
+                teachers[n]["type"],
+                exp.data.dataset,
+                dataset.split,
+                str(teachers[n]["feature_path"]),
+                teacher_config=teachers[n],
+            )
+            if teachers[n].get("feature_path") and teachers[n].get("offline", True)
+            else f"teachers.{n} is live only (offline: false), nothing to cache"
+            for n in uncached
+        ]
         get_logger().info("held-out fidelity skipped: no %s cache of teacher(s) %s; cache it (%s), or %s",
                           dataset.split, ", ".join(uncached), "; ".join(fixes), how)
         return None

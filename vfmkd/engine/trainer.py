@@ -190,8 +190,10 @@ class Trainer:
         if resumed is not None:
             self._restore(resumed)
         n_params = sum(p.numel() for p in self.model.parameters())
-        modes = {n: ("offline" if s.cache is not None else "online") + (", live model loaded" if s.live and s.cache else "")
-                 for n, s in self.router.sources.items()}
+        modes = {
+            n: ("offline" if s.cache is not None else "online") + (", live model loaded" if s.live and s.cache else "")
+            for n, s in self.router.sources.items()
+        }
         self.log.info(
             "student %s (%.2fM params) on %s (train.device=%s), bf16 autocast %s (train.amp=%s); %d train / %d val "
             "images; teachers: %s; offline_ratio=%s; stages: %s",
@@ -387,7 +389,8 @@ class Trainer:
             return f"the run stopped before its first checkpoint, nothing was saved; start it again: {rerun_command()}"
         launcher = (f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', self.ctx.world_size)}"
                     if self.ctx.enabled else "python")
-        return f"{last} holds the run; continue it with: {launcher} {sys.argv[0] or 'tools/train.py'} --resume {self.run_dir}"
+        return (f"{last} holds the run; continue it with: {launcher} {sys.argv[0] or 'tools/train.py'} "
+                f"--resume {self.run_dir}")
 
     def _stop_if_asked(self, epoch: int, batch: int = 0) -> None:
         """A safe point (an optimizer step just finished, or an epoch was saved): when a signal asked any rank
@@ -502,7 +505,10 @@ class Trainer:
         if val:
             head, metric, value = primary_metric(val, self.tasks)[:3]
             val_text = f"  val {head} {metric}={value:.4f}" + (
-                f" mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}" if "mAP50" in val and metric != "mAP50-95" else "")
+                f" mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}"
+                if "mAP50" in val and metric != "mAP50-95"
+                else ""
+            )
         if val and val.get("fidelity"):
             val_text += "  held-out " + "  ".join(f"cos[{k}]={v['cos']:.4f}" for k, v in val["fidelity"].items())
         self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.train_cfg.epochs, record["stage"], summary,

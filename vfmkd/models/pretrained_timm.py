@@ -41,8 +41,10 @@ def read_timm_file(path: Path) -> Dict[str, Any]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:
-        raise CheckpointError(f"model.init: {path} is truncated or not a safetensors file ({path.stat().st_size} "
-                              f"bytes; safetensors says: {str(err).splitlines()[0][:200]}); copy or download it again.") from None
+        raise CheckpointError(
+            f"model.init: {path} is truncated or not a safetensors file ({path.stat().st_size} "
+            f"bytes; safetensors says: {str(err).splitlines()[0][:200]}); copy or download it again."
+        ) from None
 
 
 def select_timm_state(obj: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

@@ -157,8 +157,9 @@ class BaseTeacher(nn.Module, ABC):
 
     @classmethod
     def _auto_variant(cls, values: Mapping[str, Any]) -> Tuple[str, str, Optional[str]]:
-        """``(variant, how it was chosen, the weights file read)`` for ``variant: auto`` from the bound constructor kwargs: the
-        weights file's size (:func:`vfmkd.teachers.loading.auto_variant`); LoRA-SAM also asks its LoRA file."""
+        """``(variant, how it was chosen, the weights file read)`` for ``variant: auto`` from the bound constructor
+        kwargs: the weights file's size (:func:`vfmkd.teachers.loading.auto_variant`); LoRA-SAM also asks its LoRA
+        file."""
         return auto_variant(cls.family, cls.default_variant, values.get("checkpoint"), values.get("init", "pretrained"),
                             cls.detect_variant)
 

@@ -101,8 +101,9 @@ _PATCH_KEY = "patch_embed.proj.weight"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-def describe_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Tuple[str, int, int, int,
-                                                                                                     int]:
+def describe_state_dict(
+    state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> Tuple[str, int, int, int, int]:
     """(family, embed dim, depth, patch size, registers) of a DINO/DINOv2 ViT state_dict, from its keys
     and tensor shapes only. Accepts Meta's official layout and timm's. DINOv2 is recognised by its
     ``mask_token`` or LayerScale (``ls1.gamma``) tensors, which DINO v1 does not have."""

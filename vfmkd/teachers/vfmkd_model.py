@@ -1,4 +1,5 @@
-"""A trained vfmkd student as a frozen teacher (``teachers.<name>: {type: vfmkd, checkpoint: <run>/checkpoints/best.pt}``).
+"""A trained vfmkd student as a frozen teacher
+(``teachers.<name>: {type: vfmkd, checkpoint: <run>/checkpoints/best.pt}``).
 
 The checkpoint is a run's training checkpoint (``Trainer.save``: ``model`` state dict, ``config`` the
 resolved experiment). It is read with :func:`vfmkd.utils.checkpoint.load_checkpoint` (``weights_only=True``,

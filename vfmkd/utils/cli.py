@@ -149,8 +149,9 @@ def load_experiment_args(args: argparse.Namespace) -> Dict[str, Any]:
 PRESET_KEY = "train.preset"
 
 
-def apply_preset(raw: Dict[str, Any], overrides: Sequence[str], source: str, flag: Optional[str] = None) -> Dict[str,
-                                                                                                                 Any]:
+def apply_preset(
+    raw: Dict[str, Any], overrides: Sequence[str], source: str, flag: Optional[str] = None
+) -> Dict[str, Any]:
     """The validated experiment of ``raw`` (shortcut flags applied) and ``overrides`` with the memory
     preset applied: the one of ``train.preset=`` among the overrides, else ``--preset`` (``flag``),
     else the file's ``train.preset``; none (the default) leaves the experiment as written. The preset's

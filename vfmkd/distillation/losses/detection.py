@@ -31,8 +31,9 @@ class DetectionLoss:
                                parameters=head.parameters)
         self._loss = v8DetectionLoss(view)
 
-    def __call__(self, head_output: Dict[str, torch.Tensor], batch: Batch) -> Tuple[torch.Tensor,
-                                                                                    Dict[str, torch.Tensor]]:
+    def __call__(
+        self, head_output: Dict[str, torch.Tensor], batch: Batch
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         total, items = self._loss(head_output, batch.boxes.as_loss_input())  # total: (3,) summed over the batch
         batch_size = head_output["boxes"].shape[0]
         return total.sum() / batch_size, {k.replace("_loss", ""): v for k, v in items.items()}

@@ -43,8 +43,9 @@ class FeatureDistillLoss(nn.Module, ABC):
     def compare(self, adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) adapted student, (B, C, H, W) teacher, (B, 1, H, W) mask -> scalar loss."""
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         adapted = self.adapter(student.float())
         teacher = teacher.float()
         mask = mask.float()

@@ -93,7 +93,12 @@ class PromptDistillLoss(nn.Module):
         if points < 0 or refine_iters < 0:
             raise ConfigError(f"prompt_distill: points and refine_iters must be >= 0, got {points}, {refine_iters}")
         self.teacher = teacher
-        self.bce_weight, self.dice_weight, self.smooth, self.binarize = float(bce), float(dice), float(smooth), bool(binarize)
+        self.bce_weight, self.dice_weight, self.smooth, self.binarize = (
+            float(bce),
+            float(dice),
+            float(smooth),
+            bool(binarize),
+        )
         self.points, self.refine_iters, self.seed = int(points), int(refine_iters), int(seed)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -173,7 +173,9 @@ class MambaBackbone(BaseBackbone):
         spec = resolve_variant(variant)
         spec = spec._replace(d_state=d_state or spec.d_state, expand=expand or spec.expand)
         if scan not in SCANS:
-            raise ConfigError(f"unknown mamba scan '{scan}'.{did_you_mean(scan, SCANS)} Choose from {', '.join(SCANS)}.")
+            raise ConfigError(
+                f"unknown mamba scan '{scan}'.{did_you_mean(scan, SCANS)} Choose from {', '.join(SCANS)}."
+            )
         strides = [int(s) for s in strides]
         bad = [s for s in strides if s not in STAGE_STRIDES]
         if bad or not strides or sorted(set(strides)) != strides:

@@ -61,7 +61,9 @@ class RTDETRHead(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if num_queries < 1 or num_decoder_layers < 1:
-            raise ValueError(f"num_queries and num_decoder_layers must be >= 1, got {num_queries}, {num_decoder_layers}")
+            raise ValueError(
+                f"num_queries and num_decoder_layers must be >= 1, got {num_queries}, {num_decoder_layers}"
+            )
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
         if not in_specs:
