@@ -144,7 +144,8 @@ def main() -> None:
                     allowed.append(v)
                     n_ok += 1
         ok = torch.cat(allowed) if allowed else torch.zeros(0)
-        fmt = (lambda t, q=None: "-" if t.numel() == 0 else f"{(t.mean() if q is None else t.quantile(q)):.4f}")
+        def fmt(t, q=None):
+            return "-" if t.numel() == 0 else f"{(t.mean() if q is None else t.quantile(q)):.4f}"
         print(f"| {kind} | {n_ok}/{n} | {fmt(ok)} | {fmt(ok, 0.05)} | {fmt(torch.cat(every))} |")
     ds = DetectionDataset(root, "train2017", a.img_size, a.images)
     v = mirrored_grid_cosine(teacher, [load_rgb(p) for p in ds.paths])

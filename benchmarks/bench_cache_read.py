@@ -158,7 +158,8 @@ def build_files(work: Path, n: int, c: int, side: int, seed: int):
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(2)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?")
     can_drop = can_drop_caches()
     cold = args.cold_repeats > 0 and can_drop
     fs = subprocess.run(["df", "-T", tempfile.gettempdir() if args.workdir is None else args.workdir],

@@ -122,7 +122,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     logging.getLogger("vfmkd").setLevel(logging.ERROR)  # the random-init banner, once per teacher
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}, malloc {malloc}")
     print(f"SAM {args.variant} (teacher.init=random), batch {args.batch_size}, {args.images} images of "
@@ -192,9 +193,11 @@ def main() -> int:
             t_bare, t_pipe = [], []
             for r in range(args.repeats):
                 if r % 2 == 0:
-                    t_bare.append(bare()); t_pipe.append(pipeline(r))
+                    t_bare.append(bare())
+                    t_pipe.append(pipeline(r))
                 else:
-                    t_pipe.append(pipeline(r)); t_bare.append(bare())
+                    t_pipe.append(pipeline(r))
+                    t_bare.append(bare())
                 print(f"  [{size}] repeat {r}: bare {t_bare[-1]:.2f} s (CPU {cpu['bare'][-1]:.1f} s), "
                       f"pipeline {t_pipe[-1]:.2f} s (CPU {cpu['pipeline'][-1]:.1f} s)", flush=True)
             note = idle_note(load0)

@@ -87,7 +87,7 @@ def peak_bytes(trainer: Trainer, item) -> int:
 
 def measure(configs: Dict[str, Tuple[Trainer, bool]], rounds: int) -> Dict[str, Tuple[float, float]]:
     items = {}
-    for name, (trainer, on) in configs.items():
+    for name, (trainer, _) in configs.items():
         trainer.model.train()
         trainer.distiller.train()
         items[name] = next(iter(trainer.train_loader))
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         out += ["", "### Fixed student input 128", ""] + table(res2, fixed_pairs)
         print("\n".join(out), flush=True)
         out = []
-        sr = {s: res2[d][1] - res2[l][1] for s, l, d in fixed_pairs}
+        sr = {s: res2[d][1] - res2[low][1] for s, low, d in fixed_pairs}
         if sr["2"] > 0:
             out.append(f"\nSR memory 1.5 vs 2.0 at a fixed student input: {100 * (1 - sr['1.5'] / sr['2']):.0f} % less "
                    f"(design: ~44 %)")

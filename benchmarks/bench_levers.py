@@ -131,7 +131,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"SAM ViT-B live (random init) @ {a.teacher_size}, YOLOv8n @ {a.img_size}, batch {a.batch}, "
           f"{a.images} images per timed epoch (one warm-up epoch)")
-    print("| lever | s / step (batch of %d) | vs baseline | peak RSS MiB | CUDA peak MiB |" % a.batch)
+    print(f"| lever | s / step (batch of {a.batch}) | vs baseline | peak RSS MiB | CUDA peak MiB |")
     print("|---|---|---|---|---|")
     base = None
     for label, overrides in LEVERS:

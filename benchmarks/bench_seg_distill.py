@@ -401,7 +401,7 @@ def part_heads(args, results) -> None:
                   flush=True)
     print("\n| head (experiment) | metric on val2017 | task only | distilled (random teacher) | Δ |")
     print("|---|---|---|---|---|")
-    for task, exp, teacher, img, keys in HEADS:
+    for task, exp, _, img, keys in HEADS:
         img = args.heads_img or img
         a, b = (next(r for r in rows if r["task"] == task and r["variant"] == v) for v in ("task only", "distilled"))
         for k in keys:
@@ -417,7 +417,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     logging.getLogger("vfmkd").setLevel(logging.WARNING)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"malloc {malloc}; teachers init={args.teacher_init}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     results = {"args": vars(args)}

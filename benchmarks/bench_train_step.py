@@ -132,7 +132,8 @@ def main() -> int:
     from vfmkd.engine.trainer import Trainer
 
     torch.set_num_threads(args.threads)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?")
     n_images = args.batch_size * args.batches
     cache = Path(
         args.cache_dir or REPO / "work_dirs" / "bench_cache" / f"sam_vit_b_{args.teacher_input}_random_n{n_images}"

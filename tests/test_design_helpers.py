@@ -67,7 +67,7 @@ def test_download_models_offline_lists_every_checkpoint_once(offline, tmp_path, 
     assert download_models.main(["--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(offline) == 1, "after the server proved unreachable the other files must not be tried"
-    for name, w in OFFICIAL_WEIGHTS.items():
+    for w in OFFICIAL_WEIGHTS.values():
         assert w.url in err and str(tmp_path / w.filename) in err
         if w.sha256:
             assert w.sha256 in err

@@ -93,11 +93,11 @@ def test_lora_changes_features_as_an_unmerged_adapter_would(base_ckpt, base_feat
     assert (feats["image_embeddings"] - ref["image_embeddings"]).abs().max() > 1e-2  # the LoRA matters
 
     # Reference: the plain base model with the adapter applied in forward, qkv(x) + alpha/r * x A^T B^T.
+    def lora_hook(a: torch.Tensor, b: torch.Tensor):
+        return lambda m, inp, out: out + (ALPHA / RANK) * (inp[0] @ a.T @ b.T)
+
     hooks = [
-        blk.attn.qkv.register_forward_hook(
-            lambda m, inp, out, a=sd[lora_key(i, "A")],
-            b=sd[lora_key(i, "B")]: out + (ALPHA / RANK) * (inp[0] @ a.T @ b.T)
-        )
+        blk.attn.qkv.register_forward_hook(lora_hook(sd[lora_key(i, "A")], sd[lora_key(i, "B")]))
         for i, blk in enumerate(base.sam.image_encoder.blocks)
     ]
     try:

@@ -159,7 +159,9 @@ def test_cls_distill_layouts_and_bool_mask(mode):
     torch.testing.assert_close(loss(s, t), per_anchor.mean() * temp ** 2)
     torch.testing.assert_close(loss(s, t, anchors), per_anchor[anchors].mean() * temp ** 2)  # bool mask
     # (N, K) rows give the same value as the (B, K, A) layout.
-    rows = lambda x: x.permute(0, 2, 1).reshape(-1, 5)
+    def rows(x):
+        return x.permute(0, 2, 1).reshape(-1, 5)
+
     torch.testing.assert_close(loss(rows(s), rows(t), anchors.reshape(-1)), loss(s, t, anchors))
     torch.testing.assert_close(loss(s.permute(0, 2, 1), t.permute(0, 2, 1), anchors, class_dim=-1), loss(s, t, anchors))
 

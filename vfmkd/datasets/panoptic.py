@@ -105,11 +105,11 @@ def _split_entry(config: Mapping[str, Any], split: str, source: Path) -> Mapping
     is named after it (``val`` for ``val2017``)."""
     if isinstance(config.get(split), Mapping):
         return config[split]
-    for key, entry in config.items():
+    for entry in config.values():
         if not isinstance(entry, Mapping):
             continue
-        names = {Path(str(entry.get(k, ""))).name for k in ("images",
-                                                            "masks")} | {Path(str(entry.get("annotations", ""))).stem}
+        names = ({Path(str(entry.get(k, ""))).name for k in ("images", "masks")}
+                 | {Path(str(entry.get("annotations", ""))).stem})
         if split in names or f"panoptic_{split}" in names:
             return entry
     listed = [k for k, v in config.items() if isinstance(v, Mapping)]

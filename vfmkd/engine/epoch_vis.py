@@ -167,7 +167,7 @@ class EpochVisualizer:
         self.written.append(path)
         teacher_maps, student_maps, valid = {}, {}, {}
         if self.distiller is not None:
-            for name, module in self.distiller.feature_terms(active_only=False).items():
+            for module in self.distiller.feature_terms(active_only=False).values():
                 target = targets.get(module.teacher)
                 if target is None:
                     continue
