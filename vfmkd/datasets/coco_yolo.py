@@ -147,7 +147,7 @@ def check_images(paths: Sequence[Path], split: str) -> Tuple[List[Path], List[Tu
 
 
 def to_rgb8(im: Image.Image) -> np.ndarray:
-    """A decoded Pillow image -> RGB uint8 (H, W, 3) by the documented rule (README, "Bad input"):
+    """A decoded Pillow image -> RGB uint8 (H, W, 3) by the documented rule (docs/bad_input.md):
     integer grayscale wider than 8 bits (``I;16*``, ``I``: 16-bit PNG/TIFF) maps its full 16-bit
     range linearly, ``round(v * 255 / 65535)`` (0 -> 0, 65535 -> 255; values outside clipped);
     float grayscale (``F``) maps [0, 1] linearly (clipped); every other mode is Pillow's
