@@ -58,6 +58,10 @@ def write_run(path: Path, heads: dict, backbone: dict | None = None, scale: floa
     return path
 
 
+def model_cfg(ckpt: Path) -> dict:
+    return dict(torch.load(ckpt, weights_only=True)["config"]["model"])
+
+
 def student(ckpt: Path):
     return load_student(ckpt, torch.load(ckpt, weights_only=True)["config"], "stored")
 
@@ -149,6 +153,10 @@ def test_dynamic_dsrl_export_follows_the_input_size(runs, tmp_path):
     ts_path = tmp_path / "dsrl.torchscript"
     assert export(ckpt, "--format", "torchscript", "--output", ts_path, "--dynamic") == 0
     ts = torch.jit.load(str(ts_path))
+    from vfmkd.engine.export import size_multiple  # the log names the sizes a dynamic export takes
+
+    assert size_multiple(model) == 64 and size_multiple(build_model({**model_cfg(ckpt), "resolution_distill": {
+        "enabled": True, "sr_target_scale": 1.5, "head": "semantic"}})) == 48
     for shape in ((2, 3, 256, 192),):  # another batch, height and width than the traced (1, 3, 128, 128)
         x = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
         want_pred, want_proto, want_sem = pytorch_instance(model, x)

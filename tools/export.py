@@ -40,6 +40,7 @@ from vfmkd.engine.export import (  # noqa: E402
     export_outputs,
     export_student,
     load_student,
+    size_multiple,
 )
 from vfmkd.engine.export_output import refuse_checkpoint_output  # noqa: E402
 from vfmkd.engine.export_promptable import export_promptable as export_promptable_graphs  # noqa: E402
@@ -130,7 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     params = sum(p.numel() for p in model.parameters())
     log.info("exported %s (%s config) -> %s [%s, %d parameters, input (%s, 3, %d, %d)%s, %.1f MiB]",
              checkpoint, config_name, output, args.format, params, "B" if args.dynamic else 1, imgsz, imgsz,
-             ", dynamic" if args.dynamic else "", output.stat().st_size / 2**20)
+             f", dynamic: any batch, sides that are multiples of {size_multiple(model)}" if args.dynamic else "",
+             output.stat().st_size / 2**20)
     if args.format != "ultralytics":
         log.info("outputs, in order: %s", ", ".join(f"{o.name} ({o.head} {o.kind})" for o in export_outputs(model)))
     if diff:

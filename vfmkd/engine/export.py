@@ -167,6 +167,18 @@ def second_size(model: UnifiedModel, imgsz: int) -> int:
     raise ConfigError(f"no input size between {imgsz} and {4 * imgsz} fits the student")
 
 
+def size_multiple(model: UnifiedModel) -> int:
+    """The smallest input side the student takes (:func:`check_model_input`): a dynamic export takes every
+    multiple of it (32 for a stride-32 student, 48 under DSRL at sr_target_scale 1.5) and no other size."""
+    for n in range(1, 4097):
+        try:
+            check_model_input(model, n, "", "")
+        except ConfigError:
+            continue
+        return n
+    raise ConfigError("no input size up to 4096 fits the student")
+
+
 def probe_inputs(model: UnifiedModel, imgsz: int, dynamic: bool) -> List[torch.Tensor]:
     """The inputs an export is checked on: one image at ``imgsz`` (two with ``dynamic``), and with
     ``dynamic`` one more at (:func:`second_size`, ``imgsz``)."""
