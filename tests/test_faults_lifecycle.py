@@ -115,6 +115,10 @@ def test_task_metrics_never_need_the_teacher(run, features, tmp_path, monkeypatc
     assert "mAP50-95" in result and "fidelity" not in result
     assert "held-out fidelity skipped" in caplog.text and "--fidelity live" in caplog.text
     assert "prepare_teacher_features.py --teacher sam" in caplog.text and "--splits val2017" in caplog.text
+    caplog.clear()  # a live-only teacher has nothing to cache: --fidelity live is the one way, said once
+    assert run_tool(test_tool.main, [*argv, "teachers.sam.offline=false"]) == 0
+    assert "(teachers.sam: live only, offline: false); pass --fidelity live" in caplog.text
+    assert "cache it" not in caplog.text and "nothing to cache" not in caplog.text
 
     # the val cache gives fidelity without the live teacher; --fidelity live without weights says why it fails
     assert run_tool(test_tool.main, argv) == 0

@@ -70,12 +70,16 @@ def fidelity_router(exp: Any, dataset: Any, live: LiveTeachers, fidelity: str) -
                 str(teachers[n]["feature_path"]),
                 teacher_config=teachers[n],
             )
-            if teachers[n].get("feature_path") and teachers[n].get("offline", True)
-            else f"teachers.{n} is live only (offline: false), nothing to cache"
             for n in uncached
+            if teachers[n].get("feature_path") and teachers[n].get("offline", True)
         ]
-        get_logger().info("held-out fidelity skipped: no %s cache of teacher(s) %s; cache it (%s), or %s",
-                          dataset.split, ", ".join(uncached), "; ".join(fixes), how)
+        live_only = [n for n in uncached if not (teachers[n].get("feature_path") and teachers[n].get("offline", True))]
+        # a live-only teacher has no cache to write: --fidelity live is its only way
+        said = ([f"cache it ({'; '.join(fixes)})"] if fixes else []) + [how]
+        get_logger().info("held-out fidelity skipped: no %s cache of teacher(s) %s%s; %s", dataset.split,
+                          ", ".join(uncached),
+                          f" ({', '.join(f'teachers.{n}' for n in live_only)}: live only, offline: false)"
+                          if live_only else "", ", or ".join(said))
         return None
     return router
 
