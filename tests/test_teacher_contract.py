@@ -79,7 +79,9 @@ def canvases():
 
 
 def test_every_registered_teacher_has_a_case():
-    missing = sorted(set(TEACHERS.names()) - set(TEACHER_CASES))
+    # vfmkd's own teachers; a user's teacher registered by another test (custom_imports) doesn't count.
+    builtin = {n for n in TEACHERS.names() if TEACHERS.get(n).__module__.startswith("vfmkd.")}
+    missing = sorted(builtin - set(TEACHER_CASES))
     assert not missing, f"registered teachers without a contract case in TEACHER_CASES: {missing}"
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 
 from vfmkd.core.errors import CheckpointError
-from vfmkd.teachers.weights import default_checkpoint_path, weights_for
+from vfmkd.teachers.weights import OFFICIAL_WEIGHTS, default_checkpoint_path, weights_for
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
 
 logger = logging.getLogger("vfmkd")
@@ -71,23 +71,31 @@ def load_teacher_weights(
     "random-init:seed<N>")`` when the user asked for random weights (logged with a banner).
     ``check(state_dict, path)`` raises CheckpointError when the file is another variant; it runs
     before any model is built, so a wrong file fails in milliseconds."""
-    official = weights_for(family, variant)
+    # A teacher of your own has no entry in the official table: it names its file with teacher.checkpoint.
+    official = weights_for(family, variant) if (family, variant) in _official_pairs() else None
+    download = official.download_command if official else f"set teacher.checkpoint to your {label} weights file"
     if init == "random":
         if checkpoint:
             logger.warning("teacher.checkpoint=%s is ignored because teacher.init=random.", checkpoint)
-        logger.warning(RANDOM_BANNER.format(label=label, download=official.download_command))
+        logger.warning(RANDOM_BANNER.format(label=label, download=download))
         return None, f"random-init:seed{seed}"
     path = checkpoint_path(family, variant, checkpoint)
     if not path.exists():
+        fix = "Set teacher.checkpoint to an existing file."
+        if official:
+            fix = f"Download it with `{download}`, or set teacher.checkpoint=/path/to/{official.filename}."
         raise CheckpointError(
-            f"{label} {variant} checkpoint not found: {path} (absolute: {path.resolve()}). Download it "
-            f"with `{official.download_command}`, or set teacher.checkpoint=/path/to/{official.filename}. "
+            f"{label} {variant} checkpoint not found: {path} (absolute: {path.resolve()}). {fix} "
             "For a smoke test without weights set teacher.init=random explicitly "
             "(features are then meaningless)."
         )
-    state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=official.download_command))
+    state_dict = unwrap_state_dict(load_checkpoint(path, download_hint=download))
     check(state_dict, path)
     return state_dict, sha256_of_file(path)
+
+
+def _official_pairs() -> set[Tuple[str, str]]:
+    return {(w.family, w.variant) for w in OFFICIAL_WEIGHTS.values()}
 
 
 def config_weights_id(family: str, variant: str, checkpoint: Optional[str], init: str, seed: int) -> str:
