@@ -31,6 +31,7 @@ import logging
 import math
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -51,7 +52,6 @@ from vfmkd.core.config import (  # noqa: E402
     resolve_path,
     teacher_kwargs,
 )
-from vfmkd.core.device import resolve_device  # noqa: E402
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
 from vfmkd.datasets.cache_codec import STORAGES, bytes_per_image, mask_bytes, mirror_affine  # noqa: E402
@@ -60,6 +60,7 @@ from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_
 from vfmkd.datasets.feature_cache import OUTPUTS, cache_file, label_files_sha256  # noqa: E402
 from vfmkd.datasets.feature_cache_reader import FeatureCacheReader  # noqa: E402
 from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter, MaskPlan  # noqa: E402
+from vfmkd.engine.distributed import init_distributed  # noqa: E402
 from vfmkd.teachers.base import segmenting_teachers  # noqa: E402
 from vfmkd.utils.cli import entry  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
@@ -458,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_outputs(args.outputs, entry_cfg["type"], TEACHERS.get(entry_cfg["type"]))
     root = Path(args.data_root) if args.data_root else resolve_path(Path("datasets") / args.dataset)
     output = Path(args.output or f"teacher_features/{args.teacher}/")
-    dist = init_distributed(kwargs)
+    dist = join_torchrun(kwargs)
     torch.manual_seed(args.seed)  # random-init weights must be the same on every (resumed) run
     teacher = TEACHERS.build(entry_cfg["type"], where=f"teacher '{args.teacher}'", **kwargs)
     LOG.info("teacher %s: %s; fingerprint %s", args.teacher, json.dumps(entry_cfg, default=str),
@@ -481,28 +482,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0 if ok else 1
 
 
-def init_distributed(kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+def join_torchrun(kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
     """(rank, world size) when started by torchrun with WORLD_SIZE > 1 (gloo on CPU, nccl when the teacher
     runs on CUDA, each rank on cuda:LOCAL_RANK; ``kwargs['device']``, when given, is set to it; ``auto``
     resolves to it by itself); None otherwise (a single process, exactly as without torchrun)."""
-    import os
-    from datetime import timedelta
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "RANK" not in os.environ or world <= 1:
-        return None
-    import torch.distributed as tdist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = resolve_device(kwargs.get("device", "auto"), "teacher.device").type == "cuda"
-    if cuda:
-        if "device" in kwargs:
-            kwargs["device"] = f"cuda:{local}"
-        torch.cuda.set_device(local)
     # ranks wait for each other at the shard barrier; rank 0 alone resumes a single-process file or merges
-    tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
-    LOG.info("torchrun: rank %d of %d (local rank %d), %s", rank, world, local, "nccl" if cuda else "gloo")
-    return rank, world
+    ctx = init_distributed(kwargs.get("device", "auto"), "teacher.device", timeout=timedelta(hours=12))
+    if not ctx.enabled:
+        return None
+    if ctx.device.type == "cuda" and "device" in kwargs:
+        kwargs["device"] = str(ctx.device)
+    LOG.info("torchrun: rank %d of %d (local rank %d), %s", ctx.rank, ctx.world_size, ctx.local_rank,
+             "nccl" if ctx.device.type == "cuda" else "gloo")
+    return ctx.rank, ctx.world_size
 
 
 if __name__ == "__main__":

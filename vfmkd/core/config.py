@@ -60,7 +60,9 @@ class ModelConfig:
 class DistillationConfig:
     # name -> {type (defaults to the name), weight, log_as, ...loss kwargs}
     losses: Dict[str, Any] = field(default_factory=dict)
-    offline_ratio: float = 1.0  # per batch: cached features with this probability, else a live teacher pass
+    # per batch: cached features with this probability, else a live teacher pass; its range in [0, 1] is
+    # checked by its one user, TeacherRouter (so a direct API user gets the same error)
+    offline_ratio: float = 1.0
     distill_interval: int = 1  # distil every k-th step (the teacher pass and feature losses are skipped between)
     missing_cache: str = "error"  # error | online: images absent from a cache go to the live teacher
     # A cached map stands in for a live pass only if a live teacher would see every visible point of
@@ -446,10 +448,6 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (train["save_period"] >= 0, "train.save_period must be >= 0 (0 = no periodic checkpoint_epoch{E}.pt)"),
         (train["warmup_epochs"] >= 0, "train.warmup_epochs must be >= 0 (0 = use train.warmup_iters)"),
         (train["vis_interval"] >= 0, "train.vis_interval must be >= 0 (0 = no visualizations)"),
-        (
-            0.0 <= dist["offline_ratio"] <= 1.0,
-            f"distillation.offline_ratio must be within [0, 1], got {dist['offline_ratio']}",
-        ),
         (dist["distill_interval"] >= 1, "distillation.distill_interval must be >= 1"),
         (
             dist["offline_max_shift"] >= 0.0,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from datetime import timedelta
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -77,17 +78,20 @@ class DistributedContext:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def init_distributed(device_name: str) -> DistributedContext:
-    """Join the process group torchrun describes (or run alone); the device of this rank."""
+def init_distributed(device_name: str, key: str = "train.device",
+                     timeout: Optional[timedelta] = None) -> DistributedContext:
+    """Join the process group torchrun describes (RANK set, WORLD_SIZE > 1) or run alone; the device of
+    this rank (``auto`` under torchrun: cuda:LOCAL_RANK). ``key`` names the setting in errors; ``timeout``
+    bounds each collective (None: torch's default). The one entry for training and the cache tool."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    requested = resolve_device(device_name, "train.device")  # auto: cuda:LOCAL_RANK under torchrun
-    if world <= 1:
+    requested = resolve_device(device_name, key)
+    if "RANK" not in os.environ or world <= 1:
         return DistributedContext(device=requested)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = requested.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     return DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
