@@ -166,6 +166,12 @@ def test_foreign_truncated_and_pickled_files_are_refused(tmp_path, yolov8n_file)
     with pytest.raises(CheckpointError, match="refused: it references posix.system"):
         build_model(yolo_cfg(**{"from": str(tmp_path / "payload_in_yolo.pt")}), initialise=True)
     assert not marker.exists()
+    # a vfmkd file of another size: only BatchNorm step counters (integers) had the student's shapes
+    torch.save(build_model({**yolo_cfg(), "backbone": {"type": "yolov8", "variant": "s"}}).state_dict(),
+               tmp_path / "yolov8s_run.pt")
+    with pytest.raises(CheckpointError, match=r"nothing in .*yolov8s_run.pt fits.*backbone.stem.0.conv.weight is "
+                                              r"\[32, 3, 3, 3\] in the file, \[16, 3, 3, 3\] in the student"):
+        build_model(yolo_cfg(**{"from": str(tmp_path / "yolov8s_run.pt")}), initialise=True)
     with pytest.raises(ConfigError, match="unknown key 'form'.*'from'"):
         build_model(yolo_cfg(form="x.pt"), initialise=True)
 

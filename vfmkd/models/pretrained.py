@@ -143,10 +143,23 @@ def initialise_student(model: nn.Module, source: str, parts: Optional[Sequence[s
             loaded.append(name)
     missing = [k for k in own if k not in updates and (not found.covers or k.startswith(found.covers))]
     report = InitReport(str(path), found.kind, chosen, loaded, skipped, mismatched, missing, found.dropped, found.notes)
-    if not loaded:
+    learned = {n for n, p in model.named_parameters() if p.requires_grad}
+    # A part with no learned tensor loaded (BatchNorm step counters and fixed buffers such as DFL's bins are
+    # no weights) is a file of another model or size: a yolov8s run's file fits only a yolov8n's head convs.
+    unfit = [p for p in chosen if not any(n in learned and n.startswith(p + ".") for n in loaded)]
+    if parts is None and unfit == ["heads"]:  # by default, heads of other names or types are left as built
+        report.notes.append("no head tensor fits the student's heads (other head names or types): heads kept as "
+                            "initialised")
+        unfit = []
+    if unfit:
+        shapes = "".join(f"; {n} is {list(a)} in the file, {list(b)} in the student"
+                         for n, a, b in [m for m in mismatched if m[0].startswith(unfit[0] + ".")][:1])
+        fitting = [p for p in chosen if p not in unfit]
+        or_parts = f" (or set model.init.parts to {fitting})" if fitting else ""
         raise CheckpointError(
-            f"model.init: nothing in {path} fits the student's {', '.join(chosen)} (the file holds "
-            f"{key_prefixes(list(found.tensors) + found.unplaced, depth=2)}): it is a checkpoint of another model; "
+            f"model.init: nothing in {path} fits the student's {', '.join(unfit)} (the file holds "
+            f"{key_prefixes(list(found.tensors) + found.unplaced, depth=2)}{shapes}): it is a checkpoint of another "
+            f"model or size{or_parts}; "
             f"model.init.from takes an ultralytics YOLOv8 .pt, a timm checkpoint of the backbone or a vfmkd run's "
             f"checkpoints/best.pt")
     if strict and report.problems():
