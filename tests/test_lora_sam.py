@@ -203,6 +203,21 @@ def test_mismatched_lora_files_are_named_before_building(make, kwargs, expected,
         assert re.search(pattern, msg), (pattern, msg)
 
 
+def test_base_file_of_another_size_is_named_before_the_lora(base_ckpt, tmp_path, monkeypatch):
+    """variant=vit_l with a vit_b base and its vit_b LoRA: the base file is at fault, not the LoRA."""
+    lora = _save(tmp_path, make_lora())
+
+    def boom(*args, **kwargs):
+        raise AssertionError("no SAM may be built for a base file of another size")
+
+    monkeypatch.setattr("vfmkd.teachers.sam.sam_model_registry", {"vit_l": boom, "vit_b": boom})
+    with pytest.raises(CheckpointError) as err:
+        LoraSamTeacher(**_kw(base_ckpt, lora, variant="vit_l"))
+    msg = str(err.value)
+    assert f"checkpoint {base_ckpt} is a SAM vit_b image encoder but teacher.variant is vit_l" in msg, msg
+    assert "set teacher.variant=vit_b" in msg and str(lora) not in msg
+
+
 def test_missing_or_absent_lora_file(tmp_path):
     with pytest.raises(ConfigError, match="needs teacher.lora_checkpoint=.*'sam' teacher"):
         LoraSamTeacher()

@@ -47,7 +47,7 @@ from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.teachers.base import TeacherFingerprint
 from vfmkd.teachers.loading import auto_variant, config_weights_id
-from vfmkd.teachers.sam import SAM_VARIANTS, SamTeacher
+from vfmkd.teachers.sam import SAM_VARIANTS, SamTeacher, wrong_variant_error
 from vfmkd.teachers.settings import TeacherSettings
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
 
@@ -209,7 +209,12 @@ class LoraSamTeacher(SamTeacher):
                                       lora_rank=lora_rank, lora_alpha=lora_alpha, input_size=input_size, init=init,
                                       dtype=dtype, device=device, seed=seed)
         variant, checkpoint = settings.variant, settings.checkpoint  # `auto` resolved (base SAM file, else the LoRA)
-        # The LoRA file is read and checked against the base model's shapes before anything is built.
+        # The base file is checked against teacher.variant first (a vit_b base under variant=vit_l is the base's
+        # fault, not the LoRA's), then the LoRA file against the base model's shapes, before anything is built.
+        if init == "pretrained":
+            found, _, read = auto_variant("sam", variant, checkpoint, init, self.detect_variant)
+            if read is not None and found != variant:
+                raise wrong_variant_error(read, found, variant)
         lora: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
         if lora_checkpoint:
             path = Path(lora_checkpoint)

@@ -62,6 +62,12 @@ def detect_sam_variant(state_dict: Dict[str, torch.Tensor], source: str = "check
     )
 
 
+def wrong_variant_error(path: Path | str, found: str, variant: str) -> CheckpointError:
+    """The error for a base SAM file of size ``found`` under ``teacher.variant=variant``."""
+    return CheckpointError(f"checkpoint {path} is a SAM {found} image encoder but teacher.variant is {variant}; "
+                           f"set teacher.variant={found} or teacher.variant=auto (or use the {variant} checkpoint).")
+
+
 @TEACHERS.register("sam")
 class SamTeacher(BaseTeacher):
     """Frozen SAM image encoder.
@@ -101,10 +107,7 @@ class SamTeacher(BaseTeacher):
         def check(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
             found = detect_sam_variant(state_dict, source=f"checkpoint {path}")
             if found != variant:
-                raise CheckpointError(
-                    f"checkpoint {path} is a SAM {found} image encoder but teacher.variant is {variant}; "
-                    f"set teacher.variant={found} or teacher.variant=auto (or use the {variant} checkpoint)."
-                )
+                raise wrong_variant_error(path, found, variant)
 
         path = checkpoint_path("sam", variant, checkpoint)
         state_dict, self._weights_id = load_teacher_weights("SAM", "sam", variant, checkpoint, init, seed, check)
