@@ -78,7 +78,7 @@ def test_instance_experiment_checkpoints_and_pictures(instance_run):
 def test_tools_test_writes_results_and_samples(instance_run):
     assert test_tool.main([str(instance_run / "config.yaml"), str(instance_run / "checkpoints" / "best.pt"),
                            "--no-progress"]) == 0
-    text = (instance_run / "test_results.txt").read_text()
+    text = (instance_run / "test_results_val2017.txt").read_text()
     assert "mask_mAP50-95" in text and "mAP50" in text
     assert (instance_run / "visualizations" / "test_sample_000.png").is_file()
     assert (instance_run / "test_metrics_val2017.json").is_file()

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vfmkd.core.config import experiment_record, resolve_path  # noqa: E402
 from vfmkd.engine.builders import head_tasks  # noqa: E402
 from vfmkd.engine.run_dir import create_run_dir, remove_unused_run_dir, write_json, write_run_config  # noqa: E402
-from vfmkd.engine.tester import FIDELITY_SOURCES, test_checkpoint  # noqa: E402
+from vfmkd.engine.tester import FIDELITY_SOURCES, test_checkpoint, test_results_path  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
 
@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("%s: panoptic PQ=%.4f SQ=%.4f RQ=%.4f (things PQ=%.4f, stuff PQ=%.4f) over %d images, %d skipped",
                  split, pan["PQ"], pan["SQ"], pan["RQ"], pan["PQ_things"], pan["PQ_stuff"], pan["images"],
                  pan["skipped"])
-    log.info("metrics -> %s, %s; pictures -> %s", out, run_dir / "test_results.txt", run_dir / "visualizations")
+    log.info("metrics -> %s, %s; pictures -> %s", out, test_results_path(run_dir, split), run_dir / "visualizations")
     for key, value in (metrics.get("fidelity") or {}).items():
         log.info("%s: held-out %s cosine=%.4f mse=%.4f over %d cells", split, key, value["cos"], value["mse"],
                  value["cells"])

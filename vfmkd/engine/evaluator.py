@@ -140,7 +140,7 @@ def primary_metric(result: Mapping[str, Any], tasks: Mapping[str, str]) -> Tuple
 
 def scalar_metrics(result: Mapping[str, Any]) -> Dict[str, float]:
     """The plain numbers of an :func:`evaluate` result, flattened for loggers: ``<head>/<metric>``,
-    top-level numbers, ``cos_<teacher/feature@level>`` (per-class tables are left to test_results.txt)."""
+    top-level numbers, ``cos_<teacher/feature@level>`` (per-class tables are left to test_results_<split>.txt)."""
     out: Dict[str, float] = {}
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -84,6 +84,12 @@ def fidelity_router(exp: Any, dataset: Any, live: LiveTeachers, fidelity: str) -
     return router
 
 
+def test_results_path(out_dir: Path, split: str) -> Path:
+    """``out_dir/test_results_<split>.txt``: one per split, as ``test_metrics_<split>.json``, so testing
+    another split does not replace this one's summary."""
+    return Path(out_dir) / f"test_results_{split}.txt"
+
+
 def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_name: str,
                     progress: bool = True, out_dir: Optional[Path] = None, fidelity: str = "cache") -> Dict[str, Any]:
     """Every head's metrics (mAP, mask mAP, mIoU, Dice, ...) of the checkpoint's student on ``split``
@@ -92,7 +98,7 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     when a teacher has none) or, with "live", the live teacher where no cache exists ("off": none). With ``out_dir``,
     the first batch is drawn into ``out_dir/visualizations/test_sample_000.png`` (+ ``_pca``; a model
     with instance and semantic heads also ``test_panoptic_000.png``, its merged panoptic output) and
-    every metric (PQ/SQ/RQ under ``panoptic``) is written to ``out_dir/test_results.txt``."""
+    every metric (PQ/SQ/RQ under ``panoptic``) is written to ``out_dir/test_results_<split>.txt``."""
     exp = experiment_record(cfg)
     state = load_checkpoint(checkpoint)
     if "model" not in state:
@@ -137,6 +143,6 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     metrics.update(checkpoint=str(checkpoint), split=split, epoch=state.get("epoch"))
     if out_dir is not None:
         header = {"checkpoint": str(checkpoint), "split": split, "epoch": state.get("epoch"), "config": config_name}
-        write_test_results(Path(out_dir) / "test_results.txt", {k: v for k, v in metrics.items() if k not in header},
+        write_test_results(test_results_path(out_dir, split), {k: v for k, v in metrics.items() if k not in header},
                            header)
     return metrics
