@@ -2,7 +2,7 @@
 
 Per teacher it answers, once per run, "does a live model have to be loaded, and why", and per
 batch "cached targets or a live pass, and why", from the same predicates, so a batch can only be
-routed live when its live model exists. Semantics (README, "Offline, online, mixed"):
+routed live when its live model exists. Semantics (docs/distillation.md, its routing table):
 
 * ``offline: false`` -> every batch live; no cache is opened.
 * ``offline: true`` with ``offline_ratio`` 0.0 -> a pure live run; no cache is needed.
