@@ -60,8 +60,8 @@ class ModelConfig:
 class DistillationConfig:
     # name -> {type (defaults to the name), weight, log_as, ...loss kwargs}
     losses: Dict[str, Any] = field(default_factory=dict)
-    # per batch: cached features with this probability, else a live teacher pass; its range in [0, 1] is
-    # checked by its one user, TeacherRouter (so a direct API user gets the same error)
+    # per batch: cached features with this probability, else a live teacher pass; its range is one rule,
+    # check_offline_ratio, applied at load (before a run directory exists) and by TeacherRouter (API users)
     offline_ratio: float = 1.0
     distill_interval: int = 1  # distil every k-th step (the teacher pass and feature losses are skipped between)
     missing_cache: str = "error"  # error | online: images absent from a cache go to the live teacher
@@ -411,9 +411,17 @@ def import_custom_modules(modules: Sequence[str]) -> None:
             ) from exc
 
 
+def check_offline_ratio(value: float) -> float:
+    """``distillation.offline_ratio`` as a float in [0, 1]; ConfigError otherwise (the one rule)."""
+    if not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"distillation.offline_ratio must be within [0, 1], got {value}")
+    return float(value)
+
+
 def _check_ranges(cfg: Dict[str, Any]) -> None:
     data, train, dist, aug = cfg["data"], cfg["train"], cfg["distillation"], cfg["data"]["augment"]
     rd = cfg["model"]["resolution_distill"]
+    check_offline_ratio(dist["offline_ratio"])
     checks = [
         (
             1.0 < rd["sr_target_scale"] <= 4.0,

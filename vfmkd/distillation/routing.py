@@ -19,7 +19,7 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from vfmkd.core.errors import ConfigError
+from vfmkd.core.config import check_offline_ratio
 from vfmkd.datasets.records import Batch, ViewGeometry
 from vfmkd.datasets.transforms import GeometricAugment
 from vfmkd.distillation.offline import OfflineTeacher
@@ -129,8 +129,7 @@ class TeacherRouter:
     def __init__(self, sources: Mapping[str, TeacherSource], offline_ratio: float, seed: int,
                  augment: Optional[GeometricAugment] = None, offline_max_shift: float = 0.05,
                  offline_crops: bool = False, skip_missing: bool = False, rank: int = 0) -> None:
-        if not 0.0 <= float(offline_ratio) <= 1.0:
-            raise ConfigError(f"distillation.offline_ratio must be within [0, 1], got {offline_ratio}")
+        offline_ratio = check_offline_ratio(offline_ratio)
         self.sources = dict(sources)
         self.offline_ratio, self.seed = float(offline_ratio), int(seed)
         self.max_shift = float(offline_max_shift)
