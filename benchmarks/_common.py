@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -73,3 +76,14 @@ def alternate_steps(step: Callable[[str, Any], float], names: Sequence[str], bat
         if after_repeat is not None:
             after_repeat(r, times)
     return times, pairs
+
+
+def run_result_child(script: str, argv: Sequence[str]) -> Dict[str, Any]:
+    """Run ``script`` with ``argv`` in a fresh process (its own peak memory) with the teacher-pass malloc
+    settings, and return the JSON it printed on its ``RESULT `` line; RuntimeError with its stderr tail."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="17179869184", MALLOC_TRIM_THRESHOLD_="17179869184")
+    res = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env)
+    for line in res.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{script} exited {res.returncode}: {res.stderr[-3000:]}")

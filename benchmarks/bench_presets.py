@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -63,13 +60,10 @@ def child(a) -> None:
 
 
 def run_child(name: str, a) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="17179869184", MALLOC_TRIM_THRESHOLD_="17179869184")
-    res = subprocess.run([sys.executable, __file__, "--child", name, "--images", str(a.images), "--img-size",
-                          str(a.img_size), "--threads", str(a.threads)], capture_output=True, text=True, env=env)
-    for line in res.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(res.stderr[-3000:])
+    from _common import run_result_child
+
+    return run_result_child(__file__, ["--child", name, "--images", str(a.images), "--img-size", str(a.img_size),
+                                       "--threads", str(a.threads)])
 
 
 def main() -> None:

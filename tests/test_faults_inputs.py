@@ -18,21 +18,7 @@ from vfmkd.utils.cli import run_tool
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import prepare_teacher_features as ptf  # noqa: E402
-
-COCO = REPO / "datasets" / "coco128"
-SPLIT = "train2017"
-
-
-def coco_image(k: int = 0) -> Path:
-    return sorted((COCO / "images" / SPLIT).glob("*.jpg"))[k]
-
-
-def new_root(tmp_path: Path) -> Path:
-    root = tmp_path / "ds"
-    (root / "images" / SPLIT).mkdir(parents=True)
-    (root / "object_detection" / "labels" / SPLIT).mkdir(parents=True)
-    return root
-
+from coco_fixture_sets import SPLIT, coco_image, new_root  # noqa: E402
 
 # 1. 16-bit grayscale ---------------------------------------------------------------------------
 
