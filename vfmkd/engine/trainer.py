@@ -30,6 +30,7 @@ from vfmkd.engine.builders import (
     head_tasks,
 )
 from vfmkd.engine.distributed import init_distributed
+from vfmkd.engine.epoch_report import log_epoch, metrics_summary
 from vfmkd.engine.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.evaluator import build_scorers, evaluate, primary_metric, scalar_metrics
 from vfmkd.engine.fusion_log import log_fusion_weights
@@ -499,41 +500,11 @@ class Trainer:
         return counts
 
     def _log_epoch(self, record: Dict[str, Any]) -> None:
-        summary = "  ".join(f"{k}={v:.4f}" for k, v in record["train"].items() if not k.startswith("loss_det_"))
-        val = record.get("val")
-        val_text = ""
-        if val:
-            head, metric, value = primary_metric(val, self.tasks)[:3]
-            val_text = f"  val {head} {metric}={value:.4f}" + (
-                f" mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}"
-                if "mAP50" in val and metric != "mAP50-95"
-                else ""
-            )
-        if val and val.get("fidelity"):
-            val_text += "  held-out " + "  ".join(f"cos[{k}]={v['cos']:.4f}" for k, v in val["fidelity"].items())
-        self.log.info("epoch %d/%d [%s]  %s%s", record["epoch"], self.train_cfg.epochs, record["stage"], summary,
-                      val_text)
-        for name, counts in self.router.summary().items():
-            if counts:  # a stage without the teacher's losses has routed no batch to it yet
-                self.log.info("teacher %s batches so far: %s", name,
-                              ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        log_epoch(self.log, record, self.train_cfg.epochs, self.tasks, self.router.summary())
 
     def _write_metrics(self, seconds: float) -> Dict[str, Any]:
-        best = next((r for r in reversed(self.history) if r.get("best")), None)
-        last_val = next((r["val"] for r in reversed(self.history) if "val" in r), None)
-        metrics = {
-            "experiment": self.exp.experiment_name,
-            "stages": [s.describe() for s in self.stages],
-            "epochs": self.history,
-            "best_epoch": best["epoch"] if best else None,
-            "best_val": best["val"] if best else None,
-            # what picked best.pt: {head, metric, value} (mIoU for a semantic head, Dice for a binary one, ...)
-            "best_metric": dict(zip(("head", "metric", "value"), primary_metric(best["val"], self.tasks)[:3]))
-            if best else None,
-            "final_fidelity": last_val.get("fidelity") if last_val else None,
-            "train_seconds": round(seconds, 1),
-            "world_size": self.ctx.world_size,
-        }
+        metrics = metrics_summary(self.exp.experiment_name, [s.describe() for s in self.stages], self.history,
+                                  self.tasks, seconds, self.ctx.world_size)
         if self.ctx.is_main:
             write_json(self.run_dir / "metrics.json", metrics)
         return metrics
