@@ -28,7 +28,7 @@ from PIL import Image
 from vfmkd.datasets import DetectionDataset, GeometricAugment, load_rgb
 from vfmkd.datasets.records import ViewGeometry
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
-from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.online_distiller import OnlineTeacher
 from vfmkd.engine.builders import open_cache
 from vfmkd.teachers import SamTeacher
 

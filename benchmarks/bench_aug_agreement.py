@@ -35,7 +35,7 @@ from _common import build_cache, machine, quiet
 from vfmkd.datasets import Batch, DetectionDataset, GeometricAugment, load_rgb
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.distillation.geometry import resample_to_student
-from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.online_distiller import OnlineTeacher
 from vfmkd.distillation.routing import TeacherRouter, TeacherSource
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.engine.builders import open_cache

@@ -40,9 +40,9 @@ import h5py
 import numpy as np
 import torch
 
+from vfmkd.cache.reader import FeatureCacheReader
+from vfmkd.cache.writer import FeatureCacheWriter
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.datasets.feature_cache_reader import FeatureCacheReader
-from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
 from vfmkd.teachers.base import TeacherFingerprint
 
 DROP = Path("/proc/sys/vm/drop_caches")

@@ -44,9 +44,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vfmkd.datasets import FeatureCacheReader, FeatureCacheWriter, list_images, load_rgb  # noqa: E402
-from vfmkd.datasets import cache_codec as codec  # noqa: E402
-from vfmkd.teachers.sam import SamTeacher  # noqa: E402
+from vfmkd.cache import (  # noqa: E402
+    FeatureCacheReader,
+    FeatureCacheWriter,
+    codec,  # noqa: E402
+)
+from vfmkd.datasets import list_images, load_rgb  # noqa: E402
+from vfmkd.teachers.sam_teacher import SamTeacher  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -115,10 +115,10 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
 
+    from vfmkd.cache.writer import FeatureCacheWriter
     from vfmkd.core.config import resolve_path
     from vfmkd.core.registry import TEACHERS
     from vfmkd.datasets.coco_yolo import list_images, load_rgb
-    from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
 
     torch.set_num_threads(args.threads)
     logging.getLogger("vfmkd").setLevel(logging.ERROR)  # the random-init banner, once per teacher
@@ -265,9 +265,9 @@ def main() -> int:
 def layout_table(args: argparse.Namespace) -> None:
     """Bytes per cached image of SAM at several input sizes, default features vs --features all: a real
     FeatureCacheWriter file (preallocated, as the tool writes it) for N images, size / N."""
+    from vfmkd.cache.writer import FeatureCacheWriter
     from vfmkd.core.feature_spec import FeatureSpec
-    from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
-    from vfmkd.teachers.sam import SAM_VARIANTS, SamTeacher
+    from vfmkd.teachers.sam_teacher import SAM_VARIANTS, SamTeacher
 
     dim = SAM_VARIANTS[args.variant][0]
     all_specs = (FeatureSpec("trunk", dim, 16), FeatureSpec("image_embeddings", 256, 16))  # SamTeacher.feature_specs()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from vfmkd.core.feature_spec import FeatureSpec  # noqa: E402
 from vfmkd.distillation.distiller import Distiller  # noqa: E402
 from vfmkd.engine.builders import build_loss_terms, build_model  # noqa: E402
-from vfmkd.engine.resume import capture_rng  # noqa: E402
+from vfmkd.engine.training.resume import capture_rng  # noqa: E402
 from vfmkd.utils.checkpoint import save_checkpoint  # noqa: E402
 
 

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vfmkd.core.config import experiment_from_dict  # noqa: E402
-from vfmkd.engine.trainer import Trainer  # noqa: E402
+from vfmkd.engine.training.trainer import Trainer  # noqa: E402
 
 
 def make_trainer(work: Path, img: int, batch: int, scale: float, low_res: bool) -> Trainer:

@@ -1,5 +1,5 @@
 """Export latency: the YOLOv8n student (backbone + neck + detection head, eval mode) exported by
-vfmkd.engine.export to ONNX and run by ONNX Runtime (CPU execution provider) vs the same model in
+vfmkd.engine.export.exporter to ONNX and run by ONNX Runtime (CPU execution provider) vs the same model in
 PyTorch eager (``torch.no_grad``), batch 1, on CPU, both with the same thread count.
 
 For each input size the two runtimes alternate call by call after ``--warmup`` calls each; the
@@ -23,7 +23,7 @@ from _common import REPO, machine, median, quiet
 
 from vfmkd.core.config import load_experiment  # noqa: E402
 from vfmkd.engine.builders import build_model  # noqa: E402
-from vfmkd.engine.export import ExportedStudent, example_input, export_onnx  # noqa: E402
+from vfmkd.engine.export.exporter import ExportedStudent, example_input, export_onnx  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 

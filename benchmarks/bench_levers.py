@@ -5,7 +5,7 @@
     python benchmarks/bench_levers.py --quick    # SAM @ 512, YOLOv8n @ 320, batch 2 (< 2 min on 2 cores)
 
 Each lever runs in its own subprocess (peak memory is per process): a real
-``vfmkd.engine.trainer.Trainer`` from configs/experiments/yolov8_sam_coco128.yaml with the SAM teacher
+``vfmkd.engine.training.trainer.Trainer`` from configs/experiments/yolov8_sam_coco128.yaml with the SAM teacher
 live on every batch (``teachers.sam.offline=false``: the ``TeacherRouter`` sends each batch to the live
 model), one warm-up epoch, then a timed ``train_one_epoch``. Reported: median seconds per training step
 (distill_interval=k is amortised over k steps), peak process memory (max RSS; on CUDA also
@@ -44,7 +44,7 @@ def child(args) -> None:
     from _common import quiet
 
     from vfmkd.core.config import load_experiment
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
 
     torch.set_num_threads(2)
     quiet()

@@ -4,7 +4,7 @@
     python benchmarks/bench_mixed_throughput.py            # SAM ViT-B @ 512, YOLOv8n @ 320, 32 images
     python benchmarks/bench_mixed_throughput.py --quick    # SAM @ 256, 16 images, < 60 s on 2 cores
 
-One process builds three real ``vfmkd.engine.trainer.Trainer``s from
+One process builds three real ``vfmkd.engine.training.trainer.Trainer``s from
 configs/experiments/yolov8_sam_coco128.yaml that differ only in ``distillation.offline_ratio``
 (1.0, 0.0, r), then times whole training epochs (``Trainer.train_one_epoch``: data loading through
 ``CachedTargetsDataset``, teacher passes, student step; no evaluation) in rotating order over repeats.
@@ -24,7 +24,7 @@ import torch
 from _common import build_cache, machine, median, quiet
 
 from vfmkd.core.config import load_experiment
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 
 EXPERIMENT = _common.REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 

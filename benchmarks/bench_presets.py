@@ -28,7 +28,7 @@ def child(a) -> None:
     from _common import REPO, quiet
 
     from vfmkd.core.config import read_yaml
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
     from vfmkd.utils.cli import apply_preset
 
     torch.set_num_threads(a.threads)

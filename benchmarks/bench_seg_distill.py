@@ -221,7 +221,7 @@ def part_bytes(args, results) -> None:
 def part_decoder(args, results) -> None:
     import torch
 
-    from vfmkd.teachers.sam import SamTeacher
+    from vfmkd.teachers.sam_teacher import SamTeacher
 
     print("\n== 2. SAM vit_b mask decoder per box vs the encoder (1 image, CPU) ==", flush=True)
     rows = []
@@ -275,7 +275,7 @@ def part_step(args, results) -> None:
 
     from vfmkd.core.config import load_experiment
     from vfmkd.distillation.cached import collate_distill
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
 
     print("\n== 3. offline mask-distill train step vs task-only (YOLOv8n + yolo_seg_head @ 320, batch 8) ==",
           flush=True)
@@ -350,7 +350,7 @@ HEADS = (  # (task, experiment, teacher, student img, metric keys)
 
 def part_heads(args, results) -> None:
     from vfmkd.core.config import load_experiment
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
 
     n, size, epochs = args.heads_images, args.heads_teacher_input, args.heads_epochs
     print(f"\n== 4. each head with vs without distillation ({n} train / {n} val images, {epochs} epochs, teachers @ "

@@ -11,7 +11,7 @@ step (who goes first flips every repeat), after warm-up steps; medians over all 
   (+ LR scheduler step): the body of ``Trainer.train_one_epoch`` for one batch (``Trainer.train_step``:
   ``batch.to(device)``, ``router.targets``, forward under ``_autocast()``, ``distiller(...).total.backward()``;
   then ``clip_grad_norm_(trainer.params)``, optimizer and scheduler steps), on a real
-  ``vfmkd.engine.trainer.Trainer`` built from configs/experiments/yolov8_sam_coco128.yaml with the
+  ``vfmkd.engine.training.trainer.Trainer`` built from configs/experiments/yolov8_sam_coco128.yaml with the
   feature loss and the teacher removed.
 * offline-distill: the same Trainer step with the experiment's feature loss (teacher maps standardised
   with the cache's per-channel stats, 1x1 adapter on P4, resampled onto the student grid, masked MSE)
@@ -129,7 +129,7 @@ def main() -> int:
     from vfmkd.datasets import collate_samples
     from vfmkd.distillation.cached import collate_distill
     from vfmkd.distillation.targets import TeacherTargets, from_cache_entry
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),

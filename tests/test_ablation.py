@@ -9,7 +9,7 @@ import pytest
 
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import ConfigError
-from vfmkd.engine.ablation import variants
+from vfmkd.engine.training.ablation import variants
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -69,7 +69,7 @@ def test_the_full_recipe_trains_its_progressive_stages(tmp_path):
     import yaml
 
     from vfmkd.core.config import experiment_from_dict
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
 
     raw = yaml.safe_load(RECIPE.read_text())
     for stage in raw["train"]["stages"]:

@@ -14,9 +14,9 @@ from segment_anything import sam_model_registry
 
 from vfmkd.core.device import parse_device, resolve_amp, resolve_device, resolve_dtype
 from vfmkd.core.errors import CheckpointError, ConfigError
-from vfmkd.teachers.dino import DinoTeacher, Dinov2Teacher
-from vfmkd.teachers.lora_sam import LoraSamTeacher, lora_key
-from vfmkd.teachers.sam import SamTeacher
+from vfmkd.teachers.dino_teacher import DinoTeacher, Dinov2Teacher
+from vfmkd.teachers.lora_sam_teacher import LoraSamTeacher, lora_key
+from vfmkd.teachers.sam_teacher import SamTeacher
 from vfmkd.teachers.settings import TeacherSettings
 from vfmkd.utils.cli import run_tool
 
@@ -144,7 +144,7 @@ def test_sam2_variant_and_version_are_read_from_the_file(tmp_path, monkeypatch):
     pytest.importorskip("sam2")
     from sam2.build_sam import build_sam2
 
-    from vfmkd.teachers.sam2 import SAM2_VARIANTS, Sam2Teacher
+    from vfmkd.teachers.sam2_teacher import SAM2_VARIANTS, Sam2Teacher
 
     linspace = torch.linspace  # Hiera reads its drop-path schedule with .item(): keep that one on the CPU
     monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **{"device": "cpu", **k}))
@@ -198,7 +198,7 @@ def test_without_a_file_auto_is_the_documented_default(cls, default, monkeypatch
 
 def test_sam2_without_a_file_is_the_default_tiny(monkeypatch, tmp_path):
     pytest.importorskip("sam2")
-    from vfmkd.teachers.sam2 import Sam2Teacher
+    from vfmkd.teachers.sam2_teacher import Sam2Teacher
 
     assert Sam2Teacher.config_fingerprint(init="random").variant == "sam2.1_hiera_tiny"
     monkeypatch.chdir(tmp_path)
@@ -226,7 +226,7 @@ def test_design_quickstart_runs_on_an_official_base_plus_file(tmp_path, monkeypa
     import h5py
     from sam2.build_sam import build_sam2
 
-    from vfmkd.teachers.sam2 import SAM2_VARIANTS
+    from vfmkd.teachers.sam2_teacher import SAM2_VARIANTS
 
     monkeypatch.chdir(tmp_path)  # weights/, teacher_features/ as the quickstart writes them; data from the repo
     torch.manual_seed(0)

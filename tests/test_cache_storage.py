@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vfmkd.cache import FeatureCacheReader, FeatureCacheWriter, codec
 from vfmkd.core.errors import CacheMismatchError
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.datasets import FeatureCacheReader, FeatureCacheWriter, load_rgb
-from vfmkd.datasets import cache_codec as codec
+from vfmkd.datasets import load_rgb
 from vfmkd.teachers.base import TeacherBatch, TeacherFingerprint
-from vfmkd.teachers.sam import SamTeacher
+from vfmkd.teachers.sam_teacher import SamTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -10,7 +10,7 @@ import pytest
 
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import ConfigError
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "custom_components"

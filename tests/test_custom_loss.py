@@ -11,7 +11,7 @@ import torch
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import LOSSES
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent / "custom_components"
 EXPERIMENT = HERE / "tiny_convnet_charbonnier.yaml"

@@ -12,7 +12,7 @@ import torch
 
 from vfmkd.core.config import load_experiment
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.backbones.base import BaseBackbone
 
 HERE = Path(__file__).resolve().parent / "custom_components"

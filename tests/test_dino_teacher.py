@@ -36,7 +36,7 @@ from PIL import Image
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.dino import DinoTeacher, Dinov2Teacher, detect_dino_variant
+from vfmkd.teachers.dino_teacher import DinoTeacher, Dinov2Teacher, detect_dino_variant
 from vfmkd.utils.checkpoint import sha256_of_file
 
 REPO = Path(__file__).resolve().parents[1]

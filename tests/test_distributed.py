@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vfmkd.core.config import load_experiment
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
 from vfmkd.distillation.resolution import ResolutionDistillLoss, build_resolution_term
 from vfmkd.engine.builders import build_model
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.input_scale import check_input_geometry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import ConfigError
 from vfmkd.datasets import DetectionDataset, collate_samples
 from vfmkd.distillation.distiller import Distiller, cosine_log_name
-from vfmkd.distillation.online import measure_channel_stats
+from vfmkd.distillation.online_distiller import measure_channel_stats
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.engine.builders import build_loss_terms, build_model
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -19,8 +19,8 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.datasets.transforms import letterbox
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.engine.builders import build_loss_terms, build_model
-from vfmkd.engine.export import onnx_session
-from vfmkd.engine.run_dir import write_run_config
+from vfmkd.engine.export.exporter import onnx_session
+from vfmkd.engine.training.run_dir import write_run_config
 from vfmkd.utils.checkpoint import save_checkpoint
 from vfmkd.utils.cli import run_tool
 
@@ -220,7 +220,7 @@ def test_nan_checkpoint_is_refused(run, tmp_path, caplog):
 
 
 def test_onnx_mismatch_writes_nothing(run, tmp_path, monkeypatch, caplog):
-    import vfmkd.engine.export as engine
+    import vfmkd.engine.export.exporter as engine
 
     monkeypatch.setattr(engine, "compare_onnx", lambda *a: {"max_abs": 0.5, "max_scaled": 0.5})
     out = tmp_path / "bad.onnx"
@@ -239,7 +239,7 @@ def test_bad_arguments_are_refused(run, tmp_path, argv, caplog):
 
 def test_mismatched_config_and_foreign_layout_are_named(run, tmp_path, caplog):
     # A checkpoint whose config says another backbone does not fit; a non-YOLOv8 layout is named.
-    from vfmkd.engine.export import ultralytics_layout_problem
+    from vfmkd.engine.export.exporter import ultralytics_layout_problem
 
     cfg = load_experiment(EXPERIMENT, ["model.neck.depth=2"])
     assert "neck depth 2" in ultralytics_layout_problem(cfg)

@@ -24,13 +24,14 @@ import pytest
 import torch
 from PIL import Image
 
+from vfmkd.cache import FeatureCacheReader, FeatureCacheWriter
+from vfmkd.cache import format as fc
+from vfmkd.cache.lock import CacheLockedError
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
-from vfmkd.datasets import DetectionDataset, FeatureCacheReader, FeatureCacheWriter, check_images, load_rgb
-from vfmkd.datasets import feature_cache as fc
-from vfmkd.datasets.cache_lock import CacheLockedError
+from vfmkd.datasets import DetectionDataset, check_images, load_rgb
 from vfmkd.datasets.coco_yolo import probe_image
 from vfmkd.utils.cli import run_tool
 
@@ -180,7 +181,7 @@ WRITER = textwrap.dedent("""
     import sys
     from vfmkd.core.feature_spec import FeatureSpec
     from vfmkd.core.fingerprint import TeacherFingerprint
-    from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
+    from vfmkd.cache.writer import FeatureCacheWriter
     FP = TeacherFingerprint(family="t", variant="v", weights="random-init:seed0", input_size=32, dtype="float32",
                             preprocessing="p")
     SPECS = (FeatureSpec(name="emb", channels=8, stride=16),)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from vfmkd.core.config import experiment_from_dict
 from vfmkd.datasets.transforms import letterbox
 from vfmkd.engine.builders import build_model
-from vfmkd.engine.export import load_student, onnx_session
+from vfmkd.engine.export.exporter import load_student, onnx_session
 from vfmkd.utils.checkpoint import save_checkpoint
 from vfmkd.utils.cli import run_tool
 
@@ -127,7 +127,7 @@ def test_seg_onnx_and_torchscript_export_prototypes_and_their_masks_match_pytorc
     assert_masks_match(pred, proto, want_pred, want_proto)
     assert (sem - want_sem).abs().max() < 1e-4
     # One head: ultralytics' own names for a seg export (output0 predictions, output1 prototypes).
-    from vfmkd.engine.export import export_outputs
+    from vfmkd.engine.export.exporter import export_outputs
 
     one = build_model({"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
                        "heads": {"instance": SEG_HEADS["instance"]}})
@@ -153,7 +153,7 @@ def test_dynamic_dsrl_export_follows_the_input_size(runs, tmp_path):
     ts_path = tmp_path / "dsrl.torchscript"
     assert export(ckpt, "--format", "torchscript", "--output", ts_path, "--dynamic") == 0
     ts = torch.jit.load(str(ts_path))
-    from vfmkd.engine.export import size_multiple  # the log names the sizes a dynamic export takes
+    from vfmkd.engine.export.exporter import size_multiple  # the log names the sizes a dynamic export takes
 
     assert size_multiple(model) == 64 and size_multiple(build_model({**model_cfg(ckpt), "resolution_distill": {
         "enabled": True, "sr_target_scale": 1.5, "head": "semantic"}})) == 48
@@ -183,7 +183,7 @@ def test_the_dynamic_check_catches_a_size_frozen_into_the_graph(runs, tmp_path, 
 
 # ----------------------------------------------------------------- item 4: promptable TorchScript
 def test_promptable_torchscript_exports_encoder_and_decoder(tmp_path):
-    from vfmkd.engine.export_promptable import box_prompt, point_prompt
+    from vfmkd.engine.export.promptable import box_prompt, point_prompt
 
     ckpt = write_run(tmp_path / "run" / "checkpoints" / "best.pt", {"promptable": {"type": "sam_decoder"}})
     out = tmp_path / "best.torchscript"
@@ -231,7 +231,7 @@ def test_an_unwritable_output_names_the_users_path(runs, caplog):
 
 
 def test_no_temp_file_outlives_an_export(runs, tmp_path, monkeypatch):
-    import vfmkd.engine.export as engine
+    import vfmkd.engine.export.exporter as engine
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

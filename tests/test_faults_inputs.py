@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vfmkd.datasets import DetectionDataset, FeatureCacheReader, check_images, load_rgb
+from vfmkd.cache import FeatureCacheReader
+from vfmkd.datasets import DetectionDataset, check_images, load_rgb
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,11 +18,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import vfmkd.engine.trainer as trainer_module
+import vfmkd.engine.training.trainer as trainer_module
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import CheckpointError
 from vfmkd.engine.builders import LiveTeachers
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.cli import run_tool
 
@@ -159,7 +159,7 @@ TRAIN_DRIVER = textwrap.dedent("""
     torch.set_num_threads(2)
     sys.path.insert(0, sys.argv[1])
     import train
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
     from vfmkd.utils.cli import entry
     original = Trainer.train_step
     def train_step(self, *args, **kwargs):
@@ -238,7 +238,7 @@ CACHE_DRIVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
     import prepare_teacher_features as ptf
-    from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter
+    from vfmkd.cache.writer import FeatureCacheWriter
     from vfmkd.utils.cli import entry
     original = FeatureCacheWriter.write
     def write(self, start, *args):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vfmkd.core.config import load_experiment
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.cli import run_tool
 

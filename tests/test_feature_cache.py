@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
+from vfmkd.cache import FeatureCacheReader
 from vfmkd.core.errors import CacheMismatchError, ConfigError
-from vfmkd.datasets import DetectionDataset, FeatureCacheReader
+from vfmkd.datasets import DetectionDataset
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.engine.builders import open_cache
 from vfmkd.teachers.base import TeacherFingerprint
@@ -95,7 +96,7 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tools')!r}]
         import torch
         torch.set_num_threads({THREADS})
-        from vfmkd.teachers.sam import SamTeacher
+        from vfmkd.teachers.sam_teacher import SamTeacher
         import prepare_teacher_features as ptf
         original, calls = SamTeacher.extract_features, []
         def dying(self, images):

@@ -13,7 +13,7 @@ from vfmkd.core.config import experiment_from_dict
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import BACKBONES, NECKS
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.necks.fusion_fpn import EPS, FusionFPN, WeightedFusion
 
 SPECS = (FeatureSpec("P3", 8, 8), FeatureSpec("P4", 16, 16), FeatureSpec("P5", 32, 32))

@@ -14,8 +14,8 @@ from segment_anything import sam_model_registry
 from vfmkd.core.config import read_yaml, teacher_kwargs
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.lora_sam import LoraSamTeacher, lora_key
-from vfmkd.teachers.sam import SamTeacher
+from vfmkd.teachers.lora_sam_teacher import LoraSamTeacher, lora_key
+from vfmkd.teachers.sam_teacher import SamTeacher
 from vfmkd.utils.checkpoint import sha256_of_file
 
 # Compares two teachers' features bit for bit: runs on two threads under xdist (conftest).
@@ -210,7 +210,7 @@ def test_base_file_of_another_size_is_named_before_the_lora(base_ckpt, tmp_path,
     def boom(*args, **kwargs):
         raise AssertionError("no SAM may be built for a base file of another size")
 
-    monkeypatch.setattr("vfmkd.teachers.sam.sam_model_registry", {"vit_l": boom, "vit_b": boom})
+    monkeypatch.setattr("vfmkd.teachers.sam_teacher.sam_model_registry", {"vit_l": boom, "vit_b": boom})
     with pytest.raises(CheckpointError) as err:
         LoraSamTeacher(**_kw(base_ckpt, lora, variant="vit_l"))
     msg = str(err.value)

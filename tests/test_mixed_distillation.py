@@ -12,7 +12,7 @@ from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import ConfigError
 from vfmkd.distillation.routing import offline_draw
 from vfmkd.distillation.targets import QuantizedMap
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vfmkd.core.config import load_experiment
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -178,7 +178,7 @@ def test_semantic_union_per_class_and_binary_kl_value():
 def test_pictures_draw_the_class_union_the_loss_distils():
     """The epoch/test pictures' teacher column for semantic and binary heads is the per-class union
     of the teacher's box masks (what kl_divergence/mask_distill compare), not every instance mask."""
-    from vfmkd.engine.epoch_vis import EpochVisualizer
+    from vfmkd.engine.pictures.epoch_vis import EpochVisualizer
 
     # person (det 0) x2 and car (det 2) in image 0; nothing in image 1
     batch = make_batch([[0, 0, 16, 16], [8, 8, 32, 24], [40, 40, 64, 64]], [0, 0, 2], [0, 0, 0], [0, 1, 2], n_images=2)
@@ -342,8 +342,8 @@ def test_coco128_live_sam_masks_pair_with_instance_and_semantic_heads(coco128):
     from dataclasses import replace
 
     from vfmkd.datasets import DetectionDataset, collate_samples
-    from vfmkd.distillation.online import OnlineTeacher
-    from vfmkd.teachers.sam import SamTeacher
+    from vfmkd.distillation.online_distiller import OnlineTeacher
+    from vfmkd.teachers.sam_teacher import SamTeacher
 
     torch.manual_seed(0)
     ds = DetectionDataset(str(coco128), "train2017", img_size=128, limit=2, instances=True)

@@ -1,4 +1,4 @@
-"""Panoptic output (vfmkd/datasets/panoptic.py, vfmkd/engine/panoptic.py): ground truth read from the
+"""Panoptic output (vfmkd/datasets/panoptic.py, vfmkd/engine/evaluation/panoptic_quality.py): ground truth read from the
 COCO panoptic PNGs, inconsistent annotations skipped with their reason, PQ/SQ/RQ against a case worked
 out by hand with panopticapi's formula, the things-then-stuff merger, and the scorer end to end."""
 from __future__ import annotations
@@ -20,8 +20,14 @@ from vfmkd.datasets.coco_yolo import DetectionDataset
 from vfmkd.datasets.masks import SemanticClassTable
 from vfmkd.datasets.panoptic import PanopticAnnotationError, PanopticAnnotations, rgb_to_id
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, ViewGeometry, collate_samples
-from vfmkd.engine.evaluator import build_scorers, evaluate, primary_metric
-from vfmkd.engine.panoptic import UNASSIGNED, MergeRule, PanopticMeter, PanopticScorer, merge_panoptic
+from vfmkd.engine.evaluation.evaluator import build_scorers, evaluate, primary_metric
+from vfmkd.engine.evaluation.panoptic_quality import (
+    UNASSIGNED,
+    MergeRule,
+    PanopticMeter,
+    PanopticScorer,
+    merge_panoptic,
+)
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
 
 SPLIT = "val2017"

@@ -16,7 +16,7 @@ import yaml
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.engine.builders import build_model
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.cli import run_tool
 

@@ -8,8 +8,8 @@ import torch
 
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
-from vfmkd.engine.evaluator import PRIMARY_METRIC, build_scorers, primary_metric
-from vfmkd.engine.promptable_metrics import PromptableScorer
+from vfmkd.engine.evaluation.evaluator import PRIMARY_METRIC, build_scorers, primary_metric
+from vfmkd.engine.evaluation.promptable_metrics import PromptableScorer
 from vfmkd.models.unified_model import StudentOutput
 
 S = 32  # canvas; masks and decoder logits on the S/4 = 8 grid
@@ -178,8 +178,8 @@ def test_export_promptable_onnx_writes_encoder_and_decoder_that_match_pytorch(pr
     import export
     import onnxruntime as ort
 
-    from vfmkd.engine.export import load_student
-    from vfmkd.engine.export_promptable import box_prompt, point_prompt
+    from vfmkd.engine.export.exporter import load_student
+    from vfmkd.engine.export.promptable import box_prompt, point_prompt
 
     out = tmp_path / "best.onnx"
     assert run_tool(export.main, [str(promptable_ckpt), "--format", "onnx", "--output", str(out)]) == 0
@@ -206,7 +206,7 @@ def test_export_promptable_onnx_writes_encoder_and_decoder_that_match_pytorch(pr
 
 
 def test_epoch_visualizer_draws_a_promptable_row(tmp_path):
-    from vfmkd.engine.epoch_vis import EpochVisualizer
+    from vfmkd.engine.pictures.epoch_vis import EpochVisualizer
 
     class Model:
         heads = {"promptable": StubHead()}

@@ -298,7 +298,7 @@ def test_repvit_edgesam_two_stages_with_a_live_random_sam(tmp_path):
     raw = read_yaml("configs/experiments/repvit_edgesam_coco128.yaml")
     for stage in raw["train"]["stages"]:
         stage["epochs"] = 1
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
 
     cfg = experiment_from_dict(raw, [
         "teachers.sam.offline=false", "teachers.sam.init=random", "teachers.sam.input_size=128",

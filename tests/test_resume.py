@@ -16,7 +16,7 @@ import torch
 
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import CheckpointError, ConfigError
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ KILLER = textwrap.dedent("""
     torch.set_num_threads(2)
     sys.path.insert(0, sys.argv[1])
     import train
-    from vfmkd.engine.trainer import Trainer
+    from vfmkd.engine.training.trainer import Trainer
     original, saves = Trainer.save, []
     def save(self, name, *args, **kwargs):
         path = original(self, name, *args, **kwargs)

@@ -15,8 +15,8 @@ from vfmkd.core.config import load_experiment
 from vfmkd.datasets import DetectionDataset, collate_samples
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.engine.builders import build_loss_terms, build_model
-from vfmkd.engine.evaluator import DetectionScorer, build_scorers
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.evaluation.evaluator import DetectionScorer, build_scorers
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.heads.rtdetr_head import RTDETRHead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_one_trainer_epoch_with_a_live_random_sam(tmp_path):
 
 def test_onnx_export_compares_the_queries_as_a_set(model, tmp_path):
     """RT-DETR's output is an unordered set of queries: the export check matches them one to one."""
-    from vfmkd.engine.export import export_onnx, matched_query_difference
+    from vfmkd.engine.export.exporter import export_onnx, matched_query_difference
 
     rng = np.random.default_rng(0)
     want = rng.random((2, 4 + 80, QUERIES)).astype(np.float32)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.sam2 import SAM2_MEAN, SAM2_STD, SAM2_VARIANTS, Sam2Teacher
+from vfmkd.teachers.sam2_teacher import SAM2_MEAN, SAM2_STD, SAM2_VARIANTS, Sam2Teacher
 from vfmkd.teachers.weights import OFFICIAL_WEIGHTS, weights_for
 from vfmkd.utils.checkpoint import sha256_of_file
 
@@ -150,7 +150,7 @@ def test_checkpoint_of_another_size_or_version_is_detected_before_loading(tmp_pa
     def boom(*args, **kwargs):
         raise AssertionError("no model may be built for a mismatched checkpoint")
 
-    monkeypatch.setattr("vfmkd.teachers.sam2.build_sam2_model", boom)
+    monkeypatch.setattr("vfmkd.teachers.sam2_teacher.build_sam2_model", boom)
     with pytest.raises(CheckpointError) as err:
         Sam2Teacher(variant=TINY, checkpoint=str(large))
     msg = str(err.value)
@@ -213,7 +213,7 @@ def test_cache_tool_writes_sam2_features(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "tools"))
     import prepare_teacher_features as ptf
 
-    from vfmkd.datasets import FeatureCacheReader
+    from vfmkd.cache import FeatureCacheReader
     from vfmkd.engine.builders import open_cache
 
     out = tmp_path / "sam2"

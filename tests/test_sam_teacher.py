@@ -14,7 +14,7 @@ from segment_anything import SamPredictor, sam_model_registry
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
-from vfmkd.teachers.sam import SamTeacher
+from vfmkd.teachers.sam_teacher import SamTeacher
 from vfmkd.utils.checkpoint import sha256_of_file
 
 REPO = Path(__file__).resolve().parents[1]

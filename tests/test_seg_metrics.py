@@ -1,4 +1,4 @@
-"""The segmentation scorers (vfmkd/engine/seg_metrics.py) on tiny cases worked out by hand: the
+"""The segmentation scorers (vfmkd/engine/evaluation/seg_metrics.py) on tiny cases worked out by hand: the
 libraries they delegate to (ultralytics, torchmetrics, MONAI) must give the numbers below, and the
 letterbox must be undone before scoring."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
-from vfmkd.engine.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer, unletterbox
+from vfmkd.engine.evaluation.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer, unletterbox
 from vfmkd.models.unified_model import StudentOutput
 
 

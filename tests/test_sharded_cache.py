@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from vfmkd.datasets.cache_shards import shard_file, shard_range
+from vfmkd.cache.shards import shard_file, shard_range
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -86,7 +86,7 @@ def test_rank_killed_mid_shard_resumes_and_equals(single, tmp_path):
     driver.write_text(textwrap.dedent(f"""
         import os, signal, sys
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tools')!r}]
-        from vfmkd.teachers.sam import SamTeacher
+        from vfmkd.teachers.sam_teacher import SamTeacher
         import prepare_teacher_features as ptf
         original, calls = SamTeacher.extract_features, []
         def dying(self, images):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import vfmkd.models  # noqa: F401  (registers the built-in components)
 from vfmkd.core.config import load_experiment
 from vfmkd.core.registry import BACKBONES
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.backbones import selective_scan as ss
 
 REPO = Path(__file__).resolve().parents[1]

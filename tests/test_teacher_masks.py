@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
+from vfmkd.cache.reader import FeatureCacheReader
 from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets import DetectionDataset
 from vfmkd.datasets.coco_yolo import load_rgb, parse_labels
-from vfmkd.datasets.feature_cache_reader import FeatureCacheReader
 from vfmkd.datasets.transforms import GeometricAugment
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
-from vfmkd.distillation.offline import open_offline_teacher
-from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.offline_distiller import open_offline_teacher
+from vfmkd.distillation.online_distiller import OnlineTeacher
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
-from vfmkd.teachers.lora_sam import lora_key
+from vfmkd.teachers.lora_sam_teacher import lora_key
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -216,7 +216,7 @@ def _targets(reader: FeatureCacheReader, image_id: str) -> TeacherTargets:
 
 
 def _offline(path: Path, name: str = "sam"):
-    from vfmkd.teachers.sam import SamTeacher
+    from vfmkd.teachers.sam_teacher import SamTeacher
     kwargs = {k: v for k, v in SAM_CFG.items() if k != "type"}
     return open_offline_teacher(name, path, SamTeacher.config_fingerprint(**kwargs), "image_embeddings", "rebuild",
                                 SAM_CFG,

@@ -15,7 +15,7 @@ import torch
 from vfmkd.core.config import load_experiment
 from vfmkd.core.errors import CacheMismatchError
 from vfmkd.distillation.distiller import NonFiniteLossError
-from vfmkd.engine.trainer import Trainer
+from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,10 +17,9 @@ from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets import DetectionDataset, GeometricAugment, letterbox
 from vfmkd.datasets.records import collate_samples
-from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.online_distiller import OnlineTeacher
+from vfmkd.distillation.vfmkd_model_teacher import LIVE_ONLY_MESSAGE, VfmkdTeacher
 from vfmkd.engine.builders import build_model
-from vfmkd.teachers import VfmkdTeacher
-from vfmkd.teachers.vfmkd_model import LIVE_ONLY_MESSAGE
 from vfmkd.utils.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ from PIL import Image
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.datasets import DetectionDataset, collate_samples
-from vfmkd.engine import feature_pca, prediction_panel, results_text, vis_canvas
-from vfmkd.engine.loggers import RunLoggers, check_loggers
-from vfmkd.engine.prediction_panel import PanelRow, Prediction, _draw, difference_map
+from vfmkd.engine.evaluation import results_text
+from vfmkd.engine.pictures import feature_pca, prediction_panel, vis_canvas
+from vfmkd.engine.pictures.prediction_panel import PanelRow, Prediction, _draw, difference_map
+from vfmkd.engine.training.loggers import RunLoggers, check_loggers
 
 S = 128
 

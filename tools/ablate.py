@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 from vfmkd.core.config import resolve_path  # noqa: E402
-from vfmkd.engine.ablation import PARTS, ablate  # noqa: E402
-from vfmkd.engine.run_dir import create_run_dir, write_run_config  # noqa: E402
+from vfmkd.engine.training.ablation import PARTS, ablate  # noqa: E402
+from vfmkd.engine.training.run_dir import create_run_dir, write_run_config  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
 

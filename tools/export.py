@@ -20,7 +20,7 @@ output_<head> / proto_<head>; TorchScript returns them as a tuple in that order)
 A promptable student (a sam_decoder head) exports as SAM does, in two files beside the output:
 best.encoder.onnx (images -> image_embeddings) and best.decoder.onnx (image_embeddings + box/point
 prompts -> low-res mask logits, IoU predictions), or the same two as .torchscript; see
-vfmkd/engine/export_promptable.py. The output never replaces a training checkpoint (exit 2).
+vfmkd/engine/export/promptable.py. The output never replaces a training checkpoint (exit 2).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vfmkd.core.config import experiment_from_dict, experiment_record, read_yaml, resolve_path  # noqa: E402
 from vfmkd.core.errors import ConfigError  # noqa: E402
-from vfmkd.engine.export import (  # noqa: E402
+from vfmkd.engine.export.exporter import (  # noqa: E402
     FORMATS,
     ExportMismatchError,
     default_output,
@@ -42,10 +42,10 @@ from vfmkd.engine.export import (  # noqa: E402
     load_student,
     size_multiple,
 )
-from vfmkd.engine.export_output import refuse_checkpoint_output  # noqa: E402
-from vfmkd.engine.export_promptable import export_promptable as export_promptable_graphs  # noqa: E402
-from vfmkd.engine.export_promptable import output_paths, promptable_head  # noqa: E402
-from vfmkd.engine.setup import class_names, detection_classes  # noqa: E402
+from vfmkd.engine.export.outputs import refuse_checkpoint_output  # noqa: E402
+from vfmkd.engine.export.promptable import export_promptable as export_promptable_graphs  # noqa: E402
+from vfmkd.engine.export.promptable import output_paths, promptable_head  # noqa: E402
+from vfmkd.engine.training.run_parts import class_names, detection_classes  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
 from vfmkd.utils.logging import get_logger  # noqa: E402

@@ -33,8 +33,8 @@ from vfmkd.core.config import experiment_from_dict, experiment_record, read_yaml
 from vfmkd.core.errors import ConfigError  # noqa: E402
 from vfmkd.datasets.coco_yolo import load_rgb  # noqa: E402
 from vfmkd.datasets.transforms import letterbox  # noqa: E402
-from vfmkd.engine.export import load_student  # noqa: E402
-from vfmkd.engine.export_promptable import promptable_head  # noqa: E402
+from vfmkd.engine.export.exporter import load_student  # noqa: E402
+from vfmkd.engine.export.promptable import promptable_head  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
 from vfmkd.utils.logging import get_logger  # noqa: E402

@@ -21,7 +21,7 @@ features-only cache with ``--outputs features,masks`` adds the masks to it (resu
 Sharded: ``torchrun --nproc_per_node N tools/prepare_teacher_features.py ...`` (gloo on CPU, nccl with a
 cuda teacher, rank r on cuda:LOCAL_RANK): each rank caches a contiguous block of batches into
 ``<split>.shard<r>of<N>.h5`` (resumable per shard), then rank 0 joins them into ``<split>.h5``
-(vfmkd/datasets/cache_shards.py): bit-identical to a single-process cache at equal torch thread counts.
+(vfmkd/cache/shards.py): bit-identical to a single-process cache at equal torch thread counts.
 """
 from __future__ import annotations
 
@@ -43,7 +43,13 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import vfmkd.distillation.vfmkd_model_teacher  # noqa: E402,F401  (registers the vfmkd teacher, to refuse it by name)
 import vfmkd.teachers  # noqa: E402,F401  (registers the teachers)
+from vfmkd.cache.codec import STORAGES, bytes_per_image, mask_bytes, mirror_affine  # noqa: E402
+from vfmkd.cache.format import OUTPUTS, cache_file, label_files_sha256  # noqa: E402
+from vfmkd.cache.reader import FeatureCacheReader  # noqa: E402
+from vfmkd.cache.shards import merge_shards, shard_file, shard_range  # noqa: E402
+from vfmkd.cache.writer import FeatureCacheWriter, MaskPlan  # noqa: E402
 from vfmkd.core.config import (  # noqa: E402
     import_custom_modules,
     parse_overrides,
@@ -54,13 +60,8 @@ from vfmkd.core.config import (  # noqa: E402
 )
 from vfmkd.core.errors import ConfigError, DatasetError  # noqa: E402
 from vfmkd.core.registry import TEACHERS  # noqa: E402
-from vfmkd.datasets.cache_codec import STORAGES, bytes_per_image, mask_bytes, mirror_affine  # noqa: E402
-from vfmkd.datasets.cache_shards import merge_shards, shard_file, shard_range  # noqa: E402
 from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels  # noqa: E402
-from vfmkd.datasets.feature_cache import OUTPUTS, cache_file, label_files_sha256  # noqa: E402
-from vfmkd.datasets.feature_cache_reader import FeatureCacheReader  # noqa: E402
-from vfmkd.datasets.feature_cache_writer import FeatureCacheWriter, MaskPlan  # noqa: E402
-from vfmkd.engine.distributed import init_distributed  # noqa: E402
+from vfmkd.engine.training.distributed import init_distributed  # noqa: E402
 from vfmkd.teachers.base import segmenting_teachers  # noqa: E402
 from vfmkd.utils.cli import entry  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vfmkd.core.config import experiment_record, resolve_path  # noqa: E402
 from vfmkd.engine.builders import head_tasks  # noqa: E402
-from vfmkd.engine.run_dir import create_run_dir, remove_unused_run_dir, write_json, write_run_config  # noqa: E402
-from vfmkd.engine.tester import FIDELITY_SOURCES, test_checkpoint, test_results_path  # noqa: E402
+from vfmkd.engine.evaluation.tester import FIDELITY_SOURCES, test_checkpoint, test_results_path  # noqa: E402
+from vfmkd.engine.training.run_dir import create_run_dir, remove_unused_run_dir, write_json, write_run_config  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 from vfmkd.utils.logging import setup_logging  # noqa: E402
 
@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for head, task in head_tasks(experiment_record(cfg).model).items():
         numbers = "  ".join(f"{k}={v:.4f}" for k, v in metrics[head].items() if isinstance(v, float))
         log.info("%s: %s (%s) %s", split, head, task, numbers)
-    if "panoptic" in metrics:  # instance + semantic heads merged (vfmkd/engine/panoptic.py)
+    if "panoptic" in metrics:  # instance + semantic heads merged (vfmkd/engine/evaluation/panoptic_quality.py)
         pan = metrics["panoptic"]
         log.info("%s: panoptic PQ=%.4f SQ=%.4f RQ=%.4f (things PQ=%.4f, stuff PQ=%.4f) over %d images, %d skipped",
                  split, pan["PQ"], pan["SQ"], pan["RQ"], pan["PQ_things"], pan["PQ_stuff"], pan["images"],

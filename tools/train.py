@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from vfmkd.engine.resume import RunFinished  # noqa: E402
-from vfmkd.engine.trainer import Trainer  # noqa: E402
+from vfmkd.engine.training.resume import RunFinished  # noqa: E402
+from vfmkd.engine.training.trainer import Trainer  # noqa: E402
 from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
 from vfmkd.utils.logging import get_logger  # noqa: E402
 

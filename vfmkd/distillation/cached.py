@@ -7,7 +7,7 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 from torch.utils.data import Dataset
 
 from vfmkd.datasets.records import Batch, Sample, collate_samples
-from vfmkd.distillation.offline import OfflineTeacher
+from vfmkd.distillation.offline_distiller import OfflineTeacher
 from vfmkd.distillation.targets import TeacherTargets, from_cache_entry
 
 

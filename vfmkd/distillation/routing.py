@@ -22,8 +22,8 @@ import torch
 from vfmkd.core.config import check_offline_ratio
 from vfmkd.datasets.records import Batch, ViewGeometry
 from vfmkd.datasets.transforms import GeometricAugment
-from vfmkd.distillation.offline import OfflineTeacher
-from vfmkd.distillation.online import OnlineTeacher
+from vfmkd.distillation.offline_distiller import OfflineTeacher
+from vfmkd.distillation.online_distiller import OnlineTeacher
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.utils.logging import get_logger
 

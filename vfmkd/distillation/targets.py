@@ -6,7 +6,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
-from vfmkd.datasets.cache_codec import dequantize
+from vfmkd.cache.codec import dequantize
 
 
 @dataclass

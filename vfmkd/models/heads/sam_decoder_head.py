@@ -58,7 +58,7 @@ class SamDecoderHead(nn.Module):
                  init_from_teacher: Optional[str] = None, variant: str = "vit_b",
                  trainable_decoder: bool = True) -> None:
         super().__init__()
-        from vfmkd.teachers.sam import SAM_VARIANTS
+        from vfmkd.teachers.sam_teacher import SAM_VARIANTS
 
         if variant not in SAM_VARIANTS:
             raise ConfigError(f"sam_decoder: variant must be one of {sorted(SAM_VARIANTS)}, got '{variant}'")
@@ -107,7 +107,7 @@ class SamDecoderHead(nn.Module):
     def load_teacher_decoder(self, path: str) -> None:
         """Load ``prompt_encoder.*`` / ``mask_decoder.*`` of an official SAM checkpoint (weights_only)."""
         from vfmkd.core.config import resolve_path
-        from vfmkd.teachers.sam import detect_sam_variant
+        from vfmkd.teachers.sam_teacher import detect_sam_variant
         from vfmkd.teachers.weights import weights_for
         from vfmkd.utils.checkpoint import load_checkpoint, unwrap_state_dict
 

@@ -1,0 +1,70 @@
+"""Builders of the data: the dataset of a split, its augmentation, the head-task and class checks."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+from vfmkd.core.config import DataConfig, ModelConfig, resolve_path
+from vfmkd.core.errors import ConfigError
+from vfmkd.core.registry import HEADS
+from vfmkd.datasets import DetectionDataset, GeometricAugment
+from vfmkd.utils.logging import get_logger
+
+
+def build_augment(data: DataConfig) -> Optional[GeometricAugment]:
+    a = data.augment
+    augment = GeometricAugment(fliplr=a.fliplr, scale=a.scale, translate=a.translate, degrees=a.degrees)
+    return augment if augment.enabled else None
+
+
+def head_tasks(model: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, str]:
+    """Head name -> its task (detection | instance | semantic | binary), from the registry."""
+    heads = model.heads if isinstance(model, ModelConfig) else model.get("heads", {})
+    return {name: str(getattr(HEADS.get(entry["type"]), "task", "detection")) for name, entry in heads.items()}
+
+
+BOX_TASKS = ("detection", "instance")  # heads whose num_classes is the box label class count
+
+
+def box_classes_key(heads: Mapping[str, Mapping[str, Any]]) -> str:
+    """The setting(s) behind the box class count: ``model.heads.<name>.num_classes`` of each box head."""
+    names = [n for n, task in head_tasks({"heads": heads}).items() if task in BOX_TASKS]
+    return " and ".join(f"model.heads.{n}.num_classes" for n in names) or "model.heads.<box head>.num_classes"
+
+
+def check_head_classes(heads: Mapping[str, Mapping[str, Any]], dataset: DetectionDataset) -> None:
+    """A semantic head needs a logit per class of the dataset's table (else the loss indexes past its
+    logits); more logits than classes train nothing and are only warned about."""
+    for name, task in head_tasks({"heads": heads}).items():
+        want, have = dataset.semantic_num_classes, heads[name].get("num_classes")
+        if task != "semantic" or want is None or have is None:
+            continue
+        table = dataset.semantic_table.source if dataset.semantic_table is not None else "the semantic table"
+        if int(have) < want:
+            raise ConfigError(f"model.heads.{name}.num_classes={have} but {table} has {want} semantic classes (index "
+                              f"0, unlabeled, included): set model.heads.{name}.num_classes={want}")
+        if int(have) > want:
+            get_logger().warning("model.heads.%s.num_classes=%s but %s has %d semantic classes: %d logits are never "
+                                 "trained",
+                                 name, have, table, want, int(have) - want)
+
+
+def build_dataset(data: DataConfig, split: str, num_classes: int,
+                  augment: Optional[GeometricAugment] = None, seed: int = 0,
+                  tasks: Sequence[str] = (),
+                  heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> DetectionDataset:
+    """The split with the labels the model's heads train on (``tasks``: head tasks; a promptable
+    head reads instance masks: its points are drawn inside them and it is scored against them).
+    With ``heads`` (``model.heads``) the class counts are checked against the dataset as it loads,
+    and a class id beyond them names the head's key."""
+    binary = "binary" in tasks
+    if binary and not data.binary_classes:
+        raise ConfigError("a binary_head needs data.binary_classes: the semantic class names that are foreground "
+                          "(e.g. data.binary_classes=[person])")
+    dataset = DetectionDataset(str(resolve_path(data.root)), split, data.img_size, data.limit, num_classes,
+                               augment=augment, seed=seed, instances=bool({"instance", "promptable"} & set(tasks)),
+                               semantic="semantic" in tasks,
+                               binary_classes=tuple(data.binary_classes) if binary else (),
+                               classes_key=box_classes_key(heads or {}))
+    if heads is not None:
+        check_head_classes(heads, dataset)
+    return dataset

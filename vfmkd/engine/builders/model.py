@@ -1,0 +1,28 @@
+"""Builder of the student: ``model`` section -> :class:`UnifiedModel` (+ ``model.init``)."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Union
+
+from vfmkd.core.config import ModelConfig, resolve_path
+from vfmkd.core.errors import ConfigError, did_you_mean
+from vfmkd.models.unified_model import UnifiedModel
+
+INIT_KEYS = ("from", "parts", "strict")
+
+
+def build_model(model: Union[ModelConfig, Mapping[str, Any]], initialise: bool = False) -> UnifiedModel:
+    """The student from the ``model`` section (its backbone, neck and head entries; DSRL's input scale).
+    ``initialise``: load ``model.init`` (a training run that does not resume; tools that load a
+    checkpoint of their own skip it); its report is kept in ``init_report``."""
+    student = UnifiedModel.from_config(model)
+    init = dict((model.init if isinstance(model, ModelConfig) else model.get("init")) or {})
+    unknown = [k for k in init if k not in INIT_KEYS]
+    if unknown:
+        raise ConfigError(f"model.init: unknown key '{unknown[0]}'.{did_you_mean(unknown[0], INIT_KEYS)} "
+                          f"Keys: from (the file), parts (backbone/neck/heads), strict.")
+    if initialise and init.get("from"):
+        from vfmkd.models.pretrained import initialise_student
+
+        student.init_report = initialise_student(student, str(resolve_path(init["from"])), init.get("parts"),
+                                                 bool(init.get("strict", False)))
+    return student

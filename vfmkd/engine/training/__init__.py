@@ -1,0 +1,1 @@
+"""The training loop: trainer, stages, exact resume, torchrun, the run directory and its logs."""

@@ -1,0 +1,54 @@
+"""What a training run reports per epoch: the train.log lines and the content of metrics.json.
+
+Pure functions of the run's history (a list of epoch records as the Trainer builds them), so the
+Trainer keeps the loop and this module keeps the wording and the file's schema.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from vfmkd.engine.evaluation.evaluator import primary_metric
+
+
+def log_epoch(log: logging.Logger, record: Dict[str, Any], epochs: Optional[int], tasks: Any,
+              teacher_batches: Mapping[str, Mapping[str, int]]) -> None:
+    """One line per epoch (train losses, the val metric that picks best.pt, held-out cosines), then
+    the per-teacher count of cached vs live batches so far."""
+    summary = "  ".join(f"{k}={v:.4f}" for k, v in record["train"].items() if not k.startswith("loss_det_"))
+    val = record.get("val")
+    val_text = ""
+    if val:
+        head, metric, value = primary_metric(val, tasks)[:3]
+        val_text = f"  val {head} {metric}={value:.4f}" + (
+            f" mAP50={val['mAP50']:.4f} mAP50-95={val['mAP50-95']:.4f}"
+            if "mAP50" in val and metric != "mAP50-95"
+            else ""
+        )
+    if val and val.get("fidelity"):
+        val_text += "  held-out " + "  ".join(f"cos[{k}]={v['cos']:.4f}" for k, v in val["fidelity"].items())
+    log.info("epoch %d/%d [%s]  %s%s", record["epoch"], epochs, record["stage"], summary, val_text)
+    for name, counts in teacher_batches.items():
+        if counts:  # a stage without the teacher's losses has routed no batch to it yet
+            log.info("teacher %s batches so far: %s", name, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def metrics_summary(experiment: str, stages: Sequence[Dict[str, Any]], history: List[Dict[str, Any]], tasks: Any,
+                    seconds: float, world_size: int) -> Dict[str, Any]:
+    """metrics.json's content: the epochs, the best epoch and the metric that picked it, the last
+    held-out fidelity, the seconds trained (over every session of the run) and the world size."""
+    best = next((r for r in reversed(history) if r.get("best")), None)
+    last_val = next((r["val"] for r in reversed(history) if "val" in r), None)
+    return {
+        "experiment": experiment,
+        "stages": list(stages),
+        "epochs": history,
+        "best_epoch": best["epoch"] if best else None,
+        "best_val": best["val"] if best else None,
+        # what picked best.pt: {head, metric, value} (mIoU for a semantic head, Dice for a binary one, ...)
+        "best_metric": dict(zip(("head", "metric", "value"), primary_metric(best["val"], tasks)[:3]))
+        if best else None,
+        "final_fidelity": last_val.get("fidelity") if last_val else None,
+        "train_seconds": round(seconds, 1),
+        "world_size": world_size,
+    }
