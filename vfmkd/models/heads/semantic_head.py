@@ -10,6 +10,7 @@ from ultralytics.nn.modules import Conv
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS
+from vfmkd.models.heads.base import BaseHead
 
 OUTPUT_STRIDES = (4, 8)
 
@@ -45,7 +46,7 @@ class FPNFusion(nn.Module):
 
 
 @HEADS.register("semantic_head")
-class SemanticHead(nn.Module):
+class SemanticHead(BaseHead):
     """Class logits (B, num_classes, S/output_stride, S/output_stride) from the neck levels
     (:class:`FPNFusion` then a 1x1 classifier). ``num_classes`` counts index 0 (unlabeled, ignored
     by the loss). Same output in train and eval mode; the loss and the scorer upsample it."""
@@ -59,6 +60,7 @@ class SemanticHead(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.output_stride = num_classes, output_stride
         self.fusion = FPNFusion(in_specs, channels, output_stride)
+        self.level_names = self.fusion.level_names
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, feats: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import torch
-from torch import nn
 from ultralytics.nn.modules import Detect
 from ultralytics.utils.torch_utils import initialize_weights
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS
+from vfmkd.models.heads.base import BaseHead
 
 
 class V8Detect(Detect):
@@ -21,7 +21,7 @@ class V8Detect(Detect):
 
 
 @HEADS.register("yolo_head")
-class YOLOv8DetectHead(nn.Module):
+class YOLOv8DetectHead(BaseHead):
     """Anchor-free decoupled head with DFL box regression.
 
     Training: ``forward({"P3": ..., "P4": ..., "P5": ...})`` returns ultralytics' raw dict (``boxes``

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any, Dict, Sequence
 
 import torch
-from torch import nn
 from ultralytics.nn.modules import Segment
 from ultralytics.utils.tal import make_anchors
 from ultralytics.utils.torch_utils import initialize_weights
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS
+from vfmkd.models.heads.base import BaseHead
 
 
 class V8Segment(Segment):
@@ -21,7 +21,7 @@ class V8Segment(Segment):
 
 
 @HEADS.register("yolo_seg_head")
-class YOLOv8SegmentHead(nn.Module):
+class YOLOv8SegmentHead(BaseHead):
     """Anchor-free detection with DFL box regression plus ``num_masks`` mask coefficients per anchor
     over ``num_masks`` prototype masks made from the finest level (upsampled x2: stride 4 on a P3-P5
     neck, i.e. S/4 x S/4 like ultralytics' ``mask_ratio`` 4).

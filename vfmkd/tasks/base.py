@@ -1,0 +1,80 @@
+"""The task contract: what a head is for, asked instead of compared as a string.
+
+A head (a :class:`~vfmkd.models.heads.base.BaseHead`) carries its task's NAME (``task = "instance"``;
+models sit below tasks and cannot import them); :func:`task_of` looks the :class:`Task` up in
+:data:`~vfmkd.core.registry.TASKS`. A task bundles what the rest of vfmkd asks about it:
+
+- ``label_kinds``: the per-pixel label kinds the dataset must load for it (a subset of
+  :data:`vfmkd.datasets.records.LABEL_KINDS`; boxes are always loaded);
+- ``box_classes``: whether its head's ``num_classes`` is the box labels' class count;
+- ``default_loss``: the LOSSES name that trains such a head when the config names none;
+- ``canvas_stride``: whether its outputs answer in input (canvas) pixels on the stride grid of the
+  padded canvas (boxes, prototypes: a resolution change must keep the canvas);
+- ``teacher_tasks``: the tasks of a vfmkd teacher's heads whose outputs can teach it;
+- :meth:`Task.read_output`: the head's raw train/eval output as the task's typed output record.
+
+A new task is one file: subclass :class:`Task`, register it with ``@TASKS.register("name")`` and give
+a head ``task = "name"`` (docs/adding_a_task.md).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Dict, FrozenSet, Iterable, Mapping, Tuple
+
+from vfmkd.core.errors import ConfigError
+from vfmkd.core.registry import TASKS
+
+
+class Task(ABC):
+    """One task (a class attribute per property, one method to read a head's output)."""
+
+    #: the registry name, the ``task`` attribute of its heads
+    name: ClassVar[str] = ""
+    #: per-pixel label kinds the dataset loads for it ("instances", "semantic", "binary")
+    label_kinds: ClassVar[FrozenSet[str]] = frozenset()
+    #: True when the head's ``num_classes`` is the box labels' class count
+    box_classes: ClassVar[bool] = False
+    #: the LOSSES name of its task loss
+    default_loss: ClassVar[str] = ""
+    #: True when its outputs are in canvas pixels on the canvas' stride grid
+    canvas_stride: ClassVar[bool] = False
+    #: tasks of a vfmkd teacher's heads that can teach a head of this task (output distillation)
+    teacher_tasks: ClassVar[Tuple[str, ...]] = ()
+    #: the typed output record :meth:`read_output` returns
+    output_type: ClassVar[type] = object
+
+    @abstractmethod
+    def read_output(self, raw: Any) -> Any:
+        """The head's raw train or eval output (what its ``forward`` returns) as :attr:`output_type`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def get_task(name: str) -> Task:
+    """The registered task ``name`` (ConfigError naming the registered tasks when there is none)."""
+    return TASKS.get(name)()
+
+
+def task_of(head: Any) -> Task:
+    """The task of ``head`` (a head module or class): its ``task`` name looked up in TASKS."""
+    name = getattr(head, "task", None)
+    if not isinstance(name, str):
+        what = head.__name__ if isinstance(head, type) else type(head).__name__
+        raise ConfigError(f"head {what} has no task name: subclass vfmkd.models.heads.base.BaseHead and set "
+                          f"task = one of {', '.join(TASKS.names())}")
+    try:
+        return get_task(name)
+    except ConfigError as err:
+        what = head.__name__ if isinstance(head, type) else type(head).__name__
+        raise ConfigError(f"head {what}: {err}") from err
+
+
+def tasks_of(heads: Mapping[str, Any]) -> Dict[str, Task]:
+    """Head name -> task, for head modules or classes (e.g. ``model.heads``)."""
+    return {name: task_of(head) for name, head in heads.items()}
+
+
+def label_kinds_of(tasks: Iterable[Task]) -> FrozenSet[str]:
+    """The label kinds a dataset must load for all of ``tasks``."""
+    return frozenset().union(*(t.label_kinds for t in tasks))
