@@ -19,16 +19,16 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, ViewGeometry
 from vfmkd.distillation.distiller import Distiller, LossTerm
 from vfmkd.distillation.losses import ClsDistillLoss, KLDivergenceLoss, MaskDistillLoss
-from vfmkd.distillation.mask_grid import BACKGROUND_LOGIT, box_cells, class_union, masks_on_grid, match_rows
-from vfmkd.distillation.mask_pairs import (
+from vfmkd.distillation.pairing.mask_grid import BACKGROUND_LOGIT, box_cells, class_union, masks_on_grid, match_rows
+from vfmkd.distillation.pairing.mask_pairs import (
     binary_kl_pair,
     class_mask_pair,
     class_union_maps,
     image_class_pair,
     instance_mask_pair,
 )
-from vfmkd.distillation.output_pairs import OutputPairing, check_mask_sources
-from vfmkd.distillation.output_rules import OutputRule, TeacherOutputs, resolve_output_term
+from vfmkd.distillation.pairing.output_pairs import OutputPairing, check_mask_sources
+from vfmkd.distillation.pairing.output_rules import OutputRule, TeacherOutputs, resolve_output_term
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
 from vfmkd.engine.builders import build_loss_terms, build_model, output_class_channels
 from vfmkd.models.heads.yolo_seg_head import YOLOv8SegmentHead

@@ -19,9 +19,9 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, ViewGeometry
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.losses import EmbeddingDistillLoss, PromptDistillLoss
-from vfmkd.distillation.output_pairs import check_mask_sources
-from vfmkd.distillation.output_rules import TeacherOutputs
-from vfmkd.distillation.prompt_pairs import error_region, sample_cells
+from vfmkd.distillation.pairing.output_pairs import check_mask_sources
+from vfmkd.distillation.pairing.output_rules import TeacherOutputs
+from vfmkd.distillation.pairing.prompt_pairs import error_region, sample_cells
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
 from vfmkd.engine.builders import build_loss_terms, build_model
 from vfmkd.models.heads.sam_decoder_head import SamDecoderHead

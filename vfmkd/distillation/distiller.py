@@ -12,7 +12,7 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.geometry import resample_to_student
 from vfmkd.distillation.losses import FeatureDistillLoss
 from vfmkd.distillation.losses.feature import masked_cosine
-from vfmkd.distillation.output_pairs import OutputPairing
+from vfmkd.distillation.pairing.output_pairs import OutputPairing
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.distillation.weighting import combine
 from vfmkd.models.unified_model import StudentOutput
@@ -39,7 +39,7 @@ class LossTerm:
     weight scales it); ``head``: the model head a task or output loss reads; ``module``: the loss
     itself (feature losses carry their channel adapter, teacher, teacher feature and student level;
     output losses their teacher); ``pairing``: how an output term pairs the head's output with its
-    teacher's targets (:class:`~vfmkd.distillation.output_pairs.OutputPairing`)."""
+    teacher's targets (:class:`~vfmkd.distillation.pairing.output_pairs.OutputPairing`)."""
 
     name: str
     kind: str
@@ -171,9 +171,9 @@ class Distiller(nn.Module):
 
     def teachers_needing_masks(self, active_only: bool = False) -> Tuple[str, ...]:
         """Teachers whose box-prompted mask logits some output term reads (mask_distill & co., and
-        prompt_distill through :class:`~vfmkd.distillation.prompt_pairs.PromptPairing`): their live passes must
+        prompt_distill through :class:`~vfmkd.distillation.pairing.prompt_pairs.PromptPairing`): their live passes must
         be made with ``OnlineTeacher(masks=True)`` and their caches must hold masks
-        (:func:`~vfmkd.distillation.output_pairs.check_mask_sources`)."""
+        (:func:`~vfmkd.distillation.pairing.output_pairs.check_mask_sources`)."""
         return tuple(sorted({t.teacher for t in self.output_terms(active_only).values() if t.pairing.needs_masks}))
 
     def teachers_needing_heads(self, active_only: bool = False) -> Tuple[str, ...]:

@@ -7,7 +7,7 @@ and the factor keeps its size comparable across temperatures and with the task l
 
 The losses take plain tensors; which student logits meet which teacher logits (instance masks per
 ground-truth box, class unions for semantic/binary heads, anchors for class scores) is decided by
-:mod:`vfmkd.distillation.output_pairs`, which the distiller runs before calling them.
+:mod:`vfmkd.distillation.pairing.output_pairs`, which the distiller runs before calling them.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 image embeddings, then decoder distillation on SAM's mask logits for the same prompts.
 
 Both are output-kind entries that name ``teacher:`` and ``head:`` (the ``sam_decoder`` head); which
-tensors meet is decided by :mod:`vfmkd.distillation.prompt_pairs` (the distiller runs the pairing
+tensors meet is decided by :mod:`vfmkd.distillation.pairing.prompt_pairs` (the distiller runs the pairing
 and calls the loss with its result). Teacher tensors are targets: detached, never trained.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ class PromptDistillLoss(nn.Module):
     the cells in the teacher's valid (unpadded) region.
 
     ``forward(student (M, H, W), teacher (M, H, W), weight (M, H, W))`` -> scalar. The prompts
-    (:class:`~vfmkd.distillation.prompt_pairs.PromptPairing`): every ground-truth box with a
+    (:class:`~vfmkd.distillation.pairing.prompt_pairs.PromptPairing`): every ground-truth box with a
     teacher mask; ``points`` foreground points per box sampled inside the ground-truth instance mask
     (when the batch has instance labels) or the teacher's mask, the box's teacher mask as target;
     ``refine_iters`` refinement rounds per prompt set, each adding one point from the error region

@@ -8,7 +8,7 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES
 from vfmkd.distillation.distiller import FEATURE_LOG_PREFIX, RESERVED_LOSS_KEYS, Distiller, LossTerm
-from vfmkd.distillation.output_pairs import check_mask_sources
+from vfmkd.distillation.pairing.output_pairs import check_mask_sources
 from vfmkd.distillation.resolution import LOG_NAME as RESOLUTION_LOG_NAME
 from vfmkd.distillation.resolution import build_resolution_term
 from vfmkd.distillation.routing import TeacherRouter
@@ -47,7 +47,7 @@ def output_class_channels(data_root: str, binary_classes: Sequence[str] = ()) ->
 def _output_head(where: str, kind_name: str, head: Optional[str], teacher: Any, model: UnifiedModel) -> str:
     """The student head an output term reads: ``head:``, else the only head whose task the teacher
     serves for this loss."""
-    from vfmkd.distillation.output_rules import HEAD_RULES, MASK_RULES, TEACHER_TASKS
+    from vfmkd.distillation.pairing.output_rules import HEAD_RULES, MASK_RULES, TEACHER_TASKS
 
     tasks = {n: str(getattr(h, "task", "detection")) for n, h in model.heads.items()}
     if head is not None:
@@ -77,13 +77,13 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
 
     Output losses (``kl_divergence``, ``cls_distill``, ``mask_distill``) name ``teacher:`` and
     ``head:`` (default: the only head the teacher serves; ``teacher_head:`` picks a vfmkd teacher's
-    head) and get their pairing (:mod:`vfmkd.distillation.output_rules`) from ``teachers``
+    head) and get their pairing (:mod:`vfmkd.distillation.pairing.output_rules`) from ``teachers``
     (:func:`teacher_outputs`) and, for semantic/binary heads taught by masks, ``class_channels``
     (:func:`output_class_channels`). ``embedding_distill`` / ``prompt_distill`` train a promptable
-    (``sam_decoder``) head (:mod:`vfmkd.distillation.prompt_pairs`)."""
-    from vfmkd.distillation.output_pairs import OutputPairing
-    from vfmkd.distillation.output_rules import TeacherOutputs, resolve_output_term
-    from vfmkd.distillation.prompt_pairs import PROMPT_LOSSES, build_prompt_term
+    (``sam_decoder``) head (:mod:`vfmkd.distillation.pairing.prompt_pairs`)."""
+    from vfmkd.distillation.pairing.output_pairs import OutputPairing
+    from vfmkd.distillation.pairing.output_rules import TeacherOutputs, resolve_output_term
+    from vfmkd.distillation.pairing.prompt_pairs import PROMPT_LOSSES, build_prompt_term
 
     levels = {s.name: s for s in model.backbone.feature_specs()}
     offers: Mapping[str, Any] = teachers if teachers is not None else {n: TeacherOutputs(n, "?") for n in specs}

@@ -151,7 +151,7 @@ def teacher_outputs(teachers_cfg: Mapping[str, Mapping[str, Any]], router: Teach
     """What each enabled teacher offers output distillation (``TeacherOutputs``): mask logits when its
     type ``can_segment`` (SAM family), its heads ``{name: (task, num_classes)}`` when it is a loaded
     teacher with head outputs (a vfmkd teacher; live only, so loaded before the losses are built)."""
-    from vfmkd.distillation.output_rules import TeacherOutputs
+    from vfmkd.distillation.pairing.output_rules import TeacherOutputs
 
     out: Dict[str, Any] = {}
     for name, entry in enabled_teachers(teachers_cfg).items():

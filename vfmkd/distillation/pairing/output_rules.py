@@ -24,14 +24,14 @@ instance    mask_distill    masks: every detection box of the view whose prompt 
                             vfmkd: the same boxes through the same head rule on the teacher's output.
 semantic    mask_distill    masks: per (image, class present in the prompts), the class's union (max) of
 binary                      its masks, each confined to its own box
-                            (:data:`~vfmkd.distillation.mask_grid.BACKGROUND_LOGIT` outside), vs the student
+                            (:data:`~vfmkd.distillation.pairing.mask_grid.BACKGROUND_LOGIT` outside), vs the student
                             logit channel of that class (semantic: the class's semantic index; binary:
                             channel 0, classes in ``data.binary_classes`` only); weight = the union of that
                             class's boxes within the valid region.
                             vfmkd: every channel, per pixel, over the image content.
 binary      kl_divergence   masks: per pixel of the valid image, Bernoulli KL at T (x T^2) between the
                             student logit and the teacher's foreground union (background = the floor
-                            :data:`~vfmkd.distillation.mask_grid.BACKGROUND_LOGIT` where no foreground box is),
+                            :data:`~vfmkd.distillation.pairing.mask_grid.BACKGROUND_LOGIT` where no foreground box is),
                             as 2-class softmax rows ``[0, logit]`` (softmax of those is exactly the sigmoid). vfmkd: the
                             teacher's binary logits.
 semantic    kl_divergence   vfmkd: per pixel softmax KL over the classes, over the image content.
@@ -46,9 +46,9 @@ instance    kl_divergence   (same anchors: the teacher sees the student canvas);
 
 Everything else is refused when the losses are built (:func:`resolve_output_term`).
 
-The pairings themselves: :mod:`vfmkd.distillation.mask_pairs` (source "masks"),
-:mod:`vfmkd.distillation.head_pairs` (source "heads"), dispatched by
-:class:`~vfmkd.distillation.output_pairs.OutputPairing`.
+The pairings themselves: :mod:`vfmkd.distillation.pairing.mask_pairs` (source "masks"),
+:mod:`vfmkd.distillation.pairing.head_pairs` (source "heads"), dispatched by
+:class:`~vfmkd.distillation.pairing.output_pairs.OutputPairing`.
 """
 from __future__ import annotations
 

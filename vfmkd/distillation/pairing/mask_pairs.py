@@ -9,7 +9,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.mask_grid import (
+from vfmkd.distillation.pairing.mask_grid import (
     BACKGROUND_LOGIT,
     box_cells,
     class_union,
@@ -18,7 +18,7 @@ from vfmkd.distillation.mask_grid import (
     prompts_on_grid,
     student_affine_of,
 )
-from vfmkd.distillation.output_rules import OutputRule
+from vfmkd.distillation.pairing.output_rules import OutputRule
 from vfmkd.distillation.targets import TeacherTargets
 
 

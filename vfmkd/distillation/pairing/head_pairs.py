@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.mask_grid import box_cells, canvas_boxes_xyxy, content_cells
-from vfmkd.distillation.mask_pairs import as_two_class
-from vfmkd.distillation.output_rules import OutputRule
+from vfmkd.distillation.pairing.mask_grid import box_cells, canvas_boxes_xyxy, content_cells
+from vfmkd.distillation.pairing.mask_pairs import as_two_class
+from vfmkd.distillation.pairing.output_rules import OutputRule
 from vfmkd.distillation.targets import TeacherTargets
 
 

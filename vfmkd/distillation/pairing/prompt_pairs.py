@@ -10,7 +10,7 @@ embedding_distill   the head's image embeddings (B, 256, S/16, S/16) vs the teac
 prompt_distill      every detection box of the view whose teacher mask exists (``MaskLogits`` matched by image
                     and ``label_index``), in canvas xyxy pixels, prompts the student decoder
                     (``head.decode``); its low-res logits (S/4) meet the teacher's logits of that box on the
-                    same S/4 grid (:func:`~vfmkd.distillation.mask_grid.masks_on_grid`). With ``points`` > 0
+                    same S/4 grid (:func:`~vfmkd.distillation.pairing.mask_grid.masks_on_grid`). With ``points`` > 0
                     each box also gives a point prompt: that many foreground points sampled inside the
                     ground-truth instance mask of the box (``batch.instances``, matched by ``label_index``)
                     or else inside the teacher's mask, the box's teacher mask as target. Each of the
@@ -36,8 +36,8 @@ from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.geometry import resample_to_student
-from vfmkd.distillation.mask_grid import match_rows, prompts_on_grid, student_affine_of
-from vfmkd.distillation.output_rules import MASK_TEACHER_TYPES
+from vfmkd.distillation.pairing.mask_grid import match_rows, prompts_on_grid, student_affine_of
+from vfmkd.distillation.pairing.output_rules import MASK_TEACHER_TYPES
 from vfmkd.distillation.targets import TeacherTargets
 
 PROMPT_LOSSES = ("embedding_distill", "prompt_distill")

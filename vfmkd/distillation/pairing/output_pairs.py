@@ -1,6 +1,6 @@
 """One output term's pairing at run time (:class:`OutputPairing`: its rule, resolved when the losses
-are built by :func:`~vfmkd.distillation.output_rules.resolve_output_term`, run through
-:func:`~vfmkd.distillation.head_pairs.head_pair` or :func:`~vfmkd.distillation.mask_pairs.mask_pair`),
+are built by :func:`~vfmkd.distillation.pairing.output_rules.resolve_output_term`, run through
+:func:`~vfmkd.distillation.pairing.head_pairs.head_pair` or :func:`~vfmkd.distillation.pairing.mask_pairs.mask_pair`),
 and the build-time check that a teacher's cache holds the mask logits its output terms read."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.head_pairs import head_pair
-from vfmkd.distillation.mask_pairs import mask_pair
-from vfmkd.distillation.output_rules import OutputRule
+from vfmkd.distillation.pairing.head_pairs import head_pair
+from vfmkd.distillation.pairing.mask_pairs import mask_pair
+from vfmkd.distillation.pairing.output_rules import OutputRule
 from vfmkd.distillation.targets import TeacherTargets
 
 
