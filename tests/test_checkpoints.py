@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vfmkd.core import official_weights as weights_mod
 from vfmkd.core.errors import CheckpointError, ConfigError
-from vfmkd.teachers import weights as weights_mod
-from vfmkd.teachers.weights import OFFICIAL_WEIGHTS, default_checkpoint_path, weights_for
+from vfmkd.core.official_weights import OFFICIAL_WEIGHTS, default_checkpoint_path, weights_for
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vfmkd.teachers.weights import OFFICIAL_WEIGHTS
+from vfmkd.core.official_weights import OFFICIAL_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from vfmkd.core.errors import CheckpointError, ConfigError
+from vfmkd.core.official_weights import OFFICIAL_WEIGHTS, weights_for
 from vfmkd.core.registry import TEACHERS
 from vfmkd.teachers.sam2_teacher import SAM2_MEAN, SAM2_STD, SAM2_VARIANTS, Sam2Teacher
-from vfmkd.teachers.weights import OFFICIAL_WEIGHTS, weights_for
 from vfmkd.utils.checkpoint import sha256_of_file
 
 sam2 = pytest.importorskip("sam2", reason="Meta's sam2 package is installed by scripts/setup.sh")

@@ -29,8 +29,8 @@ except ImportError:
 
 from tqdm import tqdm
 
-from vfmkd.teachers import weights as weights_mod
-from vfmkd.teachers.weights import OfficialWeights
+from vfmkd.core import official_weights as weights_mod
+from vfmkd.core.official_weights import OfficialWeights
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 30

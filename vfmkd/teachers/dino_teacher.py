@@ -53,10 +53,10 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from vfmkd.core.errors import CheckpointError
 from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.official_weights import weights_for
 from vfmkd.core.registry import TEACHERS
 from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images, resized_hw
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
-from vfmkd.teachers.weights import weights_for
 
 logger = logging.getLogger("vfmkd")
 

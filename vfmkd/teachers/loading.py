@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 
 from vfmkd.core.errors import CheckpointError
-from vfmkd.teachers.weights import OFFICIAL_WEIGHTS, default_checkpoint_path, weights_for
+from vfmkd.core.official_weights import OFFICIAL_WEIGHTS, default_checkpoint_path, weights_for
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
 
 logger = logging.getLogger("vfmkd")

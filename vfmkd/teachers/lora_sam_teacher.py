@@ -45,9 +45,10 @@ import torch
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
+from vfmkd.core.sam_variants import SAM_VARIANTS
 from vfmkd.teachers.base import TeacherFingerprint
 from vfmkd.teachers.loading import auto_variant, config_weights_id
-from vfmkd.teachers.sam_teacher import SAM_VARIANTS, SamTeacher, wrong_variant_error
+from vfmkd.teachers.sam_teacher import SamTeacher, wrong_variant_error
 from vfmkd.teachers.settings import TeacherSettings
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
 
@@ -94,7 +95,18 @@ def check_lora_state_dict(
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Validate a LoRA file against SAM ``variant`` and ``rank``; returns ``[(A, B)]`` per block
     (float32). Raises :class:`CheckpointError` naming what does not match."""
-    dim, depth = SAM_VARIANTS[variant]
+    pairs = _lora_pairs(state_dict, source)
+    _check_fits_base(pairs, variant, rank, source)
+    _check_ranks(pairs, variant, rank, source)
+    bad = [i for i, d in sorted(pairs.items()) if not (torch.isfinite(d["A"]).all() and torch.isfinite(d["B"]).all())]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN/inf values in blocks {_ranges(bad)}.")
+    return [(pairs[i]["A"].float(), pairs[i]["B"].float()) for i in range(SAM_VARIANTS[variant][1])]
+
+
+def _lora_pairs(state_dict: Mapping[str, torch.Tensor], source: str) -> Dict[int, Dict[str, torch.Tensor]]:
+    """``{block: {"A": (r, C), "B": (3C, r)}}`` of a LoRA file: every key a qkv LoRA matrix, both halves
+    present, 2-D float tensors."""
     pairs: Dict[int, Dict[str, torch.Tensor]] = {}
     foreign: List[str] = []
     for key, value in state_dict.items():
@@ -133,8 +145,12 @@ def check_lora_state_dict(
                     f"{source}: '{lora_key(i, which)}' is a {t.dtype} tensor of shape {tuple(t.shape)}; "
                     "LoRA matrices are 2-D float tensors."
                 )
+    return pairs
 
-    # Does the file fit this base model at all (number of blocks, embed dim)?
+
+def _check_fits_base(pairs: Dict[int, Dict[str, torch.Tensor]], variant: str, rank: int, source: str) -> None:
+    """Does the file fit this base model at all (number of blocks, embed dim)?"""
+    dim, depth = SAM_VARIANTS[variant]
     blocks = sorted(pairs)
     in_dims = sorted({int(d["A"].shape[1]) for d in pairs.values()})
     problems = []
@@ -161,7 +177,11 @@ def check_lora_state_dict(
                 "checkpoint." if guess else f" A LoRA for {variant} has {depth} blocks with lora_A ({rank}, {dim}).")
         raise CheckpointError(f"{source} does not match the base SAM {variant}: {'; '.join(problems)}.{hint}")
 
-    ranks = {}
+
+def _check_ranks(pairs: Dict[int, Dict[str, torch.Tensor]], variant: str, rank: int, source: str) -> None:
+    """Every lora_B fits its lora_A and qkv's 3C outputs; one rank, the configured one."""
+    dim = SAM_VARIANTS[variant][0]
+    ranks: Dict[int, List[int]] = {}
     for i, d in sorted(pairs.items()):
         a, b = d["A"], d["B"]
         if tuple(b.shape) != (3 * dim, a.shape[0]):
@@ -179,10 +199,6 @@ def check_lora_state_dict(
             f"{source} has LoRA rank {file_rank} (lora_A ({file_rank}, {dim})) but teacher.lora_rank={rank}; "
             f"set teacher.lora_rank={file_rank} (and teacher.lora_alpha to the value used in training)."
         )
-    bad = [i for i, d in sorted(pairs.items()) if not (torch.isfinite(d["A"]).all() and torch.isfinite(d["B"]).all())]
-    if bad:
-        raise CheckpointError(f"{source} holds NaN/inf values in blocks {_ranges(bad)}.")
-    return [(pairs[i]["A"].float(), pairs[i]["B"].float()) for i in range(depth)]
 
 
 @TEACHERS.register("lora_sam")

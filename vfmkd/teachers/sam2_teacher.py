@@ -55,10 +55,10 @@ import torchvision.transforms.functional as TF
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.official_weights import weights_for
 from vfmkd.core.registry import TEACHERS
 from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
-from vfmkd.teachers.weights import weights_for
 
 logger = logging.getLogger("vfmkd")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import re
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -24,42 +23,20 @@ from torch import nn
 from vfmkd.core.errors import CheckpointError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
+from vfmkd.core.sam_variants import SAM_VARIANTS, detect_sam_variant
 from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images, resized_hw
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
 
 logger = logging.getLogger("vfmkd")
 
-# (embed dim, number of ViT blocks) of each official image encoder; used to recognise a checkpoint.
-SAM_VARIANTS: Dict[str, Tuple[int, int]] = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
 _PATCH = 16  # SAM's ViT patch size: every feature map has stride 16
 _PRETRAIN_SIZE = 1024  # the official checkpoints' input size (64x64 pos_embed)
-_PATCH_KEY = "image_encoder.patch_embed.proj.weight"
-_BLOCK_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
 # SAM's own normalisation constants (0-255 pixels), read from the library so the fingerprint of a
 # config (no model built) is the one of a built model.
 _SAM_DEFAULTS = inspect.signature(Sam.__init__).parameters
 SAM_MEAN = tuple(float(v) for v in _SAM_DEFAULTS["pixel_mean"].default)
 SAM_STD = tuple(float(v) for v in _SAM_DEFAULTS["pixel_std"].default)
 _fmt = lambda t: "/".join(f"{v:.3f}" for v in t)  # noqa: E731
-
-def detect_sam_variant(state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> str:
-    """Name the SAM variant (vit_b|vit_l|vit_h) a state_dict belongs to, from tensor shapes only."""
-    if _PATCH_KEY not in state_dict:
-        sample = ", ".join(list(state_dict)[:5])
-        raise CheckpointError(
-            f"{source} is not a SAM (segment-anything v1) state_dict: it has no '{_PATCH_KEY}' "
-            f"(first keys: {sample}). Use an official SAM checkpoint "
-            "(python tools/download_weights.py --list)."
-        )
-    dim = int(state_dict[_PATCH_KEY].shape[0])
-    depth = len({int(m.group(1)) for k in state_dict if (m := _BLOCK_RE.match(k))})
-    for name, shape in SAM_VARIANTS.items():
-        if shape == (dim, depth):
-            return name
-    raise CheckpointError(
-        f"{source} has a SAM-like image encoder of unknown size (embed dim {dim}, {depth} blocks); "
-        f"known: {', '.join(f'{n}={d}x{b}' for n, (d, b) in SAM_VARIANTS.items())}."
-    )
 
 
 def wrong_variant_error(path: Path | str, found: str, variant: str) -> CheckpointError:

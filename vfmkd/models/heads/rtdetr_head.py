@@ -10,20 +10,27 @@ DDP's forward), so every decoder weight trains exactly as in ultralytics' own RT
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence
 
 import torch
-from torch import nn
 from ultralytics.nn.modules import RTDETRDecoder
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS
-from vfmkd.datasets.records import DetectionBatch
+from vfmkd.models.heads.base import BaseHead
 
 
-def decoder_targets(boxes: DetectionBatch, batch_size: int) -> Dict[str, Any]:
-    """vfmkd's :class:`DetectionBatch` (``cls`` (N, 1) float, ``bboxes`` (N, 4) normalised cxcywh,
-    ``batch_idx`` (N,) float) in the layout ultralytics' RT-DETR decoder and loss read (what
+class GroundTruthBoxes(Protocol):
+    """A batch's boxes as the head reads them (the datasets' ``DetectionBatch`` has this shape):
+    ``cls`` (N, 1) float, ``bboxes`` (N, 4) normalised cxcywh, ``batch_idx`` (N,) float image of each box."""
+
+    cls: torch.Tensor
+    bboxes: torch.Tensor
+    batch_idx: torch.Tensor
+
+
+def decoder_targets(boxes: GroundTruthBoxes, batch_size: int) -> Dict[str, Any]:
+    """A batch's boxes (:class:`GroundTruthBoxes`) in the layout ultralytics' RT-DETR decoder and loss read (what
     ``RTDETRDetectionModel.loss`` builds): ``cls``/``batch_idx`` (N,) int64, ``gt_groups`` boxes per image."""
     batch_idx = boxes.batch_idx.long().view(-1)
     gt_groups = torch.bincount(batch_idx, minlength=batch_size).tolist() if len(batch_idx) else [0] * batch_size
@@ -32,7 +39,7 @@ def decoder_targets(boxes: DetectionBatch, batch_size: int) -> Dict[str, Any]:
 
 
 @HEADS.register("rtdetr_head")
-class RTDETRHead(nn.Module):
+class RTDETRHead(BaseHead):
     """RT-DETR's decoder: input projection of each level, top-k query selection from the encoder
     scores, deformable-attention decoder layers, Hungarian-matched set prediction.
 
@@ -92,7 +99,7 @@ class RTDETRHead(nn.Module):
         finally:
             d.export = export
 
-    def decode(self, output: Dict[str, Any], boxes: Optional[DetectionBatch] = None) -> Dict[str, Any]:
+    def decode(self, output: Dict[str, Any], boxes: Optional[GroundTruthBoxes] = None) -> Dict[str, Any]:
         """The training pass of the decoder on ``forward``'s output, with denoising queries built
         from ``boxes`` (none when ``boxes`` is None, empty, or ``num_denoising`` is 0). In eval
         mode ultralytics' decoder gives its last layer only and no denoising (L = 1, dn_meta None)."""

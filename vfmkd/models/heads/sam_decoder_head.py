@@ -12,7 +12,10 @@ from torch import nn
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
+from vfmkd.core.official_weights import weights_for
 from vfmkd.core.registry import HEADS
+from vfmkd.core.sam_variants import SAM_VARIANTS, detect_sam_variant
+from vfmkd.models.heads.base import BaseHead
 
 #: SAM's embedding stride (its ViT patch size): the decoder upsamples x4 to masks at stride 4.
 EMBED_STRIDE = 16
@@ -27,7 +30,7 @@ def _level_list(specs: Sequence[FeatureSpec]) -> str:
 
 
 @HEADS.register("sam_decoder")
-class SamDecoderHead(nn.Module):
+class SamDecoderHead(BaseHead):
     """SAM's promptable decoder on a student level.
 
     ``neck``: SAM's image-encoder neck as an adapter (1x1 conv ``in_level`` channels -> ``embed_dim``,
@@ -58,13 +61,12 @@ class SamDecoderHead(nn.Module):
                  init_from_teacher: Optional[str] = None, variant: str = "vit_b",
                  trainable_decoder: bool = True) -> None:
         super().__init__()
-        from vfmkd.teachers.sam_teacher import SAM_VARIANTS
-
         if variant not in SAM_VARIANTS:
             raise ConfigError(f"sam_decoder: variant must be one of {sorted(SAM_VARIANTS)}, got '{variant}'")
         if embed_dim < 16 or embed_dim % 16:
             raise ConfigError(f"sam_decoder: embed_dim must be a positive multiple of 16 (SAM: 256), got {embed_dim}")
         self.in_level = self.pick_level(in_specs, in_level)
+        self.level_names = [self.in_level]
         self.embed_dim, self.variant, self.trainable_decoder = int(embed_dim), variant, bool(trainable_decoder)
         channels = next(s.channels for s in in_specs if s.name == self.in_level)
         self.neck = nn.Sequential(
@@ -107,8 +109,6 @@ class SamDecoderHead(nn.Module):
     def load_teacher_decoder(self, path: str) -> None:
         """Load ``prompt_encoder.*`` / ``mask_decoder.*`` of an official SAM checkpoint (weights_only)."""
         from vfmkd.core.config import resolve_path
-        from vfmkd.teachers.sam_teacher import detect_sam_variant
-        from vfmkd.teachers.weights import weights_for
         from vfmkd.utils.checkpoint import load_checkpoint, unwrap_state_dict
 
         p = resolve_path(path)
