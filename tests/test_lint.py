@@ -12,7 +12,6 @@ MAX_FUNCTION_LINES = 80
 # Today's functions over the limit (def line to last line): each may only shrink; split one and drop it here.
 LONG_FUNCTIONS = {
     "vfmkd/engine/training/trainer.py::Trainer._setup": 114,
-    "vfmkd/teachers/lora_sam_teacher.py::check_lora_state_dict": 94,
     "vfmkd/engine/builders/losses.py::build_loss_terms": 89,
 }
 
