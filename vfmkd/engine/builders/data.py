@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
-from vfmkd.core.config import DataConfig, ModelConfig, resolve_path
+from vfmkd.core.config import resolve_path
+from vfmkd.core.config_schema import DataConfig, ModelConfig
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import HEADS
 from vfmkd.datasets import DetectionDataset, GeometricAugment

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from vfmkd.core.config import ExperimentConfig, component_kwargs, resolve_path
+from vfmkd.core.config import component_kwargs, resolve_path
+from vfmkd.core.config_schema import ExperimentConfig
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Union
 
-from vfmkd.core.config import ModelConfig, resolve_path
+from vfmkd.core.config import resolve_path
+from vfmkd.core.config_schema import ModelConfig
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.models.unified_model import UnifiedModel
 

@@ -11,7 +11,8 @@ import torch
 import vfmkd.distillation.vfmkd_model_teacher  # noqa: F401  (registers the vfmkd_model teacher: a trained run)
 import vfmkd.teachers  # noqa: F401  (registers the built-in teachers)
 from vfmkd.cache.format import dataset_cli_args, rebuild_command
-from vfmkd.core.config import ExperimentConfig, resolve_path, teacher_kwargs
+from vfmkd.core.config import resolve_path, teacher_kwargs
+from vfmkd.core.config_schema import ExperimentConfig
 from vfmkd.core.device import AUTO
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from vfmkd.core.config import TrainConfig
+from vfmkd.core.config_schema import TrainConfig
 from vfmkd.core.errors import ConfigError
 
 
