@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
+from vfmkd.distillation.pairing.mask_grid import prompts_on_grid
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
 from vfmkd.engine.evaluation.evaluator import PRIMARY_METRIC, build_scorers, primary_metric
-from vfmkd.engine.evaluation.promptable_metrics import PromptableScorer
 from vfmkd.models.unified_model import StudentOutput
+from vfmkd.tasks.scoring.promptable_metrics import PromptableScorer
 
 S = 32  # canvas; masks and decoder logits on the S/4 = 8 grid
 
@@ -71,7 +72,7 @@ def _teacher() -> TeacherTargets:
 
 
 def test_promptable_scorer_by_hand():
-    scorer = PromptableScorer({0: "person", 1: "car"}, module=StubHead())
+    scorer = PromptableScorer({0: "person", 1: "car"}, module=StubHead(), teacher_prompts=prompts_on_grid)
     out = StudentOutput({}, {}, {"promptable": torch.zeros(2, 256, 2, 2)})
     scorer.update(out, _batch(), {"sam": _teacher()})
     r = scorer.result()
@@ -103,7 +104,6 @@ def test_promptable_scorer_without_teacher_masks_and_primary_metric():
 
 
 # ------------------------------------------------------------------ predict.py and export on a tiny student
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -115,7 +115,6 @@ from vfmkd.utils.checkpoint import save_checkpoint  # noqa: E402
 from vfmkd.utils.cli import run_tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 IMAGE = REPO / "datasets/coco128/images/train2017/000000000009.jpg"  # 640 x 480
 
 
@@ -147,7 +146,7 @@ def promptable_ckpt(tmp_path_factory):
 
 
 def test_predict_writes_mask_and_overlay_at_the_original_size(promptable_ckpt, tmp_path):
-    import predict
+    from vfmkd.engine.commands import predict
 
     out = tmp_path / "pred"
     assert run_tool(predict.main, ["--checkpoint", str(promptable_ckpt), "--image", str(IMAGE),
@@ -159,7 +158,7 @@ def test_predict_writes_mask_and_overlay_at_the_original_size(promptable_ckpt, t
 
 
 def test_predict_refuses_prompts_outside_the_image_and_heads_that_cannot_be_prompted(promptable_ckpt, tmp_path, caplog):
-    import predict
+    from vfmkd.engine.commands import predict
 
     args = ["--checkpoint", str(promptable_ckpt), "--image", str(IMAGE), "--output", str(tmp_path)]
     assert run_tool(predict.main, args + ["--box", "10", "20", "700", "400"]) == 2
@@ -175,9 +174,9 @@ def test_predict_refuses_prompts_outside_the_image_and_heads_that_cannot_be_prom
 
 
 def test_export_promptable_onnx_writes_encoder_and_decoder_that_match_pytorch(promptable_ckpt, tmp_path):
-    import export
     import onnxruntime as ort
 
+    from vfmkd.engine.commands import export
     from vfmkd.engine.export.exporter import load_student
     from vfmkd.engine.export.promptable import box_prompt, point_prompt
 

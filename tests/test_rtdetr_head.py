@@ -15,9 +15,10 @@ from vfmkd.core.config import load_experiment
 from vfmkd.datasets import DetectionDataset, collate_samples
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.engine.builders import build_loss_terms, build_model
-from vfmkd.engine.evaluation.evaluator import DetectionScorer, build_scorers
+from vfmkd.engine.evaluation.evaluator import build_scorers
 from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.heads.rtdetr_head import RTDETRHead
+from vfmkd.tasks.scoring.detection_metrics import DetectionScorer
 
 REPO = Path(__file__).resolve().parents[1]
 COCO = REPO / "datasets" / "coco128"

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
-from vfmkd.engine.evaluation.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer, unletterbox
 from vfmkd.models.unified_model import StudentOutput
+from vfmkd.tasks.scoring.common import unletterbox
+from vfmkd.tasks.scoring.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer
 
 
 def letterbox(orig_hw, size: int) -> ViewGeometry:

@@ -1,70 +1,21 @@
-"""Evaluation on a held-out split: detection mAP with ultralytics' metric code, and the fidelity of
-the distilled features (student-teacher cosine and MSE per teacher and level)."""
+"""Evaluation on a held-out split: every head's metrics (the scorers of :mod:`vfmkd.tasks.scoring`), and the
+fidelity of the distilled features (student-teacher cosine and MSE per teacher and level)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from tqdm import tqdm
-from ultralytics.engine.validator import BaseValidator
-from ultralytics.utils.metrics import DetMetrics, box_iou
-from ultralytics.utils.nms import non_max_suppression
-from ultralytics.utils.ops import xywh2xyxy
 
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.cached import DistillBatch
 from vfmkd.distillation.distiller import Distiller
+from vfmkd.distillation.pairing.mask_grid import prompts_on_grid
 from vfmkd.distillation.routing import TeacherRouter
-from vfmkd.engine.evaluation.promptable_metrics import PromptableScorer
-from vfmkd.engine.evaluation.seg_metrics import (
-    IOU_THRESHOLDS,
-    BinaryScorer,
-    InstanceScorer,
-    SemanticScorer,
-    to_original_boxes,
-)
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
-
-
-class DetectionScorer:
-    """Accumulates ultralytics' DetMetrics over batches; ``result()`` -> precision, recall, mAP50,
-    mAP50-95 and images, with boxes scored in original image pixels."""
-
-    def __init__(self, names: Mapping[int, str], conf: float, iou: float, max_det: int,
-                 head: str = "detection") -> None:
-        self.metrics = DetMetrics(names=dict(names))
-        self.nc, self.conf, self.iou, self.max_det, self.head = len(names), conf, iou, max_det, head
-        # ultralytics' greedy prediction/label matching lives on its validator; it only needs `iouv`.
-        self.matcher = SimpleNamespace(iouv=IOU_THRESHOLDS)
-        self.images = 0
-
-    def update(self, out: StudentOutput, batch: Batch) -> None:
-        preds = out.heads[self.head][0]
-        dets = non_max_suppression(preds, conf_thres=self.conf, iou_thres=self.iou, max_det=self.max_det, nc=self.nc)
-        size = torch.tensor([batch.images.shape[3], batch.images.shape[2]] * 2, dtype=torch.float32)
-        for i, det in enumerate(dets):
-            det = det.float().cpu()
-            gt_cls, gt_xywh = (t.cpu() for t in batch.boxes.of_image(i))
-            affine = batch.views.affine[i]
-            gt_boxes = to_original_boxes(xywh2xyxy(gt_xywh.float()) * size, affine)
-            pred_boxes = to_original_boxes(det[:, :4], affine)
-            if len(det) and len(gt_cls):
-                tp = BaseValidator.match_predictions(self.matcher, det[:, 5], gt_cls,
-                                                     box_iou(gt_boxes, pred_boxes)).numpy()
-            else:
-                tp = np.zeros((len(det), len(IOU_THRESHOLDS)), dtype=bool)
-            self.metrics.update_stats({
-                "tp": tp, "conf": det[:, 4].numpy(), "pred_cls": det[:, 5].numpy(), "target_cls": gt_cls.numpy(),
-                "target_img": np.unique(gt_cls.numpy()), "im_name": batch.image_ids[i],
-            })
-            self.images += 1
-
-    def result(self) -> Dict[str, float]:
-        self.metrics.process(plot=False)
-        precision, recall, map50, map5095 = (float(v) for v in self.metrics.mean_results())
-        return {"precision": precision, "recall": recall, "mAP50": map50, "mAP50-95": map5095, "images": self.images}
+from vfmkd.tasks.scoring.detection_metrics import DetectionScorer
+from vfmkd.tasks.scoring.promptable_metrics import PromptableScorer
+from vfmkd.tasks.scoring.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer
 
 
 class FidelityMeter:
@@ -117,7 +68,7 @@ def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semant
         elif task == "binary":
             scorers[head] = BinaryScorer(head=head)
         elif task == "promptable":  # the head module comes from the model evaluate() binds
-            scorers[head] = PromptableScorer(box_names, head=head)
+            scorers[head] = PromptableScorer(box_names, head=head, teacher_prompts=prompts_on_grid)
         else:
             scorers[head] = DetectionScorer(box_names, conf, iou, max_det, head=head)
     from vfmkd.engine.evaluation.panoptic_quality import build_panoptic_scorer  # noqa: PLC0415 (its own module; imports the datasets)

@@ -13,8 +13,8 @@ from ultralytics.utils.ops import process_mask, xywh2xyxy
 
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.distiller import Distiller
-from vfmkd.distillation.mask_grid import masks_on_grid, student_affine_of
-from vfmkd.distillation.mask_pairs import class_union_maps
+from vfmkd.distillation.pairing.mask_grid import masks_on_grid, student_affine_of
+from vfmkd.distillation.pairing.mask_pairs import class_union_maps
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.engine.pictures.feature_pca import pca_panel
 from vfmkd.engine.pictures.prediction_panel import PanelRow, Prediction, render_panel, split_by_image
@@ -72,7 +72,7 @@ class EpochVisualizer:
         """Prompts = the ground-truth instance boxes (drawn on every column); student = the masks the
         head decodes for them; teacher = its masks for the view's detection boxes; ground truth = the
         instance masks."""
-        from vfmkd.engine.evaluation.promptable_metrics import decode_boxes
+        from vfmkd.tasks.scoring.promptable_metrics import decode_boxes
 
         n, size = len(batch), batch.images.shape[-1]
         inst = batch.instances

@@ -13,9 +13,10 @@ prototype grid). A predicted mask is ``logit > 0``.
   the instances of the split (the primary metric; per class: ``per_class_iou`` {name: mean IoU}).
 - ``teacher_mIoU`` (MobileSAM's "alignment" mIoU): the detection boxes of the view that the
   teacher was prompted with (matched by image and ``label_index``) prompt the student too; IoU
-  against the teacher's mask carried onto the same grid (:func:`prompts_on_grid`), over the
-  cells inside the teacher's valid region. Only when the targets carry ``mask_logits`` (a cached
-  ``--outputs features,masks`` split or a live mask teacher); the first such teacher (by name)
+  against the teacher's mask carried onto the same grid (the ``teacher_prompts`` the scorer is given:
+  distillation's ``prompts_on_grid``), over the cells inside the teacher's valid region. Only when the
+  targets carry ``mask_logits`` (a cached ``--outputs features,masks`` split or a live mask teacher)
+  and the scorer has ``teacher_prompts``; the first such teacher (by name)
   counts, every one is listed in ``teacher_mIoU_by_teacher``.
 - ``mask_mAP50`` / ``mask_mAP50-95``: COCO-style mask AP with ground-truth boxes as prompts, with
   ultralytics' metric code: each prompt gives one prediction of its box's class scored by the
@@ -24,7 +25,7 @@ prototype grid). A predicted mask is ``logit > 0``.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,14 +33,23 @@ from ultralytics.engine.validator import BaseValidator
 from ultralytics.utils.metrics import DetMetrics, mask_iou
 
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.mask_grid import canvas_boxes_xyxy, prompts_on_grid
-from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.models.unified_model import StudentOutput
+from vfmkd.tasks.scoring.common import IOU_THRESHOLDS
 
-IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 MASK_STRIDE = 4
 #: prompts decoded at once (the two-way transformer's memory grows with the prompt count)
 DECODE_CHUNK = 64
+
+#: ``(batch, teacher_targets, grid_hw, stride, device) -> prompts or None``: the teacher masks of a batch
+#: paired with its detection boxes on the student grid (``rows``, ``batch_idx``, ``boxes``, ``logits``,
+#: ``valid``); the engine hands in distillation's ``prompts_on_grid``
+TeacherPrompts = Callable[[Batch, Any, Tuple[int, int], int, torch.device], Optional[Any]]
+
+
+def canvas_boxes_xyxy(bboxes_cxcywh: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised cx, cy, w, h -> canvas pixels x1, y1, x2, y2 (the prompts' frame)."""
+    b = bboxes_cxcywh.float() * size
+    return torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], dim=1)
 
 
 def decode_boxes(head: Any, embeddings: torch.Tensor, batch_idx: torch.Tensor,
@@ -73,7 +83,8 @@ class PromptableScorer:
     """Box-prompted mIoU vs ground truth, alignment mIoU vs the teacher, mask AP and per-class IoU
     of a ``sam_decoder`` head (module docstring). ``names``: detection class id -> name; ``head``:
     the head's name in ``StudentOutput.heads`` (its output = the image embeddings); ``module``: the
-    head module (its ``decode``), else taken from the model :meth:`bind` is given.
+    head module (its ``decode``), else taken from the model :meth:`bind` is given; ``teacher_prompts``:
+    how the teachers' masks pair with the batch's boxes (:data:`TeacherPrompts`; None: no alignment).
 
     ``result()``: ``mIoU``, ``teacher_mIoU`` (NaN without teacher masks), ``teacher_mIoU_by_teacher``,
     ``mask_mAP50``, ``mask_mAP50-95``, ``per_class_iou``, ``instances``, ``teacher_instances``,
@@ -81,8 +92,9 @@ class PromptableScorer:
 
     wants_targets = True
 
-    def __init__(self, names: Mapping[int, str], head: str = "promptable", module: Any = None) -> None:
-        self.names, self.head, self.module = dict(names), head, module
+    def __init__(self, names: Mapping[int, str], head: str = "promptable", module: Any = None,
+                 teacher_prompts: Optional[TeacherPrompts] = None) -> None:
+        self.names, self.head, self.module, self.teacher_prompts = dict(names), head, module, teacher_prompts
         self.metrics = DetMetrics(names=dict(names))
         self.matcher = SimpleNamespace(iouv=IOU_THRESHOLDS)  # match_predictions only reads `iouv`
         self.iou_sum, self.instances = 0.0, 0
@@ -95,7 +107,7 @@ class PromptableScorer:
         if self.module is None:
             self.module = model.heads[self.head]
 
-    def update(self, out: StudentOutput, batch: Batch, targets: Optional[Mapping[str, TeacherTargets]] = None) -> None:
+    def update(self, out: StudentOutput, batch: Batch, targets: Optional[Mapping[str, Any]] = None) -> None:
         if self.module is None:
             raise ValueError("PromptableScorer: no head module (pass module= or call bind(model) first)")
         if batch.instances is None:
@@ -120,8 +132,8 @@ class PromptableScorer:
             s, n = self.class_sums.get(k, (0.0, 0))
             self.class_sums[k] = (s + v, n + 1)
         self._ap(batch, pred.cpu(), gt.cpu(), scores.cpu(), cls, idx.cpu())
-        if targets:
-            self._alignment(embeddings, batch, targets)
+        if targets and self.teacher_prompts is not None:
+            self._alignment(embeddings, batch, targets, self.teacher_prompts)
 
     def _ap(self, batch: Batch, pred: torch.Tensor, gt: torch.Tensor, scores: torch.Tensor, cls: torch.Tensor,
             idx: torch.Tensor) -> None:
@@ -143,11 +155,11 @@ class PromptableScorer:
             })
             self.images += 1
 
-    def _alignment(self, embeddings: torch.Tensor, batch: Batch, targets: Mapping[str, TeacherTargets]) -> None:
-        grid = tuple(4 * s for s in embeddings.shape[-2:])
+    def _alignment(self, embeddings: torch.Tensor, batch: Batch, targets: Mapping[str, Any],
+                   teacher_prompts: TeacherPrompts) -> None:
+        grid = (4 * embeddings.shape[-2], 4 * embeddings.shape[-1])
         for name in sorted(targets):
-            prompts = prompts_on_grid(batch, targets[name], grid, MASK_STRIDE,  # type: ignore[arg-type]
-                                      embeddings.device)
+            prompts = teacher_prompts(batch, targets[name], grid, MASK_STRIDE, embeddings.device)
             if prompts is None:
                 continue
             s, n = self.teacher_sums.get(name, (0.0, 0))
