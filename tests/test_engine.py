@@ -167,24 +167,70 @@ def test_channel_stats_of_a_live_summary_map_follow_the_cache_cell_rule():
     assert torch.allclose(mean, torch.full((3,), 2.0)) and torch.all(std <= 1e-5)
 
 
-def test_layers_point_one_way():
-    import re
+# Floors of vfmkd's packages: a module imports only from floors below its own (and its own package).
+# Packages on one floor are siblings and import none of each other, lazy imports inside functions
+# included; utils builds on core (floor 0's one allowed pair).
+LAYER_RANKS = {"core": 0, "utils": 0, "models": 1, "teachers": 1, "datasets": 1, "cache": 1, "tasks": 2,
+               "distillation": 3, "engine": 4}
+SIBLING_IMPORTS_ALLOWED = {("utils", "core")}
 
-    rank = {"core": 0, "utils": 0, "models": 1, "teachers": 1, "datasets": 1, "distillation": 2, "engine": 3}
-    bad = []
-    for f in sorted((REPO / "vfmkd").rglob("*.py")):
-        layer = f.relative_to(REPO / "vfmkd").parts[0]
-        if layer not in rank:
+
+def _vfmkd_imports(tree):
+    """(line, package) for every ``import vfmkd.X...`` / ``from vfmkd.X ... import`` / ``from vfmkd import X``."""
+    import ast
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] if node.module != "vfmkd" else [f"vfmkd.{a.name}" for a in node.names]
+        else:
             continue
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            m = re.match(r"\s*(?:from|import)\s+vfmkd\.(\w+)", line)
-            if (
-                m
-                and m.group(1) in rank
-                and (rank[m.group(1)] > rank[layer] or (layer, m.group(1)) == ("datasets", "teachers"))
-            ):
-                bad.append(f"{f.relative_to(REPO)}:{n}: {line.strip()}")
-    assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "vfmkd" and len(parts) > 1:
+                yield node.lineno, parts[1]
+
+
+def layer_violations(root: Path):
+    """``path:line: layer -> imported`` for each import of a higher floor or of a sibling package."""
+    import ast
+
+    bad = []
+    for f in sorted((root / "vfmkd").rglob("*.py")):
+        layer = f.relative_to(root / "vfmkd").parts[0]
+        if layer not in LAYER_RANKS:
+            continue
+        for line, target in _vfmkd_imports(ast.parse(f.read_text(encoding="utf-8"))):
+            if target == layer or target not in LAYER_RANKS:
+                continue
+            up = LAYER_RANKS[target] > LAYER_RANKS[layer]
+            sibling = LAYER_RANKS[target] == LAYER_RANKS[layer] and (layer, target) not in SIBLING_IMPORTS_ALLOWED
+            if up or sibling:
+                bad.append(f"{f.relative_to(root).as_posix()}:{line}: {layer} -> {target}"
+                           + (" (a higher floor)" if up else " (a sibling on its floor)"))
+    return bad
+
+
+def test_layers_point_one_way():
+    bad = layer_violations(REPO)
+    assert not bad, ("imports that run up the layers or across a floor (core, utils < models, teachers, datasets, "
+                     "cache < tasks < distillation < engine); move the thing down or hand it in as an argument:\n"
+                     + "\n".join(bad))
+
+
+def test_layer_check_sees_lazy_sibling_and_upward_imports(tmp_path):
+    files = {"models": "def f():\n    from vfmkd.teachers.base import X\n", "datasets": "from vfmkd import cache\n",
+             "tasks": "import vfmkd.engine.trainer\n", "utils": "from vfmkd.core.errors import E\n",
+             "teachers": '"""from vfmkd.models import x"""\n'}
+    for pkg, text in files.items():
+        (tmp_path / "vfmkd" / pkg).mkdir(parents=True)
+        (tmp_path / "vfmkd" / pkg / "m.py").write_text(text)
+    assert layer_violations(tmp_path) == [
+        "vfmkd/datasets/m.py:1: datasets -> cache (a sibling on its floor)",
+        "vfmkd/models/m.py:2: models -> teachers (a sibling on its floor)",
+        "vfmkd/tasks/m.py:1: tasks -> engine (a higher floor)",
+    ]
 
 
 def test_a_partial_val_cache_gives_fidelity_on_its_images_without_live_passes(features, tmp_path):
