@@ -30,12 +30,11 @@ from torch import nn
 from ultralytics.nn.modules import Conv
 
 from vfmkd.core.errors import ConfigError
+from vfmkd.core.registry import TASKS
 from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
-from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, check_input_geometry, resolution_distill_settings
+from vfmkd.models.input_scale import check_input_geometry, resolution_distill_settings
+from vfmkd.tasks import get_task, tasks_of
 
-#: Heads whose outputs the losses and scorers upsample to the label size (they read a downscaled input
-#: correctly); heads that answer in input pixels (boxes, prototypes, prompts) do not.
-SEGMENTATION_TASKS = ("semantic", "binary")
 TERM_NAME = "resolution_distill"
 LOG_NAME = "loss_resolution_distill"
 
@@ -121,19 +120,23 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.resolution_distill") -> str:
     """The head DSRL trains (``head:``, else the only semantic/binary head); refuses a student without
     one and heads that answer in input pixels (their outputs would be in the low-resolution frame)."""
-    tasks = {n: str(getattr(h, "task", "detection")) for n, h in model.heads.items()}
-    pixel = sorted(n for n, t in tasks.items() if t not in SEGMENTATION_TASKS + CANVAS_STRIDE_TASKS)
+    tasks = tasks_of(model.heads)
+    # dense logits are upsampled to the label size (right at any input size); canvas-stride heads are
+    # built in canvas pixels; anything else (prompts) would be off by sr_target_scale
+    pixel = sorted(n for n, t in tasks.items() if not (t.dense_logits or t.canvas_stride))
     if pixel:
+        supported = sorted(n for n in TASKS.names() if get_task(n).dense_logits or get_task(n).canvas_stride)
         raise ConfigError(
-            f"{where}: DSRL downsizes the student's input, but head(s) {pixel} ({', '.join(tasks[n] for n in pixel)}) "
+            f"{where}: DSRL downsizes the student's input, but head(s) {pixel} "
+            f"({', '.join(tasks[n].name for n in pixel)}) "
             f"answer in input pixels (boxes, prototypes, prompts) and would be off by sr_target_scale; DSRL supports "
-            f"{', '.join(SEGMENTATION_TASKS + CANVAS_STRIDE_TASKS)} heads only (remove those heads or disable "
-            "resolution_distill)")
-    seg = [n for n, t in tasks.items() if t in SEGMENTATION_TASKS]
+            f"{', '.join(supported)} heads only (remove those heads or disable resolution_distill)")
+    seg = [n for n, t in tasks.items() if t.dense_logits]
     head = rd.get("head") or (seg[0] if len(seg) == 1 else None)
     if not seg:
+        named = {n: t.name for n, t in tasks.items()}
         raise ConfigError(f"{where}: DSRL needs a segmentation head (semantic_head or binary_head): it trains the "
-                          f"low-resolution segmentation path; heads: {tasks or 'none'}")
+                          f"low-resolution segmentation path; heads: {named or 'none'}")
     if head is None or head not in seg:
         raise ConfigError(f"{where}: set head: to one of the segmentation heads {seg}")
     return head
@@ -151,7 +154,7 @@ def build_resolution_term(model: Any, model_cfg: Any,
     specs = list(model.neck.feature_specs())
     max_stride = max([s.stride for s in specs] + [s.stride for s in model.backbone.feature_specs()])
     check_input_geometry(int(img_size), scale, max_stride)
-    read: List[str] = list(getattr(getattr(model.heads[head], "fusion", None), "level_names", []) or [specs[0].name])
+    read: List[str] = list(getattr(model.heads[head], "level_names", None) or [specs[0].name])
     spec = {s.name: s for s in specs}[read[0]]
     module = ResolutionDistillLoss(spec.name, spec.channels, spec.stride, scale, int(rd["feat_channels"]),
                                    float(rd["sr_loss_weight"]), float(rd["fa_loss_weight"]), float(rd["fa_subscale"]),

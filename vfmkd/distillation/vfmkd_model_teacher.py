@@ -46,10 +46,11 @@ from ultralytics.nn.modules import Detect
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.core.registry import TEACHERS
+from vfmkd.core.registry import HEADS, TEACHERS
 from vfmkd.datasets.transforms import letterbox
 from vfmkd.models.input_scale import check_input_geometry
 from vfmkd.models.unified_model import UnifiedModel
+from vfmkd.tasks import canvas_stride_heads, task_of
 from vfmkd.teachers.base import BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images, crop_boxes, unit_float
 from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file
 
@@ -88,16 +89,6 @@ def student_variant(model_cfg: Mapping[str, Any]) -> str:
     bb = model_cfg["backbone"]
     variant = bb.get("variant")
     return f"{bb['type']}-{variant}" if variant not in (None, "") else str(bb["type"])
-
-
-def _head_task(head: nn.Module) -> str:
-    """A head's ``task`` attribute; an ultralytics Detect without one is a detection head."""
-    task = getattr(head, "task", None)
-    if task:
-        return str(task)
-    if any(isinstance(m, Detect) for m in head.modules()):
-        return "detection"
-    return "unknown"
 
 
 def _float32(obj: Any) -> Any:
@@ -144,7 +135,8 @@ class VfmkdTeacher(BaseTeacher):
         path = Path(checkpoint)
         self._weights_id = sha256_of_file(path)
         cfg = state["config"]
-        model = UnifiedModel.from_config(cfg["model"])
+        heads = {n: HEADS.get(e["type"]) for n, e in cfg["model"]["heads"].items()}
+        model = UnifiedModel.from_config(cfg["model"], canvas_heads=canvas_stride_heads(heads))
         weights = state["model"]
         bad = [k for k,
                v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
@@ -173,7 +165,7 @@ class VfmkdTeacher(BaseTeacher):
                               f"largest stride), got {settings.input_size}; nearest valid: "
                               f"{f'{lo} or {lo + stride}' if lo else stride}.")
         self.head_tasks: Dict[str, Tuple[str, Optional[int]]] = {
-            name: (_head_task(h), getattr(h, "num_classes", None)) for name, h in model.heads.items()}
+            name: (task_of(h).name, getattr(h, "num_classes", None)) for name, h in model.heads.items()}
         self.checkpoint_path = str(path)
         self.trained_img_size = int(cfg["data"]["img_size"])
         self.to(dev)
@@ -241,7 +233,7 @@ class VfmkdTeacher(BaseTeacher):
         paired head predicts another number of classes than the student's."""
         pairs: Dict[str, str] = {}
         for name, head in student_heads.items():
-            task = _head_task(head)
+            task = task_of(head).name
             teacher_head = self.teacher_head_for(name, task)
             if teacher_head is None:
                 continue

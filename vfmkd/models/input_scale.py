@@ -13,10 +13,6 @@ import torch.nn.functional as F
 
 from vfmkd.core.errors import ConfigError
 
-#: Head tasks that answer in input pixels (decoded boxes, prototype grids): under DSRL they are built
-#: with the levels' strides in canvas pixels, so their boxes and prototypes stay in the canvas frame
-#: and they train and score alongside the low-resolution segmentation path.
-CANVAS_STRIDE_TASKS = ("detection", "instance")
 #: Scales suggested when a canvas size does not divide (any value in (1, 4] is accepted).
 TRY_SCALES = (1.2, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, Optional
+from typing import AbstractSet, Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ import vfmkd.models.necks  # noqa: F401,E402
 from vfmkd.core.config import component_kwargs
 from vfmkd.core.registry import BACKBONES, HEADS, NECKS
 from vfmkd.models.backbones.base import BaseBackbone
-from vfmkd.models.input_scale import CANVAS_STRIDE_TASKS, configured_input_scale, downscale_input
+from vfmkd.models.input_scale import configured_input_scale, downscale_input
 
 
 @dataclass
@@ -36,15 +36,20 @@ class UnifiedModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     @classmethod
-    def from_config(cls, model_cfg: Any, input_scale: Optional[float] = None) -> UnifiedModel:
+    def from_config(cls, model_cfg: Any, input_scale: Optional[float] = None,
+                    canvas_heads: Optional[AbstractSet[str]] = None) -> UnifiedModel:
         """Build from the resolved ``model`` section of an experiment (a mapping or ModelConfig).
         ``input_scale`` defaults to the section's own (:func:`configured_input_scale`: DSRL's
         ``resolution_distill.sr_target_scale``, else 1). Above 1 the student sees its canvas downsized by
-        that factor, and heads that answer in canvas pixels (boxes, prototypes: tasks in
-        :data:`CANVAS_STRIDE_TASKS`) are built with the levels' strides in canvas pixels, so their
-        anchors, boxes and losses stay in the canvas frame."""
+        that factor, and the heads named in ``canvas_heads`` (those whose task answers in canvas pixels:
+        boxes, prototypes; ``vfmkd.tasks.canvas_stride_heads`` names them) are built with the levels'
+        strides in canvas pixels, so their anchors, boxes and losses stay in the canvas frame. At scale 1
+        the two frames are one and ``canvas_heads`` may be left out."""
         if input_scale is None:
             input_scale = configured_input_scale(model_cfg)
+        if canvas_heads is None and input_scale != 1:
+            raise ValueError(f"input scale {input_scale}: name the heads that answer in canvas pixels (canvas_heads="
+                             f"vfmkd.tasks.canvas_stride_heads(...)); the engine's build_model does")
         if not isinstance(model_cfg, Mapping):  # ModelConfig
             model_cfg = {"backbone": model_cfg.backbone, "neck": model_cfg.neck, "heads": model_cfg.heads}
         bb = model_cfg["backbone"]
@@ -57,8 +62,7 @@ class UnifiedModel(nn.Module):
         canvas_specs = [replace(s, stride=s.stride * input_scale) for s in neck_specs]
         heads = {
             name: HEADS.build(h["type"], where=f"model.heads.{name}", **component_kwargs(h),
-                              in_specs=canvas_specs if getattr(HEADS.get(h["type"]), "task", "") in CANVAS_STRIDE_TASKS
-                              else neck_specs)
+                              in_specs=canvas_specs if name in (canvas_heads or ()) else neck_specs)
             for name, h in model_cfg["heads"].items()
         }
         model = cls(backbone, neck, heads)

@@ -6,10 +6,13 @@ models sit below tasks and cannot import them); :func:`task_of` looks the :class
 
 - ``label_kinds``: the per-pixel label kinds the dataset must load for it (a subset of
   :data:`vfmkd.datasets.records.LABEL_KINDS`; boxes are always loaded);
-- ``box_classes``: whether its head's ``num_classes`` is the box labels' class count;
+- ``box_classes`` / ``semantic_classes``: whether its head's ``num_classes`` is the box labels' class
+  count / must cover the dataset's semantic class table;
 - ``default_loss``: the LOSSES name that trains such a head when the config names none;
 - ``canvas_stride``: whether its outputs answer in input (canvas) pixels on the stride grid of the
   padded canvas (boxes, prototypes: a resolution change must keep the canvas);
+- ``dense_logits``: whether its outputs are per-pixel logits that the loss and the scorer upsample to
+  the label size (they stay right when DSRL downsizes the input);
 - ``teacher_tasks``: the tasks of a vfmkd teacher's heads whose outputs can teach it;
 - :meth:`Task.read_output`: the head's raw train/eval output as the task's typed output record.
 
@@ -34,10 +37,14 @@ class Task(ABC):
     label_kinds: ClassVar[FrozenSet[str]] = frozenset()
     #: True when the head's ``num_classes`` is the box labels' class count
     box_classes: ClassVar[bool] = False
+    #: True when the head's ``num_classes`` must cover the dataset's semantic class table
+    semantic_classes: ClassVar[bool] = False
     #: the LOSSES name of its task loss
     default_loss: ClassVar[str] = ""
     #: True when its outputs are in canvas pixels on the canvas' stride grid
     canvas_stride: ClassVar[bool] = False
+    #: True when its outputs are per-pixel logits upsampled to the label size by its loss and scorer
+    dense_logits: ClassVar[bool] = False
     #: tasks of a vfmkd teacher's heads that can teach a head of this task (output distillation)
     teacher_tasks: ClassVar[Tuple[str, ...]] = ()
     #: the typed output record :meth:`read_output` returns
@@ -78,3 +85,9 @@ def tasks_of(heads: Mapping[str, Any]) -> Dict[str, Task]:
 def label_kinds_of(tasks: Iterable[Task]) -> FrozenSet[str]:
     """The label kinds a dataset must load for all of ``tasks``."""
     return frozenset().union(*(t.label_kinds for t in tasks))
+
+
+def canvas_stride_heads(heads: Mapping[str, Any]) -> FrozenSet[str]:
+    """Names of the heads (modules or classes) whose task answers in canvas pixels: what
+    :meth:`~vfmkd.models.unified_model.UnifiedModel.from_config` builds with canvas strides."""
+    return frozenset(name for name, task in tasks_of(heads).items() if task.canvas_stride)

@@ -27,6 +27,7 @@ class BinaryTask(Task):
     name = "binary"
     label_kinds = frozenset({"binary"})
     default_loss = "binary_segmentation"
+    dense_logits = True
     teacher_tasks = ("binary",)
     output_type = BinaryOutput
 

@@ -41,6 +41,8 @@ class SemanticTask(Task):
     name = "semantic"
     label_kinds = frozenset({"semantic"})
     default_loss = "semantic_segmentation"
+    semantic_classes = True
+    dense_logits = True
     teacher_tasks = ("semantic",)
     output_type = SemanticOutput
 

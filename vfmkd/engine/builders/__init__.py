@@ -1,11 +1,11 @@
 """Builders: the only code that reads config dicts. Each unpacks one section into plain keyword
 arguments of a component (detectron2's style: the components never see cfg)."""
 from vfmkd.engine.builders.data import (
-                                        BOX_TASKS,
                                         box_classes_key,
                                         build_augment,
                                         build_dataset,
                                         check_head_classes,
+                                        head_classes,
                                         head_tasks,
 )
 from vfmkd.engine.builders.losses import build_distiller, build_loss_terms, output_class_channels
@@ -19,7 +19,7 @@ from vfmkd.engine.builders.teachers import (
                                         teacher_specs,
 )
 
-__all__ = ["BOX_TASKS", "INIT_KEYS", "LiveTeachers", "box_classes_key", "build_augment", "build_dataset",
+__all__ = ["INIT_KEYS", "LiveTeachers", "box_classes_key", "build_augment", "build_dataset",
            "build_distiller", "build_loss_terms", "build_model", "build_router", "check_head_classes",
-           "enabled_teachers", "head_tasks", "open_cache", "output_class_channels", "teacher_outputs",
+           "enabled_teachers", "head_classes", "head_tasks", "open_cache", "output_class_channels", "teacher_outputs",
            "teacher_specs"]

@@ -1,4 +1,5 @@
-"""Builders of the data: the dataset of a split, its augmentation, the head-task and class checks."""
+"""Builders of the data: the dataset of a split (the label kinds its heads' tasks need), its augmentation,
+the head-task and class checks."""
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
@@ -8,6 +9,7 @@ from vfmkd.core.config_schema import DataConfig, ModelConfig
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import HEADS
 from vfmkd.datasets import DetectionDataset, GeometricAugment
+from vfmkd.tasks import get_task, label_kinds_of, tasks_of
 from vfmkd.utils.logging import get_logger
 
 
@@ -18,26 +20,28 @@ def build_augment(data: DataConfig) -> Optional[GeometricAugment]:
 
 
 def head_tasks(model: Union[ModelConfig, Mapping[str, Any]]) -> Dict[str, str]:
-    """Head name -> its task (detection | instance | semantic | binary), from the registry."""
+    """Head name -> the name of its task (a registered :class:`~vfmkd.tasks.Task`), from the registry."""
     heads = model.heads if isinstance(model, ModelConfig) else model.get("heads", {})
-    return {name: str(getattr(HEADS.get(entry["type"]), "task", "detection")) for name, entry in heads.items()}
+    return {name: task.name for name, task in tasks_of(head_classes(heads)).items()}
 
 
-BOX_TASKS = ("detection", "instance")  # heads whose num_classes is the box label class count
+def head_classes(heads: Mapping[str, Mapping[str, Any]]) -> Dict[str, type]:
+    """Head name -> the registered class its ``type`` names (``model.heads`` entries)."""
+    return {name: HEADS.get(entry["type"]) for name, entry in heads.items()}
 
 
 def box_classes_key(heads: Mapping[str, Mapping[str, Any]]) -> str:
     """The setting(s) behind the box class count: ``model.heads.<name>.num_classes`` of each box head."""
-    names = [n for n, task in head_tasks({"heads": heads}).items() if task in BOX_TASKS]
+    names = [n for n, task in tasks_of(head_classes(heads)).items() if task.box_classes]
     return " and ".join(f"model.heads.{n}.num_classes" for n in names) or "model.heads.<box head>.num_classes"
 
 
 def check_head_classes(heads: Mapping[str, Mapping[str, Any]], dataset: DetectionDataset) -> None:
     """A semantic head needs a logit per class of the dataset's table (else the loss indexes past its
     logits); more logits than classes train nothing and are only warned about."""
-    for name, task in head_tasks({"heads": heads}).items():
+    for name, task in tasks_of(head_classes(heads)).items():
         want, have = dataset.semantic_num_classes, heads[name].get("num_classes")
-        if task != "semantic" or want is None or have is None:
+        if not task.semantic_classes or want is None or have is None:
             continue
         table = dataset.semantic_table.source if dataset.semantic_table is not None else "the semantic table"
         if int(have) < want:
@@ -53,17 +57,18 @@ def build_dataset(data: DataConfig, split: str, num_classes: int,
                   augment: Optional[GeometricAugment] = None, seed: int = 0,
                   tasks: Sequence[str] = (),
                   heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> DetectionDataset:
-    """The split with the labels the model's heads train on (``tasks``: head tasks; a promptable
-    head reads instance masks: its points are drawn inside them and it is scored against them).
-    With ``heads`` (``model.heads``) the class counts are checked against the dataset as it loads,
-    and a class id beyond them names the head's key."""
-    binary = "binary" in tasks
+    """The split with the labels the model's heads train on (``tasks``: the heads' task names; each
+    task names the label kinds it needs, e.g. a promptable head reads instance masks: its points are
+    drawn inside them and it is scored against them). With ``heads`` (``model.heads``) the class
+    counts are checked against the dataset as it loads, and a class id beyond them names the head's key."""
+    kinds = label_kinds_of(get_task(t) for t in tasks)
+    binary = "binary" in kinds
     if binary and not data.binary_classes:
         raise ConfigError("a binary_head needs data.binary_classes: the semantic class names that are foreground "
                           "(e.g. data.binary_classes=[person])")
     dataset = DetectionDataset(str(resolve_path(data.root)), split, data.img_size, data.limit, num_classes,
-                               augment=augment, seed=seed, instances=bool({"instance", "promptable"} & set(tasks)),
-                               semantic="semantic" in tasks,
+                               augment=augment, seed=seed, instances="instances" in kinds,
+                               semantic="semantic" in kinds,
                                binary_classes=tuple(data.binary_classes) if binary else (),
                                classes_key=box_classes_key(heads or {}))
     if heads is not None:

@@ -6,7 +6,9 @@ from typing import Any, Mapping, Union
 from vfmkd.core.config import resolve_path
 from vfmkd.core.config_schema import ModelConfig
 from vfmkd.core.errors import ConfigError, did_you_mean
+from vfmkd.engine.builders.data import head_classes
 from vfmkd.models.unified_model import UnifiedModel
+from vfmkd.tasks import canvas_stride_heads
 
 INIT_KEYS = ("from", "parts", "strict")
 
@@ -15,7 +17,8 @@ def build_model(model: Union[ModelConfig, Mapping[str, Any]], initialise: bool =
     """The student from the ``model`` section (its backbone, neck and head entries; DSRL's input scale).
     ``initialise``: load ``model.init`` (a training run that does not resume; tools that load a
     checkpoint of their own skip it); its report is kept in ``init_report``."""
-    student = UnifiedModel.from_config(model)
+    heads = model.heads if isinstance(model, ModelConfig) else model.get("heads", {})
+    student = UnifiedModel.from_config(model, canvas_heads=canvas_stride_heads(head_classes(heads)))
     init = dict((model.init if isinstance(model, ModelConfig) else model.get("init")) or {})
     unknown = [k for k in init if k not in INIT_KEYS]
     if unknown:

@@ -36,6 +36,7 @@ from vfmkd.engine.export.check import (  # noqa: F401
 from vfmkd.engine.export.outputs import SUFFIXES, atomic_path, default_output  # noqa: F401
 from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
+from vfmkd.tasks import InstanceOutput, task_of
 from vfmkd.utils.checkpoint import load_checkpoint
 
 FORMATS = ("onnx", "torchscript", "ultralytics")
@@ -103,7 +104,7 @@ def export_outputs(model: UnifiedModel) -> List[ExportOutput]:
     parts = []
     for name, head in model.heads.items():
         parts.append((name, "set" if getattr(head, "set_prediction", False) else "predictions"))
-        if getattr(head, "task", None) == "instance":
+        if issubclass(task_of(head).output_type, InstanceOutput):  # its eval output carries mask prototypes
             parts.append((name, "proto"))
     if len(model.heads) == 1:
         return [ExportOutput(f"output{i}", h, k) for i, (h, k) in enumerate(parts)]

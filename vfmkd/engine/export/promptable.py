@@ -35,6 +35,7 @@ from vfmkd.engine.export.exporter import ONNX_OPSET, ExportMismatchError, atomic
 from vfmkd.engine.export.outputs import SUFFIXES
 from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
+from vfmkd.tasks import PromptableOutput, task_of
 
 #: ONNX Runtime vs PyTorch: embeddings, mask logits (scaled by their largest magnitude, at least 1)
 #: and IoU predictions.
@@ -46,7 +47,7 @@ DECODER_OUTPUTS = ["low_res_masks", "iou_predictions"]
 
 def promptable_head(model: UnifiedModel) -> Optional[str]:
     """The name of the model's first promptable (``sam_decoder``) head, or None."""
-    return next((n for n, h in model.heads.items() if getattr(h, "task", None) == "promptable"), None)
+    return next((n for n, h in model.heads.items() if issubclass(task_of(h).output_type, PromptableOutput)), None)
 
 
 def output_paths(output: Path, fmt: str = "onnx") -> Tuple[Path, Path]:

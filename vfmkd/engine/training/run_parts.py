@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 import vfmkd.models.heads  # noqa: F401  (registers the built-in heads)
 from vfmkd.core.config import read_yaml, resolve_path
 from vfmkd.core.errors import ConfigError
-from vfmkd.core.registry import HEADS
 from vfmkd.datasets import collate_samples
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
+from vfmkd.engine.builders.data import head_classes
+from vfmkd.tasks import tasks_of
 from vfmkd.utils.logging import get_logger
 from vfmkd.utils.stop_signals import ignore_in_worker
 
@@ -36,8 +37,8 @@ def class_names(root: str, num_classes: int) -> Dict[int, str]:
 def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:
     """Box class count: ``num_classes`` of the detection (or instance) heads, which must agree; 80 (COCO)
     for a model without box heads (its box labels still prompt mask teachers)."""
-    counts = {name: int(h.get("num_classes", 80)) for name, h in heads.items()
-              if getattr(HEADS.get(h["type"]), "task", "") in ("detection", "instance")}
+    box_heads = [name for name, task in tasks_of(head_classes(heads)).items() if task.box_classes]
+    counts = {name: int(heads[name].get("num_classes", 80)) for name in box_heads}
     if len(set(counts.values())) > 1:
         raise ConfigError(f"model.heads: the box heads disagree on num_classes ({counts}); they read the same box "
                           "labels")
