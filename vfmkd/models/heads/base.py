@@ -14,9 +14,11 @@ class BaseHead(nn.Module):
     ``task``: the name of its task in :data:`~vfmkd.core.registry.TASKS` (models sit below tasks, so
     the head carries the name and layers above look the task up). ``num_classes``: its class count
     (None for a head without classes, e.g. a promptable decoder). ``level_names``: the neck levels
-    it reads, in order.
+    it reads, in order. ``set_prediction``: its eval output is an unordered set of queries (a DETR),
+    not anchor-aligned (export compares it as a set; anchor-wise output distillation refuses it).
     """
 
     task: ClassVar[str] = ""
     num_classes: Optional[int] = None
     level_names: List[str]
+    set_prediction: ClassVar[bool] = False
