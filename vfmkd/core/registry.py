@@ -76,6 +76,10 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def items(self) -> list[tuple[str, Callable[..., Any]]]:
+        """(name, class or factory) pairs in registration order."""
+        return list(self._entries.items())
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

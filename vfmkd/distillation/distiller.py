@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -12,14 +12,11 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.geometry import resample_to_student
 from vfmkd.distillation.losses import FeatureDistillLoss
 from vfmkd.distillation.losses.feature import masked_cosine
-from vfmkd.distillation.pairing.output_pairs import OutputPairing
 from vfmkd.distillation.targets import TeacherTargets
+from vfmkd.distillation.terms import FEATURE_LOG_PREFIX, RESERVED_LOSS_KEYS, LossTerm  # noqa: F401  (re-exported)
 from vfmkd.distillation.weighting import combine
 from vfmkd.models.unified_model import StudentOutput
 
-# Keys of a loss entry that the engine uses itself instead of passing to the loss.
-RESERVED_LOSS_KEYS = ("weight", "log_as")
-FEATURE_LOG_PREFIX = "loss_feat_distill_"
 #: Per-group sums of ``weight x term`` (the total is alpha x task + beta x kd + gamma x feat).
 GROUP_LOGS: Dict[str, str] = {"task": "loss_task", "output": "loss_kd", "feature": "loss_feat"}
 #: ``loss_distill_<teacher>``: one teacher's share of the total (its output + feature terms, each
@@ -31,27 +28,6 @@ def cosine_log_name(log_name: str) -> str:
     """The name a feature term's cosine is logged under: ``loss_feat_distill_sam`` -> ``cos_sam``,
     any other ``log_as`` name ``x`` -> ``cos_x`` (never the loss's own name)."""
     return "cos_" + (log_name[len(FEATURE_LOG_PREFIX):] if log_name.startswith(FEATURE_LOG_PREFIX) else log_name)
-
-
-@dataclass
-class LossTerm:
-    """One entry of ``distillation.losses``, built. ``kind``: task | output | feature (which group
-    weight scales it); ``head``: the model head a task or output loss reads; ``module``: the loss
-    itself (feature losses carry their channel adapter, teacher, teacher feature and student level;
-    output losses their teacher); ``pairing``: how an output term pairs the head's output with its
-    teacher's targets (:class:`~vfmkd.distillation.pairing.output_pairs.OutputPairing`)."""
-
-    name: str
-    kind: str
-    weight: float
-    log_name: str
-    module: Any
-    head: str = ""
-    pairing: Optional[OutputPairing] = None
-
-    @property
-    def teacher(self) -> str:
-        return (getattr(self.module, "teacher", "") or "") if self.kind in ("feature", "output") else ""
 
 
 @dataclass

@@ -9,11 +9,12 @@ from ultralytics.utils.loss import v8DetectionLoss
 
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
+from vfmkd.distillation.losses.task import TaskLoss
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 
 
 @LOSSES.register("detection")
-class DetectionLoss:
+class DetectionLoss(TaskLoss):
     """box (CIoU) + cls (BCE) + DFL, each with ultralytics' gain, averaged per image.
 
     ``__call__(head_output, batch)`` takes the training dict of the head the loss entry names
@@ -21,8 +22,6 @@ class DetectionLoss:
     ``boxes`` it reads (``cls`` (N, 1), ``bboxes`` (N, 4) normalised xywh, ``batch_idx`` (N,)), and
     returns the scalar loss and its detached components ``box``/``cls``/``dfl``.
     """
-
-    kind = "task"
 
     def __init__(self, head: YOLOv8DetectHead, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5) -> None:
         # v8DetectionLoss reads hyper-parameters from `model.args` and the Detect module from

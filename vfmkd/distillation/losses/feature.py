@@ -11,6 +11,7 @@ from torch import nn
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import LOSSES
 from vfmkd.distillation.adapters import ChannelAdapter
+from vfmkd.distillation.terms import FEATURE_LOG_PREFIX, LossEntry, LossTerm, TermContext, closest_stride_level
 
 
 class FeatureDistillLoss(nn.Module, ABC):
@@ -42,6 +43,31 @@ class FeatureDistillLoss(nn.Module, ABC):
     @abstractmethod
     def compare(self, adapted: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) adapted student, (B, C, H, W) teacher, (B, 1, H, W) mask -> scalar loss."""
+
+    @classmethod
+    def build_term(cls, entry: LossEntry, context: TermContext) -> LossTerm:
+        """The term of a feature loss entry: its teacher map (``teacher_feature``, default the
+        teacher's primary map), the student level (``student_level``, default the one of the closest
+        stride) and both channel sizes resolved here (a loss never reads config); logged as
+        ``loss_feat_distill_<teacher>``."""
+        where, kwargs, specs = entry.where, entry.kwargs, context.teacher_specs
+        teacher = kwargs.get("teacher")
+        if teacher not in specs:
+            raise ConfigError(
+                f"{where}: teacher '{teacher}' is not an enabled teacher of this experiment (enabled: "
+                f"{sorted(specs)}); set 'teacher:' to one of them or enable it under teachers.")
+        t_specs = {s.name: s for s in specs[teacher]}
+        t_name = kwargs.get("teacher_feature") or context.primary[teacher]
+        if t_name not in t_specs:
+            raise ConfigError(f"{where}: teacher '{teacher}' provides {sorted(t_specs)}, not '{t_name}'")
+        levels = context.student_levels()
+        level = kwargs.get("student_level") or closest_stride_level(levels, t_specs[t_name].stride)
+        if level not in levels:
+            raise ConfigError(f"{where}: the student backbone has levels {sorted(levels)}, not '{level}'")
+        kwargs.update(teacher_feature=t_name, student_level=level, student_channels=levels[level].channels,
+                      teacher_channels=t_specs[t_name].channels)
+        module = LOSSES.build(entry.type, where=where, **kwargs)
+        return entry.term(cls.kind, module, f"{FEATURE_LOG_PREFIX}{teacher}")
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor

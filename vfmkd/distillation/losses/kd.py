@@ -11,7 +11,7 @@ ground-truth box, class unions for semantic/binary heads, anchors for class scor
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ from torch import nn
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 from vfmkd.core.registry import LOSSES
+from vfmkd.distillation.pairing.output_pairs import build_output_term
+from vfmkd.distillation.terms import LossEntry, LossTerm, TermContext
 
 MODES = ("sigmoid", "softmax")
 
@@ -63,6 +65,20 @@ class OutputDistillLoss(nn.Module):
         self.temperature = float(temperature)
         self.teacher = teacher
 
+    @classmethod
+    def build_term(cls, entry: LossEntry, context: TermContext) -> LossTerm:
+        """The term of an output loss entry: its head and the pairing registered for (this loss,
+        the teacher's kind, the head's task) (:func:`~vfmkd.distillation.pairing.output_pairs.build_output_term`)."""
+        return build_output_term(entry, context)
+
+    @classmethod
+    def pairing_refusal(cls, where: str, head: str, task: Any, num_classes: int, teacher: Any,
+                        heads_only: bool) -> Optional[str]:
+        """Why no pairing of this loss serves head ``head`` (of ``task``, a :class:`~vfmkd.tasks.Task`)
+        with ``teacher`` (``TeacherOutputs``), in this loss's words; None for the generic refusal.
+        ``heads_only``: only a vfmkd teacher's heads can teach this task for this loss."""
+        return None
+
     @staticmethod
     def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
         if student.shape != teacher.shape:
@@ -84,6 +100,16 @@ class KLDivergenceLoss(OutputDistillLoss):
 
     def __init__(self, temperature: float = 4.0, teacher: Optional[str] = None) -> None:
         super().__init__(temperature, teacher)
+
+    @classmethod
+    def pairing_refusal(cls, where: str, head: str, task: Any, num_classes: int, teacher: Any,
+                        heads_only: bool) -> Optional[str]:
+        if not teacher.can_segment:
+            return None
+        return (f"{where}: kl_divergence on the {task.name} head '{head}' needs the teacher's "
+                f"{'per-pixel class' if task.dense_logits else 'class'} distribution: a vfmkd teacher with a "
+                f"{task.name} head of the same classes. Teacher '{teacher.name}' ({teacher.type}) gives class-agnostic "
+                f"box masks: use mask_distill (all mask-capable heads) or kl_divergence on a binary head")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -114,6 +140,17 @@ class ClsDistillLoss(OutputDistillLoss):
         if mode not in MODES:
             raise ConfigError(f"cls_distill: mode must be one of {MODES}, got '{mode}'.{did_you_mean(mode, MODES)}")
         self.mode = mode
+
+    @classmethod
+    def pairing_refusal(cls, where: str, head: str, task: Any, num_classes: int, teacher: Any,
+                        heads_only: bool) -> Optional[str]:
+        if not (teacher.can_segment or heads_only):
+            return None
+        return (f"{where}: cls_distill on the {task.name} head '{head}' needs a teacher that provides class scores: "
+                f"a vfmkd teacher (type: vfmkd, a trained vfmkd checkpoint) with a {task.name} head of the same "
+                f"{num_classes} classes; teacher '{teacher.name}' ({teacher.type}) provides none"
+                + (" (box-prompted masks are class-agnostic; its image-level class scores serve semantic and binary "
+                   "heads only)" if teacher.can_segment else ""))
 
     def forward(
         self,

@@ -15,6 +15,8 @@ from torch import nn
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import LOSSES
+from vfmkd.distillation.pairing.prompt_pairs import build_embedding_term, build_prompt_term
+from vfmkd.distillation.terms import LossEntry, LossTerm, TermContext
 
 
 @LOSSES.register("embedding_distill")
@@ -39,6 +41,12 @@ class EmbeddingDistillLoss(nn.Module):
     def __init__(self, teacher: Optional[str] = None, teacher_feature: Optional[str] = None) -> None:
         super().__init__()
         self.teacher, self.teacher_feature = teacher, teacher_feature
+
+    @classmethod
+    def build_term(cls, entry: LossEntry, context: TermContext) -> LossTerm:
+        """The promptable head's embeddings vs the teacher's map
+        (:func:`~vfmkd.distillation.pairing.prompt_pairs.build_embedding_term`)."""
+        return build_embedding_term(entry, context)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:
@@ -100,6 +108,12 @@ class PromptDistillLoss(nn.Module):
             bool(binarize),
         )
         self.points, self.refine_iters, self.seed = int(points), int(refine_iters), int(seed)
+
+    @classmethod
+    def build_term(cls, entry: LossEntry, context: TermContext) -> LossTerm:
+        """Prompts through the promptable head vs the teacher's masks
+        (:func:`~vfmkd.distillation.pairing.prompt_pairs.build_prompt_term`)."""
+        return build_prompt_term(entry, context)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:

@@ -8,6 +8,7 @@ from ultralytics.models.utils.loss import RTDETRDetectionLoss as _UltralyticsRTD
 
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
+from vfmkd.distillation.losses.task import TaskLoss
 from vfmkd.models.heads.rtdetr_head import RTDETRHead, decoder_targets
 
 #: Each of ultralytics' loss terms (``loss_class``, ``loss_bbox``, ``loss_giou``, their ``_aux`` and
@@ -16,7 +17,7 @@ PARTS = {"loss_class": "cls", "loss_bbox": "l1", "loss_giou": "giou"}
 
 
 @LOSSES.register("rtdetr_detection")
-class RTDETRDetectionLoss:
+class RTDETRDetectionLoss(TaskLoss):
     """Hungarian-matched set loss of RT-DETR, as ``RTDETRDetectionModel.loss`` computes it: varifocal
     classification + L1 + GIoU on the last decoder layer, the same on the encoder's query selection
     and every earlier layer (auxiliary), and on the denoising queries.
@@ -27,8 +28,6 @@ class RTDETRDetectionLoss:
     main, auxiliary and denoising terms, with ultralytics' gains; they sum to the loss). ultralytics
     normalises each term by the number of ground-truth boxes of the batch.
     """
-
-    kind = "task"
 
     def __init__(self, head: RTDETRHead, cls: float = 1.0, l1: float = 5.0, giou: float = 2.0,
                  use_vfl: bool = True, aux_loss: bool = True) -> None:

@@ -14,6 +14,7 @@ from ultralytics.utils.loss import v8SegmentationLoss
 
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
+from vfmkd.distillation.losses.task import TaskLoss
 
 LossOut = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
@@ -31,7 +32,7 @@ def _missing(batch: Batch, field: str, loss: str, flag: str) -> None:
 
 
 @LOSSES.register("instance_segmentation")
-class InstanceSegmentationLoss:
+class InstanceSegmentationLoss(TaskLoss):
     """ultralytics' ``v8SegmentationLoss`` (box CIoU + mask BCE inside the box + cls BCE + DFL, each
     with its gain; the mask term uses the ``box`` gain as ultralytics does), per-instance masks
     (``overlap_mask=False``), averaged per image.
@@ -41,8 +42,6 @@ class InstanceSegmentationLoss:
     dilutes the average. With no labelled image the loss is 0 (still connected to the head's graph).
     Parts: ``box``, ``seg``, ``cls``, ``dfl``.
     """
-
-    kind = "task"
 
     def __init__(self, head: nn.Module, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5) -> None:
         if not hasattr(head, "detect") or not hasattr(head.detect, "proto"):
@@ -92,7 +91,7 @@ def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
 
 
 @LOSSES.register("semantic_segmentation")
-class SemanticSegmentationLoss:
+class SemanticSegmentationLoss(TaskLoss):
     """``ce`` x cross-entropy + ``dice`` x soft Dice on the logits (B, K, h, w) bilinearly upsampled
     to the target's S x S.
 
@@ -102,8 +101,6 @@ class SemanticSegmentationLoss:
     over the labelled pixels of the whole batch; averaged over those classes. A batch with no
     labelled pixel gives 0 (connected to the graph). Parts: ``ce``, ``dice`` (weighted).
     """
-
-    kind = "task"
 
     def __init__(self, head: nn.Module, ce: float = 1.0, dice: float = 1.0, smooth: float = 1.0) -> None:
         self.num_classes = getattr(head, "num_classes", None)
@@ -129,7 +126,7 @@ class SemanticSegmentationLoss:
 
 
 @LOSSES.register("binary_segmentation")
-class BinarySegmentationLoss:
+class BinarySegmentationLoss(TaskLoss):
     """``bce`` x binary cross-entropy + ``dice`` x soft Dice on the foreground logits (B, 1, h, w)
     bilinearly upsampled to the target's S x S.
 
@@ -138,8 +135,6 @@ class BinarySegmentationLoss:
     over the labelled pixels of the whole batch, p = sigmoid(logit). A batch with no labelled pixel
     gives 0 (connected to the graph). Parts: ``bce``, ``dice`` (weighted).
     """
-
-    kind = "task"
 
     def __init__(self, head: nn.Module, bce: float = 1.0, dice: float = 1.0, smooth: float = 1.0) -> None:
         self.bce_weight, self.dice_weight, self.smooth = float(bce), float(dice), float(smooth)

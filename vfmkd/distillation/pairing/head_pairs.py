@@ -1,10 +1,11 @@
 """Output pairings with a vfmkd teacher (rule source "heads"): the raw training outputs of the
 teacher's heads on the student canvas, compared mask by mask (instance), anchor by anchor
-(detection/instance class scores) or cell by cell (semantic/binary); :func:`head_pair` picks the
-one of a rule."""
+(detection/instance class scores) or cell by cell (semantic/binary), each registered under
+(loss, "heads", task) in :mod:`vfmkd.distillation.pairing.registry`. The outputs are read through
+the student task's typed output (:mod:`vfmkd.tasks`)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.pairing.mask_grid import box_cells, canvas_boxes_xyxy, content_cells
 from vfmkd.distillation.pairing.mask_pairs import as_two_class
-from vfmkd.distillation.pairing.output_rules import OutputRule
+from vfmkd.distillation.pairing.registry import HEADS, PairFn, register_pairing
 from vfmkd.distillation.targets import TeacherTargets
+from vfmkd.tasks import task_of
 
 
 def instance_head_pair(head: Any, output: Any, teacher_output: Any, batch: Batch
@@ -23,25 +25,21 @@ def instance_head_pair(head: Any, output: Any, teacher_output: Any, batch: Batch
     det = batch.boxes
     if len(det.cls) == 0:
         return None
-    proto = head.raw(output)["proto"]
-    device, size = proto.device, batch.images.shape[-1]
-    grid_hw = tuple(proto.shape[-2:])
+    task = task_of(head)
+    read = task.read_output(output)
+    device, size = read.proto.device, batch.images.shape[-1]
+    grid_hw = tuple(read.proto.shape[-2:])
     boxes = canvas_boxes_xyxy(det.bboxes.to(device), size)
     cls, idx = det.cls.to(device).view(-1).long(), det.batch_idx.to(device).long()
-    student = head.instance_mask_logits(output, boxes, cls, idx)
+    student = read.mask_logits(head.match_anchors(output, boxes, cls, idx), idx)
     with torch.no_grad():
-        teacher = head.instance_mask_logits(teacher_output, boxes, cls, idx)
+        anchors = head.match_anchors(teacher_output, boxes, cls, idx)
+        teacher = task.read_output(teacher_output).mask_logits(anchors, idx)
     if teacher.shape != student.shape:
         raise ValueError(f"the teacher's instance masks {tuple(teacher.shape)} and the student's "
                          f"{tuple(student.shape)} differ: the vfmkd teacher must run at the student's img_size")
     weight = box_cells(boxes, grid_hw, size // grid_hw[1]).float()
     return student[None], teacher[None], weight[None]
-
-
-def scores_of(output: Any) -> torch.Tensor:
-    """(B, nc, A) class logits of a detection/instance head's raw (training) or eval output."""
-    raw = output if isinstance(output, dict) else output[1]
-    return raw["scores"]
 
 
 def check_same(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
@@ -64,30 +62,73 @@ def dense_pair(
     return student, teacher.detach().float(), weight
 
 
-def head_pair(rule: OutputRule, head: Any, output: Any, batch: Batch, target: TeacherTargets, mode: str = "sigmoid"
-              ) -> Optional[Tuple[tuple, dict]]:
-    """Loss arguments ``(args, kwargs)`` of a rule with source "heads" (a vfmkd teacher)."""
-    outputs = target.head_outputs
-    if outputs is None or rule.teacher_head not in outputs:
-        return None
-    teacher_output = outputs[rule.teacher_head]
-    if rule.task in ("detection", "instance"):
-        if rule.loss == "mask_distill":
-            pair = instance_head_pair(head, output, teacher_output, batch)
-            return None if pair is None else (pair, {})
-        s, t = scores_of(output), scores_of(teacher_output)
-        check_same(s, t, f"class scores of head '{rule.teacher_head}'")
-        if rule.loss == "cls_distill":
-            return (s, t.detach()), {}
-        k = s.shape[1]
-        return (s.permute(0, 2, 1).reshape(-1, k), t.detach().permute(0, 2, 1).reshape(-1, k)), {}
-    s, t, weight = dense_pair(output, teacher_output, batch)
-    if rule.loss == "mask_distill":
-        return (s, t, weight), {}
-    if rule.loss == "cls_distill":
-        return (s.flatten(2), t.flatten(2), weight.flatten(1)), {"class_dim": 1}
-    if rule.task == "binary":
-        return (as_two_class(s[:, 0].reshape(-1)), as_two_class(t[:, 0].reshape(-1)), weight.reshape(-1)), {}
+
+# ------------------------------------------------------------------ the registered pairings (teacher kind "heads")
+def head_pairing(loss: str, tasks: Iterable[str]) -> Callable[[Callable[..., Any]], PairFn]:
+    """Registers ``fn(p, output, teacher_output, batch)`` for (``loss``, "heads", each task): it runs
+    when the teacher's targets hold the output of the term's ``teacher_head`` (else nothing pairs)."""
+    def decorator(fn: Callable[..., Any]) -> PairFn:
+        def pair(p: Any, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
+            outputs = target.head_outputs
+            if outputs is None or p.rule.teacher_head not in outputs:
+                return None
+            return fn(p, output, outputs[p.rule.teacher_head], batch)
+        pair.__doc__ = fn.__doc__
+        return register_pairing(loss, HEADS, tasks)(pair)
+    return decorator
+
+
+def class_scores(p: Any, output: Any, teacher_output: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, nc, A) class logits of the student and (detached) of the teacher head, the same shape."""
+    s, t = p.read(output).scores, p.read(teacher_output).scores
+    check_same(s, t, f"class scores of head '{p.rule.teacher_head}'")
+    return s, t.detach()
+
+
+@head_pairing("mask_distill", ["instance"])
+def instance_masks(p: Any, output: Any, teacher_output: Any, batch: Batch) -> Optional[Tuple[tuple, dict]]:
+    """Instance masks of the anchors matched to the view's boxes, on the prototype grid."""
+    pair = instance_head_pair(p.head, output, teacher_output, batch)
+    return None if pair is None else (pair, {})
+
+
+@head_pairing("cls_distill", ["detection", "instance"])
+def anchor_scores(p: Any, output: Any, teacher_output: Any, batch: Batch) -> Tuple[tuple, dict]:
+    """Per-anchor class scores (B, nc, A)."""
+    return class_scores(p, output, teacher_output), {}
+
+
+@head_pairing("kl_divergence", ["detection", "instance"])
+def anchor_distribution(p: Any, output: Any, teacher_output: Any, batch: Batch) -> Tuple[tuple, dict]:
+    """Per-anchor class distributions: rows (B*A, nc)."""
+    s, t = class_scores(p, output, teacher_output)
+    k = s.shape[1]
+    return (s.permute(0, 2, 1).reshape(-1, k), t.permute(0, 2, 1).reshape(-1, k)), {}
+
+
+@head_pairing("mask_distill", ["semantic", "binary"])
+def dense_masks(p: Any, output: Any, teacher_output: Any, batch: Batch) -> Tuple[tuple, dict]:
+    """Every channel, per cell, over the image content."""
+    return dense_pair(p.read(output).logits, p.read(teacher_output).logits, batch), {}
+
+
+@head_pairing("cls_distill", ["semantic", "binary"])
+def dense_scores(p: Any, output: Any, teacher_output: Any, batch: Batch) -> Tuple[tuple, dict]:
+    """Per-pixel class scores in ultralytics' layout (B, K, H*W)."""
+    s, t, weight = dense_pair(p.read(output).logits, p.read(teacher_output).logits, batch)
+    return (s.flatten(2), t.flatten(2), weight.flatten(1)), {"class_dim": 1}
+
+
+@head_pairing("kl_divergence", ["semantic"])
+def pixel_distribution(p: Any, output: Any, teacher_output: Any, batch: Batch) -> Tuple[tuple, dict]:
+    """Per-pixel softmax over the classes: rows (B*H*W, K)."""
+    s, t, weight = dense_pair(p.read(output).logits, p.read(teacher_output).logits, batch)
     k = s.shape[1]
     return (s.permute(0, 2, 3, 1).reshape(-1, k), t.permute(0, 2, 3, 1).reshape(-1, k), weight.reshape(-1)), {}
 
+
+@head_pairing("kl_divergence", ["binary"])
+def pixel_foreground(p: Any, output: Any, teacher_output: Any, batch: Batch) -> Tuple[tuple, dict]:
+    """Per-pixel Bernoulli (as 2-class rows) of the binary logit."""
+    s, t, weight = dense_pair(p.read(output).logits, p.read(teacher_output).logits, batch)
+    return (as_two_class(s[:, 0].reshape(-1)), as_two_class(t[:, 0].reshape(-1)), weight.reshape(-1)), {}

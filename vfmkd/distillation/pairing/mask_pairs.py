@@ -1,13 +1,14 @@
 """Output pairings with a mask teacher (SAM family, rule source "masks"): box-prompted teacher mask
 logits vs an instance head's masks, a semantic/binary head's class channels (mask_distill), a binary
-head's per-pixel distribution (kl_divergence) and image-level class scores (cls_distill);
-:func:`mask_pair` picks the one of a rule."""
+head's per-pixel distribution (kl_divergence) and image-level class scores (cls_distill), each
+registered under (loss, "masks", task) in :mod:`vfmkd.distillation.pairing.registry`."""
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from vfmkd.core.errors import ConfigError
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.pairing.mask_grid import (
     BACKGROUND_LOGIT,
@@ -18,21 +19,23 @@ from vfmkd.distillation.pairing.mask_grid import (
     prompts_on_grid,
     student_affine_of,
 )
-from vfmkd.distillation.pairing.output_rules import OutputRule
+from vfmkd.distillation.pairing.registry import MASKS, register_pairing
 from vfmkd.distillation.targets import TeacherTargets
+from vfmkd.tasks import task_of
 
 
 def instance_mask_pair(head: Any, output: Any, batch: Batch, target: TeacherTargets
                        ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """mask_distill on an instance head with a mask teacher -> (student (1, M, h, w), teacher
     (1, M, h, w), weight (1, M, h, w)) on the prototype grid, or None when nothing pairs."""
-    proto = head.raw(output)["proto"]
-    grid_hw = tuple(proto.shape[-2:])
+    read = task_of(head).read_output(output)
+    grid_hw = tuple(read.proto.shape[-2:])
     stride = batch.images.shape[-1] // grid_hw[1]
-    prompts = prompts_on_grid(batch, target, grid_hw, stride, proto.device)
+    prompts = prompts_on_grid(batch, target, grid_hw, stride, read.proto.device)
     if prompts is None or len(prompts.rows) == 0:
         return None
-    student = head.instance_mask_logits(output, prompts.boxes, prompts.cls, prompts.batch_idx)
+    anchors = head.match_anchors(output, prompts.boxes, prompts.cls, prompts.batch_idx)
+    student = read.mask_logits(anchors, prompts.batch_idx)
     weight = box_cells(prompts.boxes, grid_hw, stride).float() * prompts.valid
     return student[None], prompts.logits[None], weight[None]
 
@@ -147,19 +150,44 @@ def image_class_pair(logits: torch.Tensor, batch: Batch, target: TeacherTargets,
     return student.reshape(-1, 1), teacher.reshape(-1, 1), None
 
 
-def mask_pair(rule: OutputRule, head: Any, output: Any, batch: Batch, target: TeacherTargets,
-              channel_of_class: Optional[torch.Tensor], mode: str = "sigmoid") -> Optional[Tuple[tuple, dict]]:
-    """Loss arguments ``(args, kwargs)`` of a rule with source "masks" (a SAM-family teacher)."""
-    if rule.task == "instance":
-        pair = instance_mask_pair(head, output, batch, target)
-        return None if pair is None else (pair, {})
-    assert channel_of_class is not None, "semantic/binary mask pairing needs the class -> channel table"
-    if rule.loss == "mask_distill":
-        pair = class_mask_pair(output, batch, target, channel_of_class)
-    elif rule.loss == "kl_divergence":
-        pair = binary_kl_pair(output, batch, target, channel_of_class)
-    else:
-        found = image_class_pair(output, batch, target, channel_of_class, mode)
-        return None if found is None else ((found[0], found[1]), {})
+
+# ------------------------------------------------------------------ the class tables of semantic/binary heads
+def semantic_channels(table: Sequence[int], head: Any, **_: Any) -> List[int]:
+    """A semantic head's class table: channels beyond the head's ``num_classes`` become -1."""
+    k = int(getattr(head, "num_classes", 0))
+    return [c if c < k else -1 for c in table]
+
+
+def binary_channels(table: Sequence[int], head: Any, where: str = "", teacher: str = "", **_: Any) -> List[int]:
+    """A binary head's class table, refused when no detection class is a foreground class."""
+    if not any(c >= 0 for c in table):
+        raise ConfigError(f"{where}: none of data.binary_classes is a detection class, so {teacher} is "
+                          "never prompted for the binary foreground; name detection classes (e.g. [person])")
+    return list(table)
+
+
+# ------------------------------------------------------------------ the registered pairings (teacher kind "masks")
+@register_pairing("mask_distill", MASKS, ["instance"])
+def instance_masks(p: Any, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
+    pair = instance_mask_pair(p.head, output, batch, target)
     return None if pair is None else (pair, {})
 
+
+@register_pairing("mask_distill", MASKS, ["semantic"], channels=semantic_channels)
+@register_pairing("mask_distill", MASKS, ["binary"], channels=binary_channels)
+def class_masks(p: Any, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
+    pair = class_mask_pair(p.read(output).logits, batch, target, p.channel_of_class)
+    return None if pair is None else (pair, {})
+
+
+@register_pairing("kl_divergence", MASKS, ["binary"], channels=binary_channels)
+def binary_distribution(p: Any, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
+    pair = binary_kl_pair(p.read(output).logits, batch, target, p.channel_of_class)
+    return None if pair is None else (pair, {})
+
+
+@register_pairing("cls_distill", MASKS, ["semantic"], channels=semantic_channels)
+@register_pairing("cls_distill", MASKS, ["binary"], channels=binary_channels)
+def image_class_scores(p: Any, output: Any, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
+    found = image_class_pair(p.read(output).logits, batch, target, p.channel_of_class, p.mode)
+    return None if found is None else ((found[0], found[1]), {})

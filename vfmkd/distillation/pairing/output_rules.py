@@ -44,38 +44,24 @@ detection   cls_distill     vfmkd: per anchor class scores (B, nc, A) vs the tea
 instance    kl_divergence   (same anchors: the teacher sees the student canvas); kl: softmax per anchor.
 ==========  ==============  ===========================================================================
 
-Everything else is refused when the losses are built (:func:`resolve_output_term`).
+Everything else is refused when the losses are built (:func:`resolve_output_term`; a loss class
+may word its own refusal with a ``pairing_refusal`` classmethod, see ``OutputDistillLoss``).
 
-The pairings themselves: :mod:`vfmkd.distillation.pairing.mask_pairs` (source "masks"),
-:mod:`vfmkd.distillation.pairing.head_pairs` (source "heads"), dispatched by
-:class:`~vfmkd.distillation.pairing.output_pairs.OutputPairing`.
+The rows are the pairing registry (:mod:`vfmkd.distillation.pairing.registry`, keyed by (loss,
+teacher kind, task)); the functions are :mod:`vfmkd.distillation.pairing.mask_pairs` (teacher kind
+"masks") and :mod:`vfmkd.distillation.pairing.head_pairs` (teacher kind "heads"), run by
+:class:`~vfmkd.distillation.pairing.output_pairs.OutputPairing`. Which vfmkd teacher head can teach
+a student head is the student task's ``teacher_tasks`` (:mod:`vfmkd.tasks`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 from vfmkd.core.errors import ConfigError
-
-#: The output losses and the student head tasks a mask teacher / a vfmkd teacher serves for each.
-MASK_RULES: Dict[str, Tuple[str, ...]] = {
-    "mask_distill": ("instance", "semantic", "binary"),
-    "kl_divergence": ("binary",),
-    "cls_distill": ("semantic", "binary"),
-}
-HEAD_RULES: Dict[str, Tuple[str, ...]] = {
-    "mask_distill": ("instance", "semantic", "binary"),
-    "kl_divergence": ("detection", "instance", "semantic", "binary"),
-    "cls_distill": ("detection", "instance", "semantic", "binary"),
-}
-#: Which teacher head task can teach a student head task.
-TEACHER_TASKS: Dict[str, Tuple[str, ...]] = {
-    "detection": ("detection", "instance"),  # an instance head's scores are detection scores
-    "instance": ("instance",),
-    "semantic": ("semantic",),
-    "binary": ("binary",),
-}
-MASK_TEACHER_TYPES = ("sam", "lora_sam", "sam2")
+from vfmkd.core.registry import LOSSES
+from vfmkd.distillation.pairing.registry import HEADS, MASKS, mask_teacher_types, served_tasks
+from vfmkd.tasks import Task, get_task, task_of
 
 
 @dataclass(frozen=True)
@@ -93,8 +79,8 @@ class TeacherOutputs:
 
 @dataclass(frozen=True)
 class OutputRule:
-    """How one output term pairs: ``source`` "masks" (teacher mask logits) or "heads" (the vfmkd
-    teacher's ``teacher_head``)."""
+    """How one output term pairs: ``source``, the teacher kind, "masks" (teacher mask logits) or
+    "heads" (the vfmkd teacher's ``teacher_head``)."""
 
     loss: str
     task: str
@@ -102,14 +88,39 @@ class OutputRule:
     teacher_head: str = ""
 
 
+def teaches(teacher: TeacherOutputs, task: Task) -> bool:
+    """Some head of the (vfmkd) teacher can teach a head of ``task``."""
+    return any(t in task.teacher_tasks for t, _ in teacher.heads.values())
+
+
 def segmenting_teachers_hint(teachers: Mapping[str, TeacherOutputs], task: str) -> str:
     """'types sam, lora_sam, sam2 or a vfmkd teacher with a <task> head' plus which of this run's
     teachers qualify."""
-    mine = [t.name for t in teachers.values()
-            if t.can_segment or any(k in TEACHER_TASKS[task] for k, _ in t.heads.values())]
+    mine = [t.name for t in teachers.values() if t.can_segment or teaches(t, get_task(task))]
     here = f" (in this run: {', '.join(sorted(mine))})" if mine else " (none in this run)"
     article = "an" if task[0] in "aeiou" else "a"
-    return f"teachers of type {', '.join(MASK_TEACHER_TYPES)} or a vfmkd teacher with {article} {task} head{here}"
+    return f"teachers of type {', '.join(mask_teacher_types())} or a vfmkd teacher with {article} {task} head{here}"
+
+
+def output_head(where: str, loss: str, head: Optional[str], teacher: TeacherOutputs, model: Any) -> str:
+    """The student head an output term reads: ``head:``, else the only head whose task the teacher
+    serves for this loss."""
+    if head is not None:
+        if head not in model.heads:
+            raise ConfigError(f"{where}: the model has no head '{head}' (heads: {list(model.heads)})")
+        return head
+    tasks = {n: task_of(h) for n, h in model.heads.items()}
+    by_masks, by_heads = served_tasks(loss, MASKS), served_tasks(loss, HEADS)
+    fits = [n for n, task in tasks.items()
+            if (teacher.can_segment and task.name in by_masks) or (task.name in by_heads and teaches(teacher, task))]
+    if not fits:  # the teacher serves none: the head the loss could read at all, so the resolver says why
+        fits = [n for n, task in tasks.items() if task.name in by_masks + by_heads]
+        fits = fits if len(fits) == 1 else list(model.heads) if len(model.heads) == 1 else []
+    if len(fits) == 1:
+        return fits[0]
+    choices = ("candidates: " + ", ".join(fits) if fits
+               else "heads: " + ", ".join(f"{n} ({t.name})" for n, t in tasks.items()))
+    raise ConfigError(f"{where}: set 'head:' to the student head {loss} distils ({choices})")
 
 
 def resolve_output_term(loss: str, where: str, head: str, task: str, num_classes: int,
@@ -118,47 +129,32 @@ def resolve_output_term(loss: str, where: str, head: str, task: str, num_classes
     """The pairing of output loss ``loss`` on student head ``head`` (``task``, ``num_classes``) with
     ``teacher``, or a :class:`ConfigError` saying which teachers could serve it.
 
-    A vfmkd teacher's head serves when its task fits (:data:`TEACHER_TASKS`) and it has the student
-    head's number of classes; ``teacher_head`` picks one by name (default: the head of the student
-    head's name if it fits, else the only fitting one)."""
-    fitting = {n: (t, k) for n, (t, k) in teacher.heads.items() if t in TEACHER_TASKS[task]}
+    A vfmkd teacher's head serves when the student task names its task (``Task.teacher_tasks``) and
+    it has the student head's number of classes; ``teacher_head`` picks one by name (default: the
+    head of the student head's name if it fits, else the only fitting one)."""
+    taught_by = get_task(task).teacher_tasks
+    fitting = {n: (t, k) for n, (t, k) in teacher.heads.items() if t in taught_by}
     if teacher_head is not None:
         if teacher_head not in teacher.heads:
             raise ConfigError(f"{where}: teacher '{teacher.name}' has heads {sorted(teacher.heads)}, not "
                               f"'{teacher_head}'")
         if teacher_head not in fitting:
             raise ConfigError(f"{where}: teacher head '{teacher_head}' is a {teacher.heads[teacher_head][0]} head; the "
-                              f"student head '{head}' ({task}) needs one of task {'/'.join(TEACHER_TASKS[task])}")
+                              f"student head '{head}' ({task}) needs one of task {'/'.join(taught_by)}")
         fitting = {teacher_head: fitting[teacher_head]}
-    if fitting and task in HEAD_RULES[loss]:
-        name = head if head in fitting else (next(iter(fitting)) if len(fitting) == 1 else None)
-        if name is None:
-            raise ConfigError(f"{where}: teacher '{teacher.name}' has several {task} heads {sorted(fitting)}; "
-                              f"name one with teacher_head: <name>")
-        classes = fitting[name][1]
-        if classes != num_classes:
-            raise ConfigError(f"{where}: teacher '{teacher.name}' head '{name}' predicts {classes} classes, the "
-                              f"student head '{head}' {num_classes}; output distillation needs the same classes (train "
-                              f"the teacher on the student's dataset, or use a feature loss)")
-        return OutputRule(loss, task, "heads", name)
-    if teacher.can_segment and task in MASK_RULES[loss]:
-        return OutputRule(loss, task, "masks")
-    if loss == "cls_distill" and (teacher.can_segment or task in ("detection", "instance")):
-        raise ConfigError(
-            f"{where}: cls_distill on the {task} head '{head}' needs a teacher that provides class scores: a vfmkd "
-            f"teacher (type: vfmkd, a trained vfmkd checkpoint) with a {task} head of the same {num_classes} classes; "
-            f"teacher '{teacher.name}' ({teacher.type}) provides none"
-            + (" (box-prompted masks are class-agnostic; its image-level class scores serve semantic and binary "
-               "heads only)" if teacher.can_segment else ""))
-    if loss == "kl_divergence" and teacher.can_segment:
-        raise ConfigError(
-            f"{where}: kl_divergence on the {task} head '{head}' needs the teacher's "
-            f"{'per-pixel class' if task == 'semantic' else 'class'} distribution: a vfmkd teacher with a {task} head "
-            f"of the same classes. Teacher '{teacher.name}' ({teacher.type}) gives class-agnostic box masks: use "
-            f"mask_distill (all mask-capable heads) or kl_divergence on a binary head")
-    if task not in (MASK_RULES[loss] + HEAD_RULES[loss]):
+    by_masks, by_heads = served_tasks(loss, MASKS), served_tasks(loss, HEADS)
+    if fitting and task in by_heads:
+        return OutputRule(loss, task, HEADS, heads_teacher_head(where, head, task, num_classes, teacher, fitting))
+    if teacher.can_segment and task in by_masks:
+        return OutputRule(loss, task, MASKS)
+    refusal = getattr(LOSSES.get(loss), "pairing_refusal", None) if loss in LOSSES else None
+    reason = None if refusal is None else refusal(where, head, get_task(task), num_classes, teacher,
+                                                  task in by_heads and task not in by_masks)
+    if reason is not None:
+        raise ConfigError(reason)
+    if task not in (by_masks + by_heads):
         raise ConfigError(f"{where}: {loss} does not apply to a {task} head ('{head}')")
-    if task in MASK_RULES[loss]:
+    if task in by_masks:
         raise ConfigError(
             f"{where}: {loss} on the {task} head '{head}' needs a teacher that can segment (box-prompted mask logits) "
             f"or predicts {task} outputs, and teacher '{teacher.name}' ({teacher.type}) cannot. Teachers that can: "
@@ -166,4 +162,20 @@ def resolve_output_term(loss: str, where: str, head: str, task: str, num_classes
     raise ConfigError(
         f"{where}: {loss} on the {task} head '{head}' needs a vfmkd teacher (type: vfmkd) with a {task} head of the "
         f"same {num_classes} classes; teacher '{teacher.name}' ({teacher.type}) has none.")
+
+
+def heads_teacher_head(where: str, head: str, task: str, num_classes: int, teacher: TeacherOutputs,
+                       fitting: Mapping[str, Tuple[str, int]]) -> str:
+    """The vfmkd teacher's head that teaches student head ``head``: the one of its name, else the
+    only fitting one; it must predict the same number of classes."""
+    name = head if head in fitting else (next(iter(fitting)) if len(fitting) == 1 else None)
+    if name is None:
+        raise ConfigError(f"{where}: teacher '{teacher.name}' has several {task} heads {sorted(fitting)}; "
+                          f"name one with teacher_head: <name>")
+    classes = fitting[name][1]
+    if classes != num_classes:
+        raise ConfigError(f"{where}: teacher '{teacher.name}' head '{name}' predicts {classes} classes, the "
+                          f"student head '{head}' {num_classes}; output distillation needs the same classes (train "
+                          f"the teacher on the student's dataset, or use a feature loss)")
+    return name
 

@@ -21,7 +21,9 @@ prompt_distill      every detection box of the view whose teacher mask exists (`
                     region). Needs a teacher with box-prompted mask logits (sam, lora_sam, sam2).
 ==================  ===========================================================================================
 
-Everything else is refused when the losses are built (:func:`build_prompt_term`).
+Everything else is refused when the losses are built (:func:`build_embedding_term`,
+:func:`build_prompt_term`: the build hooks of the two losses). A promptable head is one whose task's
+output is :class:`~vfmkd.tasks.PromptableOutput` (embeddings a prompted decoder reads).
 """
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.geometry import resample_to_student
 from vfmkd.distillation.pairing.mask_grid import match_rows, prompts_on_grid, student_affine_of
-from vfmkd.distillation.pairing.output_rules import MASK_TEACHER_TYPES
+from vfmkd.distillation.pairing.registry import mask_teacher_types
 from vfmkd.distillation.targets import TeacherTargets
+from vfmkd.distillation.terms import LossEntry, LossTerm, TermContext
+from vfmkd.tasks import PromptableOutput, task_of
 
-PROMPT_LOSSES = ("embedding_distill", "prompt_distill")
-PROMPTABLE_TASK = "promptable"
 #: SAM's embedding width and stride: what the decoder reads.
 EMBED_STRIDE = 16
 
@@ -49,19 +51,20 @@ EMBED_STRIDE = 16
 # ---------------------------------------------------------------------------------------- building
 def promptable_head(where: str, kind_name: str, head: Optional[str], model: Any) -> str:
     """The ``sam_decoder`` head a promptable term reads: ``head:``, else the only promptable head."""
-    tasks = {n: str(getattr(h, "task", "detection")) for n, h in model.heads.items()}
-    fits = [n for n, t in tasks.items() if t == PROMPTABLE_TASK]
+    tasks = {n: task_of(h) for n, h in model.heads.items()}
+    fits = [n for n, t in tasks.items() if issubclass(t.output_type, PromptableOutput)]
     if head is None:
         if len(fits) != 1:
             raise ConfigError(f"{where}: {kind_name} trains a promptable head (type: sam_decoder); "
                               + (f"set 'head:' to one of {fits}" if fits else
-                                 f"the model has none (heads: {', '.join(f'{n} ({t})' for n, t in tasks.items())})"))
+                                 "the model has none (heads: "
+                                 f"{', '.join(f'{n} ({t.name})' for n, t in tasks.items())})"))
         return fits[0]
     if head not in model.heads:
         raise ConfigError(f"{where}: the model has no head '{head}' (heads: {list(model.heads)})")
-    if tasks[head] != PROMPTABLE_TASK:
+    if head not in fits:
         raise ConfigError(f"{where}: {kind_name} trains a promptable head (type: sam_decoder); '{head}' is a "
-                          f"{tasks[head]} head" + (f" (promptable heads: {', '.join(fits)})" if fits else ""))
+                          f"{tasks[head].name} head" + (f" (promptable heads: {', '.join(fits)})" if fits else ""))
     return head
 
 
@@ -90,39 +93,47 @@ def embedding_feature(where: str, teacher: str, t_specs: Sequence[FeatureSpec], 
         + (
             "; name one with teacher_feature: <name>"
             if fits
-            else f"; use a teacher of type {', '.join(MASK_TEACHER_TYPES)}"
+            else f"; use a teacher of type {', '.join(mask_teacher_types())}"
         )
     )
 
 
-def build_prompt_term(kind_name: str, where: str, kwargs: Dict[str, Any], model: Any, teachers: Mapping[str, Any],
-                      specs: Mapping[str, Sequence[FeatureSpec]], primary: Mapping[str, str]
-                      ) -> Tuple[str, Any, PromptPairingBase]:
-    """(head name, loss module, pairing) of an ``embedding_distill`` / ``prompt_distill`` entry
-    (``kwargs``: the entry without the engine's keys; ``teachers``: name -> ``TeacherOutputs``)."""
-    teacher = kwargs.get("teacher")
-    if teacher not in teachers:
-        raise ConfigError(f"{where}: {kind_name} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled "
-                          f"teacher of this experiment (enabled: {sorted(teachers)}); set 'teacher:' to one of them.")
-    head = promptable_head(where, kind_name, kwargs.pop("head", None), model)
-    head_module = model.heads[head]
-    if kind_name == "embedding_distill":
-        if teacher not in specs:
-            raise ConfigError(f"{where}: teacher '{teacher}' provides no feature maps here (enabled: {sorted(specs)})")
-        kwargs["teacher_feature"] = embedding_feature(where, teacher, specs[teacher], primary.get(teacher, ""),
-                                                      int(head_module.embed_dim), kwargs.get("teacher_feature"))
-        module = LOSSES.build(kind_name, where=where, **kwargs)
-        return head, module, EmbeddingPairing(head_module, kwargs["teacher_feature"])
-    offer = teachers[teacher]
+def promptable_teacher(entry: LossEntry, context: TermContext) -> Tuple[str, str, Any]:
+    """(teacher name, head name, head module) of an ``embedding_distill`` / ``prompt_distill`` entry."""
+    teacher, where = entry.kwargs.get("teacher"), entry.where
+    if teacher not in context.offers:
+        raise ConfigError(f"{where}: {entry.type} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled "
+                          f"teacher of this experiment (enabled: {sorted(context.offers)}); set 'teacher:' to one of "
+                          "them.")
+    head = promptable_head(where, entry.type, entry.kwargs.pop("head", None), context.model)
+    return teacher, head, context.model.heads[head]
+
+
+def build_embedding_term(entry: LossEntry, context: TermContext) -> LossTerm:
+    """An ``embedding_distill`` term: the head's embeddings vs the teacher's stride-16 map of that width."""
+    teacher, head, head_module = promptable_teacher(entry, context)
+    where, kwargs, specs = entry.where, entry.kwargs, context.teacher_specs
+    if teacher not in specs:
+        raise ConfigError(f"{where}: teacher '{teacher}' provides no feature maps here (enabled: {sorted(specs)})")
+    kwargs["teacher_feature"] = embedding_feature(where, teacher, specs[teacher], context.primary.get(teacher, ""),
+                                                  int(head_module.embed_dim), kwargs.get("teacher_feature"))
+    module = LOSSES.build(entry.type, where=where, **kwargs)
+    return entry.term("output", module, module.log_name, head, EmbeddingPairing(head_module, kwargs["teacher_feature"]))
+
+
+def build_prompt_term(entry: LossEntry, context: TermContext) -> LossTerm:
+    """A ``prompt_distill`` term: needs a teacher with box-prompted mask logits."""
+    teacher, head, head_module = promptable_teacher(entry, context)
+    offer = context.offers[teacher]
     if not offer.can_segment:
-        can = sorted(n for n, t in teachers.items() if t.can_segment)
+        can = sorted(n for n, t in context.offers.items() if t.can_segment)
         raise ConfigError(
-            f"{where}: prompt_distill distils the teacher's box-prompted mask logits, and teacher '{teacher}' "
-            f"({offer.type}) gives none. Teachers that can: types {', '.join(MASK_TEACHER_TYPES)}"
+            f"{entry.where}: prompt_distill distils the teacher's box-prompted mask logits, and teacher '{teacher}' "
+            f"({offer.type}) gives none. Teachers that can: types {', '.join(mask_teacher_types())}"
             f"{' (in this run: ' + ', '.join(can) + ')' if can else ' (none in this run)'}; set 'teacher:' to one of "
             "them.")
-    module = LOSSES.build(kind_name, where=where, **kwargs)
-    return head, module, PromptPairing(head_module, module)
+    module = LOSSES.build(entry.type, where=entry.where, **entry.kwargs)
+    return entry.term("output", module, module.log_name, head, PromptPairing(head_module, module))
 
 
 # ---------------------------------------------------------------------------------------- pairing
@@ -151,11 +162,13 @@ class EmbeddingPairing(PromptPairingBase):
 
     def __init__(self, head: Any, teacher_feature: str) -> None:
         self.head, self.teacher_feature = head, teacher_feature
+        self.task = task_of(head)
 
     def pair(self, output: torch.Tensor, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
         if self.teacher_feature not in target.features:
             raise ValueError(f"embedding_distill: the teacher's targets hold {sorted(target.features)}, not "
                              f"'{self.teacher_feature}'")
+        output = self.task.read_output(output).embeddings
         h, w = output.shape[-2:]
         stride = batch.images.shape[-1] // w
         teacher_map, mask = resample_to_student(
@@ -208,7 +221,7 @@ class PromptPairing(PromptPairingBase):
     needs_masks = True
 
     def __init__(self, head: Any, loss: Any) -> None:
-        self.head = head
+        self.head, self.task = head, task_of(head)
         self.points, self.refine_iters, self.seed = int(loss.points), int(loss.refine_iters), int(loss.seed)
         self._generators: Dict[str, torch.Generator] = {}
 
@@ -245,7 +258,7 @@ class PromptPairing(PromptPairingBase):
         return region
 
     def pair(self, output: torch.Tensor, batch: Batch, target: TeacherTargets) -> Optional[Tuple[tuple, dict]]:
-        emb = output
+        emb = self.task.read_output(output).embeddings
         h, w = emb.shape[-2:]
         grid_hw = (4 * h, 4 * w)
         stride = batch.images.shape[-1] // grid_hw[1]
