@@ -36,9 +36,10 @@ class UnifiedModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     @classmethod
-    def from_config(cls, model_cfg: Any, input_scale: Optional[float] = None,
+    def from_config(cls, model_cfg: Mapping[str, Any], input_scale: Optional[float] = None,
                     canvas_heads: Optional[AbstractSet[str]] = None) -> UnifiedModel:
-        """Build from the resolved ``model`` section of an experiment (a mapping or ModelConfig).
+        """Build from the resolved ``model`` section of an experiment, a mapping (the engine's
+        ``build_model`` hands a ``ModelConfig`` over as one: ``dataclasses.asdict``).
         ``input_scale`` defaults to the section's own (:func:`configured_input_scale`: DSRL's
         ``resolution_distill.sr_target_scale``, else 1). Above 1 the student sees its canvas downsized by
         that factor, and the heads named in ``canvas_heads`` (those whose task answers in canvas pixels:
@@ -50,8 +51,9 @@ class UnifiedModel(nn.Module):
         if canvas_heads is None and input_scale != 1:
             raise ValueError(f"input scale {input_scale}: name the heads that answer in canvas pixels (canvas_heads="
                              f"vfmkd.tasks.canvas_stride_heads(...)); the engine's build_model does")
-        if not isinstance(model_cfg, Mapping):  # ModelConfig
-            model_cfg = {"backbone": model_cfg.backbone, "neck": model_cfg.neck, "heads": model_cfg.heads}
+        if not isinstance(model_cfg, Mapping):
+            raise TypeError(f"UnifiedModel.from_config takes the model section as a mapping, got "
+                            f"{type(model_cfg).__name__} (a ModelConfig: dataclasses.asdict(model) or build_model)")
         bb = model_cfg["backbone"]
         backbone = BACKBONES.build(bb["type"], where="model.backbone", **component_kwargs(bb))
         nk = model_cfg["neck"]

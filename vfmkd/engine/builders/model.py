@@ -1,6 +1,7 @@
 """Builder of the student: ``model`` section -> :class:`UnifiedModel` (+ ``model.init``)."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Mapping, Union
 
 from vfmkd.core.config import resolve_path
@@ -17,9 +18,10 @@ def build_model(model: Union[ModelConfig, Mapping[str, Any]], initialise: bool =
     """The student from the ``model`` section (its backbone, neck and head entries; DSRL's input scale).
     ``initialise``: load ``model.init`` (a training run that does not resume; tools that load a
     checkpoint of their own skip it); its report is kept in ``init_report``."""
-    heads = model.heads if isinstance(model, ModelConfig) else model.get("heads", {})
-    student = UnifiedModel.from_config(model, canvas_heads=canvas_stride_heads(head_classes(heads)))
-    init = dict((model.init if isinstance(model, ModelConfig) else model.get("init")) or {})
+    if isinstance(model, ModelConfig):
+        model = asdict(model)
+    student = UnifiedModel.from_config(model, canvas_heads=canvas_stride_heads(head_classes(model.get("heads", {}))))
+    init = dict(model.get("init") or {})
     unknown = [k for k in init if k not in INIT_KEYS]
     if unknown:
         raise ConfigError(f"model.init: unknown key '{unknown[0]}'.{did_you_mean(unknown[0], INIT_KEYS)} "
