@@ -50,3 +50,47 @@ def test_external_loss_value_and_key_checks(monkeypatch):
         LOSSES.check_kwargs("feature_charbonnier", {"epz": 0.1}, "distillation.losses.charbonnier")
     with pytest.raises(ConfigError, match="eps must be > 0"):
         LOSSES.build("feature_charbonnier", where="t", teacher="sam", student_channels=2, teacher_channels=2, eps=0.0)
+
+
+OUTPUT_EXPERIMENT = HERE / "tiny_convnet_mask_dice.yaml"
+
+
+def test_external_output_loss_trains_two_steps(tmp_path, monkeypatch):
+    """An output loss and its pairing, registered in one file outside vfmkd, train an instance head
+    from a live (random-init) SAM's box-prompted masks on coco128."""
+    monkeypatch.syspath_prepend(str(HERE))
+    cfg = load_experiment(OUTPUT_EXPERIMENT, [f"work_dir={tmp_path}"])
+    trainer = Trainer(cfg, progress=False)
+    (term,) = [t for t in trainer.distiller.terms.values() if t.kind == "output"]
+    assert type(term.module).__name__ == "MaskDiceDistillLoss" and term.module.temperature == 2.0
+    assert term.head == "instance" and term.teacher == "sam" and term.log_name == "loss_mask_dice"
+    assert term.pairing.rule.source == "masks" and term.pairing.needs_masks  # the SAM passes prompt for masks
+    proto = [p.detach().clone() for p in trainer.model.heads["instance"].detect.proto.parameters()]
+    logs = trainer.train_one_epoch(1)  # 4 images, batch 2: two steps
+    assert trainer.step == 2
+    assert np.isfinite(logs["loss_mask_dice"]) and 0 < logs["loss_mask_dice"] < 1
+    assert any(not torch.equal(a, p) for a, p in zip(proto, trainer.model.heads["instance"].detect.proto.parameters()))
+
+
+def test_external_output_loss_value_and_refusals(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    import my_vfmkd_ext.mask_dice_loss  # noqa: F401  (registers mask_dice_distill and its pairing)
+    from vfmkd.distillation.pairing.output_rules import TeacherOutputs
+    from vfmkd.engine.builders import build_loss_terms, build_model
+
+    loss = LOSSES.build("mask_dice_distill", where="t", teacher="sam", smooth=1.0)
+    student, teacher = torch.zeros(1, 1, 1, 2), torch.tensor([[[[100.0, -100.0]]]])  # p = (.5, .5), q = (1, 0)
+    expected = 1 - (2 * 0.5 + 1) / (1.0 + 1.0 + 1)
+    assert loss(student, teacher, torch.ones(1, 1, 1, 2)).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ConfigError, match="smooth must be > 0"):
+        LOSSES.build("mask_dice_distill", where="t", smooth=0.0)
+    model = build_model({"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+                         "heads": {"instance": {"type": "yolo_seg_head", "num_classes": 80},
+                                   "semantic": {"type": "semantic_head", "num_classes": 134}}})
+    offers = {"dino": TeacherOutputs("dino", "dinov2"), "sam": TeacherOutputs("sam", "sam", can_segment=True)}
+    with pytest.raises(ConfigError, match="mask_dice_distill on the instance head 'instance' needs a teacher that can "
+                                          "segment.*sam, lora_sam, sam2"):
+        build_loss_terms({"d": {"type": "mask_dice_distill", "teacher": "dino"}}, model, {}, {}, teachers=offers)
+    with pytest.raises(ConfigError, match="mask_dice_distill does not apply to a semantic head"):
+        build_loss_terms({"d": {"type": "mask_dice_distill", "teacher": "sam", "head": "semantic"}}, model, {}, {},
+                         teachers=offers)
