@@ -235,3 +235,40 @@ def test_log_names_and_invalid_values():
         LOSSES.build("feature_smooth_l1", **FEAT, beta=-1.0)
     with pytest.raises(ConfigError, match="must be float"):
         LOSSES.build("feature_affinity", **FEAT, fa_subscale="1/8")
+
+
+# ----------------------------------------------------------------------------- building terms
+def test_every_vfmkd_loss_builds_its_own_term():
+    """build_loss_terms only looks the loss up and calls its hook: each registered loss class has one."""
+    missing = [n for n in LOSSES.names() if LOSSES.get(n).__module__.startswith("vfmkd.")
+               and not callable(getattr(LOSSES.get(n), "build_term", None))]
+    assert not missing, f"losses without a build_term hook: {missing}"
+
+
+def test_a_loss_without_a_hook_names_what_to_implement(monkeypatch):
+    from vfmkd.engine.builders import build_loss_terms, build_model
+
+    class Hookless(torch.nn.Module):
+        kind = "output"
+
+    monkeypatch.setitem(LOSSES._entries, "hookless", Hookless)
+    model = build_model({"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
+                         "heads": {"detection": {"type": "yolo_head", "num_classes": 80}}})
+    with pytest.raises(ConfigError, match=r"distillation\.losses\.h: loss 'hookless' \(Hookless\) has no build_term "
+                                          r"hook.*OutputDistillLoss.*build_term\(cls, entry: LossEntry"):
+        build_loss_terms({"h": {"type": "hookless"}}, model, {}, {})
+
+
+def test_the_pairing_registry_holds_the_documented_table():
+    """(loss, teacher kind) -> the student head tasks it pairs: the table of
+    vfmkd/distillation/pairing/output_rules.py (mask teachers; vfmkd teachers' heads)."""
+    from vfmkd.distillation.pairing.registry import HEADS, MASKS, mask_teacher_types, served_tasks
+
+    assert {loss: set(served_tasks(loss, MASKS)) for loss in ("mask_distill", "kl_divergence", "cls_distill")} == {
+        "mask_distill": {"instance", "semantic", "binary"}, "kl_divergence": {"binary"},
+        "cls_distill": {"semantic", "binary"}}
+    every = {"detection", "instance", "semantic", "binary"}
+    assert {loss: set(served_tasks(loss, HEADS)) for loss in ("mask_distill", "kl_divergence", "cls_distill")} == {
+        "mask_distill": {"instance", "semantic", "binary"}, "kl_divergence": every, "cls_distill": every}
+    # the mask teachers are the TEACHERS registry's can_segment types, in registration order
+    assert list(mask_teacher_types())[:3] == ["sam", "lora_sam", "sam2"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 from vfmkd.core.registry import LOSSES
 from vfmkd.distillation.terms import LossEntry, LossTerm, TermContext
 
+#: The head a task loss entry reads when it names none (its term logs as ``loss_det``).
+DEFAULT_HEAD = "detection"
+
 
 class TaskLoss:
     """A task loss is called as ``loss(head_output, batch)`` with the training output of the head
@@ -17,6 +20,6 @@ class TaskLoss:
 
     @classmethod
     def build_term(cls, entry: LossEntry, context: TermContext) -> LossTerm:
-        head = entry.kwargs.pop("head", "detection")
+        head = entry.kwargs.pop("head", DEFAULT_HEAD)
         module = LOSSES.build(entry.type, where=entry.where, head=context.model_head(entry.where, head), **entry.kwargs)
-        return entry.term(cls.kind, module, "loss_det" if head == "detection" else f"loss_{head}", head)
+        return entry.term(cls.kind, module, "loss_det" if head == DEFAULT_HEAD else f"loss_{head}", head)
