@@ -13,6 +13,7 @@ from torch import nn
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS, LOSSES, TASKS
 from vfmkd.datasets.records import Batch
+from vfmkd.distillation.losses.task import TaskLoss
 from vfmkd.models.heads import BaseHead
 from vfmkd.tasks import DenseOutput, Task
 
@@ -52,10 +53,8 @@ class SaliencyHead(BaseHead):
 
 
 @LOSSES.register("saliency_bce")
-class SaliencyLoss:
+class SaliencyLoss(TaskLoss):
     """BCE of the upsampled logits against ``batch.semantic > 0`` (B, S, S)."""
-
-    kind = "task"
 
     def __init__(self, head: nn.Module) -> None:
         self.task = SaliencyTask()
