@@ -7,6 +7,7 @@ the head, the config errors, and one end-to-end pairing on real coco128 with a l
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -197,19 +198,23 @@ def test_pictures_draw_the_class_union_the_loss_distils():
                         OutputPairing(rule, None, channels))
         return EpochVisualizer(Path("."), "epoch", 1, {head: task}, Distiller([term]), {}, None)
 
-    binary = visualizer("fg", "binary", [0, -1, -1])._teacher_classes(
-        "fg", "binary", torch.zeros(2, 1, 8, 8), batch, targets
-    )
+    def teacher_column(head, task, channels, logits):
+        """The teacher column of the head's picture row: the engine's class maps, the task's picture of them."""
+        labels = {"binary": torch.zeros(2, 64, 64, dtype=torch.uint8), "semantic": torch.zeros(2, 64, 64).long()}
+        drawn = replace(batch, **{task: labels[task]})
+        out = StudentOutput({}, {}, {head: logits})
+        return visualizer(head, task, channels).rows(out, drawn, targets)[0].teacher
+
+    binary = teacher_column("fg", "binary", [0, -1, -1], torch.zeros(2, 1, 8, 8))
     assert binary.kind == "binary"
     assert torch.allclose(binary.probs[0], torch.sigmoid(maps[0, 1]))  # person only: the car is not foreground
     assert binary.probs[1].max() < 1e-3
-    semantic = visualizer("seg", "semantic", [1, -1, 3])._teacher_classes("seg", "semantic", torch.zeros(2, 5, 8, 8),
-                                                                         batch, targets)
+    semantic = teacher_column("seg", "semantic", [1, -1, 3], torch.zeros(2, 5, 8, 8))
     want = torch.where(boxes[0] | boxes[1], 1, torch.where(boxes[2], 3, 0))
     assert semantic.kind == "semantic" and torch.equal(semantic.labels[0], want) and semantic.labels[1].eq(0).all()
     # no output term on the head -> no union (the visualizer falls back to the instance masks)
-    assert visualizer("fg", "binary", [0, -1, -1])._teacher_classes("other", "binary", torch.zeros(2, 1, 8, 8),
-                                                                    batch, targets) is None
+    assert visualizer("fg", "binary", [0, -1, -1])._teacher_class_maps("other", torch.zeros(2, 1, 8, 8),
+                                                                       batch, targets) is None
 
 
 def test_image_level_class_scores_from_masks():

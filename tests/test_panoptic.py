@@ -29,6 +29,7 @@ from vfmkd.engine.evaluation.panoptic_quality import (
     merge_panoptic,
 )
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
+from vfmkd.tasks import get_task
 
 SPLIT = "val2017"
 IMAGES = ("000000000139", "000000000285", "000000000632")
@@ -106,9 +107,13 @@ def test_scorer_skips_counts_and_names_inconsistent_images_once(coco128, tmp_pat
     batch = Batch(images=torch.zeros(n, 3, size, size), image_ids=list(IMAGES) + [], views=BatchViews.stack(views),
                   boxes=DetectionBatch(torch.zeros(0, 1), torch.zeros(0, 4), torch.zeros(0)))
     preds = torch.zeros(n, 4 + 80 + 32, 10)  # no detection scores: no things
-    out = StudentOutput(backbone={}, neck={}, heads={"instance": ((preds, torch.zeros(n, 32, 16, 16)), None),
+    proto = torch.zeros(n, 32, 16, 16)
+    instance = ((preds, proto), {"proto": proto, "mask_coefficient": preds[:, -32:]})  # ultralytics' eval layout
+    out = StudentOutput(backbone={}, neck={}, heads={"instance": instance,
                                                       "semantic": torch.zeros(n, 130, 8, 8)})
-    scorer = PanopticScorer("instance", "semantic", root, SPLIT, {i: str(i) for i in range(80)})
+    scorer = PanopticScorer("instance", "semantic", root, SPLIT, {i: str(i) for i in range(80)},
+                            read_instance=get_task("instance").read_output,
+                            read_semantic=get_task("semantic").read_output)
     with caplog.at_level(logging.WARNING, logger="vfmkd"):
         scorer.update(out, batch)
         scorer.update(out, batch)  # a second pass (epoch) logs nothing new

@@ -9,8 +9,9 @@ import torch
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
 from vfmkd.distillation.pairing.mask_grid import prompts_on_grid
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
-from vfmkd.engine.evaluation.evaluator import PRIMARY_METRIC, build_scorers, primary_metric
+from vfmkd.engine.evaluation.evaluator import build_scorers, primary_metric
 from vfmkd.models.unified_model import StudentOutput
+from vfmkd.tasks import get_task
 from vfmkd.tasks.scoring.promptable_metrics import PromptableScorer
 
 S = 32  # canvas; masks and decoder logits on the S/4 = 8 grid
@@ -72,7 +73,8 @@ def _teacher() -> TeacherTargets:
 
 
 def test_promptable_scorer_by_hand():
-    scorer = PromptableScorer({0: "person", 1: "car"}, module=StubHead(), teacher_prompts=prompts_on_grid)
+    scorer = PromptableScorer({0: "person", 1: "car"}, module=StubHead(), teacher_prompts=prompts_on_grid,
+                              read_output=get_task("promptable").read_output)
     out = StudentOutput({}, {}, {"promptable": torch.zeros(2, 256, 2, 2)})
     scorer.update(out, _batch(), {"sam": _teacher()})
     r = scorer.result()
@@ -99,7 +101,7 @@ def test_promptable_scorer_without_teacher_masks_and_primary_metric():
     assert r["teacher_mIoU"] != r["teacher_mIoU"]  # NaN: no teacher masks
     head, metric, value, fitness, tag = primary_metric({"promptable": r, "detection": {"mAP50": 0.1, "mAP50-95": 0.2}},
                                                        {"detection": "detection", "promptable": "promptable"})
-    assert (head, metric) == ("promptable", PRIMARY_METRIC["promptable"][0]) and tag.startswith("boxmIoU")
+    assert (head, metric) == ("promptable", get_task("promptable").primary_metric[0]) and tag.startswith("boxmIoU")
     assert value == pytest.approx(r["mIoU"]) == pytest.approx(fitness)
 
 

@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
 from vfmkd.models.unified_model import StudentOutput
+from vfmkd.tasks import get_task
 from vfmkd.tasks.scoring.common import unletterbox
 from vfmkd.tasks.scoring.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer
+
+READ_SEMANTIC, READ_BINARY = get_task("semantic").read_output, get_task("binary").read_output
 
 
 def letterbox(orig_hw, size: int) -> ViewGeometry:
@@ -71,7 +74,7 @@ def test_semantic_scorer_by_hand():
     gt = torch.stack([to_canvas(SEM_GT, views[0], size, 0), torch.zeros(size, size, dtype=torch.long)])
     pred = torch.stack([to_canvas(SEM_PRED, views[0], size, 3), torch.full((size, size), 4)])  # padding predicted "dog"
     logits = F.one_hot(pred, 5).permute(0, 3, 1, 2).float() * 4.0  # (B, K, S, S), argmax = pred
-    scorer = SemanticScorer(NAMES)
+    scorer = SemanticScorer(NAMES, read_output=READ_SEMANTIC)
     scorer.update(output("semantic", logits), batch_of(views, size, semantic=gt))
     result = scorer.result()
     assert result["per_class_iou"] == pytest.approx(SEM_IOU)
@@ -87,7 +90,7 @@ def test_semantic_scorer_upsamples_low_resolution_logits():
     logits[0, 2] = 1.0  # class 2 everywhere after the bilinear resize
     gt = torch.full((1, size, size), 2, dtype=torch.long)
     gt[0, :, :2] = 1  # a quarter is class 1
-    scorer = SemanticScorer({0: "unlabeled", 1: "a", 2: "b"})
+    scorer = SemanticScorer({0: "unlabeled", 1: "a", 2: "b"}, read_output=READ_SEMANTIC)
     scorer.update(output("semantic", logits), batch_of([view], size, semantic=gt))
     result = scorer.result()
     assert result["per_class_iou"] == pytest.approx({"a": 0.0, "b": 0.75})
@@ -113,7 +116,7 @@ def test_binary_scorer_by_hand():
     pred = torch.stack([to_canvas(BIN_PRED, views[0], size, 1), torch.zeros(size, size, dtype=torch.uint8),
                         torch.ones(size, size, dtype=torch.uint8)])  # padding predicted foreground: cropped away
     logits = (pred.float() * 2 - 1).unsqueeze(1) * 3.0
-    scorer = BinaryScorer()
+    scorer = BinaryScorer(read_output=READ_BINARY)
     scorer.update(output("binary", logits), batch_of(views, size, binary=gt))
     result = scorer.result()
     assert result["dice"] == pytest.approx(0.75)
@@ -131,7 +134,7 @@ def test_binary_hd95_is_in_original_pixels():
         view = letterbox((3, 4), size)
         gt = to_canvas(BIN_GT, view, size, 255)[None]
         logits = (to_canvas(BIN_PRED, view, size, 0)[None].float() * 2 - 1).unsqueeze(1)
-        scorer = BinaryScorer()
+        scorer = BinaryScorer(read_output=READ_BINARY)
         scorer.update(output("binary", logits), batch_of([view], size, binary=gt))
         results.append(scorer.result()["hd95"])
     assert results == pytest.approx([BIN_HD95, BIN_HD95])
@@ -139,7 +142,7 @@ def test_binary_hd95_is_in_original_pixels():
 
 def test_binary_hd95_is_nan_when_every_image_is_skipped():
     view = letterbox((4, 4), 4)
-    scorer = BinaryScorer()
+    scorer = BinaryScorer(read_output=READ_BINARY)
     scorer.update(output("binary", torch.full((1, 1, 4, 4), -3.0)),
                   batch_of([view], 4, binary=torch.ones(1, 4, 4, dtype=torch.uint8)))
     result = scorer.result()
@@ -176,8 +179,10 @@ def test_instance_scorer_by_hand():
                          batch_idx=torch.zeros(2), masks=masks, label_index=torch.arange(2),
                          labelled=torch.tensor([True, False]))
     view = letterbox((64, 64), size)
-    scorer = InstanceScorer({0: "a", 1: "b"}, conf=0.25, iou=0.7, max_det=10, head="instance")
-    scorer.update(output("instance", ((decoded, proto), {})), batch_of([view, view], size, instances=inst))
+    scorer = InstanceScorer({0: "a", 1: "b"}, conf=0.25, iou=0.7, max_det=10, head="instance",
+                            read_output=get_task("instance").read_output)
+    raw = ((decoded, proto), {"proto": proto, "mask_coefficient": decoded[:, 6:]})  # the eval layout of ultralytics
+    scorer.update(output("instance", raw), batch_of([view, view], size, instances=inst))
     result = scorer.result()
     assert result["mAP50"] == pytest.approx(PERFECT_AP) and result["mAP50-95"] == pytest.approx(PERFECT_AP)
     assert result["mask_mAP50"] == pytest.approx(PERFECT_AP)

@@ -13,8 +13,9 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.datasets import DetectionDataset, collate_samples
 from vfmkd.engine.evaluation import results_text
 from vfmkd.engine.pictures import feature_pca, prediction_panel, vis_canvas
-from vfmkd.engine.pictures.prediction_panel import PanelRow, Prediction, _draw, difference_map
+from vfmkd.engine.pictures.prediction_panel import _draw, difference_map
 from vfmkd.engine.training.loggers import RunLoggers, check_loggers
+from vfmkd.tasks.pictures import PanelRow, Prediction
 
 S = 128
 

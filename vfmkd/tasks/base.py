@@ -14,7 +14,13 @@ models sit below tasks and cannot import them); :func:`task_of` looks the :class
 - ``dense_logits``: whether its outputs are per-pixel logits that the loss and the scorer upsample to
   the label size (they stay right when DSRL downsizes the input);
 - ``teacher_tasks``: the tasks of a vfmkd teacher's heads whose outputs can teach it;
-- :meth:`Task.read_output`: the head's raw train/eval output as the task's typed output record.
+- :meth:`Task.read_output`: the head's raw train/eval output as the task's typed output record;
+- :meth:`Task.build_scorer`: its head's scorer (:mod:`vfmkd.tasks.scoring`); ``primary_metric`` (the
+  metric key of that scorer's result and its short name in checkpoint file names), :meth:`Task.fitness`
+  (the number that orders checkpoints) and ``best_rank`` (the head whose task ranks lowest decides
+  best.pt); ``panoptic_part``: the part of a panoptic output its head gives (things, stuff, or None);
+- :meth:`Task.picture_row`: what its head's row of the evaluation pictures shows (student prediction,
+  ground truth, teacher), as :mod:`vfmkd.tasks.pictures` records the engine draws.
 
 A new task is one file: subclass :class:`Task`, register it with ``@TASKS.register("name")`` and give
 a head ``task = "name"`` (docs/adding_a_task.md).
@@ -22,10 +28,13 @@ a head ``task = "name"`` (docs/adding_a_task.md).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Dict, FrozenSet, Iterable, Mapping, Tuple
+from typing import Any, ClassVar, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import TASKS
+from vfmkd.datasets.records import Batch
+from vfmkd.tasks.pictures import PanelRow, PictureContext
+from vfmkd.tasks.scoring.context import Scorer, ScoringContext
 
 
 class Task(ABC):
@@ -49,10 +58,31 @@ class Task(ABC):
     teacher_tasks: ClassVar[Tuple[str, ...]] = ()
     #: the typed output record :meth:`read_output` returns
     output_type: ClassVar[type] = object
+    #: (metric key of its scorer's result, short name in file names): what picks best.pt
+    primary_metric: ClassVar[Tuple[str, str]] = ("", "")
+    #: which head's metric picks best.pt when a model has several: the lowest rank (ties: the first head)
+    best_rank: ClassVar[int] = 100
+    #: the part of a panoptic output its head gives (:data:`vfmkd.tasks.scoring.panoptic_metrics.THINGS`
+    #: or ``STUFF``), None when it gives none
+    panoptic_part: ClassVar[Optional[str]] = None
 
     @abstractmethod
     def read_output(self, raw: Any) -> Any:
         """The head's raw train or eval output (what its ``forward`` returns) as :attr:`output_type`."""
+
+    @abstractmethod
+    def build_scorer(self, head: str, context: ScoringContext) -> Scorer:
+        """The scorer of head ``head`` (its name in ``StudentOutput.heads``) over an evaluation split."""
+
+    def fitness(self, scores: Mapping[str, Any]) -> float:
+        """The number that orders checkpoints, from its scorer's result (default: the primary metric)."""
+        return float(scores[self.primary_metric[0]])
+
+    @abstractmethod
+    def picture_row(self, head: str, output: Any, batch: Batch, context: PictureContext) -> PanelRow:
+        """Head ``head``'s row of the evaluation pictures: its typed ``output`` (:meth:`read_output`) and
+        the ground truth of ``batch`` as :class:`~vfmkd.tasks.pictures.Prediction` s, and the teacher
+        column the engine computed (``context``) where one applies."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
+from ultralytics.utils.ops import xywh2xyxy
 
 from vfmkd.core.registry import TASKS
+from vfmkd.datasets.records import Batch
 from vfmkd.tasks.base import Task
+from vfmkd.tasks.pictures import PanelRow, PictureContext, Prediction, picture_detections
+from vfmkd.tasks.scoring.context import ScoringContext
+from vfmkd.tasks.scoring.detection_metrics import DetectionScorer
 
 
 @dataclass
@@ -57,5 +62,25 @@ class DetectionTask(Task):
     teacher_tasks = ("detection", "instance")  # an instance head's scores are detection scores
     output_type = DetectionOutput
 
+    primary_metric = ("mAP50-95", "mAP")
+    best_rank = 4  # any segmentation head outranks detection
+
     def read_output(self, raw: Any) -> DetectionOutput:
         return DetectionOutput(raw=raw, **read_detection_fields(raw))
+
+    def build_scorer(self, head: str, context: ScoringContext) -> DetectionScorer:
+        return DetectionScorer(context.box_names, context.conf, context.iou, context.max_det, head=head,
+                               read_output=self.read_output)
+
+    def fitness(self, scores: Mapping[str, Any]) -> float:
+        """ultralytics' fitness: 0.1 mAP50 + 0.9 mAP50-95."""
+        return 0.1 * float(scores["mAP50"]) + 0.9 * float(scores["mAP50-95"])
+
+    def picture_row(self, head: str, output: DetectionOutput, batch: Batch, context: PictureContext) -> PanelRow:
+        """Student: the confident boxes after NMS; ground truth: the batch's boxes; no teacher column."""
+        n, size = len(batch), batch.images.shape[-1]
+        dets = picture_detections(output.predictions, len(context.box_names))
+        gt = [batch.boxes.of_image(i) for i in range(n)]
+        student = Prediction.detections([d[:, :4] for d in dets], [d[:, 5] for d in dets], [d[:, 4] for d in dets])
+        target = Prediction.detections([xywh2xyxy(b.cpu().float()) * size for _, b in gt], [c.cpu() for c, _ in gt])
+        return PanelRow(head, student, None, target, class_names=context.box_names)

@@ -13,9 +13,10 @@ from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.pairing.mask_grid import prompts_on_grid
 from vfmkd.distillation.routing import TeacherRouter
 from vfmkd.models.unified_model import StudentOutput, UnifiedModel
+from vfmkd.tasks import get_task
+from vfmkd.tasks.scoring.context import Scorer, ScoringContext
 from vfmkd.tasks.scoring.detection_metrics import DetectionScorer
-from vfmkd.tasks.scoring.promptable_metrics import PromptableScorer
-from vfmkd.tasks.scoring.seg_metrics import BinaryScorer, InstanceScorer, SemanticScorer
+from vfmkd.tasks.scoring.panoptic_metrics import PANOPTIC
 
 
 class FidelityMeter:
@@ -40,58 +41,39 @@ class FidelityMeter:
         return out
 
 
-Scorer = Any  # DetectionScorer | InstanceScorer | SemanticScorer | BinaryScorer: update(out, batch), result();
-#               PromptableScorer (wants_targets): update(out, batch, targets), bind(model)
-
-# The number that picks best.pt per head task (and names best_epoch{E}_{metric}{value}.pt).
-# (metric key, its short name in file names)
-PRIMARY_METRIC = {"instance": ("mask_mAP50-95", "maskmAP"), "semantic": ("mIoU", "mIoU"), "binary": ("dice", "Dice"),
-                  "detection": ("mAP50-95", "mAP"), "promptable": ("mIoU", "boxmIoU")}
-TASK_PRIORITY = ("promptable", "instance", "semantic", "binary", "detection")
-
-
 def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semantic_names: Optional[Mapping[int, str]],
                   conf: float = 0.001, iou: float = 0.7, max_det: int = 300, data_root: Optional[Any] = None,
                   split: Optional[str] = None, panoptic: Optional[bool] = None) -> Dict[str, Scorer]:
-    """One scorer per head (``tasks``: head name -> task), plus ``"panoptic"``
-    (:class:`vfmkd.engine.evaluation.panoptic_quality.PanopticScorer`: PQ/SQ/RQ of the merged instance + semantic
-    outputs) when the model has both heads and ``data_root``/``split`` hold panoptic annotations;
-    ``panoptic`` True requires it (a missing head is a ConfigError naming it), False turns it off."""
-    scorers: Dict[str, Scorer] = {}
-    for head, task in tasks.items():
-        if task == "instance":
-            scorers[head] = InstanceScorer(box_names, conf, iou, max_det, head=head)
-        elif task == "semantic":
-            if semantic_names is None:
-                raise ValueError("a semantic head needs the semantic class names (dataset built with semantic=True)")
-            scorers[head] = SemanticScorer(semantic_names, head=head)
-        elif task == "binary":
-            scorers[head] = BinaryScorer(head=head)
-        elif task == "promptable":  # the head module comes from the model evaluate() binds
-            scorers[head] = PromptableScorer(box_names, head=head, teacher_prompts=prompts_on_grid)
-        else:
-            scorers[head] = DetectionScorer(box_names, conf, iou, max_det, head=head)
+    """One scorer per head (``tasks``: head name -> task name; each task builds its own), plus
+    ``"panoptic"`` (:class:`vfmkd.engine.evaluation.panoptic_quality.PanopticScorer`: PQ/SQ/RQ of the merged
+    instance + semantic outputs) when the model has both heads and ``data_root``/``split`` hold panoptic
+    annotations; ``panoptic`` True requires it (a missing head is a ConfigError naming it), False turns it off."""
+    context = ScoringContext(box_names, semantic_names, conf, iou, max_det, teacher_prompts=prompts_on_grid)
+    resolved = {head: get_task(task) for head, task in tasks.items()}
+    scorers: Dict[str, Scorer] = {head: task.build_scorer(head, context) for head, task in resolved.items()}
     from vfmkd.engine.evaluation.panoptic_quality import build_panoptic_scorer  # noqa: PLC0415 (its own module; imports the datasets)
 
-    panoptic_scorer = build_panoptic_scorer(tasks, box_names, data_root, split, panoptic)
+    panoptic_scorer = build_panoptic_scorer(resolved, box_names, data_root, split, panoptic)
     if panoptic_scorer is not None:
-        scorers["panoptic"] = panoptic_scorer
+        scorers[PANOPTIC] = panoptic_scorer
     return scorers
 
 
 def primary_metric(result: Mapping[str, Any], tasks: Mapping[str, str]) -> Tuple[str, str, float, float, str]:
     """(head, metric key, its value, fitness, file tag e.g. ``mIoU0.4123``): PQ when the result has a panoptic
-    score (a model with instance and semantic heads on panoptic labels), else the metric of the head whose
-    task comes first in :data:`TASK_PRIORITY` (a segmentation head outranks detection); fitness orders checkpoints
-    (ultralytics' 0.1 mAP50 + 0.9 mAP50-95 for detection, the metric itself otherwise; NaN -> -1)."""
-    if isinstance(result.get("panoptic"), Mapping):  # instance + semantic merged: PQ is what the recipe is for
-        pq = float(result["panoptic"]["PQ"])
-        return "panoptic", "PQ", pq, pq if pq == pq else -1.0, f"PQ{pq:.4f}"
-    head = min(tasks, key=lambda h: TASK_PRIORITY.index(tasks[h]))
-    task, scores = tasks[head], result[head]
-    metric, short = PRIMARY_METRIC[task]
+    score (a model with instance and semantic heads on panoptic labels), else the primary metric of the head
+    whose task has the lowest ``best_rank`` (a segmentation head outranks detection); fitness orders
+    checkpoints (the task's ``fitness``: ultralytics' 0.1 mAP50 + 0.9 mAP50-95 for detection, the metric
+    itself otherwise; NaN -> -1)."""
+    if isinstance(result.get(PANOPTIC), Mapping):  # instance + semantic merged: PQ is what the recipe is for
+        pq = float(result[PANOPTIC]["PQ"])
+        return PANOPTIC, "PQ", pq, pq if pq == pq else -1.0, f"PQ{pq:.4f}"
+    resolved = {head: get_task(task) for head, task in tasks.items()}
+    head = min(resolved, key=lambda h: resolved[h].best_rank)
+    task, scores = resolved[head], result[head]
+    metric, short = task.primary_metric
     value = float(scores[metric])
-    fitness = 0.1 * float(scores["mAP50"]) + 0.9 * value if task == "detection" else value
+    fitness = task.fitness(scores)
     return head, metric, value, fitness if fitness == fitness else -1.0, f"{short}{value:.4f}"
 
 

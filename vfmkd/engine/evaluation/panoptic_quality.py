@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from ultralytics.utils.nms import non_max_suppression
@@ -17,8 +17,11 @@ from vfmkd.datasets.masks import InstanceClassTable, SemanticClassTable
 from vfmkd.datasets.panoptic import PanopticAnnotationError, PanopticAnnotations
 from vfmkd.datasets.records import Batch
 from vfmkd.models.unified_model import StudentOutput
+from vfmkd.tasks import Task
 from vfmkd.tasks.scoring.common import unletterbox, upsampled
 from vfmkd.tasks.scoring.panoptic_metrics import (
+    STUFF,
+    THINGS,
     UNASSIGNED,
     MergeRule,
     PanopticMeter,
@@ -29,20 +32,21 @@ from vfmkd.tasks.scoring.panoptic_metrics import (
 LOGGER = logging.getLogger("vfmkd")
 
 
-def panoptic_heads(tasks: Mapping[str, str]) -> Tuple[Optional[str], Optional[str]]:
-    """The first instance head and the first semantic head of ``tasks`` (head name -> task)."""
-    instance = next((h for h, t in tasks.items() if t == "instance"), None)
-    semantic = next((h for h, t in tasks.items() if t == "semantic"), None)
-    return instance, semantic
+def panoptic_heads(tasks: Mapping[str, Task]) -> Tuple[Optional[str], Optional[str]]:
+    """The first head whose task gives the things and the first whose task gives the stuff of a panoptic
+    output (``Task.panoptic_part``; ``tasks``: head -> task)."""
+    things = next((h for h, t in tasks.items() if t.panoptic_part == THINGS), None)
+    stuff = next((h for h, t in tasks.items() if t.panoptic_part == STUFF), None)
+    return things, stuff
 
 
-def require_panoptic_heads(tasks: Mapping[str, str]) -> Tuple[str, str]:
+def require_panoptic_heads(tasks: Mapping[str, Task]) -> Tuple[str, str]:
     """Both heads a panoptic output needs, or a ConfigError naming the missing one(s)."""
     instance, semantic = panoptic_heads(tasks)
     missing = [what for what, head in (("an instance head (type yolo_seg_head: the things)", instance),
                                        ("a semantic head (type semantic_head: the stuff)", semantic)) if head is None]
     if missing:
-        heads = ", ".join(f"{h} ({t})" for h, t in tasks.items()) or "none"
+        heads = ", ".join(f"{h} ({t.name})" for h, t in tasks.items()) or "none"
         raise ConfigError(f"panoptic evaluation needs {' and '.join(missing)} in model.heads; the model has: {heads}")
     return instance, semantic  # type: ignore[return-value]
 
@@ -51,6 +55,9 @@ class PanopticScorer:
     """PQ, SQ, RQ (all / things / stuff) of the merged instance + semantic outputs against the
     split's COCO panoptic annotations, at the original image resolution (the interface of
     :class:`vfmkd.engine.evaluation.evaluator.DetectionScorer`).
+
+    ``read_instance`` / ``read_semantic``: the heads' tasks' ``read_output`` (an instance output with
+    ``predictions`` and ``proto``, a semantic output with ``logits``).
 
     Per image: NMS of the instance head (``nms_iou``, ``max_det``; candidates below the rule's
     score threshold never enter) and ``process_mask`` at the canvas, the semantic logits resized to
@@ -71,8 +78,10 @@ class PanopticScorer:
 
     def __init__(self, instance_head: str, semantic_head: str, dataset_root: str | Path, split: str,
                  box_names: Mapping[int, str], rule: Optional[MergeRule] = None, nms_iou: float = 0.7,
-                 max_det: int = 100, draw_to: Optional[str | Path] = None, draw_images: int = 4) -> None:
+                 max_det: int = 100, draw_to: Optional[str | Path] = None, draw_images: int = 4, *,
+                 read_instance: Callable[[Any], Any], read_semantic: Callable[[Any], Any]) -> None:
         self.instance_head, self.semantic_head = instance_head, semantic_head
+        self.read_instance, self.read_semantic = read_instance, read_semantic  # the two heads' tasks' readers
         self.rule = rule if rule is not None else MergeRule()  # detectron2's COCO defaults
         self.nms_iou, self.max_det, self.nc = nms_iou, max_det, len(box_names)
         self.annotations = PanopticAnnotations(dataset_root, split)
@@ -119,8 +128,9 @@ class PanopticScorer:
         return merge_panoptic(masks[keep], det[keep, 4], cats[keep], semantic, self.annotations.stuffs, self.rule)
 
     def update(self, out: StudentOutput, batch: Batch) -> None:
-        (preds, proto), _ = out.heads[self.instance_head]
-        logits = out.heads[self.semantic_head]
+        things = self.read_instance(out.heads[self.instance_head])
+        preds, proto = things.predictions, things.proto
+        logits = self.read_semantic(out.heads[self.semantic_head]).logits
         if logits.shape[1] != len(self.index_to_category):
             raise ValueError(f"PanopticScorer: the semantic head '{self.semantic_head}' has {logits.shape[1]} classes, "
                              f"the semantic table {self.semantic_table.source} {len(self.index_to_category)} (index 0 "
@@ -167,25 +177,26 @@ class PanopticScorer:
         return out
 
 
-def build_panoptic_scorer(tasks: Mapping[str, str], box_names: Mapping[int, str], data_root: Optional[str | Path],
+def build_panoptic_scorer(tasks: Mapping[str, Task], box_names: Mapping[int, str], data_root: Optional[str | Path],
                           split: Optional[str], panoptic: Optional[bool] = None,
                           **kwargs: Any) -> Optional[PanopticScorer]:
     """The panoptic scorer of a model (``tasks``: head -> task). ``panoptic`` None: automatic, built
-    when the model has an instance and a semantic head and the split has panoptic annotations
-    (otherwise None, with a log line when only the annotations are missing); True: required, a
-    missing head is a ConfigError naming it (missing annotations a DatasetError); False: off."""
+    when the model has a things head and a stuff head (an instance and a semantic head) and the split has
+    panoptic annotations (otherwise None, with a log line when only the annotations are missing); True:
+    required, a missing head is a ConfigError naming it (missing annotations a DatasetError); False: off."""
     if panoptic is False:
         return None
-    if panoptic:
-        instance, semantic = require_panoptic_heads(tasks)
-        if data_root is None or split is None:
-            raise ConfigError("panoptic evaluation needs the dataset root and split (its panoptic annotations)")
-        return PanopticScorer(instance, semantic, data_root, split, box_names, **kwargs)
-    instance, semantic = panoptic_heads(tasks)
+    instance, semantic = require_panoptic_heads(tasks) if panoptic else panoptic_heads(tasks)
+    if panoptic and (data_root is None or split is None):
+        raise ConfigError("panoptic evaluation needs the dataset root and split (its panoptic annotations)")
     if instance is None or semantic is None or data_root is None or split is None:
         return None
     try:
-        return PanopticScorer(instance, semantic, data_root, split, box_names, **kwargs)
+        return PanopticScorer(instance, semantic, data_root, split, box_names,
+                              read_instance=tasks[instance].read_output, read_semantic=tasks[semantic].read_output,
+                              **kwargs)
     except DatasetError as exc:
+        if panoptic:
+            raise
         LOGGER.info("no panoptic evaluation of heads %s + %s: %s", instance, semantic, exc)
         return None

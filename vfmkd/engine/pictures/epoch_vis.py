@@ -1,15 +1,15 @@
 """What a run draws while it evaluates: per head, input | ground truth | teacher | student |
-overlays | |teacher - student| (``visualizations/<kind>_XXX.png``), and per distilled level the
+overlays | |teacher - student| (``visualizations/<kind>_XXX.png``; each head's task says what its row
+shows: ``Task.picture_row``, the engine computes the teacher columns and draws), and per distilled level the
 teacher map's 3-component PCA next to the adapted student map under the same projection
 (``..._pca.png``). Both also go to the run's loggers (TensorBoard, wandb) as images."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
-from ultralytics.utils.nms import non_max_suppression
-from ultralytics.utils.ops import process_mask, xywh2xyxy
 
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.distiller import Distiller
@@ -17,9 +17,11 @@ from vfmkd.distillation.pairing.mask_grid import masks_on_grid, student_affine_o
 from vfmkd.distillation.pairing.mask_pairs import class_union_maps
 from vfmkd.distillation.targets import TeacherTargets
 from vfmkd.engine.pictures.feature_pca import pca_panel
-from vfmkd.engine.pictures.prediction_panel import PanelRow, Prediction, render_panel, split_by_image
+from vfmkd.engine.pictures.prediction_panel import render_panel
 from vfmkd.engine.pictures.vis_canvas import visualization_path
 from vfmkd.models.unified_model import StudentOutput
+from vfmkd.tasks import get_task
+from vfmkd.tasks.pictures import PanelRow, PictureContext, Prediction, split_by_image
 
 MASK_STRIDE = 4  # teacher masks are drawn on the student canvas at SAM's low-res stride
 
@@ -28,10 +30,6 @@ def semantic_class_names(dataset: Any) -> Optional[Dict[int, str]]:
     """Contiguous semantic index -> name of a dataset built with semantic labels, else None."""
     table = getattr(dataset, "semantic_table", None)
     return None if table is None else dict(enumerate(table.names))
-
-
-def _detections(preds: torch.Tensor, nc: int, conf: float = 0.25, iou: float = 0.7) -> List[torch.Tensor]:
-    return [d.float().cpu() for d in non_max_suppression(preds, conf_thres=conf, iou_thres=iou, max_det=100, nc=nc)]
 
 
 def _teacher_masks(targets: Mapping[str, TeacherTargets], batch: Batch) -> Optional[Prediction]:
@@ -58,7 +56,8 @@ class EpochVisualizer:
     def __init__(self, run_dir: Path, kind: str, index: int, tasks: Mapping[str, str], distiller: Optional[Distiller],
                  box_names: Mapping[int, str], semantic_names: Optional[Mapping[int, str]], max_images: int = 4,
                  loggers: Any = None) -> None:
-        self.run_dir, self.kind, self.index, self.tasks = Path(run_dir), kind, index, dict(tasks)
+        self.run_dir, self.kind, self.index = Path(run_dir), kind, index
+        self.tasks = {head: get_task(task) for head, task in tasks.items()}
         self.distiller, self.box_names, self.semantic_names = distiller, dict(box_names), semantic_names
         self.max_images, self.loggers = max_images, loggers
         self.written: List[Path] = []
@@ -67,93 +66,32 @@ class EpochVisualizer:
     def bind(self, model: Any) -> None:
         self.model = model
 
-    def _promptable_row(self, head: str, embeddings: torch.Tensor, batch: Batch,
-                        teacher: Optional[Prediction]) -> PanelRow:
-        """Prompts = the ground-truth instance boxes (drawn on every column); student = the masks the
-        head decodes for them; teacher = its masks for the view's detection boxes; ground truth = the
-        instance masks."""
-        from vfmkd.tasks.scoring.promptable_metrics import decode_boxes
-
-        n, size = len(batch), batch.images.shape[-1]
-        inst = batch.instances
-        if inst is None or self.model is None:
-            raise ValueError(f"head {head}: drawing a promptable head needs instance labels and the model (evaluate "
-                             "binds it)")
-        idx = inst.batch_idx.view(-1).long()
-        boxes = xywh2xyxy(inst.bboxes.float()) * size
-        logits, scores = decode_boxes(self.model.heads[head], embeddings, idx.to(embeddings.device),
-                                      boxes.to(embeddings.device))
-        idx_cpu, cls = idx.cpu(), inst.cls.view(-1).cpu()
-        per_boxes = split_by_image(boxes.cpu(), idx_cpu, n)
-        per_cls = split_by_image(cls, idx_cpu, n)
-        student = Prediction.instances(split_by_image(logits.sigmoid().cpu(), idx_cpu, n), per_cls, per_boxes,
-                                       split_by_image(scores.cpu(), idx_cpu, n))
-        target = Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx_cpu, n)], per_cls,
-                                      per_boxes)
-        return PanelRow(f"{head} (GT box prompts)", student, teacher, target, class_names=self.box_names)
-
-    def _teacher_classes(self, head: str, task: str, logits: torch.Tensor, batch: Batch,
-                         targets: Mapping[str, TeacherTargets]) -> Optional[Prediction]:
-        """A semantic/binary head's teacher as its output distillation sees it: per channel the union
-        of the teacher's box-prompted masks of that channel's classes (binary: of data.binary_classes).
-        None when no output term pairs this head with a mask teacher that has masks this batch."""
+    def _teacher_class_maps(self, head: str, logits: torch.Tensor, batch: Batch,
+                            targets: Mapping[str, TeacherTargets]) -> Optional[torch.Tensor]:
+        """A dense head's teacher as its output distillation sees it: (B, C, h, w) probabilities, per
+        channel the union of the teacher's box-prompted masks of that channel's classes (binary: of
+        data.binary_classes). None when no output term pairs this head with a mask teacher that has masks
+        this batch."""
         for term in (self.distiller.terms.values() if self.distiller is not None else ()):
             pairing, target = term.pairing, targets.get(term.teacher)
             if term.head != head or pairing is None or pairing.channel_of_class is None or target is None:
                 continue
             maps = class_union_maps(logits.float(), batch, target, pairing.channel_of_class)
-            if maps is None:
-                continue
-            probs = maps.sigmoid().cpu()
-            if task == "binary":
-                return Prediction.binary(probs[:, 0])
-            labels = probs.argmax(1)
-            labels[probs.amax(1) <= 0.5] = 0  # no class's mask covers the cell: unlabelled, not drawn
-            return Prediction.semantic(labels=labels)
+            if maps is not None:
+                return maps.sigmoid().cpu()
         return None
 
     def rows(self, out: StudentOutput, batch: Batch, targets: Mapping[str, TeacherTargets]) -> List[PanelRow]:
-        n, size = len(batch), batch.images.shape[-1]
+        """One picture row per head, as the head's task fills it in; the engine computes the teacher columns."""
         teacher = _teacher_masks(targets, batch)
         rows = []
         for head, task in self.tasks.items():
-            output = out.heads[head]
-            if task == "detection":
-                dets = _detections(output[0], len(self.box_names))
-                gt = [batch.boxes.of_image(i) for i in range(n)]
-                rows.append(PanelRow(head,
-                                     Prediction.detections([d[:, :4] for d in dets], [d[:, 5] for d in dets],
-                                                           [d[:, 4] for d in dets]),
-                                     None,
-                                     Prediction.detections([xywh2xyxy(b.cpu().float()) * size for _, b in gt],
-                                                           [c.cpu() for c, _ in gt]),
-                                     class_names=self.box_names))
-            elif task == "instance":
-                (preds, proto), _ = output
-                dets = _detections(preds, len(self.box_names))
-                masks = [process_mask(proto[i].float().cpu(), d[:, 6:], d[:, :4], (size, size), upsample=True) > 0.5
-                         if len(d) else torch.zeros(0, size, size, dtype=torch.bool) for i, d in enumerate(dets)]
-                inst = batch.instances
-                assert inst is not None
-                idx = inst.batch_idx.long().cpu()
-                rows.append(PanelRow(head,
-                                     Prediction.instances(masks, [d[:, 5] for d in dets], [d[:, :4] for d in dets]),
-                                     teacher,
-                                     Prediction.instances([m > 0.5 for m in split_by_image(inst.masks.cpu(), idx, n)],
-                                                          split_by_image(inst.cls.view(-1).cpu(), idx, n)),
-                                     class_names=self.box_names))
-            elif task == "promptable":
-                rows.append(self._promptable_row(head, output, batch, teacher))
-            elif task == "semantic":
-                assert batch.semantic is not None
-                rows.append(PanelRow(head, Prediction.semantic(probs=output.float().softmax(1).cpu()),
-                                     self._teacher_classes(head, task, output, batch, targets) or teacher,
-                                     Prediction.semantic(labels=batch.semantic.cpu()), class_names=self.semantic_names))
-            else:  # binary
-                assert batch.binary is not None
-                rows.append(PanelRow(head, Prediction.binary(output.float().sigmoid().cpu()),
-                                     self._teacher_classes(head, task, output, batch, targets) or teacher,
-                                     Prediction.binary_target(batch.binary.cpu())))
+            context = PictureContext(
+                self.box_names, self.semantic_names,
+                head_module=self.model.heads[head] if self.model is not None else None,
+                teacher_masks=teacher,
+                teacher_class_maps=partial(self._teacher_class_maps, head, batch=batch, targets=targets))
+            rows.append(task.picture_row(head, task.read_output(out.heads[head]), batch, context))
         return rows
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vfmkd.engine.pictures.vis_canvas import Maps, PanelCanvas, as_cpu_tensor, resize_map
+from vfmkd.engine.pictures.vis_canvas import PanelCanvas, resize_map
+from vfmkd.tasks.pictures import Maps, as_cpu_tensor
 
 
 def pca_basis(teacher: Maps, valid: Optional[Maps] = None, k: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,8 @@
-"""Pictures of what teacher and student predict, per head: :class:`Prediction` (one head's output or
-ground truth for a batch), :class:`PanelRow` (one head in a panel) and :func:`render_panel` (one PNG,
-drawn on :mod:`vfmkd.engine.pictures.vis_canvas`'s layout). Pure functions: tensors in, one PNG out, nothing
-kept between calls.
+"""Pictures of what teacher and student predict, per head: :func:`render_panel` draws one PNG of
+:class:`~vfmkd.tasks.pictures.PanelRow` s (one head each, its columns :class:`~vfmkd.tasks.pictures.Prediction`
+records that the head's task fills in) on :mod:`vfmkd.engine.pictures.vis_canvas`'s layout. Pure functions:
+tensors in, one PNG out, nothing kept between calls.
 
-- :class:`Prediction`: one head's output (or its ground truth) for a batch, typed by ``kind``:
-  ``semantic`` label maps, ``binary`` probability maps, ``instance`` masks with classes, ``boxes``.
-  Every map is in the student canvas frame (the frame of ``images``) at any resolution (stride 4
-  or 8 maps are resized to the image); boxes are xyxy canvas pixels.
 - :func:`render_panel`: per shown image and per :class:`PanelRow` (one head), the columns
   :data:`PANEL_COLUMNS`: input, ground truth on the input, teacher, student, teacher on the input,
   student on the input, and the teacher-student difference map.
@@ -16,127 +12,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import matplotlib
 import numpy as np
 import torch
 
-from vfmkd.engine.pictures.vis_canvas import COLOURS, Maps, PanelCanvas, as_cpu_tensor, class_colour, resize_map
+from vfmkd.engine.pictures.vis_canvas import COLOURS, PanelCanvas, class_colour, resize_map
+from vfmkd.tasks.pictures import Maps, PanelRow, Prediction, as_cpu_tensor
 
-KINDS = ("semantic", "binary", "instance", "boxes")
 PANEL_COLUMNS = ("input", "ground truth", "teacher", "student", "teacher on input", "student on input",
                  "|teacher - student|")
 MAX_BOXES = 50  # boxes drawn per picture (highest scores first)
 NO_TEACHER = "no teacher output"
-
-
-def _per_image(x: Optional[Sequence[Any]]) -> Optional[List[torch.Tensor]]:
-    return None if x is None else [as_cpu_tensor(v) for v in x]
-
-
-def split_by_image(values: Maps, batch_idx: Maps, num_images: int) -> List[torch.Tensor]:
-    """Flat per-instance rows (N, ...) with their image index (N,) -> one tensor per image, e.g.
-    teacher mask logits ``MaskLogits.logits`` / ``batch_idx`` into the per-image lists that
-    :meth:`Prediction.instances` takes."""
-    values, idx = as_cpu_tensor(values), as_cpu_tensor(batch_idx).long().view(-1)
-    return [values[idx == i] for i in range(num_images)]
-
-
-@dataclass
-class Prediction:
-    """One head's prediction (or ground truth) for a batch of B images, typed by ``kind``.
-
-    - ``semantic``: ``labels`` (B, H, W) int class index (0 = unlabelled, drawn black) and/or
-      ``probs`` (B, K, H, W) softmax probabilities (labels = argmax when only probs are given; the
-      difference map uses probs when both sides have them, else label disagreement).
-    - ``binary``: ``probs`` (B, H, W) foreground probability in [0, 1]; ``ignore`` (B, H, W) bool
-      pixels not drawn (ground-truth padding, 255 in ``Batch.binary``).
-    - ``instance``: ``masks`` per image (n, H, W), bool or float probabilities in [0, 1]
-      (thresholded at 0.5 for drawing), ``cls`` per image (n,), optional ``boxes`` (n, 4) xyxy
-      canvas pixels and ``scores`` (n,).
-    - ``boxes``: ``boxes`` per image (n, 4) xyxy canvas pixels, ``cls`` (n,), optional ``scores``.
-
-    Build with the class methods (:meth:`semantic`, :meth:`binary`, :meth:`binary_target`,
-    :meth:`instances`, :meth:`detections`); maps may have any resolution (resized to the image).
-    """
-
-    kind: str
-    labels: Optional[torch.Tensor] = None
-    probs: Optional[torch.Tensor] = None
-    ignore: Optional[torch.Tensor] = None
-    masks: Optional[List[torch.Tensor]] = None
-    boxes: Optional[List[torch.Tensor]] = None
-    cls: Optional[List[torch.Tensor]] = None
-    scores: Optional[List[torch.Tensor]] = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"Prediction kind '{self.kind}' is not one of {', '.join(KINDS)}")
-        need = {"semantic": ("labels",), "binary": ("probs",), "instance": ("masks", "cls"), "boxes": ("boxes", "cls")}
-        missing = [f for f in need[self.kind] if getattr(self, f) is None]
-        if missing:
-            raise ValueError(f"a '{self.kind}' Prediction needs {', '.join(missing)}")
-        per_image = [getattr(self, f) for f in ("masks", "boxes", "cls", "scores") if getattr(self, f) is not None]
-        if len({len(v) for v in per_image}) > 1:
-            raise ValueError(f"a '{self.kind}' Prediction has per-image lists of different lengths")
-
-    @property
-    def num_images(self) -> int:
-        if self.kind in ("semantic", "binary"):
-            return int((self.labels if self.labels is not None else self.probs).shape[0])
-        return len(self.cls)  # type: ignore[arg-type]
-
-    @classmethod
-    def semantic(cls, labels: Optional[Maps] = None, probs: Optional[Maps] = None,
-                 ignore: Optional[Maps] = None) -> Prediction:
-        """Label maps (B, H, W) and/or class probabilities (B, K, H, W) (softmax of the logits)."""
-        if labels is None and probs is None:
-            raise ValueError("a semantic Prediction needs labels (B, H, W) or probs (B, K, H, W)")
-        p = None if probs is None else as_cpu_tensor(probs).float()
-        lab = as_cpu_tensor(labels).long() if labels is not None else p.argmax(1)  # type: ignore[union-attr]
-        return cls("semantic", labels=lab, probs=p, ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
-
-    @classmethod
-    def binary(cls, probs: Maps, ignore: Optional[Maps] = None) -> Prediction:
-        """Foreground probabilities (B, H, W) or (B, 1, H, W) in [0, 1] (sigmoid of the logits)."""
-        p = as_cpu_tensor(probs).float()
-        if p.dim() == 4:
-            p = p[:, 0]
-        return cls("binary", probs=p.clamp(0, 1), ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
-
-    @classmethod
-    def binary_target(cls, mask: Maps, ignore_value: int = 255) -> Prediction:
-        """Ground truth as ``Batch.binary``: (B, H, W) uint8 {0, 1}, ``ignore_value`` = not drawn."""
-        m = as_cpu_tensor(mask)
-        return cls.binary((m == 1).float(), ignore=m == ignore_value)
-
-    @classmethod
-    def instances(cls, masks: Sequence[Maps], classes: Sequence[Maps], boxes: Optional[Sequence[Maps]] = None,
-                  scores: Optional[Sequence[Maps]] = None) -> Prediction:
-        """Per image: masks (n, H, W) bool or probabilities, classes (n,), optional boxes (n, 4) xyxy
-        canvas pixels and scores (n,). Flat (N, ...) tensors: see :func:`split_by_image`."""
-        return cls("instance", masks=_per_image(masks), cls=_per_image(classes), boxes=_per_image(boxes),
-                   scores=_per_image(scores))
-
-    @classmethod
-    def detections(cls, boxes: Sequence[Maps], classes: Sequence[Maps],
-                   scores: Optional[Sequence[Maps]] = None) -> Prediction:
-        """Per image: boxes (n, 4) xyxy canvas pixels, classes (n,), optional scores (n,)."""
-        return cls("boxes", boxes=_per_image(boxes), cls=_per_image(classes), scores=_per_image(scores))
-
-
-@dataclass
-class PanelRow:
-    """One head in a panel: the student's prediction, the teacher's (None: the teacher has no
-    output for this head, drawn as "no teacher output") and the ground truth (None: not drawn).
-    ``class_names`` label boxes (detection class ids index it)."""
-
-    name: str
-    student: Prediction
-    teacher: Optional[Prediction] = None
-    target: Optional[Prediction] = None
-    class_names: Optional[Sequence[str]] = None
 
 
 # ------------------------------------------------------------------------------------ rendering

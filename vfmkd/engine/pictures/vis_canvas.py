@@ -29,7 +29,6 @@ CELL_PX = 160  # one picture
 LABEL_PX = 120  # left margin: image id and head name of each row
 HEADER_PX = 44  # top margin: title and column names (two lines)
 DPI = 100
-Maps = Union[torch.Tensor, np.ndarray]
 
 
 def colour_table(n: int = 256) -> np.ndarray:
@@ -49,11 +48,6 @@ COLOURS = colour_table(256)
 def class_colour(k: int) -> np.ndarray:
     """(3,) float in [0, 1] for class ``k`` (a detection class id k gets colour k + 1, never black)."""
     return COLOURS[1 + int(k) % (len(COLOURS) - 1)] / 255.0
-
-
-def as_cpu_tensor(x: Any) -> torch.Tensor:
-    """A tensor or array as a detached CPU tensor (what every drawing step reads)."""
-    return (torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x).detach().cpu()
 
 
 def visualization_path(run_dir: Union[str, Path], kind: str, index: int, suffix: str = "") -> Path:

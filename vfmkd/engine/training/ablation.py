@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from vfmkd.core.errors import ConfigError
 from vfmkd.distillation.resolution import TERM_NAME as RESOLUTION_TERM
 from vfmkd.engine.training.run_dir import write_json
+from vfmkd.tasks.scoring.panoptic_metrics import PANOPTIC
 from vfmkd.utils.plots import write_text
 
 Edit = Callable[[Dict[str, Any]], None]
@@ -135,7 +136,7 @@ def summary_row(name: str, result: Mapping[str, Any]) -> Dict[str, Any]:
     """PQ (the ``panoptic`` scorer), mIoU (the first semantic head), time, memory of one variant."""
     val = _last_val(result["metrics"])
     semantic = next((v for v in val.values() if isinstance(v, Mapping) and "mIoU" in v), {})
-    return {"variant": name, "PQ": val.get("panoptic", {}).get("PQ"), "mIoU": semantic.get("mIoU"),
+    return {"variant": name, "PQ": val.get(PANOPTIC, {}).get("PQ"), "mIoU": semantic.get("mIoU"),
             "train_s": result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
             "peak_gpu_mib": result["peak_gpu_mib"],
             "run_dir": result["run_dir"]}

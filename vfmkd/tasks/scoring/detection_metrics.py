@@ -3,7 +3,7 @@ boxes scored in original image pixels."""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping
 
 import numpy as np
 import torch
@@ -16,21 +16,26 @@ from vfmkd.datasets.records import Batch
 from vfmkd.models.unified_model import StudentOutput
 from vfmkd.tasks.scoring.common import IOU_THRESHOLDS, to_original_boxes
 
+if TYPE_CHECKING:
+    from vfmkd.tasks.detection import DetectionOutput
+
 
 class DetectionScorer:
     """Accumulates ultralytics' DetMetrics over batches; ``result()`` -> precision, recall, mAP50,
-    mAP50-95 and images, with boxes scored in original image pixels."""
+    mAP50-95 and images, with boxes scored in original image pixels. ``read_output``: the task's reader
+    of the head's raw output (:meth:`vfmkd.tasks.detection.DetectionTask.read_output`)."""
 
     def __init__(self, names: Mapping[int, str], conf: float, iou: float, max_det: int,
-                 head: str = "detection") -> None:
+                 head: str = "detection", *, read_output: Callable[[Any], DetectionOutput]) -> None:
         self.metrics = DetMetrics(names=dict(names))
         self.nc, self.conf, self.iou, self.max_det, self.head = len(names), conf, iou, max_det, head
+        self.read_output = read_output
         # ultralytics' greedy prediction/label matching lives on its validator; it only needs `iouv`.
         self.matcher = SimpleNamespace(iouv=IOU_THRESHOLDS)
         self.images = 0
 
     def update(self, out: StudentOutput, batch: Batch) -> None:
-        preds = out.heads[self.head][0]
+        preds = self.read_output(out.heads[self.head]).predictions
         dets = non_max_suppression(preds, conf_thres=self.conf, iou_thres=self.iou, max_det=self.max_det, nc=self.nc)
         size = torch.tensor([batch.images.shape[3], batch.images.shape[2]] * 2, dtype=torch.float32)
         for i, det in enumerate(dets):

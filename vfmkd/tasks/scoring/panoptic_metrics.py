@@ -47,6 +47,12 @@ from vfmkd.tasks.scoring.common import LOCAL_METRIC
 
 UNASSIGNED = 10_000  # placeholder category of predicted void pixels (above every COCO category id)
 
+#: the parts of a panoptic output a task's head can give (``Task.panoptic_part``): things come from an
+#: instance head's masks, stuff from a semantic head's class map
+THINGS, STUFF = "things", "stuff"
+#: the key of the panoptic scorer among a model's scorers, and of its numbers in an evaluation result
+PANOPTIC = "panoptic"
+
 
 @dataclass(frozen=True)
 class MergeRule:

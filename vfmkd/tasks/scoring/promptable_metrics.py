@@ -25,7 +25,7 @@ prototype grid). A predicted mask is ``logit > 0``.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from ultralytics.utils.metrics import DetMetrics, mask_iou
 from vfmkd.datasets.records import Batch
 from vfmkd.models.unified_model import StudentOutput
 from vfmkd.tasks.scoring.common import IOU_THRESHOLDS
+
+if TYPE_CHECKING:
+    from vfmkd.tasks.promptable import PromptableOutput
 
 MASK_STRIDE = 4
 #: prompts decoded at once (the two-way transformer's memory grows with the prompt count)
@@ -84,7 +87,8 @@ class PromptableScorer:
     of a ``sam_decoder`` head (module docstring). ``names``: detection class id -> name; ``head``:
     the head's name in ``StudentOutput.heads`` (its output = the image embeddings); ``module``: the
     head module (its ``decode``), else taken from the model :meth:`bind` is given; ``teacher_prompts``:
-    how the teachers' masks pair with the batch's boxes (:data:`TeacherPrompts`; None: no alignment).
+    how the teachers' masks pair with the batch's boxes (:data:`TeacherPrompts`; None: no alignment);
+    ``read_output``: the task's reader of the head's output (the embeddings record).
 
     ``result()``: ``mIoU``, ``teacher_mIoU`` (NaN without teacher masks), ``teacher_mIoU_by_teacher``,
     ``mask_mAP50``, ``mask_mAP50-95``, ``per_class_iou``, ``instances``, ``teacher_instances``,
@@ -93,8 +97,10 @@ class PromptableScorer:
     wants_targets = True
 
     def __init__(self, names: Mapping[int, str], head: str = "promptable", module: Any = None,
-                 teacher_prompts: Optional[TeacherPrompts] = None) -> None:
+                 teacher_prompts: Optional[TeacherPrompts] = None, *,
+                 read_output: Callable[[Any], PromptableOutput]) -> None:
         self.names, self.head, self.module, self.teacher_prompts = dict(names), head, module, teacher_prompts
+        self.read_output = read_output
         self.metrics = DetMetrics(names=dict(names))
         self.matcher = SimpleNamespace(iouv=IOU_THRESHOLDS)  # match_predictions only reads `iouv`
         self.iou_sum, self.instances = 0.0, 0
@@ -113,7 +119,7 @@ class PromptableScorer:
         if batch.instances is None:
             raise ValueError("PromptableScorer: the batch carries no instance targets (dataset built without "
                              "instances=True)")
-        embeddings = out.heads[self.head]
+        embeddings = self.read_output(out.heads[self.head]).embeddings
         inst, size = batch.instances, batch.images.shape[-1]
         device = embeddings.device
         idx = inst.batch_idx.view(-1).long().to(device)

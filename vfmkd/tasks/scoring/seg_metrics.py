@@ -1,6 +1,6 @@
 """Segmentation scorers with the interface of :class:`vfmkd.tasks.scoring.detection_metrics.DetectionScorer`:
-``update(out, batch)`` per batch (reading the output of the head they are given by name) and
-``result()`` at the end.
+``update(out, batch)`` per batch (reading the output of the head they are given by name with the
+``read_output`` of its task: the typed output record) and ``result()`` at the end.
 
 - :class:`InstanceScorer`: box and mask precision, recall, mAP50, mAP50-95 (ultralytics' metric code).
 - :class:`SemanticScorer`: mIoU, pixel accuracy, per-class IoU (torchmetrics) at original resolution.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from types import SimpleNamespace
-from typing import Any, Dict, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +32,11 @@ from vfmkd.datasets.records import Batch
 from vfmkd.models.unified_model import StudentOutput
 from vfmkd.tasks.scoring.common import IOU_THRESHOLDS, LOCAL_METRIC, to_original_boxes, unletterbox, upsampled
 
+if TYPE_CHECKING:
+    from vfmkd.tasks.binary import BinaryOutput
+    from vfmkd.tasks.instance import InstanceOutput
+    from vfmkd.tasks.semantic import SemanticOutput
+
 
 class InstanceScorer:
     """Box and mask metrics of an instance head (``yolo_seg_head``) with ultralytics'
@@ -50,14 +55,16 @@ class InstanceScorer:
     """
 
     def __init__(self, names: Mapping[int, str], conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
-                 head: str = "instance") -> None:
+                 head: str = "instance", *, read_output: Callable[[Any], InstanceOutput]) -> None:
         self.metrics = SegmentMetrics(names=dict(names))
         self.nc, self.conf, self.iou, self.max_det, self.head = len(names), conf, iou, max_det, head
+        self.read_output = read_output
         self.matcher = SimpleNamespace(iouv=IOU_THRESHOLDS)  # match_predictions only reads `iouv`
         self.images = self.skipped = 0
 
     def update(self, out: StudentOutput, batch: Batch) -> None:
-        (preds, proto), _ = out.heads[self.head]
+        output = self.read_output(out.heads[self.head])
+        preds, proto = output.predictions, output.proto
         if batch.instances is None:
             raise ValueError("InstanceScorer: the batch carries no instance targets (dataset built without "
                              "instances=True)")
@@ -115,9 +122,10 @@ class SemanticScorer:
     ``names``: class index -> name, index 0 included (``num_classes = len(names)``).
     """
 
-    def __init__(self, names: Mapping[int, str], head: str = "semantic") -> None:
+    def __init__(self, names: Mapping[int, str], head: str = "semantic", *,
+                 read_output: Callable[[Any], SemanticOutput]) -> None:
         self.names = dict(names)
-        self.num_classes, self.head = len(self.names), head
+        self.num_classes, self.head, self.read_output = len(self.names), head, read_output
         self.jaccard = MulticlassJaccardIndex(self.num_classes, average=None, ignore_index=0, **LOCAL_METRIC)
         self.accuracy = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=0, **LOCAL_METRIC)
         self.images = 0
@@ -126,7 +134,8 @@ class SemanticScorer:
         if batch.semantic is None:
             raise ValueError("SemanticScorer: the batch carries no semantic targets (dataset built without "
                              "semantic=True)")
-        pred = upsampled(out.heads[self.head], batch.semantic.shape[-2:]).argmax(1).cpu()  # (B, S, S)
+        logits = self.read_output(out.heads[self.head]).logits
+        pred = upsampled(logits, batch.semantic.shape[-2:]).argmax(1).cpu()  # (B, S, S)
         target = batch.semantic.long().cpu()
         for i in range(len(batch)):
             p, t = unletterbox(pred[i], batch, i), unletterbox(target[i], batch, i)
@@ -165,8 +174,8 @@ class BinaryScorer:
     ``hd95_skipped_empty``, ``images``, ``unlabelled``.
     """
 
-    def __init__(self, head: str = "binary") -> None:
-        self.head = head
+    def __init__(self, head: str = "binary", *, read_output: Callable[[Any], BinaryOutput]) -> None:
+        self.head, self.read_output = head, read_output
         self.dice = BinaryF1Score(ignore_index=255, **LOCAL_METRIC)
         self.iou = BinaryJaccardIndex(ignore_index=255, **LOCAL_METRIC)
         self.accuracy = BinaryAccuracy(ignore_index=255, **LOCAL_METRIC)
@@ -176,7 +185,8 @@ class BinaryScorer:
     def update(self, out: StudentOutput, batch: Batch) -> None:
         if batch.binary is None:
             raise ValueError("BinaryScorer: the batch carries no binary targets (dataset built without binary_classes)")
-        pred = (upsampled(out.heads[self.head], batch.binary.shape[-2:])[:, 0] > 0).to(torch.uint8).cpu()
+        logits = self.read_output(out.heads[self.head]).logits
+        pred = (upsampled(logits, batch.binary.shape[-2:])[:, 0] > 0).to(torch.uint8).cpu()
         target = batch.binary.to(torch.uint8).cpu()
         for i in range(len(batch)):
             p, t = unletterbox(pred[i], batch, i), unletterbox(target[i], batch, i)

@@ -1,0 +1,36 @@
+"""What a task's ``build_scorer`` is given besides its head's name (:class:`ScoringContext`), and what a
+scorer is (:class:`Scorer`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Protocol
+
+from vfmkd.tasks.scoring.promptable_metrics import TeacherPrompts
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """The split's class names and the evaluation settings (``eval.conf``, ``eval.iou``,
+    ``eval.max_det``: NMS of box heads). ``box_names`` detection class id -> name; ``semantic_names``
+    semantic index -> name, 0 included (None: the dataset has no semantic labels); ``teacher_prompts``
+    pairs the teachers' masks with the batch's boxes (the engine hands in distillation's
+    ``prompts_on_grid``; None: no alignment with a teacher is scored)."""
+
+    box_names: Mapping[int, str]
+    semantic_names: Optional[Mapping[int, str]] = None
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 300
+    teacher_prompts: Optional[TeacherPrompts] = None
+
+
+class Scorer(Protocol):
+    """One head's metrics over a split: ``update`` per evaluation batch, ``result()`` at the end (plain
+    numbers and per-class tables). A scorer with ``wants_targets = True`` is given the batch's teacher
+    targets too (``update(out, batch, targets)``); one with ``bind(model)`` is given the model first."""
+
+    def update(self, out: Any, batch: Any, *args: Any) -> None:
+        ...
+
+    def result(self) -> Mapping[str, Any]:
+        ...
