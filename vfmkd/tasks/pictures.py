@@ -19,8 +19,10 @@ from ultralytics.utils.nms import non_max_suppression
 #: what a picture is drawn from: a tensor or an array (either is read as a detached CPU tensor)
 Maps = Union[torch.Tensor, np.ndarray]
 
-#: the picture kinds :class:`Prediction` holds (how a column is drawn, not a task)
-KINDS = ("semantic", "binary", "instance", "boxes")
+#: the picture kinds a :class:`Prediction` holds (how a column is drawn, not a task; the name is written
+#: beside each panel row): a class label map, a foreground probability map, instance masks, boxes
+LABEL_MAP, PROBABILITY_MAP, INSTANCE_MASKS, BOXES = "semantic", "binary", "instance", "boxes"
+KINDS = (LABEL_MAP, PROBABILITY_MAP, INSTANCE_MASKS, BOXES)
 
 
 def as_cpu_tensor(x: Any) -> torch.Tensor:
@@ -70,7 +72,8 @@ class Prediction:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Prediction kind '{self.kind}' is not one of {', '.join(KINDS)}")
-        need = {"semantic": ("labels",), "binary": ("probs",), "instance": ("masks", "cls"), "boxes": ("boxes", "cls")}
+        need = {LABEL_MAP: ("labels",), PROBABILITY_MAP: ("probs",), INSTANCE_MASKS: ("masks", "cls"),
+                BOXES: ("boxes", "cls")}
         missing = [f for f in need[self.kind] if getattr(self, f) is None]
         if missing:
             raise ValueError(f"a '{self.kind}' Prediction needs {', '.join(missing)}")
@@ -80,7 +83,7 @@ class Prediction:
 
     @property
     def num_images(self) -> int:
-        if self.kind in ("semantic", "binary"):
+        if self.kind in (LABEL_MAP, PROBABILITY_MAP):
             return int((self.labels if self.labels is not None else self.probs).shape[0])
         return len(self.cls)  # type: ignore[arg-type]
 
@@ -92,7 +95,7 @@ class Prediction:
             raise ValueError("a semantic Prediction needs labels (B, H, W) or probs (B, K, H, W)")
         p = None if probs is None else as_cpu_tensor(probs).float()
         lab = as_cpu_tensor(labels).long() if labels is not None else p.argmax(1)  # type: ignore[union-attr]
-        return cls("semantic", labels=lab, probs=p, ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
+        return cls(LABEL_MAP, labels=lab, probs=p, ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
 
     @classmethod
     def binary(cls, probs: Maps, ignore: Optional[Maps] = None) -> Prediction:
@@ -100,7 +103,8 @@ class Prediction:
         p = as_cpu_tensor(probs).float()
         if p.dim() == 4:
             p = p[:, 0]
-        return cls("binary", probs=p.clamp(0, 1), ignore=None if ignore is None else as_cpu_tensor(ignore).bool())
+        mask = None if ignore is None else as_cpu_tensor(ignore).bool()
+        return cls(PROBABILITY_MAP, probs=p.clamp(0, 1), ignore=mask)
 
     @classmethod
     def binary_target(cls, mask: Maps, ignore_value: int = 255) -> Prediction:
@@ -113,14 +117,14 @@ class Prediction:
                   scores: Optional[Sequence[Maps]] = None) -> Prediction:
         """Per image: masks (n, H, W) bool or probabilities, classes (n,), optional boxes (n, 4) xyxy
         canvas pixels and scores (n,). Flat (N, ...) tensors: see :func:`split_by_image`."""
-        return cls("instance", masks=_per_image(masks), cls=_per_image(classes), boxes=_per_image(boxes),
+        return cls(INSTANCE_MASKS, masks=_per_image(masks), cls=_per_image(classes), boxes=_per_image(boxes),
                    scores=_per_image(scores))
 
     @classmethod
     def detections(cls, boxes: Sequence[Maps], classes: Sequence[Maps],
                    scores: Optional[Sequence[Maps]] = None) -> Prediction:
         """Per image: boxes (n, 4) xyxy canvas pixels, classes (n,), optional scores (n,)."""
-        return cls("boxes", boxes=_per_image(boxes), cls=_per_image(classes), scores=_per_image(scores))
+        return cls(BOXES, boxes=_per_image(boxes), cls=_per_image(classes), scores=_per_image(scores))
 
 
 @dataclass

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 
 from vfmkd.engine.pictures.vis_canvas import COLOURS, PanelCanvas, class_colour, resize_map
-from vfmkd.tasks.pictures import Maps, PanelRow, Prediction, as_cpu_tensor
+from vfmkd.tasks.pictures import (
+    INSTANCE_MASKS,
+    LABEL_MAP,
+    PROBABILITY_MAP,
+    Maps,
+    PanelRow,
+    Prediction,
+    as_cpu_tensor,
+)
 
 PANEL_COLUMNS = ("input", "ground truth", "teacher", "student", "teacher on input", "student on input",
                  "|teacher - student|")
@@ -71,7 +79,7 @@ def _box_coverage(boxes: Optional[torch.Tensor], scores: Optional[torch.Tensor],
 
 def _draw(pred: Prediction, i: int, hw: Tuple[int, int], names: Optional[Sequence[str]]) -> _Drawn:
     """Image ``i`` of ``pred`` on an (H, W) canvas."""
-    if pred.kind == "semantic":
+    if pred.kind == LABEL_MAP:
         lab = resize_map(pred.labels[i], hw, nearest=True).long().numpy()  # type: ignore[index]
         colour = COLOURS[np.clip(lab, 0, len(COLOURS) - 1) % len(COLOURS)] / 255.0
         alpha = (lab != 0).astype(np.float32) * 0.6
@@ -81,7 +89,7 @@ def _draw(pred: Prediction, i: int, hw: Tuple[int, int], names: Optional[Sequenc
                  else lab[None].astype(np.float32))
         present = [k for k in np.unique(lab).tolist() if k != 0]
         return _Drawn(colour, alpha, [], value, note=f"classes: {len(present)}")
-    if pred.kind == "binary":
+    if pred.kind == PROBABILITY_MAP:
         p = resize_map(pred.probs[i], hw, nearest=False).numpy()  # type: ignore[index]
         if pred.ignore is not None:
             ign = resize_map(pred.ignore[i], hw, nearest=True).numpy().astype(bool)
@@ -89,7 +97,7 @@ def _draw(pred: Prediction, i: int, hw: Tuple[int, int], names: Optional[Sequenc
         colour = np.stack([np.ones_like(p), 0.15 * np.ones_like(p), 0.15 * np.ones_like(p)], -1)
         gray = np.repeat(p[..., None], 3, -1)
         return _Drawn(colour, 0.6 * p, [], p, note=f"fg {float((p > 0.5).mean()):.1%}", plain=gray)
-    if pred.kind == "instance":
+    if pred.kind == INSTANCE_MASKS:
         masks = pred.masks[i]  # type: ignore[index]
         cls = pred.cls[i].view(-1)  # type: ignore[index]
         prob = (resize_map(masks.float(), hw, nearest=masks.dtype == torch.bool).numpy() if len(masks)
@@ -129,7 +137,7 @@ def difference_map(teacher: _Drawn, student: _Drawn, kind: str) -> np.ndarray:
     variation 0.5 * sum_k |p_t - p_s| with probabilities on both sides, else label disagreement where
     the teacher's label map has a class (a teacher of box-prompted masks knows only the boxed classes)."""
     t, s = teacher.value, student.value
-    if kind == "semantic":
+    if kind == LABEL_MAP:
         if t.shape[0] > 1 and t.shape == s.shape:
             return 0.5 * np.abs(t - s).sum(0)
         lt = t.argmax(0) if t.shape[0] > 1 else t[0]
