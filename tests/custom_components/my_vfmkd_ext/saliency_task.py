@@ -1,6 +1,7 @@
 """An example user task, added from outside vfmkd in one file (docs/adding_a_task.md walks through it):
 saliency, "is this pixel part of any labelled thing", trained from the semantic masks. The file
-holds the task (its typed output, the labels it loads, its loss), a head for it and the loss."""
+holds the task (its typed output, the labels it loads, its loss, its scorer and its picture row), a
+head for it and the loss."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import BinaryJaccardIndex
 
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import HEADS, LOSSES, TASKS
@@ -16,25 +18,58 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.losses.task import TaskLoss
 from vfmkd.models.heads import BaseHead
 from vfmkd.tasks import DenseOutput, Task
+from vfmkd.tasks.pictures import PanelRow, PictureContext, Prediction
+from vfmkd.tasks.scoring.context import ScoringContext
 
 
 @dataclass
 class SaliencyOutput(DenseOutput):
     """Saliency logits (B, 1, S/stride, S/stride); sigmoid > 0.5 is salient."""
 
+    def on_canvas(self, size: Tuple[int, int]) -> torch.Tensor:
+        """(B, 1, S, S) logits bilinearly resized to the canvas (the labels' size)."""
+        return F.interpolate(self.logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def salient(batch: Batch) -> torch.Tensor:
+    """(B, S, S) {0, 1}: pixels the semantic masks label with any class."""
+    return (batch.semantic > 0).to(torch.uint8)
+
 
 @TASKS.register("saliency")
 class SaliencyTask(Task):
-    """Salient (any semantic class) vs unlabeled pixels; reads the semantic masks."""
+    """Salient (any semantic class) vs unlabeled pixels; reads the semantic masks, scored by IoU."""
 
     name = "saliency"
     label_kinds = frozenset({"semantic"})
     default_loss = "saliency_bce"
     dense_logits = True
     output_type = SaliencyOutput
+    primary_metric = ("iou", "IoU")
 
     def read_output(self, raw: Any) -> SaliencyOutput:
         return SaliencyOutput.read(raw)
+
+    def build_scorer(self, head: str, context: ScoringContext) -> SaliencyScorer:
+        return SaliencyScorer(head)
+
+    def picture_row(self, head: str, output: SaliencyOutput, batch: Batch, context: PictureContext) -> PanelRow:
+        return PanelRow(head, Prediction.binary(output.logits.float().sigmoid()), context.teacher_masks,
+                        Prediction.binary_target(salient(batch)))
+
+
+class SaliencyScorer:
+    """IoU of the salient pixels (logit > 0 on the canvas vs :func:`salient`) over the split."""
+
+    def __init__(self, head: str) -> None:
+        self.head, self.iou = head, BinaryJaccardIndex()
+
+    def update(self, out: Any, batch: Batch) -> None:
+        logits = SaliencyTask().read_output(out.heads[self.head]).on_canvas(tuple(batch.semantic.shape[-2:]))
+        self.iou.update((logits[:, 0] > 0).long().cpu(), salient(batch).long().cpu())
+
+    def result(self) -> Dict[str, float]:
+        return {"iou": float(self.iou.compute())}
 
 
 @HEADS.register("saliency_head")
@@ -54,14 +89,13 @@ class SaliencyHead(BaseHead):
 
 @LOSSES.register("saliency_bce")
 class SaliencyLoss(TaskLoss):
-    """BCE of the upsampled logits against ``batch.semantic > 0`` (B, S, S)."""
+    """BCE of the canvas-sized logits against :func:`salient` (B, S, S)."""
 
     def __init__(self, head: nn.Module) -> None:
         self.task = SaliencyTask()
 
     def __call__(self, head_output: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        logits = self.task.read_output(head_output).logits
-        target = (batch.semantic > 0).float().unsqueeze(1)  # (B, 1, S, S)
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        target = salient(batch).float().unsqueeze(1)  # (B, 1, S, S)
+        logits = self.task.read_output(head_output).on_canvas(tuple(target.shape[-2:]))
         loss = F.binary_cross_entropy_with_logits(logits, target)
         return loss, {"bce": loss.detach()}
