@@ -105,6 +105,16 @@ class TermContext:
     def student_levels(self) -> Dict[str, FeatureSpec]:
         return {s.name: s for s in self.model.backbone.feature_specs()}
 
+    def output_teacher(self, entry: LossEntry) -> str:
+        """The teacher an output entry distils (``teacher:``): one of :attr:`offers`, else a
+        :class:`ConfigError` listing them."""
+        teacher = entry.kwargs.get("teacher")
+        if teacher not in self.offers:
+            raise ConfigError(
+                f"{entry.where}: {entry.type} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled "
+                f"teacher of this experiment (enabled: {sorted(self.offers)}); set 'teacher:' to one of them.")
+        return teacher
+
     def model_head(self, where: str, head: str) -> Any:
         """The student head ``head`` (a :class:`ConfigError` listing the heads when there is none)."""
         if head not in self.model.heads:

@@ -64,11 +64,7 @@ def build_output_term(entry: LossEntry, context: TermContext) -> LossTerm:
     teacher kind, task) and, for pairings that read masks by class, the dataset's class table for
     the head's task (``context.class_channels``)."""
     where, kwargs, offers = entry.where, entry.kwargs, context.offers
-    teacher = kwargs.get("teacher")
-    if teacher not in offers:
-        raise ConfigError(
-            f"{where}: {entry.type} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled teacher "
-            f"of this experiment (enabled: {sorted(offers)}); set 'teacher:' to one of them.")
+    teacher = context.output_teacher(entry)
     head = output_head(where, entry.type, kwargs.pop("head", None), offers[teacher], context.model)
     head_module = context.model.heads[head]
     task = str(head_module.task)

@@ -100,12 +100,8 @@ def embedding_feature(where: str, teacher: str, t_specs: Sequence[FeatureSpec], 
 
 def promptable_teacher(entry: LossEntry, context: TermContext) -> Tuple[str, str, Any]:
     """(teacher name, head name, head module) of an ``embedding_distill`` / ``prompt_distill`` entry."""
-    teacher, where = entry.kwargs.get("teacher"), entry.where
-    if teacher not in context.offers:
-        raise ConfigError(f"{where}: {entry.type} distils a teacher's outputs; 'teacher: {teacher}' is not an enabled "
-                          f"teacher of this experiment (enabled: {sorted(context.offers)}); set 'teacher:' to one of "
-                          "them.")
-    head = promptable_head(where, entry.type, entry.kwargs.pop("head", None), context.model)
+    teacher = context.output_teacher(entry)
+    head = promptable_head(entry.where, entry.type, entry.kwargs.pop("head", None), context.model)
     return teacher, head, context.model.heads[head]
 
 
