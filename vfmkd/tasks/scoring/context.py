@@ -3,9 +3,16 @@ scorer is (:class:`Scorer`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol, Tuple
 
-from vfmkd.tasks.scoring.promptable_metrics import TeacherPrompts
+import torch
+
+from vfmkd.datasets.records import Batch
+
+#: ``(batch, teacher_targets, grid_hw, stride, device) -> prompts or None``: the teacher masks of a batch
+#: paired with its detection boxes on the student grid (``rows``, ``batch_idx``, ``boxes``, ``logits``,
+#: ``valid``); the engine hands in distillation's ``prompts_on_grid`` (tasks sit below distillation)
+TeacherPrompts = Callable[[Batch, Any, Tuple[int, int], int, torch.device], Optional[Any]]
 
 
 @dataclass(frozen=True)

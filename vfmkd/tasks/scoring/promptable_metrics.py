@@ -35,6 +35,7 @@ from ultralytics.utils.metrics import DetMetrics, mask_iou
 from vfmkd.datasets.records import Batch
 from vfmkd.models.unified_model import StudentOutput
 from vfmkd.tasks.scoring.common import IOU_THRESHOLDS
+from vfmkd.tasks.scoring.context import TeacherPrompts
 
 if TYPE_CHECKING:
     from vfmkd.tasks.promptable import PromptableOutput
@@ -42,11 +43,6 @@ if TYPE_CHECKING:
 MASK_STRIDE = 4
 #: prompts decoded at once (the two-way transformer's memory grows with the prompt count)
 DECODE_CHUNK = 64
-
-#: ``(batch, teacher_targets, grid_hw, stride, device) -> prompts or None``: the teacher masks of a batch
-#: paired with its detection boxes on the student grid (``rows``, ``batch_idx``, ``boxes``, ``logits``,
-#: ``valid``); the engine hands in distillation's ``prompts_on_grid``
-TeacherPrompts = Callable[[Batch, Any, Tuple[int, int], int, torch.device], Optional[Any]]
 
 
 def canvas_boxes_xyxy(bboxes_cxcywh: torch.Tensor, size: int) -> torch.Tensor:
