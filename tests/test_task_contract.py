@@ -142,3 +142,10 @@ def test_unknown_task_and_a_head_without_one_are_config_errors():
     with pytest.raises(ConfigError, match="BadTask: unknown task type 'segmentaton'"):
         tasks_of({"h": BadTask})
     assert label_kinds_of([get_task("instance"), get_task("binary")]) == {"instances", "binary"}
+
+    class DepthTask(type(get_task("semantic"))):
+        name, label_kinds = "depth", frozenset({"depth"})
+
+    with pytest.raises(ConfigError, match="task 'depth' asks for label kind.s. depth, which the dataset cannot load; "
+                                          "it loads instances, semantic, binary"):
+        label_kinds_of([get_task("semantic"), DepthTask()])

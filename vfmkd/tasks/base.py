@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Dict, FrozenSet, Iterable, Mapping, Optional, 
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import TASKS
-from vfmkd.datasets.records import Batch
+from vfmkd.datasets.records import LABEL_KINDS, Batch
 from vfmkd.tasks.pictures import PanelRow, PictureContext
 from vfmkd.tasks.scoring.context import Scorer, ScoringContext
 
@@ -113,7 +113,13 @@ def tasks_of(heads: Mapping[str, Any]) -> Dict[str, Task]:
 
 
 def label_kinds_of(tasks: Iterable[Task]) -> FrozenSet[str]:
-    """The label kinds a dataset must load for all of ``tasks``."""
+    """The label kinds a dataset must load for all of ``tasks`` (ConfigError for a kind it cannot load)."""
+    tasks = list(tasks)
+    for task in tasks:
+        unknown = sorted(set(task.label_kinds) - set(LABEL_KINDS))
+        if unknown:
+            raise ConfigError(f"task '{task.name}' asks for label kind(s) {', '.join(unknown)}, which the dataset "
+                              f"cannot load; it loads {', '.join(LABEL_KINDS)} (and the boxes, always)")
     return frozenset().union(*(t.label_kinds for t in tasks))
 
 
