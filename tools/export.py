@@ -45,7 +45,7 @@ from vfmkd.engine.export.exporter import (  # noqa: E402
 from vfmkd.engine.export.outputs import refuse_checkpoint_output  # noqa: E402
 from vfmkd.engine.export.promptable import export_promptable as export_promptable_graphs  # noqa: E402
 from vfmkd.engine.export.promptable import output_paths, promptable_head  # noqa: E402
-from vfmkd.engine.training.run_parts import class_names, detection_classes  # noqa: E402
+from vfmkd.engine.builders import class_names, detection_classes  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
 from vfmkd.utils.logging import get_logger  # noqa: E402

@@ -5,6 +5,8 @@ from vfmkd.engine.builders.data import (
                                         build_augment,
                                         build_dataset,
                                         check_head_classes,
+                                        class_names,
+                                        detection_classes,
                                         head_classes,
                                         head_tasks,
 )
@@ -20,6 +22,7 @@ from vfmkd.engine.builders.teachers import (
 )
 
 __all__ = ["INIT_KEYS", "LiveTeachers", "box_classes_key", "build_augment", "build_dataset",
-           "build_distiller", "build_loss_terms", "build_model", "build_router", "check_head_classes",
+           "build_distiller", "build_loss_terms", "build_model", "build_router", "check_head_classes", "class_names",
+           "detection_classes",
            "enabled_teachers", "head_classes", "head_tasks", "open_cache", "output_class_channels", "teacher_outputs",
            "teacher_specs"]

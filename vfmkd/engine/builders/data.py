@@ -2,9 +2,10 @@
 the head-task and class checks."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
-from vfmkd.core.config import resolve_path
+from vfmkd.core.config import read_yaml, resolve_path
 from vfmkd.core.config_schema import DataConfig, ModelConfig
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import HEADS
@@ -74,3 +75,21 @@ def build_dataset(data: DataConfig, split: str, num_classes: int,
     if heads is not None:
         check_head_classes(heads, dataset)
     return dataset
+
+
+def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:
+    """Box class count: ``num_classes`` of the detection (or instance) heads, which must agree; 80 (COCO)
+    for a model without box heads (its box labels still prompt mask teachers)."""
+    box_heads = [name for name, task in tasks_of(head_classes(heads)).items() if task.box_classes]
+    counts = {name: int(heads[name].get("num_classes", 80)) for name in box_heads}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"model.heads: the box heads disagree on num_classes ({counts}); they read the same box "
+                          "labels")
+    return next(iter(counts.values()), 80)
+
+
+def class_names(root: str, num_classes: int) -> Dict[int, str]:
+    """Names from the dataset's ``object_detection/config.yaml``, else numbers."""
+    path = resolve_path(Path(root) / "object_detection" / "config.yaml")
+    names = read_yaml(path).get("names", {}) if path.is_file() else {}
+    return {i: str(names.get(i, i)) for i in range(num_classes)}

@@ -17,6 +17,8 @@ from vfmkd.engine.builders import (
     build_distiller,
     build_model,
     build_router,
+    class_names,
+    detection_classes,
     enabled_teachers,
     head_tasks,
 )
@@ -24,7 +26,7 @@ from vfmkd.engine.evaluation.evaluator import build_scorers, evaluate
 from vfmkd.engine.evaluation.results_text import write_test_results
 from vfmkd.engine.pictures.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.pictures.vis_canvas import visualization_path
-from vfmkd.engine.training.run_parts import build_loader, class_names, detection_classes, worker_count
+from vfmkd.engine.training.loaders import build_loader, worker_count
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.logging import get_logger
 

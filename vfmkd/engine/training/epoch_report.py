@@ -1,4 +1,5 @@
-"""What a training run reports per epoch: the train.log lines and the content of metrics.json.
+"""What a training run reports: its start line, per epoch the train.log lines (and a warning for
+images no feature loss could teach), and the content of metrics.json.
 
 Pure functions of the run's history (a list of epoch records as the Trainer builds them), so the
 Trainer keeps the loop and this module keeps the wording and the file's schema.
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
 
 from vfmkd.engine.evaluation.evaluator import primary_metric
 
@@ -52,3 +55,34 @@ def metrics_summary(experiment: str, stages: Sequence[Dict[str, Any]], history: 
         "train_seconds": round(seconds, 1),
         "world_size": world_size,
     }
+
+
+def log_run_start(log: logging.Logger, exp: Any, model: torch.nn.Module, device: torch.device, amp: bool,
+                  images: Sequence[int], sources: Mapping[str, Any], stages: Sequence[Any]) -> None:
+    """The run's summary line: student, device and autocast, ``images`` (train, val), each teacher's
+    source (``sources``: the router's), offline_ratio and the stages."""
+    n_params = sum(p.numel() for p in model.parameters())
+    modes = {
+        n: ("offline" if s.cache is not None else "online") + (", live model loaded" if s.live and s.cache else "")
+        for n, s in sources.items()
+    }
+    log.info(
+        "student %s (%.2fM params) on %s (train.device=%s), bf16 autocast %s (train.amp=%s); %d train / %d val "
+        "images; teachers: %s; offline_ratio=%s; stages: %s",
+        exp.model.backbone["type"], n_params / 1e6, device, exp.train.device, "on" if amp else "off",
+        str(exp.train.amp).lower(), images[0], images[1],
+        ", ".join(f"{n} ({m})" for n, m in modes.items()) or "none", exp.distillation.offline_ratio,
+        "; ".join(f"{s.name} epochs {s.first_epoch}-{s.last_epoch}" for s in stages),
+    )
+
+
+def warn_cellless(log: logging.Logger, epoch: int, counts: Mapping[str, int],
+                  examples: Mapping[str, Sequence[str]]) -> None:
+    """Per feature loss: ``counts`` training images of this epoch whose view had no valid cell on the
+    student's grid (so that loss taught them nothing), ``examples`` their ids."""
+    for name, n in counts.items():
+        if n:
+            log.warning("epoch %d: %d training image(s) had no valid cell on the student grid for "
+                        "distillation.losses.%s, so no distillation signal (e.g. %s): an image whose content "
+                        "is thinner than one student cell after the letterbox; a larger data.img_size or a "
+                        "finer student level gives it cells", epoch, n, name, ", ".join(examples[name][:5]))

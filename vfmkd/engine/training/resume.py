@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,11 +18,22 @@ from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.utils.checkpoint import load_checkpoint, previous_of
 from vfmkd.utils.logging import get_logger
 
+if TYPE_CHECKING:
+    from vfmkd.engine.training.trainer import Trainer
+
 # Config sections a resumed run must share with the checkpoint (they define what was trained on
 # what); everything else (epochs, stages, eval, logging, workers) may change, with a warning.
 FROZEN_KEYS = ("model", "teachers", "distillation", "data.dataset", "data.root", "data.train_split",
                "data.img_size", "data.batch_size", "data.limit", "data.augment", "train.seed", "train.accumulate",
                "train.optimizer")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators at a run's start (the student's initial
+    weights follow it); :func:`capture_rng` / :func:`restore_rng` carry their state across a resume."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -88,6 +99,17 @@ def check_finished(state: Mapping[str, Any], epochs: int, checkpoint: Path) -> N
             f"unchanged). To train longer: python tools/train.py --resume {run} train.epochs={epochs + 10}")
 
 
+def resumable_state(resume: Path, cfg: Mapping[str, Any]) -> Tuple[Path, Dict[str, Any]]:
+    """The checkpoint ``--resume`` names and its state, checked against ``cfg`` (the same setup, epochs
+    left to train) before anything is built or written."""
+    checkpoint, state = resume_checkpoint(resume)
+    if "resume" not in state:
+        raise CheckpointError(f"{checkpoint} holds no training state to resume (written by an older vfmkd?)")
+    check_resume_config(state["config"], cfg, checkpoint)
+    check_finished(state, int(cfg["train"]["epochs"]), checkpoint)
+    return checkpoint, state
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, v in d.items():
@@ -122,3 +144,60 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], ch
             + "\nResume with the run's own config.yaml (the default of --resume), or start a new run.")
     if allowed:
         get_logger().warning("resuming %s with changed settings:\n  %s", checkpoint, "\n  ".join(allowed))
+
+
+def training_state(trainer: Trainer, epoch: int, metrics: Dict[str, Any],
+                   resume_at: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """What ``checkpoints/*.pt`` holds: the weights, the optimizer and everything
+    :func:`restore_training_state` needs. ``epoch``: the last completed epoch; ``resume_at`` (epoch,
+    batch): where a resume continues (default: the start of the next epoch)."""
+    t = trainer
+    resume_epoch, resume_batch = resume_at or (epoch + 1, 0)
+    generator = t._epoch_generator if resume_batch else t.train_loader.generator.get_state()
+    return {
+        "model": t.model.state_dict(),
+        "distiller": t.distiller.state_dict(),
+        "teacher_stats": t.distiller.teacher_stats(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "epoch": epoch,
+        "config": t.cfg,
+        "metrics": metrics,
+        "resume": {
+            "epoch": resume_epoch, "batch": resume_batch, "step": t.step,
+            "optimizer_steps": t.optimizer_steps,
+            "partial_sums": dict(t._partial[0]) if resume_batch else {},
+            "partial_counts": dict(t._partial[1]) if resume_batch else {},
+            "history": t.history, "best_fitness": t.best_fitness,
+            "router_counts": t.router.summary(), "loader_generator": generator, "rng": capture_rng(),
+            "sampling": t.distiller.sampling_states(),
+            "world_size": t.ctx.world_size, "train_seconds": t.train_seconds(),
+        },
+    }
+
+
+def restore_training_state(trainer: Trainer, state: Dict[str, Any]) -> None:
+    """Continue the run a checkpoint of :func:`training_state` describes."""
+    t = trainer
+    t.model.load_state_dict(state["model"])
+    t.distiller.load_state_dict(state["distiller"])
+    t.distiller.load_teacher_stats(state.get("teacher_stats", {}))
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    r = state["resume"]
+    if int(r.get("world_size", 1)) != t.ctx.world_size:
+        raise ConfigError(f"the checkpoint was written by a run of {r.get('world_size', 1)} process(es), this one "
+                          f"has {t.ctx.world_size}: the data order would not continue; resume with the same "
+                          "world size")
+    t.start_epoch, t.start_batch = int(r["epoch"]), int(r["batch"])
+    t.step, t.optimizer_steps = int(r["step"]), int(r["optimizer_steps"])
+    t._partial = (dict(r["partial_sums"]), dict(r["partial_counts"]))
+    t.history, t.best_fitness = list(r["history"]), float(r["best_fitness"])
+    for name, counts in r["router_counts"].items():
+        t.router.counts[name].update(counts)
+    t._epoch_generator = r["loader_generator"]
+    t.train_loader.generator.set_state(r["loader_generator"])
+    restore_rng(r["rng"])
+    t.distiller.load_sampling_states(r.get("sampling", {}))
+    t._seconds_before = float(r.get("train_seconds", 0.0))
+    t.log.info("resumed at epoch %d, batch %d (step %d)", t.start_epoch, t.start_batch, t.step)
