@@ -23,7 +23,8 @@ from _common import REPO, machine, median, quiet
 
 from vfmkd.core.config import load_experiment  # noqa: E402
 from vfmkd.engine.builders import build_model  # noqa: E402
-from vfmkd.engine.export.exporter import ExportedStudent, example_input, export_onnx  # noqa: E402
+from vfmkd.engine.export.exporter import export_onnx  # noqa: E402
+from vfmkd.engine.export.student_graph import ExportedStudent, example_input  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 

@@ -239,7 +239,7 @@ def test_bad_arguments_are_refused(run, tmp_path, argv, caplog):
 
 def test_mismatched_config_and_foreign_layout_are_named(run, tmp_path, caplog):
     # A checkpoint whose config says another backbone does not fit; a non-YOLOv8 layout is named.
-    from vfmkd.engine.export.exporter import ultralytics_layout_problem
+    from vfmkd.engine.export.ultralytics_layout import ultralytics_layout_problem
 
     cfg = load_experiment(EXPERIMENT, ["model.neck.depth=2"])
     assert "neck depth 2" in ultralytics_layout_problem(cfg)

@@ -127,7 +127,7 @@ def test_seg_onnx_and_torchscript_export_prototypes_and_their_masks_match_pytorc
     assert_masks_match(pred, proto, want_pred, want_proto)
     assert (sem - want_sem).abs().max() < 1e-4
     # One head: ultralytics' own names for a seg export (output0 predictions, output1 prototypes).
-    from vfmkd.engine.export.exporter import export_outputs
+    from vfmkd.engine.export.student_graph import export_outputs
 
     one = build_model({"backbone": {"type": "yolov8", "variant": "n"}, "neck": {"type": "yolov8_pafpn", "depth": 1},
                        "heads": {"instance": SEG_HEADS["instance"]}})
@@ -153,7 +153,7 @@ def test_dynamic_dsrl_export_follows_the_input_size(runs, tmp_path):
     ts_path = tmp_path / "dsrl.torchscript"
     assert export(ckpt, "--format", "torchscript", "--output", ts_path, "--dynamic") == 0
     ts = torch.jit.load(str(ts_path))
-    from vfmkd.engine.export.exporter import size_multiple  # the log names the sizes a dynamic export takes
+    from vfmkd.engine.export.student_graph import size_multiple  # the log names the sizes a dynamic export takes
 
     assert size_multiple(model) == 64 and size_multiple(build_model({**model_cfg(ckpt), "resolution_distill": {
         "enabled": True, "sr_target_scale": 1.5, "head": "semantic"}})) == 48

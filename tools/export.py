@@ -37,14 +37,13 @@ from vfmkd.engine.export.exporter import (  # noqa: E402
     FORMATS,
     ExportMismatchError,
     default_output,
-    export_outputs,
     export_student,
     load_student,
-    size_multiple,
 )
 from vfmkd.engine.export.outputs import refuse_checkpoint_output  # noqa: E402
 from vfmkd.engine.export.promptable import export_promptable as export_promptable_graphs  # noqa: E402
 from vfmkd.engine.export.promptable import output_paths, promptable_head  # noqa: E402
+from vfmkd.engine.export.student_graph import export_outputs, size_multiple  # noqa: E402
 from vfmkd.engine.builders import class_names, detection_classes  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402

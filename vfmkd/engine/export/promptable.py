@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vfmkd.engine.export.exporter import ONNX_OPSET, ExportMismatchError, atomic_path, example_input, onnx_session
+from vfmkd.engine.export.exporter import ONNX_OPSET, ExportMismatchError, atomic_path, onnx_session
 from vfmkd.engine.export.outputs import SUFFIXES
+from vfmkd.engine.export.student_graph import example_input
 from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.tasks import PromptableOutput, task_of
