@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vfmkd.core.config import experiment_from_dict, experiment_record, read_yaml, resolve_path  # noqa: E402
 from vfmkd.core.errors import ConfigError  # noqa: E402
+from vfmkd.engine.builders import class_names, detection_classes  # noqa: E402
 from vfmkd.engine.export.exporter import (  # noqa: E402
     FORMATS,
     ExportMismatchError,
@@ -44,7 +45,6 @@ from vfmkd.engine.export.outputs import refuse_checkpoint_output  # noqa: E402
 from vfmkd.engine.export.promptable import export_promptable as export_promptable_graphs  # noqa: E402
 from vfmkd.engine.export.promptable import output_paths, promptable_head  # noqa: E402
 from vfmkd.engine.export.student_graph import export_outputs, size_multiple  # noqa: E402
-from vfmkd.engine.builders import class_names, detection_classes  # noqa: E402
 from vfmkd.utils.checkpoint import load_checkpoint  # noqa: E402
 from vfmkd.utils.cli import OVERRIDES_HELP, entry, sort_positionals  # noqa: E402
 from vfmkd.utils.logging import get_logger  # noqa: E402
