@@ -27,6 +27,7 @@ from vfmkd.engine.evaluation.results_text import write_test_results
 from vfmkd.engine.pictures.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.pictures.vis_canvas import visualization_path
 from vfmkd.engine.training.loaders import build_loader, worker_count
+from vfmkd.tasks.scoring.panoptic_metrics import PANOPTIC
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.logging import get_logger
 
@@ -137,9 +138,9 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
     vis = EpochVisualizer(out_dir, "test_sample", 0, tasks, distiller, names, semantic_names,
                           e.vis_images) if out_dir else None
     scorers = build_scorers(tasks, names, semantic_names, e.conf, e.iou, e.max_det, data_root=dataset.root, split=split)
-    if out_dir is not None and "panoptic" in scorers:  # instance + semantic heads: the merged panoptic picture
-        scorers["panoptic"].draw_to = visualization_path(out_dir, "test_panoptic", 0)
-        scorers["panoptic"].draw_images = e.vis_images
+    if out_dir is not None and PANOPTIC in scorers:  # instance + semantic heads: the merged panoptic picture
+        scorers[PANOPTIC].draw_to = visualization_path(out_dir, "test_panoptic", 0)
+        scorers[PANOPTIC].draw_images = e.vis_images
     metrics = evaluate(model, loader, scorers, device,
                        progress=progress, distiller=distiller, router=router, on_batch=vis.on_batch if vis else None)
     metrics.update(checkpoint=str(checkpoint), split=split, epoch=state.get("epoch"))
