@@ -11,7 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LINES = 80
 # Today's functions over the limit (def line to last line): each may only shrink; split one and drop it here.
 LONG_FUNCTIONS = {
-    "vfmkd/engine/builders/losses.py::build_loss_terms": 89,
 }
 
 
