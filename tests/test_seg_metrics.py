@@ -1,4 +1,4 @@
-"""The segmentation scorers (vfmkd/engine/evaluation/seg_metrics.py) on tiny cases worked out by hand: the
+"""The segmentation scorers (vfmkd/tasks/scoring/seg_metrics.py) on tiny cases worked out by hand: the
 libraries they delegate to (ultralytics, torchmetrics, MONAI) must give the numbers below, and the
 letterbox must be undone before scoring."""
 from __future__ import annotations
