@@ -6,8 +6,10 @@ multiplied by ``T**2`` (Hinton et al. 2015): the gradient of a softened KL shrin
 and the factor keeps its size comparable across temperatures and with the task loss.
 
 The losses take plain tensors; which student logits meet which teacher logits (instance masks per
-ground-truth box, class unions for semantic/binary heads, anchors for class scores) is decided by
-:mod:`vfmkd.distillation.pairing.output_pairs`, which the distiller runs before calling them.
+ground-truth box, class unions for semantic/binary heads, anchors for class scores) is the pairing
+registered for (loss, teacher kind, head task) in :mod:`vfmkd.distillation.pairing.registry`, which
+the distiller runs before calling them. :meth:`OutputDistillLoss.build_term` resolves an entry's
+head and pairing; a subclass inherits it and may word its refusals (``pairing_refusal``).
 """
 from __future__ import annotations
 
