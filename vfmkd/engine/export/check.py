@@ -45,9 +45,10 @@ def top_anchors(predictions: torch.Tensor, num_masks: int, k: int = MASK_ANCHORS
 
 def compare_outputs(got: Sequence[np.ndarray], want: Sequence[torch.Tensor], kinds: Sequence[str],
                     images: torch.Tensor) -> Dict[str, float]:
-    """|exported - PyTorch| output by output (``kinds`` from :class:`~vfmkd.engine.export.exporter.ExportedStudent`):
-    ``max_abs`` over every output value; for a YOLO detection output also ``boxes_px`` (xywh, input
-    pixels), ``scores`` (probabilities); for an instance head ``masks`` (the probabilities of
+    """|exported - PyTorch| output by output (``kinds`` from
+    :class:`~vfmkd.engine.export.student_graph.ExportedStudent`): ``max_abs`` over every output value;
+    for a YOLO detection output also ``boxes_px`` (xywh, input pixels), ``scores`` (probabilities); for
+    an instance head ``masks`` (the probabilities of
     :func:`instance_masks` for PyTorch's top anchors, made from each side's own outputs); and
     ``max_scaled``, the largest of ``scores``, ``masks``, ``boxes_px`` / input size and the other
     outputs' differences (prototypes count through their masks). Box coordinates reach ~500 px at 640,
