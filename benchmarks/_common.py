@@ -16,7 +16,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
 
 def machine() -> str:
@@ -38,7 +37,7 @@ def quiet() -> None:
 
 def build_cache(out: Path, size: int, limit: int, with_flip: bool = False, quiet_tool: bool = True) -> Path:
     """Write a random-init SAM ViT-B cache of the first ``limit`` coco128 train images with the real tool."""
-    import prepare_teacher_features as ptf
+    from vfmkd.engine.commands import prepare_features as ptf
 
     if (out / "train2017.h5").is_file():
         return out

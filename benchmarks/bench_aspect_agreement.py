@@ -78,7 +78,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vfmkd_aspect_"))
     root = work / "ds"
     write_dataset(root, a.per_shape)
-    import prepare_teacher_features as ptf
+    from vfmkd.engine.commands import prepare_features as ptf
     assert ptf.main(["--teacher", "sam", "--data-root", str(root), "--splits", "train2017", "--with-flip",
                      "--batch-size", "2",
                      "--output", str(work / "sam"), "--no-progress", "teacher.init=random",

@@ -98,7 +98,7 @@ def main() -> None:
     quiet()
     work = Path(tempfile.mkdtemp(prefix="vfmkd_agree_"))
     if a.checkpoint:
-        import prepare_teacher_features as ptf
+        from vfmkd.engine.commands import prepare_features as ptf
         assert ptf.main(["--teacher", "sam", "--limit", str(a.images), "--with-flip", "--output", str(work / "sam"),
                          "--no-progress", f"teacher.input_size={a.teacher_size}",
                          f"teacher.checkpoint={a.checkpoint}"]) == 0

@@ -7,10 +7,10 @@
 
 Measured in ONE process, alternating the two variants on the same images and batch size:
 
-* pipeline: ``tools/prepare_teacher_features.py``'s own ``fill_split`` (list + probe images, JPEG decode,
-  SAM preprocess, ``teacher.extract_features``, fp16 HDF5 write through ``FeatureCacheWriter``) into a
-  fresh output folder each repeat; the teacher is built once outside the timing (the tool builds it
-  once per run too; its build time is printed separately).
+* pipeline: the cache tool's own ``fill_split`` (vfmkd/engine/commands/prepare_features.py: list + probe
+  images, JPEG decode, SAM preprocess, ``teacher.extract_features``, fp16 HDF5 write through
+  ``FeatureCacheWriter``) into a fresh output folder each repeat; the teacher is built once outside the
+  timing (the tool builds it once per run too; its build time is printed separately).
 * bare: ``teacher.forward_features(pixels)`` on batches that were already preprocessed.
 
 Ratio = pipeline images/s / bare images/s (goal >= 0.85 on CPU). Medians over ``--repeats`` after a
@@ -112,13 +112,12 @@ def main() -> int:
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(REPO / "tools"))
-    import prepare_teacher_features as ptf
-
+    from vfmkd.cache.fill import selected_specs
     from vfmkd.cache.writer import FeatureCacheWriter
     from vfmkd.core.config import resolve_path
     from vfmkd.core.registry import TEACHERS
     from vfmkd.datasets.coco_yolo import list_images, load_rgb
+    from vfmkd.engine.commands import prepare_features as ptf
 
     torch.set_num_threads(args.threads)
     logging.getLogger("vfmkd").setLevel(logging.ERROR)  # the random-init banner, once per teacher
@@ -215,7 +214,7 @@ def main() -> int:
             for c in range(0, n, args.batch_size):
                 teacher.preprocess(imgs[c:c + args.batch_size])
             prep_ms = (time.perf_counter() - t) / n * 1e3
-            specs = ptf.selected_specs(teacher, None)
+            specs = selected_specs(teacher, None)
             feats = teacher.forward_features(pixels[0])
             geo = teacher.preprocess(imgs[:args.batch_size])
             wfile = work / f"write_{size}.h5"

@@ -51,7 +51,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import alternate_steps  # noqa: E402
 from bench_train_step import _cpu_snapshot, apply_malloc_mode, idle_note  # noqa: E402
@@ -100,9 +99,8 @@ def parse_args() -> argparse.Namespace:
 
 def run_tool(argv, out: Path) -> Path:
     """The cache tool, quietly; a cache left by an older vfmkd (CacheMismatchError) is rebuilt."""
-    import prepare_teacher_features as ptf
-
     from vfmkd.core.errors import CacheMismatchError
+    from vfmkd.engine.commands import prepare_features as ptf
 
     for attempt in range(2):
         try:

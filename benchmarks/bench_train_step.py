@@ -119,16 +119,14 @@ def main() -> int:
     import tempfile
 
     import torch
-    from torch.utils.data import DataLoader
-
-    sys.path.insert(0, str(REPO / "tools"))
-    import prepare_teacher_features as ptf
     from _common import alternate_steps
+    from torch.utils.data import DataLoader
 
     from vfmkd.core.config import load_experiment
     from vfmkd.datasets import collate_samples
     from vfmkd.distillation.cached import collate_distill
     from vfmkd.distillation.targets import TeacherTargets, from_cache_entry
+    from vfmkd.engine.commands import prepare_features as ptf
     from vfmkd.engine.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,7 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.engine.training.ablation import variants
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import ablate as ablate_tool  # noqa: E402
+from vfmkd.engine.commands import ablate as ablate_tool  # noqa: E402
 
 RECIPE = REPO / "configs" / "experiments" / "regnet_fusion_dsrl_sam_panoptic_coco128.yaml"
 

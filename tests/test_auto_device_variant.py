@@ -4,7 +4,6 @@ real libraries (stride-0 tensors keep the files tiny); CUDA is faked only where 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,8 @@ from vfmkd.teachers.settings import TeacherSettings
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import train as train_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import train as train_tool  # noqa: E402
 
 MAIN = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 

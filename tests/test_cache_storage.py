@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-import sys
 from pathlib import Path
 
 import h5py
@@ -28,8 +27,7 @@ from vfmkd.teachers.base import TeacherBatch, TeacherFingerprint
 from vfmkd.teachers.sam_teacher import SamTeacher
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 # Compares numbers with subprocesses / cached passes bit for bit: runs on two threads under xdist (conftest).
 pytestmark = pytest.mark.bitexact
@@ -86,7 +84,7 @@ def caches(tmp_path_factory):
     out = {"f16": root / "f16", "i8": root / "i8", "resumed": root / "resumed"}
     assert run_tool(*tool_args(out["f16"], "--with-flip")) == 0
     assert run_tool(*tool_args(out["i8"], "--storage", "int8", "--with-flip")) == 0
-    original, calls = ptf.FeatureCacheWriter.write, []
+    original, calls = FeatureCacheWriter.write, []
 
     def crashing(self, start, *a):
         if calls:
@@ -94,12 +92,12 @@ def caches(tmp_path_factory):
         calls.append(start)
         return original(self, start, *a)
 
-    ptf.FeatureCacheWriter.write = crashing
+    FeatureCacheWriter.write = crashing
     try:
         with pytest.raises(Crash):
             run_tool(*tool_args(out["resumed"], "--storage", "int8", "--with-flip"))
     finally:
-        ptf.FeatureCacheWriter.write = original
+        FeatureCacheWriter.write = original
     partial = FeatureCacheReader(out["resumed"] / f"{SPLIT}.h5")
     assert partial.done.tolist() == [True] * BATCH + [False] * (LIMIT - BATCH)
     assert partial.stats("image_embeddings") is None  # statistics wait for the last image

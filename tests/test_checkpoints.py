@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import os
 import urllib.error
 import urllib.request
@@ -23,10 +22,9 @@ HINT = "python tools/download_weights.py --model sam_vit_b"
 
 @pytest.fixture(scope="module")
 def dl():
-    spec = importlib.util.spec_from_file_location("download_weights", REPO / "tools" / "download_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from vfmkd.engine.commands import download_weights
+
+    return download_weights
 
 
 # ----------------------------------------------------------------------------- load_checkpoint

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,9 +14,7 @@ import pytest
 from vfmkd.core.official_weights import OFFICIAL_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import download_models  # noqa: E402
-import download_sam_weights  # noqa: E402
+from vfmkd.engine.commands import download_models, download_sam_weights  # noqa: E402
 
 # Any proxy-honouring client (curl, wget, urllib) fails at once: connection refused on port 9.
 OFFLINE_ENV = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",

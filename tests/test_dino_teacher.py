@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import h5py
@@ -266,8 +265,7 @@ def test_bad_config_values(cls, kwargs, hint):
 
 
 def test_cached_through_prepare_teacher_features(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import prepare_teacher_features as ptf
+    from vfmkd.engine.commands import prepare_features as ptf
 
     out = tmp_path / "dinov2"
     args = ["--teacher", "dinov2", "--dataset", "coco128", "--splits", "val2017", "--limit", "2", "--batch-size", "2",

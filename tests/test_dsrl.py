@@ -4,7 +4,6 @@ exported model, bad input, and a tiny training run that logs the terms and gives
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,8 +20,7 @@ from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.input_scale import check_input_geometry
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import export as export_tool  # noqa: E402
+from vfmkd.engine.commands import export as export_tool  # noqa: E402
 
 
 def config(tmp_path=None, img_size=128, heads=None, **rd):

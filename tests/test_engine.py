@@ -3,7 +3,6 @@ and the bugs found by reading (each test failed before its fix)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,8 @@ from vfmkd.engine.builders import build_loss_terms, build_model
 from vfmkd.engine.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import test as test_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import test as test_tool  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 COCO = REPO / "datasets" / "coco128"
@@ -246,3 +244,42 @@ def test_a_partial_val_cache_gives_fidelity_on_its_images_without_live_passes(fe
     assert val["images"] == LIMIT  # mAP over the whole split
     assert val["fidelity_sources"] == {"sam": {"offline": 1, "skipped: images missing from the cache": 1}}
     assert trainer.val_router.sources["sam"].live is None and val["fidelity"]["sam/image_embeddings@P4"]["cells"] > 0
+
+
+def tools_imports(root: Path) -> list:
+    """``path:line: text`` of every place under ``root``'s vfmkd/, tests/ and benchmarks/ that imports a tool:
+    ``import tools``/``from tools``, a tool module by its name (``import prepare_teacher_features``),
+    tools/ put on ``sys.path``, or a tool file loaded by path."""
+    import re
+
+    names = "|".join(sorted(p.stem for p in (root / "tools").glob("*.py")))
+    patterns = [re.compile(r"^\s*(?:from|import)\s+tools\b"),
+                re.compile(rf"^\s*(?:import\s+(?:{names})\b|from\s+(?:{names})\s+import\b)"),
+                re.compile(r"sys\.path.*\btools\b"),
+                re.compile(r"spec_from_file_location\(.*\btools\b")]
+    found = []
+    for folder in ("vfmkd", "tests", "benchmarks"):
+        for f in sorted((root / folder).rglob("*.py")):
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if any(p.search(line) for p in patterns):
+                    found.append(f"{f.relative_to(root).as_posix()}:{n}: {line.strip()}")
+    return found
+
+
+def test_nothing_imports_tools(tmp_path):
+    """tools/ are thin command lines over vfmkd (vfmkd/engine/commands/): tests and benchmarks import
+    the vfmkd module, never a tool."""
+    assert not tools_imports(REPO), "imports of tools/ (import vfmkd.engine.commands.<tool> instead):\n" + "\n".join(
+        tools_imports(REPO))
+    for folder in ("tools", "vfmkd", "tests", "benchmarks"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "tools" / "train.py").write_text("")
+    path_edit = "sys" + ".path.insert(0, str(REPO / 'tools'))"
+    (tmp_path / "tests" / "t.py").write_text(f"{path_edit}\nimport train as train_tool\nfrom vfmkd.engine.commands "
+                                             "import train\n")
+    (tmp_path / "benchmarks" / "b.py").write_text("def f():\n    from tools import train\n    import trainer\n")
+    assert tools_imports(tmp_path) == [
+        f"tests/t.py:1: {path_edit}",
+        "tests/t.py:2: import train as train_tool",
+        "benchmarks/b.py:2: from tools import train",
+    ]

@@ -3,7 +3,6 @@ coco128 images), TorchScript, or an ultralytics checkpoint that `ultralytics.YOL
 the same boxes; adapters stay behind; NaN weights and unknown formats are refused."""
 from __future__ import annotations
 
-import sys
 import zipfile
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from vfmkd.utils.checkpoint import save_checkpoint
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import export as export_tool  # noqa: E402
+from vfmkd.engine.commands import export as export_tool  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 IMG = 160

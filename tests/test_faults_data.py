@@ -36,9 +36,9 @@ from vfmkd.datasets.coco_yolo import probe_image
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
 from coco_fixture_sets import COCO, SPLIT, coco_image, new_root  # noqa: E402
+
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 TEACHER = ["teacher.init=random", "teacher.input_size=64"]
 FP = TeacherFingerprint(family="t", variant="v", weights="random-init:seed0", input_size=32, dtype="float32",

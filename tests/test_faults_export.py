@@ -25,8 +25,7 @@ from vfmkd.utils.checkpoint import save_checkpoint
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import export as export_tool  # noqa: E402
+from vfmkd.engine.commands import export as export_tool  # noqa: E402
 
 IMG = 128
 SEG_HEADS = {"instance": {"type": "yolo_seg_head", "num_classes": 4, "num_masks": 8, "num_protos": 16},

@@ -4,7 +4,6 @@ Each test fails on the code before its fix."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,9 @@ from vfmkd.datasets import DetectionDataset, check_images, load_rgb
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
 from coco_fixture_sets import SPLIT, coco_image, new_root  # noqa: E402
+
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 # 1. 16-bit grayscale ---------------------------------------------------------------------------
 
@@ -78,7 +77,7 @@ def test_16bit_tiff_images_are_part_of_the_split_and_other_files_are_named(tmp_p
 # 11. tools/predict.py: arguments are checked before anything is loaded -------------------------
 
 def test_predict_refuses_a_non_image_and_a_file_as_output_before_loading_the_model(tmp_path, monkeypatch, caplog):
-    import predict
+    from vfmkd.engine.commands import predict
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
@@ -114,7 +113,7 @@ def test_predict_refuses_a_non_image_and_a_file_as_output_before_loading_the_mod
 # 8. head class counts against the dataset --------------------------------------------------------
 
 def test_head_class_counts_are_checked_against_the_dataset_before_the_run_directory(tmp_path, caplog):
-    import train as train_tool
+    from vfmkd.engine.commands import train as train_tool
 
     common = ["--no-progress", "data.limit=4", "data.num_workers=0", f"work_dir={tmp_path / 'runs'}"]
     semantic = REPO / "configs" / "experiments" / "regnet_semantic_sam_coco128.yaml"
@@ -164,7 +163,7 @@ def test_a_flipped_view_is_the_mirrored_letterbox_to_the_pixel(hw):
 def test_images_without_a_valid_student_cell_are_counted_per_epoch(tmp_path):
     import json
 
-    import train as train_tool
+    from vfmkd.engine.commands import train as train_tool
 
     root = thin_dataset(tmp_path)
     work = tmp_path / "runs"

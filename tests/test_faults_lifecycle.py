@@ -27,10 +27,9 @@ from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import test as test_tool  # noqa: E402
-import train as train_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import test as test_tool  # noqa: E402
+from vfmkd.engine.commands import train as train_tool  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 SIZE, LIMIT = 64, 4
@@ -158,7 +157,7 @@ TRAIN_DRIVER = textwrap.dedent("""
     import torch
     torch.set_num_threads(2)
     sys.path.insert(0, sys.argv[1])
-    import train
+    from vfmkd.engine.commands import train
     from vfmkd.engine.training.trainer import Trainer
     from vfmkd.utils.cli import entry
     original = Trainer.train_step
@@ -200,7 +199,7 @@ def test_sigterm_mid_training_saves_says_how_to_resume_and_resumes_exactly(featu
     driver = tmp_path / "driver.py"
     driver.write_text(TRAIN_DRIVER)
     work = tmp_path / "stopped"
-    proc = _signal_after([sys.executable, str(driver), str(REPO / "tools"), "--config", str(EXPERIMENT),
+    proc = _signal_after([sys.executable, str(driver), str(REPO), "--config", str(EXPERIMENT),
                           "--no-progress",
                           *overrides(features, work, *extra)], "STEP 2", signal.SIGTERM, tmp_path / "train.err")
     assert proc.returncode == 143, proc.stderr[-3000:]
@@ -237,7 +236,7 @@ def test_a_signal_before_the_first_checkpoint_says_nothing_was_saved(features, t
 CACHE_DRIVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    import prepare_teacher_features as ptf
+    from vfmkd.engine.commands import prepare_features as ptf
     from vfmkd.cache.writer import FeatureCacheWriter
     from vfmkd.utils.cli import entry
     original = FeatureCacheWriter.write
@@ -257,7 +256,7 @@ def test_sigterm_mid_caching_releases_the_lock_and_the_rerun_finishes(tmp_path, 
     out = tmp_path / "sam"
     args = ["--teacher", "sam", "--splits", "train2017", "--limit", "6", "--batch-size", "2", "--output", str(out),
             "--no-progress", "teacher.init=random", f"teacher.input_size={SIZE}"]
-    proc = _signal_after([sys.executable, str(driver), str(REPO / "tools"), *args], "WROTE 0", signal.SIGTERM,
+    proc = _signal_after([sys.executable, str(driver), str(REPO), *args], "WROTE 0", signal.SIGTERM,
                          tmp_path / "cache.err")
     assert proc.returncode == 143, proc.stderr[-3000:]
     line = [x for x in proc.stderr.splitlines() if "stopped by SIGTERM" in x]
@@ -275,7 +274,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(features, tmp_
                                            'print(f"STEP {self.step}", flush=True) if self.ctx.is_main else None'))
     work = tmp_path / "runs"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-            str(REPO / "tools"), "--config", str(EXPERIMENT), "--no-progress",
+            str(REPO), "--config", str(EXPERIMENT), "--no-progress",
             *overrides(features, work, "data.batch_size=1", "train.device=cpu", "train.epochs=2")]
     proc = _signal_after(argv, "STEP 1", signal.SIGTERM, tmp_path / "torchrun.err")
     assert proc.returncode != 0 and str(REPO / "vfmkd") not in proc.stderr, proc.stderr[-3000:]  # no rank's traceback

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from pathlib import Path
 
 import yaml
@@ -12,9 +11,8 @@ import yaml
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import train as train_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import train as train_tool  # noqa: E402
 
 # the cache tool's spelling, as a whole key (not inside `teachers.sam_l.init`)
 CACHE_TOOL_KEY = re.compile(r"(?<![\w.])teacher\.(init|checkpoint|input_size)")

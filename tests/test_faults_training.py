@@ -2,7 +2,6 @@
 resumed, an unusable run directory stops the tool with the reason (exit 2)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import test as test_tool  # noqa: E402
-import train as train_tool  # noqa: E402
+from vfmkd.engine.commands import test as test_tool  # noqa: E402
+from vfmkd.engine.commands import train as train_tool  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 PLAIN = ["data.limit=4", "data.img_size=64", "data.batch_size=4", "data.num_workers=0", "train.epochs=1",

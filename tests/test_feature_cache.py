@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vfmkd.cache import FeatureCacheReader
+from vfmkd.cache import FeatureCacheReader, FeatureCacheWriter
 from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.datasets import DetectionDataset
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
@@ -25,8 +25,7 @@ from vfmkd.engine.builders import open_cache
 from vfmkd.teachers.base import TeacherFingerprint
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 # Compares numbers with subprocesses / cached passes bit for bit: runs on two threads under xdist (conftest).
 pytestmark = pytest.mark.bitexact
@@ -93,11 +92,11 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import os, signal, sys
-        sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tools')!r}]
+        sys.path[:0] = [{str(REPO)!r}]
         import torch
         torch.set_num_threads({THREADS})
         from vfmkd.teachers.sam_teacher import SamTeacher
-        import prepare_teacher_features as ptf
+        from vfmkd.engine.commands import prepare_features as ptf
         original, calls = SamTeacher.extract_features, []
         def dying(self, images):
             calls.append(1)
@@ -118,12 +117,12 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
         cached_dataset(out, LIMIT)
 
     calls = []
-    original = ptf.FeatureCacheWriter.write
-    ptf.FeatureCacheWriter.write = lambda self, start, *a: (calls.append(start), original(self, start, *a))[1]
+    original = FeatureCacheWriter.write
+    FeatureCacheWriter.write = lambda self, start, *a: (calls.append(start), original(self, start, *a))[1]
     try:
         assert ptf.main(tool_args(out)) == 0
     finally:
-        ptf.FeatureCacheWriter.write = original
+        FeatureCacheWriter.write = original
     assert calls == list(range(BATCH, LIMIT, BATCH))  # only the unfinished batches were recomputed
 
     with h5py.File(out / f"{SPLIT}.h5", "r") as got, h5py.File(cache_dir / f"{SPLIT}.h5", "r") as want:

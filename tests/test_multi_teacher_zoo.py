@@ -2,7 +2,6 @@
 DINOv2 patch tokens to P5 and its CLS token to pooled P5, both cached, one run."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,7 @@ from vfmkd.core.config import load_experiment
 from vfmkd.engine.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8s_sam2_dinov2_coco128.yaml"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -21,8 +20,7 @@ from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import train as train_tool  # noqa: E402
+from vfmkd.engine.commands import train as train_tool  # noqa: E402
 
 
 def yolo_cfg(head: str = "yolo_head", classes: int = 80, **init) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.utils.cli import apply_shortcuts, experiment_parser, parse_experiment_args
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import test as test_tool  # noqa: E402
-import train as train_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import test as test_tool  # noqa: E402
+from vfmkd.engine.commands import train as train_tool  # noqa: E402
 
 DESIGN = REPO / "configs" / "experiments" / "yolov8_sam2_coco.yaml"
 MAIN = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"

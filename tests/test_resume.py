@@ -20,9 +20,8 @@ from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import train as train_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import train as train_tool  # noqa: E402
 
 # Compares numbers with subprocesses / cached passes bit for bit: runs on two threads under xdist (conftest).
 pytestmark = pytest.mark.bitexact
@@ -53,7 +52,7 @@ KILLER = textwrap.dedent("""
     import torch
     torch.set_num_threads(2)
     sys.path.insert(0, sys.argv[1])
-    import train
+    from vfmkd.engine.commands import train
     from vfmkd.engine.training.trainer import Trainer
     original, saves = Trainer.save, []
     def save(self, name, *args, **kwargs):
@@ -81,7 +80,7 @@ def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(features, tmp
     work = tmp_path / "killed"
     argv = ["--config", str(EXPERIMENT), "--no-progress", *overrides(features, work, workers)]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, str(driver), str(REPO / "tools"), "3", *argv], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(driver), str(REPO), "3", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = next((work / "yolov8_sam_coco128").iterdir())

@@ -210,11 +210,9 @@ def test_official_weights_entries():
 
 
 def test_cache_tool_writes_sam2_features(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "tools"))
-    import prepare_teacher_features as ptf
-
     from vfmkd.cache import FeatureCacheReader
     from vfmkd.engine.builders import open_cache
+    from vfmkd.engine.commands import prepare_features as ptf
 
     out = tmp_path / "sam2"
     args = ["--teacher", "sam2", "--dataset", "coco128", "--splits", "val2017", "--limit", "2", "--batch-size", "2",

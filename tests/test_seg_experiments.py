@@ -3,7 +3,6 @@ cache (features + box-prompted SAM masks) -> train -> validate -> checkpoints an
 and a vfmkd run as the teacher of another student."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,8 @@ from vfmkd.core.config import load_experiment
 from vfmkd.engine.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import test as test_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import test as test_tool  # noqa: E402
 
 EXPERIMENTS = REPO / "configs" / "experiments"
 SIZE, LIMIT = 128, 4

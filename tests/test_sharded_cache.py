@@ -16,8 +16,7 @@ import torch
 from vfmkd.cache.shards import shard_file, shard_range
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 SPLIT, LIMIT, BATCH = "train2017", 8, 2
 pytestmark = pytest.mark.slow
@@ -85,9 +84,9 @@ def test_rank_killed_mid_shard_resumes_and_equals(single, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import os, signal, sys
-        sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tools')!r}]
+        sys.path[:0] = [{str(REPO)!r}]
         from vfmkd.teachers.sam_teacher import SamTeacher
-        import prepare_teacher_features as ptf
+        from vfmkd.engine.commands import prepare_features as ptf
         original, calls = SamTeacher.extract_features, []
         def dying(self, images):
             calls.append(1)

@@ -5,7 +5,6 @@ checked for every variant by tests/test_backbones.py."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,7 @@ from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.backbones import selective_scan as ss
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 TEACHER_SIZE, LIMIT = 128, 4

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,21 +14,23 @@ import numpy as np
 import pytest
 import torch
 
+from vfmkd.cache.codec import mask_bytes
+from vfmkd.cache.fill import prompt_boxes
 from vfmkd.cache.reader import FeatureCacheReader
+from vfmkd.cache.writer import FeatureCacheWriter
 from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets import DetectionDataset
 from vfmkd.datasets.coco_yolo import load_rgb, parse_labels
 from vfmkd.datasets.transforms import GeometricAugment
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
-from vfmkd.distillation.offline_distiller import open_offline_teacher
+from vfmkd.distillation.offline_distiller import OfflineCacheSpec, open_offline_teacher
 from vfmkd.distillation.online_distiller import OnlineTeacher
 from vfmkd.distillation.targets import MaskLogits, TeacherTargets
 from vfmkd.teachers.lora_sam_teacher import lora_key
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 # Compares numbers with subprocesses / cached passes bit for bit: runs on two threads under xdist (conftest).
 pytestmark = pytest.mark.bitexact
@@ -89,7 +90,7 @@ def caches(tmp_path_factory):
 
 
 def _box_prompts(rows: np.ndarray, image: np.ndarray, affine: torch.Tensor) -> torch.Tensor:
-    return ptf.prompt_boxes(rows, image.shape[:2], affine)
+    return prompt_boxes(rows, image.shape[:2], affine)
 
 
 # ---------------------------------------------------------------------- teachers vs the libraries
@@ -207,7 +208,7 @@ def test_cached_masks_round_trip(caches, sam):
         t = from_entry = TeacherTargets.collate([_targets(r8, p.stem)])
         assert t.mask_logits.quantized and torch.equal(from_entry.mask_logits.logits, e8["logits"])
     # bytes per image are reported for the benchmark table
-    assert ptf.mask_bytes("int8", SIDE, False) < ptf.mask_bytes("float16", SIDE, False)
+    assert mask_bytes("int8", SIDE, False) < mask_bytes("float16", SIDE, False)
 
 
 def _targets(reader: FeatureCacheReader, image_id: str) -> TeacherTargets:
@@ -218,9 +219,9 @@ def _targets(reader: FeatureCacheReader, image_id: str) -> TeacherTargets:
 def _offline(path: Path, name: str = "sam"):
     from vfmkd.teachers.sam_teacher import SamTeacher
     kwargs = {k: v for k, v in SAM_CFG.items() if k != "type"}
-    return open_offline_teacher(name, path, SamTeacher.config_fingerprint(**kwargs), "image_embeddings", "rebuild",
-                                SAM_CFG,
-                                label_dir=COCO / "object_detection" / "labels" / SPLIT)
+    return open_offline_teacher(OfflineCacheSpec(name, path, SamTeacher.config_fingerprint(**kwargs),
+                                                 "image_embeddings", "rebuild", "sam", kwargs,
+                                                 label_dir=COCO / "object_detection" / "labels" / SPLIT))
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -266,7 +267,7 @@ def test_resume_of_a_partial_mask_cache_is_identical(caches, tmp_path):
                                                  r"tools/prepare_teacher_features.py .*--outputs features,masks"):
         cache.require_masks("loss 'mask_kd' (mask_distill)")
 
-    calls, original = [], ptf.FeatureCacheWriter.write
+    calls, original = [], FeatureCacheWriter.write
 
     def dying(self, start, *a):
         if calls:
@@ -274,23 +275,23 @@ def test_resume_of_a_partial_mask_cache_is_identical(caches, tmp_path):
         calls.append(start)
         return original(self, start, *a)
 
-    ptf.FeatureCacheWriter.write = dying
+    FeatureCacheWriter.write = dying
     try:
         with pytest.raises(KeyboardInterrupt):
             ptf.main(tool_args(out, "--storage", "int8"))
     finally:
-        ptf.FeatureCacheWriter.write = original
+        FeatureCacheWriter.write = original
     reader = FeatureCacheReader(out / f"{SPLIT}.h5")
     assert reader.masks_done.tolist() == [True] * BATCH + [False] * (LIMIT - BATCH) and not reader.has_masks
     with pytest.raises(CacheMismatchError, match="does not hold them for every image yet. Finish them with"):
         _offline(out / f"{SPLIT}.h5").require_masks("mask_distill")
 
     calls.clear()
-    ptf.FeatureCacheWriter.write = lambda self, start, *a: (calls.append(start), original(self, start, *a))[1]
+    FeatureCacheWriter.write = lambda self, start, *a: (calls.append(start), original(self, start, *a))[1]
     try:
         assert ptf.main(tool_args(out, "--storage", "int8")) == 0
     finally:
-        ptf.FeatureCacheWriter.write = original
+        FeatureCacheWriter.write = original
     assert calls == list(range(BATCH, LIMIT, BATCH))
     with h5py.File(out / f"{SPLIT}.h5", "r") as got, h5py.File(caches[1], "r") as want:
         names = []
@@ -322,7 +323,8 @@ def test_changed_labels_make_the_masks_stale(tmp_path):
     ):
         reader.check_labels(label.parent)
     with pytest.raises(CacheMismatchError, match="teachers.sam: .*stale"):
-        open_offline_teacher("sam", out / f"{SPLIT}.h5", reader.fingerprint, "image_embeddings", "rebuild", SAM_CFG,
-                             label_dir=label.parent)
+        open_offline_teacher(OfflineCacheSpec("sam", out / f"{SPLIT}.h5", reader.fingerprint, "image_embeddings",
+                                              "rebuild", "sam", {k: v for k, v in SAM_CFG.items() if k != "type"},
+                                              label_dir=label.parent))
     with pytest.raises(CacheMismatchError, match="label files changed since it was started"):
         ptf.main(tool_args(out, root=root, limit=2))

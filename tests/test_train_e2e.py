@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,9 +18,8 @@ from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_teacher_features as ptf  # noqa: E402
-import test as test_tool  # noqa: E402
+from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
+from vfmkd.engine.commands import test as test_tool  # noqa: E402
 
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 TEACHER_SIZE, LIMIT = 128, 8

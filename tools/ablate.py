@@ -1,44 +1,15 @@
 #!/usr/bin/env python
 """Ablate a recipe: train the experiment with each of its parts off (learnable fusion, DSRL, teacher
-distillation) for the same budget and write a Markdown table (PQ, mIoU, time, memory).
 
-    python tools/ablate.py configs/experiments/regnet_fusion_dsrl_sam_panoptic_coco128.yaml train.epochs=10
-    python tools/ablate.py --config X.yaml --parts dsrl teachers --output work_dirs/my_ablation
+The command (its flags, checks and messages) is vfmkd/engine/commands/ablate.py.
 """
-from __future__ import annotations
-
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from vfmkd.core.config import resolve_path  # noqa: E402
-from vfmkd.engine.training.ablation import PARTS, ablate  # noqa: E402
-from vfmkd.engine.training.run_dir import create_run_dir, write_run_config  # noqa: E402
-from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
-from vfmkd.utils.logging import setup_logging  # noqa: E402
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = experiment_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=[p.name for p in PARTS],
-                        help="parts to ablate (default: every part the experiment uses)")
-    parser.add_argument("--output", help="folder of the ablation (default: <work_dir>/<experiment>_ablation/<time>)")
-    args = parse_experiment_args(parser, argv)
-    cfg = load_experiment_args(args)
-    out = resolve_path(args.output) if args.output else create_run_dir(resolve_path(cfg["work_dir"]),
-                                                                       cfg["experiment_name"] + "_ablation")
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, cfg)
-    log = setup_logging(out / "ablation.log")
-    rows = ablate(cfg, out, args.parts, log=log.info)
-    for row in rows:
-        log.info("%-12s PQ=%s mIoU=%s %.0fs peak RSS %.0f MiB", row["variant"], row["PQ"], row["mIoU"], row["train_s"],
-                 row["peak_rss_mib"])
-    log.info("table -> %s", out / "ablation.md")
-    return 0
-
+from vfmkd.engine.commands.ablate import main  # noqa: E402
+from vfmkd.utils.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
     entry(main)

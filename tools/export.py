@@ -1,33 +1,10 @@
 #!/usr/bin/env python
 """Export a trained student to ONNX, TorchScript or (YOLOv8) an ultralytics checkpoint.
 
-What is exported: backbone -> neck -> task heads in eval mode, without the distillation adapters.
-The ultralytics checkpoint is what `ultralytics.YOLO(path)` loads (predict, val).
-
-    python tools/export.py work_dirs/<run>/checkpoints/best.pt --format onnx
-    python tools/export.py --checkpoint work_dirs/<run>/checkpoints/best.pt --format torchscript --dynamic
-    python tools/export.py work_dirs/<run>/checkpoints/best.pt --format ultralytics   # -> best.ultralytics.pt
-
-The config defaults to the run's config.yaml next to checkpoints/ (else the config stored in the
-checkpoint); --config and key=value overrides change it. The output defaults to the checkpoint's
-name with the format's suffix (best.onnx, best.torchscript, best.ultralytics.pt) and is written
-atomically. An ONNX export is checked with ONNX Runtime against PyTorch on a probe input.
-
-Outputs: each head's eval output in config order; an instance (yolo_seg_head) head adds its mask
-prototypes right after its predictions (ONNX names output0/output1 for a one-head student, else
-output_<head> / proto_<head>; TorchScript returns them as a tuple in that order).
-
-A promptable student (a sam_decoder head) exports as SAM does, in two files beside the output:
-best.encoder.onnx (images -> image_embeddings) and best.decoder.onnx (image_embeddings + box/point
-prompts -> low-res mask logits, IoU predictions), or the same two as .torchscript; see
-vfmkd/engine/export/promptable.py. The output never replaces a training checkpoint (exit 2).
+The command (its flags, checks and messages) is vfmkd/engine/commands/export.py.
 """
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 

@@ -4,46 +4,16 @@
     python tools/train.py configs/experiments/yolov8_sam_coco128.yaml train.epochs=3 data.batch_size=8
     python tools/train.py --config configs/experiments/yolov8_sam2_coco.yaml --backbone yolov8 --teacher sam2 \
         --dataset coco128
-"""
-from __future__ import annotations
 
+The command (its flags, checks and messages) is vfmkd/engine/commands/train.py.
+"""
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from vfmkd.engine.training.resume import RunFinished  # noqa: E402
-from vfmkd.engine.training.trainer import Trainer  # noqa: E402
-from vfmkd.utils.cli import entry, experiment_parser, load_experiment_args, parse_experiment_args  # noqa: E402
-from vfmkd.utils.logging import get_logger  # noqa: E402
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = experiment_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars (logs stay)")
-    parser.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
-                        help="continue a killed run exactly where its checkpoints/last.pt left it (model, adapters, "
-                             "optimizer, scheduler, epoch and step, every RNG, the run directory); the config "
-                             "defaults to the run's config.yaml; a changed model/teachers/losses/data/seed is refused")
-    args = parse_experiment_args(parser, argv)
-    cfg = load_experiment_args(args)
-    try:
-        trainer = Trainer(cfg, progress=not args.no_progress, resume=Path(args.resume) if args.resume else None)
-    except RunFinished as done:  # a finished run resumed: say so, touch nothing
-        get_logger().info("%s", done)
-        return 0
-    metrics = trainer.fit()
-    best, score = metrics["best_val"] or {}, metrics["best_metric"]
-    picked = f"val {score['head']} {score['metric']}={score['value']:.4f}" if score else "no validation score"
-    if score and "mAP50" in best and score["metric"] != "mAP50-95":  # a detection head beside the one that picks
-        picked += f", detection mAP50={best['mAP50']:.4f} mAP50-95={best['mAP50-95']:.4f}"
-    trainer.log.info("done in %.0fs: best epoch %s, %s; run directory %s",
-                     metrics["train_seconds"], metrics["best_epoch"], picked, trainer.run_dir)
-    for key, value in (metrics.get("final_fidelity") or {}).items():
-        trainer.log.info("held-out %s: cosine %.4f, mse %.4f", key, value["cos"], value["mse"])
-    return 0
-
+from vfmkd.engine.commands.train import main  # noqa: E402
+from vfmkd.utils.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
     entry(main)

@@ -96,17 +96,34 @@ class OfflineTeacher:
         return frozenset(absent)
 
 
-def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, primary_feature: str,
-                         rebuild: str, teacher_config: Mapping[str, Any],
-                         label_dir: Optional[Path] = None) -> OfflineTeacher:
-    """Open ``path`` (a ``<split>.h5``) and check it was written by the teacher whose config
-    fingerprint is ``expected``; ``rebuild`` is the command that writes it (named when it is absent).
-    ``label_dir``: the split's detection label folder; a cache with mask logits is checked against it
+@dataclass(frozen=True)
+class OfflineCacheSpec:
+    """One teacher's cache of one split, as the builders read it from the teacher's config entry.
+
+    ``fingerprint``: the configured teacher's config fingerprint (the cache must match it);
+    ``rebuild``: the command that writes the file (named when it is absent); ``teacher_type`` and
+    ``teacher_settings`` (its constructor settings) spell the rebuild command of a mismatching cache;
+    ``label_dir``: the split's detection label folder, checked against a cache with mask logits."""
+
+    name: str
+    path: Path
+    fingerprint: TeacherFingerprint
+    primary_feature: str
+    rebuild: str
+    teacher_type: str
+    teacher_settings: Mapping[str, Any]
+    label_dir: Optional[Path] = None
+
+
+def open_offline_teacher(spec: OfflineCacheSpec) -> OfflineTeacher:
+    """Open ``spec.path`` (a ``<split>.h5``) and check it was written by the teacher whose config
+    fingerprint is ``spec.fingerprint``; a cache with mask logits is checked against ``spec.label_dir``
     (stale labels raise :class:`CacheMismatchError`)."""
+    name, path, expected = spec.name, spec.path, spec.fingerprint
     where = f"teachers.{name}"
     if not path.is_file():
-        raise CacheMissingError(f"{where}: no cached features at {path}. Write them first:\n  {rebuild}")
-    reader = FeatureCacheReader(path, rebuild=rebuild)
+        raise CacheMissingError(f"{where}: no cached features at {path}. Write them first:\n  {spec.rebuild}")
+    reader = FeatureCacheReader(path, rebuild=spec.rebuild)
     ignore: Tuple[str, ...] = ()
     if expected.weights.startswith("unknown"):
         # The checkpoint is not on this machine (a cache copied from elsewhere): the weights
@@ -115,18 +132,19 @@ def open_offline_teacher(name: str, path: Path, expected: TeacherFingerprint, pr
                              reader.fingerprint.weights)
         ignore = ("weights",)
     try:
-        reader.check_matches(expected, ignore=ignore, teacher_config=dict(teacher_config))
+        reader.check_matches(expected, ignore=ignore,
+                             teacher_config={"type": spec.teacher_type, **spec.teacher_settings})
     except CacheMismatchError as exc:
         raise CacheMismatchError(f"{where}: {exc}") from exc
-    if label_dir is not None:
+    if spec.label_dir is not None:
         try:
-            reader.check_labels(label_dir)
+            reader.check_labels(spec.label_dir)
         except CacheMismatchError as exc:
             raise CacheMismatchError(f"{where}: {exc}") from exc
-    specs = tuple(reader.feature_specs)
-    names = [s.name for s in specs]
-    stats = {s.name: reader.stats(s.name) for s in specs}
+    maps = tuple(reader.feature_specs)
+    names = [m.name for m in maps]
+    stats = {m.name: reader.stats(m.name) for m in maps}
     return OfflineTeacher(
-        name, reader, specs, primary_feature if primary_feature in names else names[-1], reader.input_size,
+        name, reader, maps, spec.primary_feature if spec.primary_feature in names else names[-1], reader.input_size,
         bool(reader.has_flip), {k: v for k, v in stats.items() if v is not None}, bool(reader.has_masks),
     )

@@ -3,7 +3,6 @@ what each teacher offers the losses."""
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -18,7 +17,12 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets import DetectionDataset, GeometricAugment
-from vfmkd.distillation.offline_distiller import CacheMissingError, OfflineTeacher, open_offline_teacher
+from vfmkd.distillation.offline_distiller import (
+    CacheMissingError,
+    OfflineCacheSpec,
+    OfflineTeacher,
+    open_offline_teacher,
+)
 from vfmkd.distillation.online_distiller import OnlineTeacher
 from vfmkd.distillation.routing import TeacherRouter, TeacherSource
 from vfmkd.teachers.settings import teacher_keys
@@ -89,8 +93,9 @@ def open_cache(name: str, entry: Mapping[str, Any], dataset: str, split: str,
     label_dir = resolve_path(data_root) / "object_detection" / "labels" / split if data_root is not None else None
     with teacher_keys(f"teachers.{name}"):
         fingerprint = teacher_cls.config_fingerprint(**kwargs)
-    return open_offline_teacher(name, path, fingerprint, teacher_cls.primary_feature, rebuild, entry,
-                                label_dir=label_dir)
+    return open_offline_teacher(OfflineCacheSpec(
+        name=name, path=path, fingerprint=fingerprint, primary_feature=teacher_cls.primary_feature, rebuild=rebuild,
+        teacher_type=str(entry["type"]), teacher_settings=kwargs, label_dir=label_dir))
 
 
 def build_router(cfg: ExperimentConfig, dataset: DetectionDataset, live: LiveTeachers,
@@ -142,10 +147,6 @@ def teacher_specs(router: TeacherRouter) -> Tuple[Dict[str, Tuple[FeatureSpec, .
             specs[name] = tuple(teacher.feature_specs())
             primary[name] = teacher.primary_feature or specs[name][-1].name
     return specs, primary
-
-
-def _closest_stride_level(levels: Mapping[str, FeatureSpec], stride: int) -> str:
-    return min(levels.values(), key=lambda s: abs(math.log2(s.stride) - math.log2(stride))).name
 
 
 def teacher_outputs(teachers_cfg: Mapping[str, Mapping[str, Any]], router: TeacherRouter) -> Dict[str, Any]:
