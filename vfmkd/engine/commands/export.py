@@ -29,20 +29,19 @@ from typing import Optional, Sequence
 
 from vfmkd.core.config import experiment_record, resolve_path
 from vfmkd.core.errors import ConfigError
+from vfmkd.engine.builders import class_names, detection_classes
 from vfmkd.engine.commands.checkpoint_run import resolve_config
 from vfmkd.engine.export.exporter import (
     FORMATS,
     ExportMismatchError,
     default_output,
-    export_outputs,
     export_student,
     load_student,
-    size_multiple,
 )
 from vfmkd.engine.export.outputs import refuse_checkpoint_output
 from vfmkd.engine.export.promptable import export_promptable as export_promptable_graphs
 from vfmkd.engine.export.promptable import output_paths, promptable_head
-from vfmkd.engine.training.run_parts import class_names, detection_classes
+from vfmkd.engine.export.student_graph import export_outputs, size_multiple
 from vfmkd.utils.cli import OVERRIDES_HELP, sort_positionals
 from vfmkd.utils.logging import get_logger
 
