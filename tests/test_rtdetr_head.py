@@ -18,6 +18,7 @@ from vfmkd.engine.builders import build_loss_terms, build_model
 from vfmkd.engine.evaluation.evaluator import build_scorers
 from vfmkd.engine.training.trainer import Trainer
 from vfmkd.models.heads.rtdetr_head import RTDETRHead
+from vfmkd.tasks import get_task
 from vfmkd.tasks.scoring.detection_metrics import DetectionScorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_eval_output_plugs_into_the_detection_scorer(model, batch):
         n = min(len(cls), QUERIES)
         boxes[i, :n], logits[i, torch.arange(n), cls[:n].long()] = xywh[:n], 5.0
     pred = RTDETRHead.predictions(boxes, logits, torch.tensor([SIZE, SIZE]))
-    oracle = DetectionScorer(names, conf=0.001, iou=0.7, max_det=300)
+    oracle = DetectionScorer(names, conf=0.001, iou=0.7, max_det=300, read_output=get_task("detection").read_output)
     oracle.update(type(out)(out.backbone, out.neck, {"detection": (pred, {})}), batch)
     assert oracle.result()["mAP50"] == pytest.approx(1.0, abs=0.02)
 
