@@ -6,7 +6,7 @@ from vfmkd.tasks.binary import BinaryOutput
 from vfmkd.tasks.detection import DetectionOutput
 from vfmkd.tasks.instance import InstanceOutput
 from vfmkd.tasks.promptable import PromptableOutput
-from vfmkd.tasks.semantic import DenseOutput, SemanticOutput
+from vfmkd.tasks.semantic import DenseOutput, DenseTask, SemanticOutput
 
-__all__ = ["BinaryOutput", "DenseOutput", "DetectionOutput", "InstanceOutput", "PromptableOutput", "SemanticOutput",
-           "Task", "canvas_stride_heads", "get_task", "label_kinds_of", "task_of", "tasks_of"]
+__all__ = ["BinaryOutput", "DenseOutput", "DenseTask", "DetectionOutput", "InstanceOutput", "PromptableOutput",
+           "SemanticOutput", "Task", "canvas_stride_heads", "get_task", "label_kinds_of", "task_of", "tasks_of"]

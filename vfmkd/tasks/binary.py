@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from vfmkd.core.registry import TASKS
 from vfmkd.datasets.records import Batch
-from vfmkd.tasks.base import Task
 from vfmkd.tasks.pictures import PanelRow, PictureContext, Prediction
 from vfmkd.tasks.scoring.context import ScoringContext
 from vfmkd.tasks.scoring.seg_metrics import BinaryScorer
-from vfmkd.tasks.semantic import DenseOutput
+from vfmkd.tasks.semantic import DenseOutput, DenseTask
 
 
 @dataclass
@@ -25,21 +23,17 @@ class BinaryOutput(DenseOutput):
 
 
 @TASKS.register("binary")
-class BinaryTask(Task):
+class BinaryTask(DenseTask):
     """Foreground vs background (the classes of ``data.binary_classes``); loads the binary masks."""
 
     name = "binary"
     label_kinds = frozenset({"binary"})
     default_loss = "binary_segmentation"
-    dense_logits = True
     teacher_tasks = ("binary",)
     output_type = BinaryOutput
 
     primary_metric = ("dice", "Dice")
     best_rank = 3
-
-    def read_output(self, raw: Any) -> BinaryOutput:
-        return BinaryOutput.read(raw)
 
     def build_scorer(self, head: str, context: ScoringContext) -> BinaryScorer:
         return BinaryScorer(head=head, read_output=self.read_output)

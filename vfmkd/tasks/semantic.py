@@ -39,24 +39,31 @@ class SemanticOutput(DenseOutput):
         return self.logits.argmax(1)
 
 
+class DenseTask(Task):
+    """A task whose head gives per-pixel logits (B, K, H, W): its ``output_type`` is a
+    :class:`DenseOutput`, read as is, and its loss and scorer upsample the logits to the labels."""
+
+    dense_logits = True
+    output_type = DenseOutput
+
+    def read_output(self, raw: Any) -> DenseOutput:
+        return self.output_type.read(raw)
+
+
 @TASKS.register("semantic")
-class SemanticTask(Task):
+class SemanticTask(DenseTask):
     """A class per pixel; loads the semantic masks."""
 
     name = "semantic"
     label_kinds = frozenset({"semantic"})
     default_loss = "semantic_segmentation"
     semantic_classes = True
-    dense_logits = True
     teacher_tasks = ("semantic",)
     output_type = SemanticOutput
 
     primary_metric = ("mIoU", "mIoU")
     best_rank = 2
     panoptic_part = STUFF
-
-    def read_output(self, raw: Any) -> SemanticOutput:
-        return SemanticOutput.read(raw)
 
     def build_scorer(self, head: str, context: ScoringContext) -> SemanticScorer:
         if context.semantic_names is None:

@@ -17,7 +17,7 @@ from vfmkd.core.registry import HEADS, LOSSES, TASKS
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.losses.task import TaskLoss
 from vfmkd.models.heads import BaseHead
-from vfmkd.tasks import DenseOutput, Task
+from vfmkd.tasks import DenseOutput, DenseTask
 from vfmkd.tasks.pictures import PanelRow, PictureContext, Prediction
 from vfmkd.tasks.scoring.context import ScoringContext
 
@@ -37,18 +37,14 @@ def salient(batch: Batch) -> torch.Tensor:
 
 
 @TASKS.register("saliency")
-class SaliencyTask(Task):
+class SaliencyTask(DenseTask):
     """Salient (any semantic class) vs unlabeled pixels; reads the semantic masks, scored by IoU."""
 
     name = "saliency"
     label_kinds = frozenset({"semantic"})
     default_loss = "saliency_bce"
-    dense_logits = True
     output_type = SaliencyOutput
     primary_metric = ("iou", "IoU")
-
-    def read_output(self, raw: Any) -> SaliencyOutput:
-        return SaliencyOutput.read(raw)
 
     def build_scorer(self, head: str, context: ScoringContext) -> SaliencyScorer:
         return SaliencyScorer(head)
