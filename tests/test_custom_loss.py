@@ -75,6 +75,7 @@ def test_external_output_loss_trains_two_steps(tmp_path, monkeypatch):
 def test_external_output_loss_value_and_refusals(monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     import my_vfmkd_ext.mask_dice_loss  # noqa: F401  (registers mask_dice_distill and its pairing)
+
     from vfmkd.distillation.pairing.output_rules import TeacherOutputs
     from vfmkd.engine.builders import build_loss_terms, build_model
 
