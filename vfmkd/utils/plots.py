@@ -1,32 +1,16 @@
-"""PNG summaries of a run: loss components, teacher-student cosine and val mAP per epoch; the
-atomic writers every run artefact (PNG, text) goes through."""
+"""PNG summaries of a run: loss components, teacher-student cosine and val mAP per epoch; figures are
+written atomically (:func:`save_figure`, through :mod:`vfmkd.utils.atomic_files`)."""
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Union
+from typing import Any, Dict, List, Union
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs write files, never open windows
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-@contextmanager
-def atomic_output(path: Union[str, Path]) -> Iterator[Path]:
-    """A temp path beside ``path`` (parent folders created) that replaces ``path`` with
-    :func:`os.replace` when the block succeeds and is removed otherwise: a reader (TensorBoard, a
-    user's image viewer, a killed run) never sees a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from vfmkd.utils.atomic_files import atomic_output  # noqa: E402
 
 
 def save_figure(fig: Any, path: Union[str, Path], dpi: int = 100) -> Path:
@@ -37,14 +21,6 @@ def save_figure(fig: Any, path: Union[str, Path], dpi: int = 100) -> Path:
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-    return path
-
-
-def write_text(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` (UTF-8) atomically."""
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -32,9 +32,9 @@ from vfmkd.datasets.transforms import letterbox
 from vfmkd.engine.commands.checkpoint_run import resolve_config
 from vfmkd.engine.export.exporter import load_student
 from vfmkd.engine.export.promptable import promptable_head
+from vfmkd.utils.atomic_files import atomic_output
 from vfmkd.utils.cli import OVERRIDES_HELP, sort_positionals
 from vfmkd.utils.logging import get_logger
-from vfmkd.utils.plots import atomic_output
 
 OVERLAY_COLOUR = np.array([30, 144, 255], dtype=np.float32)  # SAM's demo blue
 

@@ -10,7 +10,7 @@ from typing import Any, List, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from vfmkd.utils.plots import write_text
+from vfmkd.utils.atomic_files import write_text
 
 
 def _scalar(v: Any) -> Any:

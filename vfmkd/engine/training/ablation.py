@@ -20,7 +20,7 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.distillation.resolution import TERM_NAME as RESOLUTION_TERM
 from vfmkd.engine.training.run_dir import write_json
 from vfmkd.tasks.scoring.panoptic_metrics import PANOPTIC
-from vfmkd.utils.plots import write_text
+from vfmkd.utils.atomic_files import write_text
 
 Edit = Callable[[Dict[str, Any]], None]
 
