@@ -19,7 +19,7 @@ from pathlib import Path
 
 try:
     import torch
-    from vfmkd.teachers.weights import OFFICIAL_WEIGHTS
+    from vfmkd.core.official_weights import OFFICIAL_WEIGHTS
 except ImportError as exc:
     sys.exit(f"vfmkd is not installed in {sys.executable} ({exc}); run: bash scripts/setup_env.sh")
 
