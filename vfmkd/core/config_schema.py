@@ -25,6 +25,13 @@ class ResolutionDistillConfig:
     use_low_res_sr: bool = False  # memory lever: SR branch on the level's grid, only the 3-channel image resized
     fa_detach_sr: bool = False  # true: FA moves only the segmentation side (SR features as a fixed target)
     head: Optional[str] = None  # the segmentation head (default: the only semantic/binary head)
+    # single: the student trains on the canvas / sr_target_scale only (DSRL). dual: each step runs the student on
+    # the canvas (high path) and on canvas / sr_target_scale (low path), shared weights; FA aligns low to high, SR
+    # reconstructs the canvas from the low path; inference runs the high path (docs/resolution_distillation.md).
+    mode: str = "single"
+    fa_detach_high: bool = True  # dual: the high path's features are FA's fixed target (false: FA moves both paths)
+    task_weight_high: float = 1.0  # dual: x the task losses of the high path
+    task_weight_low: float = 1.0  # dual: x the task losses of the low path (segmentation heads)
 
 
 @dataclass
@@ -37,6 +44,9 @@ class ModelConfig:
     # (vfmkd/models/pretrained.py: an ultralytics YOLOv8 .pt, a timm checkpoint, a vfmkd run's best.pt).
     init: Dict[str, Any] = field(default_factory=dict)
     resolution_distill: ResolutionDistillConfig = field(default_factory=ResolutionDistillConfig)
+    # Input scale where a model is built for inference (tools/test.py, export, predict, a vfmkd teacher): the
+    # student sees the canvas x infer_scale, in (0, 1]. null: the trained path (dual/off: 1, single: 1/sr_target_scale).
+    infer_scale: Optional[float] = None
 
 
 @dataclass
