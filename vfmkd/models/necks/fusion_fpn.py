@@ -2,14 +2,9 @@
 
 Every backbone level is projected by a 1x1 conv (+ BN) to ``channels``; a top-down then a
 bottom-up pass fuses neighbouring levels. Each fusion node resizes its inputs to its own level
-(nearest upsampling, 3x3/2 max pooling), combines them and runs a conv block (SiLU, depthwise 3x3,
-pointwise 1x1, BN, as in EfficientDet). With ``fusion: learnable`` a node holds one scalar pᵢ per
-input, initialised to 1.0, and computes
-
-    wᵢ = relu(pᵢ),   O = Σᵢ wᵢ·Iᵢ / (ε + Σⱼ wⱼ),   ε = 1e-4
-
-(Tan et al., EfficientDet, CVPR 2020, "fast normalized fusion"); ``sum`` adds the inputs and
-``avg`` takes their mean (no fusion parameters).
+(nearest upsampling, 3x3/2 max pooling), combines them (:class:`vfmkd.models.fusion.WeightedFusion`:
+``learnable`` fast normalised fusion, ``sum`` or ``avg``) and runs a conv block (SiLU, depthwise 3x3,
+pointwise 1x1, BN, as in EfficientDet).
 """
 from __future__ import annotations
 
@@ -20,41 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vfmkd.core.errors import ConfigError, did_you_mean
+from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import NECKS
-
-FUSIONS = ("learnable", "sum", "avg")
-EPS = 1e-4
-
-
-class WeightedFusion(nn.Module):
-    """Combines ``n`` same-shaped tensors: fast normalised fusion (``learnable``), sum or mean."""
-
-    def __init__(self, n: int, mode: str, eps: float = EPS) -> None:
-        super().__init__()
-        self.n, self.mode, self.eps = n, mode, eps
-        # pᵢ initialised equal; absent for sum/avg (no parameter that would never get a gradient)
-        self.p = nn.Parameter(torch.ones(n)) if mode == "learnable" else None
-
-    def weights(self) -> torch.Tensor:
-        """The normalised weights (n,): relu(p) / (eps + Σ relu(p)), or all 1 (sum) / 1/n (avg)."""
-        if self.p is not None:
-            w = torch.relu(self.p)
-            return w / (self.eps + w.sum())
-        return torch.full((self.n,), 1.0 if self.mode == "sum" else 1.0 / self.n)
-
-    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.p is None:
-            out = inputs[0]
-            for x in inputs[1:]:
-                out = out + x
-            return out / self.n if self.mode == "avg" else out
-        w = self.weights()
-        out = inputs[0] * w[0]
-        for i in range(1, self.n):
-            out = out + inputs[i] * w[i]
-        return out
+from vfmkd.models.fusion import EPS, FUSIONS, WeightedFusion, check_fusion  # noqa: F401  (EPS re-exported)
 
 
 def _block(channels: int) -> nn.Sequential:
@@ -94,9 +58,7 @@ class FusionFPN(nn.Module):
 
     def __init__(self, in_specs: Sequence[FeatureSpec], channels: int = 64, fusion: str = "learnable") -> None:
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ConfigError(f"model.neck.fusion: unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}."
-                              + did_you_mean(fusion, FUSIONS))
+        check_fusion(fusion, "model.neck.fusion")
         if int(channels) <= 0:
             raise ConfigError(f"model.neck.channels must be > 0, got {channels}")
         specs = tuple(in_specs)
