@@ -6,24 +6,15 @@ checkpoint checks, preprocessing, features, ``predict_masks``), then the LoRA ma
 into the ``qkv`` weights once (``W <- W + (lora_alpha / lora_rank) * B @ A``), so the forward pass,
 its cost and SAM's own predictor are unchanged, and the teacher stays frozen.
 
-LoRA file format (defined by vfmkd). A ``torch.save``-d dict of tensors (plain, or wrapped as
-``{"model": sd}`` / ``{"state_dict": sd}``), loaded with ``weights_only=True``, holding for EVERY
-image-encoder block ``i`` (vit_b: 0..11, vit_l: 0..23, vit_h: 0..31) exactly two tensors::
-
-    image_encoder.blocks.{i}.attn.qkv.lora_A    (r, C)      float
-    image_encoder.blocks.{i}.attn.qkv.lora_B    (3 * C, r)  float
-
-with ``C`` the embed dim (vit_b 768, vit_l 1024, vit_h 1280) and ``r`` = ``teacher.lora_rank``. The
-adapted projection is ``qkv(x) = x W^T + b + (lora_alpha / r) * x A^T B^T`` (the PEFT convention:
-``lora_A.weight`` is ``(r, in)``, ``lora_B.weight`` ``(out, r)``, scaling ``alpha / r``); the ``3C``
-rows of ``B`` are ordered q, k, v like SAM's fused ``qkv`` Linear. ``lora_alpha`` is not stored in the
-file: set ``teacher.lora_alpha`` to the value used in training. Conversions:
-
-* PEFT (``get_peft_model_state_dict``): rename
-  ``base_model.model.image_encoder.blocks.{i}.attn.qkv.lora_{A,B}.weight`` to the keys above.
-* Separate q/v adapters of rank ``r`` (SAMed style, ``A_q, B_q, A_v, B_v``, scaling 1): a fused
-  adapter of rank ``2r``: ``A = cat([A_q, A_v])``, ``B = [[B_q, 0], [0, 0], [0, B_v]]`` (q, k, v row
-  blocks), with ``lora_rank = lora_alpha = 2r``.
+LoRA files (:mod:`vfmkd.teachers.lora_formats`): vfmkd's own layout (``image_encoder.blocks.{i}.attn.qkv.lora_A``
+``(r, C)`` and ``.lora_B`` ``(3C, r)`` for every block, what ``tools/finetune_teacher.py`` writes), a PEFT state
+dict, or a SAMed checkpoint; the format is detected from the keys, ``teacher.lora_rank: null`` reads the rank
+from the tensors and ``teacher.lora_alpha: null`` the alpha from the file (vfmkd's ``lora_alpha``, PEFT's
+``adapter_config.json``, SAMed: r, i.e. no scaling; a file that does not say: alpha = rank, with a warning).
+The adapted projection is ``qkv(x) = x W^T + b + (lora_alpha / r) * x A^T B^T`` (the PEFT convention), the
+``3C`` rows of ``B`` ordered q, k, v like SAM's fused ``qkv`` Linear. A file's ``prompt_encoder.*`` /
+``mask_decoder.*`` tensors (a fine-tuned decoder) replace SAM's, so ``mask_logits`` prompts the fine-tuned
+decoder.
 
 Every mismatch with the base model (number of blocks, dims, rank vs ``teacher.lora_rank``, a missing
 ``lora_B``, foreign keys, a full SAM checkpoint given as the LoRA file) is a :class:`CheckpointError`
@@ -37,174 +28,42 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+__all__ = ["LoraSamTeacher", "lora_key"]
 
 import torch
 
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
-from vfmkd.core.sam_variants import SAM_VARIANTS
 from vfmkd.teachers.base import TeacherFingerprint
 from vfmkd.teachers.loading import auto_variant, config_weights_id
+from vfmkd.teachers.lora_formats import (
+    KEY_FORMAT,
+    LoraFile,
+    check_lora_state_dict,
+    load_decoder,
+    lora_base_variant,
+    lora_key,
+    read_lora_file,
+)
 from vfmkd.teachers.sam_teacher import SamTeacher, wrong_variant_error
 from vfmkd.teachers.settings import TeacherSettings
-from vfmkd.utils.checkpoint import load_checkpoint, sha256_of_file, unwrap_state_dict
+from vfmkd.utils.checkpoint import sha256_of_file
 
 logger = logging.getLogger("vfmkd")
 
-_LORA_RE = re.compile(r"^image_encoder\.blocks\.(\d+)\.attn\.qkv\.lora_([AB])$")
-_KEY_FORMAT = "image_encoder.blocks.{i}.attn.qkv.lora_A (r, C) and .lora_B (3C, r)"
-_SAM_PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 _NO_LORA = "no-lora"
-
-
-def lora_key(block: int, which: str) -> str:
-    """The key of block ``block``'s ``which`` (``"A"`` or ``"B"``) matrix in a LoRA file."""
-    return f"image_encoder.blocks.{block}.attn.qkv.lora_{which}"
-
-
-def _ranges(blocks: List[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    out: List[str] = []
-    for b in sorted(blocks):
-        if out and b == int(out[-1].split("-")[-1]) + 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{b}"
-        else:
-            out.append(str(b))
-    return ", ".join(out)
-
-
-def lora_base_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The SAM size (vit_b|vit_l|vit_h) whose blocks and embed dim a LoRA file's ``lora_A`` matrices
-    fit, or None when they fit none (:func:`check_lora_state_dict` then says what differs)."""
-    dims: Dict[int, int] = {}
-    for key, value in state_dict.items():
-        m = _LORA_RE.match(key)
-        if m and m.group(2) == "A" and getattr(value, "ndim", 0) == 2:
-            dims[int(m.group(1))] = int(value.shape[1])
-    for name, (dim, depth) in SAM_VARIANTS.items():
-        if sorted(dims) == list(range(depth)) and set(dims.values()) == {dim}:
-            return name
-    return None
-
-
-def check_lora_state_dict(
-    state_dict: Mapping[str, torch.Tensor], variant: str, rank: int, source: str = "LoRA checkpoint"
-) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Validate a LoRA file against SAM ``variant`` and ``rank``; returns ``[(A, B)]`` per block
-    (float32). Raises :class:`CheckpointError` naming what does not match."""
-    pairs = _lora_pairs(state_dict, source)
-    _check_fits_base(pairs, variant, rank, source)
-    _check_ranks(pairs, variant, rank, source)
-    bad = [i for i, d in sorted(pairs.items()) if not (torch.isfinite(d["A"]).all() and torch.isfinite(d["B"]).all())]
-    if bad:
-        raise CheckpointError(f"{source} holds NaN/inf values in blocks {_ranges(bad)}.")
-    return [(pairs[i]["A"].float(), pairs[i]["B"].float()) for i in range(SAM_VARIANTS[variant][1])]
-
-
-def _lora_pairs(state_dict: Mapping[str, torch.Tensor], source: str) -> Dict[int, Dict[str, torch.Tensor]]:
-    """``{block: {"A": (r, C), "B": (3C, r)}}`` of a LoRA file: every key a qkv LoRA matrix, both halves
-    present, 2-D float tensors."""
-    pairs: Dict[int, Dict[str, torch.Tensor]] = {}
-    foreign: List[str] = []
-    for key, value in state_dict.items():
-        m = _LORA_RE.match(key)
-        if m:
-            pairs.setdefault(int(m.group(1)), {})[m.group(2)] = value
-        else:
-            foreign.append(key)
-    if not pairs:
-        if _SAM_PATCH_KEY in state_dict:
-            raise CheckpointError(
-                f"{source} is a full SAM state_dict, not a LoRA file: use it as the base (teacher.checkpoint, or "
-                f"the 'sam' teacher); teacher.lora_checkpoint takes only the LoRA matrices, {_KEY_FORMAT}."
-            )
-        raise CheckpointError(
-            f"{source} holds no LoRA matrices for SAM's qkv layers (first keys: {', '.join(list(state_dict)[:5])}); "
-            f"expected {_KEY_FORMAT} for every image-encoder block (format: vfmkd/teachers/lora_sam_teacher.py)."
-        )
-    if foreign:
-        raise CheckpointError(
-            f"{source} has {len(foreign)} key(s) that are not qkv LoRA matrices (e.g. {', '.join(foreign[:3])}); "
-            f"a LoRA file holds only {_KEY_FORMAT} (format: vfmkd/teachers/lora_sam_teacher.py)."
-        )
-    half = {i: "A" if "A" in d else "B" for i, d in pairs.items() if len(d) != 2}
-    if half:
-        i, have = next(iter(sorted(half.items())))
-        miss = "B" if have == "A" else "A"
-        raise CheckpointError(
-            f"{source}: block {i} has lora_{have} but no lora_{miss} ('{lora_key(i, miss)}' is missing"
-            + (f"; also incomplete: blocks {_ranges(list(half))}" if len(half) > 1 else "") + ")."
-        )
-    for i, d in sorted(pairs.items()):
-        for which, t in d.items():
-            if not torch.is_floating_point(t) or t.ndim != 2:
-                raise CheckpointError(
-                    f"{source}: '{lora_key(i, which)}' is a {t.dtype} tensor of shape {tuple(t.shape)}; "
-                    "LoRA matrices are 2-D float tensors."
-                )
-    return pairs
-
-
-def _check_fits_base(pairs: Dict[int, Dict[str, torch.Tensor]], variant: str, rank: int, source: str) -> None:
-    """Does the file fit this base model at all (number of blocks, embed dim)?"""
-    dim, depth = SAM_VARIANTS[variant]
-    blocks = sorted(pairs)
-    in_dims = sorted({int(d["A"].shape[1]) for d in pairs.values()})
-    problems = []
-    if blocks != list(range(depth)):
-        missing = sorted(set(range(depth)) - set(blocks))
-        extra = [b for b in blocks if b >= depth]
-        detail = "; ".join(
-            s for s in (f"missing blocks {_ranges(missing)}" if missing else "",
-                        f"blocks {_ranges(extra)} do not exist" if extra else "") if s
-        )
-        problems.append(
-            f"it has adapters for {len(blocks)} blocks ({_ranges(blocks)}) but SAM {variant} has {depth} "
-            f"image-encoder blocks (0-{depth - 1}): {detail}"
-        )
-    if in_dims != [dim]:
-        problems.append(
-            f"its lora_A matrices take {'/'.join(map(str, in_dims))} input features but {variant}'s qkv "
-            f"layers take {dim} (embed dim)"
-        )
-    if problems:
-        guess = [n for n,
-                 (d, b) in SAM_VARIANTS.items() if in_dims == [d] and len(blocks) == b and blocks == list(range(b))]
-        hint = (f" It was trained on a SAM {guess[0]}: set teacher.variant={guess[0]} with the {guess[0]} base "
-                "checkpoint." if guess else f" A LoRA for {variant} has {depth} blocks with lora_A ({rank}, {dim}).")
-        raise CheckpointError(f"{source} does not match the base SAM {variant}: {'; '.join(problems)}.{hint}")
-
-
-def _check_ranks(pairs: Dict[int, Dict[str, torch.Tensor]], variant: str, rank: int, source: str) -> None:
-    """Every lora_B fits its lora_A and qkv's 3C outputs; one rank, the configured one."""
-    dim = SAM_VARIANTS[variant][0]
-    ranks: Dict[int, List[int]] = {}
-    for i, d in sorted(pairs.items()):
-        a, b = d["A"], d["B"]
-        if tuple(b.shape) != (3 * dim, a.shape[0]):
-            raise CheckpointError(
-                f"{source}: block {i} has lora_B of shape {tuple(b.shape)} but with lora_A {tuple(a.shape)} it must be "
-                f"(3 * {dim}, {a.shape[0]}) = ({3 * dim}, {a.shape[0]}): qkv has {3 * dim} outputs (q, k, v)."
-            )
-        ranks.setdefault(int(a.shape[0]), []).append(i)
-    if len(ranks) > 1:
-        detail = "; ".join(f"rank {r}: blocks {_ranges(bs)}" for r, bs in sorted(ranks.items()))
-        raise CheckpointError(f"{source} mixes LoRA ranks across blocks ({detail}); vfmkd expects one rank.")
-    file_rank = next(iter(ranks))
-    if file_rank != rank:
-        raise CheckpointError(
-            f"{source} has LoRA rank {file_rank} (lora_A ({file_rank}, {dim})) but teacher.lora_rank={rank}; "
-            f"set teacher.lora_rank={file_rank} (and teacher.lora_alpha to the value used in training)."
-        )
+_DEFAULT_RANK = 8  # no LoRA file (init=random) and no teacher.lora_rank
+_READ: Dict[Tuple[str, int, int], LoraFile] = {}
 
 
 @TEACHERS.register("lora_sam")
 class LoraSamTeacher(SamTeacher):
-    """Frozen SAM + merged LoRA on the image encoder's qkv layers. Features, preprocessing and
-    ``predict_masks`` are :class:`SamTeacher`'s; see the module docstring for the LoRA file format."""
+    """Frozen SAM + merged LoRA on the image encoder's qkv layers (and the file's fine-tuned prompt
+    encoder / mask decoder, when it holds them). Features, preprocessing, ``mask_logits`` and
+    ``predict_masks`` are :class:`SamTeacher`'s; file formats: :mod:`vfmkd.teachers.lora_formats`."""
 
     family = "lora_sam"
 
@@ -213,8 +72,8 @@ class LoraSamTeacher(SamTeacher):
         variant: str = "auto",
         checkpoint: Optional[str] = None,
         lora_checkpoint: Optional[str] = None,
-        lora_rank: int = 8,
-        lora_alpha: float = 8.0,
+        lora_rank: Optional[int] = None,
+        lora_alpha: Optional[float] = None,
         input_size: int = 1024,
         init: str = "pretrained",
         dtype: str = "auto",
@@ -225,6 +84,7 @@ class LoraSamTeacher(SamTeacher):
                                       lora_rank=lora_rank, lora_alpha=lora_alpha, input_size=input_size, init=init,
                                       dtype=dtype, device=device, seed=seed)
         variant, checkpoint = settings.variant, settings.checkpoint  # `auto` resolved (base SAM file, else the LoRA)
+        lora_rank, lora_alpha = settings.extra["lora_rank"], settings.extra["lora_alpha"]  # null: read from the file
         # The base file is checked against teacher.variant first (a vit_b base under variant=vit_l is the base's
         # fault, not the LoRA's), then the LoRA file against the base model's shapes, before anything is built.
         if init == "pretrained":
@@ -232,20 +92,24 @@ class LoraSamTeacher(SamTeacher):
             if read is not None and found != variant:
                 raise wrong_variant_error(read, found, variant)
         lora: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+        file: Optional[LoraFile] = None
         if lora_checkpoint:
-            path = Path(lora_checkpoint)
-            if not path.exists():
+            if not Path(lora_checkpoint).exists():
                 raise CheckpointError(
-                    f"LoRA checkpoint not found: {path} (absolute: {path.resolve()}); set teacher.lora_checkpoint to "
-                    f"the file with the LoRA matrices ({_KEY_FORMAT}; format: vfmkd/teachers/lora_sam_teacher.py)."
-                )
-            sd = unwrap_state_dict(load_checkpoint(path))
-            lora = check_lora_state_dict(sd, variant, lora_rank, source=f"LoRA checkpoint {path}")
-            lora_id = sha256_of_file(path)
+                    f"LoRA checkpoint not found: {lora_checkpoint} (absolute: {Path(lora_checkpoint).resolve()}); set "
+                    f"teacher.lora_checkpoint to the file with the LoRA matrices ({KEY_FORMAT}, or PEFT/SAMed; "
+                    "formats: vfmkd/teachers/lora_formats.py).")
+            file = _read(lora_checkpoint)
+            source = f"LoRA checkpoint {lora_checkpoint} ({file.format} format)"
+            if file.format == "samed" and file.rank != lora_rank:
+                raise CheckpointError(f"{source} has LoRA rank {file.rank} (w_a ({file.rank}, C)) but "
+                                      f"teacher.lora_rank={lora_rank}; set teacher.lora_rank={file.rank} (or null).")
+            lora = check_lora_state_dict(file.lora, variant, lora_rank * file.rank_factor, source=source)
+            lora_id = sha256_of_file(lora_checkpoint)
         elif init == "pretrained":
             raise ConfigError(
                 "the lora_sam teacher needs teacher.lora_checkpoint=/path/to/lora.pt (the LoRA A/B matrices, "
-                "format: vfmkd/teachers/lora_sam_teacher.py); for the plain base model use the 'sam' teacher."
+                "formats: vfmkd/teachers/lora_formats.py); for the plain base model use the 'sam' teacher."
             )
         else:
             lora_id = _NO_LORA
@@ -259,11 +123,37 @@ class LoraSamTeacher(SamTeacher):
         self.lora_rank = lora_rank
         self.lora_alpha = float(lora_alpha)
         self._weights_id = _combined_weights_id(self._weights_id, lora_id)
-        if lora is not None:
+        if lora is not None and file is not None:
             self._merge(lora, self.lora_alpha / lora_rank)
-            logger.info("Merged LoRA (rank %d, alpha %g) from %s into %d qkv layers.",
-                        lora_rank, lora_alpha, lora_checkpoint, len(lora))
+            decoder = load_decoder(self.sam, file.decoder, f"LoRA checkpoint {lora_checkpoint}")
+            logger.info("Merged LoRA (rank %d, alpha %g) from %s (%s format) into %d qkv layers%s.", lora_rank,
+                        self.lora_alpha, lora_checkpoint, file.format, len(lora),
+                        f"; loaded its fine-tuned {' and '.join(decoder)}" if decoder else "")
         self.freeze()
+
+    @classmethod
+    def settings_from(cls, **kwargs: Any) -> TeacherSettings:
+        """SAM's settings with ``lora_rank: null`` read from the LoRA file's tensors and ``lora_alpha: null``
+        from the file (vfmkd's ``lora_alpha``, PEFT's adapter_config.json, SAMed: r); without a file 8 / rank."""
+        settings = super().settings_from(**kwargs)
+        extra = dict(settings.extra)
+        path = extra.get("lora_checkpoint")
+        file = _read(path) if path and Path(path).is_file() else None
+        if extra["lora_rank"] is None:
+            extra["lora_rank"] = file.rank if file is not None and file.rank else _DEFAULT_RANK
+        if extra["lora_alpha"] is None:
+            if file is not None and file.alpha is None:
+                logger.warning("LoRA checkpoint %s (%s format) does not say its lora_alpha: assuming lora_alpha = "
+                               "lora_rank = %d (scaling 1); set teacher.lora_alpha to the value used in training.",
+                               path, file.format, extra["lora_rank"])
+            known = file.alpha if file is not None else None
+            extra["lora_alpha"] = float(extra["lora_rank"]) if known is None else known
+        elif file is not None and file.alpha is not None and float(extra["lora_alpha"]) != file.alpha:
+            logger.warning("teacher.lora_alpha=%g overrides the %g that %s was trained with.", extra["lora_alpha"],
+                           file.alpha, path)
+        settings = dataclasses.replace(settings, extra=extra)
+        _check_lora_hparams(extra["lora_rank"], extra["lora_alpha"])
+        return settings
 
     @classmethod
     def _auto_variant(cls, values: Mapping[str, Any]) -> Tuple[str, str, Optional[str]]:
@@ -273,7 +163,7 @@ class LoraSamTeacher(SamTeacher):
                                           cls.detect_variant)
         lora_file = values.get("lora_checkpoint")
         if read is None and lora_file and Path(lora_file).is_file():
-            found = lora_base_variant(unwrap_state_dict(load_checkpoint(lora_file)))
+            found = lora_base_variant(_read(lora_file).lora)
             if found is not None:
                 return found, f"the base size of LoRA file {lora_file}", None
         return variant, how, read
@@ -281,7 +171,8 @@ class LoraSamTeacher(SamTeacher):
     @classmethod
     def _check_settings(cls, settings: TeacherSettings) -> None:
         super()._check_settings(settings)
-        _check_lora_hparams(settings.extra["lora_rank"], settings.extra["lora_alpha"])
+        rank, alpha = settings.extra["lora_rank"], settings.extra["lora_alpha"]
+        _check_lora_hparams(_DEFAULT_RANK if rank is None else rank, 1.0 if alpha is None else alpha)
 
     @torch.no_grad()
     def _merge(self, lora: List[Tuple[torch.Tensor, torch.Tensor]], scaling: float) -> None:
@@ -309,6 +200,16 @@ class LoraSamTeacher(SamTeacher):
         else:
             lora_id = f"unknown (LoRA checkpoint {lora_checkpoint} is not on this machine)"
         return _combined_weights_id(base, lora_id)
+
+
+def _read(path: str | Path) -> LoraFile:
+    """:func:`read_lora_file`, remembered per file version (the settings and the build both read it)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _READ:
+        _READ.clear()  # one file at a time: a SAMed file holds a whole decoder
+        _READ[key] = read_lora_file(path)
+    return _READ[key]
 
 
 def _combined_weights_id(base: str, lora_id: str) -> str:
