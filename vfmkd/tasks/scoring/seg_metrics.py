@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_hausdorff_distance
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryF1Score,
@@ -203,6 +202,9 @@ class BinaryScorer:
         if not bool(gt.any()) or not bool(pred.any()):
             self.hd_skipped += 1
             return
+        # imported here: MONAI's import costs seconds at every tool start and only HD95 needs it
+        from monai.metrics import compute_hausdorff_distance
+
         with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal call (get_mask_edges)
             warnings.simplefilter("ignore", FutureWarning)
             hd = compute_hausdorff_distance(pred[None, None].float(), gt[None, None].float(), include_background=True,
