@@ -44,18 +44,19 @@ from vfmkd.core.config import experiment_from_dict  # noqa: E402
 from vfmkd.engine.training.trainer import Trainer  # noqa: E402
 
 
-def make_trainer(work: Path, img: int, batch: int, scale: float, low_res: bool) -> Trainer:
+def make_trainer(work: Path, img: int, batch: int, scale: float, low_res: bool, mode: str = "single",
+                 device: str = "cpu") -> Trainer:
     raw = {
         "experiment_name": "bench_dsrl", "work_dir": str(work),
         "model": {"backbone": {"type": "regnet", "config": "configs/backbones/regnetx_002.yaml"},
                   "neck": {"type": "yolov8_pafpn", "depth": 1},
                   "heads": {"semantic": {"type": "semantic_head", "num_classes": 130, "output_stride": 8}},
                   "resolution_distill": {"enabled": scale > 1, "sr_target_scale": scale if scale > 1 else 2.0,
-                                         "use_low_res_sr": low_res}},
+                                         "use_low_res_sr": low_res, "mode": mode}},
         "distillation": {"losses": {"semantic_segmentation": {"head": "semantic"}}, "standardize": False},
         "data": {"dataset": "coco128", "root": str(REPO / "datasets/coco128"), "img_size": img, "limit": batch,
                  "batch_size": batch, "num_workers": 0},
-        "train": {"epochs": 1, "device": "cpu", "vis_interval": 0, "loggers": []},
+        "train": {"epochs": 1, "device": device, "vis_interval": 0, "loggers": []},
         "eval": {"fidelity": False},
     }
     return Trainer(experiment_from_dict(raw), progress=False)

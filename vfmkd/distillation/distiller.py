@@ -94,12 +94,19 @@ class Distiller(nn.Module):
     # ------------------------------------------------------------------ configuration
     def set_stage(self, active: Optional[Iterable[str]] = None, weights: Optional[Mapping[str, float]] = None) -> None:
         """Only ``active`` terms (all when None) count from now on, with ``weights`` overriding the
-        configured ones; names are checked so a typo in a stage is an error, not a silent no-op."""
+        configured ones; names are checked so a typo in a stage is an error, not a silent no-op. A
+        multi-level entry's name stands for all its pairs (``LossTerm.parent``)."""
+        pairs: Dict[str, List[str]] = {}
+        for t in self.terms.values():
+            if t.parent:
+                pairs.setdefault(t.parent, []).append(t.name)
+        active = None if active is None else [n for a in active for n in pairs.get(a, [a])]
+        weights = {n: w for k, w in (weights or {}).items() for n in pairs.get(k, [k])}
         for where, names in (("losses", list(active or [])), ("weights", list(weights or {}))):
             unknown = sorted(set(names) - set(self.terms))
             if unknown:
                 raise ConfigError(f"train.stages {where}: {unknown} are not entries of distillation.losses "
-                                  f"({sorted(self.terms)})")
+                                  f"({sorted(self.terms)}{', or ' + ', '.join(sorted(pairs)) if pairs else ''})")
         self.active = set(self.terms) if active is None else set(active)
         self.weights = {t.name: float((weights or {}).get(t.name, t.weight)) for t in self.terms.values()}
 

@@ -19,10 +19,20 @@ finest neck level back to the S x S canvas:
 ``use_low_res_sr: false`` (DSRL): the branch's features are upsampled to S and decoded there, FA
 compares at S pooled by ``fa_subscale``. ``true`` (memory lever): the branch works on the level's
 grid, pixel-shuffles a 3-channel image to s and only that is resized to S; FA compares at s.
+
+``mode: dual`` (seed 001's two paths): the student is built at full resolution and each training step
+runs it twice with shared weights (:class:`DualResolutionStudent`): the high path on the canvas S and
+the low path on s (its segmentation heads only; ``StudentOutput.low``). The SR branch reconstructs
+the canvas from the low path's level; FA aligns the low path's level (adapted) to the high path's
+(a fixed target with ``fa_detach_high: true``, else FA moves both paths); the task losses run on both
+paths (:class:`DualPathTaskLoss`: ``task_weight_high`` x high + ``task_weight_low`` x low, logged as
+``<loss>_high`` / ``<loss>_low``). Inference uses the high path (``model.infer_scale`` picks the low
+one). While the ``resolution_distill`` term is outside the active stage the step is single-pass.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +42,8 @@ from ultralytics.nn.modules import Conv
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import TASKS
 from vfmkd.distillation.losses.affinity import FeatureAffinityLoss
-from vfmkd.models.input_scale import check_input_geometry, resolution_distill_settings
+from vfmkd.distillation.terms import LossTerm
+from vfmkd.models.input_scale import check_input_geometry, downscale_input, resolution_distill_settings
 from vfmkd.tasks import get_task, tasks_of
 
 TERM_NAME = "resolution_distill"
@@ -66,23 +77,26 @@ class SRBranch(nn.Module):
 class ResolutionDistillLoss(nn.Module):
     """The DSRL term: ``forward(out: StudentOutput, batch)`` -> (sr_w x loss_sr + fa_w x loss_fa,
     {loss_sr, loss_fa}). It reads the whole student output (``reads_student_output``): the
-    segmentation level ``level`` of ``out.neck``; the SR target is ``batch.images`` (the canvas)."""
+    segmentation level ``level`` of ``out.neck`` (single) or of ``out.low.neck`` with ``out.neck`` as
+    FA's target (``dual``); the SR target is ``batch.images`` (the canvas). ``low_heads``: the heads the
+    dual low path runs (the segmentation heads)."""
 
     kind = "task"
     reads_student_output = True
 
     def __init__(self, level: str, level_channels: int, level_stride: int, scale: float, feat_channels: int = 64,
                  sr_loss_weight: float = 0.1, fa_loss_weight: float = 1.0, fa_subscale: float = 0.125,
-                 use_low_res_sr: bool = False, fa_detach_sr: bool = False) -> None:
+                 use_low_res_sr: bool = False, fa_detach_sr: bool = False, dual: bool = False,
+                 fa_detach_high: bool = True, low_heads: Sequence[str] = ()) -> None:
         super().__init__()
-        self.level, self.scale = level, float(scale)
-        self.sr_loss_weight, self.fa_loss_weight, self.fa_detach_sr = (
-            float(sr_loss_weight),
-            float(fa_loss_weight),
-            fa_detach_sr,
-        )
+        self.level, self.scale, self.dual = level, float(scale), bool(dual)
+        self.sr_loss_weight, self.fa_loss_weight = float(sr_loss_weight), float(fa_loss_weight)
+        self.fa_detach_sr, self.fa_detach_high, self.low_heads = fa_detach_sr, bool(fa_detach_high), tuple(low_heads)
         self.branch = SRBranch(level_channels, level_stride, feat_channels, use_low_res_sr)
-        self.fa = FeatureAffinityLoss("sr", level_channels, feat_channels, student_level=level, fa_subscale=fa_subscale)
+        # single: the level vs the SR branch's features; dual: the low path's level vs the high path's
+        target = ("high", level_channels) if self.dual else ("sr", feat_channels)
+        self.fa = FeatureAffinityLoss(target[0], level_channels, target[1], student_level=level,
+                                      fa_subscale=fa_subscale)
 
     def fa_grid(self, canvas_hw: Tuple[int, int]) -> Tuple[int, int]:
         """Where FA compares before its pooling: S (DSRL) or, with use_low_res_sr, the student's input s."""
@@ -91,7 +105,10 @@ class ResolutionDistillLoss(nn.Module):
         return (round(canvas_hw[0] / self.scale), round(canvas_hw[1] / self.scale))
 
     def forward(self, out: Any, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        level = out.neck[self.level].float()
+        if self.dual and out.low is None:
+            raise ValueError("resolution_distill (mode: dual) needs the low path's output (StudentOutput.low): run "
+                             "the student through DualResolutionStudent (the training step does)")
+        level = (out.low if self.dual else out).neck[self.level].float()
         images = batch.images.to(level.device).float()
         canvas = tuple(images.shape[-2:])
         sr_image, sr_feats = self.branch(level, canvas)
@@ -101,12 +118,70 @@ class ResolutionDistillLoss(nn.Module):
         # The adapter is a 1x1 conv: applied before the bilinear resize it gives the same map as
         # FeatureAffinityLoss.forward on the resized level, at (g/grid)^2 of the adapter's memory.
         adapted = _resize(self.fa.adapter(level), grid)
-        teacher = _resize(sr_feats.detach() if self.fa_detach_sr else sr_feats, grid)
-        del sr_feats
+        if self.dual:
+            high = out.neck[self.level].float()
+            target = high.detach() if self.fa_detach_high else high
+        else:
+            target = sr_feats.detach() if self.fa_detach_sr else sr_feats
+        teacher = _resize(target, grid)
+        del sr_feats, target
         mask = torch.ones_like(adapted[:, :1])
         loss_fa = self.fa.compare(adapted, teacher, mask)
         total = self.sr_loss_weight * loss_sr + self.fa_loss_weight * loss_fa
         return total, {"loss_sr": loss_sr.detach(), "loss_fa": loss_fa.detach()}
+
+
+class DualResolutionStudent(nn.Module):
+    """The student as a dual-path training step runs it: ``forward(images (B, 3, S, S))`` -> the model's
+    :class:`StudentOutput` on the canvas (high path) with ``low`` = its output on the canvas downscaled
+    by ``scale`` (s = S / scale; heads ``low_heads`` only), shared weights. ``active()`` False (the
+    resolution term is outside the current stage): the high path alone."""
+
+    def __init__(self, model: nn.Module, scale: float, low_heads: Sequence[str], active: Callable[[], bool]) -> None:
+        super().__init__()
+        self.model, self.scale, self.low_heads, self.active = model, float(scale), tuple(low_heads), active
+
+    def forward(self, images: torch.Tensor) -> Any:
+        out = self.model(images)
+        if self.active():
+            out.low = self.model(downscale_input(images, self.scale), heads=self.low_heads)
+        return out
+
+
+class DualPathTaskLoss(nn.Module):
+    """A task loss on both paths of a dual step: ``forward(out: StudentOutput, batch)`` ->
+    (``weight_high`` x loss(high head output) + ``weight_low`` x loss(low head output), items). Items:
+    the high path's parts as the distiller names them (``<log_name>_<part>``) and ``<log_name>_high`` /
+    ``<log_name>_low``. Without a low output this step (a stage without resolution_distill) it is the
+    plain loss; a head the low path does not run gets ``weight_high`` x its loss."""
+
+    kind = "task"
+    reads_student_output = True
+
+    def __init__(self, loss: nn.Module, head: str, log_name: str, weight_high: float, weight_low: float) -> None:
+        super().__init__()
+        self.loss, self.head, self.log_name = loss, head, log_name
+        self.weight_high, self.weight_low = float(weight_high), float(weight_low)
+
+    def forward(self, out: Any, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        value, items = self.loss(out.heads[self.head], batch)
+        logs = {f"{self.log_name}_{k}": v for k, v in items.items()}
+        if out.low is None:  # a single-pass step
+            return value, logs
+        if self.head not in out.low.heads:  # a head the low path does not run (boxes: canvas strides)
+            return self.weight_high * value, logs
+        low, _ = self.loss(out.low.heads[self.head], batch)
+        logs.update({f"{self.log_name}_high": value.detach(), f"{self.log_name}_low": low.detach()})
+        return self.weight_high * value + self.weight_low * low, logs
+
+
+def dual_resolution_student(model: nn.Module, distiller: Any) -> nn.Module:
+    """What a training step runs: a :class:`DualResolutionStudent` when ``distiller`` holds a dual-mode
+    resolution term (active while that term is in the stage), else ``model`` itself."""
+    term = dict(getattr(distiller, "task_modules", {})).get(TERM_NAME)
+    if not isinstance(term, ResolutionDistillLoss) or not term.dual:
+        return model
+    return DualResolutionStudent(model, term.scale, term.low_heads, lambda: TERM_NAME in distiller.active)
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -119,12 +194,13 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def segmentation_head(model: Any, rd: Mapping[str, Any], where: str = "model.resolution_distill") -> str:
     """The head DSRL trains (``head:``, else the only semantic/binary head); refuses a student without
-    one and heads that answer in input pixels (their outputs would be in the low-resolution frame)."""
+    one and, in single mode, heads that answer in input pixels (their outputs would be in the
+    low-resolution frame; dual trains and infers them on the full-resolution path)."""
     tasks = tasks_of(model.heads)
     # dense logits are upsampled to the label size (right at any input size); canvas-stride heads are
     # built in canvas pixels; anything else (prompts) would be off by sr_target_scale
     pixel = sorted(n for n, t in tasks.items() if not (t.dense_logits or t.canvas_stride))
-    if pixel:
+    if pixel and rd.get("mode", "single") == "single":
         supported = sorted(n for n in TASKS.names() if get_task(n).dense_logits or get_task(n).canvas_stride)
         raise ConfigError(
             f"{where}: DSRL downsizes the student's input, but head(s) {pixel} "
@@ -156,7 +232,29 @@ def build_resolution_term(model: Any, model_cfg: Any,
     check_input_geometry(int(img_size), scale, max_stride)
     read: List[str] = list(getattr(model.heads[head], "level_names", None) or [specs[0].name])
     spec = {s.name: s for s in specs}[read[0]]
+    dual = rd.get("mode", "single") == "dual"
+    low_heads = sorted(n for n, t in tasks_of(model.heads).items() if t.dense_logits) if dual else []
     module = ResolutionDistillLoss(spec.name, spec.channels, spec.stride, scale, int(rd["feat_channels"]),
                                    float(rd["sr_loss_weight"]), float(rd["fa_loss_weight"]), float(rd["fa_subscale"]),
-                                   bool(rd["use_low_res_sr"]), bool(rd.get("fa_detach_sr", False)))
+                                   bool(rd["use_low_res_sr"]), bool(rd.get("fa_detach_sr", False)), dual,
+                                   bool(rd.get("fa_detach_high", True)), low_heads)
     return TERM_NAME, module, head
+
+
+def with_resolution_terms(terms: Sequence[LossTerm], model: Any, model_cfg: Any, img_size: int) -> List[LossTerm]:
+    """``terms`` plus the ``resolution_distill`` task term of ``model.resolution_distill`` (unchanged when
+    disabled). In dual mode every task term of a head is weighted per path (:class:`DualPathTaskLoss`;
+    terms that read the whole student output keep their own rule)."""
+    built = build_resolution_term(model, model_cfg, img_size)
+    if built is None:
+        return list(terms)
+    name, module, head = built
+    rd = resolution_distill_settings(model_cfg)
+    weights = float(rd.get("task_weight_high", 1.0)), float(rd.get("task_weight_low", 1.0))
+    out: List[LossTerm] = []
+    for t in terms:
+        if module.dual and t.kind == "task" and not getattr(t.module, "reads_student_output", False) \
+                and (t.head in module.low_heads or weights[0] != 1.0):
+            t = replace(t, module=DualPathTaskLoss(t.module, t.head, t.log_name, *weights))
+        out.append(t)
+    return out + [LossTerm(name, "task", 1.0, LOG_NAME, module, head)]

@@ -1,8 +1,9 @@
 """A built loss entry (:class:`LossTerm`) and what a loss class is handed to build its own:
 the entry (:class:`LossEntry`) and the run it joins (:class:`TermContext`).
 
-Every loss class has one hook, ``build_term(entry, context) -> LossTerm`` (a classmethod); the
-builder looks the loss up in ``LOSSES`` and calls it. The loss bases implement it once per kind:
+Every loss class has one hook, ``build_term(entry, context) -> LossTerm`` (a classmethod; a list of
+terms for an entry that expands into several, e.g. a multi-level feature entry); the builder looks the
+loss up in ``LOSSES`` and calls it. The loss bases implement it once per kind:
 feature losses (:class:`~vfmkd.distillation.losses.feature.FeatureDistillLoss`: teacher map, student
 level, channel sizes), task losses (:class:`~vfmkd.distillation.losses.task.TaskLoss`: the head),
 output losses (:class:`~vfmkd.distillation.losses.kd.OutputDistillLoss`: head and pairing, from
@@ -47,7 +48,8 @@ class LossTerm:
     weight scales it); ``head``: the model head a task or output loss reads; ``module``: the loss
     itself (feature losses carry their channel adapter, teacher, teacher feature and student level;
     output losses their teacher); ``pairing``: how an output term pairs the head's output with its
-    teacher's targets (:class:`~vfmkd.distillation.pairing.output_pairs.OutputPairing`)."""
+    teacher's targets (:class:`~vfmkd.distillation.pairing.output_pairs.OutputPairing`); ``parent``: the
+    entry a multi-level entry's pair came from ('' for an entry of its own; stages may name the parent)."""
 
     name: str
     kind: str
@@ -56,6 +58,7 @@ class LossTerm:
     module: Any
     head: str = ""
     pairing: Optional[TermPairing] = None
+    parent: str = ""
 
     @property
     def teacher(self) -> str:
@@ -67,22 +70,24 @@ class LossEntry:
     """One ``distillation.losses`` entry as a loss's hook reads it: its ``name``, registered
     ``type``, ``weight``, ``log_as`` ('' for the loss's default log name) and ``kwargs`` (the keys
     its constructor takes, the engine's keys removed; the hook may pop the ones it resolves itself,
-    e.g. ``head``). ``where``: the config path errors name."""
+    e.g. ``head``). ``where``: the config path errors name; ``parent``: the multi-level entry this one
+    pair of was expanded from ('' for an entry of the config)."""
 
     name: str
     type: str
     weight: float = 1.0
     log_as: str = ""
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    parent: str = ""
 
     @property
     def where(self) -> str:
-        return f"distillation.losses.{self.name}"
+        return f"distillation.losses.{self.parent or self.name}"
 
     def term(self, kind: str, module: Any, default_log: str, head: str = "",
              pairing: Optional[TermPairing] = None) -> LossTerm:
         """The built :class:`LossTerm` (logged under ``log_as`` or ``default_log``)."""
-        return LossTerm(self.name, kind, self.weight, self.log_as or default_log, module, head, pairing)
+        return LossTerm(self.name, kind, self.weight, self.log_as or default_log, module, head, pairing, self.parent)
 
 
 @dataclass(frozen=True)

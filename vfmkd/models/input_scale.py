@@ -1,7 +1,11 @@
-"""The student's input scale: DSRL (``model.resolution_distill``) makes the student see its canvas
-downsized by ``sr_target_scale``. This module owns that decision and its geometry rule, so every place
-that builds a student from a ``model`` section (trainer, tester, exporter, a trained run used as a
-``vfmkd`` teacher) gets the same network: :meth:`UnifiedModel.from_config` reads the scale from here.
+"""The student's input scale. ``model.resolution_distill`` (DSRL) has two modes: ``single`` makes the
+student see its canvas downsized by ``sr_target_scale`` (train and inference); ``dual`` trains the
+student on the canvas and on the downsized canvas with shared weights and infers on the canvas.
+``model.infer_scale`` picks the inference input (canvas x infer_scale, e.g. 0.5: the fast path).
+This module owns those decisions and their geometry rule, so every place that builds a student from a
+``model`` section (trainer, tester, exporter, a trained run used as a ``vfmkd`` teacher) gets the same
+network: :meth:`UnifiedModel.from_config` reads the scale from here (:func:`training_input_scale` for
+the trainer, :func:`configured_input_scale` elsewhere).
 """
 from __future__ import annotations
 
@@ -26,20 +30,41 @@ def resolution_distill_settings(model_cfg: Any) -> Dict[str, Any]:
     return dict(rd) if isinstance(rd, Mapping) else dict(vars(rd))
 
 
-def configured_input_scale(model_cfg: Any) -> float:
-    """The factor the student's input is divided by: ``sr_target_scale`` when DSRL is enabled, else 1."""
+def resolution_mode(model_cfg: Any) -> str:
+    """``single`` or ``dual`` when resolution distillation is enabled, else ''."""
     rd = resolution_distill_settings(model_cfg)
-    return float(rd["sr_target_scale"]) if rd.get("enabled") else 1.0
+    return str(rd.get("mode") or "single") if rd.get("enabled") else ""
+
+
+def training_input_scale(model_cfg: Any) -> float:
+    """The factor the trained student's input is divided by: ``sr_target_scale`` in single mode, else 1
+    (dual trains the full-resolution path; its low path is the training step's second pass)."""
+    return float(resolution_distill_settings(model_cfg)["sr_target_scale"]) \
+        if resolution_mode(model_cfg) == "single" else 1.0
+
+
+def configured_input_scale(model_cfg: Any) -> float:
+    """The factor a student built for inference divides its input by: 1 / ``model.infer_scale`` when set,
+    else the trained path's (:func:`training_input_scale`: dual and no DSRL 1, single ``sr_target_scale``)."""
+    infer = model_cfg.get("infer_scale") if isinstance(model_cfg, Mapping) else getattr(model_cfg, "infer_scale", None)
+    return 1.0 / float(infer) if infer is not None else training_input_scale(model_cfg)
 
 
 def check_input_geometry(img_size: int, scale: float, max_stride: int, where: str = "model.resolution_distill",
                          size_key: str = "data.img_size") -> int:
-    """The student's input size s = S / scale; refuses an s that is not an integer multiple of the
-    student's largest stride (its levels would not be whole grids, the neck's x2 upsamplings would
-    not line up and the finest level, upsampled by its stride x scale, would not land on S)."""
+    """The student's input size s = S / scale; refuses an s smaller than one cell of the student's
+    coarsest level, and an s that is not an integer multiple of the student's largest stride (its levels
+    would not be whole grids, the neck's x2 upsamplings would not line up and the finest level,
+    upsampled by its stride x scale, would not land on S)."""
     s = img_size / scale
     if abs(s - round(s)) < 1e-6 and round(s) % max_stride == 0 and round(s) > 0:
         return int(round(s))
+    if s < max_stride:
+        raise ConfigError(
+            f"{where}: {size_key} {img_size} / scale {scale:g} = {s:.4g} pixels is smaller than one cell of the "
+            f"student's coarsest level (stride {max_stride}): that level would have no cell. Raise {size_key} to at "
+            f"least {int(-(-max_stride * scale // 32) * 32)} or use a scale of at most {img_size / max_stride:g} "
+            f"(sr_target_scale, or model.infer_scale of at least {max_stride / img_size:g}).")
     ok = [f"{k:g} ({img_size / k:g})" for k in TRY_SCALES
           if abs(img_size / k - round(img_size / k)) < 1e-6 and round(img_size / k) % max_stride == 0]
     sizes = [n for n in range(128, 4097, 32)

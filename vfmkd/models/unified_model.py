@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import AbstractSet, Any, Dict, Mapping, Optional
+from typing import AbstractSet, Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -14,16 +14,19 @@ import vfmkd.models.necks  # noqa: F401,E402
 from vfmkd.core.config import component_kwargs
 from vfmkd.core.registry import BACKBONES, HEADS, NECKS
 from vfmkd.models.backbones.base import BaseBackbone
-from vfmkd.models.input_scale import configured_input_scale, downscale_input
+from vfmkd.models.input_scale import configured_input_scale, downscale_input, training_input_scale
 
 
 @dataclass
 class StudentOutput:
-    """``backbone``/``neck``: level name -> (B, C, H/stride, W/stride); ``heads``: head name -> raw output."""
+    """``backbone``/``neck``: level name -> (B, C, H/stride, W/stride); ``heads``: head name -> raw output.
+    ``low``: the low-resolution path's output of the same step (dual-path resolution distillation,
+    training only: the student on the input / sr_target_scale, its segmentation heads), else None."""
 
     backbone: Dict[str, torch.Tensor]
     neck: Dict[str, torch.Tensor]
     heads: Dict[str, Any]
+    low: Optional[StudentOutput] = None
 
 
 class UnifiedModel(nn.Module):
@@ -37,17 +40,18 @@ class UnifiedModel(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any], input_scale: Optional[float] = None,
-                    canvas_heads: Optional[AbstractSet[str]] = None) -> UnifiedModel:
+                    canvas_heads: Optional[AbstractSet[str]] = None, training: bool = False) -> UnifiedModel:
         """Build from the resolved ``model`` section of an experiment, a mapping (the engine's
         ``build_model`` hands a ``ModelConfig`` over as one: ``dataclasses.asdict``).
-        ``input_scale`` defaults to the section's own (:func:`configured_input_scale`: DSRL's
-        ``resolution_distill.sr_target_scale``, else 1). Above 1 the student sees its canvas downsized by
-        that factor, and the heads named in ``canvas_heads`` (those whose task answers in canvas pixels:
-        boxes, prototypes; ``vfmkd.tasks.canvas_stride_heads`` names them) are built with the levels'
-        strides in canvas pixels, so their anchors, boxes and losses stay in the canvas frame. At scale 1
-        the two frames are one and ``canvas_heads`` may be left out."""
+        ``input_scale`` defaults to the section's own: with ``training`` the trained path's
+        (:func:`training_input_scale`: single-path DSRL's ``sr_target_scale``, else 1), otherwise the
+        inference path's (:func:`configured_input_scale`: 1 / ``model.infer_scale`` when set). Above 1 the
+        student sees its canvas downsized by that factor, and the heads named in ``canvas_heads`` (those
+        whose task answers in canvas pixels: boxes, prototypes; ``vfmkd.tasks.canvas_stride_heads`` names
+        them) are built with the levels' strides in canvas pixels, so their anchors, boxes and losses stay
+        in the canvas frame. At scale 1 the two frames are one and ``canvas_heads`` may be left out."""
         if input_scale is None:
-            input_scale = configured_input_scale(model_cfg)
+            input_scale = training_input_scale(model_cfg) if training else configured_input_scale(model_cfg)
         if canvas_heads is None and input_scale != 1:
             raise ValueError(f"input scale {input_scale}: name the heads that answer in canvas pixels (canvas_heads="
                              f"vfmkd.tasks.canvas_stride_heads(...)); the engine's build_model does")
@@ -71,8 +75,8 @@ class UnifiedModel(nn.Module):
         model.input_scale = float(input_scale)
         return model
 
-    #: The input is resized to 1/input_scale of its size inside forward (DSRL's low-resolution student,
-    #: set by from_config from model.resolution_distill), so evaluation and export see the same input.
+    #: The input is resized to 1/input_scale of its size inside forward (single-path DSRL's low-resolution
+    #: student, or model.infer_scale; set by from_config), so evaluation and export see the same input.
     input_scale: float = 1.0
     #: What ``model.init`` loaded (vfmkd.models.pretrained.InitReport), set by the engine's build_model.
     init_report: Optional[Any] = None
@@ -80,10 +84,12 @@ class UnifiedModel(nn.Module):
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return downscale_input(x, self.input_scale)
 
-    def forward(self, x: torch.Tensor) -> StudentOutput:
+    def forward(self, x: torch.Tensor, heads: Optional[Sequence[str]] = None) -> StudentOutput:
+        """(B, 3, H, W) -> :class:`StudentOutput`; ``heads``: run only these heads (default: all)."""
         feats = self.backbone(self.prepare_input(x))
         fused = self.neck(feats)
-        return StudentOutput(feats, fused, {name: head(fused) for name, head in self.heads.items()})
+        names = self.heads.keys() if heads is None else heads
+        return StudentOutput(feats, fused, {name: self.heads[name](fused) for name in names})
 
 
 def _check_declared(specs, in_channels, what: str) -> None:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional, Tuple
+from dataclasses import replace
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,18 +46,17 @@ class FeatureDistillLoss(nn.Module, ABC):
         """(B, C, H, W) adapted student, (B, C, H, W) teacher, (B, 1, H, W) mask -> scalar loss."""
 
     @classmethod
-    def build_term(cls, entry: LossEntry, context: TermContext) -> LossTerm:
+    def build_term(cls, entry: LossEntry, context: TermContext) -> Union[LossTerm, List[LossTerm]]:
         """The term of a feature loss entry: its teacher map (``teacher_feature``, default the
         teacher's primary map), the student level (``student_level``, default the one of the closest
         stride) and both channel sizes resolved here (a loss never reads config); logged as
-        ``loss_feat_distill_<teacher>``."""
-        where, kwargs, specs = entry.where, entry.kwargs, context.teacher_specs
+        ``loss_feat_distill_<teacher>``. An entry naming several maps (``teacher_features``, paired
+        with ``student_levels``: a list or ``auto``) gives one term per pair (:func:`level_entries`)."""
+        if "teacher_features" in entry.kwargs or "student_levels" in entry.kwargs:
+            return [cls.build_term(sub, context) for sub in level_entries(entry, context)]
+        where, kwargs = entry.where, entry.kwargs
         teacher = kwargs.get("teacher")
-        if teacher not in specs:
-            raise ConfigError(
-                f"{where}: teacher '{teacher}' is not an enabled teacher of this experiment (enabled: "
-                f"{sorted(specs)}); set 'teacher:' to one of them or enable it under teachers.")
-        t_specs = {s.name: s for s in specs[teacher]}
+        t_specs = teacher_maps(where, teacher, context)
         t_name = kwargs.get("teacher_feature") or context.primary[teacher]
         if t_name not in t_specs:
             raise ConfigError(f"{where}: teacher '{teacher}' provides {sorted(t_specs)}, not '{t_name}'")
@@ -76,6 +76,69 @@ class FeatureDistillLoss(nn.Module, ABC):
         teacher = teacher.float()
         mask = mask.float()
         return self.compare(adapted, teacher, mask), masked_cosine(adapted, teacher, mask)
+
+
+def teacher_maps(where: str, teacher: Any, context: TermContext) -> Mapping[str, Any]:
+    """Map name -> FeatureSpec of an enabled ``teacher``; a ConfigError naming the enabled ones otherwise."""
+    if teacher not in context.teacher_specs:
+        raise ConfigError(
+            f"{where}: teacher '{teacher}' is not an enabled teacher of this experiment (enabled: "
+            f"{sorted(context.teacher_specs)}); set 'teacher:' to one of them or enable it under teachers.")
+    return {s.name: s for s in context.teacher_specs[teacher]}
+
+
+def level_entries(entry: LossEntry, context: TermContext) -> List[LossEntry]:
+    """One single-level entry per (teacher map, student level) pair of a multi-level entry:
+    ``teacher_features: [fpn_s4, fpn_s8, fpn_s16]`` with ``student_levels: auto`` (the default: the
+    student backbone level of the same stride) or a list in the same order (``[P3, P4, P5]``). Each is
+    named ``<entry>_<level>`` and logged as ``<log_as or loss_feat_distill_<teacher>>_<level>``; the
+    weight is the entry's, and a stage naming the entry names all its pairs (``LossTerm.parent``)."""
+    where, kwargs = entry.where, dict(entry.kwargs)
+    maps, levels = kwargs.pop("teacher_features", None), kwargs.pop("student_levels", "auto")
+    if not isinstance(maps, (list, tuple)) or not maps or kwargs.get("teacher_feature") or kwargs.get("student_level"):
+        raise ConfigError(f"{where}: a multi-level entry names its teacher maps as a list, teacher_features: "
+                          f"[fpn_s4, fpn_s8, fpn_s16], with student_levels: auto or a list of levels, and no "
+                          f"teacher_feature / student_level (got teacher_features: {maps!r}, "
+                          f"student_levels: {levels!r})")
+    teacher = kwargs.get("teacher")
+    t_specs = teacher_maps(where, teacher, context)
+    unknown = [m for m in maps if m not in t_specs]
+    if unknown:
+        raise ConfigError(f"{where}: teacher '{teacher}' provides {sorted(t_specs)}, not {unknown}")
+    pairs = list(zip(maps, _paired_levels(where, [t_specs[m] for m in maps], levels, context.student_levels())))
+    base = entry.log_as or f"{FEATURE_LOG_PREFIX}{teacher}"
+    return [replace(entry, name=f"{entry.name}_{level}", log_as=f"{base}_{level}", parent=entry.name,
+                    kwargs={**kwargs, "teacher_feature": name, "student_level": level}) for name, level in pairs]
+
+
+def _paired_levels(where: str, maps: Sequence[Any], levels: Any, student: Mapping[str, Any]) -> List[str]:
+    """The student level of each teacher map: ``levels`` checked (a list: same count, known levels) or,
+    with ``auto``, the level of the same stride; a refusal names the fix."""
+    have = ", ".join(f"{s.name} (stride {s.stride:g})" for s in student.values())
+    if levels == "auto":
+        by_stride = {s.stride: s.name for s in student.values()}
+        missing = [f"{m.name} (stride {m.stride:g})" for m in maps if m.stride not in by_stride]
+        if missing:
+            hint = ", ".join(list(student)[:len(maps)])
+            raise ConfigError(f"{where}: student_levels: auto pairs by stride, but the student backbone has no level "
+                              f"for {', '.join(missing)} (levels: {have}); name one level per map in order, e.g. "
+                              f"student_levels: [{hint}], or drop those maps from teacher_features")
+        chosen = [by_stride[m.stride] for m in maps]
+    elif isinstance(levels, (list, tuple)):
+        if len(levels) != len(maps):
+            raise ConfigError(f"{where}: teacher_features names {len(maps)} maps ({', '.join(m.name for m in maps)}) "
+                              f"but student_levels {len(levels)} levels ({', '.join(map(str, levels))}); give one "
+                              f"level per map in the same order, or student_levels: auto (pairs by stride)")
+        bad = [str(v) for v in levels if v not in student]
+        if bad:
+            raise ConfigError(f"{where}: student_levels {bad} are not levels of the student backbone ({have})")
+        chosen = [str(v) for v in levels]
+    else:
+        raise ConfigError(f"{where}: student_levels must be auto or a list of backbone levels ({have}), got {levels!r}")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{where}: student_levels {chosen} uses a level twice; pair each teacher map with its own "
+                          f"level")
+    return chosen
 
 
 class PerLocationLoss(FeatureDistillLoss):

@@ -10,8 +10,7 @@ from vfmkd.core.registry import LOSSES
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.pairing.output_pairs import check_mask_sources
 from vfmkd.distillation.pairing.output_rules import TeacherOutputs
-from vfmkd.distillation.resolution import LOG_NAME as RESOLUTION_LOG_NAME
-from vfmkd.distillation.resolution import build_resolution_term
+from vfmkd.distillation.resolution import with_resolution_terms
 from vfmkd.distillation.routing import TeacherRouter
 from vfmkd.distillation.terms import RESERVED_LOSS_KEYS, LossEntry, LossTerm, TermContext, missing_hook_error
 from vfmkd.engine.builders.teachers import LiveTeachers, teacher_outputs, teacher_specs
@@ -64,7 +63,8 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
         hook = getattr(LOSSES.get(loss.type), "build_term", None)
         if hook is None:
             raise missing_hook_error(loss.where, loss.type, LOSSES.get(loss.type))
-        terms.append(hook(loss, context))
+        built = hook(loss, context)  # a multi-level feature entry gives one term per pair
+        terms.extend(built if isinstance(built, list) else [built])
     return terms
 
 
@@ -77,9 +77,7 @@ def build_distiller(cfg: ExperimentConfig, model: UnifiedModel, router: TeacherR
     specs, primary = teacher_specs(router)
     terms = build_loss_terms(dist.losses, model, specs, primary, teachers=teacher_outputs(cfg.teachers, router),
                              class_channels=output_class_channels(cfg.data.root, cfg.data.binary_classes))
-    dsrl = build_resolution_term(model, cfg.model, cfg.data.img_size)  # model.resolution_distill (DSRL)
-    if dsrl is not None:
-        terms.append(LossTerm(dsrl[0], "task", 1.0, RESOLUTION_LOG_NAME, dsrl[1], dsrl[2]))
+    terms = with_resolution_terms(terms, model, cfg.model, cfg.data.img_size)  # model.resolution_distill (DSRL)
     distiller = Distiller(terms, alpha=dist.alpha, beta=dist.beta, gamma=dist.gamma)
     needing = distiller.teachers_needing_masks()
     check_mask_sources(distiller, router)

@@ -14,13 +14,16 @@ from vfmkd.tasks import canvas_stride_heads
 INIT_KEYS = ("from", "parts", "strict")
 
 
-def build_model(model: Union[ModelConfig, Mapping[str, Any]], initialise: bool = False) -> UnifiedModel:
+def build_model(model: Union[ModelConfig, Mapping[str, Any]], initialise: bool = False,
+                training: bool = False) -> UnifiedModel:
     """The student from the ``model`` section (its backbone, neck and head entries; DSRL's input scale).
     ``initialise``: load ``model.init`` (a training run that does not resume; tools that load a
-    checkpoint of their own skip it); its report is kept in ``init_report``."""
+    checkpoint of their own skip it); its report is kept in ``init_report``. ``training``: the trained
+    path's input scale (the trainer), else the inference path's (``model.infer_scale``)."""
     if isinstance(model, ModelConfig):
         model = asdict(model)
-    student = UnifiedModel.from_config(model, canvas_heads=canvas_stride_heads(head_classes(model.get("heads", {}))))
+    student = UnifiedModel.from_config(model, canvas_heads=canvas_stride_heads(head_classes(model.get("heads", {}))),
+                                       training=training)
     init = dict(model.get("init") or {})
     unknown = [k for k in init if k not in INIT_KEYS]
     if unknown:

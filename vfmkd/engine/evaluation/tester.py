@@ -27,6 +27,7 @@ from vfmkd.engine.evaluation.results_text import write_test_results
 from vfmkd.engine.pictures.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.pictures.vis_canvas import visualization_path
 from vfmkd.engine.training.loaders import build_loader, worker_count
+from vfmkd.models.input_scale import check_model_input
 from vfmkd.tasks.scoring.panoptic_metrics import PANOPTIC
 from vfmkd.utils.checkpoint import load_checkpoint
 from vfmkd.utils.logging import get_logger
@@ -108,7 +109,9 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
         raise CheckpointError(f"{checkpoint} is not a vfmkd training checkpoint (no 'model' entry); pass "
                               "checkpoints/best.pt of a run")
     device = resolve_device(exp.train.device, "train.device")
-    model = build_model(exp.model)
+    model = build_model(exp.model)  # the inference path: full resolution, or model.infer_scale
+    check_model_input(model, exp.data.img_size, "model.infer_scale" if exp.model.infer_scale else "tools/test.py",
+                      "data.img_size")
     _load(model, state["model"], "model", checkpoint, config_name)
     model.to(device)
     num_classes = detection_classes(exp.model.heads)

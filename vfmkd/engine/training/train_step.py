@@ -7,19 +7,23 @@ from typing import Any, Dict
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from vfmkd.distillation.resolution import dual_resolution_student
+
 
 class TrainStep(torch.nn.Module):
     """The modules a training step trains, as one (what DDP wraps): ``forward(batch, targets,
     autocast)`` runs the student on ``batch.images`` (B, 3, S, S) and returns the distiller's
-    :class:`LossResult` (a NaN/inf is reported in ``problem``, not raised: ranks decide together)."""
+    :class:`LossResult` (a NaN/inf is reported in ``problem``, not raised: ranks decide together).
+    ``student``: how the step runs the model (dual-path resolution distillation runs it twice)."""
 
     def __init__(self, model: torch.nn.Module, distiller: torch.nn.Module) -> None:
         super().__init__()
         self.model, self.distiller = model, distiller
+        self.student = dual_resolution_student(model, distiller)
 
     def forward(self, batch: Any, targets: Dict[str, Any], autocast: Any) -> Any:
         with autocast:
-            out = self.model(batch.images)
+            out = self.student(batch.images)
         return self.distiller(out, batch, targets, raise_non_finite=False)
 
 

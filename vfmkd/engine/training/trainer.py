@@ -122,7 +122,7 @@ class Trainer:
         batch, and the student (``initialise``: load ``model.init``)."""
         self.live = LiveTeachers(exp.teachers, self.device)
         self.router = build_router(exp, self.train_set, self.live, self.augment, rank=self.ctx.rank)
-        self.model = build_model(exp.model, initialise=initialise)
+        self.model = build_model(exp.model, initialise=initialise, training=True)
 
     def _open_run_dir(self, cfg: Dict[str, Any], run_dir: Optional[Path], resuming: bool) -> None:
         """The run directory (made by rank 0 unless given), train.log and config.yaml in it."""
