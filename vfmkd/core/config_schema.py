@@ -127,6 +127,11 @@ class TrainConfig:
     save_interval_steps: int = 0  # also write checkpoints/last.pt every N optimizer steps (0: at epoch ends only)
     sync_bn: bool = False  # torchrun with several CUDA ranks: BatchNorm statistics over the global batch
     max_nonfinite_steps: int = 1  # NaN/inf steps in a row (each refused before the optimizer) that stop the run
+    # Live teacher passes of the next batches overlap the student's step (vfmkd/distillation/prefetch.py):
+    # auto | off; how many batches ahead; the teacher thread's CPU threads (0 = half the cores).
+    teacher_prefetch: str = "auto"
+    teacher_prefetch_depth: int = 2
+    teacher_threads: int = 0
     save_period: int = 0  # also keep checkpoints/checkpoint_epoch{E}.pt every N epochs (0: off)
     vis_interval: int = 1  # epochs between visualizations/epoch_XXX.png (0: off)
     loggers: List[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb (optional package)

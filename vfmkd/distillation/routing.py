@@ -49,7 +49,8 @@ class TeacherSource:
 
 @dataclass(frozen=True)
 class Route:
-    """``mode``: ``offline`` (cached targets) or ``online`` (a live pass); ``reason`` says why online."""
+    """``mode``: ``offline`` (cached targets), ``online`` (a live pass) or ``skipped`` (validation: the
+    cache lacks the batch's images); ``reason`` says why online or skipped."""
 
     mode: str
     reason: str = ""
@@ -182,39 +183,60 @@ class TeacherRouter:
                             f"(offline_max_shift {self.max_shift})")
         return ""
 
-    def route(self, step: int, name: str, batch: Batch, cached: Optional[TeacherTargets]) -> Route:
+    def decide(self, step: int, name: str, batch: Batch, cached: Optional[TeacherTargets]) -> Route:
+        """The route of ``name`` for the batch of ``step``: a pure function of its arguments (nothing is
+        counted), so a prefetcher may decide a batch ahead of the step that trains on it."""
         src = self.sources[name]
+        if self.skip_missing and src.cache is not None and cached is None:
+            return Route("skipped", "images missing from the cache")
         if not src.offline:
-            decision = Route("online", "teacher is online-only")
-        elif src.cache is None:
-            decision = Route("online", "no cache for this split")
-        elif cached is None:
-            decision = Route("online", "images missing from the cache")
-        elif offline_draw(self.seed, step, self._index[name], self.rank) >= self.offline_ratio:
-            decision = Route("online", "offline_ratio draw")
-        else:
-            reason = self._view_reason(name, batch, cached)
-            decision = Route("online", reason) if reason else Route("offline")
+            return Route("online", "teacher is online-only")
+        if src.cache is None:
+            return Route("online", "no cache for this split")
+        if cached is None:
+            return Route("online", "images missing from the cache")
+        if offline_draw(self.seed, step, self._index[name], self.rank) >= self.offline_ratio:
+            return Route("online", "offline_ratio draw")
+        reason = self._view_reason(name, batch, cached)
+        return Route("online", reason) if reason else Route("offline")
+
+    def count(self, name: str, decision: Route) -> None:
+        """Count one route of ``name`` (what :meth:`summary` reports)."""
+        if decision.mode == "skipped":
+            self.counts[name][f"skipped: {decision.reason}"] += 1
+            return
         self.counts[name][decision.mode] += 1
         if decision.reason:
             self.counts[name][f"online: {decision.reason}"] += 1
+
+    def route(self, step: int, name: str, batch: Batch, cached: Optional[TeacherTargets]) -> Route:
+        decision = self.decide(step, name, batch, cached)
+        self.count(name, decision)
         return decision
+
+    def plan(self, step: int, batch: Batch, cached: Mapping[str, TeacherTargets],
+             teachers: Optional[List[str]] = None) -> List[Tuple[str, Route]]:
+        """(teacher, route) of each teacher in ``teachers`` (default: all) for this batch; nothing counted."""
+        return [(name, self.decide(step, name, batch, cached.get(name)))
+                for name in (teachers if teachers is not None else list(self.sources))]
+
+    def live_model(self, name: str, route: Route) -> OnlineTeacher:
+        """The loaded live model of a teacher routed online (every online route follows from a non-empty
+        :meth:`live_reason`, so the model was loaded)."""
+        live = self.sources[name].live
+        assert live is not None, f"teacher {name} routed live ({route.reason}) without a live model"
+        return live
 
     def targets(self, step: int, batch: Batch, cached: Mapping[str, TeacherTargets],
                 teachers: Optional[List[str]] = None) -> Dict[str, TeacherTargets]:
         """Per teacher (default: all): the cached targets of this batch or a live pass on it."""
         out: Dict[str, TeacherTargets] = {}
-        for name in teachers if teachers is not None else list(self.sources):
-            if self.skip_missing and self.sources[name].cache is not None and name not in cached:
-                self.counts[name]["skipped: images missing from the cache"] += 1
-                continue
-            route = self.route(step, name, batch, cached.get(name))
+        for name, route in self.plan(step, batch, cached, teachers):
+            self.count(name, route)
             if route.mode == "offline":
                 out[name] = cached[name]
-            else:  # every online route above follows from a non-empty live_reason: the model is loaded
-                live = self.sources[name].live
-                assert live is not None, f"teacher {name} routed live ({route.reason}) without a live model"
-                out[name] = live.targets(batch)
+            elif route.mode == "online":
+                out[name] = self.live_model(name, route).targets(batch)
         return out
 
     def reset_counts(self) -> None:

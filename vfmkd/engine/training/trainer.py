@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -16,6 +16,7 @@ from vfmkd.core.config_schema import ExperimentConfig, TrainConfig
 from vfmkd.core.device import resolve_amp
 from vfmkd.core.errors import CheckpointError, NonFiniteLossError
 from vfmkd.distillation.cached import DistillBatch
+from vfmkd.distillation.prefetch import PreparedBatch, TargetPrefetcher, prepared_epoch
 from vfmkd.engine.builders import (
     LiveTeachers,
     build_augment,
@@ -97,6 +98,7 @@ class Trainer:
         self._open_run_dir(cfg, run_dir, resuming=resumed is not None)
         distilled = self._setup_distiller(exp)
         self._setup_loaders(exp, distilled)
+        self._setup_prefetch(exp.train)
         if self.dist_cfg.standardize:
             def plain_images():  # no augmentation, no cached targets: what a live teacher measures its stats on
                 return build_loader(build_dataset(exp.data, self.train_set.split, self.num_classes), 8, 0, False,
@@ -168,6 +170,11 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, train.optimizer, train.lr, train.momentum, train.weight_decay)
         self.scheduler = staged_scheduler(self.optimizer, self.stages, train, len(self.train_loader))
 
+    def _setup_prefetch(self, train: TrainConfig) -> None:
+        """Live teacher passes of the coming batches overlap the student's steps (train.teacher_prefetch)."""
+        self.prefetcher = TargetPrefetcher(self.router, self.device, train.teacher_prefetch,
+                                           train.teacher_prefetch_depth, train.teacher_threads)
+
     def _setup_progress(self, cfg: Dict[str, Any], resumed: Optional[Dict[str, Any]]) -> None:
         """Loggers, counters and where fit() starts: epoch 1, or the resumed checkpoint's place."""
         self.writer = RunLoggers(self.run_dir, self.train_cfg.loggers, config=cfg,
@@ -189,11 +196,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def train_step(self, item: DistillBatch, interval: int) -> Dict[str, float]:
-        """Forward + backward of one micro-batch (the optimizer step is the caller's)."""
-        batch = item.batch.to(self.device)
-        teachers = list(self.distiller.teachers_used())
-        targets = self.router.targets(self.step, batch, item.cached, teachers) if self.step % interval == 0 else {}
+    def train_step(self, item: Union[DistillBatch, PreparedBatch], interval: int) -> Dict[str, float]:
+        """Forward + backward of one micro-batch (the optimizer step is the caller's): a loader item, or
+        a :class:`PreparedBatch` whose targets the epoch's prefetcher computed."""
+        if isinstance(item, PreparedBatch):
+            assert item.step == self.step, f"prepared for step {item.step}, trained at step {self.step}"
+            batch, targets = item.batch, item.targets
+        else:
+            batch = item.batch.to(self.device)
+            teachers = list(self.distiller.teachers_used())
+            targets = self.router.targets(self.step, batch, item.cached, teachers) if self.step % interval == 0 else {}
         result = self.step_module(batch, targets, self._autocast())
         if self.ctx.any(bool(result.problem)):  # every rank refuses the step together
             # DDP expects this step's gradient reduction: finish it with a zero loss, then drop it.
@@ -211,15 +223,23 @@ class Trainer:
         self.model.train()
         self.distiller.train()
         self.train_loader.dataset.set_epoch(epoch)
-        train_cfg, interval = self.train_cfg, self.dist_cfg.distill_interval
-        accumulate, n_batches = train_cfg.accumulate, len(self.train_loader)
         sums, counts = (dict(d) for d in self._partial) if skip else ({}, {})
         self.sampler.set_epoch(epoch)  # each rank's share of the epoch's shuffle, from (seed, epoch)
         if not skip:
             self._epoch_generator = self.train_loader.generator.get_state()
         self.train_loader.generator.set_state(self._epoch_generator)
         batches = itertools.islice(iter(self.train_loader), skip, None)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not self.progress,
+        teachers = list(self.distiller.teachers_used())  # fixed within an epoch (stages change at epoch starts)
+        with prepared_epoch(self.prefetcher, batches, self.step, self.dist_cfg.distill_interval, teachers) as ready:
+            return self._train_batches(epoch, skip, ready, (sums, counts))
+
+    def _train_batches(self, epoch: int, skip: int, ready: Iterator[PreparedBatch],
+                       partial: Tuple[Dict[str, float], Dict[str, int]]) -> Dict[str, float]:
+        """The steps of one epoch over its prepared batches (from batch ``skip`` on); the epoch's logs."""
+        train_cfg, interval = self.train_cfg, self.dist_cfg.distill_interval
+        accumulate, n_batches = train_cfg.accumulate, len(self.train_loader)
+        sums, counts = partial
+        bar = tqdm(ready, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not self.progress,
                    initial=skip, total=n_batches)
         self.optimizer.zero_grad(set_to_none=True)
         for i, item in enumerate(bar, start=skip):
