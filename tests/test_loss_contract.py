@@ -29,6 +29,7 @@ import torch
 
 import vfmkd.distillation.losses  # noqa: F401  (importing registers every loss)
 from vfmkd.core.config import component_kwargs
+from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
@@ -108,6 +109,19 @@ AFFINITY_BY_HAND = mean(
     abs(cos(adapted_at(*p), adapted_at(*q)) - cos(teacher_at(*p), teacher_at(*q))) for p in VALID for q in VALID
 )
 REPORTED_COSINE_BY_HAND = mean(cos(adapted_at(*p), teacher_at(*p)) for p in VALID)
+
+
+# ----------------------------------------------------------------------------- summary hand case
+# The pooled student (2,) through an identity MLP (conv -> GELU -> conv) vs a summary token (2,).
+def gelu(x: float) -> float:
+    return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+SUMMARY_S, SUMMARY_T = [1.0, -2.0], [0.5, 3.0]
+SUMMARY_A = [gelu(v) for v in SUMMARY_S]
+# cosine_weight 1, smooth_l1_weight 2, beta 0.5
+SUMMARY_BY_HAND = (1 - cos(SUMMARY_A, SUMMARY_T)) + 2.0 * mean(smooth_l1(a - t, 0.5) for a, t in zip(SUMMARY_A,
+                                                                                                  SUMMARY_T))
 
 
 # ----------------------------------------------------------------------------- output-KD hand cases
@@ -207,6 +221,8 @@ CASES: List[Case] = [
     Case({"type": "feature_smooth_l1", "teacher": "sam", "beta": 0.8, "weight": 1.0}, SMOOTH_L1_BY_HAND),
     Case({"type": "feature_cosine", "teacher": "sam", "weight": 0.5, "log_as": "loss_sam_cos"}, COSINE_BY_HAND),
     Case({"type": "feature_affinity", "teacher": "sam", "fa_subscale": 1, "weight": 0.1}, AFFINITY_BY_HAND),
+    Case({"type": "summary_distill", "teacher": "sam", "cosine_weight": 1.0, "smooth_l1_weight": 2.0, "beta": 0.5,
+          "weight": 0.5}, SUMMARY_BY_HAND),
     Case(
         {"type": "kl_divergence", "temperature": 2.0, "weight": 0.5, "log_as": "loss_kd"},
         2.0 ** 2 * mean(KD_ROW),
@@ -360,6 +376,23 @@ def _feature_case(module, case: Case) -> None:
         assert torch.equal(student.grad[0, :, y, x], torch.zeros(2)), f"{case.id}: gradient at masked cell {(y, x)}"
 
 
+def _summary_case(module, case: Case) -> None:
+    """A summary loss: the pooled (B, C, 1, 1) student through its MLP vs the teacher's summary token;
+    a spatial teacher map is refused."""
+    with torch.no_grad():
+        for conv in (module.adapter[0], module.adapter[2]):
+            conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            conv.bias.zero_()
+    student = torch.tensor(SUMMARY_S).view(1, 2, 1, 1).requires_grad_()
+    value, cosine = module(student, torch.tensor(SUMMARY_T).view(1, 2, 1, 1), torch.ones(1, 1, 1, 1))
+    assert float(value.detach()) == pytest.approx(case.expected, rel=1e-5), f"{case.id}: formula"
+    assert float(cosine) == pytest.approx(cos(SUMMARY_A, SUMMARY_T), rel=1e-5), f"{case.id}: reported cosine"
+    value.backward()
+    assert nonzero(student.grad) and all(nonzero(p.grad) for p in module.adapter.parameters()), case.id
+    with pytest.raises(ConfigError, match="not a summary token"):
+        module(torch.tensor([STUDENT]), torch.tensor([TEACHER]), torch.tensor([[MASK]]))
+
+
 def _output_case(module, case: Case) -> None:
     inputs = dict(case.inputs)
     student = torch.tensor(inputs.pop("student"), requires_grad=True)
@@ -481,7 +514,9 @@ def test_value_and_backward(name):
             _task_case(case)
             continue
         module = build_like_the_distiller(case.entry)
-        if module.kind == "feature":
+        if name == "summary_distill":
+            _summary_case(module, case)
+        elif module.kind == "feature":
             _feature_case(module, case)
         else:
             _output_case(module, case)

@@ -63,7 +63,12 @@ class DistillationConfig:
     # not scale- or shift-equivariant; benchmarks/bench_aug_agreement.py measures the agreement).
     offline_max_shift: float = 0.05
     offline_crops: bool = False  # crops lose context the cached full-image map saw: live unless allowed
-    standardize: bool = True  # per-channel (x - mean) / std of teacher maps, stats measured at cache time
+    # true/zscore: per-channel (x - mean) / std of teacher maps, stats measured at cache time; phi_s: PHI-S
+    # (Hadamard-rotated isotropic standardisation, vfmkd/cache/phi_s.py; docs/agglomerative.md); false: raw
+    standardize: Any = True
+    # per step, each distilled teacher is left out with this probability (never all; the kept ones' weights are
+    # renormalised; a dropped live teacher is not run); seeded by train.seed (docs/agglomerative.md)
+    teacher_drop_prob: float = 0.0
     alpha: float = 1.0  # x task losses
     beta: float = 1.0  # x output (logit) distillation losses
     gamma: float = 1.0  # x feature distillation losses
@@ -89,6 +94,9 @@ class DataConfig:
     batch_size: int = 16
     num_workers: int = 2
     limit: Optional[int] = None  # first N images of each split (quick runs)
+    # multi-resolution training: each training batch is rescaled to a size drawn from this list (seeded by
+    # train.seed; multiples of 32); empty: every batch at img_size (docs/agglomerative.md)
+    img_sizes: List[int] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Semantic class names (semantic_segmentation/config.yaml) whose pixels are the foreground of a
     # binary_head (e.g. [person]); the binary masks are built from the semantic PNGs.

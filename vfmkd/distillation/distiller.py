@@ -7,6 +7,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from vfmkd.cache.phi_s import PhiS
 from vfmkd.core.errors import ConfigError, NonFiniteLossError  # noqa: F401  (re-exported)
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.geometry import resample_to_student
@@ -85,6 +86,7 @@ class Distiller(nn.Module):
                         f"give one of them its own name with log_as: <name>")
                 taken[log_name] = t.name
         self._stats: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._phi_s: Dict[Tuple[str, str], PhiS] = {}
         # feature term -> ids of training images whose view had no valid cell on the student grid
         # (no distillation signal from that term); read and cleared per epoch by take_cellless().
         self.cellless: Dict[str, Set[str]] = {}
@@ -129,16 +131,27 @@ class Distiller(nn.Module):
         self._stats[(teacher, feature)] = (mean.float().view(1, -1, 1, 1),
                                            std.float().clamp_min(1e-6).view(1, -1, 1, 1))
 
+    def set_teacher_phi_s(self, teacher: str, feature: str, phi_s: PhiS) -> None:
+        """Standardise ``teacher``'s ``feature`` maps by PHI-S (:mod:`vfmkd.cache.phi_s`) from now on
+        (``distillation.standardize: phi_s``); it takes precedence over a per-channel z-score."""
+        self._phi_s[(teacher, feature)] = phi_s
+
     def teacher_stats(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """The standardisation in force, as ``{"<teacher>/<feature>": {"mean", "std"}}`` (C,) for a
-        checkpoint; :meth:`load_teacher_stats` restores it."""
-        return {f"{t}/{f}": {"mean": m.flatten().cpu(), "std": s.flatten().cpu()} for (t, f),
-                (m, s) in self._stats.items()}
+        checkpoint (PHI-S: ``{"mean", "rotation" (C, C), "alpha" ()}``); :meth:`load_teacher_stats` restores it."""
+        out = {f"{t}/{f}": {"mean": m.flatten().cpu(), "std": s.flatten().cpu()} for (t, f),
+               (m, s) in self._stats.items()}
+        out.update({f"{t}/{f}": {"mean": p.mean.cpu(), "rotation": p.rotation.cpu(), "alpha": torch.tensor(p.alpha)}
+                    for (t, f), p in self._phi_s.items()})
+        return out
 
     def load_teacher_stats(self, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         for key, value in stats.items():
             teacher, feature = key.split("/", 1)
-            self.set_teacher_stats(teacher, feature, value["mean"], value["std"])
+            if "rotation" in value:
+                self.set_teacher_phi_s(teacher, feature, PhiS(value["mean"], value["rotation"], float(value["alpha"])))
+            else:
+                self.set_teacher_stats(teacher, feature, value["mean"], value["std"])
 
     def feature_terms(self, active_only: bool = True) -> Dict[str, FeatureDistillLoss]:
         return {n: m for n, m in self.feature_losses.items()  # type: ignore[misc]
@@ -170,6 +183,9 @@ class Distiller(nn.Module):
     # ------------------------------------------------------------------ computation
     def _teacher_map(self, module: FeatureDistillLoss, target: TeacherTargets, device: torch.device) -> torch.Tensor:
         fmap = target.feature(module.teacher_feature, device)
+        phi_s = self._phi_s.get((module.teacher, module.teacher_feature))
+        if phi_s is not None:
+            return phi_s.apply(fmap)
         stats = self._stats.get((module.teacher, module.teacher_feature))
         if stats is not None:
             mean, std = stats
@@ -194,9 +210,10 @@ class Distiller(nn.Module):
         return student, teacher_map, mask
 
     def forward(self, out: StudentOutput, batch: Batch, targets: Mapping[str, TeacherTargets],
-                raise_non_finite: bool = True) -> LossResult:
+                raise_non_finite: bool = True, teacher_scale: Optional[Mapping[str, float]] = None) -> LossResult:
         """The weighted loss of this step. A NaN/inf term (or total) raises NonFiniteLossError, or,
-        with ``raise_non_finite=False`` (distributed steps decide together), is named in ``problem``."""
+        with ``raise_non_finite=False`` (distributed steps decide together), is named in ``problem``.
+        ``teacher_scale``: teacher -> factor on its terms' weights this step (teacher dropping's renormalisation)."""
         logs: Dict[str, float] = {}
         problem = ""
         values: Dict[str, torch.Tensor] = {}
@@ -234,12 +251,13 @@ class Distiller(nn.Module):
             values[name] = value
             logs[term.log_name] = float(value.detach())
         kinds = {n: self.terms[n].kind for n in values}
-        total = combine(values, kinds, self.weights, self.alpha, self.beta, self.gamma)
-        logs.update(self.group_logs(values))
+        weights = {n: w * (teacher_scale or {}).get(self.terms[n].teacher, 1.0) for n, w in self.weights.items()}
+        total = combine(values, kinds, weights, self.alpha, self.beta, self.gamma)
+        logs.update(self.group_logs(values, weights))
         # every term finite, their weighted sum not: a weight is too large
         if not problem and not torch.isfinite(total):
             parts = ", ".join(
-                f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {self.weights[n]:g}" for n in values
+                f"{self.terms[n].log_name}={logs[self.terms[n].log_name]:.4g} x {weights[n]:g}" for n in values
             )
             problem = (f"the weighted total loss is {float(total.detach())} although every term is finite ({parts}; "
                        f"alpha/beta/gamma {self.alpha:g}/{self.beta:g}/{self.gamma:g}); lower the loss weights.")
@@ -260,13 +278,16 @@ class Distiller(nn.Module):
         self.cellless = {}
         return out
 
-    def group_logs(self, values: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    def group_logs(self, values: Mapping[str, torch.Tensor],
+                   weights: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
         """``loss_task`` / ``loss_kd`` / ``loss_feat``: sum of weight x term of each group present
-        this step; ``loss_distill_<teacher>``: beta/gamma x weight x term summed over the teacher's terms."""
+        this step; ``loss_distill_<teacher>``: beta/gamma x weight x term summed over the teacher's terms.
+        ``weights``: this step's (default the configured ones)."""
         group = {"task": self.alpha, "output": self.beta, "feature": self.gamma}
+        weights = self.weights if weights is None else weights
         logs: Dict[str, float] = {}
         for name, value in values.items():
-            term, part = self.terms[name], self.weights[name] * float(value.detach())
+            term, part = self.terms[name], weights[name] * float(value.detach())
             key = GROUP_LOGS[term.kind]
             logs[key] = logs.get(key, 0.0) + part
             if term.teacher:

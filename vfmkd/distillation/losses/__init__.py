@@ -10,6 +10,7 @@ from vfmkd.distillation.losses.segmentation import (
     InstanceSegmentationLoss,
     SemanticSegmentationLoss,
 )
+from vfmkd.distillation.losses.summary import SummaryDistillLoss
 
 __all__ = [
     "BinarySegmentationLoss",
@@ -28,4 +29,5 @@ __all__ = [
     "PromptDistillLoss",
     "RTDETRDetectionLoss",
     "SemanticSegmentationLoss",
+    "SummaryDistillLoss",
 ]

@@ -2,7 +2,7 @@
 what DistributedDataParallel wraps under torchrun."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -12,7 +12,7 @@ from vfmkd.distillation.resolution import dual_resolution_student
 
 class TrainStep(torch.nn.Module):
     """The modules a training step trains, as one (what DDP wraps): ``forward(batch, targets,
-    autocast)`` runs the student on ``batch.images`` (B, 3, S, S) and returns the distiller's
+    autocast, teacher_scale)`` runs the student on ``batch.images`` (B, 3, S, S) and returns the distiller's
     :class:`LossResult` (a NaN/inf is reported in ``problem``, not raised: ranks decide together).
     ``student``: how the step runs the model (dual-path resolution distillation runs it twice)."""
 
@@ -21,10 +21,11 @@ class TrainStep(torch.nn.Module):
         self.model, self.distiller = model, distiller
         self.student = dual_resolution_student(model, distiller)
 
-    def forward(self, batch: Any, targets: Dict[str, Any], autocast: Any) -> Any:
+    def forward(self, batch: Any, targets: Dict[str, Any], autocast: Any,
+                teacher_scale: Optional[Dict[str, float]] = None) -> Any:
         with autocast:
             out = self.student(batch.images)
-        return self.distiller(out, batch, targets, raise_non_finite=False)
+        return self.distiller(out, batch, targets, raise_non_finite=False, teacher_scale=teacher_scale)
 
 
 def train_step_module(model: torch.nn.Module, distiller: torch.nn.Module, ctx: Any) -> torch.nn.Module:
