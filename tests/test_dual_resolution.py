@@ -1,5 +1,5 @@
 """Dual-path resolution distillation (model.resolution_distill.mode: dual), the semantic head's learnable
-fusion and multi-level feature entries: one tiny dual run (1 step on 2 coco128 images) logs loss_sr /
+fusion and multi-level feature entries: one dual training step (2 coco128 images) logs loss_sr /
 loss_fa / loss_resolution_distill and both paths' task losses; evaluation, tools/test.py and export run at
 full resolution by default and on the low path with model.infer_scale; bad inputs exit 2."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from vfmkd.engine.builders import build_model
 from vfmkd.engine.builders.losses import build_loss_terms
 from vfmkd.engine.commands import export as export_tool
 from vfmkd.engine.commands import test as test_tool
+from vfmkd.engine.training.fusion_log import log_fusion_weights
 from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.cli import run_tool
 
@@ -45,33 +47,43 @@ def dual_config(tmp_path, img_size=128, **rd):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """A dual-mode Trainer after one training step (its logs) and its checkpoint (best.pt)."""
     logging.getLogger("vfmkd").setLevel(logging.ERROR)
     trainer = Trainer(dual_config(tmp_path_factory.mktemp("dual")), progress=False)
-    return trainer, trainer.fit()
+    trainer.model.train()
+    logs = trainer.train_step(next(iter(trainer.train_loader)), 1)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.save("best.pt", 1, {"epoch": 1})
+    return trainer, logs
 
 
 def test_dual_step_logs_both_paths_and_the_three_losses(run):
-    trainer, metrics = run
+    trainer, logs = run
     assert trainer.model.input_scale == 1.0  # the trained model is the full-resolution path
-    epoch = metrics["epochs"][-1]
-    logs = epoch["train"]
     for name in ("loss_sr", "loss_fa", "loss_resolution_distill", "loss_semantic_high", "loss_semantic_low"):
         assert name in logs and logs[name] == logs[name], (name, sorted(logs))
     assert logs["loss_resolution_distill"] == pytest.approx(0.5 * logs["loss_sr"] + 0.5 * logs["loss_fa"], rel=1e-4)
     assert logs["loss_semantic"] == pytest.approx(logs["loss_semantic_high"] + 0.5 * logs["loss_semantic_low"],
                                                   rel=1e-4)
-    # the semantic head's P3-P5 merge is a learnable fusion, logged like the neck's
-    merge = epoch["head_fusion_weights"]["semantic"]["merge"]
+    assert logs["loss_semantic_low"] != logs["loss_semantic_high"]  # the low path saw another input
+
+
+def test_semantic_head_fusion_weights_are_logged(run):
+    trainer, _ = run
+    record, scalars = {"epoch": 1}, {}
+    writer = SimpleNamespace(add_scalar=lambda tag, value, step: scalars.update({tag: value}))
+    log_fusion_weights(trainer.model, record, writer)
+    merge = record["head_fusion_weights"]["semantic"]["merge"]
     assert len(merge) == 3 and sum(merge) == pytest.approx(1.0, abs=1e-3)
-    assert merge == trainer.model.heads["semantic"].fusion_weights()["merge"]
-    assert 0.0 <= epoch["val"]["semantic"]["mIoU"] <= 1.0
+    assert merge != [round(1 / 3, 6)] * 3  # learnable: the step moved them
+    assert scalars["fusion/semantic.merge/P4"] == merge[1] and "fusion/P3_out/P3_in" in scalars  # head and neck
 
 
 def test_the_low_path_runs_only_while_resolution_distill_is_in_the_stage(run):
     trainer, _ = run
-    item = next(iter(trainer.train_loader))
     trainer.distiller.set_stage(["semantic_segmentation"])
-    logs = trainer.train_step(item, 1)
+    logs = trainer.train_step(next(iter(trainer.train_loader)), 1)
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.distiller.set_stage(None)
     assert "loss_semantic_low" not in logs and "loss_sr" not in logs
@@ -80,24 +92,20 @@ def test_the_low_path_runs_only_while_resolution_distill_is_in_the_stage(run):
 def test_test_and_export_use_full_resolution_unless_infer_scale(run, tmp_path, monkeypatch):
     trainer, _ = run
     config, best = trainer.run_dir / "config.yaml", trainer.run_dir / "checkpoints" / "best.pt"
+    # every inference tool builds the student with build_model: full resolution unless model.infer_scale
+    assert build_model(experiment_record(trainer.cfg).model).input_scale == 1.0
+    out = tmp_path / "student.torchscript"
+    assert export_tool.main([str(best), str(config), "--format", "torchscript", "--output", str(out),
+                             "model.infer_scale=0.5"]) == 0
     images = torch.rand(1, 3, 128, 128)
-    for override, grid in (([], 16), (["model.infer_scale=0.5"], 8)):
-        model = build_model(experiment_record(trainer.cfg | {"model": {
-            **trainer.cfg["model"], "infer_scale": 0.5 if override else None}}).model)
-        assert model.input_scale == (2.0 if override else 1.0)
-        out = tmp_path / f"student{len(override)}.torchscript"
-        assert export_tool.main([str(best), str(config), "--format", "torchscript", "--output", str(out),
-                                 *override]) == 0
-        assert torch.jit.load(str(out))(images).shape[-1] == grid  # semantic logits at stride 8 of the path
+    assert torch.jit.load(str(out))(images).shape[-1] == 8  # stride-8 logits of the 64-pixel low path
     import vfmkd.engine.evaluation.tester as tester
 
     built = []
     monkeypatch.setattr(tester, "build_model", lambda m: built.append(build_model(m)) or built[-1])
-    for override in ([], ["model.infer_scale=0.5"]):
-        assert test_tool.main([str(config), str(best), "--no-progress", "--fidelity", "off", *override]) == 0
-        metrics = json.loads((trainer.run_dir / "test_metrics_val2017.json").read_text())
-        assert 0.0 <= metrics["semantic"]["mIoU"] <= 1.0
-    assert [m.input_scale for m in built] == [1.0, 2.0]
+    assert test_tool.main([str(config), str(best), "--no-progress", "--fidelity", "off", "model.infer_scale=0.5"]) == 0
+    metrics = json.loads((trainer.run_dir / "test_metrics_val2017.json").read_text())
+    assert 0.0 <= metrics["semantic"]["mIoU"] <= 1.0 and [m.input_scale for m in built] == [2.0]
     # a scale that leaves the coarsest level (stride 32) without a cell: one message, exit 2
     args = [str(config), str(best), "--no-progress", "--fidelity", "off", "model.infer_scale=0.125"]
     with pytest.raises(ConfigError, match="smaller than one cell"):
