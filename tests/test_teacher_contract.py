@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from official_layouts import write_official  # tests/official_layouts.py
 from PIL import Image
 
-from vfmkd.core.errors import ConfigError
+import vfmkd.distillation.vfmkd_model_teacher  # noqa: F401  (registers the vfmkd teacher when this file runs alone)
+from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.teachers import BaseTeacher, SamTeacher, TeacherSettings
@@ -34,6 +36,9 @@ TEACHER_CASES = {
     "sam2": dict(variant="sam2.1_hiera_tiny", init="random", input_size=64),
     "dino": dict(variant="vits16", init="random", input_size=64),
     "dinov2": dict(variant="vits14", init="random", input_size=56),
+    "dinov3": dict(variant="vits16", init="random", input_size=64),
+    "dinov3_convnext": dict(variant="tiny", init="random", input_size=64),
+    "radio": dict(variant="c-radio_v3-b", init="random", input_size=64),
     "vfmkd": dict(variant="yolov8-n", checkpoint=str(VFMKD_RUN)),
 }
 #: teachers whose input is the student's letterbox canvas itself: the padding is part of the input
@@ -321,3 +326,43 @@ def test_fingerprints_are_unchanged(name, kwargs, expected, tmp_path, monkeypatc
     (tmp_path / "lora.pt").write_bytes(b"lora")
     fp = TEACHERS.get(name).config_fingerprint(**kwargs)
     assert (fp.family, fp.variant, fp.weights, fp.input_size, fp.dtype, fp.preprocessing) == (name, *expected)
+
+
+# The timm-built teachers of 2025-26 on files in their official layouts (tests/official_layouts.py writes them from
+# the contract builds above): variant auto reads the file, every tensor arrives, another model's file is refused
+# by one message naming what it is.
+OFFICIAL = ("dinov3", "dinov3_convnext", "radio")
+
+
+@pytest.fixture(scope="module")
+def official_files(teachers, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("official")
+    return {name: write_official(name, teachers[name].model, folder) for name in OFFICIAL}
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_official_layout_loads_with_variant_auto(name, teachers, official_files):
+    built = TEACHERS.build(name, checkpoint=str(official_files[name]), input_size=64)
+    random_teacher = teachers[name]
+    assert built.variant == TEACHER_CASES[name]["variant"] and "read from" in built.settings.variant_source
+    mine, theirs = built.model.state_dict(), random_teacher.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:  # RADIO's patch projection has no bias: timm's comes back zero
+        if key != "patch_embed.proj.bias" or name != "radio":
+            assert torch.equal(mine[key], theirs[key]), key
+    if name == "radio":  # RADIO's summary: the CLS tokens the file's summary_idxs name, concatenated
+        assert built.summary_idxs == (0, 2) and built.summary_feature == "summary"
+        x = torch.randn(1, 3, 64, 64)
+        tokens = built.model.forward_features(x)
+        feats = built.forward_features(x)
+        assert torch.allclose(feats["summary"].view(1, 2, -1), tokens[:, [0, 2]], atol=1e-5)
+
+
+@pytest.mark.parametrize("name, other, names", [
+    ("dinov3", "radio", "C-RADIO checkpoint"), ("radio", "dinov3", "DINOv3 ViT checkpoint"),
+    ("dinov3_convnext", "dinov3", "DINOv3 ViT checkpoint"), ("dinov3", "dinov3_convnext", "ConvNeXt checkpoint"),
+])
+def test_another_models_official_file_is_refused_naming_it(name, other, names, official_files):
+    with pytest.raises(CheckpointError, match=names):
+        TEACHERS.get(name)(checkpoint=str(official_files[other]), input_size=64)
+

@@ -134,6 +134,48 @@ OFFICIAL_WEIGHTS.update({
 })
 
 
+# DINOv3 (Meta, DINOv3 License): the backbone files of Meta's release; their URLs are handed out per user by
+# the access form (https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/), so `url` is that
+# form's page and the downloader prints what to fetch by hand. The 8 hex digits in each name are the first
+# digits of its sha256 (Meta's naming); the full sums are not pinned here (None).
+_DINOV3_FORM = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+
+
+def _dinov3(family: str, variant: str, stem: str) -> OfficialWeights:
+    return OfficialWeights(name=f"{family}_{variant}", family=family, variant=variant, url=_DINOV3_FORM,
+                           filename=f"{stem}.pth", sha256=None)
+
+
+# C-RADIO (NVIDIA Open Model License): model.safetensors of NVIDIA's Hugging Face repos, saved under a name
+# per variant (every repo calls its file model.safetensors). Not pinned (None).
+def _radio(variant: str, repo: str) -> OfficialWeights:
+    return OfficialWeights(name=variant, family="radio", variant=variant,
+                           url=f"https://huggingface.co/nvidia/{repo}/resolve/main/model.safetensors",
+                           filename=f"{variant}.safetensors", sha256=None)
+
+
+OFFICIAL_WEIGHTS.update({
+    w.name: w
+    for w in (
+        _dinov3("dinov3", "vits16", "dinov3_vits16_pretrain_lvd1689m-08c60483"),
+        _dinov3("dinov3", "vits16plus", "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa"),
+        _dinov3("dinov3", "vitb16", "dinov3_vitb16_pretrain_lvd1689m-73cec8be"),
+        _dinov3("dinov3", "vitl16", "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd"),
+        _dinov3("dinov3", "vith16plus", "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5"),
+        _dinov3("dinov3_convnext", "tiny", "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb"),
+        _dinov3("dinov3_convnext", "small", "dinov3_convnext_small_pretrain_lvd1689m-296db49d"),
+        _dinov3("dinov3_convnext", "base", "dinov3_convnext_base_pretrain_lvd1689m-801f2ba9"),
+        _dinov3("dinov3_convnext", "large", "dinov3_convnext_large_pretrain_lvd1689m-61fa432d"),
+        _radio("c-radio_v3-b", "C-RADIOv3-B"),
+        _radio("c-radio_v3-l", "C-RADIOv3-L"),
+        _radio("c-radio_v3-h", "C-RADIOv3-H"),
+        _radio("c-radio_v3-g", "C-RADIOv3-g"),
+        _radio("c-radio_v4-so400m", "C-RADIOv4-SO400M"),
+        _radio("c-radio_v4-h", "C-RADIOv4-H"),
+    )
+})
+
+
 def weights_for(family: str, variant: str) -> OfficialWeights:
     """The official checkpoint of ``family``/``variant`` (e.g. ``"sam", "vit_b"``)."""
     for w in OFFICIAL_WEIGHTS.values():

@@ -95,6 +95,8 @@ class BaseTeacher(nn.Module, ABC):
     family: str = "teacher"
     #: the map a loss distils when it names no ``teacher_feature``
     primary_feature: str = ""
+    #: the global (CLS / summary) token map, ``(B, C, 1, 1)`` with stride ``input_size``; "" when the teacher has none
+    summary_feature: str = ""
     #: ``teacher.variant`` values of the family (names -> family data); empty = any string
     variants: Mapping[str, Any] = {}
     #: the size ``variant: auto`` means when there is no weights file to read it from (:meth:`detect_variant`

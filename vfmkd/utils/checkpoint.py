@@ -89,6 +89,13 @@ def load_checkpoint(path: PathLike, *, download_hint: Optional[str] = None, mmap
         raise CheckpointError(f"checkpoint path {p} is not a file.")
     size = p.stat().st_size
     redownload = f" with `{download_hint}`" if download_hint else ""
+    if p.suffix == ".safetensors":  # tensors only, no pickle (NVIDIA's RADIO release); mmap is its default
+        try:
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(p), device="cpu"))
+        except Exception as err:  # a damaged header or a truncated file
+            raise CheckpointError(_corrupt_message(p, size, err, redownload)) from None
     try:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
