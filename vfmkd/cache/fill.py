@@ -1,5 +1,5 @@
 """The filling loop: run a teacher over a split's images and write its cache, resumably, alone or as one
-rank of several (each caches a shard, rank 0 joins them).
+rank of several (each caches a shard, rank 0 indexes them, or joins them with ``join``).
 
 The cache knows no teacher and no dataset: the loop is handed a :class:`CacheTeacher` (any
 ``vfmkd.teachers`` teacher), the split's image paths with the function that decodes one, and the
@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from vfmkd.cache.codec import mirror_affine
-from vfmkd.cache.shards import merge_shards, shard_file, shard_range
+from vfmkd.cache.shards import index_shards, index_world, merge_shards, shard_file, shard_range
 from vfmkd.cache.writer import FeatureCacheWriter, MaskPlan
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
@@ -70,6 +70,7 @@ class FillSettings:
     storage: str = "float16"
     with_flip: bool = False
     progress: bool = True
+    join: bool = False  # sharded runs: copy the shards into one file instead of indexing them (shards.py)
 
 
 @dataclass(frozen=True)
@@ -183,36 +184,45 @@ def fill_file(settings: FillSettings, teacher: CacheTeacher, writer: FeatureCach
     return written, writer.finalize() if finalize else None
 
 
-def fill_shard(settings: FillSettings, teacher: CacheTeacher, split: str, out_file: Path, paths: Sequence[Path],
-               load: ImageLoader, compute: str, rank: int, world: int,
-               prompts: Optional[BoxPrompts] = None) -> Tuple[int, Any]:
-    """Rank ``rank`` caches its contiguous block of batches into its shard file; after a barrier rank 0
-    joins the shards into ``out_file``. Returns (images written by all ranks, statistics on rank 0)."""
-    import torch.distributed as tdist
-
-    start, stop = shard_range(len(paths), settings.batch_size, rank, world)
+def fill_shards(settings: FillSettings, teacher: CacheTeacher, split: str, out_file: Path, paths: Sequence[Path],
+                load: ImageLoader, compute: str, rank: int, world: int, shards: int,
+                prompts: Optional[BoxPrompts] = None) -> Tuple[int, Any]:
+    """Rank ``rank`` of ``world`` caches shards rank, rank + world, ... of the ``shards`` contiguous blocks
+    of batches, each into its shard file; after a barrier rank 0 indexes the shards as ``out_file`` (or
+    joins them into it with ``settings.join``). Returns (images written by all ranks, statistics on rank 0)."""
     written = 0
-    if stop > start:
-        shard = shard_file(out_file, rank, world)
+    for r in range(rank, shards, world):
+        start, stop = shard_range(len(paths), settings.batch_size, r, shards)
+        if stop <= start:
+            continue
+        shard = shard_file(out_file, r, shards)
         LOG.info("rank %d/%d: images %d..%d -> %s", rank, world, start, stop - 1, shard)
         part = None if prompts is None else prompts.part(start, stop)
         with open_writer(settings, teacher, split, shard, paths[start:stop], compute, part) as writer:
             if writer.batch_size != settings.batch_size:
                 raise ConfigError(f"{shard} was started with --batch-size {writer.batch_size}: shards follow the batch "
                                   f"ranges, rerun with --batch-size {writer.batch_size}")
-            written, _ = fill_file(settings, teacher, writer, paths[start:stop], load, split, compute,
-                                   finalize=False, prompts=part)
-    counts = torch.tensor([written], dtype=torch.int64, device=teacher.device if tdist.get_backend() == "nccl" else
-                          "cpu")
-    tdist.all_reduce(counts)  # also the barrier: every shard is finished after this
+            written += fill_file(settings, teacher, writer, paths[start:stop], load, split, compute,
+                                 finalize=False, prompts=part)[0]
+    total = written
+    if world > 1:
+        import torch.distributed as tdist
+
+        device = teacher.device if tdist.get_backend() == "nccl" else "cpu"
+        counts = torch.tensor([written], dtype=torch.int64, device=device)
+        tdist.all_reduce(counts)  # also the barrier: every shard is finished after this
+        total = int(counts.item())
     if rank != 0:
         return written, None
-    LOG.info("%s: joining %d shards into %s", split, world, out_file)
-    t0 = time.perf_counter()
-    stats = merge_shards(out_file, [p.stem for p in paths], settings.batch_size, world,
-                         lambda path: open_writer(settings, teacher, split, path, paths, compute, prompts))
-    LOG.info("%s: joined %d shards into %s in %.2f s", split, world, out_file, time.perf_counter() - t0)
-    return int(counts.item()), stats
+    t0, ids = time.perf_counter(), [p.stem for p in paths]
+    if settings.join:
+        stats = merge_shards(out_file, ids, settings.batch_size, shards,
+                             lambda path: open_writer(settings, teacher, split, path, paths, compute, prompts))
+    else:
+        stats = index_shards(out_file, ids, settings.batch_size, shards)
+    LOG.info("%s: %s %d shards as %s in %.2f s", split, "joined" if settings.join else "indexed", shards, out_file,
+             time.perf_counter() - t0)
+    return total, stats
 
 
 def fill_cache(settings: FillSettings, teacher: CacheTeacher, split: str, out_file: Path, paths: Sequence[Path],
@@ -220,12 +230,16 @@ def fill_cache(settings: FillSettings, teacher: CacheTeacher, split: str, out_fi
                dist: Optional[Tuple[int, int]] = None) -> Optional[Tuple[int, Any]]:
     """Compute the missing batches of one split's ``out_file``: (images written, statistics or None),
     or None on a rank that has nothing to report. ``dist`` = (rank, world size) under torchrun: each
-    rank caches its shard, then rank 0 joins them into the split's file; a file started by a single
-    process is resumed by rank 0 alone (one file cannot take several writers)."""
+    rank caches its shard, then rank 0 indexes them as the split's file (or joins them, ``settings.join``).
+    A split file that is a shard index is resumed shard by shard by the ranks there are (one process: all
+    of them in turn); a file started by a single process is resumed by rank 0 alone (one file cannot take
+    several writers)."""
     rank, world = dist or (0, 1)
+    indexed = index_world(out_file)
     shards_exist = any(shard_file(out_file, r, world).exists() for r in range(world))
-    if world > 1 and (shards_exist or not out_file.exists()):
-        written, stats = fill_shard(settings, teacher, split, out_file, paths, load, compute, rank, world, prompts)
+    if indexed or (world > 1 and (shards_exist or not out_file.exists())):
+        written, stats = fill_shards(settings, teacher, split, out_file, paths, load, compute, rank, world,
+                                     indexed or world, prompts)
         return None if rank != 0 else (written, stats)
     if world > 1:
         if rank != 0:

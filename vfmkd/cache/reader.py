@@ -1,10 +1,13 @@
 """Reads the HDF5 teacher-feature cache (layout: the feature_cache module docstring): one file's
-features, geometry, mask logits and statistics, with its HDF5 handle opened lazily per process."""
+features, geometry, mask logits and statistics, with its HDF5 handle opened lazily per process. A
+split's file may be the index over the shards a torchrun job wrote (vfmkd/cache/shards.py): the
+features are then read straight from the shard files, the rest from the index."""
 from __future__ import annotations
 
 import json
 import os
 import shlex
+from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,6 +27,7 @@ from vfmkd.cache.format import (
     label_files_sha256,
     rebuild_command,
 )
+from vfmkd.cache.shards import shards_of
 from vfmkd.core.errors import CacheMismatchError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
@@ -43,7 +47,8 @@ class FeatureCacheReader:
         self.check_finite = bool(check_finite)
         self._pid: Optional[int] = None
         self._handle: Optional[h5py.File] = None
-        self._ds: Dict[str, Tuple[Any, ...]] = {}  # per process: dataset, direct?, shape, dtype, chunk offset
+        self._ds: Dict[Tuple[int, str], Tuple[Any, ...]] = {}  # per process: dataset, direct?, shape, dtype, zeros
+        self._shard_handles: Dict[int, h5py.File] = {}  # per process, shard k of an index file
         self._stats: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         try:  # metadata through a short-lived handle: nothing stays open to be inherited by workers
             with h5py.File(self.path, "r") as f:
@@ -57,6 +62,7 @@ class FeatureCacheReader:
                 if self.mask_info is not None:
                     self.mask_offsets = f["masks/offsets"][:]
                     self.masks_done = f["masks_done"][:]
+                self.shards = shards_of(f.attrs, self.path)  # [] unless the file is a shard index
                 self._geometry = {flipped: (f[a][:], f[v][:]) for flipped, (_, a, v) in _FLIP.items() if a in f}
                 for name, g in f.get("stats", {}).items():
                     mean, std = g["mean"][:], g["std"][:]
@@ -79,6 +85,18 @@ class FeatureCacheReader:
         self.teacher_config: Dict[str, Any] = json.loads(self.attrs["teacher_config"])
         self.feature_specs = tuple(FeatureSpec(**d) for d in json.loads(self.attrs["feature_specs"]))
         self.input_size = int(self.attrs["input_size"])
+        self._check_shards(rebuild)
+
+    def _check_shards(self, rebuild: Optional[str]) -> None:
+        """An index file: every shard it maps must be there (HDF5 would read a missing one as fill values)."""
+        self._shard_starts = [start for _, start, _ in self.shards]
+        missing = [str(p) for p, _, _ in self.shards if not p.is_file()]
+        if missing:
+            raise CacheMismatchError(
+                f"{self.path} is the index over {len(self.shards)} shard files written by torchrun, and "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing (a shard index is read "
+                f"together with its shards: move or copy the folder whole). Rerun the torchrun command that wrote "
+                f"it (it recomputes the missing shards), or rebuild:\n  {rebuild or self.rebuild_command()}")
 
     @property
     def fingerprint(self) -> TeacherFingerprint:
@@ -108,25 +126,36 @@ class FeatureCacheReader:
     def _h5(self) -> h5py.File:
         pid = os.getpid()
         if self._pid != pid:  # first use in this process (e.g. a forked DataLoader worker)
-            if self._handle is not None:
-                _INHERITED.append(self._handle)  # the parent's: closing it here could unlock the parent's file
-            self._handle, self._pid, self._ds = h5py.File(self.path, "r"), pid, {}
+            # the parent's handles: closing them here could unlock the parent's files
+            _INHERITED.extend([self._handle] if self._handle is not None else [])
+            _INHERITED.extend(self._shard_handles.values())
+            self._handle, self._pid, self._ds, self._shard_handles = h5py.File(self.path, "r"), pid, {}, {}
         return self._handle
 
     def __getstate__(self) -> Dict[str, Any]:  # spawn workers / pickling: never ship a handle
         state = dict(self.__dict__)
-        state["_handle"], state["_pid"], state["_ds"] = None, None, {}
+        state["_handle"], state["_pid"], state["_ds"], state["_shard_handles"] = None, None, {}, {}
         return state
+
+    def _locate(self, i: int) -> Tuple[int, h5py.File, int]:
+        """(shard k or -1, the file holding image ``i``'s features, its row there)."""
+        f = self._h5()
+        if not self.shards:
+            return -1, f, i
+        k = bisect_right(self._shard_starts, i) - 1
+        if k not in self._shard_handles:
+            self._shard_handles[k] = h5py.File(self.shards[k][0], "r")
+        return k, self._shard_handles[k], i - self._shard_starts[k]
 
     def _array(self, key: str, i: int) -> np.ndarray:
         """Image ``i`` of dataset ``key``; one-chunk-per-image unfiltered data is read as a raw chunk
         (skips HDF5's selection machinery: ~3x faster on a warm page cache)."""
-        f = self._h5()
-        if key not in self._ds:
+        k, f, i = self._locate(i)
+        if (k, key) not in self._ds:
             ds = f[key]
             direct = ds.chunks == (1,) + ds.shape[1:] and ds.id.get_create_plist().get_nfilters() == 0
-            self._ds[key] = (ds, direct, ds.shape[1:], ds.dtype, (0,) * (ds.ndim - 1))
-        ds, direct, shape, dtype, zeros = self._ds[key]
+            self._ds[k, key] = (ds, direct, ds.shape[1:], ds.dtype, (0,) * (ds.ndim - 1))
+        ds, direct, shape, dtype, zeros = self._ds[k, key]
         if not direct:
             return ds[i]
         out = np.empty(shape, dtype)
@@ -252,6 +281,8 @@ class FeatureCacheReader:
             )
 
     def close(self) -> None:
-        if self._handle is not None and self._pid == os.getpid():
-            self._handle.close()
-        self._handle, self._pid, self._ds = None, None, {}
+        if self._pid == os.getpid():
+            for handle in [self._handle, *self._shard_handles.values()]:
+                if handle is not None:
+                    handle.close()
+        self._handle, self._pid, self._ds, self._shard_handles = None, None, {}, {}

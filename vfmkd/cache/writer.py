@@ -36,6 +36,7 @@ from vfmkd.core.fingerprint import TeacherFingerprint
 
 LOGGER = logging.getLogger("vfmkd")
 SPACE_MARGIN = 1.1, 1 << 20  # reserve bytes_per_image * N * 1.1 + 1 MiB before creating a cache
+INDEX_ATTR = "shards"  # the attribute that makes a <split>.h5 an index over shard files (shards.py)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,13 @@ class FeatureCacheWriter:
             f.close()
             raise CacheMismatchError(f"{self.path} is an HDF5 file but not a vfmkd feature cache (no fingerprint or "
                                      f"image_ids); it is left untouched. Write to another --output, or move it away.")
+        if INDEX_ATTR in f.attrs:
+            f.close()
+            raise CacheMismatchError(
+                f"{self.path} is the index over the shard files a torchrun job wrote next to it, not a file to "
+                f"write into: rerun the cache tool on it (with or without torchrun: it resumes the shards and "
+                f"re-indexes them; add --join for one self-contained file), or delete it and its "
+                f"{self.path.stem}.shard*.h5 to start again.")
         try:
             storage, flip = stored_layout(f.attrs)
             if (storage, flip) != (self.storage, self.with_flip):

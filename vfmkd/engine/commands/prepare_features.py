@@ -19,8 +19,10 @@ features-only cache with ``--outputs features,masks`` adds the masks to it (resu
 
 Sharded: ``torchrun --nproc_per_node N tools/prepare_teacher_features.py ...`` (gloo on CPU, nccl with a
 cuda teacher, rank r on cuda:LOCAL_RANK): each rank caches a contiguous block of batches into
-``<split>.shard<r>of<N>.h5`` (resumable per shard), then rank 0 joins them into ``<split>.h5``
-(vfmkd/cache/shards.py): bit-identical to a single-process cache at equal torch thread counts.
+``<split>.shard<r>of<N>.h5`` (resumable per shard), then rank 0 writes ``<split>.h5`` as a small index
+over them (seconds, whatever the size; the reader opens the shards through it), or with ``--join``
+copies them into one ``<split>.h5`` (vfmkd/cache/shards.py): bit-identical to a single-process cache at
+equal torch thread counts.
 
 This module builds what the loop is handed (the teacher from its YAML and ``teacher.*`` overrides,
 the split's images and label prompts) and reports; the loop itself is :mod:`vfmkd.cache.fill`.
@@ -45,6 +47,7 @@ import vfmkd.teachers  # noqa: F401  (registers the teachers)
 from vfmkd.cache.codec import STORAGES, bytes_per_image, mask_bytes
 from vfmkd.cache.fill import BoxPrompts, FillSettings, fill_cache, selected_specs
 from vfmkd.cache.format import OUTPUTS, cache_file, label_files_sha256
+from vfmkd.cache.shards import cache_bytes
 from vfmkd.cache.verify import MIN_COSINE, verify
 from vfmkd.cache.writer import MaskPlan
 from vfmkd.core.config import (
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detection classes of the dataset (label files are checked against it; --outputs masks)")
     p.add_argument("--custom-imports", type=lambda v: [m for m in v.split(",") if m], default=[], metavar="MOD[,MOD]",
                    help="modules to import first, e.g. my_pkg.my_teacher: your own @TEACHERS.register(...) teachers")
+    p.add_argument("--join", action="store_true",
+                   help="under torchrun: copy the finished shards into one self-contained <split>.h5 (one read and "
+                        "write of the whole cache) instead of indexing them in seconds; also joins an existing index")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
     p.add_argument("overrides", nargs="*", metavar="teacher.key=value",
                    help="teacher kwargs over the YAML, e.g. teacher.variant=vit_l teacher.input_size=512 "
@@ -189,7 +195,7 @@ def fill_settings(args: argparse.Namespace, entry: Dict[str, Any]) -> FillSettin
         teacher=args.teacher, teacher_config=entry, dataset=args.dataset, data_root=args.data_root or "",
         batch_size=args.batch_size, features=tuple(args.features) if args.features else None,
         compression=None if args.compression == "none" else args.compression, storage=args.storage,
-        with_flip=args.with_flip, progress=not args.no_progress)
+        with_flip=args.with_flip, progress=not args.no_progress, join=args.join)
 
 
 def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], root: Path, split: str, output: Path,
@@ -222,7 +228,7 @@ def report_split(args: argparse.Namespace, teacher: Any, split: str, out_file: P
     for name, (mean, std) in (stats or {}).items():
         LOG.info("%s stats: %s per-channel mean in [%.3g, %.3g], std in [%.3g, %.3g] (stored as stats/%s/{mean,std})",
                  split, name, mean.min(), mean.max(), std.min(), std.max(), name)
-    size = out_file.stat().st_size
+    size = cache_bytes(out_file)  # an index: its shards too
     side = {s.name: teacher.input_size // s.stride for s in specs}
     held = " + ".join(f"{s.name} {s.channels}x{side[s.name]}x{side[s.name]}" for s in specs)
     storage = "int8 + float32 cell and channel scales" if args.storage == "int8" else "float16"
