@@ -15,6 +15,7 @@ from vfmkd.core.config import component_kwargs
 from vfmkd.core.registry import BACKBONES, HEADS, NECKS
 from vfmkd.models.backbones.base import BaseBackbone
 from vfmkd.models.input_scale import configured_input_scale, downscale_input, training_input_scale
+from vfmkd.models.ultralytics_student import complete_ultralytics_section  # registers the ultralytics student
 
 
 @dataclass
@@ -58,6 +59,7 @@ class UnifiedModel(nn.Module):
         if not isinstance(model_cfg, Mapping):
             raise TypeError(f"UnifiedModel.from_config takes the model section as a mapping, got "
                             f"{type(model_cfg).__name__} (a ModelConfig: dataclasses.asdict(model) or build_model)")
+        model_cfg = complete_ultralytics_section(model_cfg)  # neck/heads an ultralytics student implies
         bb = model_cfg["backbone"]
         backbone = BACKBONES.build(bb["type"], where="model.backbone", **component_kwargs(bb))
         nk = model_cfg["neck"]

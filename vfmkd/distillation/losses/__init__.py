@@ -11,6 +11,7 @@ from vfmkd.distillation.losses.segmentation import (
     SemanticSegmentationLoss,
 )
 from vfmkd.distillation.losses.summary import SummaryDistillLoss
+from vfmkd.distillation.losses.ultralytics_loss import UltralyticsTaskLoss
 
 __all__ = [
     "BinarySegmentationLoss",
@@ -30,4 +31,5 @@ __all__ = [
     "RTDETRDetectionLoss",
     "SemanticSegmentationLoss",
     "SummaryDistillLoss",
+    "UltralyticsTaskLoss",
 ]

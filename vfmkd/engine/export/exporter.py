@@ -33,12 +33,12 @@ from vfmkd.engine.export.check import (  # noqa: F401
 )
 from vfmkd.engine.export.outputs import SUFFIXES, atomic_path, default_output  # noqa: F401
 from vfmkd.engine.export.student_graph import INPUT_NAME, ExportedStudent, dynamic_axes, example_input, probe_inputs
-from vfmkd.engine.export.ultralytics_layout import export_ultralytics
+from vfmkd.engine.export.ultralytics_layout import export_through_ultralytics, export_ultralytics
 from vfmkd.models.input_scale import check_model_input
 from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.utils.checkpoint import load_checkpoint
 
-FORMATS = ("onnx", "torchscript", "ultralytics")
+FORMATS = ("onnx", "torchscript", "ultralytics", "ultralytics_onnx")
 # ultralytics' own choice for torch >= 2.4 (``best_onnx_opset``): opset 18 with the TorchScript-based
 # exporter (dynamo=False), the path on which its Detect head exports cleanly.
 ONNX_OPSET = 18
@@ -174,5 +174,8 @@ def export_student(model: UnifiedModel, cfg: Dict[str, Any], fmt: str, output: P
         return export_onnx(model, output, imgsz, dynamic)
     if fmt == "torchscript":
         return export_torchscript(model, output, imgsz, dynamic)
+    if fmt == "ultralytics_onnx":  # ultralytics' own exporter on an ultralytics student
+        export_through_ultralytics(model, cfg, names or {}, output, imgsz)
+        return {}
     export_ultralytics(model, cfg, names or {}, output, imgsz)
     return {}

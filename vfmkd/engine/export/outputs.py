@@ -14,7 +14,7 @@ from typing import Iterator
 from vfmkd.core.errors import CheckpointError, ConfigError
 from vfmkd.utils.checkpoint import load_checkpoint
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript", "ultralytics": ".pt"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript", "ultralytics": ".pt", "ultralytics_onnx": ".onnx"}
 #: The names tools/train.py gives the checkpoints in a run's checkpoints/ folder (last.pt, its
 #: last.prev.pt, best.pt, best_epoch{E}_{metric}{value}.pt, checkpoint_epoch{E}.pt); an export never
 #: takes one of them (an ultralytics export's default, <name>.ultralytics.pt, is not one).
@@ -27,7 +27,8 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
     """``<run>/checkpoints/best.pt`` -> ``<run>/checkpoints/best.onnx`` (``best.torchscript``,
     ``best.ultralytics.pt``)."""
     stem = checkpoint.with_suffix("")
-    return stem.with_name(stem.name + (".ultralytics.pt" if fmt == "ultralytics" else SUFFIXES[fmt]))
+    special = {"ultralytics": ".ultralytics.pt", "ultralytics_onnx": ".ultralytics.onnx"}
+    return stem.with_name(stem.name + special.get(fmt, SUFFIXES[fmt]))
 
 
 def refuse_checkpoint_output(output: Path, checkpoint: Path, fmt: str) -> None:

@@ -1,6 +1,9 @@
 """``--format ultralytics``: the YOLOv8 student as ultralytics' own ``DetectionModel`` (built from its
 yolov8{variant}.yaml, the student's weights mapped in layer by layer and checked to give the same
-output), saved as an ultralytics ``.pt`` that ``ultralytics.YOLO(path)`` predicts and validates with."""
+output), saved as an ultralytics ``.pt`` that ``ultralytics.YOLO(path)`` predicts and validates with. An
+ultralytics student (backbone ``ultralytics``) is ultralytics' model already: its layers are put back
+together (:meth:`~vfmkd.models.ultralytics_student.UltralyticsBackbone.assemble`). ``--format ultralytics_onnx``
+runs ultralytics' own exporter on that model (:func:`export_through_ultralytics`)."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +18,7 @@ from vfmkd.core.config import experiment_record
 from vfmkd.core.errors import ConfigError
 from vfmkd.engine.export.outputs import atomic_path
 from vfmkd.engine.export.student_graph import ExportedStudent, example_input
+from vfmkd.models.ultralytics_student import UltralyticsBackbone
 from vfmkd.models.unified_model import UnifiedModel
 
 # vfmkd's YOLOv8 student is ultralytics' yolov8.yaml network module for module; its modules map onto
@@ -66,6 +70,8 @@ def to_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[int,
     from ultralytics.nn.modules import Conv
     from ultralytics.nn.tasks import DetectionModel
 
+    if isinstance(model.backbone, UltralyticsBackbone):
+        return _assembled(model, names)
     problem = ultralytics_layout_problem(cfg)
     if problem:
         raise ConfigError(
@@ -119,7 +125,8 @@ def export_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[
     import ultralytics
 
     um = to_ultralytics(model, cfg, names)
-    variant = dict(experiment_record(cfg).model.backbone).get("variant", "n")
+    backbone = dict(experiment_record(cfg).model.backbone)
+    source = backbone.get("model") or f"yolov8{backbone.get('variant', 'n')}.yaml"
     ckpt = {
         "date": datetime.datetime.now().isoformat(),
         "version": ultralytics.__version__,
@@ -131,7 +138,7 @@ def export_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[
         "ema": None,
         "updates": None,
         "optimizer": None,
-        "train_args": {"task": "detect", "imgsz": int(imgsz), "model": f"yolov8{variant}.yaml",
+        "train_args": {"task": getattr(um, "task", "detect"), "imgsz": int(imgsz), "model": str(source),
                        "note": "exported from a vfmkd checkpoint by tools/export.py"},
         "train_metrics": None,
         "train_results": None,
@@ -139,3 +146,40 @@ def export_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)  # a file object: the archive's inner folder is "archive", not the temp name
     return path
+
+
+def _assembled(model: UnifiedModel, names: Mapping[int, str]):
+    """An ultralytics student's own model object (its layers and head put back together), frozen, named."""
+    heads = [h for h in model.heads.values() if hasattr(h, "model_class")]
+    if len(heads) != 1:
+        raise ConfigError(f"an ultralytics student exports with exactly one ultralytics head, it has {len(heads)}")
+    um = model.backbone.assemble(heads[0])
+    if names:
+        um.names = {int(k): str(v) for k, v in names.items()}
+    for p in um.parameters():
+        p.requires_grad_(False)
+    return um
+
+
+def export_through_ultralytics(model: UnifiedModel, cfg: Dict[str, Any], names: Mapping[int, str], path: Path,
+                               imgsz: int, fmt: str = "onnx") -> Path:
+    """``path`` written by ultralytics' own ``Exporter`` (``fmt``: onnx, or another format ultralytics exports to
+    with what is installed) from the student as ultralytics' model (:func:`to_ultralytics`): the graph ultralytics
+    users deploy (``(1, 4 + nc [+ nm], A)`` decoded boxes and scores, as ``yolo export`` writes it). Static shape,
+    batch 1, float32, no simplification (onnxslim is not a dependency); written in a temporary folder, then
+    renamed into place."""
+    import tempfile
+
+    from ultralytics.engine.exporter import Exporter
+
+    um = to_ultralytics(model, cfg, names)
+    with tempfile.TemporaryDirectory(prefix="vfmkd_ultralytics_export_") as tmp:
+        um.pt_path = str(Path(tmp) / "student.pt")  # the exporter names its output after it
+        um.args = {"task": um.task, "data": ""}
+        overrides = {"format": fmt, "imgsz": int(imgsz), "simplify": False, "device": "cpu", "dynamic": False,
+                     "batch": 1}
+        written = Path(Exporter(overrides=overrides)(model=um))
+        with atomic_path(path) as out:
+            Path(written).replace(out)
+    return path
+

@@ -1,0 +1,105 @@
+"""An ultralytics model as the student (vfmkd/models/ultralytics_student.py): YOLO26n built by ultralytics from
+its own yolo26n.yaml distils a live DINOv3 teacher on real coco128 images, trains with YOLO26's own end-to-end
+criterion, validates with vfmkd's detection scorer, and exports through ultralytics' exporter and vfmkd's."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vfmkd.core.config import load_experiment
+from vfmkd.distillation.losses.ultralytics_loss import UltralyticsTaskLoss
+from vfmkd.engine.builders.model import build_model
+from vfmkd.engine.export.exporter import export_onnx
+from vfmkd.engine.export.ultralytics_layout import export_through_ultralytics, to_ultralytics
+from vfmkd.engine.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "configs" / "experiments" / "yolo26n_dinov3_coco128.yaml"
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One epoch on two coco128 images at 128 px with a random DINOv3 ViT-S/16 at 64 px, validated."""
+    work = tmp_path_factory.mktemp("yolo26n")
+    cfg = load_experiment(EXPERIMENT, [
+        "teachers.dinov3.init=random", "teachers.dinov3.input_size=64", "data.limit=2", f"data.img_size={SIZE}",
+        "data.batch_size=2", "data.num_workers=0", "train.epochs=1", "eval.batch_size=2", f"work_dir={work}"])
+    trainer = Trainer(cfg, progress=False)
+    metrics = trainer.fit()
+    return SimpleNamespace(trainer=trainer, metrics=metrics, model=trainer.model.eval(), cfg=cfg)
+
+
+def test_yolo26_distils_with_its_own_end_to_end_loss_and_validates(run):
+    logs = run.metrics["epochs"][0]["train"]
+    for key in ("loss_det", "loss_feat_distill_dinov3_cls"):
+        assert np.isfinite(logs[key]), key
+    assert run.metrics["best_val"] is not None
+    model = run.model
+    assert [(s.name, s.channels, s.stride) for s in model.backbone.feature_specs()] == [
+        ("P3", 64, 8), ("P4", 128, 16), ("P5", 256, 32)]
+    head = model.heads["detection"]
+    assert head.end2end and type(UltralyticsTaskLoss(head)._loss).__name__ == "E2ELoss"
+
+
+def test_the_student_is_ultralytics_own_network(run):
+    """The distilled maps are the Detect head's inputs, and student == ultralytics' model put back together."""
+    model = run.model
+    um = model.backbone.assemble(model.heads["detection"])
+    seen = {}
+    um.model[-1].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ours = model(x)
+        theirs = um(x)
+    for mine, detect_input in zip(ours.backbone.values(), seen["x"]):
+        assert torch.equal(mine, detect_input)
+    assert torch.equal(ours.heads["detection"][0], theirs[0])  # (B, 4 + 80, A) decoded, one-to-many branch
+
+
+def test_exports_through_ultralytics_and_through_vfmkd(run, tmp_path):
+    import onnxruntime as ort
+
+    model, x = run.model, torch.rand(1, 3, SIZE, SIZE)
+    path = export_through_ultralytics(model, run.cfg, {0: "person"}, tmp_path / "student.ultralytics.onnx", SIZE)
+    session = ort.InferenceSession(str(path))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).heads["detection"][0].numpy()
+    assert got.shape == want.shape == (1, 84, (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2)
+    assert np.abs(got - want).max() < 1e-2 * SIZE  # boxes in pixels, scores in [0, 1]
+    diff = export_onnx(model, tmp_path / "student.onnx", SIZE)  # vfmkd's own graph, checked by ONNX Runtime
+    assert diff["max_scaled"] < 1e-3
+
+
+def test_a_saved_ultralytics_checkpoint_starts_a_student_without_unpickling_code(run, tmp_path):
+    """A .pt in ultralytics' layout ({'model': DetectionModel}) loads through the weights_only allow-list."""
+    um = to_ultralytics(run.model, run.cfg, {})
+    torch.save({"model": um, "train_args": {}}, tmp_path / "yolo26n_run.pt")
+    student = build_model({"backbone": {"type": "ultralytics", "model": str(tmp_path / "yolo26n_run.pt")},
+                           "heads": {"detection": {"type": "ultralytics_detect", "num_classes": 80}}})
+    mine = student.state_dict()
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(mine[key], value), key
+
+
+def test_a_yolo26_segment_head_trains_with_its_own_criterion():
+    student = build_model({"backbone": {"type": "ultralytics", "model": "yolo26n-seg.yaml"},
+                           "heads": {"instances": {"type": "ultralytics_segment", "num_classes": 80}}}).train()
+    head = student.heads["instances"]
+    loss = UltralyticsTaskLoss(head)
+    assert type(loss._loss).__name__ == "E2ELoss" and type(loss._loss.one2many).__name__ == "SegmentLoss26"
+    images = torch.rand(2, 3, SIZE, SIZE)
+    masks = torch.zeros(2, SIZE // 4, SIZE // 4)
+    masks[0, 4:12, 4:12] = masks[1, 10:20, 8:16] = 1
+    instances = SimpleNamespace(as_loss_input=lambda: {
+        "cls": torch.tensor([[0.0], [2.0]]), "bboxes": torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.45, 0.25, 0.3]]),
+        "batch_idx": torch.tensor([0.0, 1.0]), "masks": masks})
+    value, parts = loss(student(images).heads["instances"], SimpleNamespace(images=images, instances=instances))
+    value.backward()
+    assert torch.isfinite(value) and {"box", "seg", "cls"} <= set(parts)
+    assert student.backbone.layers[0].conv.weight.grad.abs().sum() > 0

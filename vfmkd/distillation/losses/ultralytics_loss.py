@@ -1,0 +1,74 @@
+"""The task loss of an ultralytics student head: the model's own criterion (vfmkd/models/ultralytics_student.py)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Dict, Tuple
+
+import torch
+from ultralytics.cfg import DEFAULT_CFG_DICT
+from ultralytics.utils import IterableSimpleNamespace
+
+from vfmkd.core.registry import LOSSES
+from vfmkd.datasets.records import Batch
+from vfmkd.distillation.losses.task import TaskLoss
+
+
+@LOSSES.register("ultralytics")
+class UltralyticsTaskLoss(TaskLoss):
+    """What ultralytics trains the head's model with: ``model_class.init_criterion`` on a view of the head
+    (``v8DetectionLoss`` for YOLOv8/11 Detect, ``E2ELoss`` over both branches for YOLO26's end-to-end head,
+    ``v8SegmentationLoss`` / ``SegmentLoss26`` for Segment heads), averaged per image.
+
+    ``__call__(head_output, batch)`` takes the head's training output and the :class:`Batch`: its ``boxes``
+    (detection heads) or ``instances`` (segment heads: per-instance masks, ``overlap_mask`` False) in
+    ultralytics' target format; returns the scalar and the criterion's detached parts (``box``, ``cls``,
+    ``dfl``, ``seg`` ...). Gains: ultralytics' defaults (``box`` 7.5, ``cls`` 0.5, ``dfl`` 1.5), overridable
+    here; ``epochs`` is what YOLO26's one-to-many/one-to-one gain schedule counts down over (stepped by
+    :meth:`epoch_end`, as ultralytics' trainer steps it)."""
+
+    def __init__(self, head: Any, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5, epochs: int = 100) -> None:
+        if not hasattr(head, "model_class") or not hasattr(head, "detect"):
+            raise ValueError(f"the ultralytics loss trains an ultralytics_detect / ultralytics_segment head, got "
+                             f"{type(head).__name__}; use the detection / instance_segmentation loss for vfmkd heads")
+        hyp = IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, "box": box, "cls": cls, "dfl": dfl, "epochs": epochs,
+                                         "overlap_mask": False})
+        # ultralytics' criteria read hyper-parameters from `model.args`, the head from `model.model[-1]` and the
+        # device from `model.parameters()`; a namespace gives them exactly that view of the head.
+        view = SimpleNamespace(args=hyp, model=[head.detect], parameters=head.parameters)
+        self.segment = head.task == "instance"
+        self._loss = head.model_class.init_criterion(view)
+
+    def epoch_end(self) -> None:
+        """Step an end-to-end criterion's one-to-many -> one-to-one gain schedule (a no-op for the others)."""
+        if hasattr(self._loss, "update"):
+            self._loss.update()
+
+    def __call__(self, head_output: Any, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if self.segment:
+            if batch.instances is None:
+                raise ValueError("the ultralytics loss of a segment head needs instance labels: build the dataset "
+                                 "with instances=True (the instance task does)")
+            targets = dict(batch.instances.as_loss_input())
+            targets["sem_masks"] = semantic_masks(targets, batch.images.shape[0])  # YOLO26-seg's semantic branch
+        else:
+            targets = batch.boxes.as_loss_input()
+        total, items = self._loss(head_output, targets)  # total: (parts,), summed over the batch
+        images = batch.images.shape[0]
+        return total.sum() / images, {k.replace("_loss", ""): v for k, v in items.items()}
+
+
+def semantic_masks(targets: Dict[str, torch.Tensor], images: int) -> torch.Tensor:
+    """(B, h, w) float class ids per mask pixel from per-instance ``masks`` (N, h, w), ``cls`` (N, 1) and
+    ``batch_idx`` (N,): where instances overlap the smallest wins, 0 where none covers (ultralytics' Format
+    transform builds YOLO26-seg's ``sem_masks`` by the same rule; its loss zeroes the uncovered pixels)."""
+    masks, cls, idx = targets["masks"], targets["cls"].view(-1), targets["batch_idx"].view(-1).long()
+    out = torch.zeros(images, *masks.shape[-2:], device=masks.device)
+    for i in range(images):
+        own = masks[idx == i].bool()
+        if not len(own):
+            continue
+        area = own.sum(dim=(1, 2)).float()
+        key = torch.where(own, area[:, None, None], area.max() + 1)
+        out[i] = cls[idx == i][key.min(0).indices].float() * own.any(0)
+    return out
+
