@@ -101,6 +101,14 @@ class DataConfig:
     # Semantic class names (semantic_segmentation/config.yaml) whose pixels are the foreground of a
     # binary_head (e.g. [person]); the binary masks are built from the semantic PNGs.
     binary_classes: List[str] = field(default_factory=list)
+    # What data.root is (docs/your_data.md): auto (decided from the path) | vfmkd (the coco128 folder layout) |
+    # ultralytics (root = a dataset YAML) | coco (instances JSON) | images (a folder of unlabelled images).
+    format: str = "auto"
+    train_json: Optional[str] = None  # coco: the instances JSON of each split (null: see docs/your_data.md)
+    val_json: Optional[str] = None
+    # A folder of unlabelled images (any depth) added to the train split: feature and output losses on every
+    # image, task losses on the labelled ones only.
+    unlabelled: Optional[str] = None
 
 
 @dataclass

@@ -33,10 +33,10 @@ from vfmkd.datasets.masks import (
     semantic_targets,
 )
 from vfmkd.datasets.records import BoxTargets, Sample
+from vfmkd.datasets.sources.split_list import IMAGE_SUFFIXES, SplitList, check_unique_ids
 from vfmkd.datasets.transforms import GeometricAugment, student_view, transform_boxes
 
 LOGGER = logging.getLogger("vfmkd")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # TIFF: 16-bit medical data
 EXIF_ORIENTATION = 0x0112  # 5..8 transpose the image: the upright (h, w) is the stored (w, h)
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # integer grayscale beyond 8 bits (16-bit PNG/TIFF)
 FLOAT_MODE = "F"
@@ -65,7 +65,8 @@ def list_images(root: str | Path, split: str, limit: Optional[int] = None) -> Li
     """Image files of ``root/images/<split>`` sorted by name; ``limit`` keeps the first N."""
     folder = Path(root) / "images" / split
     if not folder.is_dir():
-        raise DatasetError(f"image folder not found: {folder} (expected <root>/images/<split>/*.jpg)")
+        raise DatasetError(f"image folder not found: {folder} (expected <root>/images/<split>/*.jpg; other formats: "
+                           f"data.format, docs/your_data.md)")
     entries = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
     files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
     ignored = [p.name for p in entries if p not in files and not p.name.startswith(".")]
@@ -219,7 +220,12 @@ class DetectionDataset(Dataset):
     ``dataset[i]`` is a :class:`Sample`: the canvas, its :class:`ViewGeometry` and its
     :class:`BoxTargets`. Unreadable images are skipped, counted and named (``self.skipped``).
 
-    ``instances``: also the instance polygons (``root/instance_segmentation``) as
+    The images and labels come from vfmkd's folder layout under ``root``, or from ``source`` (a
+    :class:`~vfmkd.datasets.sources.SplitList` read from an ultralytics YAML, a COCO JSON or an image
+    folder); ``unlabelled`` adds images without labels (``self.labelled[i]`` False: task losses skip
+    them, feature and output distillation use them).
+
+    ``instances``: also the instance polygons (``root/instance_segmentation``, or the source's) as
     :class:`~vfmkd.datasets.records.InstanceTargets`; ``semantic``: the semantic masks
     (``root/semantic_segmentation/masks``) as (S, S) contiguous class indices; ``binary_classes``:
     semantic class names whose pixels form a binary mask (also read from the semantic masks).
@@ -241,19 +247,35 @@ class DetectionDataset(Dataset):
         semantic: bool = False,
         binary_classes: Sequence[str] = (),
         classes_key: str = DEFAULT_CLASSES_KEY,
+        source: Optional[SplitList] = None,
+        unlabelled: Sequence[Path] = (),
     ) -> None:
         self.root, self.split, self.img_size, self.num_classes = resolve_path(root), split, int(img_size), num_classes
         self.classes_key = classes_key  # the setting behind num_classes, named by class-id errors
         self.limit = limit
         self.augment = augment if augment is not None and augment.enabled else None
         self.seed, self.epoch = seed, 0
-        listed = list_images(self.root, split, limit)
-        self.paths, self.orig_sizes, self.skipped = check_images(listed, split)
+        self.source = source
+        listed = list_images(self.root, split, limit) if source is None else source.paths[:limit]
+        extra = list(unlabelled)[:limit]
+        check_unique_ids(listed + extra, f"split {split}")
+        self.paths, self.orig_sizes, self.skipped = check_images(listed + extra, split)
         if not self.paths:
-            raise DatasetError(f"none of the {len(listed)} images in {self.root / 'images' / split} can be decoded")
+            raise DatasetError(f"none of the {len(listed) + len(extra)} images of split {split} "
+                               f"({source.source if source is not None else self.root / 'images' / split}) can be "
+                               f"decoded")
         self.image_ids = [p.stem for p in self.paths]
-        label_dir = self.root / "object_detection" / "labels" / split
-        self.labels = [parse_labels(label_dir / f"{i}.txt", num_classes, classes_key) for i in self.image_ids]
+        position = {p: i for i, p in enumerate(listed)}  # listed image -> its entry in the source
+        rows = [position.get(p) for p in self.paths]  # None: an image of `unlabelled`
+        self.labelled = [r is not None and (source is None or source.boxes[r] is not None) for r in rows]
+        if source is None:
+            label_dir = self.root / "object_detection" / "labels" / split
+            self.labels = [parse_labels(label_dir / f"{i}.txt", num_classes, classes_key) if lab
+                           else np.zeros((0, 5), np.float32) for i, lab in zip(self.image_ids, self.labelled)]
+        else:
+            self.labels = [source.boxes[r] if lab else np.zeros((0, 5), np.float32)  # type: ignore[index,misc]
+                           for r, lab in zip(rows, self.labelled)]
+        self._source_rows = rows
         if isinstance(binary_classes, str):
             binary_classes = (binary_classes,)
         self.binary_classes = tuple(str(n) for n in binary_classes)
@@ -269,11 +291,24 @@ class DetectionDataset(Dataset):
             self._load_instances()
         if semantic or self.binary_classes:
             self._load_semantic()
-        if self.unlabelled:
-            counts = ", ".join(f"{kind} {len(ids)}" for kind, ids in self.unlabelled.items() if ids)
-            if counts:
-                LOGGER.info(f"{split}: images without labels (skipped by that kind's losses, of {len(self.paths)}): "
-                            f"{counts}")
+        self._log_summary()
+
+    @property
+    def names(self) -> Optional[Dict[int, str]]:
+        """The class table of a source that has one (ultralytics YAML, COCO JSON); None for vfmkd's layout."""
+        return self.source.names if self.source is not None and self.source.names else None
+
+    def _log_summary(self) -> None:
+        """One line per split: images, labelled, classes, where from; then the images without a label kind."""
+        labelled = sum(self.labelled)
+        classes = len(self.names) if self.names is not None else self.num_classes if labelled else 0
+        where = self.source.source if self.source is not None else f"{self.root} (vfmkd layout)"
+        LOGGER.info(f"data {self.split}: {len(self.paths)} images, {labelled} labelled, "
+                    f"{len(self.paths) - labelled} unlabelled, {classes} classes; from {where}")
+        counts = ", ".join(f"{kind} {len(ids)}" for kind, ids in self.unlabelled.items() if ids)
+        if counts:
+            LOGGER.info(f"{self.split}: images without labels (skipped by that kind's losses, of {len(self.paths)}): "
+                        f"{counts}")
 
     def _no_labels(self, kind: str, folder: Path, pattern: str) -> DatasetError:
         return DatasetError(
@@ -282,12 +317,15 @@ class DetectionDataset(Dataset):
         )
 
     def _load_instances(self) -> None:
+        if self.source is not None:
+            self._source_instances(self.source)
+            return
         table = InstanceClassTable.load(self.root, self.num_classes, self.classes_key)
         folder = instance_label_dir(self.root, self.split)
         missing: List[str] = []
-        for image_id, labels in zip(self.image_ids, self.labels):
+        for image_id, labels, labelled in zip(self.image_ids, self.labels, self.labelled):
             path = folder / f"{image_id}.txt"
-            if not path.is_file():
+            if not labelled or not path.is_file():
                 self.polygons.append(None)
                 missing.append(image_id)
                 continue
@@ -297,16 +335,30 @@ class DetectionDataset(Dataset):
             raise self._no_labels("instance", folder, ".txt (YOLO-seg polygons)")
         self.unlabelled["instances"] = missing
 
+    def _source_instances(self, source: SplitList) -> None:
+        """The polygons of a source (already matched to its box rows)."""
+        self.polygons = [source.polygons[r] if r is not None else None for r in self._source_rows]
+        missing = [i for i, p in zip(self.image_ids, self.polygons) if p is None]
+        if len(missing) == len(self.paths):
+            raise DatasetError(f"an instance segmentation head with no mask labels: none of the {len(self.paths)} "
+                               f"images of {source.source} has a polygon (ultralytics: 'cls x1 y1 x2 y2 ...' lines; "
+                               f"COCO: 'segmentation' polygons or RLE)")
+        self.unlabelled["instances"] = missing
+
     def _load_semantic(self) -> None:
+        if self.source is not None:
+            raise DatasetError(f"semantic and binary masks are read from vfmkd's layout (semantic_segmentation/masks/"
+                               f"<split>/<id>.png); {self.source.source} has none: use data.format=vfmkd for a "
+                               f"semantic or binary head")
         self.semantic_table = SemanticClassTable.load(self.root)
         if self.binary_classes:
             self.binary_index = self.semantic_table.indices_of(self.binary_classes)
         folder = semantic_mask_dir(self.root, self.split)
         opener = pil_open()
         missing: List[str] = []
-        for image_id, image, hw in zip(self.image_ids, self.paths, self.orig_sizes):
+        for image_id, image, hw, labelled in zip(self.image_ids, self.paths, self.orig_sizes, self.labelled):
             path = folder / f"{image_id}.png"
-            if path.is_file():
+            if labelled and path.is_file():
                 check_mask_size(path, image, hw, opener)
                 self.mask_paths.append(path)
             else:
@@ -358,4 +410,5 @@ class DetectionDataset(Dataset):
             semantic=semantic,
             binary=binary,
             kinds=self.kinds,
+            labelled=self.labelled[index],
         )

@@ -77,7 +77,8 @@ class Sample:
     padding); None when the image has no semantic mask or it was not asked for. ``binary`` (S, S)
     uint8 {0, 1}, 255 = ignore (padding); None likewise. ``kinds``: the label kinds (of
     :data:`LABEL_KINDS`) the dataset was asked for, so a batch of only unlabelled images still
-    carries those fields (all ignore) instead of None.
+    carries those fields (all ignore) instead of None. ``labelled``: False for an image without any
+    labels (an unlabelled folder): its empty ``boxes`` mean "unknown", not "no objects".
     """
 
     image: torch.Tensor
@@ -88,6 +89,7 @@ class Sample:
     semantic: Optional[torch.Tensor] = None
     binary: Optional[torch.Tensor] = None
     kinds: Tuple[str, ...] = ()
+    labelled: bool = True
 
 
 @dataclass
@@ -236,7 +238,8 @@ class Batch:
     """A collated batch: ``images`` (B, 3, S, S), ``image_ids``, ``views`` and ``boxes``; and, when
     the dataset was asked for them, ``instances`` (:class:`InstanceBatch`), ``semantic`` (B, S, S)
     int64 (unlabelled images all 0 = ignore) and ``binary`` (B, S, S) uint8 (unlabelled images all
-    255 = ignore). Those three are None when no sample carries (or was asked for) that kind."""
+    255 = ignore). Those three are None when no sample carries (or was asked for) that kind.
+    ``labelled`` (B,) bool: the image has labels; task losses skip the others (None: all labelled)."""
 
     images: torch.Tensor
     image_ids: List[str]
@@ -245,6 +248,7 @@ class Batch:
     instances: Optional[InstanceBatch] = field(default=None, repr=False)
     semantic: Optional[torch.Tensor] = field(default=None, repr=False)
     binary: Optional[torch.Tensor] = field(default=None, repr=False)
+    labelled: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def to(self, device: torch.device) -> Batch:
         """Images and targets on ``device``; the views stay on the CPU (geometry is decided there)."""
@@ -253,6 +257,7 @@ class Batch:
             instances=self.instances.to(device) if self.instances is not None else None,
             semantic=self.semantic.to(device, non_blocking=True) if self.semantic is not None else None,
             binary=self.binary.to(device, non_blocking=True) if self.binary is not None else None,
+            labelled=self.labelled.to(device, non_blocking=True) if self.labelled is not None else None,
         )
 
     def __len__(self) -> int:
@@ -285,4 +290,5 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
         instances=instances,
         semantic=semantic,
         binary=binary,
+        labelled=torch.tensor([s.labelled for s in samples], dtype=torch.bool),
     )

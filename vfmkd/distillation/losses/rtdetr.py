@@ -8,7 +8,7 @@ from ultralytics.models.utils.loss import RTDETRDetectionLoss as _UltralyticsRTD
 
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.losses.task import TaskLoss
+from vfmkd.distillation.losses.task import TaskLoss, graph_zero, labelled_boxes
 from vfmkd.models.heads.rtdetr_head import RTDETRHead, decoder_targets
 
 #: Each of ultralytics' loss terms (``loss_class``, ``loss_bbox``, ``loss_giou``, their ``_aux`` and
@@ -41,9 +41,13 @@ class RTDETRDetectionLoss(TaskLoss):
         if not isinstance(head_output, Mapping) or "feats" not in head_output:
             raise TypeError("rtdetr_detection reads the training output of an rtdetr_head ({'feats': levels}); got "
                             f"{type(head_output).__name__} (is the head in eval mode, or is 'head:' another head?)")
-        levels = head_output["feats"]
-        out = self.head.decode(head_output, batch.boxes)
-        targets = decoder_targets(batch.boxes, levels[0].shape[0])
+        labelled_output, boxes, images = labelled_boxes(head_output, batch)  # unlabelled images left out
+        if not images:
+            zero = graph_zero(*head_output["feats"])
+            return zero, {k: zero.detach() for k in PARTS.values()}
+        levels = labelled_output["feats"]
+        out = self.head.decode(labelled_output, boxes)
+        targets = decoder_targets(boxes, levels[0].shape[0])
         targets = {k: v.to(levels[0].device) if torch.is_tensor(v) else v for k, v in targets.items()}
         dec_bboxes, dec_scores, dn_meta = out["dec_bboxes"], out["dec_scores"], out["dn_meta"]
         dn_bboxes: Optional[torch.Tensor] = None

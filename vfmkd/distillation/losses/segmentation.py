@@ -14,14 +14,9 @@ from ultralytics.utils.loss import v8SegmentationLoss
 
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.losses.task import TaskLoss
+from vfmkd.distillation.losses.task import TaskLoss, graph_zero, labelled_images
 
 LossOut = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
-
-
-def _graph_zero(*tensors: torch.Tensor) -> torch.Tensor:
-    """0, connected to every tensor's graph (so DDP sees every parameter used and backward works)."""
-    return sum((t.float() * 0).sum() for t in tensors)  # type: ignore[return-value]
 
 
 def _missing(batch: Batch, field: str, loss: str, flag: str) -> None:
@@ -59,21 +54,17 @@ class InstanceSegmentationLoss(TaskLoss):
         labelled = inst.labelled.to(device).bool()
         names = ("box", "seg", "cls", "dfl")
         if not bool(labelled.any()):
-            zero = _graph_zero(preds["boxes"], preds["scores"], preds["mask_coefficient"], preds["proto"])
+            zero = graph_zero(preds["boxes"], preds["scores"], preds["mask_coefficient"], preds["proto"])
             return zero, {k: torch.zeros((), device=device) for k in names}
-        keep = labelled.nonzero().view(-1)
-        sliced = {k: (v[keep] if torch.is_tensor(v) else [f[keep] for f in v]) for k, v in preds.items()}
-        new_index = torch.cumsum(labelled.long(), 0) - 1  # old image index -> position among labelled
-        old_idx = inst.batch_idx.to(device).long().view(-1)
-        rows = labelled[old_idx]
+        sliced, rows, index = labelled_images(preds, labelled, inst.batch_idx.to(device))
         targets = {
             "cls": inst.cls.to(device)[rows].view(-1, 1),
             "bboxes": inst.bboxes.to(device)[rows].view(-1, 4),
-            "batch_idx": new_index[old_idx[rows]].float(),
+            "batch_idx": index,
             "masks": inst.masks.to(device)[rows].float(),
         }
         total, items = self._loss(sliced, targets)  # total: (5,) x labelled images; sem_loss is unused
-        value = total[:4].sum() / len(keep)
+        value = total[:4].sum() / int(labelled.sum())
         return value, {k: items[f"{k}_loss"] for k in names}
 
 
@@ -112,7 +103,7 @@ class SemanticSegmentationLoss(TaskLoss):
         logits = _upsample(head_output, target.shape[-2:]).float()
         valid = target != 0
         if not bool(valid.any()):
-            zero = _graph_zero(head_output)
+            zero = graph_zero(head_output)
             return zero, {"ce": zero.detach(), "dice": zero.detach()}
         ce = F.cross_entropy(logits, target, ignore_index=0)
         k = logits.shape[1]
@@ -145,7 +136,7 @@ class BinarySegmentationLoss(TaskLoss):
         logits = _upsample(head_output, target.shape[-2:])[:, 0].float()  # (B, S, S)
         valid = target != 255
         if not bool(valid.any()):
-            zero = _graph_zero(head_output)
+            zero = graph_zero(head_output)
             return zero, {"bce": zero.detach(), "dice": zero.detach()}
         x, g = logits[valid], target[valid].float()
         bce = F.binary_cross_entropy_with_logits(x, g)

@@ -10,6 +10,7 @@ from vfmkd.core.config_schema import DataConfig, ModelConfig
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.registry import HEADS
 from vfmkd.datasets import DetectionDataset, GeometricAugment
+from vfmkd.datasets.sources import IMAGE_SUFFIXES, find_images, open_split
 from vfmkd.tasks import get_task, label_kinds_of, tasks_of
 from vfmkd.utils.logging import get_logger
 
@@ -67,14 +68,38 @@ def build_dataset(data: DataConfig, split: str, num_classes: int,
     if binary and not data.binary_classes:
         raise ConfigError("a binary_head needs data.binary_classes: the semantic class names that are foreground "
                           "(e.g. data.binary_classes=[person])")
-    dataset = DetectionDataset(str(resolve_path(data.root)), split, data.img_size, data.limit, num_classes,
+    root, classes_key = resolve_path(data.root), box_classes_key(heads or {})
+    source = open_split(data.format, root, split, num_classes, classes_key, split_json(data, split))
+    extra = find_images(resolve_path(data.unlabelled)) if data.unlabelled and split == data.train_split else []
+    if data.unlabelled and split == data.train_split and not extra:
+        raise ConfigError(f"data.unlabelled={data.unlabelled}: no images ({'/'.join(IMAGE_SUFFIXES)}) below it")
+    dataset = DetectionDataset(str(root), split, data.img_size, data.limit, num_classes,
                                augment=augment, seed=seed, instances="instances" in kinds,
                                semantic="semantic" in kinds,
                                binary_classes=tuple(data.binary_classes) if binary else (),
-                               classes_key=box_classes_key(heads or {}))
+                               classes_key=classes_key, source=source, unlabelled=extra)
+    check_labels_for_tasks(dataset, tasks, heads)
     if heads is not None:
         check_head_classes(heads, dataset)
     return dataset
+
+
+def split_json(data: DataConfig, split: str) -> Optional[Path]:
+    """The COCO instances JSON of ``split`` named by data.train_json / data.val_json (None: the default place)."""
+    named = data.train_json if split == data.train_split else data.val_json if split == data.val_split else None
+    return resolve_path(named) if named else None
+
+
+def check_labels_for_tasks(dataset: DetectionDataset, tasks: Sequence[str],
+                           heads: Optional[Mapping[str, Mapping[str, Any]]]) -> None:
+    """A split with no labelled image cannot train or score a head's task: refused, naming the task."""
+    if any(dataset.labelled) or not tasks:
+        return
+    by_task = {t: n for n, t in (head_tasks({"heads": heads}) if heads else {}).items()}
+    named = ", ".join(f"'{t}'" + (f" (model.heads.{by_task[t]})" if t in by_task else "") for t in dict.fromkeys(tasks))
+    raise ConfigError(f"task {named} needs labels, but split {dataset.split} of {dataset.root} has none (all "
+                      f"{len(dataset)} images unlabelled). For feature-only distillation on unlabelled images use a "
+                      f"model without heads; or give labelled data (data.root) with data.unlabelled=<this folder>")
 
 
 def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:
@@ -88,8 +113,11 @@ def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:
     return next(iter(counts.values()), 80)
 
 
-def class_names(root: str, num_classes: int) -> Dict[int, str]:
-    """Names from the dataset's ``object_detection/config.yaml``, else numbers."""
+def class_names(root: str, num_classes: int, table: Optional[Mapping[int, str]] = None) -> Dict[int, str]:
+    """Names from ``table`` (a dataset's own class table: ``DetectionDataset.names``), else from the
+    dataset's ``object_detection/config.yaml``, else numbers."""
+    if table:
+        return {i: str(table.get(i, i)) for i in range(num_classes)}
     path = resolve_path(Path(root) / "object_detection" / "config.yaml")
     names = read_yaml(path).get("names", {}) if path.is_file() else {}
     return {i: str(names.get(i, i)) for i in range(num_classes)}

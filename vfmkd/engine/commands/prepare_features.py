@@ -61,6 +61,7 @@ from vfmkd.core.config import (
 from vfmkd.core.errors import ConfigError, DatasetError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels
+from vfmkd.datasets.sources import FORMATS, SplitList, check_unique_ids, find_images, open_split
 from vfmkd.engine.training.distributed import init_distributed
 from vfmkd.teachers.base import segmenting_teachers
 from vfmkd.utils.logging import setup_logging
@@ -79,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", default="coco128", help="dataset name; its root is datasets/<dataset> unless "
                                                         "--data-root")
-    p.add_argument("--data-root", metavar="DIR", help="dataset root holding images/<split>/; None: datasets/<dataset>")
+    p.add_argument("--data-root", metavar="PATH", help="the data (docs/your_data.md): a vfmkd dataset root holding "
+                                                       "images/<split>/, an ultralytics dataset YAML, a COCO root or a "
+                                                       "folder of images; None: datasets/<dataset>")
+    p.add_argument("--data-format", choices=FORMATS, default="auto", help="what --data-root is (data.format)")
+    p.add_argument("--coco-json", metavar="FILE", help="COCO instances JSON of the (one) split; None: "
+                                                        "<data-root>/annotations/instances_<split>.json")
+    p.add_argument("--unlabelled", metavar="DIR", help="a folder of unlabelled images (any depth) added to the first "
+                                                        "of --splits, as data.unlabelled adds them to the train split")
     p.add_argument("--splits", nargs="+", default=["train2017"], help="splits to cache, one <split>.h5 each")
     p.add_argument("--output", metavar="DIR", help="cache folder, one <split>.h5 per split; None: "
                                                    "teacher_features/<teacher>/")
@@ -159,6 +167,17 @@ def label_dir(root: Path, split: str) -> Path:
     return Path(root) / "object_detection" / "labels" / split
 
 
+def split_images(args: argparse.Namespace, root: Path, split: str) -> Tuple[List[Path], Optional[SplitList]]:
+    """The images of ``split`` in the order training lists them (:class:`~vfmkd.datasets.DetectionDataset`):
+    its source's, or vfmkd's layout's (source None), then the --unlabelled ones (first split only)."""
+    json_path = Path(args.coco_json) if args.coco_json else None
+    source = open_split(args.data_format, root, split, args.num_classes, "--num-classes", json_path)
+    listed = list_images(root, split, args.limit) if source is None else source.paths[:args.limit]
+    extra = find_images(Path(args.unlabelled))[:args.limit] if args.unlabelled and split == args.splits[0] else []
+    check_unique_ids(listed + extra, f"split {split}")
+    return listed + extra, source
+
+
 def label_prompts(root: Path, split: str, paths: Sequence[Path], num_classes: int) -> BoxPrompts:
     """The mask prompts of a split: per image the (K, 5) ``class cx cy w h`` rows of its label file
     (``parse_labels``; row j is label_index j), the label files' hash and where they came from."""
@@ -202,13 +221,17 @@ def fill_split(args: argparse.Namespace, teacher: Any, entry: Dict[str, Any], ro
                dist: Optional[Tuple[int, int]] = None) -> Tuple[Path, List[Path]]:
     """Compute the missing batches of one split and print what the cache holds; returns the cache file
     and the cached image paths. ``dist`` = (rank, world size) under torchrun (:func:`fill_cache`)."""
-    paths, _, skipped = check_images(list_images(root, split, args.limit), split)
+    listed, source = split_images(args, root, split)
+    paths, _, skipped = check_images(listed, split)
     if not paths:
-        raise DatasetError(f"none of the images in {root / 'images' / split} can be decoded; nothing to cache")
+        raise DatasetError(f"none of the images of split {split} in {root} can be decoded; nothing to cache")
     out_file = cache_file(output, split)
     LOG.info("%s: %d images -> %s", split, len(paths), out_file)
     selected_specs(teacher, args.features)  # an unknown --features name is refused before the labels are read
     compute = f"{teacher.device} torch_threads={torch.get_num_threads()}"
+    if "masks" in args.outputs and source is not None:
+        raise ConfigError(f"--outputs masks prompts the teacher with the boxes of vfmkd's layout (object_detection/"
+                          f"labels); {source.source} is another format: cache its features only (--outputs features)")
     prompts = label_prompts(root, split, paths, args.num_classes) if "masks" in args.outputs else None
     done = fill_cache(fill_settings(args, entry), teacher, split, out_file, paths, load_rgb, compute, prompts, dist)
     if done is None:  # a rank other than 0: rank 0 reports

@@ -136,7 +136,7 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str, config_na
             caches = {n: s.cache for n, s in router.sources.items() if s.cache is not None}
             loader_set = CachedTargetsDataset(dataset, caches, {n: s.missing for n, s in router.sources.items()})
     loader = build_loader(loader_set, exp.eval.batch_size, worker_count(exp.data.num_workers), False, exp.train.seed)
-    names, semantic_names = class_names(exp.data.root, num_classes), semantic_class_names(dataset)
+    names, semantic_names = class_names(exp.data.root, num_classes, dataset.names), semantic_class_names(dataset)
     e = exp.eval
     vis = EpochVisualizer(out_dir, "test_sample", 0, tasks, distiller, names, semantic_names,
                           e.vis_images) if out_dir else None

@@ -159,7 +159,7 @@ class Trainer:
         return distilled
 
     def _setup_loaders(self, exp: ExperimentConfig, distilled: List[str]) -> None:
-        self.names = class_names(exp.data.root, self.num_classes)
+        self.names = class_names(exp.data.root, self.num_classes, self.train_set.names)
         loaders = build_run_loaders(exp, self.train_set, self.val_set, self.router, self.live, self.ctx, distilled)
         self.train_loader, self.sampler, self.val_loader = loaders.train, loaders.sampler, loaders.val
         self.val_router = loaders.val_router
@@ -265,6 +265,10 @@ class Trainer:
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
+            if not all(self.train_set.labelled):  # a mixed set: images seen this epoch, summed over every rank
+                seen = int(item.batch.labelled.sum())
+                for k, v in (("images_labelled", seen), ("images_unlabelled", len(item.batch) - seen)):
+                    sums[k], counts[k] = sums.get(k, 0.0) + v, int(self.ctx.is_main)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k == "loss" or k.startswith("cos_")})
             if self.writer is not None and self.step % train_cfg.log_interval == 0:
                 self.writer.add_scalars({**logs, "lr": self.scheduler.get_last_lr()[0]}, self.step, prefix="train/")
