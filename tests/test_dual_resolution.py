@@ -132,6 +132,24 @@ def test_a_scale_below_one_cell_is_refused(tmp_path):
         experiment_from_dict({**dual_config(tmp_path), "model": {**dual_config(tmp_path)["model"], "infer_scale": 2}})
 
 
+def test_seed_keys_as_written_and_fa_detach_high(tmp_path):
+    from vfmkd.distillation.resolution import ResolutionDistillLoss, build_resolution_term
+
+    exp = experiment_record(dual_config(tmp_path, feat_channels=128))
+    _, loss, head = build_resolution_term(build_model(exp.model, training=True), exp.model, exp.data.img_size)
+    assert (loss.dual, loss.sr_loss_weight, loss.fa_loss_weight, loss.fa.pool, loss.fa_detach_high, head) == \
+        (True, 0.5, 0.5, 16, True, "semantic")
+    assert loss.branch.stem.conv.out_channels == 128 and loss.low_heads == ("semantic",)
+    for detach in (True, False):  # FA's gradient reaches the high path only with fa_detach_high: false
+        torch.manual_seed(0)
+        fa = ResolutionDistillLoss("P3", 8, 8, 2.0, feat_channels=4, fa_subscale=0.25, dual=True, fa_detach_high=detach)
+        high, low = torch.randn(1, 8, 8, 8, requires_grad=True), torch.randn(1, 8, 4, 4, requires_grad=True)
+        out = SimpleNamespace(neck={"P3": high}, low=SimpleNamespace(neck={"P3": low}))
+        total, items = fa(out, SimpleNamespace(images=torch.rand(1, 3, 64, 64)))
+        total.backward()
+        assert low.grad is not None and (high.grad is None) == detach and float(items["loss_fa"]) > 0
+
+
 SAM2 = {"sam2": [FeatureSpec("fpn_s4", 256, 4), FeatureSpec("fpn_s8", 256, 8), FeatureSpec("fpn_s16", 256, 16)]}
 
 
