@@ -17,6 +17,7 @@ from vfmkd.core.device import resolve_amp
 from vfmkd.core.errors import CheckpointError, NonFiniteLossError
 from vfmkd.distillation.cached import DistillBatch
 from vfmkd.distillation.prefetch import PreparedBatch, TargetPrefetcher, prepared_epoch
+from vfmkd.distillation.teacher_drop import TeacherDropper
 from vfmkd.engine.builders import (
     LiveTeachers,
     build_augment,
@@ -35,6 +36,7 @@ from vfmkd.engine.training.epoch_report import log_epoch, log_run_start, metrics
 from vfmkd.engine.training.fusion_log import log_fusion_weights
 from vfmkd.engine.training.loaders import build_loader, build_run_loaders
 from vfmkd.engine.training.loggers import RunLoggers, check_loggers
+from vfmkd.engine.training.multi_resolution import ResolutionSampler
 from vfmkd.engine.training.optimizer import make_optimizer, staged_scheduler
 from vfmkd.engine.training.resume import restore_training_state, resumable_state, seed_everything, training_state
 from vfmkd.engine.training.run_dir import (
@@ -46,7 +48,7 @@ from vfmkd.engine.training.run_dir import (
     write_run_config,
 )
 from vfmkd.engine.training.stages import build_stages, stage_of
-from vfmkd.engine.training.teacher_stats import set_teacher_stats
+from vfmkd.engine.training.teacher_stats import set_teacher_stats, standardize_mode
 from vfmkd.engine.training.train_step import TrainStep, train_step_module
 from vfmkd.utils.checkpoint import publish_copy, save_checkpoint
 from vfmkd.utils.logging import setup_logging
@@ -92,6 +94,10 @@ class Trainer:
         self.amp = resolve_amp(exp.train.amp, self.device)  # auto: bf16 autocast on a bf16-capable GPU
         self.num_classes = detection_classes(exp.model.heads)
         self.stages = build_stages(exp.train)
+        self.standardize = standardize_mode(exp.distillation.standardize)
+        # the agglomerative recipe (docs/agglomerative.md): both draws are functions of (train.seed, step)
+        self.teacher_drop = TeacherDropper(exp.distillation.teacher_drop_prob, exp.train.seed)
+        self.resolutions = ResolutionSampler(exp.data.img_sizes, exp.train.seed)
         check_loggers(exp.train.loggers)
         self._setup_data(exp)
         self._setup_teachers_and_model(exp, initialise=resumed is None)  # a resumed run has its own weights
@@ -99,11 +105,11 @@ class Trainer:
         distilled = self._setup_distiller(exp)
         self._setup_loaders(exp, distilled)
         self._setup_prefetch(exp.train)
-        if self.dist_cfg.standardize:
+        if self.standardize:
             def plain_images():  # no augmentation, no cached targets: what a live teacher measures its stats on
                 return build_loader(build_dataset(exp.data, self.train_set.split, self.num_classes), 8, 0, False,
                                     exp.train.seed)
-            set_teacher_stats(self.router, self.distiller, plain_images, self.log)
+            set_teacher_stats(self.router, self.distiller, plain_images, self.log, self.standardize)
         self._setup_optimizer(exp.train)
         self._setup_progress(cfg, resumed)
         log_run_start(self.log, exp, self.model, self.device, self.amp, (len(self.train_set), len(self.val_set)),
@@ -199,14 +205,14 @@ class Trainer:
     def train_step(self, item: Union[DistillBatch, PreparedBatch], interval: int) -> Dict[str, float]:
         """Forward + backward of one micro-batch (the optimizer step is the caller's): a loader item, or
         a :class:`PreparedBatch` whose targets the epoch's prefetcher computed."""
+        draw = self.teacher_drop.draw(self.step, self.distiller.teachers_used())  # teacher dropping
         if isinstance(item, PreparedBatch):
             assert item.step == self.step, f"prepared for step {item.step}, trained at step {self.step}"
             batch, targets = item.batch, item.targets
         else:
-            batch = item.batch.to(self.device)
-            teachers = list(self.distiller.teachers_used())
-            targets = self.router.targets(self.step, batch, item.cached, teachers) if self.step % interval == 0 else {}
-        result = self.step_module(batch, targets, self._autocast())
+            batch = self.resolutions.rescale(self.step, item.batch).to(self.device)
+            targets = self.router.targets(self.step, batch, item.cached, draw.kept) if self.step % interval == 0 else {}
+        result = self.step_module(batch, targets, self._autocast(), draw.scale if targets else None)
         if self.ctx.any(bool(result.problem)):  # every rank refuses the step together
             # DDP expects this step's gradient reduction: finish it with a zero loss, then drop it.
             (torch.nan_to_num(result.total) * 0.0).backward()
@@ -228,8 +234,10 @@ class Trainer:
         if not skip:
             self._epoch_generator = self.train_loader.generator.get_state()
         self.train_loader.generator.set_state(self._epoch_generator)
-        batches = itertools.islice(iter(self.train_loader), skip, None)
-        teachers = list(self.distiller.teachers_used())  # fixed within an epoch (stages change at epoch starts)
+        batches = self.resolutions.items(itertools.islice(iter(self.train_loader), skip, None), self.step)
+        self._epoch_first_step = self.step - skip  # every batch (trained or refused) advances the step by one
+        # fixed within an epoch (stages change at epoch starts); with teacher dropping, per step
+        teachers = self.teacher_drop.plan(list(self.distiller.teachers_used()))
         with prepared_epoch(self.prefetcher, batches, self.step, self.dist_cfg.distill_interval, teachers) as ready:
             return self._train_batches(epoch, skip, ready, (sums, counts))
 
@@ -367,6 +375,11 @@ class Trainer:
                                       "teacher_batches": self.router.summary(),
                                       "images_without_cells": self._cellless_counts(epoch)}
             log_fusion_weights(self.model, record, self.writer)  # a learnable-fusion neck's weights
+            if self.teacher_drop.prob > 0:  # recomputed from the (seed, step) draws: exact across resumes
+                interval = self.dist_cfg.distill_interval
+                steps = [s for s in range(self._epoch_first_step, self.step) if s % interval == 0]
+                record["teacher_drops"] = self.teacher_drop.counts(steps, self.distiller.teachers_used())
+                self.log.info("epoch %d teacher drops: %s", epoch, record["teacher_drops"])
             if self.ctx.is_main and (epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch):
                 val = self.evaluate(epoch)
                 record["val"] = val
