@@ -29,6 +29,7 @@ import yaml
 
 from vfmkd.core.errors import DatasetError, did_you_mean
 from vfmkd.datasets.records import InstanceTargets
+from vfmkd.datasets.sources.split_list import label_lines
 from vfmkd.datasets.transforms import box_candidates, opencv_matrix
 
 INSTANCE_DIR = "instance_segmentation"
@@ -158,17 +159,7 @@ def parse_polygons(path: Path, table: InstanceClassTable) -> Tuple[np.ndarray, L
     even number (>= 6) of coordinates in [0, 1]."""
     cls: List[int] = []
     polys: List[np.ndarray] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            values = np.array([float(v) for v in parts], np.float64)
-        except ValueError:
-            raise DatasetError(f"{where}: non-numeric value in {line.strip()[:80]!r}") from None
-        if not np.isfinite(values).all():
-            raise DatasetError(f"{where}: non-finite value in {line.strip()[:80]!r}")
+    for where, parts, values in label_lines(path):
         cid = values[0]
         if cid != int(cid) or int(cid) not in table.to_detection:
             known = sorted(table.to_detection)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +45,23 @@ class SplitList:
     def __post_init__(self) -> None:
         if not len(self.paths) == len(self.boxes) == len(self.polygons):
             raise ValueError("SplitList: paths, boxes and polygons must have one entry per image")
+
+
+def label_lines(path: Path) -> Iterator[Tuple[str, List[str], np.ndarray]]:
+    """(``file:line``, its fields, their float64 values) of each non-empty line of a YOLO label file; a
+    non-numeric or non-finite value is an error naming the file and line."""
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            values = np.array([float(v) for v in parts], np.float64)
+        except ValueError:
+            raise DatasetError(f"{where}: non-numeric value in {line.strip()[:80]!r}") from None
+        if not np.isfinite(values).all():
+            raise DatasetError(f"{where}: non-finite value in {line.strip()[:80]!r}")
+        yield where, parts, values
 
 
 def is_image(path: Path) -> bool:

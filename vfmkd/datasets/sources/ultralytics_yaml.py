@@ -18,7 +18,7 @@ import yaml
 from ultralytics.data.utils import check_class_names, img2label_paths
 
 from vfmkd.core.errors import DatasetError
-from vfmkd.datasets.sources.split_list import Polygons, SplitList, find_images, is_image, warn_skipped
+from vfmkd.datasets.sources.split_list import Polygons, SplitList, find_images, is_image, label_lines, warn_skipped
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -96,18 +96,11 @@ def parse_label_file(label: Path, names: Dict[int, str], names_source: Path, num
     cls: List[int] = []
     polys: List[np.ndarray] = []
     poly_rows: List[int] = []
-    for lineno, line in enumerate(label.read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        where = f"{label}:{lineno}"
-        try:
-            values = np.array([float(v) for v in parts], np.float64)
-        except ValueError:
-            raise _row_error(where, f"non-numeric value in {line.strip()[:80]!r}") from None
+    for where, parts, values in label_lines(label):
         c = values[0]
-        if not np.isfinite(values).all() or c != int(c):
-            raise _row_error(where, f"expected 'cls cx cy w h' or 'cls x1 y1 x2 y2 ...', got {line.strip()[:80]!r}")
+        if c != int(c):
+            raise _row_error(where, f"class id {parts[0]} is not an integer (a line is 'cls cx cy w h' or "
+                                    f"'cls x1 y1 x2 y2 ...')")
         if not 0 <= c < len(names):
             raise _row_error(where, f"class id {parts[0]} is not in the class table of {names_source} ({len(names)} "
                                     f"names, ids 0..{len(names) - 1}); fix the label or the YAML's 'names:'")
