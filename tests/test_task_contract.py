@@ -19,7 +19,7 @@ from vfmkd.models.unified_model import UnifiedModel
 from vfmkd.tasks import Task, get_task, label_kinds_of, task_of, tasks_of
 
 SIZE, SPLIT = 128, "train2017"
-BUILT_IN = ("binary", "detection", "instance", "promptable", "semantic")
+BUILT_IN = ("binary", "detection", "instance", "panoptic_query", "promptable", "semantic")
 #: task -> the heads of that task the contract runs on (config entries; "semantic" num_classes comes from the data)
 HEADS_OF_TASK = {
     "detection": [{"type": "yolo_head", "num_classes": 80},
@@ -27,6 +27,7 @@ HEADS_OF_TASK = {
                    "hidden_dim": 64, "ffn_dim": 128, "num_denoising": 10}],
     "instance": [{"type": "yolo_seg_head", "num_classes": 80, "num_protos": 32}],
     "semantic": [{"type": "semantic_head"}],
+    "panoptic_query": [{"type": "rapsam_head", "num_queries": 8, "channels": 32, "num_heads": 2, "ffn_dim": 64}],
     "binary": [{"type": "binary_head"}],
     "promptable": [{"type": "sam_decoder"}],
 }
@@ -99,7 +100,9 @@ def test_task_reads_its_heads_outputs_on_coco128(name, batches):
 
 @pytest.mark.parametrize("name", [n for n in BUILT_IN if getattr(LOSSES.get(get_task(n).default_loss), "kind",
                                                                    "") == "task"])
-def test_default_task_loss_trains_the_first_head(name, batches):
+def test_default_task_loss_trains_the_first_head(name, batches, coco128):
+    from vfmkd.engine.builders import build_loss_terms, output_class_channels
+
     task = get_task(name)
     dataset, batch = batches(task.label_kinds)
     entry = dict(HEADS_OF_TASK[name][0])
@@ -107,8 +110,11 @@ def test_default_task_loss_trains_the_first_head(name, batches):
         entry["num_classes"] = dataset.semantic_num_classes
     model = UnifiedModel.from_config({"backbone": {"type": "yolov8", "variant": "n"},
                                       "neck": {"type": "yolov8_pafpn", "depth": 1}, "heads": {name: entry}}).train()
-    loss = LOSSES.build(task.default_loss, head=model.heads[name])
-    value, _ = loss(model(batch.images).heads[name], batch)
+    # built as the engine builds it (the loss's build_term hook, with the dataset's class tables)
+    (term,) = build_loss_terms({"task": {"type": task.default_loss, "head": name}}, model, {}, {},
+                               class_channels=output_class_channels(str(coco128)))
+    out = model(batch.images)
+    value, _ = term.module(out if getattr(term.module, "reads_student_output", False) else out.heads[name], batch)
     value.backward()
     assert torch.isfinite(value) and any(p.grad is not None for p in model.heads[name].parameters())
 

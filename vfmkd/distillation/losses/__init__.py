@@ -4,6 +4,7 @@ from vfmkd.distillation.losses.detection import DetectionLoss
 from vfmkd.distillation.losses.feature import FeatureCosineLoss, FeatureDistillLoss, FeatureMSELoss, FeatureSmoothL1Loss
 from vfmkd.distillation.losses.kd import ClsDistillLoss, KLDivergenceLoss, MaskDistillLoss, OutputDistillLoss
 from vfmkd.distillation.losses.promptable import EmbeddingDistillLoss, PromptDistillLoss
+from vfmkd.distillation.losses.query_panoptic import QueryPanopticLoss
 from vfmkd.distillation.losses.rtdetr import RTDETRDetectionLoss
 from vfmkd.distillation.losses.segmentation import (
     BinarySegmentationLoss,
@@ -28,6 +29,7 @@ __all__ = [
     "MaskDistillLoss",
     "OutputDistillLoss",
     "PromptDistillLoss",
+    "QueryPanopticLoss",
     "RTDETRDetectionLoss",
     "SemanticSegmentationLoss",
     "SummaryDistillLoss",

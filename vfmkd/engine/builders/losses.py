@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from vfmkd.core.config import component_kwargs, resolve_path
 from vfmkd.core.config_schema import ExperimentConfig
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.core.registry import LOSSES
+from vfmkd.core.registry import LOSSES, TASKS
 from vfmkd.distillation.distiller import Distiller
 from vfmkd.distillation.pairing.output_pairs import check_mask_sources
 from vfmkd.distillation.pairing.output_rules import TeacherOutputs
@@ -26,6 +26,7 @@ def output_class_channels(data_root: str, binary_classes: Sequence[str] = ()) ->
 
     from vfmkd.core.errors import DatasetError
     from vfmkd.datasets.masks import DETECTION_CONFIG, SemanticClassTable, read_names
+    from vfmkd.tasks import get_task
 
     root = resolve_path(data_root)
     det_file = Path(root) / DETECTION_CONFIG
@@ -40,6 +41,9 @@ def output_class_channels(data_root: str, binary_classes: Sequence[str] = ()) ->
         return tables
     position = {n: k for k, n in enumerate(semantic.names) if k > 0}
     tables["semantic"] = [position.get(det.get(c, ""), -1) for c in range(size)]
+    for name in TASKS.names():  # every task whose classes are the semantic table's (a query panoptic head's too)
+        if get_task(name).semantic_classes:
+            tables[name] = tables["semantic"]
     wanted = set(binary_classes)
     tables["binary"] = [0 if det.get(c) in wanted else -1 for c in range(size)]
     return tables

@@ -48,7 +48,8 @@ def build_scorers(tasks: Mapping[str, str], box_names: Mapping[int, str], semant
     ``"panoptic"`` (:class:`vfmkd.engine.evaluation.panoptic_quality.PanopticScorer`: PQ/SQ/RQ of the merged
     instance + semantic outputs) when the model has both heads and ``data_root``/``split`` hold panoptic
     annotations; ``panoptic`` True requires it (a missing head is a ConfigError naming it), False turns it off."""
-    context = ScoringContext(box_names, semantic_names, conf, iou, max_det, teacher_prompts=prompts_on_grid)
+    context = ScoringContext(box_names, semantic_names, conf, iou, max_det, teacher_prompts=prompts_on_grid,
+                             data_root=data_root, split=split)
     resolved = {head: get_task(task) for head, task in tasks.items()}
     scorers: Dict[str, Scorer] = {head: task.build_scorer(head, context) for head, task in resolved.items()}
     from vfmkd.engine.evaluation.panoptic_quality import build_panoptic_scorer  # noqa: PLC0415 (its own module; imports the datasets)

@@ -21,12 +21,15 @@ INPUT_NAME = "images"
 @dataclass(frozen=True)
 class ExportOutput:
     """One output of the exported graph: its ``name``, the ``head`` it comes from and its ``kind``:
-    ``predictions`` (the head's eval tensor), ``set`` (a set-prediction head's queries) or ``proto``
-    (an instance head's mask prototypes, (B, nm, S/4, S/4), right after its predictions)."""
+    ``predictions`` (the head's eval tensor), ``set`` (a set-prediction head's queries), ``proto``
+    (an instance head's mask prototypes, (B, nm, S/4, S/4), right after its predictions) or ``part``
+    (one field of a head whose task's output type names ``export_parts``: a query panoptic head's
+    class logits, mask logits and IoU; ``part`` is the field)."""
 
     name: str
     head: str
     kind: str
+    part: str = ""
 
 
 def export_outputs(model: UnifiedModel) -> List[ExportOutput]:
@@ -36,12 +39,16 @@ def export_outputs(model: UnifiedModel) -> List[ExportOutput]:
     ``output_<head>`` and prototypes ``proto_<head>``."""
     parts = []
     for name, head in model.heads.items():
-        parts.append((name, "set" if getattr(head, "set_prediction", False) else "predictions"))
+        fields = getattr(task_of(head).output_type, "export_parts", ())
+        if fields:  # a record of several tensors (a query panoptic head): one output per field
+            parts.extend((name, "part", f) for f in fields)
+            continue
+        parts.append((name, "set" if getattr(head, "set_prediction", False) else "predictions", ""))
         if issubclass(task_of(head).output_type, InstanceOutput):  # its eval output carries mask prototypes
-            parts.append((name, "proto"))
+            parts.append((name, "proto", ""))
     if len(model.heads) == 1:
-        return [ExportOutput(f"output{i}", h, k) for i, (h, k) in enumerate(parts)]
-    return [ExportOutput(f"{'proto' if k == 'proto' else 'output'}_{h}", h, k) for h, k in parts]
+        return [ExportOutput(f"output{i}", h, k, f) for i, (h, k, f) in enumerate(parts)]
+    return [ExportOutput(f"{f or ('proto' if k == 'proto' else 'output')}_{h}", h, k, f) for h, k, f in parts]
 
 
 class ExportedStudent(nn.Module):
@@ -56,6 +63,9 @@ class ExportedStudent(nn.Module):
         self.head_names = list(model.heads)
         self.outputs = export_outputs(model)
         self.proto_heads = {o.head for o in self.outputs if o.kind == "proto"}
+        self.part_fields = {o.head: [p.part for p in self.outputs if p.head == o.head] for o in self.outputs
+                            if o.kind == "part"}
+        self.readers = {name: task_of(head).read_output for name, head in model.heads.items()}
         for m in self.model.modules():
             # ultralytics' Exporter does the same to its Detect heads: return the decoded tensor alone
             # (a Segment: (decoded, prototypes)) and, for dynamic shapes, rebuild the anchor grid in the
@@ -76,6 +86,9 @@ class ExportedStudent(nn.Module):
             y = self.model.heads[name](fused)
             if name in self.proto_heads:
                 ys = list(y[:2])  # ultralytics' Segment in export mode: (decoded, prototypes)
+            elif name in self.part_fields:  # the fields of its task's output record, in export_parts' order
+                record = self.readers[name](y)
+                ys = [getattr(record, f) for f in self.part_fields[name]]
             else:
                 ys = [y[0] if isinstance(y, (tuple, list)) else y]  # vfmkd heads' eval: (predictions, raw dict)
             for t in ys:
@@ -127,6 +140,9 @@ def dynamic_axes(outputs: Sequence[ExportOutput], example: Sequence[torch.Tensor
     of each output."""
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
     for o, t in zip(outputs, example):
+        if o.kind == "part":  # per-query fields: (B, Q[, C]) fixed but the batch, masks (B, Q, h, w) free in h, w
+            axes[o.name] = {0: "batch", **({2: f"{o.name}_height", 3: f"{o.name}_width"} if t.dim() == 4 else {})}
+            continue
         axes[o.name] = {0: "batch", 2: f"{o.name}_anchors"} if t.dim() == 3 else \
             {0: "batch", 2: f"{o.name}_height", 3: f"{o.name}_width"}
     return axes

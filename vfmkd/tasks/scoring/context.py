@@ -21,7 +21,8 @@ class ScoringContext:
     ``eval.max_det``: NMS of box heads). ``box_names`` detection class id -> name; ``semantic_names``
     semantic index -> name, 0 included (None: the dataset has no semantic labels); ``teacher_prompts``
     pairs the teachers' masks with the batch's boxes (the engine hands in distillation's
-    ``prompts_on_grid``; None: no alignment with a teacher is scored)."""
+    ``prompts_on_grid``; None: no alignment with a teacher is scored); ``data_root`` / ``split``: the
+    evaluated split (a scorer that reads its own ground truth, e.g. panoptic annotations; None: unknown)."""
 
     box_names: Mapping[int, str]
     semantic_names: Optional[Mapping[int, str]] = None
@@ -29,6 +30,8 @@ class ScoringContext:
     iou: float = 0.7
     max_det: int = 300
     teacher_prompts: Optional[TeacherPrompts] = None
+    data_root: Optional[Any] = None
+    split: Optional[str] = None
 
 
 class Scorer(Protocol):
