@@ -26,6 +26,8 @@ from vfmkd.core.registry import TEACHERS
 from vfmkd.core.sam_variants import SAM_VARIANTS, detect_sam_variant
 from vfmkd.teachers.base import MASK_CHUNK, BaseTeacher, TeacherBatch, TeacherSettings, check_rgb_images, resized_hw
 from vfmkd.teachers.loading import checkpoint_path, load_teacher_weights, seeded
+from vfmkd.teachers.sam_fast import BACKENDS, set_backend
+from vfmkd.teachers.settings import check_choice
 
 logger = logging.getLogger("vfmkd")
 
@@ -52,7 +54,9 @@ class SamTeacher(BaseTeacher):
     Features for a ``(B, 3, S, S)`` batch (``S = input_size``):
     ``trunk`` ``(B, embed_dim, S/16, S/16)`` (ViT output before the neck) and ``image_embeddings``
     ``(B, 256, S/16, S/16)`` (after the neck; what SAM's mask decoder consumes; the primary one).
-    Features are returned in float32 whatever the compute dtype.
+    Features are returned in float32 whatever the compute dtype. ``backend``: ``fast`` (default: SDPA
+    attention, channels_last convs; the stock features within float32 rounding) or ``stock``;
+    ``compile``: ``torch.compile`` the encoder pass (vfmkd/teachers/sam_fast.py).
     """
 
     family = "sam"
@@ -72,12 +76,16 @@ class SamTeacher(BaseTeacher):
         dtype: str = "auto",
         device: str = "auto",
         seed: int = 0,
+        backend: str = "fast",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # Bound to SamTeacher's own signature: a subclass (LoRA-SAM) validates its extra keys itself
-        # and replaces self.settings with its full record.
+        # and replaces self.settings with its full record. backend/compile change how the encoder
+        # computes, not what: they stay out of the fingerprint (vfmkd/teachers/sam_fast.py).
         settings = SamTeacher.settings_from(variant=variant, checkpoint=checkpoint, input_size=input_size,
-                                            init=init, dtype=dtype, device=device, seed=seed)
+                                            init=init, dtype=dtype, device=device, seed=seed, backend=backend,
+                                            compile=compile)
         dev = self._adopt(settings, "SAM")
         variant = settings.variant  # `auto` resolved from the weights file
 
@@ -110,6 +118,14 @@ class SamTeacher(BaseTeacher):
         self._predictor_key: Optional[str] = None
         self.to(dev)
         self.freeze()
+        self.use_backend(backend)
+        self._encode = torch.compile(self._encoder_pass) if compile else self._encoder_pass
+
+    def use_backend(self, backend: str) -> None:
+        """``fast`` (SDPA attention, channels_last convs) or ``stock`` (segment-anything as is), in place."""
+        check_choice("backend", backend, BACKENDS)
+        set_backend(self.sam.image_encoder, backend)
+        self.backend = backend
 
     # ------------------------------------------------------------------ geometry
     def _resize_input(self, size: int) -> None:
@@ -138,6 +154,12 @@ class SamTeacher(BaseTeacher):
     @classmethod
     def _input_multiple(cls, settings: TeacherSettings) -> Tuple[int, str]:
         return _PATCH, "SAM's patch size"
+
+    @classmethod
+    def _check_settings(cls, settings: TeacherSettings) -> None:
+        super()._check_settings(settings)
+        if "backend" in settings.extra:  # LoRA-SAM's record has no backend key: it runs SAM's default
+            check_choice("backend", settings.extra["backend"], BACKENDS)
 
     def feature_specs(self) -> Tuple[FeatureSpec, ...]:
         embed_dim = SAM_VARIANTS[self.variant][0]
@@ -179,16 +201,23 @@ class SamTeacher(BaseTeacher):
         s = self.input_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ValueError(f"SamTeacher expects pixels (B, 3, {s}, {s}), got {tuple(pixels.shape)}.")
-        enc = self.sam.image_encoder
+        pixels = pixels.to(self.device)
+        if self.backend == "fast":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            x = enc.patch_embed(pixels.to(self.device))  # (B, S/16, S/16, C): SAM blocks are channels-last
-            if enc.pos_embed is not None:
-                x = x + enc.pos_embed
-            for blk in enc.blocks:
-                x = blk(x)
-            trunk = x.permute(0, 3, 1, 2)
-            emb = enc.neck(trunk)
-        return {"trunk": trunk.float().contiguous(), "image_embeddings": emb.float()}
+            trunk, emb = self._encode(pixels)
+        return {"trunk": trunk.float().contiguous(), "image_embeddings": emb.float().contiguous()}
+
+    def _encoder_pass(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(trunk (B, C, S/16, S/16), image_embeddings (B, 256, S/16, S/16)) in the compute dtype."""
+        enc = self.sam.image_encoder
+        x = enc.patch_embed(pixels)  # (B, S/16, S/16, C): SAM blocks are channels-last
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for blk in enc.blocks:
+            x = blk(x)
+        trunk = x.permute(0, 3, 1, 2)
+        return trunk, enc.neck(trunk)
 
     # ------------------------------------------------------------------ prompting
     @torch.no_grad()
