@@ -144,7 +144,7 @@ class TrainConfig:
     sync_bn: bool = False  # torchrun with several CUDA ranks: BatchNorm statistics over the global batch
     max_nonfinite_steps: int = 1  # NaN/inf steps in a row (each refused before the optimizer) that stop the run
     # Live teacher passes of the next batches overlap the student's step (vfmkd/distillation/prefetch.py):
-    # auto | off; how many batches ahead; the teacher thread's CPU threads (0 = half the cores).
+    # auto | off; how many batches ahead; the teacher thread's CPU threads (0 = half of torch's threads).
     teacher_prefetch: str = "auto"
     teacher_prefetch_depth: int = 2
     teacher_threads: int = 0

@@ -5,7 +5,7 @@ The router decides every batch's routes ahead (:meth:`TeacherRouter.plan` is a p
 step, the batch and its cached targets), so the live passes of the next ``depth`` batches can start
 early: on CUDA on a side stream, on a CPU in one background thread with its own thread budget
 (``torch.set_num_threads`` is per thread: the teacher's thread gets ``teacher_threads``, the student's
-thread the rest of the cores). What is computed is unchanged: the same batches in the same order
+thread the rest of the process's threads). What is computed is unchanged: the same batches in the same order
 (the loader is only read further ahead; augmentation draws are per (seed, epoch, index)), the same
 routes (counted when the student takes the batch, so a run stopped mid-epoch counts what it trained),
 the same live passes (a teacher pass draws no random numbers). Only the thread split may move float
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -51,14 +50,9 @@ class _Pending:
     live: Dict[str, Future]  # teacher -> (targets, CUDA done-event or None)
 
 
-def cpu_cores() -> int:
-    """The CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def split_threads(total: int, teacher_threads: int) -> Tuple[int, int]:
-    """(teacher, student) threads out of ``total``: ``teacher_threads`` (0 = auto: half, at least one),
-    the student the rest (at least one)."""
+    """(teacher, student) threads out of ``total`` (the process's torch threads): ``teacher_threads`` (0 = auto:
+    half, at least one), the student the rest (at least one)."""
     teacher = teacher_threads or max(1, total // 2)
     return teacher, max(1, total - teacher)
 
@@ -86,7 +80,7 @@ class TargetPrefetcher:
     (``off``: every live pass runs when its step starts, the serial path); ``depth``: how many
     batches ahead the teacher may run (in a mixed run the live batches are rare: looking further
     ahead lets the teacher work through the student's offline steps); ``teacher_threads``: the
-    teacher thread's CPU thread budget (0 = half the cores)."""
+    teacher thread's CPU thread budget (0 = half of the process's torch threads)."""
 
     def __init__(self, router: TeacherRouter, device: torch.device, mode: str = "auto", depth: int = 2,
                  teacher_threads: int = 0) -> None:
@@ -99,7 +93,7 @@ class TargetPrefetcher:
             raise ConfigError(f"train.teacher_prefetch_depth must be >= 1 (batches the teacher runs ahead), "
                               f"got {depth}.")
         if int(teacher_threads) < 0:
-            raise ConfigError(f"train.teacher_threads must be >= 0 (0 = half the cores), got {teacher_threads}.")
+            raise ConfigError(f"train.teacher_threads must be >= 0 (0 = half the threads), got {teacher_threads}.")
         self.router, self.device = router, torch.device(device)
         self.mode, self.depth, self.teacher_threads = mode, int(depth), int(teacher_threads)
 
@@ -125,7 +119,7 @@ class TargetPrefetcher:
                     teachers: Callable[[int], List[str]]) -> Iterator[PreparedBatch]:
         cuda = self.device.type == "cuda"
         student_before = torch.get_num_threads()
-        teacher_n, student_n = split_threads(student_before if cuda else cpu_cores(), self.teacher_threads)
+        teacher_n, student_n = split_threads(student_before, self.teacher_threads)
         side = torch.cuda.Stream(self.device) if cuda else None
 
         def budget() -> None:

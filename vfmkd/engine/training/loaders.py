@@ -4,6 +4,7 @@ attached, the epoch's shuffle sharded across ranks) and the val loader (held-out
 rank 0)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -13,7 +14,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vfmkd.core.config_schema import ExperimentConfig
 from vfmkd.datasets import collate_samples
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
-from vfmkd.distillation.prefetch import cpu_cores
 from vfmkd.engine.builders import build_router
 from vfmkd.utils.logging import get_logger
 from vfmkd.utils.stop_signals import ignore_in_worker
@@ -22,7 +22,7 @@ from vfmkd.utils.stop_signals import ignore_in_worker
 def worker_count(requested: int) -> int:
     """``data.num_workers``, clamped to the CPU cores this process may use (more workers than cores
     only thrash), with a warning that says so."""
-    cores = cpu_cores()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > cores:
         get_logger().warning("data.num_workers=%d but this machine has %d CPU core(s): using %d workers", requested,
                              cores, cores)
