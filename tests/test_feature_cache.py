@@ -128,7 +128,7 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tmp_path):
     with h5py.File(out / f"{SPLIT}.h5", "r") as got, h5py.File(cache_dir / f"{SPLIT}.h5", "r") as want:
         names = []
         want.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-        assert len(names) == 13
+        assert len(names) == 15  # 13 + stats/<name>/phi_s_rotation of its two features (PHI-S, issue 20)
         for n in names:
             assert got[n].dtype == want[n].dtype and np.array_equal(got[n][:], want[n][:]), n
         assert dict(got.attrs) == dict(want.attrs)

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 import torch
 
+from vfmkd.cache.phi_s import store_phi_s
 from vfmkd.core.feature_spec import FeatureSpec
 
 STORAGES = ("float16", "int8")
@@ -185,7 +186,8 @@ def add_stats_datasets(f: h5py.File, specs: Sequence[FeatureSpec], n: int) -> No
 def store_statistics(f: h5py.File, specs: Sequence[FeatureSpec],
                      storage: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """Once every image of ``f`` is done, store each feature's per-channel mean and std over the valid
-    cells of all images and return them ({name: (mean, std)} float64); None while images are missing.
+    cells of all images and return them ({name: (mean, std)} float64), and then each feature's PHI-S transform
+    (:mod:`vfmkd.cache.phi_s`: one more read of the file); None while images are missing.
     Images without per-image moments (files written before statistics existed) get them from the
     stored features first."""
     if not f["done"][:].all():
@@ -202,7 +204,18 @@ def store_statistics(f: h5py.File, specs: Sequence[FeatureSpec],
         g["mean"][:], g["std"][:] = mean.astype(np.float32), std.astype(np.float32)
         out[s.name] = (mean, std)
     f.flush()
+    store_phi_s(f, specs, lambda name, a, b: _decoded_block(f, specs, storage, valid, name, a, b))
     return out
+
+
+def _decoded_block(f: h5py.File, specs: Sequence[FeatureSpec], storage: str, valid: np.ndarray, name: str,
+                   start: int, stop: int) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Images start..stop-1 of feature ``name`` as the reader returns them, with their valid rows and cols."""
+    spec = next(s for s in specs if s.name == name)
+    ds = f["features"][name]
+    scales = [f["features"][name + x][start:stop] for x in SCALES.values()] if storage == "int8" else []
+    rows, cols = valid_cells(valid[start:stop], spec.stride, *ds.shape[2:])
+    return decode(ds[start:stop], *scales), rows, cols
 
 
 def mirror_affine(affine: torch.Tensor, widths: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ With a flip pass (``with_flip``): ``features_flip/<name>`` (same layout), ``affi
 ``valid_hw_flip`` (N, 2): the teacher on the horizontally mirrored image, its affine re-expressed for
 ORIGINAL pixels (sx < 0). Statistics of the plain pass: ``stats/<name>/image_moments`` (N, 2, C)
 float64 per-image [mean, sum of squared deviations] over valid cells, and, once every image is done,
-``stats/<name>/mean`` and ``stats/<name>/std`` (C,) float32 (NaN until then).
+``stats/<name>/mean`` and ``stats/<name>/std`` (C,) float32 (NaN until then), and the PHI-S transform
+``stats/<name>/phi_s_rotation`` (C, C) float32 with the group attribute ``phi_s_alpha`` (phi_s.py).
 Mask logits (``--outputs features,masks``; M = total prompt boxes of the N images, fixed at creation
 from the label files): ``masks/offsets`` (N + 1,) int64 (image i owns rows offsets[i]:offsets[i+1],
 K_i = its label rows, possibly 0), ``masks/label_index`` (M,) int64 (row of the prompt box in the

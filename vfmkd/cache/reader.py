@@ -27,6 +27,7 @@ from vfmkd.cache.format import (
     label_files_sha256,
     rebuild_command,
 )
+from vfmkd.cache.phi_s import PhiS, read_phi_s
 from vfmkd.cache.shards import shards_of
 from vfmkd.core.errors import CacheMismatchError
 from vfmkd.core.feature_spec import FeatureSpec
@@ -50,6 +51,7 @@ class FeatureCacheReader:
         self._ds: Dict[Tuple[int, str], Tuple[Any, ...]] = {}  # per process: dataset, direct?, shape, dtype, zeros
         self._shard_handles: Dict[int, h5py.File] = {}  # per process, shard k of an index file
         self._stats: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self._phi_s: Dict[str, PhiS] = {}  # feature -> its PHI-S transform (caches finished with one)
         try:  # metadata through a short-lived handle: nothing stays open to be inherited by workers
             with h5py.File(self.path, "r") as f:
                 self.attrs: Dict[str, Any] = {k: attr_value(v) for k, v in f.attrs.items()}
@@ -68,6 +70,9 @@ class FeatureCacheReader:
                     mean, std = g["mean"][:], g["std"][:]
                     if np.isfinite(mean).all() and np.isfinite(std).all():  # NaN: the cache is not finished
                         self._stats[name] = (mean, std)
+                    phi = read_phi_s(g)
+                    if phi is not None:
+                        self._phi_s[name] = phi
         except (OSError, KeyError) as exc:
             cmd = rebuild or (f"{TOOL} --splits {shlex.quote(self.path.stem)} --output "
                               f"{shlex.quote(str(self.path.parent))} --teacher <teacher> (+ the --dataset, --features, "
@@ -249,6 +254,11 @@ class FeatureCacheReader:
             raise KeyError(f"{self.path} caches {', '.join(s.name for s in self.feature_specs)}, not {name!r}")
         got = self._stats.get(name)
         return None if got is None else (torch.from_numpy(got[0].copy()), torch.from_numpy(got[1].copy()))
+
+    def phi_s(self, name: str) -> Optional[PhiS]:
+        """Feature ``name``'s PHI-S transform stored at cache time (:mod:`vfmkd.cache.phi_s`); None for files
+        written before it existed or not finished yet."""
+        return self._phi_s.get(name)
 
     def rebuild_command(self, data_root: Optional[str] = None, teacher_config: Optional[Mapping[str, Any]] = None,
                         limit: Optional[int] = None, with_flip: Optional[bool] = None,
