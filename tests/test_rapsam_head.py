@@ -159,3 +159,15 @@ def test_bad_inputs_exit_2(tmp_path, caplog, coco128):
                       f"data: {{root: {coco128}, img_size: 64, limit: 2, num_workers: 0}}\n")
     assert run_tool(train_tool.main, [str(config), "--no-progress"]) == 2
     assert "num_queries must be >= 1" in caplog.text
+
+
+def test_ablation_reports_the_query_heads_pq_parts():
+    from vfmkd.engine.training.ablation import markdown_table, summary_row
+
+    scores = {"PQ": 0.25, "PQ_things": 0.3, "PQ_stuff": 0.2, "mIoU": 0.4}
+    result = {"metrics": {"epochs": [{"val": {"query": scores}}]}, "seconds": 1.0, "peak_rss_mib": 10.0,
+              "peak_gpu_mib": None, "run_dir": "r"}
+    row = summary_row("full", result)
+    assert (row["PQ"], row["PQ_th"], row["PQ_st"], row["mIoU"]) == (0.25, 0.3, 0.2, 0.4)
+    table = markdown_table([row], "t")
+    assert "| PQ | PQ_th | PQ_st | mIoU |" in table and "| 0.2500 | 0.3000 | 0.2000 | 0.4000 |" in table

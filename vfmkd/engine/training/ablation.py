@@ -132,11 +132,22 @@ def _last_val(metrics: Mapping[str, Any]) -> Mapping[str, Any]:
     return next((r["val"] for r in reversed(metrics["epochs"]) if "val" in r), {})
 
 
+def panoptic_scores(val: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The panoptic numbers of a validation result: the instance + semantic merge's (``panoptic``), else
+    those of the first head that reports PQ itself (a query panoptic head, ``rapsam_head``)."""
+    if isinstance(val.get(PANOPTIC), Mapping):
+        return val[PANOPTIC]
+    return next((v for v in val.values() if isinstance(v, Mapping) and "PQ" in v), {})
+
+
 def summary_row(name: str, result: Mapping[str, Any]) -> Dict[str, Any]:
-    """PQ (the ``panoptic`` scorer), mIoU (the first semantic head), time, memory of one variant."""
+    """PQ, PQ_th, PQ_st (:func:`panoptic_scores`), mIoU (the first head reporting it), time, memory of one
+    variant."""
     val = _last_val(result["metrics"])
     semantic = next((v for v in val.values() if isinstance(v, Mapping) and "mIoU" in v), {})
-    return {"variant": name, "PQ": val.get(PANOPTIC, {}).get("PQ"), "mIoU": semantic.get("mIoU"),
+    panoptic = panoptic_scores(val)
+    return {"variant": name, "PQ": panoptic.get("PQ"), "PQ_th": panoptic.get("PQ_things"),
+            "PQ_st": panoptic.get("PQ_stuff"), "mIoU": semantic.get("mIoU"),
             "train_s": result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
             "peak_gpu_mib": result["peak_gpu_mib"],
             "run_dir": result["run_dir"]}
@@ -146,10 +157,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     def num(v: Any, fmt: str) -> str:
         return "—" if v is None or v != v else format(v, fmt)
 
-    lines = [f"# {title}", "", "| variant | PQ | mIoU | train time (s) | peak RSS (MiB) | peak GPU (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"# {title}", "", "| variant | PQ | PQ_th | PQ_st | mIoU | train time (s) | peak RSS (MiB) "
+             "| peak GPU (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {num(r['PQ'], '.4f')} | {num(r['mIoU'], '.4f')} | {num(r['train_s'], '.1f')} "
+        lines.append(f"| {r['variant']} | {num(r['PQ'], '.4f')} | {num(r.get('PQ_th'), '.4f')} "
+                     f"| {num(r.get('PQ_st'), '.4f')} | {num(r['mIoU'], '.4f')} | {num(r['train_s'], '.1f')} "
                      f"| {num(r['peak_rss_mib'], '.0f')} | {num(r['peak_gpu_mib'], '.0f')} |")
     lines += ["", "Each variant: the same experiment, epochs and data, trained in its own process (peak RSS is that "
               "process's). `no_<part>` switches one part off; `base` switches all of them off."]
