@@ -56,6 +56,37 @@ def to_nvidia_radio(model: torch.nn.Module, summary_idxs) -> dict:
     return out
 
 
+def to_meta_pe(model: torch.nn.Module) -> dict:
+    """Meta's ``PE-Core-*.pt`` layout (the CLIP model's ``visual.*``) from timm's ``vit_pe_core_*`` model."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "head.bias":  # PE's projection has no bias (timm's comes back zero)
+            continue
+        if k == "head.weight":
+            out["visual.proj"] = v.t().clone()
+            continue
+        if k in ("attn_pool.q.weight", "attn_pool.q.bias"):
+            kind = k.rsplit(".", 1)[1]
+            out[f"visual.attn_pool.attn.in_proj_{kind}"] = torch.cat([v, model.state_dict()[f"attn_pool.kv.{kind}"]])
+            continue
+        if k.startswith("attn_pool.kv."):
+            continue
+        k2 = {"cls_token": "class_embedding", "pos_embed": "positional_embedding"}.get(k, k)
+        v = v[0, 0] if k == "cls_token" else v[0] if k == "pos_embed" else v
+        for a, b in (("patch_embed.proj", "conv1"), ("blocks.", "transformer.resblocks."), ("norm_pre", "ln_pre"),
+                     ("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv.", "attn.in_proj_"),
+                     ("attn.proj", "attn.out_proj"),
+                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("gamma_1", "ls_1.gamma"),
+                     ("gamma_2", "ls_2.gamma"), ("attn_pool.latent", "attn_pool.probe"),
+                     ("attn_pool.proj", "attn_pool.attn.out_proj"), ("attn_pool.norm", "attn_pool.layernorm")):
+            k2 = k2.replace(a, b)
+        if k2 in ("norm.weight", "norm.bias"):
+            k2 = k2.replace("norm", "ln_post")
+        out["visual." + k2] = v.clone()
+    out["text.token_embedding.weight"] = torch.zeros(4, 8)  # the CLIP text tower rides along (ignored)
+    return out
+
+
 def write_official(name: str, model: torch.nn.Module, folder: Path) -> Path:
     """The official file of teacher ``name`` (``dinov3``, ``dinov3_convnext``, ``radio``) from its timm model."""
     if name == "radio":
@@ -65,6 +96,10 @@ def write_official(name: str, model: torch.nn.Module, folder: Path) -> Path:
     if name == "dinov3":
         path = folder / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
         torch.save(to_meta_dinov3(model), path)
+        return path
+    if name == "pe_core":
+        path = folder / "PE-Core-T16-384.pt"
+        torch.save(to_meta_pe(model), path)
         return path
     path = folder / "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth"
     torch.save(to_meta_convnext(model), path)

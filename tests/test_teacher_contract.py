@@ -39,6 +39,7 @@ TEACHER_CASES = {
     "dinov3": dict(variant="vits16", init="random", input_size=64),
     "dinov3_convnext": dict(variant="tiny", init="random", input_size=64),
     "radio": dict(variant="c-radio_v3-b", init="random", input_size=64),
+    "pe_core": dict(variant="tiny16", init="random", input_size=64),
     "vfmkd": dict(variant="yolov8-n", checkpoint=str(VFMKD_RUN)),
 }
 #: teachers whose input is the student's letterbox canvas itself: the padding is part of the input
@@ -328,10 +329,10 @@ def test_fingerprints_are_unchanged(name, kwargs, expected, tmp_path, monkeypatc
     assert (fp.family, fp.variant, fp.weights, fp.input_size, fp.dtype, fp.preprocessing) == (name, *expected)
 
 
-# The timm-built teachers of 2025-26 on files in their official layouts (tests/official_layouts.py writes them from
-# the contract builds above): variant auto reads the file, every tensor arrives, another model's file is refused
-# by one message naming what it is.
-OFFICIAL = ("dinov3", "dinov3_convnext", "radio")
+# The timm-built teachers of 2025-26 (DINOv3, DINOv3 ConvNeXt, C-RADIO, PE-core) on files in their official
+# layouts (tests/official_layouts.py writes them from the contract builds above): variant auto reads the file,
+# every tensor arrives, another model's file is refused by one message naming what it is.
+OFFICIAL = ("dinov3", "dinov3_convnext", "radio", "pe_core")
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +362,7 @@ def test_official_layout_loads_with_variant_auto(name, teachers, official_files)
 @pytest.mark.parametrize("name, other, names", [
     ("dinov3", "radio", "C-RADIO checkpoint"), ("radio", "dinov3", "DINOv3 ViT checkpoint"),
     ("dinov3_convnext", "dinov3", "DINOv3 ViT checkpoint"), ("dinov3", "dinov3_convnext", "ConvNeXt checkpoint"),
+    ("pe_core", "radio", "C-RADIO checkpoint"), ("radio", "pe_core", "PE-core"),
 ])
 def test_another_models_official_file_is_refused_naming_it(name, other, names, official_files):
     with pytest.raises(CheckpointError, match=names):

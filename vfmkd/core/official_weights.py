@@ -176,6 +176,22 @@ OFFICIAL_WEIGHTS.update({
 })
 
 
+# Perception Encoder core (Meta, Apache-2.0): the CLIP checkpoints of Meta's Hugging Face repos. Not pinned (None).
+def _pe(variant: str, stem: str) -> OfficialWeights:
+    return OfficialWeights(name=f"pe_core_{variant}", family="pe_core", variant=variant,
+                           url=f"https://huggingface.co/facebook/{stem}/resolve/main/{stem}.pt",
+                           filename=f"{stem}.pt", sha256=None)
+
+
+OFFICIAL_WEIGHTS.update({
+    w.name: w
+    for w in (
+        _pe("tiny16", "PE-Core-T16-384"), _pe("small16", "PE-Core-S16-384"), _pe("base16", "PE-Core-B16-224"),
+        _pe("large14", "PE-Core-L14-336"), _pe("gigantic14", "PE-Core-G14-448"),
+    )
+})
+
+
 def weights_for(family: str, variant: str) -> OfficialWeights:
     """The official checkpoint of ``family``/``variant`` (e.g. ``"sam", "vit_b"``)."""
     for w in OFFICIAL_WEIGHTS.values():

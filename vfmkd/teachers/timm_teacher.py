@@ -75,7 +75,8 @@ _SIGNATURES = (
     ("mask_token", "a DINOv2 ViT checkpoint (teacher type dinov2)"),
     ("image_encoder.neck.0.weight", "a SAM checkpoint (teacher type sam)"),
     ("image_encoder.trunk.patch_embed.proj.weight", "a SAM2 checkpoint (teacher type sam2)"),
-    ("visual.conv1.weight", "a Perception Encoder / CLIP checkpoint"),
+    ("visual.attn_pool.probe", "a Perception Encoder (PE-core) checkpoint (Meta's layout; teacher type pe_core)"),
+    ("visual.conv1.weight", "a CLIP checkpoint"),
     ("model.0.conv.weight", "an ultralytics YOLO state_dict"),
 )
 
