@@ -295,7 +295,8 @@ def _check_ranges(cfg: Dict[str, Any]) -> None:
         (rd["task_weight_high"] >= 0 and rd["task_weight_low"] >= 0,
          "model.resolution_distill: task_weight_high and task_weight_low must be >= 0"),
         (cfg["model"]["infer_scale"] is None or 0.0 < cfg["model"]["infer_scale"] <= 1.0,
-         f"model.infer_scale must be in (0, 1] (0.5 = half the canvas side) or null, got {cfg['model']['infer_scale']}"),
+         f"model.infer_scale must be in (0, 1] (0.5 = half the canvas side) or null, got "
+         f"{cfg['model']['infer_scale']}"),
         (
             rd["sr_loss_weight"] >= 0 and rd["fa_loss_weight"] >= 0,
             "model.resolution_distill: sr_loss_weight and fa_loss_weight must be >= 0",
