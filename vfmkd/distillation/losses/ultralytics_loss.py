@@ -23,8 +23,9 @@ class UltralyticsTaskLoss(TaskLoss):
     (detection heads) or ``instances`` (segment heads: per-instance masks, ``overlap_mask`` False) in
     ultralytics' target format; returns the scalar and the criterion's detached parts (``box``, ``cls``,
     ``dfl``, ``seg`` ...). Gains: ultralytics' defaults (``box`` 7.5, ``cls`` 0.5, ``dfl`` 1.5), overridable
-    here; ``epochs`` is what YOLO26's one-to-many/one-to-one gain schedule counts down over (stepped by
-    :meth:`epoch_end`, as ultralytics' trainer steps it)."""
+    here; ``epochs`` is what YOLO26's one-to-many/one-to-one gain schedule counts down over when :meth:`epoch_end`
+    steps it (ultralytics' trainer does each epoch; vfmkd's trainer has no per-epoch loss hook yet, so in a vfmkd run
+    the gains stay at ultralytics' initial 0.8 / 0.2)."""
 
     def __init__(self, head: Any, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5, epochs: int = 100) -> None:
         if not hasattr(head, "model_class") or not hasattr(head, "detect"):
