@@ -1,8 +1,9 @@
 """Ablate a recipe: train the experiment with each of its parts off (learnable fusion, DSRL, teacher
-distillation) for the same budget and write a Markdown table (PQ, mIoU, time, memory).
+distillation) for the same budget and write a Markdown table (the task metric, PQ, mIoU, time, memory).
 
     python tools/ablate.py configs/experiments/regnet_fusion_dsrl_sam_panoptic_coco128.yaml train.epochs=10
     python tools/ablate.py --config X.yaml --parts dsrl teachers --output work_dirs/my_ablation
+    python tools/ablate.py configs/experiments/lora_sam_binary_person_coco128.yaml --parts teachers  # teacher or not
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = setup_logging(out / "ablation.log")
     rows = ablate(cfg, out, args.parts, log=log.info)
     for row in rows:
-        log.info("%-12s PQ=%s mIoU=%s %.0fs peak RSS %.0f MiB", row["variant"], row["PQ"], row["mIoU"], row["train_s"],
-                 row["peak_rss_mib"])
+        log.info("%-12s %s=%s PQ=%s mIoU=%s %.0fs peak RSS %.0f MiB", row["variant"], row["metric"], row["value"],
+                 row["PQ"], row["mIoU"], row["train_s"], row["peak_rss_mib"])
     log.info("table -> %s", out / "ablation.md")
     return 0
 

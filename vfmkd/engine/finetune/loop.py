@@ -43,6 +43,7 @@ class Finetuner:
     def __init__(self, cfg: Dict[str, Any], run_dir: Path, resume: bool = False, progress: bool = True,
                  log: Optional[logging.Logger] = None) -> None:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = log or logging.getLogger("vfmkd")
         train, data = cfg["train"], cfg["data"]
         torch.manual_seed(train["seed"])

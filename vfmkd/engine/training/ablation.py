@@ -141,13 +141,16 @@ def panoptic_scores(val: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def summary_row(name: str, result: Mapping[str, Any]) -> Dict[str, Any]:
-    """PQ, PQ_th, PQ_st (:func:`panoptic_scores`), mIoU (the first head reporting it), time, memory of one
-    variant."""
+    """PQ, PQ_th, PQ_st (:func:`panoptic_scores`), mIoU (the first head reporting it), the task metric that
+    picks best.pt (``metric``: e.g. ``binary Dice``, and its best ``value``: Dice for a binary head, mAP50-95 for a
+    detector), time, memory of one variant."""
     val = _last_val(result["metrics"])
     semantic = next((v for v in val.values() if isinstance(v, Mapping) and "mIoU" in v), {})
+    picked = result["metrics"].get("best_metric") or {}
     panoptic = panoptic_scores(val)
     return {"variant": name, "PQ": panoptic.get("PQ"), "PQ_th": panoptic.get("PQ_things"),
             "PQ_st": panoptic.get("PQ_stuff"), "mIoU": semantic.get("mIoU"),
+            "metric": f"{picked['head']} {picked['metric']}" if picked else None, "value": picked.get("value"),
             "train_s": result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
             "peak_gpu_mib": result["peak_gpu_mib"],
             "run_dir": result["run_dir"]}
@@ -157,14 +160,17 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     def num(v: Any, fmt: str) -> str:
         return "—" if v is None or v != v else format(v, fmt)
 
-    lines = [f"# {title}", "", "| variant | PQ | PQ_th | PQ_st | mIoU | train time (s) | peak RSS (MiB) "
-             "| peak GPU (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"# {title}", "", "| variant | task metric (best epoch) | PQ | PQ_th | PQ_st | mIoU | train time (s) "
+             "| peak RSS (MiB) | peak GPU (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {num(r['PQ'], '.4f')} | {num(r.get('PQ_th'), '.4f')} "
-                     f"| {num(r.get('PQ_st'), '.4f')} | {num(r['mIoU'], '.4f')} | {num(r['train_s'], '.1f')} "
+        task = f"{r.get('metric')} {num(r.get('value'), '.4f')}" if r.get("metric") else "—"
+        lines.append(f"| {r['variant']} | {task} | {num(r['PQ'], '.4f')} | {num(r.get('PQ_th'), '.4f')} "
+                     f"| {num(r.get('PQ_st'), '.4f')} | {num(r['mIoU'], '.4f')} "
+                     f"| {num(r['train_s'], '.1f')} "
                      f"| {num(r['peak_rss_mib'], '.0f')} | {num(r['peak_gpu_mib'], '.0f')} |")
     lines += ["", "Each variant: the same experiment, epochs and data, trained in its own process (peak RSS is that "
-              "process's). `no_<part>` switches one part off; `base` switches all of them off."]
+              "process's). `no_<part>` switches one part off (`no_teachers`: the same budget without any teacher: "
+              "does distillation help on this data?); `base` switches all of them off."]
     return "\n".join(lines) + "\n"
 
 
