@@ -72,6 +72,8 @@ class DistillationConfig:
     alpha: float = 1.0  # x task losses
     beta: float = 1.0  # x output (logit) distillation losses
     gamma: float = 1.0  # x feature distillation losses
+    # run-wide temperature of the output (logit) losses that take one; an entry's own `temperature` wins
+    temperature: Optional[float] = None
 
 
 @dataclass

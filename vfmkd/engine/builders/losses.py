@@ -1,10 +1,12 @@
 """Builders of the losses: ``distillation.losses`` -> :class:`LossTerm` list -> :class:`Distiller`."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from vfmkd.core.config import component_kwargs, resolve_path
 from vfmkd.core.config_schema import ExperimentConfig
+from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES, TASKS
 from vfmkd.distillation.distiller import Distiller
@@ -15,6 +17,7 @@ from vfmkd.distillation.routing import TeacherRouter
 from vfmkd.distillation.terms import RESERVED_LOSS_KEYS, LossEntry, LossTerm, TermContext, missing_hook_error
 from vfmkd.engine.builders.teachers import LiveTeachers, teacher_outputs, teacher_specs
 from vfmkd.models.unified_model import UnifiedModel
+from vfmkd.utils.logging import get_logger
 
 
 def output_class_channels(data_root: str, binary_classes: Sequence[str] = ()) -> Dict[str, List[int]]:
@@ -52,12 +55,15 @@ def output_class_channels(data_root: str, binary_classes: Sequence[str] = ()) ->
 def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: UnifiedModel,
                      specs: Mapping[str, Sequence[FeatureSpec]], primary: Mapping[str, str],
                      teachers: Optional[Mapping[str, Any]] = None,
-                     class_channels: Optional[Mapping[str, Sequence[int]]] = None) -> List[LossTerm]:
+                     class_channels: Optional[Mapping[str, Sequence[int]]] = None,
+                     temperature: Optional[float] = None) -> List[LossTerm]:
     """One :class:`LossTerm` per ``distillation.losses`` entry, built by its loss class's
     ``build_term(entry, context)`` hook (:mod:`vfmkd.distillation.terms`): feature losses resolve
     their teacher map, student level and channel sizes, task losses their head, output losses their
     head and pairing (:mod:`vfmkd.distillation.pairing`) from ``teachers`` (:func:`teacher_outputs`)
-    and, for semantic/binary heads taught by masks, ``class_channels`` (:func:`output_class_channels`)."""
+    and, for semantic/binary heads taught by masks, ``class_channels`` (:func:`output_class_channels`).
+    ``temperature`` (``distillation.temperature``): the default of every entry whose loss takes one."""
+    losses_cfg = with_run_temperature(losses_cfg, temperature)
     offers: Mapping[str, Any] = teachers if teachers is not None else {n: TeacherOutputs(n, "?") for n in specs}
     context = TermContext(model, specs, primary, offers, class_channels or {})
     terms = []
@@ -72,6 +78,24 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
     return terms
 
 
+def with_run_temperature(losses_cfg: Mapping[str, Mapping[str, Any]],
+                         temperature: Optional[float]) -> Mapping[str, Mapping[str, Any]]:
+    """``distillation.temperature`` set on every entry whose loss takes a ``temperature`` and that sets none
+    of its own (logged once, with the entries that keep theirs)."""
+    if temperature is None:
+        return losses_cfg
+    if not temperature > 0:
+        raise ConfigError(f"distillation.temperature must be > 0 (or null), got {temperature}")
+    takes = {n for n, e in losses_cfg.items()
+             if "temperature" in inspect.signature(LOSSES.get(e["type"]).__init__).parameters}
+    own = sorted(n for n in takes if "temperature" in losses_cfg[n])
+    given = sorted(takes - set(own))
+    get_logger().info("distillation.temperature=%g for %s%s", temperature, ", ".join(given) or "no loss entry",
+                      "; their own temperature: " + ", ".join(f"{n} (T={losses_cfg[n]['temperature']:g})" for n in own)
+                      if own else "")
+    return {n: {**e, "temperature": temperature} if n in given else e for n, e in losses_cfg.items()}
+
+
 def build_distiller(cfg: ExperimentConfig, model: UnifiedModel, router: TeacherRouter,
                     live: Optional[LiveTeachers] = None) -> Distiller:
     """The losses of ``cfg.distillation`` for ``model``, built after ``router.load_live_models()``
@@ -80,7 +104,8 @@ def build_distiller(cfg: ExperimentConfig, model: UnifiedModel, router: TeacherR
     dist = cfg.distillation
     specs, primary = teacher_specs(router)
     terms = build_loss_terms(dist.losses, model, specs, primary, teachers=teacher_outputs(cfg.teachers, router),
-                             class_channels=output_class_channels(cfg.data.root, cfg.data.binary_classes))
+                             class_channels=output_class_channels(cfg.data.root, cfg.data.binary_classes),
+                             temperature=dist.temperature)
     terms = with_resolution_terms(terms, model, cfg.model, cfg.data.img_size)  # model.resolution_distill (DSRL)
     distiller = Distiller(terms, alpha=dist.alpha, beta=dist.beta, gamma=dist.gamma)
     needing = distiller.teachers_needing_masks()
