@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine, quiet  # noqa: E402
+from benchmarks.bench_cache_storage import evict as evict_file  # noqa: E402  (fsync + posix_fadvise DONTNEED)
 from vfmkd.cache.reader import FeatureCacheReader  # noqa: E402
 from vfmkd.cache.writer import FeatureCacheWriter  # noqa: E402
 from vfmkd.core.feature_spec import FeatureSpec  # noqa: E402
@@ -107,13 +107,8 @@ def evict(path: Path, whole: bool) -> None:
     subprocess.run(["sync"], check=False)
     if whole:
         DROP.write_text("3\n")
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    else:
+        evict_file(path)
 
 
 def raw_rate(path: Path) -> float:
