@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import os
 import statistics
@@ -98,6 +99,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--malloc", choices=("tuned", "default", "inherit"), default="tuned",
                    help="glibc malloc env: tuned as scripts/run_main_job.sh, glibc default, or leave as is")
     p.add_argument("--quick", action="store_true", help="< 60 s: 320 only, cache @ 256, 2 batches, 2 repeats")
+    p.add_argument("--override", action="append", default=[],
+                   help="an experiment override, repeatable (model.backbone.config=configs/backbones/yolov8s.yaml)")
     args = p.parse_args()
     if args.quick:
         args.img_sizes, args.teacher_input, args.batches, args.repeats, args.warmup, args.read_repeats = (
@@ -170,6 +173,7 @@ def main() -> int:
             "data.num_workers=0",
             f"train.device={args.device}", f"work_dir={run_root}",
             "eval.fidelity=false",  # no evaluation here: no validation router, no live SAM in memory
+            *args.override,
         ]
         trainers = {}
         for name in ("student-only", "offline-distill"):
@@ -280,6 +284,10 @@ def main() -> int:
         print(f"| {img} | 256x{side}x{side} | {t_s * 1e3:.1f} | {t_d * 1e3:.1f} | {ratio:.3f} | {pr:.3f} | {cr:.3f} | "
               f"{extra * 1e3:.1f} | {rd * 1e3:.2f} | {lw * 1e3:.1f} |")
     shutil.rmtree(run_root, ignore_errors=True)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    print("RESULT " + json.dumps({"rows": [{"img_size": r[0], "student_only_s": r[1], "offline_distill_s": r[2],
+                                            "student_only_over_offline_distill": r[3]} for r in rows],
+                                  "peak_gpu_mib": peak, "overrides": args.override}))
     return 0
 
 

@@ -103,9 +103,10 @@ class TargetPrefetcher:
         return self.mode == "auto" and any(s.live is not None for s in self.router.sources.values())
 
     def epoch(self, items: Iterable[Any], first_step: int, interval: int,
-              teachers: List[str]) -> Iterator[PreparedBatch]:
-        """The epoch's batches with their targets; close the generator (``contextlib.closing``) when the
-        loop may end early: pending passes are finished and the thread budget restored."""
+              teachers: StepTeachers) -> Iterator[PreparedBatch]:
+        """The epoch's batches (``items`` of steps first_step, first_step + 1, ...) with their targets; close
+        the generator (:func:`prepared_epoch`) when the loop may end early: pending passes are finished and
+        the thread budget restored."""
         if not self.overlaps:
             for step, item in enumerate(items, start=first_step):
                 batch = item.batch.to(self.device)
@@ -116,7 +117,7 @@ class TargetPrefetcher:
         yield from self._overlapped(iter(items), first_step, interval, teachers)
 
     def _overlapped(self, items: Iterator[Any], step: int, interval: int,
-                    teachers: Callable[[int], List[str]]) -> Iterator[PreparedBatch]:
+                    teachers: StepTeachers) -> Iterator[PreparedBatch]:
         cuda = self.device.type == "cuda"
         student_before = torch.get_num_threads()
         teacher_n, student_n = split_threads(student_before, self.teacher_threads)
@@ -154,7 +155,7 @@ class TargetPrefetcher:
             torch.set_num_threads(student_before)
 
     def _submit(self, pool: ThreadPoolExecutor, side: Optional[Any], item: Any, step: int, interval: int,
-                teachers: Callable[[int], List[str]]) -> _Pending:
+                teachers: StepTeachers) -> _Pending:
         """Route the batch of ``step`` now and queue its live passes on the teacher's thread."""
         batch = item.batch.to(self.device)
         routes = self.router.plan(step, batch, item.cached, _of_step(teachers, step)) if step % interval == 0 else []
@@ -198,7 +199,7 @@ class TargetPrefetcher:
         return targets
 
 
-def _of_step(teachers: Any, step: int) -> List[str]:
+def _of_step(teachers: StepTeachers, step: int) -> List[str]:
     """The teachers of ``step``: a list, or step -> list (teacher dropping, vfmkd/distillation/teacher_drop.py)."""
     return teachers(step) if callable(teachers) else teachers
 
