@@ -58,7 +58,7 @@ def files(decoder_state, tmp_path_factory):
     a_list, b_list = _qv_adapters()
     fused = _fused(a_list, b_list)
     (root / "vfmkd").mkdir()
-    torch.save(fused, root / "vfmkd" / "lora.pt")  # no alpha in a plain file: alpha = rank (scaling 1)
+    torch.save(fused, root / "vfmkd" / "lora.pt")  # a plain file says no alpha
     samed = {f"w_a_{i:03d}": a for i, a in enumerate(a_list)} | {f"w_b_{i:03d}": b for i, b in enumerate(b_list)}
     samed |= decoder_state
     torch.save(samed, root / "samed.pth")

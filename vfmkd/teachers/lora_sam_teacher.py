@@ -10,7 +10,7 @@ LoRA files (:mod:`vfmkd.teachers.lora_formats`): vfmkd's own layout (``image_enc
 ``(r, C)`` and ``.lora_B`` ``(3C, r)`` for every block, what ``tools/finetune_teacher.py`` writes), a PEFT state
 dict, or a SAMed checkpoint; the format is detected from the keys, ``teacher.lora_rank: null`` reads the rank
 from the tensors and ``teacher.lora_alpha: null`` the alpha from the file (vfmkd's ``lora_alpha``, PEFT's
-``adapter_config.json``, SAMed: r, i.e. no scaling; a file that does not say: alpha = rank, with a warning).
+``adapter_config.json``, SAMed: r, i.e. no scaling; a file that does not say: 8, PEFT's default, with a warning).
 The adapted projection is ``qkv(x) = x W^T + b + (lora_alpha / r) * x A^T B^T`` (the PEFT convention), the
 ``3C`` rows of ``B`` ordered q, k, v like SAM's fused ``qkv`` Linear. A file's ``prompt_encoder.*`` /
 ``mask_decoder.*`` tensors (a fine-tuned decoder) replace SAM's, so ``mask_logits`` prompts the fine-tuned
@@ -56,6 +56,7 @@ logger = logging.getLogger("vfmkd")
 
 _NO_LORA = "no-lora"
 _DEFAULT_RANK = 8  # no LoRA file (init=random) and no teacher.lora_rank
+_DEFAULT_ALPHA = 8.0  # a file that does not say its alpha, and no teacher.lora_alpha (PEFT's default lora_alpha)
 _READ: Dict[Tuple[str, int, int], LoraFile] = {}
 
 
@@ -134,7 +135,7 @@ class LoraSamTeacher(SamTeacher):
     @classmethod
     def settings_from(cls, **kwargs: Any) -> TeacherSettings:
         """SAM's settings with ``lora_rank: null`` read from the LoRA file's tensors and ``lora_alpha: null``
-        from the file (vfmkd's ``lora_alpha``, PEFT's adapter_config.json, SAMed: r); without a file 8 / rank."""
+        from the file (vfmkd's ``lora_alpha``, PEFT's adapter_config.json, SAMed: r), else 8 (PEFT's default)."""
         settings = super().settings_from(**kwargs)
         extra = dict(settings.extra)
         path = extra.get("lora_checkpoint")
@@ -143,11 +144,11 @@ class LoraSamTeacher(SamTeacher):
             extra["lora_rank"] = file.rank if file is not None and file.rank else _DEFAULT_RANK
         if extra["lora_alpha"] is None:
             if file is not None and file.alpha is None:
-                logger.warning("LoRA checkpoint %s (%s format) does not say its lora_alpha: assuming lora_alpha = "
-                               "lora_rank = %d (scaling 1); set teacher.lora_alpha to the value used in training.",
-                               path, file.format, extra["lora_rank"])
+                logger.warning("LoRA checkpoint %s (%s format) does not say its lora_alpha: assuming %g (PEFT's "
+                               "default); set teacher.lora_alpha to the value used in training.", path, file.format,
+                               _DEFAULT_ALPHA)
             known = file.alpha if file is not None else None
-            extra["lora_alpha"] = float(extra["lora_rank"]) if known is None else known
+            extra["lora_alpha"] = _DEFAULT_ALPHA if known is None else known
         elif file is not None and file.alpha is not None and float(extra["lora_alpha"]) != file.alpha:
             logger.warning("teacher.lora_alpha=%g overrides the %g that %s was trained with.", extra["lora_alpha"],
                            file.alpha, path)
