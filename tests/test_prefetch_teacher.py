@@ -21,7 +21,7 @@ from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 pytestmark = pytest.mark.bitexact  # compares runs bit for bit at a fixed thread split
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
-SIZE, LIMIT = 64, 6
+SIZE, LIMIT = 64, 4
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,13 @@ def test_prefetching_run_equals_the_serial_run_and_resumes_exactly(features, tmp
     prefetch.save = save
     prefetch.train_cfg.save_interval_steps = 1
     prefetch.fit()
-    assert [s for s, _ in seen] == [s for s, _ in serial_seen] == list(range(3))
+    assert [s for s, _ in seen] == [s for s, _ in serial_seen] == list(range(2))
     for (_, got), (_, want) in zip(seen, serial_seen):
         assert got.keys() == want.keys()
         for name in want:
             assert torch.equal(got[name], want[name])
     counts = prefetch.router.summary()["sam"]
-    assert counts == serial.router.summary()["sam"] and counts["online"] == 1 and counts["offline"] == 2, counts
+    assert counts == serial.router.summary()["sam"] and counts["online"] == 1 and counts["offline"] == 1, counts
     assert [r["train"] for r in prefetch.history] == [r["train"] for r in serial.history]
     assert torch.get_num_threads() == 2  # the student's budget is restored after each epoch
 
