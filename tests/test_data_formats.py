@@ -193,38 +193,60 @@ def _experiment(path: Path, cache: Path, work_dir: Path) -> Path:
                               "feature_path": str(cache)}},
         "distillation": {"losses": {"feature_mse": {"teacher": "dino"}, "detection": {"weight": 1.0}},
                          "standardize": False},
-        "data": {"img_size": SIZE, "batch_size": 8, "num_workers": 0},
+        "data": {"img_size": 96, "batch_size": 8, "num_workers": 0},
         "train": {"epochs": 1, "warmup_iters": 1, "vis_interval": 0, "loggers": []},
         "eval": {"batch_size": 4, "fidelity": False}}))
     return path
 
 
-def test_cache_and_train_labelled_plus_unlabelled(sets, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def dino_cache(sets) -> Path:
+    """The cache tool on an ultralytics YAML plus a folder of unlabelled images (every image the
+    training runs below read), and on an image folder alone."""
     import h5py
     common = ["--teacher", "dino", "--splits", SPLIT, "--batch-size", "8", "--no-progress", "teacher.init=random",
               f"teacher.input_size={TEACHER_SIZE}"]
-    cache, folder_cache = tmp_path / "dino", tmp_path / "folder"
+    cache, folder_cache = sets["tmp"] / "dino", sets["tmp"] / "folder"
     assert ptf.main(["--data-root", str(sets["detect"]), "--unlabelled", str(sets["images"]),
-                     "--output", str(cache), *common]) == 0  # an ultralytics YAML plus a folder of images
+                     "--output", str(cache), *common]) == 0
     assert ptf.main(["--data-root", str(sets["images"]), "--limit", "2", "--output", str(folder_cache), *common]) == 0
     for out, count in ((cache, N + 3), (folder_cache, 2)):
         with h5py.File(out / f"{SPLIT}.h5") as f:
             assert len(f["image_ids"]) == count
+    return cache
+
+
+@pytest.mark.parametrize("case", ["mixed", "images"])
+def test_each_format_trains_a_step(sets, dino_cache, tmp_path, caplog, case):
+    """An ultralytics YAML plus unlabelled images (mixed), and an image folder alone (feature-only); the
+    COCO JSON reaches the same dataset (its loading is compared with the native one above)."""
+    overrides = {"mixed": [f"data.root={sets['detect']}", f"data.unlabelled={sets['images']}"],
+                 "images": [f"data.root={sets['images']}"]}[case]
     caplog.set_level("INFO", logger="vfmkd")
-    cfg = load_experiment(_experiment(tmp_path / "exp.yaml", cache, tmp_path),
-                          [f"data.root={sets['detect']}", f"data.unlabelled={sets['images']}"])
-    trainer = Trainer(cfg, progress=False)
-    assert "data train2017: 7 images, 4 labelled, 3 unlabelled, 80 classes" in caplog.text
-    train = trainer.train_one_epoch(1)  # one step: the 4 labelled and 3 unlabelled images in one batch
-    assert train["images_labelled"] == N and train["images_unlabelled"] == 3  # the epoch line's counts
-    assert np.isfinite(train["loss_det"]) and np.isfinite(train["loss_feat_distill_dino"])
+    path = _experiment(tmp_path / "exp.yaml", dino_cache, tmp_path)
+    if case == "images":  # feature-only: no task loss (a task loss on unlabelled images is refused)
+        spec = yaml.safe_load(path.read_text())
+        del spec["distillation"]["losses"]["detection"]
+        path.write_text(yaml.safe_dump(spec))
+    trainer = Trainer(load_experiment(path, overrides), progress=False)
+    train = trainer.train_one_epoch(1)  # one step: every image of the split in one batch
+    assert np.isfinite(train["loss_feat_distill_dino"])
     assert trainer.router.summary()["dino"] == {"offline": 1}  # every image, unlabelled too, from the cache
+    if case == "mixed":
+        assert "data train2017: 7 images, 4 labelled, 3 unlabelled, 80 classes" in caplog.text
+        assert train["images_labelled"] == N and train["images_unlabelled"] == 3  # the epoch line's counts
+        assert np.isfinite(train["loss_det"])
 
 
-def test_a_task_on_unlabelled_images_is_refused_naming_it(sets):
-    with pytest.raises(ConfigError, match="task 'detection' \\(model.heads.detection\\) needs labels"):
-        build_dataset(DataConfig(root=str(sets["images"]), img_size=SIZE), SPLIT, 80, tasks=["detection"],
-                      heads=DETECT)
+def test_a_task_loss_on_unlabelled_images_is_refused_naming_the_task(sets):
+    data = DataConfig(root=str(sets["images"]), img_size=SIZE)
+    with pytest.raises(ConfigError, match="task 'detection' needs labels: distillation.losses.det trains "
+                                          "model.heads.detection"):
+        build_dataset(data, SPLIT, 80, tasks=["detection"], heads=DETECT,
+                      losses={"feature_mse": {"type": "feature_mse"}, "det": {"type": "detection"}})
+    # feature and output losses alone need no labels: the head is distilled, its metrics score nothing
+    assert len(build_dataset(data, SPLIT, 80, tasks=["detection"], heads=DETECT,
+                             losses={"feature_mse": {"type": "feature_mse"}})) == 3
 
 
 def test_a_class_table_shorter_than_the_labels_names_file_and_line(sets, tmp_path):

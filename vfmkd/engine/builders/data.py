@@ -8,9 +8,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 from vfmkd.core.config import read_yaml, resolve_path
 from vfmkd.core.config_schema import DataConfig, ModelConfig
 from vfmkd.core.errors import ConfigError
-from vfmkd.core.registry import HEADS
+from vfmkd.core.registry import HEADS, LOSSES
 from vfmkd.datasets import DetectionDataset, GeometricAugment
 from vfmkd.datasets.sources import IMAGE_SUFFIXES, find_images, open_split
+from vfmkd.distillation.losses.task import DEFAULT_HEAD
 from vfmkd.tasks import get_task, label_kinds_of, tasks_of
 from vfmkd.utils.logging import get_logger
 
@@ -58,11 +59,13 @@ def check_head_classes(heads: Mapping[str, Mapping[str, Any]], dataset: Detectio
 def build_dataset(data: DataConfig, split: str, num_classes: int,
                   augment: Optional[GeometricAugment] = None, seed: int = 0,
                   tasks: Sequence[str] = (),
-                  heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> DetectionDataset:
+                  heads: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                  losses: Optional[Mapping[str, Mapping[str, Any]]] = None) -> DetectionDataset:
     """The split with the labels the model's heads train on (``tasks``: the heads' task names; each
     task names the label kinds it needs, e.g. a promptable head reads instance masks: its points are
     drawn inside them and it is scored against them). With ``heads`` (``model.heads``) the class
-    counts are checked against the dataset as it loads, and a class id beyond them names the head's key."""
+    counts are checked against the dataset as it loads, and a class id beyond them names the head's key.
+    With ``losses`` (``distillation.losses``, the train split) a task loss on a split without labels is refused."""
     kinds = label_kinds_of(get_task(t) for t in tasks)
     binary = "binary" in kinds
     if binary and not data.binary_classes:
@@ -78,7 +81,7 @@ def build_dataset(data: DataConfig, split: str, num_classes: int,
                                semantic="semantic" in kinds,
                                binary_classes=tuple(data.binary_classes) if binary else (),
                                classes_key=classes_key, source=source, unlabelled=extra)
-    check_labels_for_tasks(dataset, tasks, heads)
+    check_labels_for_tasks(dataset, tasks, heads or {}, losses)
     if heads is not None:
         check_head_classes(heads, dataset)
     return dataset
@@ -90,16 +93,24 @@ def split_json(data: DataConfig, split: str) -> Optional[Path]:
     return resolve_path(named) if named else None
 
 
-def check_labels_for_tasks(dataset: DetectionDataset, tasks: Sequence[str],
-                           heads: Optional[Mapping[str, Mapping[str, Any]]]) -> None:
-    """A split with no labelled image cannot train or score a head's task: refused, naming the task."""
+def check_labels_for_tasks(dataset: DetectionDataset, tasks: Sequence[str], heads: Mapping[str, Mapping[str, Any]],
+                           losses: Optional[Mapping[str, Mapping[str, Any]]]) -> None:
+    """A split with no labelled image (a folder of unlabelled images): a task loss in ``losses`` is
+    refused, naming it and its head's task (feature and output losses need no labels); without
+    ``losses`` (validation, tools/test.py) the heads' task metrics are only warned about."""
     if any(dataset.labelled) or not tasks:
         return
-    by_task = {t: n for n, t in (head_tasks({"heads": heads}) if heads else {}).items()}
-    named = ", ".join(f"'{t}'" + (f" (model.heads.{by_task[t]})" if t in by_task else "") for t in dict.fromkeys(tasks))
-    raise ConfigError(f"task {named} needs labels, but split {dataset.split} of {dataset.root} has none (all "
-                      f"{len(dataset)} images unlabelled). For feature-only distillation on unlabelled images use a "
-                      f"model without heads; or give labelled data (data.root) with data.unlabelled=<this folder>")
+    where = f"split {dataset.split} of {dataset.root} has no labels (all {len(dataset)} images unlabelled)"
+    by_head = head_tasks({"heads": heads})
+    for name, entry in (losses or {}).items():
+        if getattr(LOSSES.get(entry["type"]), "kind", "") == "task":
+            head = entry.get("head", DEFAULT_HEAD)
+            raise ConfigError(f"task '{by_head.get(head, head)}' needs labels: distillation.losses.{name} trains "
+                              f"model.heads.{head} on them, but {where}. Remove that loss (feature and output losses "
+                              f"need no labels), or give labelled data as data.root with data.unlabelled=<this folder>")
+    if losses is None:
+        get_logger().warning("%s: the task metrics of %s score nothing; the held-out fidelity (cos) measures the "
+                             "distillation", where, ", ".join(f"'{t}'" for t in dict.fromkeys(tasks)))
 
 
 def detection_classes(heads: Mapping[str, Mapping[str, Any]]) -> int:

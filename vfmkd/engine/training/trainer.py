@@ -121,7 +121,8 @@ class Trainer:
         self.tasks = head_tasks(exp.model)
         self.augment = build_augment(data)
         self.train_set = build_dataset(data, data.train_split, self.num_classes, self.augment, seed,
-                                       tasks=self.tasks.values(), heads=exp.model.heads)
+                                       tasks=self.tasks.values(), heads=exp.model.heads,
+                                       losses=exp.distillation.losses)
         self.val_set = build_dataset(data, data.val_split, self.num_classes, tasks=self.tasks.values(),
                                      heads=exp.model.heads)
 
