@@ -106,6 +106,9 @@ class LoraSamTeacher(SamTeacher):
                 raise CheckpointError(f"{source} has LoRA rank {file.rank} (w_a ({file.rank}, C)) but "
                                       f"teacher.lora_rank={lora_rank}; set teacher.lora_rank={file.rank} (or null).")
             lora = check_lora_state_dict(file.lora, variant, lora_rank * file.rank_factor, source=source)
+            if file.alpha is not None and file.alpha != float(lora_alpha):
+                logger.warning("teacher.lora_alpha=%g overrides the %g %s was trained with.", lora_alpha, file.alpha,
+                               lora_checkpoint)
             lora_id = sha256_of_file(lora_checkpoint)
         elif init == "pretrained":
             raise ConfigError(
@@ -139,7 +142,8 @@ class LoraSamTeacher(SamTeacher):
         settings = super().settings_from(**kwargs)
         extra = dict(settings.extra)
         path = extra.get("lora_checkpoint")
-        file = _read(path) if path and Path(path).is_file() else None
+        unknown = extra["lora_rank"] is None or extra["lora_alpha"] is None  # else the file is not read here
+        file = _read(path) if unknown and path and Path(path).is_file() else None
         if extra["lora_rank"] is None:
             extra["lora_rank"] = file.rank if file is not None and file.rank else _DEFAULT_RANK
         if extra["lora_alpha"] is None:
@@ -149,9 +153,6 @@ class LoraSamTeacher(SamTeacher):
                                _DEFAULT_ALPHA)
             known = file.alpha if file is not None else None
             extra["lora_alpha"] = _DEFAULT_ALPHA if known is None else known
-        elif file is not None and file.alpha is not None and float(extra["lora_alpha"]) != file.alpha:
-            logger.warning("teacher.lora_alpha=%g overrides the %g that %s was trained with.", extra["lora_alpha"],
-                           file.alpha, path)
         settings = dataclasses.replace(settings, extra=extra)
         _check_lora_hparams(extra["lora_rank"], extra["lora_alpha"])
         return settings
