@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher-threads", type=int, default=0, help="train.teacher_threads (0: half the cores)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the process (the CPU budget)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs per run (0: a smoke run)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -68,8 +69,9 @@ def main(argv=None) -> dict:
     cache = build_cache(work / "sam", a.teacher_size, a.images)
     trainers = {label: build(a, work, cache, a.ratio if ratio is None else ratio, prefetch)
                 for label, ratio, prefetch in RUNS}
-    for t in trainers.values():  # a warm-up epoch each
-        t.train_one_epoch(0)
+    for t in trainers.values():  # warm-up epochs
+        for _ in range(a.warmup):
+            t.train_one_epoch(0)
     times = {k: [] for k in trainers}
     order = list(trainers)
     for r in range(a.repeats):

@@ -39,7 +39,7 @@ if [ "$DRY" = 1 ]; then
   SAM2=(--device cpu --size 64 --batch 1 --repeats 1 --dtypes float32)
   TRAIN=(--device cpu --img-sizes 64 --batch-size 2 --batches 1 --repeats 1 --warmup 1 --read-repeats 1
          --teacher-input 64 --cache-dir "$OUT/cache" --malloc inherit)
-  PREFETCH=(--device cpu --teacher-size 64 --img-size 64 --images 4 --batch 2 --repeats 1)
+  PREFETCH=(--device cpu --teacher-size 64 --img-size 64 --images 2 --batch 2 --repeats 1 --warmup 0)
 else
   PYTEST=(-m gpu tests)
   SAM=(--device cuda --size 1024 --batch 8 --repeats 5 --dtypes float32,bfloat16)
