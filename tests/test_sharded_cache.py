@@ -29,7 +29,6 @@ from vfmkd.datasets.coco_yolo import list_images, load_rgb
 from vfmkd.teachers.base import TeacherBatch, resized_hw
 
 REPO = Path(__file__).resolve().parents[1]
-from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
 SPLIT, LIMIT, BATCH = "train2017", 8, 2
 
@@ -62,12 +61,14 @@ def assert_same_cache(got_path: Path, want_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
+    """The single-process cache, written in a process with the ranks' environment (OMP_NUM_THREADS=1): one
+    torch thread and one BLAS thread, so the finalised statistics (PHI-S's eigenvectors of a rank-deficient
+    covariance among them) are computed with the same summation order as rank 0's."""
     out = tmp_path_factory.mktemp("single")
-    torch.set_num_threads(1)
-    try:
-        assert ptf.main(tool_args(out)) == 0
-    finally:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_teacher_features.py"), *tool_args(out)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "YOLO_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out / f"{SPLIT}.h5"
 
 
