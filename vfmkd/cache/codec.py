@@ -187,7 +187,7 @@ def store_statistics(f: h5py.File, specs: Sequence[FeatureSpec],
                      storage: str) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """Once every image of ``f`` is done, store each feature's per-channel mean and std over the valid
     cells of all images and return them ({name: (mean, std)} float64), and then each feature's PHI-S transform
-    (:mod:`vfmkd.cache.phi_s`: one more read of the file); None while images are missing.
+    (:mod:`vfmkd.cache.phi_s`: one more read of at most 256 evenly spaced images); None while images are missing.
     Images without per-image moments (files written before statistics existed) get them from the
     stored features first."""
     if not f["done"][:].all():
