@@ -48,6 +48,23 @@ def sam_vit_b(tmp_path_factory):
     return path, model
 
 
+def test_preprocessing_and_grid_at_1024_are_sams_own(sam_vit_b, images):
+    """The official size on the CPU without an encoder pass (two ViT-B passes at 1024 cost a minute): SAM's
+    own resize / normalise / pad, the checkpoint's 64 x 64 position grid used as is. The encoder's numbers
+    are checked against segment-anything at 256 below (same code) and at 1024 under ``pytest -m gpu``."""
+    path, model = sam_vit_b
+    teacher = SamTeacher(checkpoint=str(path))
+    img = images[0]
+    batch = teacher.preprocess([img])
+    predictor = SamPredictor(model)
+    resized = torch.as_tensor(predictor.transform.apply_image(img)).permute(2, 0, 1)[None]
+    torch.testing.assert_close(batch.pixels, model.preprocess(resized), atol=0, rtol=0)
+    torch.testing.assert_close(teacher.sam.image_encoder.pos_embed, model.image_encoder.pos_embed, atol=0, rtol=0)
+    assert teacher.sam.prompt_encoder.image_embedding_size == (64, 64)
+    assert teacher.fingerprint().weights == sha256_of_file(path)
+
+
+@pytest.mark.gpu  # a minute of CPU; the GPU suite's `pytest -m gpu` step runs it (on the CPU tensors as here)
 def test_features_identical_to_segment_anything_at_1024(sam_vit_b, images):
     path, model = sam_vit_b
     teacher = SamTeacher(checkpoint=str(path), backend="stock")  # to 1e-5; fast: tests/test_teacher_backend.py
