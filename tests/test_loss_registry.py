@@ -262,11 +262,12 @@ def test_a_loss_without_a_hook_names_what_to_implement(monkeypatch):
 def test_the_pairing_registry_holds_the_documented_table():
     """(loss, teacher kind) -> the student head tasks it pairs: the table of
     vfmkd/distillation/pairing/output_rules.py (mask teachers; vfmkd teachers' heads)."""
+    import vfmkd.teachers  # noqa: F401  (registers the teachers: the test passes run alone, too)
     from vfmkd.distillation.pairing.registry import HEADS, MASKS, mask_teacher_types, served_tasks
 
     assert {loss: set(served_tasks(loss, MASKS)) for loss in ("mask_distill", "kl_divergence", "cls_distill")} == {
-        "mask_distill": {"instance", "semantic", "binary"}, "kl_divergence": {"binary"},
-        "cls_distill": {"semantic", "binary"}}
+        "mask_distill": {"instance", "semantic", "binary", "panoptic_query"},
+        "kl_divergence": {"binary", "panoptic_query"}, "cls_distill": {"semantic", "binary"}}
     every = {"detection", "instance", "semantic", "binary"}
     assert {loss: set(served_tasks(loss, HEADS)) for loss in ("mask_distill", "kl_divergence", "cls_distill")} == {
         "mask_distill": {"instance", "semantic", "binary"}, "kl_divergence": every, "cls_distill": every}

@@ -39,7 +39,9 @@ def test_task_scores_and_draws_its_heads_on_coco128(name, coco128, tmp_path):
     semantic_names = semantic_class_names(dataset)
     for k, entry in enumerate(HEADS_OF_TASK[name]):
         model = _model(name, entry, dataset)
-        scorers = build_scorers({name: name}, BOX_NAMES, semantic_names)
+        # the split, as the trainer passes it: a scorer that reads its own ground truth (panoptic_query's COCO
+        # panoptic PNGs) finds it there
+        scorers = build_scorers({name: name}, BOX_NAMES, semantic_names, data_root=str(coco128), split=SPLIT)
         vis = EpochVisualizer(tmp_path / str(k), "epoch", 1, {name: name}, None, BOX_NAMES, semantic_names, 2)
         result = evaluate(model, [batch], scorers, torch.device("cpu"), progress=False, on_batch=vis.on_batch)
         scores = result[name]
@@ -63,8 +65,9 @@ def test_best_pt_head_and_panoptic_parts_come_from_the_tasks():
     ranks = {name: get_task(name).best_rank for name in BUILT_IN}
     assert len(set(ranks.values())) == len(ranks)  # no ties between built-in tasks
     order = sorted(BUILT_IN, key=ranks.get)
-    assert order == ["promptable", "instance", "semantic", "binary", "detection"]
-    scores = {"promptable": {"mIoU": 0.5}, "instance": {"mask_mAP50-95": 0.4}, "semantic": {"mIoU": 0.3},
+    assert order == ["panoptic_query", "promptable", "instance", "semantic", "binary", "detection"]
+    scores = {"panoptic_query": {"PQ": 0.6},
+              "promptable": {"mIoU": 0.5}, "instance": {"mask_mAP50-95": 0.4}, "semantic": {"mIoU": 0.3},
               "binary": {"dice": 0.2}, "detection": {"mAP50": 0.3, "mAP50-95": 0.1}}
     for drop in range(len(order)):
         tasks = {f"h_{n}": n for n in order[drop:]}
@@ -73,4 +76,5 @@ def test_best_pt_head_and_panoptic_parts_come_from_the_tasks():
         assert head == f"h_{order[drop]}" and value == scores[order[drop]][metric]
     assert fitness == pytest.approx(0.1 * 0.3 + 0.9 * 0.1)  # detection alone: ultralytics' fitness
     parts = {name: get_task(name).panoptic_part for name in BUILT_IN}
-    assert parts == {"binary": None, "detection": None, "instance": THINGS, "promptable": None, "semantic": STUFF}
+    assert parts == {"binary": None, "detection": None, "instance": THINGS, "panoptic_query": None, "promptable": None,
+                     "semantic": STUFF}

@@ -56,7 +56,10 @@ class QueryPanopticTask(Task):
     output_type = QueryPanopticOutput
 
     primary_metric = ("PQ", "PQ")
-    best_rank = 0  # its PQ is what a model with such a head is for
+    # Ranks first (below promptable's 0): its PQ scores things and stuff in one output, the metric
+    # primary_metric already prefers over every head when instance + semantic heads are merged; a model that
+    # also has a promptable head (RapSAM's two uses) keeps best.pt on full-scene PQ, not prompted-mask mIoU.
+    best_rank = -1
 
     def read_output(self, raw: Any) -> QueryPanopticOutput:
         return QueryPanopticOutput.read(raw)

@@ -42,6 +42,11 @@ binary                      image of the student logit vs the max of the teacher
                             vfmkd: per-pixel class scores (ultralytics' layout (B, K, H*W)).
 detection   cls_distill     vfmkd: per anchor class scores (B, nc, A) vs the teacher head's ``scores``
 instance    kl_divergence   (same anchors: the teacher sees the student canvas); kl: softmax per anchor.
+panoptic_   mask_distill    masks: each box's prompt mask matched to one query of its image (Hungarian,
+query                       :mod:`~vfmkd.distillation.pairing.query_pairs`) -> that query's mask logits vs
+                            the teacher mask confined to its box, weight = the teacher's valid region.
+panoptic_   kl_divergence   masks: the matched query's class logits (C + 1, no-object last) vs the box's
+query                       class at SAM's confidence q (1 - q on no-object), softmax KL x T^2.
 ==========  ==============  ===========================================================================
 
 Everything else is refused when the losses are built (:func:`resolve_output_term`; a loss class
