@@ -31,14 +31,17 @@ import vfmkd.distillation.losses  # noqa: F401  (importing registers every loss)
 from vfmkd.core.config import component_kwargs
 from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
-from vfmkd.core.registry import LOSSES
+from vfmkd.core.registry import HEADS, LOSSES
 from vfmkd.datasets.records import Batch, BatchViews, DetectionBatch, InstanceBatch, ViewGeometry
 from vfmkd.distillation.distiller import RESERVED_LOSS_KEYS
+from vfmkd.distillation.losses.query_panoptic import PARTS as QUERY_PARTS
 from vfmkd.models.heads.binary_head import BinaryHead
 from vfmkd.models.heads.rtdetr_head import RTDETRHead
 from vfmkd.models.heads.semantic_head import SemanticHead
 from vfmkd.models.heads.yolo_head import YOLOv8DetectHead
 from vfmkd.models.heads.yolo_seg_head import YOLOv8SegmentHead
+from vfmkd.models.ultralytics_student import UltralyticsDetectHead
+from vfmkd.models.unified_model import StudentOutput
 
 # Losses registered by the package itself; a test module registering a throwaway loss of its own
 # must not make this suite's outcome depend on test order.
@@ -262,6 +265,10 @@ CASES: List[Case] = [
     Case({"type": "detection", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5}),
     Case({"type": "instance_segmentation", "head": "instance", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5}),
     Case({"type": "rtdetr_detection", "weight": 1.0, "cls": 1.0, "l1": 5.0, "giou": 2.0}),
+    Case({"type": "ultralytics", "head": "detection", "weight": 1.0, "box": 7.5, "cls": 0.5, "dfl": 1.5},
+         label="yolov8n-detect"),
+    Case({"type": "query_panoptic", "head": "panoptic", "weight": 1.0, "cls": 2.0, "mask": 5.0, "dice": 5.0, "iou": 1.0,
+          "num_points": 64}),
     Case(
         {"type": "semantic_segmentation", "head": "semantic", "ce": 1.0, "dice": 0.5, "weight": 1.0},
         SEM_CE + 0.5 * SEM_DICE,
@@ -288,6 +295,10 @@ for _case in CASES:
     CASES_BY_LOSS.setdefault(_case.kind, []).append(_case)
 
 HEAD_SPECS = [FeatureSpec("P3", 8, 8), FeatureSpec("P4", 16, 16), FeatureSpec("P5", 32, 32)]
+# yolov8n's Detect reads these levels (an ultralytics head is built from its model file, its channels with it)
+YOLOV8N_SPECS = [FeatureSpec("P3", 64, 8), FeatureSpec("P4", 128, 16), FeatureSpec("P5", 256, 32)]
+# The query head's classes: 0 unlabeled, 1-2 things, 3 stuff; detection class d -> semantic index (2: none)
+QUERY_CLASSES, CLASS_OF_DETECTION = 4, [1, 2, -1]
 
 # The head each task loss is built with (the distiller hands it the model head its entry names).
 TASK_HEADS = {
@@ -297,7 +308,13 @@ TASK_HEADS = {
     "binary_segmentation": lambda: BinaryHead(HEAD_SPECS, channels=8),
     "rtdetr_detection": lambda: RTDETRHead(HEAD_SPECS, num_classes=3, num_queries=10, hidden_dim=32, num_heads=4,
                                            ffn_dim=64, num_decoder_layers=2),
+    "ultralytics": lambda: UltralyticsDetectHead(YOLOV8N_SPECS, model="yolov8n.yaml", num_classes=3),
+    "query_panoptic": lambda: HEADS.build("rapsam_head", in_specs=HEAD_SPECS, num_classes=QUERY_CLASSES, num_queries=8,
+                                          channels=16, num_heads=2, ffn_dim=32),
 }
+# What a task loss's build_term adds to its entry besides the head (query_panoptic: the dataset's detection class ->
+# semantic index table, from context.class_channels, and the head's name in the student output it reads).
+TASK_CONTEXT = {"query_panoptic": {"class_of_detection": CLASS_OF_DETECTION, "head_name": "panoptic"}}
 
 
 def make_batch(size: int, n: int, boxes: Optional[DetectionBatch] = None, **fields) -> Batch:
@@ -323,6 +340,7 @@ def build_like_the_distiller(entry: Dict[str, Any], head: Optional[YOLOv8DetectH
     if group_of(kind) == "task":
         kwargs.pop("head", "detection")
         kwargs["head"] = head if head is not None else TASK_HEADS[kind]()
+        kwargs.update(TASK_CONTEXT.get(kind, {}))
     elif group_of(kind) == "feature":
         kwargs.update(teacher_feature="image_embeddings", student_level="P4", student_channels=2, teacher_channels=2)
     return LOSSES.build(kind, where=f"distillation.losses.{kind}", **kwargs)
@@ -428,16 +446,19 @@ def instance_targets() -> InstanceBatch:
 
 
 def _head_task_case(case: Case) -> None:
-    """Detection / instance segmentation through a real head: the documented parts sum to the loss
-    and backward reaches the head's inputs and every branch."""
+    """Detection / instance segmentation (vfmkd's YOLOv8 heads, or an ultralytics head under its own
+    criterion) through a real head: the documented parts sum to the loss and backward reaches the head's
+    inputs and every branch."""
     torch.manual_seed(0)
     head = TASK_HEADS[case.kind]().train()
     module = build_like_the_distiller(case.entry, head=head)
-    feats = {s.name: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride, requires_grad=True) for s in HEAD_SPECS}
+    specs = YOLOV8N_SPECS if case.kind == "ultralytics" else HEAD_SPECS
+    feats = {s.name: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride, requires_grad=True) for s in specs}
     batch = make_batch(64, 2, boxes=TASK_BOXES, instances=instance_targets())
     value, items = module(head(feats), batch)
     assert value.dim() == 0 and bool(torch.isfinite(value)) and float(value.detach()) > 0, f"{case.id}: {value}"
-    parts = {"detection": {"box", "cls", "dfl"}, "instance_segmentation": {"box", "seg", "cls", "dfl"}}[case.kind]
+    parts = {"detection": {"box", "cls", "dfl"}, "ultralytics": {"box", "cls", "dfl"},
+             "instance_segmentation": {"box", "seg", "cls", "dfl"}}[case.kind]
     assert set(items) == parts
     # Documented: the parts (each with its gain), averaged per image, sum to the loss.
     assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
@@ -498,9 +519,51 @@ def _rtdetr_task_case(case: Case) -> None:
     assert bool(torch.isfinite(value)) and float(items["l1"]) == 0.0
 
 
+def semantic_targets() -> torch.Tensor:
+    """(2, 64, 64) semantic indices: each mapped box's thing class (detection 0 -> 1, 1 -> 2; class 2 maps to
+    none), stuff class 3 on the bottom rows of image 0 and the left columns of image 1, 0 (unlabeled) elsewhere."""
+    sem = torch.zeros(2, 64, 64, dtype=torch.long)
+    sem[0, 56:], sem[1, :, :8] = 3, 3
+    for (cx, cy, w, h), d, i in zip(TASK_BOXES.bboxes.tolist(), TASK_BOXES.cls.view(-1).tolist(),
+                                    TASK_BOXES.batch_idx.tolist()):
+        if CLASS_OF_DETECTION[int(d)] > 0:
+            x1, x2, y1, y2 = (int(round(v * 64)) for v in (cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2))
+            sem[int(i), y1:y2, x1:x2] = CLASS_OF_DETECTION[int(d)]
+    return sem
+
+
+def _query_task_case(case: Case) -> None:
+    """The query panoptic loss reads the whole student output: its targets are each image's mapped things
+    (instance masks) plus one mask per stuff class of its semantic map; the four weighted parts sum to the
+    loss, backward reaches the head's inputs and every head parameter; unlabelled images give 0 on the graph."""
+    torch.manual_seed(0)
+    head = TASK_HEADS[case.kind]().train()
+    module = build_like_the_distiller(case.entry, head=head)
+    feats = {s.name: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride, requires_grad=True) for s in HEAD_SPECS}
+    batch = make_batch(64, 2, boxes=TASK_BOXES, instances=instance_targets(), semantic=semantic_targets())
+    points = torch.rand(16, 2)
+    found = [sorted(module.image_targets(batch, i, points).classes.tolist()) for i in range(2)]
+    assert found == [[1, 3], [2, 3]], f"{case.id}: the unmapped detection class is no target, stuff is: {found}"
+    value, items = module(StudentOutput({}, feats, {"panoptic": head(feats)}), batch)
+    assert value.dim() == 0 and bool(torch.isfinite(value)) and float(value.detach()) > 0, f"{case.id}: {value}"
+    assert set(items) == set(QUERY_PARTS) and all(float(v) > 0 for v in items.values()), f"{case.id}: {items}"
+    assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
+    value.backward()
+    for level, f in feats.items():
+        assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
+    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{case.id}: head parameters without gradient: {missing}"
+    unlabelled = make_batch(64, 2, boxes=TASK_BOXES, instances=instance_targets(),
+                            semantic=torch.zeros(2, 64, 64, dtype=torch.long))
+    value, items = module(StudentOutput({}, feats, {"panoptic": head(feats)}), unlabelled)
+    assert float(value.detach()) == 0.0 and value.requires_grad and set(items) == set(QUERY_PARTS), case.id
+
+
 def _task_case(case: Case) -> None:
     if case.kind == "rtdetr_detection":
         _rtdetr_task_case(case)
+    elif case.kind == "query_panoptic":
+        _query_task_case(case)
     elif case.expected is None:
         _head_task_case(case)
     else:
