@@ -1,6 +1,8 @@
 """One contract test over every registered backbone (timm's test_models.py pattern)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ VARIANTS = {
     "repvit": [{"variant": "repvit_m0_9"}, {"variant": "repvit_m1_1", "strides": [4, 8, 16, 32]}],
     "regnet": [{"variant": "regnetx_002"}, {"variant": "regnety_002", "strides": [4, 8, 16, 32]}],
     "mamba": [{"variant": "tiny"}, {"variant": "tiny", "scan": "bi", "strides": [4, 8, 16]}, {"variant": "small"}],
+    # ultralytics' own YAML (the size is the letter in its name, ultralytics' convention)
+    "ultralytics": [{"model": "yolo11n.yaml", "num_classes": 3}],
 }
 
 
@@ -54,8 +58,12 @@ def test_yolov8_matches_ultralytics_parameter_count():
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_backbone_sizes_itself_with_variant(name):
-    """One key for a model size: every backbone takes ``variant`` and keeps the value it was given."""
+    """One key for a model size: every backbone takes ``variant`` and keeps the value it was given; an ultralytics
+    model is sized by its file's name (yolo11n.yaml), which its ``variant`` reports."""
     kwargs = VARIANTS[name][0]
+    if "model" in kwargs:
+        assert BACKBONES.build(name, **kwargs).variant == Path(kwargs["model"]).stem
+        return
     assert "variant" in kwargs
     assert BACKBONES.build(name, **kwargs).variant == kwargs["variant"]
 

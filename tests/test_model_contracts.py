@@ -23,6 +23,11 @@ VIT_TINY = ("vit", {"variant": "tiny", "out_channels": 64})
 REGNET_S4 = ("regnet", {"variant": "regnetx_002", "strides": [4, 8, 16]})
 REPVIT = ("repvit", {"variant": "repvit_m0_9"})
 MAMBA_TINY = ("mamba", {"variant": "tiny"})
+# ultralytics' own networks split by vfmkd (vfmkd/models/ultralytics_student.py); 3 classes
+ULTRA_V8N = ("ultralytics", {"model": "yolov8n.yaml", "num_classes": 3})
+ULTRA_11N_SEG = ("ultralytics", {"model": "yolo11n-seg.yaml", "num_classes": 3})
+# the neck an ultralytics student gets (its own neck is inside the backbone)
+IDENTITY = {"type": "identity"}
 
 # Each registered neck: (backbone, neck kwargs) pairs; in_specs come from the backbone.
 NECK_CASES: Dict[str, List[Tuple[Tuple[str, dict], dict]]] = {
@@ -32,6 +37,8 @@ NECK_CASES: Dict[str, List[Tuple[Tuple[str, dict], dict]]] = {
     "fusion_fpn": [(YOLOV8N, {}), (("regnet", {"variant": "regnetx_002"}), {"channels": 48, "fusion": "sum"}),
                    (REPVIT, {"fusion": "avg"}), (VIT_TINY, {"channels": 32}), (REGNET_S4, {"fusion": "learnable"}),
                    (MAMBA_TINY, {"channels": 32})],
+    # an ultralytics trunk's Detect inputs, and a vfmkd backbone's levels passed on untouched
+    "identity": [(ULTRA_V8N, {}), (REGNET_S4, {})],
 }
 
 
@@ -70,8 +77,9 @@ def check_decoded(head, pred: torch.Tensor, levels: List[torch.Tensor], nc: int,
 
 
 def check_yolo_seg_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out,
-                        eval_out) -> None:
-    """yolo_seg_head's documented output. Train: ultralytics' raw dict, yolo_head's keys plus
+                        eval_out, has_proto_stride: bool = True) -> None:
+    """yolo_seg_head's (and ultralytics_segment's, which has no ``proto_stride``) documented output.
+    Train: ultralytics' raw dict, yolo_head's keys plus
     ``mask_coefficient`` (B, num_masks, A) and ``proto`` (B, num_masks, 2H0, 2W0) (the first level
     upsampled x2: S/4 on a P3-P5 neck); eval: ``((decoded (B, 4 + nc + num_masks, A), proto), raw)``."""
     nc, reg_max, nm = kwargs.get("num_classes", 80), kwargs.get("reg_max", 16), kwargs.get("num_masks", 32)
@@ -83,12 +91,31 @@ def check_yolo_seg_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, tor
     assert train_out["scores"].shape == (B, nc, anchors)
     assert train_out["mask_coefficient"].shape == (B, nm, anchors)
     assert train_out["proto"].shape == (B, nm, *proto_hw)
-    assert head.proto_stride == H / proto_hw[0]
+    if has_proto_stride:
+        assert head.proto_stride == H / proto_hw[0]
     (decoded, proto), raw = eval_out
     check_decoded(head, decoded, levels, nc, reg_max, extra=nm)
     assert torch.equal(decoded[:, 4 + nc:], raw["mask_coefficient"])  # the coefficients ride along undecoded
     assert proto.shape == (B, nm, *proto_hw) and torch.equal(proto, raw["proto"])
     assert head.task == "instance"
+
+
+def check_ultralytics_segment(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out,
+                              eval_out) -> None:
+    """ultralytics_segment: ultralytics' Segment output, the same contract as yolo_seg_head's."""
+    check_yolo_seg_head(head, kwargs, feats, train_out, eval_out, has_proto_stride=False)
+
+
+def check_rapsam_head(head, kwargs: Mapping[str, Any], feats: Mapping[str, torch.Tensor], train_out,
+                      eval_out) -> None:
+    """rapsam_head: ``(class_logits (B, Q, num_classes + 1), mask_logits (B, Q, H/8, W/8), iou (B, Q) in
+    [0, 1])`` in train and eval mode alike."""
+    nc, q = kwargs["num_classes"], kwargs.get("num_queries", 100)
+    for out in (train_out, eval_out):
+        logits, masks, iou = out
+        assert logits.shape == (B, q, nc + 1) and masks.shape == (B, q, H // 8, W // 8) and iou.shape == (B, q)
+        assert all(torch.isfinite(t).all() for t in out) and ((iou >= 0) & (iou <= 1)).all()
+    assert head.task == "panoptic_query" and head.set_prediction and head.num_queries == q
 
 
 def check_pixel_head(channels: int, task: str):
@@ -179,7 +206,7 @@ TRAIN_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {"rtdetr_head": rtdetr_tr
 
 
 # Each registered head: (its output check, [(backbone, neck kwargs, head kwargs)]); the head is built
-# from the yolov8_pafpn neck's declared specs.
+# from the neck's declared specs: yolov8_pafpn unless the neck kwargs name another ``type``.
 HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], dict, dict]]]] = {
     "yolo_head": (
         check_yolo_head,
@@ -219,6 +246,19 @@ HEAD_CASES: Dict[str, Tuple[Callable[..., None], List[Tuple[Tuple[str, dict], di
                     "num_decoder_layers": 3,
                 },
             ),
+        ],
+    ),
+    "ultralytics_detect": (check_yolo_head, [(ULTRA_V8N, IDENTITY, {"model": "yolov8n.yaml", "num_classes": 3})]),
+    "ultralytics_segment": (
+        check_ultralytics_segment,
+        [(ULTRA_11N_SEG, IDENTITY, {"model": "yolo11n-seg.yaml", "num_classes": 3})],
+    ),
+    "rapsam_head": (
+        check_rapsam_head,
+        [
+            (YOLOV8N, {"depth": 1}, {"num_classes": 5, "num_queries": 10, "channels": 32, "num_stages": 1}),
+            (REGNET_S4, {"depth": 1}, {"num_classes": 3, "num_queries": 4, "channels": 16, "num_stages": 2,
+                                       "num_heads": 2, "ffn_dim": 32, "fusion": "sum"}),
         ],
     ),
     # every student backbone's stride-16 level (RegNet's is its last, P4 of 4/8/16); ViT at embed_dim 64
@@ -273,7 +313,9 @@ def test_neck_outputs_match_its_declared_specs(name, backbone, kwargs, mode):
 def test_head_produces_its_documented_output_in_train_and_eval(name, backbone, neck_kwargs, kwargs):
     torch.manual_seed(0)
     bb = BACKBONES.build(backbone[0], **backbone[1]).eval()
-    neck = NECKS.build("yolov8_pafpn", in_specs=bb.feature_specs(), **neck_kwargs).eval()
+    neck_kwargs = dict(neck_kwargs)
+    neck_type = neck_kwargs.pop("type", "yolov8_pafpn")
+    neck = NECKS.build(neck_type, in_specs=bb.feature_specs(), **neck_kwargs).eval()
     with torch.no_grad():
         feats = neck(bb(torch.rand(B, 3, H, W)))
     head = HEADS.build(name, in_specs=neck.feature_specs(), **kwargs)
