@@ -7,7 +7,7 @@ Trainer keeps the loop and this module keeps the wording and the file's schema.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -86,3 +86,33 @@ def warn_cellless(log: logging.Logger, epoch: int, counts: Mapping[str, int],
                         "distillation.losses.%s, so no distillation signal (e.g. %s): an image whose content "
                         "is thinner than one student cell after the letterbox; a larger data.img_size or a "
                         "finer student level gives it cells", epoch, n, name, ", ".join(examples[name][:5]))
+
+
+class EpochSums:
+    """Running sums of one epoch's step logs (name -> sum, name -> count), averaged over every rank at the
+    epoch's end; for a set mixing labelled and unlabelled images also the images of each kind seen (summed,
+    not averaged: only rank 0 counts 1). Its state is saved mid-epoch so a resumed epoch continues its sums."""
+
+    def __init__(self, sums: Optional[Mapping[str, float]] = None, counts: Optional[Mapping[str, int]] = None):
+        self.sums, self.counts = dict(sums or {}), dict(counts or {})
+
+    def add(self, logs: Mapping[str, float]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def add_images(self, labelled: int, total: int, is_main: bool) -> None:
+        for k, v in (("images_labelled", labelled), ("images_unlabelled", total - labelled)):
+            self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + v, int(is_main)
+
+    def state(self) -> Tuple[Dict[str, float], Dict[str, int]]:
+        return self.sums, self.counts
+
+
+def cellless_counts(distiller: Any, ctx: Any, log: logging.Logger, epoch: int) -> Dict[str, int]:
+    """Per feature loss: training images of this epoch (all ranks) with no valid cell on the student's grid."""
+    cellless = distiller.take_cellless()
+    means = ctx.sum_logs({k: float(len(v)) for k, v in cellless.items()}, {k: 1 for k in cellless})
+    counts = {k: int(round(v * ctx.world_size)) for k, v in means.items()}
+    warn_cellless(log, epoch, counts, cellless)
+    return counts

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vfmkd.core.config_schema import ExperimentConfig
 from vfmkd.datasets import collate_samples
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
-from vfmkd.engine.builders import build_router
+from vfmkd.engine.builders import build_dataset, build_router
 from vfmkd.utils.logging import get_logger
 from vfmkd.utils.stop_signals import ignore_in_worker
 
@@ -82,3 +82,9 @@ def build_run_loaders(exp: ExperimentConfig, train_set: Any, val_set: Any, route
         val_data = _with_cached_targets(val_set, val_router)
     return RunLoaders(train, sampler, build_loader(val_data, exp.eval.batch_size, workers, False, seed), val_router)
 
+
+
+def plain_loader(exp: ExperimentConfig, split: str, num_classes: int) -> DataLoader:
+    """A split's images without augmentation or cached targets, 8 a batch: what a live teacher measures its
+    standardisation statistics on."""
+    return build_loader(build_dataset(exp.data, split, num_classes), 8, 0, False, exp.train.seed)

@@ -76,3 +76,11 @@ def staged_lr_lambda(stages: Sequence[Stage], steps_per_epoch: int, warmup_iters
         return scale * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     return factor
+
+
+def enter_stage(stage: Stage, distiller: Any, log: Any) -> Stage:
+    """Switch the distiller to ``stage``'s losses and weights and say so; returns the stage."""
+    distiller.set_stage(stage.losses, stage.weights)
+    log.info("stage %s: epochs %d-%d, losses %s, lr %g", stage.name, stage.first_epoch, stage.last_epoch,
+             ", ".join(stage.losses) if stage.losses is not None else "all", stage.lr)
+    return stage

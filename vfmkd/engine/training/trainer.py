@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -32,9 +33,9 @@ from vfmkd.engine.builders import (
 from vfmkd.engine.evaluation.evaluator import build_scorers, evaluate, primary_metric, scalar_metrics
 from vfmkd.engine.pictures.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.training.distributed import init_distributed
-from vfmkd.engine.training.epoch_report import log_epoch, log_run_start, metrics_summary, warn_cellless
+from vfmkd.engine.training.epoch_report import EpochSums, cellless_counts, log_epoch, log_run_start, metrics_summary
 from vfmkd.engine.training.fusion_log import log_fusion_weights
-from vfmkd.engine.training.loaders import build_loader, build_run_loaders
+from vfmkd.engine.training.loaders import build_run_loaders, plain_loader
 from vfmkd.engine.training.loggers import RunLoggers, check_loggers
 from vfmkd.engine.training.multi_resolution import ResolutionSampler
 from vfmkd.engine.training.optimizer import make_optimizer, staged_scheduler
@@ -47,7 +48,7 @@ from vfmkd.engine.training.run_dir import (
     write_json,
     write_run_config,
 )
-from vfmkd.engine.training.stages import build_stages, stage_of
+from vfmkd.engine.training.stages import build_stages, enter_stage, stage_of
 from vfmkd.engine.training.teacher_stats import set_teacher_stats, standardize_mode
 from vfmkd.engine.training.train_step import TrainStep, train_step_module
 from vfmkd.utils.checkpoint import publish_copy, save_checkpoint
@@ -105,11 +106,9 @@ class Trainer:
         distilled = self._setup_distiller(exp)
         self._setup_loaders(exp, distilled)
         self._setup_prefetch(exp.train)
-        if self.standardize:
-            def plain_images():  # no augmentation, no cached targets: what a live teacher measures its stats on
-                return build_loader(build_dataset(exp.data, self.train_set.split, self.num_classes), 8, 0, False,
-                                    exp.train.seed)
-            set_teacher_stats(self.router, self.distiller, plain_images, self.log, self.standardize)
+        if self.standardize:  # a live teacher measures its stats on plain images (no augmentation, no cache)
+            images = functools.partial(plain_loader, exp, self.train_set.split, self.num_classes)
+            set_teacher_stats(self.router, self.distiller, images, self.log, self.standardize)
         self._setup_optimizer(exp.train)
         self._setup_progress(cfg, resumed)
         log_run_start(self.log, exp, self.model, self.device, self.amp, (len(self.train_set), len(self.val_set)),
@@ -230,7 +229,7 @@ class Trainer:
         self.model.train()
         self.distiller.train()
         self.train_loader.dataset.set_epoch(epoch)
-        sums, counts = (dict(d) for d in self._partial) if skip else ({}, {})
+        totals = EpochSums(*self._partial) if skip else EpochSums()
         self.sampler.set_epoch(epoch)  # each rank's share of the epoch's shuffle, from (seed, epoch)
         if not skip:
             self._epoch_generator = self.train_loader.generator.get_state()
@@ -240,14 +239,13 @@ class Trainer:
         # fixed within an epoch (stages change at epoch starts); with teacher dropping, per step
         teachers = self.teacher_drop.plan(list(self.distiller.teachers_used()))
         with prepared_epoch(self.prefetcher, batches, self.step, self.dist_cfg.distill_interval, teachers) as ready:
-            return self._train_batches(epoch, skip, ready, (sums, counts))
+            return self._train_batches(epoch, skip, ready, totals)
 
     def _train_batches(self, epoch: int, skip: int, ready: Iterator[PreparedBatch],
-                       partial: Tuple[Dict[str, float], Dict[str, int]]) -> Dict[str, float]:
+                       totals: EpochSums) -> Dict[str, float]:
         """The steps of one epoch over its prepared batches (from batch ``skip`` on); the epoch's logs."""
         train_cfg, interval = self.train_cfg, self.dist_cfg.distill_interval
         accumulate, n_batches = train_cfg.accumulate, len(self.train_loader)
-        sums, counts = partial
         bar = tqdm(ready, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not self.progress,
                    initial=skip, total=n_batches)
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,24 +269,20 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.optimizer_steps += 1
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
+            totals.add(logs)
             if not all(self.train_set.labelled):  # a mixed set: images seen this epoch, summed over every rank
-                seen = int(item.batch.labelled.sum())
-                for k, v in (("images_labelled", seen), ("images_unlabelled", len(item.batch) - seen)):
-                    sums[k], counts[k] = sums.get(k, 0.0) + v, int(self.ctx.is_main)
+                totals.add_images(int(item.batch.labelled.sum()), len(item.batch), self.ctx.is_main)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k == "loss" or k.startswith("cos_")})
             if self.writer is not None and self.step % train_cfg.log_interval == 0:
                 self.writer.add_scalars({**logs, "lr": self.scheduler.get_last_lr()[0]}, self.step, prefix="train/")
             every = train_cfg.save_interval_steps
             if every and (i + 1) % accumulate == 0 and self.optimizer_steps % every == 0 and i + 1 < n_batches:
-                self._partial = (sums, counts)
+                self._partial = totals.state()
                 self.save("last.pt", epoch - 1, {"epoch": epoch, "batch": i + 1}, resume_at=(epoch, i + 1))
             if (i + 1) % accumulate == 0 and i + 1 < n_batches:  # a safe point: the step's update is complete
-                self._partial = (sums, counts)
+                self._partial = totals.state()
                 self._stop_if_asked(epoch, i + 1)
-        return self.ctx.sum_logs(sums, counts)
+        return self.ctx.sum_logs(*totals.state())
 
     def evaluate(self, epoch: Optional[int] = None) -> Dict[str, Any]:
         """Validation metrics of every head (+ held-out fidelity); with ``epoch`` due for
@@ -354,13 +348,9 @@ class Trainer:
         for epoch in range(self.start_epoch, (train_cfg.epochs or 0) + 1):
             stage = stage_of(self.stages, epoch)
             if stage is not current:
-                self.distiller.set_stage(stage.losses, stage.weights)
+                current = enter_stage(stage, self.distiller, self.log)
                 if epoch == stage.first_epoch and not (epoch == self.start_epoch and self.start_batch):
                     self.best_fitness = -1.0  # best.pt is chosen within the last stage
-                self.log.info("stage %s: epochs %d-%d, losses %s, lr %g", stage.name, stage.first_epoch,
-                              stage.last_epoch, ", ".join(stage.losses) if stage.losses is not None else "all",
-                              stage.lr)
-                current = stage
             try:
                 epoch_logs = self.train_one_epoch(epoch, self.start_batch if epoch == self.start_epoch else 0)
             except NonFiniteLossError:
@@ -372,14 +362,14 @@ class Trainer:
                     self.log.error("non-finite loss in epoch %d; the weights are not finite either (%s): the last good "
                                    "checkpoint is kept", epoch, exc)
                 raise
-            record: Dict[str, Any] = {"epoch": epoch, "stage": stage.name, "train": epoch_logs,
-                                      "teacher_batches": self.router.summary(),
-                                      "images_without_cells": self._cellless_counts(epoch)}
+            record: Dict[str, Any] = {
+                "epoch": epoch, "stage": stage.name, "train": epoch_logs, "teacher_batches": self.router.summary(),
+                "images_without_cells": cellless_counts(self.distiller, self.ctx, self.log, epoch)}
             log_fusion_weights(self.model, record, self.writer)  # a learnable-fusion neck's weights
             if self.teacher_drop.prob > 0:  # recomputed from the (seed, step) draws: exact across resumes
-                interval = self.dist_cfg.distill_interval
-                steps = [s for s in range(self._epoch_first_step, self.step) if s % interval == 0]
-                record["teacher_drops"] = self.teacher_drop.counts(steps, self.distiller.teachers_used())
+                steps = range(self._epoch_first_step, self.step, 1)
+                record["teacher_drops"] = self.teacher_drop.counts(
+                    [s for s in steps if s % self.dist_cfg.distill_interval == 0], self.distiller.teachers_used())
                 self.log.info("epoch %d teacher drops: %s", epoch, record["teacher_drops"])
             if self.ctx.is_main and (epoch % train_cfg.eval_interval == 0 or epoch == stage.last_epoch):
                 val = self.evaluate(epoch)
@@ -416,14 +406,6 @@ class Trainer:
         best = self.save("best.pt", epoch, record)
         if best is not None:
             publish_best_twin(best, epoch, tag)
-
-    def _cellless_counts(self, epoch: int) -> Dict[str, int]:
-        """Per feature loss: training images of this epoch (all ranks) with no valid cell on the student's grid."""
-        cellless = self.distiller.take_cellless()
-        means = self.ctx.sum_logs({k: float(len(v)) for k, v in cellless.items()}, {k: 1 for k in cellless})
-        counts = {k: int(round(v * self.ctx.world_size)) for k, v in means.items()}
-        warn_cellless(self.log, epoch, counts, cellless)
-        return counts
 
     def _write_metrics(self, seconds: float) -> Dict[str, Any]:
         metrics = metrics_summary(self.exp.experiment_name, [s.describe() for s in self.stages], self.history,
