@@ -40,7 +40,7 @@ from vfmkd.cache import codec
 from vfmkd.cache.reader import FeatureCacheReader
 from vfmkd.core.config import load_experiment
 from vfmkd.core.registry import TEACHERS as TEACHERS_REGISTRY
-from vfmkd.datasets.coco_yolo import list_images, load_rgb
+from vfmkd.datasets.image_files import list_images, load_rgb
 from vfmkd.engine.commands import prepare_features as ptf
 from vfmkd.engine.training.multi_resolution import rescale_batch
 from vfmkd.engine.training.trainer import Trainer

@@ -116,7 +116,7 @@ def main() -> int:
     from vfmkd.cache.writer import FeatureCacheWriter
     from vfmkd.core.config import resolve_path
     from vfmkd.core.registry import TEACHERS
-    from vfmkd.datasets.coco_yolo import list_images, load_rgb
+    from vfmkd.datasets.image_files import list_images, load_rgb
     from vfmkd.engine.commands import prepare_features as ptf
 
     torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
 from vfmkd.datasets import DetectionDataset, check_images, load_rgb
-from vfmkd.datasets.coco_yolo import probe_image
+from vfmkd.datasets.image_files import probe_image
 from vfmkd.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]

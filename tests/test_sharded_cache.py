@@ -25,7 +25,7 @@ from vfmkd.cache.verify import verify
 from vfmkd.core.errors import CacheMismatchError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.fingerprint import TeacherFingerprint
-from vfmkd.datasets.coco_yolo import list_images, load_rgb
+from vfmkd.datasets.image_files import list_images, load_rgb
 from vfmkd.teachers.base import TeacherBatch, resized_hw
 
 REPO = Path(__file__).resolve().parents[1]

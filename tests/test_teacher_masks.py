@@ -21,7 +21,8 @@ from vfmkd.cache.writer import FeatureCacheWriter
 from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets import DetectionDataset
-from vfmkd.datasets.coco_yolo import load_rgb, parse_labels
+from vfmkd.datasets.coco_yolo import parse_labels
+from vfmkd.datasets.image_files import load_rgb
 from vfmkd.datasets.transforms import GeometricAugment
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
 from vfmkd.distillation.offline_distiller import OfflineCacheSpec, open_offline_teacher

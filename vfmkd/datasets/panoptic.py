@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from vfmkd.core.errors import DatasetError
-from vfmkd.datasets.coco_yolo import pil_open
+from vfmkd.datasets.image_files import pil_open
 from vfmkd.datasets.masks import SemanticClassTable
 
 PANOPTIC_DIR = "panoptic_segmentation"

@@ -27,7 +27,7 @@ from PIL import Image
 
 from vfmkd.core.config import experiment_record, resolve_path
 from vfmkd.core.errors import ConfigError
-from vfmkd.datasets.coco_yolo import load_rgb
+from vfmkd.datasets.image_files import load_rgb
 from vfmkd.datasets.transforms import letterbox
 from vfmkd.engine.commands.checkpoint_run import resolve_config
 from vfmkd.engine.export.exporter import load_student

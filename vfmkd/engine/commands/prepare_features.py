@@ -60,7 +60,8 @@ from vfmkd.core.config import (
 )
 from vfmkd.core.errors import ConfigError, DatasetError
 from vfmkd.core.registry import TEACHERS
-from vfmkd.datasets.coco_yolo import check_images, list_images, load_rgb, parse_labels
+from vfmkd.datasets.coco_yolo import parse_labels
+from vfmkd.datasets.image_files import check_images, list_images, load_rgb
 from vfmkd.datasets.sources import FORMATS, SplitList, check_unique_ids, find_images, open_split
 from vfmkd.engine.training.distributed import init_distributed
 from vfmkd.teachers.base import segmenting_teachers

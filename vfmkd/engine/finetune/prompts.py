@@ -10,7 +10,8 @@ import torch
 
 from vfmkd.core.config import resolve_path
 from vfmkd.core.errors import ConfigError, DatasetError, did_you_mean
-from vfmkd.datasets.coco_yolo import DetectionDataset, load_rgb
+from vfmkd.datasets.coco_yolo import DetectionDataset
+from vfmkd.datasets.image_files import load_rgb
 from vfmkd.datasets.masks import DETECTION_CONFIG, MASK_RATIO, instance_targets, read_names
 from vfmkd.teachers.base import TeacherBatch
 

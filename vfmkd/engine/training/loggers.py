@@ -48,7 +48,7 @@ def _wandb_installed() -> bool:
 def _image_array(image: Union[str, Path, np.ndarray]) -> np.ndarray:
     """A PNG path or an (H, W, 3|4) uint8 array -> (H, W, 3) uint8."""
     if isinstance(image, (str, Path)):
-        from vfmkd.datasets.coco_yolo import load_rgb  # the one image decoder (16-bit scaling, EXIF)
+        from vfmkd.datasets.image_files import load_rgb  # the one image decoder (16-bit scaling, EXIF)
 
         return load_rgb(image)
     arr = np.asarray(image)
