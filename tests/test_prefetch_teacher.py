@@ -62,7 +62,7 @@ def test_prefetching_run_equals_the_serial_run_and_resumes_exactly(features, tmp
     serial.fit()
     torch.set_num_threads(2)
     snapshot = tmp_path / "snapshot"
-    prefetch = Trainer(config(features, tmp_path / "prefetch", "auto", epochs=1), progress=False)
+    prefetch = Trainer(config(features, tmp_path / "prefetch", "on", epochs=1), progress=False)
     assert prefetch.prefetcher.overlaps
     seen = recorded(prefetch)
     original = prefetch.save
@@ -86,7 +86,7 @@ def test_prefetching_run_equals_the_serial_run_and_resumes_exactly(features, tmp
     assert [r["train"] for r in prefetch.history] == [r["train"] for r in serial.history]
     assert torch.get_num_threads() == 2  # the student's budget is restored after each epoch
 
-    resumed = Trainer(config(features, tmp_path / "prefetch", "auto", epochs=1), progress=False, resume=snapshot)
+    resumed = Trainer(config(features, tmp_path / "prefetch", "on", epochs=1), progress=False, resume=snapshot)
     assert resumed.start_batch == 1
     resumed.fit()
     want = load_checkpoint(prefetch.run_dir / "checkpoints" / "last.pt")
@@ -121,7 +121,9 @@ def test_the_teacher_thread_has_its_own_budget_and_bad_settings_are_refused():
         batch, cached = torch.zeros(1), {}
 
     torch.set_num_threads(2)
-    out = list(TargetPrefetcher(Router(), torch.device("cpu"), teacher_threads=1).epoch([Item()] * 3, 0, 1, ["t"]))
+    assert not TargetPrefetcher(Router(), torch.device("cpu")).overlaps  # auto: a side stream on CUDA, not a CPU thread
+    prefetcher = TargetPrefetcher(Router(), torch.device("cpu"), mode="on", teacher_threads=1)
+    out = list(prefetcher.epoch([Item()] * 3, 0, 1, ["t"]))
     assert [p.step for p in out] == [0, 1, 2] and out[0].targets == {"t": "targets"}
     assert seen["threads"] == 1 and seen["thread"].startswith("vfmkd-teacher") and len(seen["counted"]) == 3
     assert torch.get_num_threads() == 2

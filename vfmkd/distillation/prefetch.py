@@ -26,7 +26,7 @@ from vfmkd.datasets.records import Batch
 from vfmkd.distillation.routing import Route, TeacherRouter
 from vfmkd.distillation.targets import TeacherTargets
 
-PREFETCH_MODES = ("auto", "off")
+PREFETCH_MODES = ("auto", "on", "off")
 #: the teachers a step distils: one list for the epoch, or step -> list (teacher dropping draws per step)
 StepTeachers = Union[List[str], Callable[[int], List[str]]]
 
@@ -76,8 +76,10 @@ class TargetPrefetcher:
     """Feeds a training epoch: ``epoch(items, first_step, interval, teachers)`` yields a
     :class:`PreparedBatch` per loader item (:class:`DistillBatch`), in the loader's order.
 
-    ``mode``: ``auto`` overlaps the live passes with the student whenever a live model is loaded
-    (``off``: every live pass runs when its step starts, the serial path); ``depth``: how many
+    ``mode``: ``on`` overlaps the live passes with the student whenever a live model is loaded (a side
+    stream on CUDA, a teacher thread on the CPU); ``auto`` does so on CUDA only — on a 2-core CPU the teacher
+    thread competing with the student measured 0.63x the serial throughput (BENCHMARKS.md, issue 21);
+    ``off``: every live pass runs when its step starts, the serial path. ``depth``: how many
     batches ahead the teacher may run (in a mixed run the live batches are rare: looking further
     ahead lets the teacher work through the student's offline steps); ``teacher_threads``: the
     teacher thread's CPU thread budget (0 = half of the process's torch threads)."""
@@ -85,7 +87,7 @@ class TargetPrefetcher:
     def __init__(self, router: TeacherRouter, device: torch.device, mode: str = "auto", depth: int = 2,
                  teacher_threads: int = 0) -> None:
         # YAML reads a bare `off` as false (and `on` as true): both spellings mean the same here
-        mode = {"false": "off", "true": "auto", "on": "auto"}.get(str(mode).lower(), str(mode))
+        mode = {"false": "off", "true": "on"}.get(str(mode).lower(), str(mode))
         if mode not in PREFETCH_MODES:
             raise ConfigError(f"train.teacher_prefetch={mode!r} is not valid; choose one of: "
                               f"{', '.join(PREFETCH_MODES)}.")
@@ -100,7 +102,8 @@ class TargetPrefetcher:
     @property
     def overlaps(self) -> bool:
         """Live passes run ahead of the student: prefetching is on and some live model is loaded."""
-        return self.mode == "auto" and any(s.live is not None for s in self.router.sources.values())
+        wanted = self.mode == "on" or (self.mode == "auto" and self.device.type == "cuda")
+        return wanted and any(s.live is not None for s in self.router.sources.values())
 
     def epoch(self, items: Iterable[Any], first_step: int, interval: int,
               teachers: StepTeachers) -> Iterator[PreparedBatch]:
