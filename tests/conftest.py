@@ -15,6 +15,11 @@ COCO128 = REPO / "datasets" / "coco128"
 
 
 def pytest_collection_modifyitems(config, items):
+    # Longest first: files with end-to-end (`slow`) or subprocess-comparing (`bitexact`) tests are handed to
+    # the xdist workers before the quick ones (`--dist loadfile` schedules files in this order), so the suite
+    # does not end with one worker running a long file while the other is idle.
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("bitexact")}
+    items.sort(key=lambda item: item.path not in heavy)  # stable: each file keeps its own order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -13,6 +13,8 @@ from vfmkd.engine.training.ablation import variants
 REPO = Path(__file__).resolve().parents[1]
 from vfmkd.engine.commands import ablate as ablate_tool  # noqa: E402
 
+pytestmark = pytest.mark.slow  # an end-to-end run of the tools: scheduled first (conftest)
+
 RECIPE = REPO / "configs" / "experiments" / "regnet_fusion_dsrl_sam_panoptic_coco128.yaml"
 
 

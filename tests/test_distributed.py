@@ -18,6 +18,8 @@ from vfmkd.utils.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 
+pytestmark = pytest.mark.slow  # an end-to-end run of the tools: scheduled first (conftest)
+
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 SIZE, LIMIT = 64, 8
 

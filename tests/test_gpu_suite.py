@@ -6,6 +6,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # an end-to-end run of the tools: scheduled first (conftest)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

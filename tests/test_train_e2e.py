@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 from vfmkd.engine.commands import prepare_features as ptf  # noqa: E402
 from vfmkd.engine.commands import test as test_tool  # noqa: E402
 
+pytestmark = pytest.mark.slow  # an end-to-end run of the tools: scheduled first (conftest)
+
 EXPERIMENT = REPO / "configs" / "experiments" / "yolov8_sam_coco128.yaml"
 TEACHER_SIZE, LIMIT = 128, 8
 
