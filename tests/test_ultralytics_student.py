@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vfmkd.core.config import load_experiment
+from vfmkd.datasets.records import InstanceBatch
 from vfmkd.distillation.losses.ultralytics_loss import UltralyticsTaskLoss
 from vfmkd.engine.builders.model import build_model
 from vfmkd.engine.export.exporter import export_onnx
@@ -87,19 +88,52 @@ def test_a_saved_ultralytics_checkpoint_starts_a_student_without_unpickling_code
         assert torch.equal(mine[key], value), key
 
 
-def test_a_yolo26_segment_head_trains_with_its_own_criterion():
-    student = build_model({"backbone": {"type": "ultralytics", "model": "yolo26n-seg.yaml"},
-                           "heads": {"instances": {"type": "ultralytics_segment", "num_classes": 80}}}).train()
+@pytest.fixture(scope="module")
+def seg_student():
+    """yolo26n-seg as built by ultralytics: Segment26 (end-to-end, (proto, semseg) outputs), random weights."""
+    return build_model({"backbone": {"type": "ultralytics", "model": "yolo26n-seg.yaml"},
+                        "heads": {"instances": {"type": "ultralytics_segment", "num_classes": 80}}})
+
+
+def _instances(labelled, rows=(0, 1)):
+    """Two instances (one per image in ``rows``) at SIZE px, masks at SIZE / 4."""
+    masks = torch.zeros(2, SIZE // 4, SIZE // 4)
+    masks[0, 4:12, 4:12] = masks[1, 10:20, 8:16] = 1
+    boxes = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.45, 0.25, 0.3]])[:len(rows)]
+    return InstanceBatch(cls=torch.tensor([[0.0], [2.0]])[:len(rows)], bboxes=boxes,
+                         batch_idx=torch.tensor(rows, dtype=torch.float32), masks=masks[:len(rows)],
+                         label_index=torch.full((len(rows),), -1), labelled=torch.tensor(labelled))
+
+
+def test_a_yolo26_segment_head_trains_with_its_own_criterion(seg_student):
+    student = seg_student.train()
     head = student.heads["instances"]
     loss = UltralyticsTaskLoss(head)
     assert type(loss._loss).__name__ == "E2ELoss" and type(loss._loss.one2many).__name__ == "SegmentLoss26"
     images = torch.rand(2, 3, SIZE, SIZE)
-    masks = torch.zeros(2, SIZE // 4, SIZE // 4)
-    masks[0, 4:12, 4:12] = masks[1, 10:20, 8:16] = 1
-    instances = SimpleNamespace(as_loss_input=lambda: {
-        "cls": torch.tensor([[0.0], [2.0]]), "bboxes": torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.45, 0.25, 0.3]]),
-        "batch_idx": torch.tensor([0.0, 1.0]), "masks": masks})
-    value, parts = loss(student(images).heads["instances"], SimpleNamespace(images=images, instances=instances))
+    value, parts = loss(student(images).heads["instances"], SimpleNamespace(images=images,
+                                                                             instances=_instances([True, True])))
     value.backward()
     assert torch.isfinite(value) and {"box", "seg", "cls"} <= set(parts)
     assert student.backbone.layers[0].conv.weight.grad.abs().sum() > 0
+    student.zero_grad(set_to_none=True)
+
+
+def test_unlabelled_images_give_the_ultralytics_loss_nothing(seg_student):
+    """An image without labels is unknown, not empty: the loss of [labelled, unlabelled] is the loss of the
+    labelled image alone (batch norm frozen so each image's output does not depend on the other)."""
+    student = seg_student.train()
+    student.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
+    loss = UltralyticsTaskLoss(student.heads["instances"])
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        both, first = student(images).heads["instances"], student(images[:1]).heads["instances"]
+    one = SimpleNamespace(images=images[:1], instances=_instances([True], rows=(0,)))
+    mixed = SimpleNamespace(images=images, instances=_instances([True, False], rows=(0,)))
+    as_background = SimpleNamespace(images=images, instances=_instances([True, True], rows=(0,)))
+    alone = loss(first, one)[0]
+    assert abs(float(loss(both, mixed)[0] - alone)) < 1e-5 * float(alone)
+    assert abs(float(loss(both, as_background)[0] - alone)) > 1e-3 * float(alone)  # what it was before
+    nothing = SimpleNamespace(images=images, instances=_instances([False, False], rows=()))
+    zero, parts = loss(both, nothing)
+    assert float(zero) == 0 and {"box", "seg", "cls"} <= set(parts)

@@ -37,17 +37,26 @@ def graph_zero(*tensors: torch.Tensor) -> torch.Tensor:
     return sum((t.float() * 0).sum() for t in tensors)  # type: ignore[return-value]
 
 
+def batch_rows(value: Any, keep: torch.Tensor) -> Any:
+    """The images ``keep`` (K,) of a head output: a (B, ...) tensor, a list/tuple of them (kept as that type:
+    ultralytics tells YOLO26-seg's ``(proto, semseg)`` apart by it) or a dict of those, nested."""
+    if torch.is_tensor(value):
+        return value[keep.to(value.device)]
+    if isinstance(value, Mapping):
+        return {k: batch_rows(v, keep) for k, v in value.items()}
+    return type(value)(batch_rows(v, keep) for v in value)
+
+
 def labelled_images(head_output: Mapping[str, Any], labelled: torch.Tensor,
                     batch_idx: torch.Tensor) -> Tuple[Dict[str, Any], torch.Tensor, torch.Tensor]:
     """A head's training output and its targets restricted to the labelled images of the batch.
 
-    ``head_output``: {name: (B, ...) tensor or list of them}; ``labelled`` (B,) bool; ``batch_idx`` (N,)
+    ``head_output``: {name: (B, ...) tensor, a list/tuple of them or such a dict (an end-to-end head's
+    ``one2many``/``one2one`` branches)}; ``labelled`` (B,) bool; ``batch_idx`` (N,)
     image of each target row. Returns the output sliced to the labelled images, the (N,) bool rows of
     those images and their (M,) float image index among the labelled images (ultralytics' batch_idx)."""
     labelled = labelled.to(batch_idx.device).bool()
-    keep = labelled.nonzero().view(-1)
-    sliced = {k: (v[keep.to(v.device)] if torch.is_tensor(v) else [f[keep.to(f.device)] for f in v])
-              for k, v in head_output.items()}
+    sliced = batch_rows(head_output, labelled.nonzero().view(-1))
     new_index = torch.cumsum(labelled.long(), 0) - 1  # old image index -> position among the labelled
     old = batch_idx.long().view(-1)
     rows = labelled[old]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from ultralytics.cfg import DEFAULT_CFG_DICT
@@ -10,14 +10,16 @@ from ultralytics.utils import IterableSimpleNamespace
 
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
-from vfmkd.distillation.losses.task import TaskLoss
+from vfmkd.distillation.losses.task import TaskLoss, graph_zero, labelled_images
 
 
 @LOSSES.register("ultralytics")
 class UltralyticsTaskLoss(TaskLoss):
     """What ultralytics trains the head's model with: ``model_class.init_criterion`` on a view of the head
     (``v8DetectionLoss`` for YOLOv8/11 Detect, ``E2ELoss`` over both branches for YOLO26's end-to-end head,
-    ``v8SegmentationLoss`` / ``SegmentLoss26`` for Segment heads), averaged per image.
+    ``v8SegmentationLoss`` / ``SegmentLoss26`` for Segment heads), averaged per labelled image: the criterion
+    runs on the batch's labelled images alone (``Batch.labelled``; a segment head: ``instances.labelled``), so an
+    unlabelled image teaches no "nothing here"; none labelled: 0, connected to the head's graph.
 
     ``__call__(head_output, batch)`` takes the head's training output and the :class:`Batch`: its ``boxes``
     (detection heads) or ``instances`` (segment heads: per-instance masks, ``overlap_mask`` False) in
@@ -49,13 +51,47 @@ class UltralyticsTaskLoss(TaskLoss):
             if batch.instances is None:
                 raise ValueError("the ultralytics loss of a segment head needs instance labels: build the dataset "
                                  "with instances=True (the instance task does)")
-            targets = dict(batch.instances.as_loss_input())
-            targets["sem_masks"] = semantic_masks(targets, batch.images.shape[0])  # YOLO26-seg's semantic branch
+            targets, labelled = dict(batch.instances.as_loss_input()), batch.instances.labelled
         else:
-            targets = batch.boxes.as_loss_input()
-        total, items = self._loss(head_output, targets)  # total: (parts,), summed over the batch
-        images = batch.images.shape[0]
+            targets, labelled = dict(batch.boxes.as_loss_input()), batch.labelled
+        # unlabelled images are unknown, not empty: the criterion runs on the labelled ones alone
+        output, targets, images = labelled_part(head_output, targets, labelled, batch.images.shape[0])
+        if not images:
+            zero = graph_zero(*_tensors(head_output))
+            return zero, {name.replace("_loss", ""): zero.detach() for name in self._part_names()}
+        if self.segment:
+            targets["sem_masks"] = semantic_masks(targets, images)  # YOLO26-seg's semantic branch
+        total, items = self._loss(output, targets)  # total: (parts,), summed over the images
         return total.sum() / images, {k.replace("_loss", ""): v for k, v in items.items()}
+
+    def _part_names(self) -> Tuple[str, ...]:
+        """The criterion's part names (an end-to-end criterion reports its one-to-one branch's)."""
+        return tuple(getattr(self._loss, "one2one", self._loss).loss_names)
+
+
+def labelled_part(head_output: Any, targets: Dict[str, torch.Tensor], labelled: Optional[torch.Tensor],
+                  images: int) -> Tuple[Any, Dict[str, torch.Tensor], int]:
+    """(head output, ultralytics targets, images) of the labelled images of a batch of ``images``:
+    ``labelled`` (B,) bool (None: all); the output sliced along the batch dimension, the target rows of
+    those images with ``batch_idx`` renumbered among them."""
+    if labelled is None or bool(labelled.all()):
+        return head_output, targets, images
+    sliced, rows, index = labelled_images(head_output, labelled, targets["batch_idx"])
+    part = {k: v[rows] for k, v in targets.items() if k != "batch_idx"}
+    part["batch_idx"] = index
+    return sliced, part, int(labelled.sum())
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor of a (nested) head output."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def semantic_masks(targets: Dict[str, torch.Tensor], images: int) -> torch.Tensor:
