@@ -12,6 +12,13 @@ training epochs (``Trainer.train_one_epoch``) in rotating order. Reported: onlin
 serial, and mixed prefetch ÷ the ideal serial mix ``1 / (r/T_offline + (1-r)/T_online_serial)`` at the
 offline fraction r the router drew (issue 21's goal: >= 1.3 on 2 cores). The teacher is a random-init
 SAM (no weights here): the compute is the real model's. The last line is ``RESULT {json}``.
+
+It also prints the ceiling ANY overlap (threads, processes) can reach on this machine: the offline and
+online serial epochs are timed again with half the threads, the share each side gets when the teacher and
+the student run at once. With student-only epoch O_k and teacher part L_k = (online epoch - O_k) at k
+threads, a fraction f of live batches (1 online, 1 - r mixed), n = --threads and h = n/2:
+serial = O_n + f L_n; a half/half overlap = max(O_h, f L_h); perfect packing of the same work on the
+two halves = (O_h + f L_h) / 2. serial / packing is the best speed-up any scheduler can give here.
 """
 from __future__ import annotations
 
@@ -44,6 +51,33 @@ def build(a: argparse.Namespace, work: Path, cache: Path, ratio: float, prefetch
     trainer = Trainer(cfg, progress=False)
     quiet()
     return trainer
+
+
+def overlap_ceiling(trainers: dict, times: dict, a: argparse.Namespace) -> dict:
+    """Speed-ups over serial that a half/half overlap and a perfect packing could reach (see the docstring)."""
+    if a.device != "cpu" or a.threads < 2:
+        return {}
+    half = {}
+    torch.set_num_threads(a.threads // 2)
+    try:
+        for label in ("offline", "online serial"):
+            epochs = []
+            for r in range(max(1, a.repeats)):
+                start = time.perf_counter()
+                trainers[label].train_one_epoch(100 + r)
+                epochs.append(time.perf_counter() - start)
+            half[label] = median(epochs)
+    finally:
+        torch.set_num_threads(a.threads)
+    full_off, full_on = median(times["offline"]), median(times["online serial"])
+    counts = trainers["mixed prefetch"].router.summary()["sam"]
+    live = counts.get("online", 0) / max(1, counts.get("offline", 0) + counts.get("online", 0))
+    out = {"half_threads_epoch_s": half}
+    for run, f in (("online", 1.0), ("mixed", live)):
+        serial = full_off + f * (full_on - full_off)
+        student, teacher = half["offline"], f * (half["online serial"] - half["offline"])
+        out[run] = {"half_half": serial / max(student, teacher), "packing": serial / ((student + teacher) / 2)}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -83,6 +117,7 @@ def main(argv=None) -> dict:
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[label].append(time.perf_counter() - start)
+    bound = overlap_ceiling(trainers, times, a)
     n = len(trainers["offline"].train_set)
     thr = {k: n / median(v) for k, v in times.items()}
     counts = trainers["mixed prefetch"].router.summary()["sam"]
@@ -92,6 +127,7 @@ def main(argv=None) -> dict:
               "mixed_prefetch_over_serial": thr["mixed prefetch"] / thr["mixed serial"],
               "mixed_prefetch_over_ideal_serial_mix": thr["mixed prefetch"] / ideal, "drawn_offline": drawn,
               "depth": a.depth, "teacher_threads": a.teacher_threads, "threads": a.threads,
+              "overlap_ceiling": bound,
               "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if a.device.startswith("cuda") else None}
     print(f"machine: {machine()}")
     print(f"SAM ViT-B @ {a.teacher_size} (random init) live, YOLOv8n @ {a.img_size}, batch {a.batch}, "
@@ -103,6 +139,10 @@ def main(argv=None) -> dict:
     print(f"  mixed (offline_ratio {a.ratio}, drew offline {drawn:.2f}): prefetch / serial = "
           f"{result['mixed_prefetch_over_serial']:.3f}; prefetch / ideal serial mix ({ideal:.2f} images/s) = "
           f"{result['mixed_prefetch_over_ideal_serial_mix']:.3f} (goal >= 1.3)")
+    if bound:
+        print(f"  ceiling of any overlap here (epochs re-timed at {a.threads // 2} threads): "
+              + "; ".join(f"{k}: half/half {v['half_half']:.2f}x, perfect packing {v['packing']:.2f}x"
+                          for k, v in ((run, bound[run]) for run in ("online", "mixed"))))
     print("RESULT " + json.dumps(result))
     return result
 
