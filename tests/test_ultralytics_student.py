@@ -25,11 +25,13 @@ SIZE = 128
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One epoch on two coco128 images at 128 px with a random DINOv3 ViT-S/16 at 64 px, validated."""
+    """Two epochs (one step each) on two coco128 images at 128 px with a random DINOv3 ViT-S/16 at 64 px,
+    validated after the second."""
     work = tmp_path_factory.mktemp("yolo26n")
     cfg = load_experiment(EXPERIMENT, [
         "teachers.dinov3.init=random", "teachers.dinov3.input_size=64", "data.limit=2", f"data.img_size={SIZE}",
-        "data.batch_size=2", "data.num_workers=0", "train.epochs=1", "eval.batch_size=2", f"work_dir={work}"])
+        "data.batch_size=2", "data.num_workers=0", "train.epochs=2", "train.eval_interval=2", "eval.batch_size=2",
+        f"work_dir={work}"])
     trainer = Trainer(cfg, progress=False)
     metrics = trainer.fit()
     return SimpleNamespace(trainer=trainer, metrics=metrics, model=trainer.model.eval(), cfg=cfg)
@@ -45,6 +47,9 @@ def test_yolo26_distils_with_its_own_end_to_end_loss_and_validates(run):
         ("P3", 64, 8), ("P4", 128, 16), ("P5", 256, 32)]
     head = model.heads["detection"]
     assert head.end2end and type(UltralyticsTaskLoss(head)._loss).__name__ == "E2ELoss"
+    # the trainer stepped YOLO26's gain schedule per epoch: epoch 2 of 2 trains at ultralytics' final gains
+    criterion = run.trainer.distiller.terms["detection"].module._loss
+    assert (criterion.o2m, criterion.o2o) == pytest.approx((0.1, 0.9))  # 0.8 / 0.2 without the per-epoch hook
 
 
 def test_the_student_is_ultralytics_own_network(run):
@@ -137,3 +142,24 @@ def test_unlabelled_images_give_the_ultralytics_loss_nothing(seg_student):
     nothing = SimpleNamespace(images=images, instances=_instances([False, False], rows=()))
     zero, parts = loss(both, nothing)
     assert float(zero) == 0 and {"box", "seg", "cls"} <= set(parts)
+
+
+def test_the_end_to_end_gain_schedule_is_ultralytics_own_and_a_function_of_the_epoch(seg_student):
+    """on_epoch_start(k) leaves YOLO26's criterion as ultralytics' trainer has it at (0-based) epoch k - 1: after
+    k - 1 update() calls; a fresh loss (a resumed run's) set to epoch k equals one stepped through every epoch."""
+    head, epochs = seg_student.heads["instances"], 5
+    stepped = UltralyticsTaskLoss(head)
+    theirs = head.model_class.init_criterion(SimpleNamespace(args=stepped._loss.one2one.hyp, model=[head.detect],
+                                                             parameters=head.parameters))
+    theirs.one2one.hyp.epochs = epochs
+    for epoch in range(1, epochs + 1):
+        stepped.on_epoch_start(epoch, epochs)
+        resumed = UltralyticsTaskLoss(head)
+        resumed.on_epoch_start(epoch, epochs)
+        got = [(loss._loss.o2m, loss._loss.o2o) for loss in (stepped, resumed)]
+        assert got == [pytest.approx((theirs.o2m, theirs.o2o))] * 2, epoch
+        theirs.update()  # ultralytics' trainer, at the end of the epoch
+    assert theirs.o2m < 0.8 and stepped._loss.o2m == pytest.approx(0.1)
+    fixed = UltralyticsTaskLoss(head, epochs=9)  # the loss's own epochs win over the run's
+    fixed.on_epoch_start(5, epochs)
+    assert fixed._loss.o2m == pytest.approx(0.8 - 4 / 8 * 0.7)

@@ -112,6 +112,15 @@ class Distiller(nn.Module):
         self.active = set(self.terms) if active is None else set(active)
         self.weights = {t.name: float((weights or {}).get(t.name, t.weight)) for t in self.terms.values()}
 
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Epoch ``epoch`` (1-based) of ``epochs`` begins: every term whose loss has a schedule over epochs
+        (an ``on_epoch_start(epoch, epochs)`` method, e.g. YOLO26's one-to-many -> one-to-one gains) sets it.
+        The state is a function of the epoch, so a resumed run gets it back by this call, not a checkpoint."""
+        for t in self.terms.values():
+            hook = getattr(t.module, "on_epoch_start", None)
+            if hook is not None:
+                hook(epoch, epochs)
+
     def sampling_states(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """Per output term, the random-generator states of its pairing (prompt_distill's point prompts):
         what a checkpoint keeps so that a resumed run draws the prompts the uninterrupted one would."""

@@ -163,6 +163,12 @@ class DualPathTaskLoss(nn.Module):
         self.loss, self.head, self.log_name = loss, head, log_name
         self.weight_high, self.weight_low = float(weight_high), float(weight_low)
 
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """The wrapped loss's per-epoch schedule, if it has one (:meth:`Distiller.on_epoch_start`)."""
+        hook = getattr(self.loss, "on_epoch_start", None)
+        if hook is not None:
+            hook(epoch, epochs)
+
     def forward(self, out: Any, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         value, items = self.loss(out.heads[self.head], batch)
         logs = {f"{self.log_name}_{k}": v for k, v in items.items()}

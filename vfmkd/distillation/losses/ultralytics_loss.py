@@ -25,26 +25,35 @@ class UltralyticsTaskLoss(TaskLoss):
     (detection heads) or ``instances`` (segment heads: per-instance masks, ``overlap_mask`` False) in
     ultralytics' target format; returns the scalar and the criterion's detached parts (``box``, ``cls``,
     ``dfl``, ``seg`` ...). Gains: ultralytics' defaults (``box`` 7.5, ``cls`` 0.5, ``dfl`` 1.5), overridable
-    here; ``epochs`` is what YOLO26's one-to-many/one-to-one gain schedule counts down over when :meth:`epoch_end`
-    steps it (ultralytics' trainer does each epoch; vfmkd's trainer has no per-epoch loss hook yet, so in a vfmkd run
-    the gains stay at ultralytics' initial 0.8 / 0.2)."""
+    here. YOLO26's one-to-many / one-to-one gains (0.8 / 0.2 falling to 0.1 / 0.9) follow the epoch as in
+    ultralytics' trainer (:meth:`on_epoch_start`, which vfmkd's trainer calls at each epoch start) over the run's
+    ``train.epochs``, or over ``epochs`` when given."""
 
-    def __init__(self, head: Any, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5, epochs: int = 100) -> None:
+    def __init__(self, head: Any, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5,
+                 epochs: Optional[int] = None) -> None:
         if not hasattr(head, "model_class") or not hasattr(head, "detect"):
             raise ValueError(f"the ultralytics loss trains an ultralytics_detect / ultralytics_segment head, got "
                              f"{type(head).__name__}; use the detection / instance_segmentation loss for vfmkd heads")
-        hyp = IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, "box": box, "cls": cls, "dfl": dfl, "epochs": epochs,
-                                         "overlap_mask": False})
+        self.epochs = epochs
+        hyp = IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, "box": box, "cls": cls, "dfl": dfl,
+                                         "epochs": epochs or DEFAULT_CFG_DICT["epochs"], "overlap_mask": False})
         # ultralytics' criteria read hyper-parameters from `model.args`, the head from `model.model[-1]` and the
         # device from `model.parameters()`; a namespace gives them exactly that view of the head.
         view = SimpleNamespace(args=hyp, model=[head.detect], parameters=head.parameters)
         self.segment = head.task == "instance"
         self._loss = head.model_class.init_criterion(view)
 
-    def epoch_end(self) -> None:
-        """Step an end-to-end criterion's one-to-many -> one-to-one gain schedule (a no-op for the others)."""
-        if hasattr(self._loss, "update"):
-            self._loss.update()
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Epoch ``epoch`` (1-based) of ``epochs`` (the loss's own ``epochs`` when given) begins: an end-to-end
+        criterion's one-to-many -> one-to-one gains become what ultralytics' trainer has at that epoch (it
+        calls ``update()`` after each epoch and, resuming, sets ``updates`` and calls it once: the same here,
+        from the epoch alone). Criteria without a schedule have nothing to set."""
+        if not hasattr(self._loss, "update"):
+            return
+        for criterion in (self._loss.one2many, self._loss.one2one):
+            criterion.hyp.epochs = self.epochs or epochs
+        self._loss.updates = epoch - 2  # ultralytics' 0-based epoch e = epoch - 1 starts after e updates
+        self._loss.update()
 
     def __call__(self, head_output: Any, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if self.segment:

@@ -228,6 +228,7 @@ class Trainer:
         replayed from the saved shuffling state and those batches are passed over)."""
         self.model.train()
         self.distiller.train()
+        self.distiller.on_epoch_start(epoch, self.train_cfg.epochs or epoch)  # per-epoch loss schedules (resumes too)
         self.train_loader.dataset.set_epoch(epoch)
         totals = EpochSums(*self._partial) if skip else EpochSums()
         self.sampler.set_epoch(epoch)  # each rank's share of the epoch's shuffle, from (seed, epoch)
