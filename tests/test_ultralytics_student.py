@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from vfmkd.core.config import load_experiment
+from vfmkd.core.errors import ConfigError
 from vfmkd.datasets.records import InstanceBatch
 from vfmkd.distillation.losses.ultralytics_loss import UltralyticsTaskLoss
+from vfmkd.engine.builders.losses import build_loss_terms
 from vfmkd.engine.builders.model import build_model
 from vfmkd.engine.export.exporter import export_onnx
 from vfmkd.engine.export.ultralytics_layout import export_through_ultralytics, to_ultralytics
@@ -163,3 +165,14 @@ def test_the_end_to_end_gain_schedule_is_ultralytics_own_and_a_function_of_the_e
     fixed = UltralyticsTaskLoss(head, epochs=9)  # the loss's own epochs win over the run's
     fixed.on_epoch_start(5, epochs)
     assert fixed._loss.o2m == pytest.approx(0.8 - 4 / 8 * 0.7)
+
+
+def test_an_ultralytics_head_without_a_loss_entry_trains_with_its_own_criterion(seg_student):
+    """No task loss reads the head: {type: ultralytics} is implied; another task loss on it is refused."""
+    (term,) = build_loss_terms({}, seg_student, {}, {})
+    assert (term.name, term.kind, term.head, term.log_name) == ("instances", "task", "instances", "loss_instances")
+    assert isinstance(term.module, UltralyticsTaskLoss)
+    named = build_loss_terms({"mine": {"type": "ultralytics", "head": "instances", "box": 5.0}}, seg_student, {}, {})
+    assert [t.name for t in named] == ["mine"]
+    with pytest.raises(ConfigError, match="set type: ultralytics"):
+        build_loss_terms({"seg": {"type": "instance_segmentation", "head": "instances"}}, seg_student, {}, {})

@@ -174,6 +174,8 @@ class _UltralyticsHead(BaseHead):
     dict for an end-to-end head, so vfmkd's scorers (NMS) read every model alike."""
 
     kind: type = Detect
+    #: the LOSSES entry that trains it (the model's own criterion): implied when distillation.losses names none
+    own_loss = "ultralytics"
 
     def __init__(self, in_specs: Sequence[FeatureSpec], model: str, num_classes: Optional[int] = None) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ from vfmkd.core.errors import ConfigError
 from vfmkd.core.feature_spec import FeatureSpec
 from vfmkd.core.registry import LOSSES, TASKS
 from vfmkd.distillation.distiller import Distiller
+from vfmkd.distillation.losses.task import DEFAULT_HEAD
 from vfmkd.distillation.pairing.output_pairs import check_mask_sources
 from vfmkd.distillation.pairing.output_rules import TeacherOutputs
 from vfmkd.distillation.resolution import with_resolution_terms
@@ -63,7 +64,7 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
     head and pairing (:mod:`vfmkd.distillation.pairing`) from ``teachers`` (:func:`teacher_outputs`)
     and, for semantic/binary heads taught by masks, ``class_channels`` (:func:`output_class_channels`).
     ``temperature`` (``distillation.temperature``): the default of every entry whose loss takes one."""
-    losses_cfg = with_run_temperature(losses_cfg, temperature)
+    losses_cfg = with_run_temperature(with_own_head_losses(losses_cfg, model.heads), temperature)
     offers: Mapping[str, Any] = teachers if teachers is not None else {n: TeacherOutputs(n, "?") for n in specs}
     context = TermContext(model, specs, primary, offers, class_channels or {})
     terms = []
@@ -76,6 +77,31 @@ def build_loss_terms(losses_cfg: Mapping[str, Mapping[str, Any]], model: Unified
         built = hook(loss, context)  # a multi-level feature entry gives one term per pair
         terms.extend(built if isinstance(built, list) else [built])
     return terms
+
+
+def with_own_head_losses(losses_cfg: Mapping[str, Mapping[str, Any]],
+                         heads: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    """A head that trains with its model's own criterion (its class's ``own_loss``: the ultralytics heads) gets
+    the entry ``{type: <own_loss>, head: <head>}`` (named after the head) when no task loss reads it, logged; a
+    task loss of another type on it is refused (another criterion does not read its outputs)."""
+    out = dict(losses_cfg)
+    for head_name, head in heads.items():
+        own = getattr(head, "own_loss", "")
+        if not own:
+            continue
+        reading = [n for n, e in losses_cfg.items()
+                   if getattr(LOSSES.get(e["type"]), "kind", "") == "task" and e.get("head", DEFAULT_HEAD) == head_name]
+        wrong = [n for n in reading if losses_cfg[n]["type"] != own]
+        if wrong:
+            raise ConfigError(f"distillation.losses.{wrong[0]}: model.heads.{head_name} ({type(head).__name__}) trains "
+                              f"with its model's own criterion: set type: {own} (got {losses_cfg[wrong[0]]['type']})")
+        if not reading:
+            name = head_name if head_name not in out else f"{head_name}_{own}"
+            out[name] = {"type": own, "head": head_name}
+            get_logger().info("distillation.losses.%s: {type: %s, head: %s} (implied: the head trains with its "
+                              "model's own criterion; distillation.alpha: 0 turns task losses off)",
+                              name, own, head_name)
+    return out
 
 
 def with_run_temperature(losses_cfg: Mapping[str, Mapping[str, Any]],
