@@ -21,6 +21,7 @@ from vfmkd.cache import FeatureCacheReader, FeatureCacheWriter
 from vfmkd.core.errors import CacheMismatchError, ConfigError
 from vfmkd.datasets import DetectionDataset
 from vfmkd.distillation.cached import CachedTargetsDataset, collate_distill
+from vfmkd.distillation.targets import QuantizedMap, TeacherTargets
 from vfmkd.engine.builders import open_cache
 from vfmkd.teachers.base import TeacherFingerprint
 
@@ -198,6 +199,41 @@ def test_dataset_reads_teacher_features_in_workers(cache_dir):
     assert t.features["trunk"].shape == (2, 768, 8, 8) and t.features["image_embeddings"].dtype == torch.float16
     assert t.affine.shape == (2, 4) and t.valid_hw.shape == (2, 2) and t.input_size == SIZE
     assert torch.equal(batches[0].cached["sam"].features["image_embeddings"][1], want)
+    in_main = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0, collate_fn=collate_distill)
+    for got, ref in zip(batches, in_main, strict=True):  # the workers' shared-memory batches: the same values
+        assert_same_targets(got.cached["sam"], ref.cached["sam"])
+
+
+def assert_same_targets(got: TeacherTargets, ref: TeacherTargets) -> None:
+    assert got.features.keys() == ref.features.keys() and got.input_size == ref.input_size
+    for name, fmap in ref.features.items():
+        parts = ("values", "scale", "channel_scale") if isinstance(fmap, QuantizedMap) else (None,)
+        for k in parts:
+            a, b = (fmap, got.features[name]) if k is None else (getattr(fmap, k), getattr(got.features[name], k))
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(got.affine, ref.affine) and torch.equal(got.valid_hw, ref.valid_hw)
+
+
+def _collate_and_report_sharing(entries):
+    batch = TeacherTargets.collate(entries)
+    q = batch.features["q"]
+    return batch, [t.is_shared() for t in (batch.features["f"], q.values, q.scale, q.channel_scale, batch.affine,
+                                           batch.valid_hw)]
+
+
+def test_collate_stacks_into_shared_memory_in_a_worker():
+    # a worker's batch goes to the main process through shared memory: stacked there directly, it is not
+    # copied a second time on the way (the cached-target loader's speed, benchmarks/bench_cache_loader.py)
+    g = torch.Generator().manual_seed(0)
+    items = [TeacherTargets({"f": torch.randn(4, 3, 3, generator=g).half(),
+                             "q": QuantizedMap(torch.randint(-127, 128, (4, 3, 3), generator=g, dtype=torch.int8),
+                                               torch.rand(3, 3, generator=g), torch.rand(4, generator=g))},
+                            torch.rand(4, generator=g), torch.rand(2, generator=g), 48) for _ in range(4)]
+    loader = torch.utils.data.DataLoader(items, batch_size=2, num_workers=1, collate_fn=_collate_and_report_sharing)
+    for k, (batch, shared) in enumerate(loader):
+        assert all(shared), shared
+        assert_same_targets(batch, TeacherTargets.collate(items[2 * k:2 * k + 2]))
+    assert not TeacherTargets.collate(items[:2]).affine.is_shared()  # outside a worker: ordinary memory
 
 
 def test_dataset_refuses_a_cache_that_lacks_images(cache_dir, tmp_path):

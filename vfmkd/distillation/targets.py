@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
+from torch.utils.data import default_collate
 
 from vfmkd.cache.codec import dequantize
 
@@ -96,10 +97,18 @@ class MaskLogits:
         )
 
 
+def _stack_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` through torch's own ``default_collate``: inside a DataLoader worker it stacks straight
+    into shared memory, so the batch crosses to the main process without a second copy (a plain stack
+    is copied into shared memory again when the worker sends it)."""
+    return default_collate(list(tensors))
+
+
 def _stack(maps: Sequence[FeatureMap]) -> FeatureMap:
     if isinstance(maps[0], QuantizedMap):
-        return QuantizedMap(*(torch.stack([getattr(m, k) for m in maps]) for k in ("values", "scale", "channel_scale")))
-    return torch.stack(list(maps))  # type: ignore[arg-type]
+        return QuantizedMap(*(_stack_tensors([getattr(m, k) for m in maps]) for k in ("values", "scale",
+                                                                                       "channel_scale")))
+    return _stack_tensors(maps)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -151,8 +160,8 @@ class TeacherTargets:
             raise ValueError("TeacherTargets.collate: some entries have mask logits and some do not")
         return cls(
             features={k: _stack([e.features[k] for e in entries]) for k in first.features},
-            affine=torch.stack([e.affine for e in entries]),
-            valid_hw=torch.stack([e.valid_hw for e in entries]),
+            affine=_stack_tensors([e.affine for e in entries]),
+            valid_hw=_stack_tensors([e.valid_hw for e in entries]),
             input_size=first.input_size,
             mask_logits=(MaskLogits.cat([e.mask_logits for e in entries])  # type: ignore[misc]
                          if all(with_masks) else None),
