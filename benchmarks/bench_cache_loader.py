@@ -43,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine, median, quiet  # noqa: E402
 from benchmarks.bench_cache_storage import evict as evict_file  # noqa: E402  (fsync + posix_fadvise DONTNEED)
+from vfmkd.cache.codec import dequantize  # noqa: E402
 from vfmkd.cache.reader import FeatureCacheReader  # noqa: E402
 from vfmkd.cache.writer import FeatureCacheWriter  # noqa: E402
 from vfmkd.core.feature_spec import FeatureSpec  # noqa: E402
 from vfmkd.core.fingerprint import TeacherFingerprint  # noqa: E402
-from vfmkd.distillation.targets import TeacherTargets, from_cache_entry  # noqa: E402
+from vfmkd.distillation.targets import QuantizedMap, TeacherTargets, from_cache_entry  # noqa: E402
 
 SPEC = FeatureSpec("image_embeddings", 256, 16)
 SIZE, BATCH, WRITE_BATCH = 1024, 8, 8
@@ -137,6 +138,55 @@ def loader_pass(path: Path, workers: int, seed: int, in_memory: bool = False) ->
     return dt * len(reader.image_ids) / (len(reader.image_ids) - BATCH)  # per epoch at the steady rate
 
 
+def _timed_collate(entries: list[TeacherTargets]) -> tuple[TeacherTargets, float, float]:
+    """In a worker: ms of ``TeacherTargets.collate`` (stacks into shared memory there) and of the path it
+    replaced: ``torch.stack`` into ordinary memory, then the copy into shared memory the worker's send makes."""
+    t0 = time.perf_counter()
+    batch = TeacherTargets.collate(entries)
+    t1 = time.perf_counter()
+    for name in entries[0].features:
+        maps = [e.features[name] for e in entries]
+        keys = ("values", "scale", "channel_scale") if isinstance(maps[0], QuantizedMap) else ()
+        for part in [[getattr(m, k) for m in maps] for k in keys] or [maps]:
+            torch.stack(part).share_memory_()
+    return batch, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
+
+def stages(path: Path) -> str:
+    """Per batch of BATCH images, warm page cache, medians (ms): the reads (and their finite-value check),
+    the collation in a worker (shared memory vs the stack-then-share it replaced), and what the step's
+    decode to float32 costs on the CPU in the main process vs decoding in the worker instead."""
+    raw_rate(path)
+    ids = FeatureCacheReader(path).image_ids
+    readers = {check: FeatureCacheReader(path, check_finite=check) for check in (True, False)}
+    reads: dict[bool, list[float]] = {True: [], False: []}
+    for a in range(0, len(ids) - BATCH + 1, BATCH):  # with and without the check in turn, same images
+        for check, reader in readers.items():
+            t0 = time.perf_counter()
+            items = [from_cache_entry(reader.read(i, dequantize=False)) for i in ids[a:a + BATCH]]
+            reads[check].append((time.perf_counter() - t0) * 1e3)
+    reader = FeatureCacheReader(path)
+    timed = list(DataLoader(InMemory(reader), batch_size=BATCH, num_workers=1, collate_fn=_timed_collate))
+    batch, cpu = TeacherTargets.collate(items), torch.device("cpu")
+    fmap = batch.features[SPEC.name]
+    main = median([_ms(lambda: batch.to_float(cpu)) for _ in range(5)])
+    read, unchecked = median(reads[True]), median(reads[False])
+    line = (f"read {read:.1f} (finite check {read - unchecked:.1f}) | collate in a worker: "
+            f"shared memory {median([t[1] for t in timed]):.1f} vs stack + share {median([t[2] for t in timed]):.1f} | "
+            f"decode to float32 in the main process {main:.1f}")
+    if isinstance(fmap, QuantizedMap):
+        worker = median([_ms(lambda: dequantize(fmap.values, fmap.scale, fmap.channel_scale)) for _ in range(5)])
+        half = dequantize(fmap.values, fmap.scale, fmap.channel_scale)
+        line += f" (decoding int8 in the worker instead: {worker:.1f} there + {_ms(lambda: half.float()):.1f} here)"
+    return line
+
+
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def pair(path: Path, state: str, workers: int, whole: bool, seed: int) -> tuple[float, float]:
     """(raw dd seconds, loader seconds) measured back to back in the same page-cache state, so a shared
     machine's load hits both alike."""
@@ -192,6 +242,7 @@ def main() -> None:
     p.add_argument("--drop-caches", action="store_true", help="cold = drop the whole page cache (root) instead of "
                                                               "evicting the file's pages")
     p.add_argument("--repeat", type=int, default=2, help="raw/loader pairs per row (medians; >= 3 on a busy machine)")
+    p.add_argument("--stages", action="store_true", help="also time each per-batch step of the path (warm)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     quiet()
@@ -206,6 +257,8 @@ def main() -> None:
             mib = path.stat().st_size / 2**20
             print(f"SAM@1024 {storage}: {a.images} images, {mib:.0f} MiB ({mib / a.images:.2f} MiB/image), batch "
                   f"{BATCH}, random order")
+            if a.stages:
+                print(f"  stages, ms per batch of {BATCH}: {stages(path)}")
             got = measure(path, storage, a.workers, a.drop_caches, a.repeat)
             for r in got:
                 ratio = f"  {r['of_raw']:.2f} of raw {r['state']}" if "of_raw" in r else ""

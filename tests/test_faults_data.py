@@ -163,9 +163,9 @@ def test_non_finite_cached_values_are_caught_when_read(tmp_path, storage):
 
 def test_finite_check_is_exact_and_cheap():
     x = np.random.default_rng(0).standard_normal((256, 64, 64)).astype(np.float16)
-    x[0, 0, 0] = 65504  # largest finite float16
+    x[0, 0, 0], x[0, 0, 1] = 65504, -65504  # the largest finite float16 values
     assert fc.finite_values(x)
-    for bad in (np.inf, -np.inf, np.nan):
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
         y = x.copy()
         y[200, 63, 63] = bad
         assert not fc.finite_values(y)
