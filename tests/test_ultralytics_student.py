@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vfmkd.core.config import load_experiment
+from vfmkd.core.config import experiment_from_dict, load_experiment
 from vfmkd.core.errors import ConfigError
 from vfmkd.datasets.records import InstanceBatch
 from vfmkd.distillation.losses.ultralytics_loss import UltralyticsTaskLoss
@@ -23,6 +23,7 @@ from vfmkd.engine.training.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "configs" / "experiments" / "yolo26n_dinov3_coco128.yaml"
 SIZE = 128
+SEG_SIZE = 96
 
 
 @pytest.fixture(scope="module")
@@ -96,34 +97,63 @@ def test_a_saved_ultralytics_checkpoint_starts_a_student_without_unpickling_code
 
 
 @pytest.fixture(scope="module")
-def seg_student():
-    """yolo26n-seg as built by ultralytics: Segment26 (end-to-end, (proto, semseg) outputs), random weights."""
-    return build_model({"backbone": {"type": "ultralytics", "model": "yolo26n-seg.yaml"},
-                        "heads": {"instances": {"type": "ultralytics_segment", "num_classes": 80}}})
+def seg_run(tmp_path_factory):
+    """ultralytics_segment end to end: yolo26n-seg (Segment26: end-to-end, (proto, semseg) outputs) with no teacher
+    and no loss entry (its own criterion is implied), one step on two coco128 images with instance masks at
+    SEG_SIZE px, validated."""
+    work = tmp_path_factory.mktemp("yolo26n_seg")
+    cfg = experiment_from_dict({
+        "experiment_name": "yolo26n_seg", "work_dir": str(work), "teachers": {}, "distillation": {"losses": {}},
+        "model": {"backbone": {"type": "ultralytics", "model": "yolo26n-seg.yaml"},
+                  "heads": {"instances": {"type": "ultralytics_segment", "num_classes": 80}}},
+        "data": {"dataset": "coco128", "img_size": SEG_SIZE, "limit": 2, "batch_size": 2, "num_workers": 0},
+        "train": {"epochs": 1, "vis_interval": 0}, "eval": {"batch_size": 2}})
+    trainer = Trainer(cfg, progress=False)
+    return SimpleNamespace(trainer=trainer, metrics=trainer.fit(), run_dir=trainer.run_dir)
+
+
+@pytest.fixture()
+def seg_student(seg_run):
+    """The trained yolo26n-seg student, in train mode with its batch norms' running statistics restored after."""
+    model = seg_run.trainer.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    yield model.train()
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+
+
+def test_yolo26_seg_trains_on_coco128_masks_validates_masks_and_exports_through_ultralytics(seg_run, tmp_path):
+    import onnxruntime as ort
+
+    from vfmkd.engine.commands import export
+
+    record = seg_run.metrics["epochs"][0]
+    loss = seg_run.trainer.distiller.terms["instances"].module  # implied: no entry in the config
+    assert type(loss._loss).__name__ == "E2ELoss" and type(loss._loss.one2many).__name__ == "SegmentLoss26"
+    assert np.isfinite(record["train"]["loss_instances"]) and record["train"]["loss_instances_seg"] > 0
+    assert {"mask_mAP50", "mask_mAP50-95", "mAP50-95"} <= set(record["val"]["instances"])
+    best = seg_run.run_dir / "checkpoints" / "best.pt"
+    assert export.main(["--checkpoint", str(best), "--format", "ultralytics_onnx", "--output", str(tmp_path)]) == 0
+    session = ort.InferenceSession(str(tmp_path / "best.ultralytics.onnx"))
+    x = torch.rand(1, 3, SEG_SIZE, SEG_SIZE)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    model = seg_run.trainer.model.eval()
+    with torch.no_grad():
+        want, proto = model(x).heads["instances"][0]  # (predictions, prototypes), the one-to-many branch
+    cells = sum((SEG_SIZE // s) ** 2 for s in (8, 16, 32))
+    assert got[0].shape == tuple(want.shape) == (1, 4 + 80 + 32, cells)  # boxes, scores, mask coefficients
+    assert np.abs(got[0] - want.numpy()).max() < 1e-2 * SEG_SIZE
+    assert np.abs(got[1] - proto.numpy()).max() < 1e-2
 
 
 def _instances(labelled, rows=(0, 1)):
-    """Two instances (one per image in ``rows``) at SIZE px, masks at SIZE / 4."""
-    masks = torch.zeros(2, SIZE // 4, SIZE // 4)
+    """Two instances (one per image in ``rows``) at SEG_SIZE px, masks at SEG_SIZE / 4."""
+    masks = torch.zeros(2, SEG_SIZE // 4, SEG_SIZE // 4)
     masks[0, 4:12, 4:12] = masks[1, 10:20, 8:16] = 1
     boxes = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.45, 0.25, 0.3]])[:len(rows)]
     return InstanceBatch(cls=torch.tensor([[0.0], [2.0]])[:len(rows)], bboxes=boxes,
                          batch_idx=torch.tensor(rows, dtype=torch.float32), masks=masks[:len(rows)],
                          label_index=torch.full((len(rows),), -1), labelled=torch.tensor(labelled))
-
-
-def test_a_yolo26_segment_head_trains_with_its_own_criterion(seg_student):
-    student = seg_student.train()
-    head = student.heads["instances"]
-    loss = UltralyticsTaskLoss(head)
-    assert type(loss._loss).__name__ == "E2ELoss" and type(loss._loss.one2many).__name__ == "SegmentLoss26"
-    images = torch.rand(2, 3, SIZE, SIZE)
-    value, parts = loss(student(images).heads["instances"], SimpleNamespace(images=images,
-                                                                             instances=_instances([True, True])))
-    value.backward()
-    assert torch.isfinite(value) and {"box", "seg", "cls"} <= set(parts)
-    assert student.backbone.layers[0].conv.weight.grad.abs().sum() > 0
-    student.zero_grad(set_to_none=True)
 
 
 def test_unlabelled_images_give_the_ultralytics_loss_nothing(seg_student):
@@ -132,7 +162,7 @@ def test_unlabelled_images_give_the_ultralytics_loss_nothing(seg_student):
     student = seg_student.train()
     student.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
     loss = UltralyticsTaskLoss(student.heads["instances"])
-    images = torch.rand(2, 3, SIZE, SIZE)
+    images = torch.rand(2, 3, SEG_SIZE, SEG_SIZE)
     with torch.no_grad():
         both, first = student(images).heads["instances"], student(images[:1]).heads["instances"]
     one = SimpleNamespace(images=images[:1], instances=_instances([True], rows=(0,)))
