@@ -192,6 +192,15 @@ OFFICIAL_WEIGHTS.update({
 })
 
 
+# SAM 3 (Meta, SAM License): the gated Hugging Face release facebook/sam3, a folder of config.json + model.safetensors
+# (the sam3 teacher reads both); the downloader fetches the weights file, config.json is fetched beside it by hand.
+# Not pinned (None).
+OFFICIAL_WEIGHTS["sam3"] = OfficialWeights(
+    name="sam3", family="sam3", variant="sam3",
+    url="https://huggingface.co/facebook/sam3/resolve/main/model.safetensors",
+    filename="sam3/model.safetensors", sha256=None)
+
+
 def weights_for(family: str, variant: str) -> OfficialWeights:
     """The official checkpoint of ``family``/``variant`` (e.g. ``"sam", "vit_b"``)."""
     for w in OFFICIAL_WEIGHTS.values():
