@@ -103,13 +103,14 @@ def test_wrong_files_name_what_they_are(official, tmp_path):
         Sam3Teacher(variant="sam3", checkpoint=str(folder), input_size=SIZE)
 
 
+@pytest.mark.slow  # an end-to-end run of two tools: scheduled first (tests/conftest.py)
 def test_cached_by_prepare_teacher_features_and_trained(official, tmp_path):
     from vfmkd.core.config import load_experiment
     from vfmkd.engine.commands import prepare_features as ptf
     from vfmkd.engine.training.trainer import Trainer
 
     out = tmp_path / "sam3"
-    assert ptf.main(["--teacher", "sam3", "--splits", "train2017", "--limit", "2", "--batch-size", "2",
+    assert ptf.main(["--teacher", "sam3", "--splits", "train2017", "val2017", "--limit", "2", "--batch-size", "2",
                      "--output", str(out), "--no-progress", "--features", "fpn_s14,fpn_s7",
                      f"teacher.checkpoint={official[0]}", f"teacher.input_size={SIZE}"]) == 0
     with h5py.File(out / "train2017.h5", "r") as f:
