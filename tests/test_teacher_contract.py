@@ -34,7 +34,7 @@ TEACHER_CASES = {
     "sam": dict(variant="vit_b", init="random", input_size=64),
     "lora_sam": dict(variant="vit_b", init="random", input_size=64, lora_rank=4),
     "sam2": dict(variant="sam2.1_hiera_tiny", init="random", input_size=64),
-    "sam3": dict(variant="tiny", init="random", input_size=56),  # the full size is ~0.45 B parameters
+    "sam3": dict(variant="tiny", init="random", input_size=56),  # the full size: 466 M parameters
     "dino": dict(variant="vits16", init="random", input_size=64),
     "dinov2": dict(variant="vits14", init="random", input_size=56),
     "dinov3": dict(variant="vits16", init="random", input_size=64),

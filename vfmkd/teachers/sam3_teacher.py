@@ -17,11 +17,12 @@ Variants (``variant: auto`` reads them from the weights' tensors):
 ====== ===================================== ====== ===== ====== ======= ==========
 name   model                                 width  depth heads  patch   params
 ====== ===================================== ====== ===== ====== ======= ==========
-sam3   facebook/sam3 (PE ViT-L+, 1008 px)    1024   32    16     14      ~0.45 B used
-tiny   the same code at smoke-test size      32     2     2      14      ~0.1 M
+sam3   facebook/sam3 (PE ViT, 1008 px)       1024   32    16     14      466 M used
+tiny   the same code at smoke-test size      32     2     2      14      0.17 M
 ====== ===================================== ====== ===== ====== ======= ==========
 
-``tiny`` has no released weights: it exists for tests and ``init: random`` smoke runs.
+``tiny`` has no released weights: it exists for tests and ``init: random`` smoke runs. "used" counts the modules
+the teacher builds (ViT, both necks, the tracker's prompt encoder and mask decoder) of the ~0.85 B release.
 
 Features of a ``(B, 3, S, S)`` batch (``S = input_size``, a multiple of 28; official 1008), one ViT pass:
 
