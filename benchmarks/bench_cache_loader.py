@@ -8,11 +8,12 @@ Caches: SAM ViT-B @ 1024 ``image_embeddings`` (256x64x64: 2 MiB/image fp16, 1.02
 written by the real :class:`FeatureCacheWriter` (``write`` for the first batch of random features,
 those stored rows then repeated over the file through h5py: the same bytes per image, written in
 seconds). The loader is what training runs per cached teacher in its DataLoader workers
-(``vfmkd.distillation.cached``): ``from_cache_entry(reader.read(id, dequantize=False))`` per image
-(int8 stays int8, the step dequantises it), ``TeacherTargets.collate`` per batch of 8 (in a worker it
-stacks straight into shared memory, as torch's ``default_collate`` does), images in a random order (the
-training sampler's), 0, 2 and 4 workers; timed from the first batch (worker start-up excluded) and
-scaled to the epoch.
+(``vfmkd.distillation.cached``): ``reader.will_need(id)`` for each image of a batch (the OS starts
+reading its chunks: ``CachedTargetsDataset.__getitems__``; ``--no-hint`` leaves it out), then
+``from_cache_entry(reader.read(id, dequantize=False))`` per image (int8 stays int8, the step
+dequantises it), ``TeacherTargets.collate`` per batch of 8 (in a worker it stacks straight into shared
+memory, as torch's ``default_collate`` does), images in a random order (the training sampler's), 0, 2
+and 4 workers; timed from the first batch (worker start-up excluded) and scaled to the epoch.
 
 Page cache: "cold" evicts the file's pages before the pass (``posix_fadvise(DONTNEED)`` after an
 fsync: only this file, nothing else on the machine; ``--drop-caches`` drops the whole page cache
@@ -80,16 +81,22 @@ def write_cache(path: Path, n: int, storage: str) -> None:
 
 
 class CachedTargets(Dataset):
-    """What CachedTargetsDataset does per cached teacher, without the image sample."""
+    """What CachedTargetsDataset does per cached teacher, without the image sample: a batch's reads are
+    first hinted to the OS (``will_need``; ``hint=False``: without, to compare)."""
 
-    def __init__(self, reader: FeatureCacheReader) -> None:
-        self.reader = reader
+    def __init__(self, reader: FeatureCacheReader, hint: bool = True) -> None:
+        self.reader, self.hint = reader, hint
 
     def __len__(self) -> int:
         return len(self.reader.image_ids)
 
     def __getitem__(self, i: int) -> TeacherTargets:
         return from_cache_entry(self.reader.read(self.reader.image_ids[i], dequantize=False))
+
+    def __getitems__(self, indices: list[int]) -> list[TeacherTargets]:
+        for i in indices if self.hint else ():
+            self.reader.will_need(self.reader.image_ids[i])
+        return [self[i] for i in indices]
 
 
 class InMemory(Dataset):
@@ -122,10 +129,10 @@ def raw_rate(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def loader_pass(path: Path, workers: int, seed: int, in_memory: bool = False) -> float:
+def loader_pass(path: Path, workers: int, seed: int, in_memory: bool = False, hint: bool = True) -> float:
     """Seconds for one epoch of the loader over the cache, random order (``in_memory``: the ceiling)."""
     reader = FeatureCacheReader(path)
-    loader = DataLoader(InMemory(reader) if in_memory else CachedTargets(reader), batch_size=BATCH, shuffle=True,
+    loader = DataLoader(InMemory(reader) if in_memory else CachedTargets(reader, hint), batch_size=BATCH, shuffle=True,
                         num_workers=workers, collate_fn=TeacherTargets.collate,
                         generator=torch.Generator().manual_seed(seed))
     batches = iter(loader)
@@ -187,7 +194,7 @@ def _ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def pair(path: Path, state: str, workers: int, whole: bool, seed: int) -> tuple[float, float]:
+def pair(path: Path, state: str, workers: int, whole: bool, seed: int, hint: bool) -> tuple[float, float]:
     """(raw dd seconds, loader seconds) measured back to back in the same page-cache state, so a shared
     machine's load hits both alike."""
     if state == "cold":
@@ -197,10 +204,10 @@ def pair(path: Path, state: str, workers: int, whole: bool, seed: int) -> tuple[
     raw = raw_rate(path)
     if state == "cold":
         evict(path, whole)
-    return raw, loader_pass(path, workers, seed=seed)
+    return raw, loader_pass(path, workers, seed=seed, hint=hint)
 
 
-def measure(path: Path, storage: str, workers: list[int], whole: bool, repeat: int) -> list[dict]:
+def measure(path: Path, storage: str, workers: list[int], whole: bool, repeat: int, hint: bool = True) -> list[dict]:
     """Ceiling rows, then per page-cache state and worker count ``repeat`` raw/loader pairs: the loader's
     median time and the median of the pairs' loader ÷ raw ratios."""
     n, size = len(FeatureCacheReader(path).image_ids), path.stat().st_size
@@ -211,7 +218,7 @@ def measure(path: Path, storage: str, workers: list[int], whole: bool, repeat: i
                      "mb_s": size / dt / 1e6, "img_s": n / dt})
     for state in ("cold", "warm"):
         for w in workers:
-            pairs = [pair(path, state, w, whole, seed=w + 100 * r) for r in range(repeat)]
+            pairs = [pair(path, state, w, whole, seed=w + 100 * r, hint=hint) for r in range(repeat)]
             raw, dt = median([r for r, _ in pairs]), median([d for _, d in pairs])
             if w == workers[0]:
                 rows.append({"storage": storage, "state": state, "what": "raw dd", "s": raw,
@@ -242,6 +249,8 @@ def main() -> None:
     p.add_argument("--drop-caches", action="store_true", help="cold = drop the whole page cache (root) instead of "
                                                               "evicting the file's pages")
     p.add_argument("--repeat", type=int, default=2, help="raw/loader pairs per row (medians; >= 3 on a busy machine)")
+    p.add_argument("--no-hint", action="store_true", help="read without first hinting a batch's chunks to the OS "
+                                                          "(FeatureCacheReader.will_need), to compare")
     p.add_argument("--stages", action="store_true", help="also time each per-batch step of the path (warm)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -259,7 +268,7 @@ def main() -> None:
                   f"{BATCH}, random order")
             if a.stages:
                 print(f"  stages, ms per batch of {BATCH}: {stages(path)}")
-            got = measure(path, storage, a.workers, a.drop_caches, a.repeat)
+            got = measure(path, storage, a.workers, a.drop_caches, a.repeat, not a.no_hint)
             for r in got:
                 ratio = f"  {r['of_raw']:.2f} of raw {r['state']}" if "of_raw" in r else ""
                 print(f"  {r['state']:4s} {r['what']:17s} {r['img_s']:8.1f} img/s {r['mb_s']:8.1f} MB/s{ratio}")

@@ -204,6 +204,24 @@ def test_dataset_reads_teacher_features_in_workers(cache_dir):
         assert_same_targets(got.cached["sam"], ref.cached["sam"])
 
 
+def test_batched_fetch_hints_the_reads_and_returns_the_same_items(cache_dir, monkeypatch):
+    ds = cached_dataset(cache_dir, 4)
+    reader = ds.caches["sam"].reader
+    hinted = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, size, advice: hinted.append((offset, size, advice)))
+    reader.will_need("no-such-image")
+    reader.will_need(reader.image_ids[0], flipped=True)  # no flip pass cached: nothing to hint
+    assert hinted == []
+    items = ds.__getitems__([2, 0, 3])  # what a DataLoader calls for a batch
+    sizes = sorted(2 * s.channels * (SIZE // s.stride) ** 2 for s in reader.feature_specs)  # float16 chunks
+    assert sorted(size for _, size, _ in hinted) == sorted(sizes * 3)
+    assert {a for _, _, a in hinted} == {os.POSIX_FADV_WILLNEED} and len({o for o, _, _ in hinted}) == len(hinted)
+    for (sample, cached), i in zip(items, [2, 0, 3], strict=True):
+        ref_sample, ref_cached = ds[i]
+        assert sample.image_id == ref_sample.image_id and torch.equal(sample.image, ref_sample.image)
+        assert_same_targets(cached["sam"], ref_cached["sam"])
+
+
 def assert_same_targets(got: TeacherTargets, ref: TeacherTargets) -> None:
     assert got.features.keys() == ref.features.keys() and got.input_size == ref.input_size
     for name, fmap in ref.features.items():

@@ -45,6 +45,22 @@ class CachedTargetsDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Sample, Dict[str, Optional[TeacherTargets]]]:
         sample: Sample = self.dataset[index]
+        return sample, self._targets(sample)
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Tuple[Sample, Dict[str, Optional[TeacherTargets]]]]:
+        """A batch (the DataLoader's batched fetch), the same items as ``[self[i] for i in indices]``: as each
+        sample is loaded its cached targets are asked of the OS (:meth:`FeatureCacheReader.will_need`), so
+        on a cold page cache the batch's reads run together, and while the next images decode; they are
+        read once every sample is loaded."""
+        samples: List[Sample] = []
+        for index in indices:
+            samples.append(self.dataset[index])
+            for name, cache in self.caches.items():
+                if samples[-1].image_id not in self.missing[name]:
+                    cache.reader.will_need(samples[-1].image_id, samples[-1].view.flipped and cache.has_flip)
+        return [(sample, self._targets(sample)) for sample in samples]
+
+    def _targets(self, sample: Sample) -> Dict[str, Optional[TeacherTargets]]:
         cached: Dict[str, Optional[TeacherTargets]] = {}
         for name, cache in self.caches.items():
             if sample.image_id in self.missing[name]:
@@ -55,7 +71,7 @@ class CachedTargetsDataset(Dataset):
             if not cache.has_masks:  # a cache whose mask logits are still being added: features only
                 entry.pop("masks", None)
             cached[name] = from_cache_entry(entry)
-        return sample, cached
+        return cached
 
 
 def collate_distill(items: Sequence[Tuple[Sample, Mapping[str, Optional[TeacherTargets]]]]) -> DistillBatch:
