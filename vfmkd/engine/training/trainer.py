@@ -1,23 +1,19 @@
 """The training loop: student + task heads + feature distillation from cached and live teachers."""
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from vfmkd.core.config import experiment_record, resolve_path
 from vfmkd.core.config_schema import ExperimentConfig, TrainConfig
 from vfmkd.core.device import resolve_amp
 from vfmkd.core.errors import CheckpointError, NonFiniteLossError
-from vfmkd.distillation.cached import DistillBatch
-from vfmkd.distillation.prefetch import PreparedBatch, TargetPrefetcher, prepared_epoch
+from vfmkd.distillation.prefetch import TargetPrefetcher
 from vfmkd.distillation.teacher_drop import TeacherDropper
 from vfmkd.engine.builders import (
     LiveTeachers,
@@ -33,7 +29,8 @@ from vfmkd.engine.builders import (
 from vfmkd.engine.evaluation.evaluator import build_scorers, evaluate, primary_metric, scalar_metrics
 from vfmkd.engine.pictures.epoch_vis import EpochVisualizer, semantic_class_names
 from vfmkd.engine.training.distributed import init_distributed
-from vfmkd.engine.training.epoch_report import EpochSums, cellless_counts, log_epoch, log_run_start, metrics_summary
+from vfmkd.engine.training.epoch_loop import EpochLoop
+from vfmkd.engine.training.epoch_report import cellless_counts, log_epoch, log_run_start, metrics_summary
 from vfmkd.engine.training.fusion_log import log_fusion_weights
 from vfmkd.engine.training.loaders import build_run_loaders, plain_loader
 from vfmkd.engine.training.loggers import RunLoggers, check_loggers
@@ -59,8 +56,9 @@ from vfmkd.utils.stop_signals import Stopped, deferred, requested, rerun_command
 __all__ = ["Trainer", "TrainStep"]  # TrainStep: vfmkd/engine/training/train_step.py
 
 
-class Trainer:
-    """Builds everything from a resolved experiment config and runs ``fit()``.
+class Trainer(EpochLoop):
+    """Builds everything from a resolved experiment config and runs ``fit()`` (the steps of an epoch:
+    :class:`~vfmkd.engine.training.epoch_loop.EpochLoop`).
 
     The run directory holds ``config.yaml``, ``train.log``, ``checkpoints/{last,best}.pt``,
     ``metrics.json`` (per-epoch stage, losses, cosines, val mAP and held-out fidelity) and
@@ -196,94 +194,6 @@ class Trainer:
         self._epoch_generator = self.train_loader.generator.get_state()
         if resumed is not None:
             restore_training_state(self, resumed)
-
-    def _autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-    def train_step(self, item: Union[DistillBatch, PreparedBatch], interval: int) -> Dict[str, float]:
-        """Forward + backward of one micro-batch (the optimizer step is the caller's): a loader item, or
-        a :class:`PreparedBatch` whose targets the epoch's prefetcher computed."""
-        draw = self.teacher_drop.draw(self.step, self.distiller.teachers_used())  # teacher dropping
-        if isinstance(item, PreparedBatch):
-            assert item.step == self.step, f"prepared for step {item.step}, trained at step {self.step}"
-            batch, targets = item.batch, item.targets
-        else:
-            batch = self.resolutions.rescale(self.step, item.batch).to(self.device)
-            targets = self.router.targets(self.step, batch, item.cached, draw.kept) if self.step % interval == 0 else {}
-        result = self.step_module(batch, targets, self._autocast(), draw.scale if targets else None)
-        if self.ctx.any(bool(result.problem)):  # every rank refuses the step together
-            # DDP expects this step's gradient reduction: finish it with a zero loss, then drop it.
-            (torch.nan_to_num(result.total) * 0.0).backward()
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(result.problem or "another rank's loss is not finite; the step was refused on "
-                                                       "every rank")
-        (result.total / self.train_cfg.accumulate).backward()
-        self.step += 1
-        return result.logs
-
-    def train_one_epoch(self, epoch: int, skip: int = 0) -> Dict[str, float]:
-        """One epoch; ``skip`` batches of it were trained before a resume (the same order is
-        replayed from the saved shuffling state and those batches are passed over)."""
-        self.model.train()
-        self.distiller.train()
-        self.distiller.on_epoch_start(epoch, self.train_cfg.epochs or epoch)  # per-epoch loss schedules (resumes too)
-        self.train_loader.dataset.set_epoch(epoch)
-        totals = EpochSums(*self._partial) if skip else EpochSums()
-        self.sampler.set_epoch(epoch)  # each rank's share of the epoch's shuffle, from (seed, epoch)
-        if not skip:
-            self._epoch_generator = self.train_loader.generator.get_state()
-        self.train_loader.generator.set_state(self._epoch_generator)
-        batches = self.resolutions.items(itertools.islice(iter(self.train_loader), skip, None), self.step)
-        self._epoch_first_step = self.step - skip  # every batch (trained or refused) advances the step by one
-        # fixed within an epoch (stages change at epoch starts); with teacher dropping, per step
-        teachers = self.teacher_drop.plan(list(self.distiller.teachers_used()))
-        with prepared_epoch(self.prefetcher, batches, self.step, self.dist_cfg.distill_interval, teachers) as ready:
-            return self._train_batches(epoch, skip, ready, totals)
-
-    def _train_batches(self, epoch: int, skip: int, ready: Iterator[PreparedBatch],
-                       totals: EpochSums) -> Dict[str, float]:
-        """The steps of one epoch over its prepared batches (from batch ``skip`` on); the epoch's logs."""
-        train_cfg, interval = self.train_cfg, self.dist_cfg.distill_interval
-        accumulate, n_batches = train_cfg.accumulate, len(self.train_loader)
-        bar = tqdm(ready, desc=f"epoch {epoch}/{train_cfg.epochs}", disable=not self.progress,
-                   initial=skip, total=n_batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        for i, item in enumerate(bar, start=skip):
-            try:
-                logs = self.train_step(item, interval)
-            except NonFiniteLossError as exc:
-                # Refused before the optimizer ran; K in a row (train.max_nonfinite_steps) stop the run.
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_in_a_row += 1
-                if self.nonfinite_in_a_row >= train_cfg.max_nonfinite_steps:
-                    raise
-                self.log.warning("step %d refused (%d in a row): %s", self.step, self.nonfinite_in_a_row, exc)
-                self.step += 1
-                continue
-            self.nonfinite_in_a_row = 0
-            if (i + 1) % accumulate == 0 or i + 1 == n_batches:
-                # Clip what the optimizer trains: the student and the distillation adapters.
-                torch.nn.utils.clip_grad_norm_(self.params, train_cfg.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.optimizer_steps += 1
-            totals.add(logs)
-            if not all(self.train_set.labelled):  # a mixed set: images seen this epoch, summed over every rank
-                totals.add_images(int(item.batch.labelled.sum()), len(item.batch), self.ctx.is_main)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k == "loss" or k.startswith("cos_")})
-            if self.writer is not None and self.step % train_cfg.log_interval == 0:
-                self.writer.add_scalars({**logs, "lr": self.scheduler.get_last_lr()[0]}, self.step, prefix="train/")
-            every = train_cfg.save_interval_steps
-            if every and (i + 1) % accumulate == 0 and self.optimizer_steps % every == 0 and i + 1 < n_batches:
-                self._partial = totals.state()
-                self.save("last.pt", epoch - 1, {"epoch": epoch, "batch": i + 1}, resume_at=(epoch, i + 1))
-            if (i + 1) % accumulate == 0 and i + 1 < n_batches:  # a safe point: the step's update is complete
-                self._partial = totals.state()
-                self._stop_if_asked(epoch, i + 1)
-        return self.ctx.sum_logs(*totals.state())
 
     def evaluate(self, epoch: Optional[int] = None) -> Dict[str, Any]:
         """Validation metrics of every head (+ held-out fidelity); with ``epoch`` due for
