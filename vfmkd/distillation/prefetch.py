@@ -57,19 +57,19 @@ def split_threads(total: int, teacher_threads: int) -> Tuple[int, int]:
     return teacher, max(1, total - teacher)
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside targets (dataclasses, dicts, lists), for ``record_stream``."""
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside ``obj`` (dataclasses, dicts, lists, tuples, nested): targets for ``record_stream``."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif is_dataclass(obj):
         for f in fields(obj):
-            yield from _tensors(getattr(obj, f.name))
+            yield from tensors_in(getattr(obj, f.name))
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 class TargetPrefetcher:
@@ -196,7 +196,7 @@ class TargetPrefetcher:
             return targets
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(done)
-        for t in _tensors(targets):
+        for t in tensors_in(targets):
             if t.device.type == "cuda":
                 t.record_stream(stream)  # made on the side stream, used (and freed) on this one
         return targets

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from ultralytics.cfg import DEFAULT_CFG_DICT
@@ -11,6 +11,7 @@ from ultralytics.utils import IterableSimpleNamespace
 from vfmkd.core.registry import LOSSES
 from vfmkd.datasets.records import Batch
 from vfmkd.distillation.losses.task import TaskLoss, graph_zero, labelled_images
+from vfmkd.distillation.prefetch import tensors_in
 
 
 @LOSSES.register("ultralytics")
@@ -66,7 +67,7 @@ class UltralyticsTaskLoss(TaskLoss):
         # unlabelled images are unknown, not empty: the criterion runs on the labelled ones alone
         output, targets, images = labelled_part(head_output, targets, labelled, batch.images.shape[0])
         if not images:
-            zero = graph_zero(*_tensors(head_output))
+            zero = graph_zero(*tensors_in(head_output))
             return zero, {name.replace("_loss", ""): zero.detach() for name in self._part_names()}
         if self.segment:
             targets["sem_masks"] = semantic_masks(targets, images)  # YOLO26-seg's semantic branch
@@ -89,18 +90,6 @@ def labelled_part(head_output: Any, targets: Dict[str, torch.Tensor], labelled: 
     part = {k: v[rows] for k, v in targets.items() if k != "batch_idx"}
     part["batch_idx"] = index
     return sliced, part, int(labelled.sum())
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor of a (nested) head output."""
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
 
 
 def semantic_masks(targets: Dict[str, torch.Tensor], images: int) -> torch.Tensor:
