@@ -36,14 +36,16 @@ choices keep it panopticapi's number:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
-from torchmetrics.detection import PanopticQuality
 
 from vfmkd.core.errors import ConfigError
 from vfmkd.datasets.panoptic import VOID
 from vfmkd.tasks.scoring.common import LOCAL_METRIC
+
+if TYPE_CHECKING:
+    from torchmetrics.detection import PanopticQuality
 
 UNASSIGNED = 10_000  # placeholder category of predicted void pixels (above every COCO category id)
 
@@ -228,6 +230,9 @@ class PanopticMeter:
     def __init__(self, things: Sequence[int], stuffs: Sequence[int], names: Optional[Mapping[int, str]] = None,
                  exact: bool = False) -> None:
         self.things, self.stuffs = sorted(int(t) for t in things), sorted(int(s) for s in stuffs)
+        # imported here: torchmetrics' package import loads transformers when installed (~1 s per process)
+        from torchmetrics.detection import PanopticQuality
+
         self.metric = PanopticQuality(things=set(self.things), stuffs=set(self.stuffs) | {UNASSIGNED},
                                       return_sq_and_rq=True, **LOCAL_METRIC)
         self.names, self.exact = dict(names or {}), exact

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
-from torchmetrics.classification import MulticlassJaccardIndex
 
 from vfmkd.core.errors import ConfigError, DatasetError
 from vfmkd.datasets.masks import SemanticClassTable
@@ -123,6 +122,9 @@ class QueryPanopticScorer:
                  rule: QueryPanopticRule = QueryPanopticRule(), *, read_output: Callable[[Any], Any]) -> None:
         self.head, self.rule, self.read_output = head, rule, read_output
         self.num_classes = len(names)
+        # imported here: torchmetrics' package import loads transformers when installed (~1 s per process)
+        from torchmetrics.classification import MulticlassJaccardIndex
+
         self.jaccard = MulticlassJaccardIndex(self.num_classes, average=None, ignore_index=0, **LOCAL_METRIC)
         self.annotations: Optional[PanopticAnnotations] = None
         self.is_thing = torch.zeros(self.num_classes, dtype=torch.bool)

@@ -15,13 +15,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryF1Score,
-    BinaryJaccardIndex,
-    MulticlassAccuracy,
-    MulticlassJaccardIndex,
-)
 from ultralytics.engine.validator import BaseValidator
 from ultralytics.utils.metrics import SegmentMetrics, box_iou, mask_iou
 from ultralytics.utils.nms import non_max_suppression
@@ -125,6 +118,10 @@ class SemanticScorer:
                  read_output: Callable[[Any], SemanticOutput]) -> None:
         self.names = dict(names)
         self.num_classes, self.head, self.read_output = len(self.names), head, read_output
+        # torchmetrics is imported where a split is scored: its package import loads transformers (its text
+        # metrics) whenever transformers is installed (the sam3 teacher needs it), ~1 s per process start
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
         self.jaccard = MulticlassJaccardIndex(self.num_classes, average=None, ignore_index=0, **LOCAL_METRIC)
         self.accuracy = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=0, **LOCAL_METRIC)
         self.images = 0
@@ -175,6 +172,8 @@ class BinaryScorer:
 
     def __init__(self, head: str = "binary", *, read_output: Callable[[Any], BinaryOutput]) -> None:
         self.head, self.read_output = head, read_output
+        from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryJaccardIndex  # see SemanticScorer
+
         self.dice = BinaryF1Score(ignore_index=255, **LOCAL_METRIC)
         self.iou = BinaryJaccardIndex(ignore_index=255, **LOCAL_METRIC)
         self.accuracy = BinaryAccuracy(ignore_index=255, **LOCAL_METRIC)
