@@ -53,7 +53,8 @@ class UltralyticsTaskLoss(TaskLoss):
             return
         for criterion in (self._loss.one2many, self._loss.one2one):
             criterion.hyp.epochs = self.epochs or epochs
-        self._loss.updates = epoch - 2  # ultralytics' 0-based epoch e = epoch - 1 starts after e updates
+        # ultralytics' 0-based epoch e = epoch - 1 starts after e updates (a warm-up epoch 0 counts as the first)
+        self._loss.updates = max(epoch, 1) - 2
         self._loss.update()
 
     def __call__(self, head_output: Any, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
