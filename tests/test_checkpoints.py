@@ -184,3 +184,30 @@ def test_download_verifies_sha256(dl, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert dl.main(["--model", "sam_vit_b", "--dir", str(out_dir)]) == 0
     assert "already present" in capsys.readouterr().out
+
+
+def test_download_into_a_subfolder_with_its_companion_files_and_a_gated_release(dl, tmp_path, monkeypatch, capsys):
+    # a Hugging Face folder release (sam3: sam3/model.safetensors + config.json beside it)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "model.safetensors").write_bytes(b"weights")
+    (served / "config.json").write_text('{"model_type": "sam3_video"}')
+    official = OFFICIAL_WEIGHTS["sam3"]
+    w = dataclasses.replace(official, url=(served / "model.safetensors").as_uri())
+    monkeypatch.setitem(weights_mod.OFFICIAL_WEIGHTS, "sam3", w)
+    assert dl.main(["--model", "sam3", "--dir", str(tmp_path / "weights")]) == 0
+    folder = tmp_path / "weights" / "sam3"
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+    assert (folder / "config.json").read_text() == '{"model_type": "sam3_video"}'
+
+    def gated(request, **kwargs):
+        assert request.get_header("Authorization") == "Bearer hf_test"
+        raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, None)
+
+    monkeypatch.setitem(weights_mod.OFFICIAL_WEIGHTS, "sam3", official)
+    monkeypatch.setattr(urllib.request, "urlopen", gated)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    capsys.readouterr()
+    assert dl.main(["--model", "sam3", "--dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "gated" in err and "https://huggingface.co/facebook/sam3" in err and "HF_TOKEN" in err

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 from vfmkd.core.errors import ConfigError, did_you_mean
 
@@ -27,6 +27,9 @@ class OfficialWeights:
     filename: str
     sha256: Optional[str]
     size_bytes: Optional[int] = None
+    #: small files of the same release fetched from the URL's folder into the file's folder (e.g. the
+    #: ``config.json`` a Hugging Face model folder needs beside its weights); not pinned
+    companions: Tuple[str, ...] = ()
 
     @property
     def download_command(self) -> str:
@@ -193,12 +196,12 @@ OFFICIAL_WEIGHTS.update({
 
 
 # SAM 3 (Meta, SAM License): the gated Hugging Face release facebook/sam3, a folder of config.json + model.safetensors
-# (the sam3 teacher reads both); the downloader fetches the weights file, config.json is fetched beside it by hand.
-# Not pinned (None).
+# (the sam3 teacher reads both, the downloader fetches both; gated: accept the licence on the model page and set
+# HF_TOKEN). Not pinned (None).
 OFFICIAL_WEIGHTS["sam3"] = OfficialWeights(
     name="sam3", family="sam3", variant="sam3",
     url="https://huggingface.co/facebook/sam3/resolve/main/model.safetensors",
-    filename="sam3/model.safetensors", sha256=None)
+    filename="sam3/model.safetensors", sha256=None, companions=("config.json",))
 
 
 def weights_for(family: str, variant: str) -> OfficialWeights:

@@ -13,6 +13,7 @@ tool exits 2. This module is the one implementation: ``tools/download_sam_weight
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -84,20 +85,38 @@ def download(w: OfficialWeights, weights_dir: Path) -> Path:
             print(f"{w.name}: {dest} already present (sha256 not pinned, not verified); skipping.")
             return dest
         print(f"{w.name}: {dest} exists but its sha256 does not match; downloading it again.")
-    weights_dir.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
         _fetch(w, dest, part)
     except BaseException:
         part.unlink(missing_ok=True)  # never leave a half file behind, not even on Ctrl-C
         raise
+    for name in w.companions:  # e.g. a Hugging Face folder's config.json beside its weights
+        download(dataclasses.replace(w, name=f"{w.name} {name}", url=w.url.rsplit("/", 1)[0] + "/" + name,
+                                     filename=str(Path(w.filename).parent / name), sha256=None, size_bytes=None,
+                                     companions=()), weights_dir)
     return dest
+
+
+def _request(url: str) -> urllib.request.Request:
+    """The request for ``url``; Hugging Face downloads carry ``HF_TOKEN`` (gated releases need it)."""
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token and "huggingface.co" in url else {}
+    return urllib.request.Request(url, headers=headers)
 
 
 def _fetch(w: OfficialWeights, dest: Path, part: Path) -> None:
     digest = hashlib.sha256()
     try:
-        response = urllib.request.urlopen(w.url, timeout=_TIMEOUT_S)
+        response = urllib.request.urlopen(_request(w.url), timeout=_TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            page = w.url.split("/resolve/")[0]
+            raise DownloadError(f"{w.url} refused the download (HTTP {err.code}): the release is gated; accept its "
+                                f"licence at {page}, create a token at https://huggingface.co/settings/tokens and "
+                                f"run again with HF_TOKEN=<token>, or {_offline_hint(w, dest)}.") from None
+        raise DownloadError(f"{w.url} answered HTTP {err.code} ({err.reason}); {_offline_hint(w, dest)}.") from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
         raise DownloadError(f"could not reach {w.url} ({reason}); {_offline_hint(w, dest)}.",
