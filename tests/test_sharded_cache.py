@@ -220,6 +220,26 @@ def test_shard_index_reads_as_the_single_file(tiny):
     assert verify(TinyTeacher(), index, paths, load_rgb, 3, 0, 2)
 
 
+def test_read_hints_reach_the_shard_files(tiny, monkeypatch):
+    # FeatureCacheReader.will_need (the loader's cold-cache read-ahead): each image's raw chunks (int8 values
+    # and both scales, of the pass asked for) in the file that holds them, a shard for an index
+    _, _, single, index = tiny
+    hinted = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, size, advice: hinted.append(
+        (Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, size, advice)))
+    sizes = {}
+    for path in (single, index):
+        reader, hinted[:] = FeatureCacheReader(path), []
+        for image_id in reader.image_ids:
+            reader.will_need(image_id, flipped=True)
+        sizes[path] = [size for _, _, size, _ in hinted]
+        files = {name for name, _, _, _ in hinted}
+        assert files == ({p.name for p, _, _ in reader.shards} if path == index else {single.name}), files
+        assert len(hinted) == 3 * len(reader.image_ids) and {a for *_, a in hinted} == {os.POSIX_FADV_WILLNEED}
+        reader.close()
+    assert sizes[index] == sizes[single]
+
+
 def test_shard_index_resumes_refuses_and_joins(tiny, tmp_path):
     paths, prompts, single, index = tiny
     work = tmp_path / "copy"

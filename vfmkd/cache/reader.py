@@ -153,18 +153,19 @@ class FeatureCacheReader:
         return k, self._shard_handles[k], i - self._shard_starts[k]
 
     def _dataset(self, key: str, i: int) -> Tuple[Tuple[Any, ...], int]:
-        """((dataset, one raw chunk per image?, per-image shape, dtype, zero coordinates), row of image ``i`` there)."""
+        """((dataset, one raw chunk per image?, per-image shape, dtype, zero coordinates, OS file descriptor of its
+        file), row of image ``i`` there)."""
         k, f, i = self._locate(i)
         if (k, key) not in self._ds:
             ds = f[key]
             direct = ds.chunks == (1,) + ds.shape[1:] and ds.id.get_create_plist().get_nfilters() == 0
-            self._ds[k, key] = (ds, direct, ds.shape[1:], ds.dtype, (0,) * (ds.ndim - 1))
+            self._ds[k, key] = (ds, direct, ds.shape[1:], ds.dtype, (0,) * (ds.ndim - 1), f.id.get_vfd_handle())
         return self._ds[k, key], i
 
     def _array(self, key: str, i: int) -> np.ndarray:
         """Image ``i`` of dataset ``key``; one-chunk-per-image unfiltered data is read as a raw chunk
         (skips HDF5's selection machinery: ~3x faster on a warm page cache)."""
-        (ds, direct, shape, dtype, zeros), i = self._dataset(key, i)
+        (ds, direct, shape, dtype, zeros, _), i = self._dataset(key, i)
         if not direct:
             return ds[i]
         out = np.empty(shape, dtype)
@@ -194,11 +195,10 @@ class FeatureCacheReader:
         suffixes = ("", *codec.SCALES.values()) if self.storage == "int8" else ("",)
         for s in self.feature_specs:
             for suffix in suffixes:
-                (ds, direct, _, _, zeros), row = self._dataset(f"{group}/{s.name}{suffix}", i)
+                (ds, direct, _, _, zeros, fd), row = self._dataset(f"{group}/{s.name}{suffix}", i)
                 if direct:
                     chunk = ds.id.get_chunk_info_by_coord((row, *zeros))
-                    os.posix_fadvise(ds.file.id.get_vfd_handle(), chunk.byte_offset, chunk.size,
-                                     os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(fd, chunk.byte_offset, chunk.size, os.POSIX_FADV_WILLNEED)
 
     def read(self, image_id: str, flipped: bool = False, dequantize: bool = True) -> Dict[str, Any]:
         """{features: {name: (C, h, w) float16}, affine: (4,), valid_hw: (2,), input_size: int} of one image.
