@@ -234,7 +234,9 @@ def result_line(rows: list[dict], goal: float = 0.8) -> str:
     cold = [r for r in rows if r["state"] == "cold" and "of_raw" in r]
     parts, storages = [], list(dict.fromkeys(r["storage"] for r in cold))
     for st in storages:
-        parts.append(f"{st} " + " ".join(f"{r['workers']}w {r['of_raw']:.2f}" for r in cold if r["storage"] == st))
+        raw = next(r for r in rows if r["storage"] == st and r["state"] == "cold" and r["what"] == "raw dd")
+        parts.append(f"{st} (raw {raw['mb_s']:.0f} MB/s) "
+                     + " ".join(f"{r['workers']}w {r['of_raw']:.2f}" for r in cold if r["storage"] == st))
     below = [f"{r['storage']} {r['workers']}w" for r in cold if r["of_raw"] < goal]
     verdict = "met for all" if not below else "missed by " + ", ".join(below)
     return f"RESULT loader/raw cold (goal >= {goal}): " + "; ".join(parts) + f" -> goal {verdict}"
