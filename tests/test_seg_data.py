@@ -168,6 +168,23 @@ def test_binary_masks_alone():
     assert collate_samples([DetectionDataset(str(COCO), SPLIT, img_size=S, limit=1)[0]]).binary is None
 
 
+def _collate_and_report_sharing(samples):
+    batch = collate_samples(samples)
+    return batch, [t.is_shared() for t in (batch.images, batch.semantic, batch.binary)]
+
+
+def test_a_worker_stacks_images_and_dense_labels_into_shared_memory():
+    # a DataLoader worker's batch reaches the main process through shared memory: stacked there directly, the
+    # images and label maps are not copied a second time on the way
+    ds = seg_dataset(limit=2, instances=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=_collate_and_report_sharing)
+    batch, shared = next(iter(loader))
+    assert all(shared), shared
+    same = collate_samples([ds[0], ds[1]])
+    assert torch.equal(batch.images, same.images) and torch.equal(batch.semantic, same.semantic)
+    assert not same.images.is_shared()  # outside a worker: ordinary memory
+
+
 def test_unlabelled_images_are_counted_and_collated(tmp_path, caplog):
     root = make_root(tmp_path, 3)
     ids = sorted(p.stem for p in (root / "images" / SPLIT).iterdir())

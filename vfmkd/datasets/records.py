@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 
 @dataclass(frozen=True)
@@ -274,16 +275,18 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
     and no instance rows (``instances.labelled`` False)."""
     size = tuple(samples[0].image.shape[-2:])
     semantic = binary = instances = None
+    # torch's default_collate stacks a list of tensors, in a DataLoader worker straight into shared memory: the
+    # batch then reaches the main process without a second copy (~39 MiB of images per batch of 8 at 640 px)
     if _wants(samples, "semantic"):
-        semantic = torch.stack([s.semantic.long() if s.semantic is not None else torch.zeros(size, dtype=torch.int64)
-                                for s in samples])
+        semantic = default_collate([s.semantic.long() if s.semantic is not None
+                                    else torch.zeros(size, dtype=torch.int64) for s in samples])
     if _wants(samples, "binary"):
-        binary = torch.stack([s.binary.to(torch.uint8) if s.binary is not None
-                              else torch.full(size, 255, dtype=torch.uint8) for s in samples])
+        binary = default_collate([s.binary.to(torch.uint8) if s.binary is not None
+                                  else torch.full(size, 255, dtype=torch.uint8) for s in samples])
     if _wants(samples, "instances"):
         instances = InstanceBatch.stack([s.instances for s in samples], (size[0] // 4, size[1] // 4))
     return Batch(
-        images=torch.stack([s.image for s in samples]),
+        images=default_collate([s.image for s in samples]),
         image_ids=[s.image_id for s in samples],
         views=BatchViews.stack([s.view for s in samples]),
         boxes=DetectionBatch.stack([s.boxes for s in samples]),
