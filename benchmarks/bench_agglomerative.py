@@ -7,7 +7,7 @@
 Parts (each prints its numbers next to its baseline, measured in the same process):
 
 * ``cache``: bytes per cached image (float16 and int8) and extraction time per image (the teacher's
-  preprocessing and forward pass), per teacher, at two teacher input sizes.
+  preprocessing and forward pass), per teacher (the experiment's three and SAM 3), at two teacher input sizes.
 * ``phi_s``: each feature term of the untrained student over a few batches and the spread (max / min over
   teachers) of the spatial ones at the start of training, with raw maps, per-channel z-score and PHI-S
   (PHI-S's point: teachers contribute comparably), and how much each standardisation distorts a teacher's
@@ -49,10 +49,12 @@ EXPERIMENT = _common.REPO / "configs" / "experiments" / "yolo11s_radio_dinov3_sa
 #: teacher -> (cached features, patch multiple of its input size)
 TEACHERS = {"radio": ("patch_tokens,summary", 16), "dinov3": ("patch_tokens,cls_token", 16),
             "sam": ("image_embeddings", 16)}
+#: measured by ``--part cache`` only (not in the experiment): SAM 3 (its detector FPN's stride-14 level)
+CACHE_ONLY = {"sam3": ("fpn_s14", 28)}
 
 
 def teacher_size(name: str, base: int) -> int:
-    patch = TEACHERS[name][1]
+    patch = {**TEACHERS, **CACHE_ONLY}[name][1]
     return max(patch, round(base / patch) * patch)
 
 
@@ -85,7 +87,7 @@ def part_cache(a: argparse.Namespace) -> None:
     extraction time per image (its preprocessing + forward on 4 coco128 images, median of 3 after a warm-up)."""
     images = [load_rgb(p) for p in list_images(_common.REPO / "datasets" / "coco128", "train2017", 4)]
     print("cache: bytes per cached image (float16 | int8) and extraction time per image, per teacher input size")
-    for name, (features, _) in TEACHERS.items():
+    for name, (features, _) in {**TEACHERS, **CACHE_ONLY}.items():
         row = []
         for base in (a.teacher_size, 2 * a.teacher_size):
             size = teacher_size(name, base)
@@ -101,7 +103,7 @@ def part_cache(a: argparse.Namespace) -> None:
                     teacher.extract_features(images)
                 times.append((time.perf_counter() - start) / len(images))
             row.append(f"@{size}: {nbytes['float16']:>9,d} | {nbytes['int8']:>9,d} B, {median(times[1:]):6.3f} s/image")
-        print(f"  {name:7s} " + "   ".join(row))
+        print(f"  {name:7s} " + "   ".join(row), flush=True)
 
 
 @torch.no_grad()
@@ -230,6 +232,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     if a.part in ("all", "cache"):
         part_cache(a)
+        if a.part == "cache":
+            return
     sizes = {n: teacher_size(n, a.teacher_size) for n in TEACHERS}
     caches = {n: cache(work, n, sizes[n], a.images)[0] for n in TEACHERS}
     if a.part in ("all", "phi_s"):
