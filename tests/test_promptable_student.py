@@ -267,8 +267,8 @@ def test_prompt_distill_from_a_teacher_without_masks_names_the_ones_that_have_th
     model = small_model()
     specs = dict(SAM_SPECS, dino=(FeatureSpec("patch_tokens", 384, 14),))
     bad = {"prompt_distill": dict(LOSSES["prompt_distill"], teacher="dino")}
-    with pytest.raises(ConfigError, match=r"teacher 'dino' \(dinov2\) gives none.*sam, lora_sam, sam2, sam3 \(in this run: "
-                                          r"sam\)"):
+    with pytest.raises(ConfigError, match=r"teacher 'dino' \(dinov2\) gives none.*sam, lora_sam, sam2, sam3 "
+                                          r"\(in this run: sam\)"):
         build_loss_terms(bad, model, specs, dict(PRIMARY, dino="patch_tokens"), teachers=TEACHERS)
     with pytest.raises(ConfigError, match=r"embedding_distill needs a teacher map 256 wide at stride 16"):
         build_loss_terms({"e": dict(LOSSES["embedding_distill"], teacher="dino")}, model, specs,
