@@ -63,7 +63,7 @@ from vfmkd.core.registry import TEACHERS
 from vfmkd.datasets.coco_yolo import parse_labels
 from vfmkd.datasets.image_files import check_images, list_images, load_rgb
 from vfmkd.datasets.sources import FORMATS, SplitList, check_unique_ids, find_images, open_split
-from vfmkd.engine.training.distributed import init_distributed
+from vfmkd.engine.training.distributed import init_distributed, leave_distributed
 from vfmkd.teachers.base import segmenting_teachers
 from vfmkd.utils.logging import setup_logging
 from vfmkd.utils.stop_signals import Stopped, rerun_command
@@ -326,8 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
     finally:
         if dist is not None:
-            import torch.distributed as tdist
-            tdist.destroy_process_group()
+            leave_distributed()
     return 0 if ok else 1
 
 

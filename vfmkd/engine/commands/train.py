@@ -6,9 +6,11 @@
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+from vfmkd.engine.training.distributed import leave_distributed
 from vfmkd.engine.training.resume import RunFinished
 from vfmkd.engine.training.trainer import Trainer
 from vfmkd.utils.cli import experiment_parser, load_experiment_args, parse_experiment_args
@@ -24,6 +26,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "defaults to the run's config.yaml; a changed model/teachers/losses/data/seed is refused")
     args = parse_experiment_args(parser, argv)
     cfg = load_experiment_args(args)
+    try:
+        return _train(cfg, args)
+    finally:
+        leave_distributed()  # under torchrun: every rank leaves its group cleanly, however the run ended
+
+
+def _train(cfg: Dict[str, Any], args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, progress=not args.no_progress, resume=Path(args.resume) if args.resume else None)
     except RunFinished as done:  # a finished run resumed: say so, touch nothing

@@ -95,3 +95,12 @@ def init_distributed(device_name: str, key: str = "train.device",
         dist.init_process_group(backend="nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     return DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def leave_distributed() -> None:
+    """Leave the process group this process joined (no-op when it joined none). Called when a command ends,
+    however it ends: a gloo group left to the interpreter's teardown can abort the process
+    ("terminate called without an active exception") while its threads are still joinable."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
