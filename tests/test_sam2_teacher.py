@@ -66,18 +66,26 @@ def _meta_checkpoint(variant: str, path: Path, monkeypatch) -> Path:
     return path
 
 
-def test_features_identical_to_sam2_at_1024(sam2_tiny, images):
-    path, model = sam2_tiny
+def test_preprocessing_at_1024_is_sam2s(sam2_tiny, images):
+    path, _ = sam2_tiny
     teacher = Sam2Teacher(checkpoint=str(path))  # official layout, loaded with weights_only=True
     img = images[0]  # 426 x 640
-    feats, batch = teacher.extract_features([img])
-
+    batch = teacher.preprocess([img])
     # the preprocessing is SAM2's own: a square resize that ignores the aspect ratio
     pixels = SAM2Transforms(1024, mask_threshold=0.0)(img)[None]
     torch.testing.assert_close(batch.pixels, pixels, atol=0, rtol=0)
     torch.testing.assert_close(batch.affine, torch.tensor([[1024 / 640, 1024 / 426, 0.0, 0.0]]))
     assert batch.valid_hw.tolist() == [[1024, 1024]]
+    assert teacher.fingerprint().weights == sha256_of_file(path)
 
+
+@pytest.mark.gpu  # two Hiera passes at 1024 (~10 s of CPU): the GPU suite's `pytest -m gpu` step runs it; the
+# numerics are checked against the library at 256 in the next test (same code)
+def test_features_identical_to_sam2_at_1024(sam2_tiny, images):
+    path, model = sam2_tiny
+    teacher = Sam2Teacher(checkpoint=str(path))
+    img = images[0]
+    feats, batch = teacher.extract_features([img])
     for spec in teacher.feature_specs():
         assert feats[spec.name].shape == (1, spec.channels, 1024 // spec.stride, 1024 // spec.stride)
 
