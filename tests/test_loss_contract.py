@@ -355,6 +355,17 @@ def cases_for(name: str) -> List[Case]:
 def nonzero(t: Optional[torch.Tensor]) -> bool:
     return t is not None and bool(torch.isfinite(t).all()) and bool((t != 0).any())
 
+def assert_backward_trains_the_head(case: Case, value: torch.Tensor, feats: Dict[str, torch.Tensor],
+                                    head: torch.nn.Module) -> None:
+    """``value.backward()`` reaches every input level of the head and every trainable head parameter (frozen
+    ones, e.g. ultralytics' DFL projection, are not asked)."""
+    value.backward()
+    for level, f in feats.items():
+        assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
+    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{case.id}: head parameters without gradient: {missing}"
+
+
 
 # ----------------------------------------------------------------------------- coverage
 def test_every_registered_loss_has_a_case():
@@ -463,11 +474,7 @@ def _head_task_case(case: Case) -> None:
     # Documented: the parts (each with its gain), averaged per image, sum to the loss.
     assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
     assert all(float(v) > 0 for v in items.values()), f"{case.id}: {items}"
-    value.backward()
-    for level, f in feats.items():
-        assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
-    trained = {n: p for n, p in head.named_parameters() if p.requires_grad}  # the DFL projection is fixed
-    assert all(p.grad is not None for p in trained.values()), f"{case.id}: head parameters without gradient"
+    assert_backward_trains_the_head(case, value, feats, head)
     last = {"box": "cv2", "cls": "cv3", "mask coefficients": "cv4"}  # ultralytics' branches, per level
     branches = ("box", "cls", "mask coefficients") if case.kind == "instance_segmentation" else ("box", "cls")
     for branch in branches:
@@ -507,11 +514,7 @@ def _rtdetr_task_case(case: Case) -> None:
     assert value.dim() == 0 and bool(torch.isfinite(value)) and float(value.detach()) > 0, f"{case.id}: {value}"
     assert set(items) == {"cls", "l1", "giou"} and all(float(v) > 0 for v in items.values()), f"{case.id}: {items}"
     assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
-    value.backward()
-    for level, f in feats.items():
-        assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
-    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, f"{case.id}: head parameters without gradient: {missing}"
+    assert_backward_trains_the_head(case, value, feats, head)
     assert nonzero(head.decoder.denoising_class_embed.weight.grad), f"{case.id}: the denoising queries were not trained"
     # No boxes in the batch: no denoising, the loss is still finite (every query is background).
     empty = DetectionBatch(torch.zeros(0, 1), torch.zeros(0, 4), torch.zeros(0))
@@ -548,11 +551,7 @@ def _query_task_case(case: Case) -> None:
     assert value.dim() == 0 and bool(torch.isfinite(value)) and float(value.detach()) > 0, f"{case.id}: {value}"
     assert set(items) == set(QUERY_PARTS) and all(float(v) > 0 for v in items.values()), f"{case.id}: {items}"
     assert float(value.detach()) == pytest.approx(sum(float(v) for v in items.values()), rel=1e-5)
-    value.backward()
-    for level, f in feats.items():
-        assert nonzero(f.grad), f"{case.id}: no gradient reaches the {level} input of the head"
-    missing = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, f"{case.id}: head parameters without gradient: {missing}"
+    assert_backward_trains_the_head(case, value, feats, head)
     unlabelled = make_batch(64, 2, boxes=TASK_BOXES, instances=instance_targets(),
                             semantic=torch.zeros(2, 64, 64, dtype=torch.long))
     value, items = module(StudentOutput({}, feats, {"panoptic": head(feats)}), unlabelled)
